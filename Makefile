@@ -1,0 +1,43 @@
+# bitnet-coreml: every target sets itself up first (a fresh machine needs nothing but python3).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+PIPELINE ?= pipelines/default.toml
+# Tests never touch the network.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup test lint typecheck convert conformance bench models clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow and not conformance" -p no:cacheprovider
+
+lint: setup
+	$(BIN)/ruff check bitnet_coreml tests bench
+	$(BIN)/mypy bitnet_coreml
+
+convert: setup
+	$(BIN)/bitnet-coreml pipeline run $(PIPELINE)
+
+conformance: setup
+	$(BIN)/python -m pytest -q -m conformance -p no:cacheprovider --conformance-full
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+# Regenerate the bundled example models (needs torch + transformers: the `export` extra).
+models: setup
+	$(BIN)/python -m pip install --quiet -e '.[export]'
+	$(BIN)/python models/make_models.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache out

@@ -1,0 +1,1 @@
+"""executor stage of the bitnet-coreml pipeline."""

@@ -1,0 +1,1 @@
+"""lower stage of the bitnet-coreml pipeline."""
