@@ -1,0 +1,129 @@
+"""The registry of lowerings from onnx-ir nodes to coremltools MIL builder calls.
+
+A lowering is a function ``fn(ctx, node) -> sequence of outputs`` registered for one ``(domain, op_type)``
+with :func:`lowering`. Each output is either a MIL ``Var`` (built with ``mb.*`` inside the program being
+built) or a ``numpy.ndarray`` when the result is a compile-time constant (shape arithmetic, folded
+``Shape``/``Range``/``ConstantOfShape``). Returning numpy keeps constants foldable for later nodes
+(``Reshape`` needs a constant shape, ``Slice`` constant starts, and so on); the program builder
+materialises numpy values as MIL constants only where a MIL op consumes them.
+
+The registry refuses duplicates and, on a miss, lists what is supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from bitnet_coreml.errors import UnsupportedOpError
+
+LoweredValue = Any  # a MIL Var or a numpy array
+LoweringFn = Callable[["LoweringContext", ir.Node], Sequence[LoweredValue]]
+
+_REGISTRY: dict[tuple[str, str], LoweringFn] = {}
+
+
+def _norm_domain(domain: str) -> str:
+    return "" if domain in ("", "ai.onnx") else domain
+
+
+def lowering(op_type: str, domain: str = "") -> Callable[[LoweringFn], LoweringFn]:
+    """Register ``fn`` as the lowering of ``domain::op_type``; a second registration is an error."""
+
+    key = (_norm_domain(domain), op_type)
+
+    def deco(fn: LoweringFn) -> LoweringFn:
+        if key in _REGISTRY:
+            raise RuntimeError(f"duplicate lowering for {key[0] or 'ai.onnx'}::{op_type}")
+        _REGISTRY[key] = fn
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    # Importing the op-family modules registers their lowerings.
+    from bitnet_coreml.lower import ops  # noqa: F401
+
+
+def supported_ops() -> list[str]:
+    """Every ``domain::op_type`` (``op_type`` alone for the default domain) that has a lowering."""
+    _load_all()
+    return sorted(f"{d}::{o}" if d else o for d, o in _REGISTRY)
+
+
+def get_lowering(node: ir.Node) -> LoweringFn:
+    _load_all()
+    key = (_norm_domain(node.domain), node.op_type)
+    fn = _REGISTRY.get(key)
+    if fn is None:
+        raise UnsupportedOpError(
+            f"no lowering for op {node.op_type!r} (domain {node.domain or 'ai.onnx'!r}, node {node.name!r}); "
+            f"supported: {', '.join(supported_ops())}"
+        )
+    return fn
+
+
+def unsupported_ops(nodes: Iterable[ir.Node]) -> list[str]:
+    """Every op type among ``nodes`` that has no lowering (sorted, unique), for one error listing them all."""
+    _load_all()
+    missing = {
+        f"{n.domain}::{n.op_type}" if _norm_domain(n.domain) else n.op_type
+        for n in nodes
+        if (_norm_domain(n.domain), n.op_type) not in _REGISTRY
+    }
+    return sorted(missing)
+
+
+@dataclass
+class LoweringContext:
+    """What a lowering sees: the values lowered so far and the conversion options.
+
+    ``values`` maps ONNX value names to MIL Vars or numpy constants. ``compute_precision`` is
+    ``"fp16"`` or ``"fp32"``; ``opset`` is the coremltools ``target`` the program is built for
+    (e.g. ``ct.target.iOS17``). ``fp32_nodes`` names nodes the fp16-safety analysis keeps in fp32.
+    ``notes`` collects human-readable notes (rescaling done, ops kept in fp32) for the report.
+    """
+
+    values: dict[str, LoweredValue] = field(default_factory=dict)
+    compute_precision: str = "fp16"
+    opset: Any = None
+    fp32_nodes: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def input(self, node: ir.Node, i: int) -> LoweredValue | None:
+        """The lowered value of input ``i`` (None when the optional input is absent)."""
+        if i >= len(node.inputs) or node.inputs[i] is None or node.inputs[i].name == "":
+            return None
+        v = node.inputs[i]
+        name = v.name
+        if name in self.values:
+            return self.values[name]
+        if v.const_value is not None:
+            arr = v.const_value.numpy()
+            self.values[name] = arr
+            return arr
+        raise KeyError(f"value {name!r} (input {i} of node {node.name!r}) has not been lowered yet")
+
+    def const(self, node: ir.Node, i: int) -> np.ndarray:
+        """Input ``i`` as a compile-time numpy constant, or an UnsupportedOpError saying it must be one."""
+        v = self.input(node, i)
+        if isinstance(v, np.ndarray):
+            return v
+        if v is not None and getattr(v, "val", None) is not None:
+            return np.asarray(v.val)
+        raise UnsupportedOpError(
+            f"node {node.name!r} ({node.op_type}): input {i} must be a compile-time constant for Core ML "
+            "(fixed shapes only)"
+        )
+
+    @staticmethod
+    def name(node: ir.Node, suffix: str = "") -> str:
+        base = node.name or f"{node.op_type}_{id(node)}"
+        safe = "".join(c if c.isalnum() or c == "_" else "_" for c in base)
+        return f"{safe}_{suffix}" if suffix else safe
