@@ -1,0 +1,135 @@
+"""The fused ops of the ``bitnet_coreml`` domain, as model-local ONNX functions.
+
+Each fused op the passes create (``BitLinear``, ``RMSNorm``, ``Relu2``) is also defined as a
+function in the model, so ONNX Runtime still runs a rewritten model and every pass can be tested
+against the original graph. Semantics are in ``docs/ARCHITECTURE.md``; the function bodies below
+are the executable definition.
+
+ONNX Runtime does not resolve attribute references inside a function's ``Constant`` nodes, so
+each distinct set of attribute values gets its own function *overload* with the values baked into
+the body (e.g. ``BitLinear`` overload ``b8_e1e-05``). The node's attributes stay the source of
+truth; the overload only tells ONNX Runtime which body to inline. Use :func:`make_node` to create
+fused nodes: it adds the matching function to the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_ir as ir
+
+DOMAIN = "bitnet_coreml"
+FUNCTION_OPSET = 18  # bodies use ReduceMax/ReduceMean with axes as an input (opset 18)
+FUSED_OPS = ("BitLinear", "RMSNorm", "Relu2")
+_ATTRS = {"BitLinear": ["act_bits", "act_eps", "convention"], "RMSNorm": ["epsilon"], "Relu2": []}
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def _c(name: str, value: float) -> onnx.NodeProto:
+    return oh.make_node("Constant", [], [name], value_float=_f32(value))
+
+
+def _axes() -> onnx.NodeProto:
+    return oh.make_node("Constant", [], ["axes"], value=oh.make_tensor("axes", onnx.TensorProto.INT64, [1], [-1]))
+
+
+def bitlinear_body(act_bits: int, act_eps: float) -> list[onnx.NodeProto]:
+    n = oh.make_node
+    qp = 2.0 ** (act_bits - 1) - 1
+    qn = -(2.0 ** (act_bits - 1))
+    return [
+        _axes(), _c("qp_f", qp), _c("qn_f", qn), _c("eps", act_eps),
+        n("CastLike", ["qp_f", "X"], ["qp"]),
+        n("CastLike", ["qn_f", "X"], ["qn"]),
+        n("CastLike", ["eps", "X"], ["eps_x"]),
+        n("Abs", ["X"], ["ax"]),
+        n("ReduceMax", ["ax", "axes"], ["mx"], keepdims=1),
+        n("Max", ["mx", "eps_x"], ["m"]),
+        n("Div", ["qp", "m"], ["sx"]),
+        n("Mul", ["X", "sx"], ["xs"]),
+        n("Round", ["xs"], ["xr"]),
+        n("Clip", ["xr", "qn", "qp"], ["xq"]),
+        n("CastLike", ["W", "X"], ["wf"]),
+        n("Transpose", ["wf"], ["wt"], perm=[1, 0]),
+        n("MatMul", ["xq", "wt"], ["y0"]),
+        n("Div", ["y0", "sx"], ["y1"]),
+        n("CastLike", ["Alpha", "X"], ["alpha"]),
+        n("Mul", ["y1", "alpha"], ["Y"]),
+    ]
+
+
+def rmsnorm_body(epsilon: float) -> list[onnx.NodeProto]:
+    n = oh.make_node
+    return [
+        _axes(), _c("eps", epsilon),
+        n("CastLike", ["eps", "X"], ["eps_x"]),
+        n("Mul", ["X", "X"], ["x2"]),
+        n("ReduceMean", ["x2", "axes"], ["ms"], keepdims=1),
+        n("Add", ["ms", "eps_x"], ["v"]),
+        n("Sqrt", ["v"], ["d"]),
+        n("Div", ["X", "d"], ["xn"]),
+        n("CastLike", ["Gamma", "X"], ["g"]),
+        n("Mul", ["xn", "g"], ["Y"]),
+    ]
+
+
+def relu2_body() -> list[onnx.NodeProto]:
+    return [oh.make_node("Relu", ["X"], ["r"]), oh.make_node("Mul", ["r", "r"], ["Y"])]
+
+
+def overload_name(op_type: str, attrs: dict[str, object]) -> str:
+    if op_type == "BitLinear":
+        return f"b{int(attrs['act_bits'])}_e{_f32(float(attrs['act_eps'])):.6g}"  # type: ignore[arg-type]
+    if op_type == "RMSNorm":
+        return f"e{_f32(float(attrs['epsilon'])):.6g}"  # type: ignore[arg-type]
+    return ""
+
+
+def function_proto(op_type: str, attrs: dict[str, object]) -> onnx.FunctionProto:
+    """The function (overload) defining ``op_type`` with these attribute values."""
+    if op_type == "BitLinear":
+        body = bitlinear_body(int(attrs["act_bits"]), float(attrs["act_eps"]))  # type: ignore[arg-type]
+        ins = ["X", "W", "Alpha"]
+    elif op_type == "RMSNorm":
+        body = rmsnorm_body(float(attrs["epsilon"]))  # type: ignore[arg-type]
+        ins = ["X", "Gamma"]
+    elif op_type == "Relu2":
+        body = relu2_body()
+        ins = ["X"]
+    else:
+        raise KeyError(f"unknown fused op {op_type!r}; known: {', '.join(FUSED_OPS)}")
+    f = oh.make_function(DOMAIN, op_type, ins, ["Y"], body, [oh.make_opsetid("", FUNCTION_OPSET)],
+                         attributes=_ATTRS[op_type])
+    f.overload = overload_name(op_type, attrs)
+    return f
+
+
+def ensure_function(model: ir.Model, op_type: str, attrs: dict[str, object]) -> str:
+    """Add the function overload for ``op_type``/``attrs`` to ``model`` if missing; return the overload."""
+    overload = overload_name(op_type, attrs)
+    key = (DOMAIN, op_type, overload)
+    if key not in model.functions:
+        model.functions[key] = ir.serde.deserialize_function(function_proto(op_type, attrs))
+    model.opset_imports.setdefault(DOMAIN, 1)
+    return overload
+
+
+def make_node(model: ir.Model, op_type: str, inputs: Sequence[ir.Value | None], attrs: dict[str, object],
+              name: str | None = None) -> ir.Node:
+    """Create a fused node (not yet inserted in a graph) and register its function in ``model``."""
+    overload = ensure_function(model, op_type, attrs)
+    return ir.node(op_type, inputs=list(inputs), attributes=attrs, domain=DOMAIN, version=1, name=name,
+                   overload=overload)
+
+
+def bitlinear_attrs(node: ir.Node) -> tuple[int, float, str]:
+    """(act_bits, act_eps, convention) of a BitLinear node."""
+    a = node.attributes
+    return (a["act_bits"].as_int(), a["act_eps"].as_float(),
+            a["convention"].as_string() if "convention" in a else "multiply")
