@@ -1,0 +1,135 @@
+"""The default pass pipeline and its report.
+
+Order matters: shape inference gives the matchers ranks; constant folding (with size limits raised)
+turns online WeightQuant and packed-uint8 unpack subgraphs into plain constants; only then can the
+numeric ternary detection see the weights and BitLinear fusion match. RMSNorm/relu2 fusion runs
+last, and dead nodes/initializers are removed at the end so the float copies of fused weights go.
+After every pass the model is still valid ONNX that ONNX Runtime runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from bitnet_coreml.errors import InputError
+from bitnet_coreml.passes.bitlinear import fuse_bitlinear
+from bitnet_coreml.passes.fused import DOMAIN
+from bitnet_coreml.passes.norms import fuse_relu2, fuse_rmsnorm
+
+log = logging.getLogger(__name__)
+
+# Folding limits, in elements. The defaults of onnxscript (8192 in / 262144 out) would leave every
+# WeightQuant subgraph of a real layer unfolded; weights of a 2B model are at most ~330M elements.
+FOLD_SIZE_LIMIT = 1 << 40
+
+
+@dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassReport:
+    passes: list[PassRecord] = field(default_factory=list)
+
+    @property
+    def bitlinear_count(self) -> int:
+        for p in self.passes:
+            if p.name == "fuse_bitlinear":
+                return int(p.details.get("fused", 0))
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passes": [{"name": p.name, "modified": p.modified, "seconds": round(p.seconds, 4), **p.details}
+                           for p in self.passes]}
+
+
+def _shape_inference(model: ir.Model) -> tuple[bool, dict[str, Any]]:
+    result = common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    return result.modified, {}
+
+
+def _inline_foreign_functions(model: ir.Model) -> tuple[bool, dict[str, Any]]:
+    """Inline functions that are not ours (exporter helper functions); keep the fused-op definitions."""
+    ours = {k: f for k, f in model.functions.items() if k[0] == DOMAIN}
+    foreign = len(model.functions) - len(ours)
+    if not foreign:
+        return False, {}
+    for k in ours:
+        del model.functions[k]
+    try:
+        common.InlinePass()(model)
+    finally:
+        for k, f in ours.items():
+            model.functions[k] = f
+    return True, {"inlined_functions": foreign}
+
+
+def _fold(model: ir.Model) -> tuple[bool, dict[str, Any]]:
+    from onnxscript.optimizer import fold_constants  # noqa: PLC0415  (heavy import, only when folding)
+
+    res = fold_constants(model, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT)
+    common.RemoveUnusedNodesPass()(model)
+    return bool(res.modified), {}
+
+
+def _fuse_bitlinear(model: ir.Model) -> tuple[bool, dict[str, Any]]:
+    rep = fuse_bitlinear(model)
+    return rep.fused > 0, {"fused": rep.fused, "ternary_unfused": rep.ternary_unfused}
+
+
+def _fuse_norms(model: ir.Model) -> tuple[bool, dict[str, Any]]:
+    n = fuse_rmsnorm(model)
+    return n > 0, {"fused": n}
+
+
+def _fuse_relu2(model: ir.Model) -> tuple[bool, dict[str, Any]]:
+    n = fuse_relu2(model)
+    return n > 0, {"fused": n}
+
+
+def _cleanup(model: ir.Model) -> tuple[bool, dict[str, Any]]:
+    a = common.RemoveUnusedNodesPass()(model).modified
+    b = common.RemoveUnusedFunctionsPass()(model).modified
+    common.TopologicalSortPass()(model)
+    return bool(a or b), {}
+
+
+DEFAULT_PASSES: list[tuple[str, Callable[[ir.Model], tuple[bool, dict[str, Any]]]]] = [
+    ("inline_foreign_functions", _inline_foreign_functions),
+    ("shape_inference", _shape_inference),
+    ("fold_constants", _fold),
+    ("fuse_bitlinear", _fuse_bitlinear),
+    ("fuse_rmsnorm", _fuse_norms),
+    ("fuse_relu2", _fuse_relu2),
+    ("cleanup", _cleanup),
+]
+
+
+def run_default_passes(model: ir.Model, *, until: str | None = None) -> PassReport:
+    """Run the default pipeline in place (optionally stopping after the pass named ``until``)."""
+    report = PassReport()
+    for name, fn in DEFAULT_PASSES:
+        t0 = time.perf_counter()
+        try:
+            modified, details = fn(model)
+        except InputError:
+            raise
+        except Exception as e:
+            done = ", ".join(p.name for p in report.passes) or "nothing"
+            raise RuntimeError(f"graph pass {name!r} failed (after: {done}): {e}") from e
+        report.passes.append(PassRecord(name, modified, time.perf_counter() - t0, details))
+        log.debug("pass %s: modified=%s %s", name, modified, details)
+        if until == name:
+            break
+    return report
