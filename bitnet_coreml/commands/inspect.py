@@ -1,0 +1,63 @@
+"""``bitnet-coreml inspect MODEL``: graph summary after the BitNet passes."""
+
+from __future__ import annotations
+
+import click
+
+from bitnet_coreml.commands._common import echo_json
+
+
+def _mb(n: int) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--seq-len", type=int, default=None, help="Sequence length for a Hugging Face checkpoint folder.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(model: str, seq_len: int | None, as_json: bool) -> None:
+    """Summarise MODEL (.onnx file or checkpoint folder): I/O, ops, parameters, BitLinear layers, size."""
+    from bitnet_coreml.frontend import load  # noqa: PLC0415
+    from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
+    from bitnet_coreml.passes.summary import op_histogram, summarize  # noqa: PLC0415
+
+    m = load(model, seq_len=seq_len)
+    before = op_histogram(m)
+    report = run_default_passes(m)
+    unfused = next((p.details.get("ternary_unfused", []) for p in report.passes if p.name == "fuse_bitlinear"), [])
+    s = summarize(m, source=model, ops_source=before, ternary_unfused=unfused)
+    if as_json:
+        echo_json(s.to_dict())
+        return
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    con = Console()
+    con.print(f"[bold]{model}[/bold]  opset {s.opset}")
+    io = Table("direction", "name", "shape", "dtype", title="Inputs and outputs")
+    for t in s.inputs:
+        io.add_row("input", t.name, str(t.shape), t.dtype)
+    for t in s.outputs:
+        io.add_row("output", t.name, str(t.shape), t.dtype)
+    con.print(io)
+    p = Table("parameters", "count", title="Parameters")
+    p.add_row("ternary (BitLinear)", f"{s.params_ternary:,}")
+    p.add_row("other (embedding, norms, lm_head)", f"{s.params_other:,}")
+    p.add_row("BitLinear scales", f"{s.params_scales:,}")
+    p.add_row("total", f"{s.params_total:,}")
+    con.print(p)
+    ops = Table("op", "source", "after passes", title="Ops")
+    for k in sorted(set(s.ops_source) | set(s.ops)):
+        ops.add_row(k, str(s.ops_source.get(k, "")), str(s.ops.get(k, "")))
+    con.print(ops)
+    bl = Table("layer", "in", "out", "convention", "scale", title=f"BitLinear layers: {len(s.bitlinear)}")
+    for b in s.bitlinear:
+        bl.add_row(b.name, str(b.in_features), str(b.out_features), b.convention, "per channel" if b.per_channel else "per tensor")
+    con.print(bl)
+    if s.ternary_unfused:
+        con.print(f"[yellow]ternary MatMuls not fused (no activation quantisation matched): {', '.join(s.ternary_unfused)}[/yellow]")
+    con.print(f"estimated weights: {_mb(s.size_2bit_bytes)} at 2-bit ternary vs {_mb(s.size_fp16_bytes)} in fp16 "
+              f"({s.size_fp16_bytes / max(s.size_2bit_bytes, 1):.1f}x smaller)")
