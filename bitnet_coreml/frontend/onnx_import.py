@@ -18,6 +18,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from bitnet_coreml.errors import ModelLoadError
+from bitnet_coreml.frontend._mmap_proto import WireError, load_proto_mmap
 from bitnet_coreml.frontend.validate import validate_graph
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,8 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     if size == 0:
         raise ModelLoadError(f"{path}: file is empty, expected an ONNX model")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except DecodeError as e:
+        proto = load_proto_mmap(path)
+    except (DecodeError, WireError) as e:
         raise ModelLoadError(f"{path}: not a valid ONNX protobuf (truncated or corrupt file: {e})") from e
     except (ValueError, RuntimeError, OSError) as e:
         raise ModelLoadError(f"{path}: cannot read ONNX model: {' '.join(str(e).split())}") from e
