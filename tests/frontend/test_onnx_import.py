@@ -30,7 +30,7 @@ def test_embedded_weights_are_mapped_and_identical(tmp_path: Path) -> None:
 def test_external_data_model_runs_in_ort(tmp_path: Path) -> None:
     proto = mlp_block(form="offline", d=64, hidden=128)
     p = tmp_path / "ext.onnx"
-    onnx.save(proto, p, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data", size_threshold=0)
+    onnx.save(proto, p, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data", size_threshold=1024)
     model = load(p)
     x = np.random.default_rng(0).standard_normal((1, 8, 64)).astype(np.float32)
     import onnxruntime as ort
