@@ -1,0 +1,174 @@
+"""The batch-job output folder: manifest, outputs and the job identity.
+
+Layout of ``OUTDIR``::
+
+    job.json          what this folder is for: predictor fingerprint, dataset (refuses a different job)
+    manifest.jsonl    one JSON line per finished item, appended and fsync'd as each item finishes
+    outputs/<id>.npz  one deterministic .npz per successful item (written to a temp name, then renamed)
+    summary.json      statistics of the last run (written when a run completes)
+
+Crash safety rests on ordering: an output file is renamed into place *before* its manifest line is
+appended, and a line is only trusted on resume if the file it names still has the recorded sha256.
+So after a kill at any instant an item is either recorded with a verified output (skipped on resume)
+or not (redone, overwriting any stray file with identical bytes). A torn last line is cut off before
+appending. When a run finishes, the manifest is rewritten (atomically) with exactly one line per
+item in dataset order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bitnet_coreml.errors import InputError
+from bitnet_coreml.jobs._io import atomic_write_bytes, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+OUTPUTS = "outputs"
+JOB = "job.json"
+SUMMARY = "summary.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """One manifest line."""
+
+    id: str
+    index: int
+    status: str  # "ok" or "error"
+    file: str | None = None  # relative to OUTDIR
+    sha256: str | None = None
+    unit: str | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ItemRecord:
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})  # type: ignore[arg-type]
+
+
+def read_manifest(outdir: Path) -> dict[str, ItemRecord]:
+    """Records by id (the last line for an id wins); unparsable lines are ignored with a warning."""
+    path = outdir / MANIFEST
+    records: dict[str, ItemRecord] = {}
+    if not path.exists():
+        return records
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                log.warning("%s:%d: torn last line (interrupted write) ignored", path, n)
+                break
+            try:
+                rec = ItemRecord.from_dict(json.loads(line))
+            except (ValueError, TypeError) as e:
+                log.warning("%s:%d: unreadable manifest line ignored (%s)", path, n, e)
+                continue
+            records[rec.id] = rec
+    return records
+
+
+def verified_done(outdir: Path, records: dict[str, ItemRecord]) -> set[str]:
+    """Ids whose recorded output still exists with its recorded checksum."""
+    done: set[str] = set()
+    for rec in records.values():
+        if rec.status != "ok" or not rec.file or not rec.sha256:
+            continue
+        path = outdir / rec.file
+        try:
+            ok = sha256_file(path) == rec.sha256
+        except OSError:
+            ok = False
+        if ok:
+            done.add(rec.id)
+        else:
+            log.warning("item %s: output %s is missing or corrupt; it will be redone", rec.id, path)
+    return done
+
+
+class ManifestWriter:
+    """Appends records durably: one ``write`` + ``fsync`` per finished item."""
+
+    def __init__(self, outdir: Path) -> None:
+        self.path = outdir / MANIFEST
+        _cut_torn_tail(self.path)
+        self._f = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+
+    def append(self, rec: ItemRecord) -> None:
+        self._f.write(rec.to_json().encode() + b"\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> ManifestWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a partial last line left by a kill mid-write, so the next append starts a fresh line."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def compact(outdir: Path) -> dict[str, ItemRecord]:
+    """Rewrite the manifest with exactly one line per item, in dataset order; returns the records."""
+    records = read_manifest(outdir)
+    ordered = sorted(records.values(), key=lambda r: (r.index, r.id))
+    atomic_write_bytes(outdir / MANIFEST, b"".join(r.to_json().encode() + b"\n" for r in ordered), fsync=True)
+    return records
+
+
+def claim_outdir(outdir: Path, job: dict[str, Any]) -> bool:
+    """Create or reopen ``outdir`` for ``job``; returns True when resuming an earlier run.
+
+    Refuses a folder that holds another job's results (a different predictor or dataset), because
+    mixing them would make the manifest lie.
+    """
+    job = {"format": FORMAT_VERSION, **job}
+    path = outdir / JOB
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:
+            raise InputError(f"{path}: unreadable job file ({e}); remove the folder or choose another -o") from e
+        for key in ("format", "predictor", "dataset"):
+            if old.get(key) != job.get(key):
+                raise InputError(f"{outdir}: holds results of a different job ({key} was {old.get(key)!r},"
+                                 f" now {job.get(key)!r}); choose another -o or remove the folder")
+        (outdir / OUTPUTS).mkdir(exist_ok=True)
+        _remove_stray_temps(outdir / OUTPUTS)
+        return True
+    if outdir.exists() and any(p.name != ".lock" for p in outdir.iterdir()):
+        raise InputError(f"{outdir}: folder exists and is not a batch-job folder (no {JOB}); choose an empty or new -o")
+    (outdir / OUTPUTS).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, job)
+    return False
+
+
+def _remove_stray_temps(folder: Path) -> None:
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".tmp-"):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,160 @@
+"""The small protocol between the batch engines and whatever runs a prediction.
+
+An engine never imports a predictor class directly: it is handed a *factory*, a picklable object
+that each worker calls once to build its own predictor (so a package is loaded once per worker, in
+that worker's process or Ray actor). A predictor maps named input arrays to named outputs and says
+which compute unit answered.
+
+* :class:`RuntimeFactory`: the project's :class:`bitnet_coreml.runtime.Predictor` with its fallback
+  chain (ANE -> GPU -> CPU -> reference executor); what the CLI uses.
+* :class:`ReferenceFactory`: the numpy reference executor alone (the benchmark's baseline).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from bitnet_coreml.errors import InputError, ModelLoadError
+from bitnet_coreml.jobs._io import sha256_tree
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+@runtime_checkable
+class ItemPredictor(Protocol):
+    def predict(self, inputs: Arrays) -> tuple[Arrays, str]:
+        """Outputs and the name of the compute unit that produced them."""
+
+
+class PredictorFactory(Protocol):
+    def __call__(self) -> ItemPredictor:
+        """Build one predictor (called once per worker)."""
+
+    def fingerprint(self) -> str:
+        """Identifies what predicts (e.g. the package's content hash); a job folder is tied to it."""
+
+
+_ML_DTYPES = {"FLOAT32": np.float32, "FLOAT16": np.float16, "DOUBLE": np.float64, "INT32": np.int32,
+              "INT8": np.int8, "UINT8": np.uint8}
+
+
+def package_input_dtypes(package: str | Path) -> dict[str, np.dtype[Any]]:
+    """Declared input dtypes of a package, so dataset arrays (e.g. JSON numbers) can be cast to them."""
+    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415 - heavy, only in workers
+
+    ct = coremltools()
+    try:
+        spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    except Exception as e:  # coremltools raises bare Exceptions for bad packages
+        raise ModelLoadError(f"{package}: cannot read the package ({e})") from e
+    enum = ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
+    out: dict[str, np.dtype[Any]] = {}
+    for inp in spec.description.input:
+        if inp.type.WhichOneof("Type") == "multiArrayType":
+            name = enum.Name(inp.type.multiArrayType.dataType)
+            if name in _ML_DTYPES:
+                out[inp.name] = np.dtype(_ML_DTYPES[name])
+    return out
+
+
+def coerce_inputs(inputs: Arrays, dtypes: dict[str, np.dtype[Any]]) -> Arrays:
+    """Cast each input to its declared dtype (JSON numbers arrive as float64 / int64)."""
+    out = {}
+    for name, arr in inputs.items():
+        want = dtypes.get(name)
+        if want is not None and arr.dtype != want:
+            if arr.dtype.kind == "f" and want.kind in "iu":
+                raise InputError(f"input '{name}': got {arr.dtype} values but the package expects {want}")
+            arr = arr.astype(want)
+        out[name] = arr
+    return out
+
+
+def _check_package(package: Path) -> None:
+    if not package.exists():
+        raise InputError(f"package {package}: no such file or folder")
+
+
+@dataclass(frozen=True)
+class ReferenceFactory:
+    """Predictors backed by :class:`bitnet_coreml.executor.ReferenceExecutor` (unit ``"reference"``)."""
+
+    package: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "package", Path(self.package))
+        _check_package(self.package)
+
+    def fingerprint(self) -> str:
+        return "package:" + sha256_tree(self.package)
+
+    def __call__(self) -> ItemPredictor:
+        from bitnet_coreml.executor import ReferenceExecutor  # noqa: PLC0415 - loaded per worker
+
+        return _ReferencePredictor(ReferenceExecutor(str(self.package)), package_input_dtypes(self.package))
+
+
+class _ReferencePredictor:
+    def __init__(self, executor: Any, dtypes: dict[str, np.dtype[Any]]) -> None:
+        self._executor = executor
+        self._dtypes = dtypes
+
+    def predict(self, inputs: Arrays) -> tuple[Arrays, str]:
+        return dict(self._executor.predict(coerce_inputs(inputs, self._dtypes))), "reference"
+
+
+@dataclass(frozen=True)
+class RuntimeFactory:
+    """Predictors backed by :class:`bitnet_coreml.runtime.Predictor` and its fallback chain.
+
+    ``units`` (e.g. ``("ane", "cpu", "reference")``) replaces the strategy's unit chain when given.
+    """
+
+    package: Path
+    units: tuple[str, ...] | None = None
+    strategy_overrides: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "package", Path(self.package))
+        _check_package(self.package)
+        self._strategy()  # validate the unit names in the driver, before any worker starts
+
+    def _strategy(self) -> Any:
+        from bitnet_coreml.runtime.strategy import FallbackStrategy  # noqa: PLC0415
+
+        strategy = FallbackStrategy(**dict(self.strategy_overrides))
+        return strategy.with_units(self.units) if self.units else strategy
+
+    def fingerprint(self) -> str:
+        return "package:" + sha256_tree(self.package)
+
+    def __call__(self) -> ItemPredictor:
+        from bitnet_coreml.runtime import Predictor  # noqa: PLC0415 - loaded per worker
+
+        return _RuntimePredictor(Predictor(str(self.package), strategy=self._strategy()),
+                                 package_input_dtypes(self.package))
+
+
+class _RuntimePredictor:
+    def __init__(self, predictor: Any, dtypes: dict[str, np.dtype[Any]]) -> None:
+        self.predictor = predictor
+        self._dtypes = dtypes
+
+    def predict(self, inputs: Arrays) -> tuple[Arrays, str]:
+        res = self.predictor.predict(coerce_inputs(inputs, self._dtypes))
+        unit = res.unit.value if hasattr(res.unit, "value") else str(res.unit)
+        return dict(res.outputs), unit
+
+    def recovery_stats(self) -> dict[str, Any] | None:
+        getter = getattr(self.predictor, "get_recovery_stats", None)
+        if getter is None:
+            return None
+        stats = getter()
+        return stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)

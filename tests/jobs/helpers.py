@@ -1,0 +1,101 @@
+"""Test predictors and dataset writers for the batch-job tests.
+
+The predictors are plain numpy with a closed form, so every test can compute the expected output
+itself (the oracle) instead of asking the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bitnet_coreml.errors import OperationError
+
+
+def affine(x: np.ndarray, scale: float, bias: float) -> dict[str, np.ndarray]:
+    """The oracle: what AffineFactory's predictor must return."""
+    x = np.asarray(x, dtype=np.float32)
+    y = x * np.float32(scale) + np.float32(bias)
+    return {"y": y, "total": np.asarray(y.sum(dtype=np.float32), dtype=np.float32)}
+
+
+class _Affine:
+    def __init__(self, scale: float, bias: float, delay_s: float) -> None:
+        self.scale, self.bias, self.delay_s = scale, bias, delay_s
+        self.pid = os.getpid()
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+        x = inputs["x"]
+        if np.isnan(x).any():
+            raise OperationError("input x holds NaN")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return affine(x, self.scale, self.bias), "cpu"
+
+
+@dataclass(frozen=True)
+class AffineFactory:
+    scale: float = 2.0
+    bias: float = 1.0
+    delay_s: float = 0.0
+
+    def fingerprint(self) -> str:
+        return f"affine:{self.scale}:{self.bias}"
+
+    def __call__(self) -> _Affine:
+        return _Affine(self.scale, self.bias, self.delay_s)
+
+
+@dataclass(frozen=True)
+class BrokenFactory:
+    def fingerprint(self) -> str:
+        return "broken"
+
+    def __call__(self) -> _Affine:
+        from bitnet_coreml.errors import ModelLoadError
+
+        raise ModelLoadError("package x.mlpackage: cannot load (test)")
+
+
+def make_inputs(n: int, shape: tuple[int, ...] = (3, 4), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
+
+
+def write_folder(path: Path, xs: list[np.ndarray]) -> list[str]:
+    path.mkdir(parents=True, exist_ok=True)
+    ids = [f"item{i:04d}" for i in range(len(xs))]
+    for item_id, x in zip(ids, xs, strict=True):
+        np.savez(path / f"{item_id}.npz", x=x)
+    return ids
+
+
+def write_batch_npz(path: Path, xs: list[np.ndarray], compressed: bool = False) -> None:
+    (np.savez_compressed if compressed else np.savez)(path, x=np.stack(xs))
+
+
+def write_jsonl(path: Path, xs: list[np.ndarray], with_ids: bool = True) -> list[str]:
+    ids = [f"row-{i}" for i in range(len(xs))]
+    with open(path, "w") as f:
+        for item_id, x in zip(ids, xs, strict=True):
+            obj: dict[str, object] = {"x": x.tolist()}
+            if with_ids:
+                obj["id"] = item_id
+            f.write(json.dumps(obj) + "\n")
+    return ids
+
+
+def read_outputs(outdir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Outputs by item id, read through the manifest."""
+    out = {}
+    for line in (outdir / "manifest.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["status"] == "ok":
+            with np.load(outdir / rec["file"]) as z:
+                out[rec["id"]] = {k: z[k] for k in z.files}
+    return out
