@@ -1,0 +1,213 @@
+"""Lowerings of the fused BitNet ops (``bitnet_coreml::BitLinear``, ``RMSNorm``, ``Relu2``) to MIL.
+
+BitLinear keeps the ternary codes at 2 bits: the int8 codes are packed straight into the indices of
+a ``constexpr_lut_to_dense`` with the LUT ``{-1, 0, 1, 0}`` (index = code + 1), so no fp16/fp32
+dense copy of a ternary weight is ever built. The per-tensor or per-channel multiplier ``Alpha`` is
+applied after the matmul (the ANE prefers scales after a linear).
+
+The activation quantisation is exact and fp16-safe::
+
+    m  = maximum(reduce_max(|x|, -1), eps);  sx = Qp / m
+    xq = clip(round_half_even(x * sx), Qn, Qp)
+    xn = xq * 2**-(act_bits-1)            # exact (power of two); |xn| <= 1, so the matmul sums to at most K
+    y  = linear(xn, W_lut) * (m * 2**(act_bits-1) / Qp) * Alpha
+
+``(xq @ W^T) / sx * Alpha`` of the contract equals this exactly in real arithmetic; multiplying xq
+by a power of two is exact in fp16, and keeping |xn| <= 1 stops the accumulation of ``127 * K``
+from overflowing fp16's 65504 (it would for K > 516).
+
+RMSNorm is computed on the row divided by its max-abs, with the epsilon rescaled to match, which is
+the same function in real arithmetic but never squares a large value (x^2 overflows fp16 for
+|x| > 256).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from bitnet_coreml.errors import InputError, UnsupportedOpError
+from bitnet_coreml.lower.registry import LoweringContext, lowering
+
+DOMAIN = "bitnet_coreml"
+
+# LUT of the 2-bit ternary weights: index = code + 1; index 3 is unused padding.
+TERNARY_LUT = np.array([-1.0, 0.0, 1.0, 0.0], dtype=np.float32)
+# Rows packed per step: bounds the temporary index buffer to a few MB whatever the weight's size.
+_PACK_ROWS_BYTES = 1 << 24
+# Smallest row max-abs RMSNorm divides by: fp16's smallest normal (keeps 1/m and eps/m^2 finite).
+_RMS_MIN_SCALE = 2.0 ** -14
+
+
+def _mb() -> Any:
+    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
+
+    return mb
+
+
+# --- 2-bit packing ---------------------------------------------------------------------------------
+
+
+def pack_ternary_2bit(codes: np.ndarray) -> np.ndarray:
+    """Pack int8 ternary codes (any shape, values in {-1, 0, 1}) into 2-bit LUT indices.
+
+    Row-major element order, four indices per byte, least significant bits first (the layout of
+    Core ML's ``constexpr_lut_to_dense``: element ``4j+i`` sits in bits ``2i..2i+1`` of byte ``j``).
+    Index = code + 1, for the LUT ``[-1, 0, 1, 0]``. Works in row blocks so the temporaries stay
+    small; the output is ``ceil(size / 4)`` bytes.
+    """
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    if flat.dtype != np.int8:
+        raise TypeError(f"ternary codes must be int8, got {flat.dtype}")
+    n = flat.size
+    out = np.zeros((n + 3) // 4, dtype=np.uint8)
+    step = max(4, (_PACK_ROWS_BYTES // 4) * 4)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        chunk = flat[start:stop]
+        idx = (chunk + np.int8(1)).view(np.uint8)
+        if idx.size % 4:
+            idx = np.concatenate([idx, np.zeros(4 - idx.size % 4, np.uint8)])
+        q = idx.reshape(-1, 4)
+        packed = q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)
+        out[start // 4:start // 4 + packed.size] = packed
+    return out
+
+
+def check_ternary_codes(codes: np.ndarray, where: str) -> None:
+    """Raise InputError unless ``codes`` is int8 with every value in {-1, 0, 1}."""
+    if codes.dtype != np.int8:
+        raise InputError(f"{where}: BitLinear weight must be int8 ternary codes, found dtype {codes.dtype}")
+    if codes.size and (int(codes.min()) < -1 or int(codes.max()) > 1):
+        raise InputError(
+            f"{where}: BitLinear weight codes must be in {{-1, 0, 1}}, found range "
+            f"[{int(codes.min())}, {int(codes.max())}]"
+        )
+
+
+def ternary_lut_weight(codes: np.ndarray, name: str) -> Any:
+    """A MIL ``constexpr_lut_to_dense`` holding ``codes`` ([N, K] int8) as 2-bit indices."""
+    mb = _mb()
+    return mb.constexpr_lut_to_dense(
+        indices=pack_ternary_2bit(codes),
+        lut=TERNARY_LUT,
+        shape=np.array(codes.shape, dtype=np.uint32),
+        name=name,
+    )
+
+
+# --- exact rounding --------------------------------------------------------------------------------
+
+
+def round_half_even(x: Any, name: str) -> Any:
+    """Round to nearest, ties to even, exactly, from floor/compare/select only.
+
+    MIL's ``round`` does not pin its tie rule to a spec the runtimes share, and ONNX ``Round`` and
+    torch's ``round`` are ties-to-even, so ties are resolved explicitly:
+    ``f = floor(x + 0.5)``; when ``x + 0.5`` is an integer (a tie) and ``f`` is odd, use ``f - 1``.
+    Exact for |x| < 1024 in fp16 and < 2**23 in fp32 (``x + 0.5`` is representable there).
+    """
+    mb = _mb()
+    t = mb.add(x=x, y=np.float32(0.5), name=f"{name}_t")
+    f = mb.floor(x=t, name=f"{name}_f")
+    tie = mb.equal(x=f, y=t, name=f"{name}_tie")
+    half = mb.floor(x=mb.mul(x=f, y=np.float32(0.5), name=f"{name}_h"), name=f"{name}_hf")
+    odd = mb.sub(x=f, y=mb.mul(x=half, y=np.float32(2.0), name=f"{name}_h2"), name=f"{name}_odd")
+    return mb.select(cond=tie, a=mb.sub(x=f, y=odd, name=f"{name}_even"), b=f, name=name)
+
+
+# --- lowerings -------------------------------------------------------------------------------------
+
+
+def _attr(node: ir.Node, key: str, default: Any) -> Any:
+    a = node.attributes.get(key)
+    return default if a is None else a.value
+
+
+@lowering("BitLinear", domain=DOMAIN)
+def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    mb = _mb()
+    nm = ctx.name(node)
+    x = ctx.input(node, 0)
+    w_val = node.inputs[1]
+    if w_val is None or w_val.const_value is None:
+        raise UnsupportedOpError(
+            f"node {node.name!r} (BitLinear): the weight must be an initializer of ternary codes, found a "
+            "computed value"
+        )
+    codes = w_val.const_value.numpy()
+    check_ternary_codes(codes, f"node {node.name!r}")
+    if codes.ndim != 2:
+        raise InputError(f"node {node.name!r} (BitLinear): weight must be [N, K], found shape {list(codes.shape)}")
+    alpha = np.asarray(ctx.const(node, 2), dtype=np.float64)
+    n_out = codes.shape[0]
+    if alpha.size not in (1, n_out):
+        raise InputError(
+            f"node {node.name!r} (BitLinear): Alpha must be a scalar or have {n_out} entries (one per output "
+            f"channel), found shape {list(alpha.shape)}"
+        )
+    act_bits = int(_attr(node, "act_bits", 8))
+    eps = float(_attr(node, "act_eps", 1e-5))
+    qp = 2.0 ** (act_bits - 1) - 1
+    qn = -(2.0 ** (act_bits - 1))
+    pow2 = 2.0 ** (act_bits - 1)
+    if isinstance(x, np.ndarray):
+        x = mb.const(val=x.astype(np.float32), name=f"{nm}_x")
+
+    ax = mb.abs(x=x, name=f"{nm}_abs")
+    mx = mb.reduce_max(x=ax, axes=[-1], keep_dims=True, name=f"{nm}_absmax")
+    m = mb.maximum(x=mx, y=np.float32(eps), name=f"{nm}_m")
+    sx = mb.real_div(x=np.float32(qp), y=m, name=f"{nm}_sx")
+    xs = mb.mul(x=x, y=sx, name=f"{nm}_xs")
+    xr = round_half_even(xs, f"{nm}_round")
+    xq = mb.clip(x=xr, alpha=np.float32(qn), beta=np.float32(qp), name=f"{nm}_xq")
+    xn = mb.mul(x=xq, y=np.float32(1.0 / pow2), name=f"{nm}_xn")
+    w = ternary_lut_weight(codes, f"{nm}_w")
+    y = mb.linear(x=xn, weight=w, name=f"{nm}_mm")
+    # The dequantisation factor 2^(b-1)/Qp is folded into Alpha so fp16 rounds one constant, not two.
+    alpha_eff = (alpha * (pow2 / qp)).astype(np.float32)
+    if alpha.size == 1:
+        scale = mb.mul(x=m, y=np.float32(alpha_eff.reshape(())), name=f"{nm}_scale")
+        out = mb.mul(x=y, y=scale, name=f"{nm}_y")
+    else:
+        ys = mb.mul(x=y, y=m, name=f"{nm}_ys")
+        out = mb.mul(x=ys, y=alpha_eff.reshape(-1), name=f"{nm}_y")
+    return [out]
+
+
+@lowering("RMSNorm", domain=DOMAIN)
+def lower_rmsnorm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    mb = _mb()
+    nm = ctx.name(node)
+    x = ctx.input(node, 0)
+    if isinstance(x, np.ndarray):
+        x = mb.const(val=x.astype(np.float32), name=f"{nm}_x")
+    gamma = np.asarray(ctx.const(node, 1), dtype=np.float32)
+    eps = float(_attr(node, "epsilon", 1e-5))
+    # y = x/s / sqrt(mean((x/s)^2) + eps/s^2) * gamma, s = row max-abs: the same function, but the
+    # squares are of values in [-1, 1].
+    ax = mb.abs(x=x, name=f"{nm}_abs")
+    s = mb.maximum(x=mb.reduce_max(x=ax, axes=[-1], keep_dims=True, name=f"{nm}_absmax"),
+                   y=np.float32(_RMS_MIN_SCALE), name=f"{nm}_s")
+    r = mb.real_div(x=np.float32(1.0), y=s, name=f"{nm}_r")
+    xs = mb.mul(x=x, y=r, name=f"{nm}_xs")
+    ms = mb.reduce_mean(x=mb.mul(x=xs, y=xs, name=f"{nm}_sq"), axes=[-1], keep_dims=True, name=f"{nm}_ms")
+    e = mb.mul(x=mb.mul(x=r, y=np.float32(eps), name=f"{nm}_er"), y=r, name=f"{nm}_eps")
+    inv = mb.rsqrt(x=mb.add(x=ms, y=e, name=f"{nm}_v"), name=f"{nm}_inv")
+    xn = mb.mul(x=xs, y=inv, name=f"{nm}_xn")
+    return [mb.mul(x=xn, y=gamma, name=f"{nm}_y")]
+
+
+@lowering("Relu2", domain=DOMAIN)
+def lower_relu2(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    mb = _mb()
+    nm = ctx.name(node)
+    x = ctx.input(node, 0)
+    if isinstance(x, np.ndarray):
+        r = np.maximum(x, 0)
+        return [r * r]
+    r = mb.relu(x=x, name=f"{nm}_relu")
+    return [mb.mul(x=r, y=r, name=f"{nm}_y")]

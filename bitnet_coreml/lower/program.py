@@ -1,0 +1,244 @@
+"""The program builder: walks an onnx-ir graph and emits one MIL program through the lowering registry.
+
+``build_program(model, options)`` first names every node uniquely and deterministically, then checks
+that every op has a lowering (one :class:`UnsupportedOpError` listing all missing ops, before any
+work), then lowers node by node in the graph's topological order inside one MIL function whose
+inputs have the graph's fixed shapes (int64 inputs become int32: Core ML has no int64 tensors).
+Each graph output becomes a MIL output of the same name.
+
+``convert_program`` turns the program into an ``MLModel`` with coremltools' default pass pipeline;
+the ops that the fp16-safety analysis keeps in fp32 are excluded from the fp16 cast.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from bitnet_coreml._quiet import coremltools
+from bitnet_coreml.errors import InputError, UnsupportedOpError
+from bitnet_coreml.lower.registry import LoweringContext, get_lowering, unsupported_ops
+
+log = logging.getLogger(__name__)
+
+# Core ML deployment targets by OS version number: (iOS, macOS) names share one spec version.
+_TARGETS = {16: ("iOS16", "macOS13"), 17: ("iOS17", "macOS14"), 18: ("iOS18", "macOS15")}
+MIN_IOS = 16  # constexpr_lut_to_dense (2-bit ternary weights) needs iOS16 / macOS13
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build the program: compute precision, MIL opset (iOS version) and fp32-kept nodes."""
+
+    precision: str = "fp16"
+    ios: int = MIN_IOS
+    fp32_nodes: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp16", "fp32"):
+            raise InputError(f"precision must be 'fp16' or 'fp32', got {self.precision!r}")
+        if self.ios not in _TARGETS:
+            raise InputError(f"deployment target iOS{self.ios} is not supported; allowed: "
+                             f"{', '.join(f'iOS{v}/{_TARGETS[v][1]}' for v in _TARGETS)}")
+
+
+@dataclass
+class BuiltProgram:
+    """The MIL program plus what the later stages need to know about it."""
+
+    program: Any
+    ios: int  # the opset the program needs (>= the requested one)
+    input_names: dict[str, str]  # ONNX input name -> MIL input name
+    output_names: dict[str, str]  # ONNX output name -> MIL output name
+    fp32_ops: frozenset[str] = frozenset()  # MIL op names kept in fp32
+    notes: list[str] = field(default_factory=list)
+
+
+def target_for(ios: int, platform: str = "ios") -> Any:
+    """The ``ct.target`` member for iOS version ``ios`` (macOS name when ``platform == 'macos'``)."""
+    ct = coremltools()
+    names = _TARGETS[ios]
+    return getattr(ct.target, names[1] if platform == "macos" else names[0])
+
+
+def ios_of_target(target: Any) -> int:
+    """The iOS version number of a ``ct.target`` member (macOS members map to their iOS twin)."""
+    ct = coremltools()
+    for v, (ios_name, _) in _TARGETS.items():
+        if getattr(ct.target, ios_name) == target:
+            return v
+    if target < ct.target.iOS16:
+        return 15
+    return max(_TARGETS)
+
+
+_SAFE = re.compile(r"[^0-9A-Za-z_]")
+
+
+def safe_name(name: str) -> str:
+    """A MIL-legal identifier for an ONNX name (letters, digits, underscore; not starting with a digit)."""
+    s = _SAFE.sub("_", name) or "v"
+    return f"v_{s}" if s[0].isdigit() else s
+
+
+def assign_node_names(graph: ir.Graph) -> None:
+    """Give every node a unique, deterministic, MIL-legal name (in place).
+
+    Lowerings derive MIL op names from node names, so missing or duplicate names would make the
+    package depend on object ids. Names are kept where possible and numbered in graph order otherwise.
+    """
+    seen: set[str] = set()
+    for i, node in enumerate(graph):
+        base = safe_name(node.name) if node.name else f"{node.op_type.lower()}_{i}"
+        name = base
+        k = 1
+        while name in seen:
+            name = f"{base}_{k}"
+            k += 1
+        seen.add(name)
+        node.name = name
+
+
+def _mil_dtype(v: ir.Value) -> Any:
+    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+    dt = v.dtype
+    table = {
+        ir.DataType.FLOAT: types.fp32, ir.DataType.FLOAT16: types.fp16, ir.DataType.INT64: types.int32,
+        ir.DataType.INT32: types.int32, ir.DataType.BOOL: types.bool,
+    }
+    if dt not in table:
+        raise InputError(f"graph input {v.name!r}: dtype {dt} is not supported; allowed: float32, float16, "
+                         "int32, int64 (converted to int32), bool")
+    return table[dt]
+
+
+def _input_shape(v: ir.Value) -> tuple[int, ...]:
+    if v.shape is None:
+        raise InputError(f"graph input {v.name!r} has no shape; Core ML needs fixed input shapes")
+    dims = []
+    for d in v.shape:
+        if not isinstance(d, int):
+            raise InputError(
+                f"graph input {v.name!r} has a dynamic dimension {str(d)!r} (shape {v.shape}); Core ML on the ANE "
+                "needs fixed shapes: re-export with fixed shapes"
+            )
+        dims.append(d)
+    return tuple(dims)
+
+
+def check_supported(model: ir.Model) -> None:
+    """Raise one UnsupportedOpError naming every op of the graph that has no lowering."""
+    missing = unsupported_ops(model.graph)
+    if missing:
+        from bitnet_coreml.lower.registry import supported_ops  # noqa: PLC0415
+
+        raise UnsupportedOpError(
+            f"{len(missing)} unsupported op type(s): {', '.join(missing)}; supported: {', '.join(supported_ops())}"
+        )
+
+
+def _as_var(value: Any, name: str) -> Any:
+    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
+
+    if isinstance(value, np.ndarray) or np.isscalar(value):
+        arr = np.asarray(value)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        elif arr.dtype == np.int64:
+            arr = arr.astype(np.int32)
+        return mb.const(val=arr, name=name)
+    return value
+
+
+def build_program(model: ir.Model, options: BuildOptions | None = None) -> BuiltProgram:
+    """Lower ``model`` (after the default passes) to a MIL program; see the module docstring."""
+    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
+    from coremltools.converters.mil.mil import Function, Program  # noqa: PLC0415
+
+    options = options or BuildOptions()
+    graph = model.graph
+    check_supported(model)
+    assign_node_names(graph)
+
+    input_names: dict[str, str] = {}
+    specs: dict[str, Any] = {}
+    for v in graph.inputs:
+        if v.const_value is not None and v.name in graph.initializers:
+            continue  # an initializer listed as input (old exporters): a constant, not a model input
+        mil_name = safe_name(v.name or f"input_{len(specs)}")
+        input_names[v.name or mil_name] = mil_name
+        specs[mil_name] = mb.placeholder(shape=_input_shape(v), dtype=_mil_dtype(v), name=mil_name)
+
+    ctx = LoweringContext(compute_precision=options.precision, opset=target_for(options.ios),
+                          fp32_nodes=set(options.fp32_nodes), options={"ios": options.ios})
+    fp32_ops: set[str] = set()
+    output_names: dict[str, str] = {}
+    with Function(specs, opset_version=target_for(options.ios)) as func:
+        for onnx_name, mil_name in input_names.items():
+            v = func.inputs[mil_name]
+            onnx_in = next(x for x in graph.inputs if (x.name or mil_name) == onnx_name)
+            if onnx_in.dtype == ir.DataType.INT64:
+                log.debug("input %s: int64 -> int32", onnx_name)
+            ctx.values[onnx_name] = v
+        for node in graph:
+            fn = get_lowering(node)
+            before = len(func.operations)
+            try:
+                outs = list(fn(ctx, node))
+            except (InputError, UnsupportedOpError):
+                raise
+            except Exception as e:
+                raise RuntimeError(f"lowering node {node.name!r} ({node.op_type}) failed: {e}") from e
+            if len(outs) < len([o for o in node.outputs if o.name]):
+                raise RuntimeError(f"lowering of {node.op_type} returned {len(outs)} values for node {node.name!r} "
+                                   f"with {len(node.outputs)} outputs")
+            for o, val in zip(node.outputs, outs, strict=False):
+                if o.name:
+                    ctx.values[o.name] = val
+            if node.name in ctx.fp32_nodes:
+                fp32_ops.update(op.name for op in func.operations[before:])
+        outputs = []
+        used: set[str] = set()
+        for o in graph.outputs:
+            if o.name not in ctx.values:
+                if o.const_value is None:
+                    raise RuntimeError(f"graph output {o.name!r} was never computed")
+                ctx.values[o.name] = o.const_value.numpy()
+            mil_name = safe_name(o.name)
+            while mil_name in used or mil_name in specs:
+                mil_name += "_out"
+            used.add(mil_name)
+            var = _as_var(ctx.values[o.name], f"{mil_name}_const")
+            outputs.append(mb.identity(x=var, name=mil_name))
+            output_names[o.name] = mil_name
+        func.set_outputs(outputs)
+    needed, _op = func.get_max_opset_version_and_op()
+    ios = max(options.ios, ios_of_target(needed)) if needed is not None else options.ios
+    prog = Program()
+    prog.add_function("main", func)
+    notes = list(ctx.notes)
+    if fp32_ops:
+        notes.append(f"{len(ctx.fp32_nodes)} node(s) kept in fp32: {', '.join(sorted(ctx.fp32_nodes))}")
+    return BuiltProgram(prog, ios, input_names, output_names, frozenset(fp32_ops), notes)
+
+
+def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | None = None,
+                    platform: str = "ios") -> Any:
+    """``ct.convert`` the built program to an ML Program ``MLModel`` (not compiled or loaded)."""
+    ct = coremltools()
+    target = target_for(max(ios or built.ios, built.ios), platform)
+    if precision == "fp16":
+        fp32_ops = built.fp32_ops
+        compute_precision = ct.transform.FP16ComputePrecision(
+            op_selector=lambda op: op.name not in fp32_ops
+        ) if fp32_ops else ct.precision.FLOAT16
+    else:
+        compute_precision = ct.precision.FLOAT32
+    return ct.convert(built.program, convert_to="mlprogram", compute_precision=compute_precision,
+                      minimum_deployment_target=target, skip_model_load=True)
