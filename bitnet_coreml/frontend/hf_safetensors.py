@@ -1,0 +1,182 @@
+"""The tensors of a checkpoint folder: ``*.safetensors`` files (single or sharded with an index).
+
+Every file is opened once with the safetensors library (``safe_open``, which memory-maps the file
+and validates the header: a truncated file or a header that does not cover the data is refused
+before any tensor is read). Only headers are consulted at import time: names, dtypes and shapes.
+Tensor data is read one tensor at a time, when a lazy tensor is materialised.
+
+Shard file names come from ``model.safetensors.index.json``; they must be plain names of files in
+the folder (an index cannot make us read outside the checkpoint, the same rule as ONNX external data).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' dtype, which safetensors' numpy reader needs)
+import numpy as np
+import onnx_ir as ir
+from safetensors import SafetensorError, safe_open
+
+from bitnet_coreml.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# safetensors dtype codes -> (onnx-ir dtype, is floating point)
+ST_DTYPES: dict[str, ir.DataType] = {
+    "BOOL": ir.DataType.BOOL, "U8": ir.DataType.UINT8, "I8": ir.DataType.INT8,
+    "I16": ir.DataType.INT16, "U16": ir.DataType.UINT16, "I32": ir.DataType.INT32,
+    "U32": ir.DataType.UINT32, "I64": ir.DataType.INT64, "U64": ir.DataType.UINT64,
+    "F16": ir.DataType.FLOAT16, "BF16": ir.DataType.BFLOAT16, "F32": ir.DataType.FLOAT,
+    "F64": ir.DataType.DOUBLE,
+}
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a safetensors header says about one tensor (no data read)."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors code, e.g. "BF16", "U8"
+    shape: tuple[int, ...]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def describe(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+
+def _safe_shard_name(folder: Path, index_path: Path, name: object) -> Path:
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ModelLoadError(f"{index_path}: weight_map names shard {name!r}; expected a plain file name in the "
+                             "checkpoint folder")
+    target = (folder / name).resolve()
+    if target.parent != folder.resolve():
+        raise ModelLoadError(f"{index_path}: shard {name!r} resolves outside the checkpoint folder ({target}); refused")
+    if not target.is_file():
+        raise ModelLoadError(f"{index_path}: shard {name!r} listed in weight_map is missing from {folder}")
+    return folder / name
+
+
+class CheckpointTensors:
+    """Name -> tensor lookup over every safetensors file of a checkpoint folder."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._handles: dict[Path, Any] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        files, expected = self._discover()
+        for f in files:
+            self._open(f)
+        for name, f in expected.items():
+            info = self._infos.get(name)
+            if info is None or info.file != f:
+                where = "no shard" if info is None else f"{info.file.name}"
+                raise ModelLoadError(f"{f}: tensor {name!r} is listed for this shard in the index but is in {where}; "
+                                     "the index and the shards disagree (incomplete download?)")
+        log.debug("checkpoint %s: %d tensors in %d file(s)", self.folder, len(self._infos), len(files))
+
+    def _discover(self) -> tuple[list[Path], dict[str, Path]]:
+        indexes = sorted(self.folder.glob(f"*{INDEX_SUFFIX}"))
+        if len(indexes) > 1:
+            raise ModelLoadError(f"{self.folder}: several safetensors index files ({', '.join(p.name for p in indexes)}); "
+                                 "expected at most one")
+        if indexes:
+            ip = indexes[0]
+            try:
+                raw = json.loads(ip.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ModelLoadError(f"{ip}: not valid JSON ({' '.join(str(e).split())})") from e
+            wm = raw.get("weight_map") if isinstance(raw, dict) else None
+            if not isinstance(wm, dict) or not wm:
+                raise ModelLoadError(f"{ip}: no weight_map object; expected {{tensor name: shard file}}")
+            expected = {str(k): _safe_shard_name(self.folder, ip, v) for k, v in wm.items()}
+            files = sorted(set(expected.values()))
+            return files, expected
+        files = sorted(p for p in self.folder.glob("*.safetensors") if p.is_file())
+        if not files:
+            other = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            hint = f" (found {', '.join(other)}: pickle checkpoints are not read, re-save with safetensors)" if other else ""
+            raise ModelLoadError(f"{self.folder}: no *.safetensors files{hint}")
+        return files, {}
+
+    def _open(self, path: Path) -> None:
+        try:
+            h = safe_open(str(path), framework="numpy")
+            names = list(h.keys())
+            infos = []
+            for n in names:
+                sl = h.get_slice(n)
+                infos.append(TensorInfo(n, path, str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape())))
+        except SafetensorError as e:
+            raise ModelLoadError(f"{path}: not a valid safetensors file ({' '.join(str(e).split())}); "
+                                 "truncated or corrupt download?") from e
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot read ({e})") from e
+        for info in infos:
+            if info.dtype not in ST_DTYPES:
+                raise ModelLoadError(f"{path}: tensor {info.name!r} has dtype {info.dtype}; supported: "
+                                     f"{', '.join(ST_DTYPES)}")
+            prev = self._infos.get(info.name)
+            if prev is not None:
+                raise ModelLoadError(f"{path}: tensor {info.name!r} is also in {prev.file.name}; names must be unique")
+            self._infos[info.name] = info
+        self._handles[path] = h
+
+    # --- lookup -----------------------------------------------------------------------------------
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo | None:
+        return self._infos.get(name)
+
+    def require(self, name: str, *, shapes: list[tuple[int, ...]], dtypes: tuple[str, ...] | None = None,
+                what: str = "") -> TensorInfo:
+        """The header of ``name``, checked against the allowed shapes and dtypes (nothing is read)."""
+        info = self._infos.get(name)
+        label = f"{what} " if what else ""
+        if info is None:
+            raise ModelLoadError(f"{self.folder}: missing tensor {name!r} ({label}expected shape "
+                                 f"{' or '.join(str(list(s)) for s in shapes)})")
+        if info.shape not in shapes:
+            raise ModelLoadError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}; expected "
+                                 f"{' or '.join(str(list(s)) for s in shapes)} from config.json")
+        if dtypes is not None and info.dtype not in dtypes:
+            raise ModelLoadError(f"{info.file}: tensor {name!r} has dtype {info.dtype}; expected {' or '.join(dtypes)}")
+        return info
+
+    # --- data -------------------------------------------------------------------------------------
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's data in its stored dtype (bf16 as ``ml_dtypes.bfloat16``); one tensor read."""
+        info = self._infos[name]
+        try:
+            arr = self._handles[info.file].get_tensor(name)
+        except SafetensorError as e:
+            raise ModelLoadError(f"{info.file}: cannot read tensor {name!r} ({' '.join(str(e).split())})") from e
+        return np.asarray(arr).reshape(info.shape)
+
+    def read_as(self, name: str, dtype: np.dtype[Any] | type) -> np.ndarray:
+        """The tensor converted to ``dtype`` (e.g. float32); bf16 widens exactly."""
+        a = self.read(name)
+        return a if a.dtype == np.dtype(dtype) else a.astype(dtype)
