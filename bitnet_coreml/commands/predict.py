@@ -1,0 +1,115 @@
+"""``bitnet-coreml predict PACKAGE --input X.npz``: one prediction with compute-unit fallback.
+
+Writes the outputs (``-o Y.npz``, atomically), and reports which unit answered and why every other
+unit was skipped or given up. ``BITNET_COREML_FAULTS`` (test-only, see
+``bitnet_coreml.runtime.faults``) injects unit faults on the real code path.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from bitnet_coreml.commands._common import echo_json
+from bitnet_coreml.errors import InputError
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise InputError(f"--input {path}: no such file; give an .npz with one array per model input")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise InputError(f"--input {path}: is a single .npy array, not an .npz; save with np.savez(name=array)")
+            return {k: z[k] for k in z.files}
+    except InputError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"--input {path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _human(result: Any, out: Path | None) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    console = Console()
+    table = Table(title=f"answered by [bold]{result.unit}[/bold] "
+                        f"({result.unit_latency_s * 1e3:.1f} ms; total {result.latency_s * 1e3:.1f} ms)")
+    table.add_column("unit")
+    table.add_column("outcome")
+    table.add_column("reason", overflow="fold")
+    for a in result.attempts:
+        table.add_row(a.unit, a.outcome, a.reason)
+    console.print(table)
+    console.print(f"power target: {result.power_target} ({result.power_reason})")
+    for note in result.notes:
+        console.print(f"note: {note}")
+    for name, v in result.outputs.items():
+        console.print(f"output {name}: shape {list(v.shape)} {v.dtype}")
+    if out is not None:
+        console.print(f"wrote {out}")
+
+
+@click.command(name="predict")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--input", "-i", "input_path", required=True, type=click.Path(path_type=Path),
+              help=".npz with one array per model input.")
+@click.option("-o", "--output", "output_path", type=click.Path(path_type=Path), help="Write the outputs to this .npz.")
+@click.option("--units", default="ane,gpu,cpu,reference", show_default=True,
+              help="Unit chain, comma separated, from: ane, gpu, cpu, reference.")
+@click.option("--retries", type=int, default=None, help="Retries per unit for transient errors (default 3).")
+@click.option("--power-target", type=click.Choice(["balanced", "efficiency", "speed"]), default="balanced",
+              show_default=True, help="How to order the unit chain.")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Per-unit timeout in seconds (default 300).")
+@click.option("--no-validate", is_flag=True, help="Do not compare a unit's first outputs to the CPU reference.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def predict(package: Path, input_path: Path, output_path: Path | None, units: str, retries: int | None,
+            power_target: str, timeout_s: float | None, no_validate: bool, as_json: bool) -> None:
+    """One prediction of PACKAGE with fallback between compute units."""
+    from bitnet_coreml.runtime import FallbackStrategy, FaultPlan, Predictor  # noqa: PLC0415
+
+    overrides: dict[str, Any] = {"units": tuple(u for u in units.split(",") if u.strip()),
+                                 "power_target": power_target, "validate_first_use": not no_validate}
+    if retries is not None:
+        overrides["max_retry_attempts"] = retries
+    if timeout_s is not None:
+        overrides["unit_timeout_s"] = timeout_s
+    strategy = FallbackStrategy(**overrides)
+    faults = FaultPlan.from_env()
+    predictor = Predictor(package, strategy, faults=faults)
+    inputs = _load_npz(input_path)
+    try:
+        result = predictor.predict(inputs)
+    finally:
+        predictor.close()
+    if output_path is not None:
+        _save_npz(output_path, result.outputs)
+    if as_json:
+        doc = result.to_dict()
+        doc["package"] = str(package)
+        doc["output_file"] = str(output_path) if output_path else None
+        doc["recovery_stats"] = predictor.get_recovery_stats().to_dict()
+        echo_json(doc)
+    else:
+        _human(result, output_path)

@@ -1,0 +1,146 @@
+"""What the runtime needs to know about a package before running it: input specs, outputs, weight size.
+
+Reads the package description with ``MLModel(skip_model_load=True)`` (works on every OS) and validates
+prediction inputs against it, so bad input fails once, clearly, before any unit is tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitnet_coreml.errors import InputError, ModelLoadError
+
+
+class PredictionInputError(InputError):
+    """The prediction inputs do not match the package's input description."""
+
+
+# Core ML multi-array data types (ArrayFeatureType.ArrayDataType) -> numpy.
+_ARRAY_DTYPES = {65552: np.float16, 65568: np.float32, 65600: np.float64, 131104: np.int32, 131080: np.int8}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One model input: default shape, allowed shapes (``None`` = the default only) or ranges, dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    enumerated: tuple[tuple[int, ...], ...] = ()
+    ranges: tuple[tuple[int, int], ...] = ()  # (lower, upper); upper -1 = unbounded
+
+    def shape_ok(self, shape: tuple[int, ...]) -> bool:
+        if self.enumerated:
+            return shape in self.enumerated
+        if self.ranges:
+            return len(shape) == len(self.ranges) and all(
+                lo <= d and (hi < 0 or d <= hi) for d, (lo, hi) in zip(shape, self.ranges, strict=True))
+        return shape == self.shape
+
+    def allowed_shapes(self) -> str:
+        if self.enumerated:
+            return " or ".join(str(list(s)) for s in self.enumerated)
+        if self.ranges:
+            return "[" + ", ".join(f"{lo}..{'inf' if hi < 0 else hi}" for lo, hi in self.ranges) + "]"
+        return str(list(self.shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class PackageInfo:
+    """The package's path, inputs, outputs and weight bytes."""
+
+    path: Path
+    inputs: dict[str, InputSpec]
+    output_names: tuple[str, ...]
+    weight_bytes: int
+    spec_version: int
+
+
+def read_package(path: str | os.PathLike[str]) -> PackageInfo:
+    """Read a ``.mlpackage``'s description; raises :class:`ModelLoadError` if missing or corrupt."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"package {p} does not exist; give the path of a .mlpackage directory")
+    if not p.is_dir() or not (p / "Manifest.json").is_file():
+        raise ModelLoadError(f"package {p} is not an .mlpackage (no Manifest.json); give a package written by convert")
+    from bitnet_coreml._quiet import coremltools
+
+    ct = coremltools()
+    try:
+        model = ct.models.MLModel(str(p), skip_model_load=True)
+        spec = model.get_spec()
+    except Exception as e:  # coremltools raises bare Exception/RuntimeError/protobuf errors on corrupt files
+        raise ModelLoadError(f"package {p} is corrupt or unreadable: {type(e).__name__}: {' '.join(str(e).split())}") from e
+    inputs: dict[str, InputSpec] = {}
+    for feat in spec.description.input:
+        if feat.type.WhichOneof("Type") != "multiArrayType":
+            raise ModelLoadError(f"package {p}: input {feat.name!r} is a {feat.type.WhichOneof('Type')}; "
+                                 "only multi-array inputs are supported")
+        arr = feat.type.multiArrayType
+        dtype = _ARRAY_DTYPES.get(int(arr.dataType))
+        if dtype is None:
+            raise ModelLoadError(f"package {p}: input {feat.name!r} has unsupported data type {arr.dataType}")
+        enumerated = tuple(tuple(int(d) for d in s.shape) for s in arr.enumeratedShapes.shapes)
+        ranges = tuple((int(r.lowerBound), int(r.upperBound)) for r in arr.shapeRange.sizeRanges)
+        inputs[feat.name] = InputSpec(feat.name, tuple(int(d) for d in arr.shape), np.dtype(dtype), enumerated, ranges)
+    outputs = tuple(o.name for o in spec.description.output)
+    weights = p / "Data" / "com.apple.CoreML" / "weights"
+    weight_bytes = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) if weights.is_dir() else 0
+    return PackageInfo(p, inputs, outputs, weight_bytes, int(spec.specificationVersion))
+
+
+def validate_inputs(info: PackageInfo, inputs: Mapping[str, Any], *, source: str = "inputs") -> dict[str, np.ndarray]:
+    """Check names, shapes, dtypes and finiteness; return arrays cast to the declared dtypes.
+
+    Float inputs may come as any float dtype (cast to the declared one; .npz files are often
+    float64); integer inputs as any integer dtype whose values fit. Crossing kinds (int for float,
+    float for int, bool, object) is an error, as is a NaN or infinity.
+    """
+    given, wanted = set(inputs), set(info.inputs)
+    if given != wanted:
+        missing, extra = sorted(wanted - given), sorted(given - wanted)
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra)}")
+        raise PredictionInputError(f"{source}: {'; '.join(parts)}; {info.path.name} takes exactly: "
+                                   f"{', '.join(sorted(wanted))}")
+    out: dict[str, np.ndarray] = {}
+    for name, spec in info.inputs.items():
+        arr = np.asarray(inputs[name])
+        if not spec.shape_ok(tuple(arr.shape)):
+            raise PredictionInputError(f"{source}: input {name!r} has shape {list(arr.shape)}; "
+                                       f"{info.path.name} expects {spec.allowed_shapes()}")
+        want_kind = spec.dtype.kind
+        if want_kind == "f":
+            if arr.dtype.kind != "f":
+                raise PredictionInputError(f"{source}: input {name!r} has dtype {arr.dtype}; expected a float dtype "
+                                           f"({spec.dtype})")
+            if not np.isfinite(arr).all():
+                bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+                raise PredictionInputError(f"{source}: input {name!r} contains {bad} NaN/infinite value(s); "
+                                           "inputs must be finite")
+            if np.abs(arr).max(initial=0.0) > np.finfo(spec.dtype).max:
+                raise PredictionInputError(f"{source}: input {name!r} has values beyond the {spec.dtype} range")
+        elif want_kind in "iu":
+            if arr.dtype.kind not in "iu":
+                raise PredictionInputError(f"{source}: input {name!r} has dtype {arr.dtype}; expected an integer dtype "
+                                           f"({spec.dtype})")
+            lim = np.iinfo(spec.dtype)
+            if arr.size and (arr.min() < lim.min or arr.max() > lim.max):
+                raise PredictionInputError(f"{source}: input {name!r} has values outside {spec.dtype} "
+                                           f"[{lim.min}, {lim.max}]")
+        out[name] = np.ascontiguousarray(arr, dtype=spec.dtype)
+    return out
+
+
+def zeros_for(info: PackageInfo) -> dict[str, np.ndarray]:
+    """All-zero inputs of the default shapes (what a probe runs)."""
+    return {n: np.zeros(s.shape, dtype=s.dtype) for n, s in info.inputs.items()}

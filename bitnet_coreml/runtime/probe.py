@@ -1,0 +1,152 @@
+"""Probe a compute unit in a subprocess before trusting it in-process.
+
+``python -m bitnet_coreml.runtime.probe PACKAGE UNIT [--fp32]`` loads the package for UNIT, runs one
+prediction on all-zero inputs, prints one JSON line and exits 0 (healthy) or 1 (a classified error).
+Core ML can SIGKILL the process on the first prediction after a failed ANE compile
+(coremltools #2758), so the parent (:func:`run_probe`) treats death by signal or a hang past the
+timeout as a failed unit, and only then loads the unit in its own process.
+
+Test-only: ``BITNET_COREML_PROBE_FAULT=kill`` makes the child SIGKILL itself where the real failure
+happens (at the first prediction); ``hang:SECONDS`` makes it sleep there (see ``faults``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bitnet_coreml import errors as _errors
+from bitnet_coreml.errors import DeviceInitError, ModelError, RuntimeFailure, TimeoutFailure
+from bitnet_coreml.runtime.faults import PROBE_ENV_VAR
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    """What a probe found: healthy or the classified error, with the child's timings."""
+
+    unit: str
+    ok: bool
+    seconds: float
+    returncode: int | None
+    error: RuntimeFailure | None = None
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit, "ok": self.ok, "seconds": self.seconds, "returncode": self.returncode,
+                "error_type": type(self.error).__name__ if self.error else None,
+                "error": str(self.error) if self.error else None, "detail": self.detail}
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def run_probe(package: str | os.PathLike[str], unit_name: str, unit_args: list[str], *, timeout_s: float,
+              extra_env: Mapping[str, str] | None = None) -> ProbeResult:
+    """Spawn the probe for one unit and classify what happened."""
+    env = dict(os.environ)
+    env.pop(PROBE_ENV_VAR, None)  # only a FaultPlan decides whether this probe misbehaves
+    env.update(extra_env or {})
+    # The child must import this very package even when it is not installed (e.g. run from a checkout).
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "bitnet_coreml.runtime.probe", str(package), *unit_args]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        dt = time.perf_counter() - t0
+        return ProbeResult(unit_name, False, dt, proc.returncode, TimeoutFailure(
+            f"{unit_name}: probe did not finish within {timeout_s:g} s (killed); the unit hangs on this package"))
+    dt = time.perf_counter() - t0
+    rc = proc.returncode
+    if rc < 0:
+        return ProbeResult(unit_name, False, dt, rc, ModelError(
+            f"{unit_name}: probe process was killed by {_signal_name(-rc)} at its first prediction "
+            "(Core ML does this when the compile for this unit failed, coremltools #2758)"),
+            {"stderr_tail": err[-500:]})
+    report = _last_json(out)
+    if rc == 0 and report.get("ok"):
+        return ProbeResult(unit_name, True, dt, rc, None, report)
+    cls = getattr(_errors, str(report.get("error_type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, RuntimeFailure)):
+        cls = DeviceInitError
+    msg = report.get("message") or f"probe exited with code {rc}: {' '.join(err.split())[-300:]}"
+    return ProbeResult(unit_name, False, dt, rc, cls(f"{unit_name}: probe failed: {msg}"), report)
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return {}
+
+
+def _apply_probe_fault() -> None:
+    fault = os.environ.get(PROBE_ENV_VAR, "")
+    if fault == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault.startswith("hang:"):
+        time.sleep(float(fault.split(":", 1)[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child entry point; prints one JSON line."""
+    import argparse  # noqa: PLC0415
+
+    from bitnet_coreml.runtime.monitor import read_platform  # noqa: PLC0415
+    from bitnet_coreml.runtime.package_io import read_package, zeros_for  # noqa: PLC0415
+    from bitnet_coreml.runtime.recovery import classify_exception  # noqa: PLC0415
+    from bitnet_coreml.runtime.strategy import ComputeUnit  # noqa: PLC0415
+    from bitnet_coreml.runtime.units import CoreMLUnit, ReferenceUnit, Unit  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(prog="python -m bitnet_coreml.runtime.probe")
+    ap.add_argument("package")
+    ap.add_argument("unit")
+    ap.add_argument("--fp32", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        kind = ComputeUnit.parse(a.unit)
+        unit: Unit = ReferenceUnit(fp32=a.fp32) if kind is ComputeUnit.REFERENCE else CoreMLUnit(kind, probe=False)
+        info = read_package(a.package)
+        why = unit.unavailable(read_platform(), info)
+        if why is not None:
+            raise why
+        t0 = time.perf_counter()
+        unit.load(info)
+        t1 = time.perf_counter()
+        _apply_probe_fault()
+        outputs = unit.predict(zeros_for(info))
+        t2 = time.perf_counter()
+        report = {"ok": True, "unit": unit.name, "load_s": t1 - t0, "predict_s": t2 - t1,
+                  "outputs": {k: list(v.shape) for k, v in outputs.items()}}
+        code = 0
+    except Exception as e:  # report every failure to the parent as one classified JSON line
+        err = classify_exception(e, context=f"probe {a.unit}")
+        report = {"ok": False, "unit": a.unit, "error_type": type(err).__name__, "message": err.one_line()}
+        code = 1
+    sys.stdout.write(json.dumps(report) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
