@@ -1,0 +1,259 @@
+"""Compile a MIL function once into a flat list of steps the executor walks on every call.
+
+Each non-constant op becomes one :class:`Step`: its registered implementation, where each input
+comes from (a slot of the per-call environment, or a value fixed at load), the slots its outputs go
+to and the dtype each output is rounded to. ``const`` and ``constexpr_*`` ops, and any pure op whose
+inputs are all constant (a transposed or cast weight, a shape computation), are evaluated here, once,
+so a prediction never touches work proportional to the weight size except the matmuls themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bitnet_coreml._quiet import coremltools
+from bitnet_coreml.errors import ModelError, OperationError, UnsupportedOpError
+from bitnet_coreml.executor import registry
+from bitnet_coreml.executor._types import np_dtype, static_shape
+from bitnet_coreml.executor.registry import OpContext
+
+__all__ = ["CompiledBlock", "Step", "compile_function", "run_block", "StateCell", "finish"]
+
+log = logging.getLogger(__name__)
+
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+
+# Control-flow ops whose nested blocks the executor compiles; every other op with blocks is refused.
+_BLOCK_OPS = {"cond", "while_loop"}
+
+
+class StateCell:
+    """The mutable holder a state input's slot points to during one call."""
+
+    __slots__ = ("value", "dtype", "name")
+
+    def __init__(self, name: str, value: np.ndarray, dtype: np.dtype) -> None:
+        self.name = name
+        self.value = value
+        self.dtype = dtype
+
+
+@dataclass(slots=True)
+class Step:
+    fn: Any
+    ctx: OpContext
+    args: tuple[tuple[str, int, Any], ...]
+    tuples: tuple[tuple[str, tuple[tuple[int, Any], ...]], ...]
+    out_slots: tuple[int, ...]
+    out_dtypes: tuple[np.dtype | None, ...]
+    needs_env: bool
+
+
+@dataclass
+class CompiledBlock:
+    steps: list[Step]
+    input_slots: tuple[int, ...]
+    # (slot, constant): slot < 0 means the output is the constant.
+    outputs: tuple[tuple[int, Any], ...]
+
+
+@dataclass
+class _Compiler:
+    fp32: bool
+    slots: dict[int, int] = field(default_factory=dict)
+    consts: dict[int, Any] = field(default_factory=dict)
+    n_slots: int = 0
+    folded: int = 0
+    unknown: dict[str, str] = field(default_factory=dict)
+
+    def dtype_of(self, var: Any) -> np.dtype | None:
+        dt = np_dtype(var.dtype) if hasattr(var, "dtype") else None
+        if dt == F16 and self.fp32:
+            return F32
+        return dt
+
+    def new_slot(self, var: Any) -> int:
+        slot = self.n_slots
+        self.n_slots += 1
+        self.slots[id(var)] = slot
+        return slot
+
+    def const_value(self, var: Any) -> Any:
+        """A const var's value in compute form: str stays str, fp16 arrays become fp32 (exact)."""
+        val = var.val
+        if isinstance(val, str):
+            return val
+        if isinstance(val, (list, tuple)) and val and isinstance(val[0], str):
+            return val
+        arr = np.asarray(val)
+        dt = self.dtype_of(var)
+        if dt is not None and arr.dtype != dt and arr.dtype.kind != "U":
+            arr = arr.astype(dt)
+        return compute_form(arr)
+
+    def ref(self, var: Any) -> tuple[int, Any]:
+        key = id(var)
+        if key in self.consts:
+            return -1, self.consts[key]
+        if key in self.slots:
+            return self.slots[key], None
+        if var.op is not None and var.op.op_type == "const":
+            value = self.const_value(var)
+            self.consts[key] = value
+            return -1, value
+        raise ModelError(f"MIL var {var.name!r} is used before it is defined")
+
+    def compile_block(self, block: Any, input_vars: list[Any] | None = None) -> CompiledBlock:
+        in_slots = tuple(self.new_slot(v) for v in (input_vars if input_vars is not None else block.inputs))
+        steps: list[Step] = []
+        for op in block.operations:
+            self.compile_op(op, steps)
+        outputs = tuple(self.ref(v) for v in block.outputs)
+        return CompiledBlock(steps=steps, input_slots=in_slots, outputs=outputs)
+
+    def compile_op(self, op: Any, steps: list[Step]) -> None:
+        if op.op_type == "const":
+            for v in op.outputs:
+                self.consts[id(v)] = self.const_value(v)
+            return
+        if not registry.is_registered(op.op_type):
+            self.unknown.setdefault(op.op_type, op.name)
+            for v in op.outputs:
+                self.new_slot(v)
+            return
+        entry = registry.lookup(op.op_type)
+        blocks: tuple[CompiledBlock, ...] = ()
+        if op.blocks:
+            if op.op_type not in _BLOCK_OPS:
+                raise UnsupportedOpError(f"op {op.name!r}: nested blocks of {op.op_type!r} are not supported")
+            blocks = tuple(self.compile_block(b) for b in op.blocks)
+        args: list[tuple[str, int, Any]] = []
+        tuples: list[tuple[str, tuple[tuple[int, Any], ...]]] = []
+        all_const = True
+        for name, var in op.inputs.items():
+            if isinstance(var, (list, tuple)):
+                refs = tuple(self.ref(v) for v in var)
+                all_const &= all(s < 0 for s, _ in refs)
+                tuples.append((name, refs))
+            else:
+                slot, const = self.ref(var)
+                all_const &= slot < 0
+                args.append((name, slot, const))
+        ctx = OpContext(
+            name=op.name,
+            op_type=op.op_type,
+            out_dtypes=tuple(self.dtype_of(v) for v in op.outputs),
+            out_shapes=tuple(static_shape(v) for v in op.outputs),
+            blocks=blocks,
+            run_block=run_block if blocks else None,
+        )
+        step = Step(
+            fn=entry.fn,
+            ctx=ctx,
+            args=tuple(args),
+            tuples=tuple(tuples),
+            out_slots=(),
+            out_dtypes=ctx.out_dtypes,
+            needs_env=entry.needs_env,
+        )
+        if all_const and entry.pure and not blocks:
+            # Evaluate once at load (constexpr_* decompression, weight transposes, shape arithmetic).
+            values = _call(step, None)
+            for v, value in zip(op.outputs, values):
+                self.consts[id(v)] = compute_form(value)
+            self.folded += 1
+            return
+        step.out_slots = tuple(self.new_slot(v) for v in op.outputs)
+        steps.append(step)
+
+
+def compute_form(value: Any) -> Any:
+    """fp16 arrays are kept as fp32 copies (exact) because every op computes in fp32."""
+    if isinstance(value, np.ndarray) and value.dtype == F16:
+        return value.astype(F32)
+    return value
+
+
+def finish(value: Any, dt: np.dtype | None) -> Any:
+    """Round an op result to its declared MIL dtype (fp16 overflow and rounding happen here)."""
+    if dt is None:
+        return value
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if arr.dtype != dt:
+        arr = arr.astype(dt)
+    return arr
+
+
+def _gather_args(step: Step, env: list[Any] | None) -> dict[str, Any]:
+    a: dict[str, Any] = {}
+    for name, slot, const in step.args:
+        if slot < 0:
+            a[name] = const
+        else:
+            v = env[slot]  # type: ignore[index]
+            if v.__class__ is np.ndarray and v.dtype == F16:
+                v = v.astype(F32)
+            a[name] = v
+    for name, refs in step.tuples:
+        vals = []
+        for slot, const in refs:
+            if slot < 0:
+                vals.append(const)
+            else:
+                v = env[slot]  # type: ignore[index]
+                if v.__class__ is np.ndarray and v.dtype == F16:
+                    v = v.astype(F32)
+                vals.append(v)
+        a[name] = tuple(vals)
+    return a
+
+
+def _call(step: Step, env: list[Any] | None) -> tuple[Any, ...]:
+    a = _gather_args(step, env)
+    try:
+        out = step.fn(step.ctx, a, env) if step.needs_env else step.fn(step.ctx, a)
+    except (UnsupportedOpError, OperationError):
+        raise
+    except Exception as e:  # noqa: BLE001 - name the op that failed, keep the cause chained
+        raise OperationError(
+            f"op {step.ctx.name!r} ({step.ctx.op_type}) failed in the reference executor: {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(out, tuple):
+        out = (out,)
+    if len(out) != len(step.out_dtypes):
+        raise OperationError(
+            f"op {step.ctx.name!r} ({step.ctx.op_type}) produced {len(out)} outputs, MIL declares {len(step.out_dtypes)}"
+        )
+    return tuple(finish(o, dt) for o, dt in zip(out, step.out_dtypes))
+
+
+def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()) -> list[Any]:
+    """Run a compiled block on ``env``; returns its output values (fp16 in storage form)."""
+    for slot, value in zip(block.input_slots, inputs):
+        env[slot] = value
+    for step in block.steps:
+        out = _call(step, env)
+        for slot, o in zip(step.out_slots, out):
+            env[slot] = o
+    return [const if slot < 0 else env[slot] for slot, const in block.outputs]
+
+
+def compile_function(func: Any, *, fp32: bool) -> tuple[CompiledBlock, int, int]:
+    """Compile a MIL function; returns ``(block, number of env slots, number of ops folded at load)``."""
+    coremltools()
+    comp = _Compiler(fp32=fp32)
+    input_vars = list(func.inputs.values())
+    block = comp.compile_block(func, input_vars)
+    if comp.unknown:
+        listed = ", ".join(f"{t} (first at op {n!r})" for t, n in sorted(comp.unknown.items()))
+        raise UnsupportedOpError(
+            f"the reference executor has no implementation of MIL op(s) {listed}; "
+            f"supported: {', '.join(registry.supported_ops())}"
+        )
+    log.debug("compiled %d steps, %d ops folded at load", len(block.steps), comp.folded)
+    return block, comp.n_slots, comp.folded

@@ -1,0 +1,240 @@
+"""``ReferenceExecutor``: run an ML Program (MIL) with numpy on any OS.
+
+The program is compiled once (see :mod:`bitnet_coreml.executor.compiler`); ``predict`` checks the
+inputs against the declared names, shapes and dtypes, fills the environment and walks the steps.
+Tensors the program types as fp16 are stored as fp16 after every op (computed in fp32 and rounded),
+so fp16 overflow and rounding show up as on device; ``fp32=True`` keeps them fp32 for diagnosis.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bitnet_coreml._quiet import coremltools
+from bitnet_coreml.errors import ModelLoadError
+from bitnet_coreml.executor._types import dtype_name, np_dtype, static_shape
+from bitnet_coreml.executor.compiler import F16, F32, StateCell, compile_function, run_block
+from bitnet_coreml.executor.errors import (
+    InputDtypeError,
+    InputShapeError,
+    MissingInputError,
+    StateError,
+    UnexpectedInputError,
+)
+from bitnet_coreml.executor.loader import load_program
+
+__all__ = ["ReferenceExecutor", "ExecutorState", "InputSpec"]
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A declared input (or state): shape with None for a flexible dimension, numpy dtype."""
+
+    shape: Shape
+    dtype: np.dtype
+
+    def __iter__(self):  # (shape, dtype) unpacking, as callers expect from input_specs
+        return iter((self.shape, self.dtype))
+
+
+class ExecutorState:
+    """The values of a stateful program's state tensors, carried across ``predict`` calls.
+
+    Starts zero-filled. ``read_state`` / ``write_state`` mirror coremltools' ``MLState`` names.
+    """
+
+    def __init__(self, specs: Mapping[str, InputSpec], owner: int) -> None:
+        self._owner = owner
+        self._specs = dict(specs)
+        self._values = {n: np.zeros(s.shape, dtype=s.dtype) for n, s in specs.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._values)
+
+    def read_state(self, name: str) -> np.ndarray:
+        """A copy of state ``name``."""
+        if name not in self._values:
+            raise StateError(f"state {name!r} does not exist; states: {', '.join(self._values) or 'none'}")
+        return self._values[name].copy()
+
+    def write_state(self, name: str, value: np.ndarray) -> None:
+        """Overwrite state ``name``; shape must match, value is cast to the state's dtype."""
+        if name not in self._values:
+            raise StateError(f"state {name!r} does not exist; states: {', '.join(self._values) or 'none'}")
+        value = np.asarray(value)
+        spec = self._specs[name]
+        if value.shape != spec.shape:
+            raise InputShapeError(f"state {name!r}: shape {value.shape}, the package declares {spec.shape}")
+        self._values[name] = value.astype(spec.dtype, copy=True)
+
+    read = read_state
+    write = write_state
+
+
+class ReferenceExecutor:
+    """Numpy executor for ML Programs: ``ReferenceExecutor(source, *, fp32=False).predict(inputs)``.
+
+    ``source`` is an ``.mlpackage`` path, a coremltools ``MLModel`` (saved or straight from
+    ``ct.convert``) or a MIL ``Program``. ``function_name`` picks a function of a multifunction
+    package (default: the package's default function, else ``main``).
+    """
+
+    def __init__(self, source: Any, *, fp32: bool = False, function_name: str | None = None) -> None:
+        coremltools()
+        t0 = time.perf_counter()
+        prog, default_fn, where = load_program(source)
+        fn_name = function_name or default_fn or "main"
+        if fn_name not in prog.functions:
+            raise ModelLoadError(
+                f"{where}: has no function {fn_name!r}; functions: {', '.join(sorted(prog.functions))}"
+            )
+        func = prog.functions[fn_name]
+        self.source = where
+        self.function_name = fn_name
+        self.fp32 = fp32
+        self.program = prog
+        self._block, self._n_slots, self.folded_ops = compile_function(func, fp32=fp32)
+
+        from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+        self._inputs: dict[str, InputSpec] = {}
+        self._states: dict[str, InputSpec] = {}
+        self._input_slots: list[tuple[str, int, bool]] = []
+        for (name, var), slot in zip(func.inputs.items(), self._block.input_slots):
+            dt = np_dtype(var.dtype)
+            shape = static_shape(var)
+            if dt is None or shape is None:
+                raise ModelLoadError(f"{where}: input {name!r} has unsupported type {var.sym_type}")
+            is_state = types.is_state(var.sym_type)
+            (self._states if is_state else self._inputs)[name] = InputSpec(shape, dt)
+            self._input_slots.append((name, slot, is_state))
+        # fp32 mode keeps fp16 states in fp32 too, so a diagnosis run has no fp16 rounding anywhere
+        self._state_compute = {
+            n: InputSpec(s.shape, F32 if (fp32 and s.dtype == F16) else s.dtype) for n, s in self._states.items()
+        }
+        self._outputs: list[str] = [v.name for v in func.outputs]
+        self._output_dtypes: list[np.dtype | None] = [np_dtype(v.dtype) for v in func.outputs]
+        self.load_seconds = time.perf_counter() - t0
+        log.debug("loaded %s (%s) in %.3fs", where, fn_name, self.load_seconds)
+
+    # --- description --------------------------------------------------------------------------
+
+    @property
+    def input_specs(self) -> dict[str, InputSpec]:
+        """Input name -> (shape, dtype); None in a shape is a flexible dimension."""
+        return dict(self._inputs)
+
+    @property
+    def state_specs(self) -> dict[str, InputSpec]:
+        """State name -> (shape, dtype) of a stateful program (empty otherwise)."""
+        return dict(self._states)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    @property
+    def is_stateful(self) -> bool:
+        return bool(self._states)
+
+    @property
+    def num_steps(self) -> int:
+        """Ops run per call (constants and load-time folded ops excluded)."""
+        return len(self._block.steps)
+
+    def make_state(self) -> ExecutorState:
+        """A fresh, zero-filled state for this program."""
+        return ExecutorState(self._state_compute, id(self))
+
+    # --- prediction ---------------------------------------------------------------------------
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        if not isinstance(inputs, Mapping):
+            raise InputShapeError(f"{self.source}: inputs must be a dict of name -> numpy array, got {type(inputs).__name__}")
+        missing = [n for n in self._inputs if n not in inputs]
+        if missing:
+            raise MissingInputError(
+                f"{self.source}: missing input(s) {', '.join(missing)}; the package declares {', '.join(self._inputs)}"
+            )
+        extra = [n for n in inputs if n not in self._inputs]
+        if extra:
+            raise UnexpectedInputError(
+                f"{self.source}: unexpected input(s) {', '.join(map(str, extra))}; "
+                f"the package declares {', '.join(self._inputs) or 'no inputs'}"
+            )
+        for name, spec in self._inputs.items():
+            value = inputs[name]
+            if not isinstance(value, np.ndarray):
+                raise InputDtypeError(
+                    f"{self.source}: input {name!r} is a {type(value).__name__}; give a numpy array of dtype {spec.dtype}"
+                )
+            if value.dtype != spec.dtype:
+                raise InputDtypeError(
+                    f"{self.source}: input {name!r} has dtype {value.dtype}; the package declares {spec.dtype} "
+                    f"(cast with .astype(np.{spec.dtype.name}))"
+                )
+            ok = value.ndim == len(spec.shape) and all(d is None or d == s for d, s in zip(spec.shape, value.shape))
+            if not ok:
+                want = tuple("?" if d is None else d for d in spec.shape)
+                raise InputShapeError(
+                    f"{self.source}: input {name!r} has shape {tuple(value.shape)}; the package declares {want}"
+                )
+
+    def predict(self, inputs: Mapping[str, np.ndarray], state: ExecutorState | None = None) -> dict[str, np.ndarray]:
+        """Run the program; returns output name -> array with the declared dtype (fp32 for fp16 outputs when ``fp32``)."""
+        self._check_inputs(inputs)
+        if self._states and state is None:
+            raise StateError(f"{self.source}: the package is stateful; pass state=executor.make_state()")
+        if state is not None and not self._states:
+            raise StateError(f"{self.source}: the package has no state; call predict without state")
+        if state is not None and sorted(state.names) != sorted(self._states):
+            raise StateError(
+                f"{self.source}: state holds {', '.join(state.names)}; the package declares {', '.join(self._states)}"
+            )
+        env: list[Any] = [None] * self._n_slots
+        cells: list[StateCell] = []
+        for name, slot, is_state in self._input_slots:
+            if is_state:
+                assert state is not None
+                cell = StateCell(name, state._values[name], self._state_compute[name].dtype)
+                cells.append(cell)
+                env[slot] = cell
+            else:
+                value = inputs[name]
+                if self.fp32 and value.dtype == F16:
+                    value = value.astype(F32)
+                env[slot] = value
+        outs = run_block(self._block, env)
+        for cell in cells:
+            assert state is not None
+            state._values[cell.name] = cell.value
+        result: dict[str, np.ndarray] = {}
+        for name, value, dt in zip(self._outputs, outs, self._output_dtypes):
+            arr = np.asarray(value)
+            if dt is not None:
+                if dt == F16 and self.fp32:
+                    dt = F32
+                if arr.dtype != dt:
+                    arr = arr.astype(dt)
+            result[name] = arr
+        return result
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{n}: {tuple(s.shape)} {s.dtype}" for n, s in self._inputs.items())
+        return f"ReferenceExecutor({self.source!r}, fn={self.function_name!r}, inputs=[{ins}], steps={self.num_steps})"
+
+
+def describe_type(var: Any) -> str:
+    """``fp16[1, 4]``-style description of a var's type, for messages."""
+    return f"{dtype_name(var.dtype)}{list(static_shape(var) or ())}"

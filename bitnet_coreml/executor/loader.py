@@ -1,0 +1,63 @@
+"""Turn an executor source (``.mlpackage`` path, coremltools ``MLModel``, MIL ``Program``) into a MIL program."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from bitnet_coreml._quiet import coremltools
+from bitnet_coreml.errors import ModelLoadError
+
+__all__ = ["load_program"]
+
+log = logging.getLogger(__name__)
+
+
+def _program_from_mlmodel(model: Any, where: str) -> tuple[Any, str | None]:
+    from coremltools.converters.mil.frontend.milproto import load as milproto_load  # noqa: PLC0415
+
+    spec = model.get_spec()
+    kind = spec.WhichOneof("Type")
+    if kind != "mlProgram":
+        raise ModelLoadError(
+            f"{where}: is a Core ML {kind!r} model; the reference executor runs ML Programs only "
+            f"(convert with convert_to='mlprogram')"
+        )
+    weights_dir = getattr(model, "weights_dir", None)
+    try:
+        prog = milproto_load.load(
+            model_spec=spec, specification_version=spec.specificationVersion, file_weights_dir=weights_dir or ""
+        )
+    except Exception as e:  # noqa: BLE001 - the proto loader raises anything from KeyError to ValueError
+        raise ModelLoadError(f"{where}: cannot read the ML Program back into MIL: {type(e).__name__}: {e}") from e
+    fn = getattr(model, "function_name", None) or spec.description.defaultFunctionName or None
+    return prog, fn
+
+
+def load_program(source: Any) -> tuple[Any, str | None, str]:
+    """Return ``(program, function name or None, description of the source)``."""
+    ct = coremltools()
+    from coremltools.converters.mil.mil import Program  # noqa: PLC0415
+
+    if isinstance(source, Program):
+        return source, None, "MIL program"
+    if isinstance(source, ct.models.MLModel):
+        where = str(getattr(source, "package_path", None) or "in-memory MLModel")
+        prog, fn = _program_from_mlmodel(source, where)
+        return prog, fn, where
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise ModelLoadError(f"{path}: no such package (expected an .mlpackage directory)")
+        if path.suffix != ".mlpackage" or not path.is_dir():
+            raise ModelLoadError(f"{path}: not an .mlpackage directory; the reference executor runs ML Program packages")
+        try:
+            model = ct.models.MLModel(str(path), skip_model_load=True)
+        except Exception as e:  # noqa: BLE001 - corrupt manifests raise arbitrary errors
+            raise ModelLoadError(f"{path}: cannot open package: {type(e).__name__}: {e}") from e
+        prog, fn = _program_from_mlmodel(model, str(path))
+        return prog, fn, str(path)
+    raise ModelLoadError(
+        f"cannot execute a {type(source).__name__}; give an .mlpackage path, a coremltools MLModel or a MIL Program"
+    )

@@ -1,0 +1,30 @@
+"""State ops of stateful programs (iOS18): ``read_state`` and ``coreml_update_state``.
+
+A state input's environment slot holds a :class:`~bitnet_coreml.executor.compiler.StateCell` that
+the executor copies back into the caller's ``ExecutorState`` after the call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bitnet_coreml.executor.registry import OpContext, register
+
+
+@register("read_state", pure=False)
+def op_read_state(ctx: OpContext, a: dict[str, Any]) -> Any:
+    cell = a["input"]
+    value = cell.value
+    return value.astype(np.float32) if value.dtype == np.float16 else value.copy()
+
+
+@register("coreml_update_state", pure=False)
+def op_coreml_update_state(ctx: OpContext, a: dict[str, Any]) -> Any:
+    cell = a["state"]
+    value = np.asarray(a["value"])
+    if value.shape != cell.value.shape:
+        raise ValueError(f"state {cell.name!r} has shape {cell.value.shape}, update has shape {value.shape}")
+    cell.value = value.astype(cell.dtype, copy=True)
+    return value
