@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.errors import InputError, UnsupportedOpError
+from bitnet_coreml.lower.ops.elementwise import round_half_even  # the one exact ties-to-even helper
 from bitnet_coreml.lower.registry import LoweringContext, lowering
 
 DOMAIN = "bitnet_coreml"
@@ -43,6 +45,7 @@ _RMS_MIN_SCALE = 2.0 ** -14
 
 
 def _mb() -> Any:
+    coremltools()
     from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
 
     return mb
@@ -97,26 +100,6 @@ def ternary_lut_weight(codes: np.ndarray, name: str) -> Any:
         shape=np.array(codes.shape, dtype=np.uint32),
         name=name,
     )
-
-
-# --- exact rounding --------------------------------------------------------------------------------
-
-
-def round_half_even(x: Any, name: str) -> Any:
-    """Round to nearest, ties to even, exactly, from floor/compare/select only.
-
-    MIL's ``round`` does not pin its tie rule to a spec the runtimes share, and ONNX ``Round`` and
-    torch's ``round`` are ties-to-even, so ties are resolved explicitly:
-    ``f = floor(x + 0.5)``; when ``x + 0.5`` is an integer (a tie) and ``f`` is odd, use ``f - 1``.
-    Exact for |x| < 1024 in fp16 and < 2**23 in fp32 (``x + 0.5`` is representable there).
-    """
-    mb = _mb()
-    t = mb.add(x=x, y=np.float32(0.5), name=f"{name}_t")
-    f = mb.floor(x=t, name=f"{name}_f")
-    tie = mb.equal(x=f, y=t, name=f"{name}_tie")
-    half = mb.floor(x=mb.mul(x=f, y=np.float32(0.5), name=f"{name}_h"), name=f"{name}_hf")
-    odd = mb.sub(x=f, y=mb.mul(x=half, y=np.float32(2.0), name=f"{name}_h2"), name=f"{name}_odd")
-    return mb.select(cond=tie, a=mb.sub(x=f, y=odd, name=f"{name}_even"), b=f, name=name)
 
 
 # --- lowerings -------------------------------------------------------------------------------------
@@ -195,7 +178,11 @@ def lower_rmsnorm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     r = mb.real_div(x=np.float32(1.0), y=s, name=f"{nm}_r")
     xs = mb.mul(x=x, y=r, name=f"{nm}_xs")
     ms = mb.reduce_mean(x=mb.mul(x=xs, y=xs, name=f"{nm}_sq"), axes=[-1], keep_dims=True, name=f"{nm}_ms")
-    e = mb.mul(x=mb.mul(x=r, y=np.float32(eps), name=f"{nm}_er"), y=r, name=f"{nm}_eps")
+    # eps/s^2. When the fp16-safety analysis scaled this norm's input by t (and eps by t^2), use
+    # u = r/t = 1/s_orig with the original eps: the same value, but eps stays representable in fp16.
+    t = float(ctx.options.get("rmsnorm_input_scale", {}).get(node.name, 1.0))
+    u = r if t == 1.0 else mb.mul(x=r, y=np.float32(1.0 / t), name=f"{nm}_u")
+    e = mb.mul(x=mb.mul(x=u, y=np.float32(eps / (t * t)), name=f"{nm}_er"), y=u, name=f"{nm}_eps")
     inv = mb.rsqrt(x=mb.add(x=ms, y=e, name=f"{nm}_v"), name=f"{nm}_inv")
     xn = mb.mul(x=xs, y=inv, name=f"{nm}_xn")
     return [mb.mul(x=xn, y=gamma, name=f"{nm}_y")]

@@ -38,6 +38,8 @@ class BuildOptions:
     precision: str = "fp16"
     ios: int = MIN_IOS
     fp32_nodes: frozenset[str] = frozenset()
+    # (RMSNorm node name, factor its input was scaled by) from the fp16-safety analysis
+    rmsnorm_input_scale: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp16", "fp32"):
@@ -158,6 +160,7 @@ def _as_var(value: Any, name: str) -> Any:
 
 def build_program(model: ir.Model, options: BuildOptions | None = None) -> BuiltProgram:
     """Lower ``model`` (after the default passes) to a MIL program; see the module docstring."""
+    coremltools()
     from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
     from coremltools.converters.mil.mil import Function, Program  # noqa: PLC0415
 
@@ -176,7 +179,8 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
         specs[mil_name] = mb.placeholder(shape=_input_shape(v), dtype=_mil_dtype(v), name=mil_name)
 
     ctx = LoweringContext(compute_precision=options.precision, opset=target_for(options.ios),
-                          fp32_nodes=set(options.fp32_nodes), options={"ios": options.ios})
+                          fp32_nodes=set(options.fp32_nodes),
+                          options={"ios": options.ios, "rmsnorm_input_scale": dict(options.rmsnorm_input_scale)})
     fp32_ops: set[str] = set()
     output_names: dict[str, str] = {}
     with Function(specs, opset_version=target_for(options.ios)) as func:
@@ -202,7 +206,7 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
                 if o.name:
                     ctx.values[o.name] = val
             if node.name in ctx.fp32_nodes:
-                fp32_ops.update(op.name for op in func.operations[before:])
+                fp32_ops.update(op.name for op in list(func.operations)[before:])
         outputs = []
         used: set[str] = set()
         for o in graph.outputs:

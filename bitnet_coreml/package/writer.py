@@ -79,7 +79,7 @@ def _remove_stale_temps(dest: Path) -> None:
     prefix = f".{dest.name}{_TMP_MARK}"
     for p in dest.parent.glob(prefix + "*"):
         try:
-            pid = int(p.name[len(prefix):].split("-")[0])
+            pid = int(p.name[len(prefix):].split("-")[0].split(".")[0])
         except ValueError:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
@@ -88,7 +88,8 @@ def _remove_stale_temps(dest: Path) -> None:
 
 def temp_path_for(dest: Path) -> Path:
     """The hidden temporary path beside ``dest`` that this process writes to."""
-    return dest.parent / f".{dest.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # coremltools insists on the .mlpackage extension, so the temporary name keeps it.
+    return dest.parent / f".{dest.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}.mlpackage"
 
 
 def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
@@ -107,7 +108,7 @@ def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool 
         deterministic_manifest(tmp)
         _normalise_modes(tmp)
         if dest.exists():
-            old = dest.parent / f".{dest.name}{_TMP_MARK}{os.getpid()}-old"
+            old = dest.parent / f".{dest.name}{_TMP_MARK}{os.getpid()}-old.mlpackage"
             os.replace(dest, old)
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from bitnet_coreml._quiet import coremltools
+
 
 def _np_dtype(var: Any) -> Any:
     from coremltools.converters.mil.mil import types  # noqa: PLC0415
@@ -32,6 +34,7 @@ def _axes(op: Any) -> tuple[int, ...]:
 
 def evaluate(program: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run the main function of ``program`` on ``inputs`` (by MIL input name)."""
+    coremltools()
     func = program.functions["main"]
     env: dict[str, np.ndarray] = {}
     for name, var in func.inputs.items():
@@ -47,10 +50,12 @@ def evaluate(program: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarra
             r = g("x")
         elif t == "cast":
             r = g("x")
-        elif t in ("add", "sub", "mul", "real_div", "maximum", "minimum", "equal"):
+        elif t in ("add", "sub", "mul", "real_div", "maximum", "minimum", "equal", "greater", "less",
+                   "logical_and", "logical_or"):
             a, b = g("x"), g("y")
             r = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.divide,
-                 "maximum": np.maximum, "minimum": np.minimum, "equal": np.equal}[t](a, b)
+                 "maximum": np.maximum, "minimum": np.minimum, "equal": np.equal, "greater": np.greater,
+                 "less": np.less, "logical_and": np.logical_and, "logical_or": np.logical_or}[t](a, b)
         elif t in ("abs", "floor", "relu", "sqrt"):
             x = g("x")
             r = {"abs": np.abs, "floor": np.floor, "relu": lambda v: np.maximum(v, 0), "sqrt": np.sqrt}[t](x)

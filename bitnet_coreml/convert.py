@@ -1,0 +1,316 @@
+"""The whole conversion: load -> passes -> check -> ANE rewrites -> fp16 safety -> lower -> package.
+
+``convert(source, out, options)`` writes one ``.mlpackage`` atomically and deterministically and
+returns a :class:`ConvertResult` (timings, sizes, notes, what the fp16-safety analysis did, the
+check summary and, with ``verify=True``, the parity report). Ternary weights never exist as fp16 or
+fp32 dense arrays: they go from int8 codes straight to 2-bit LUT indices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from bitnet_coreml import __version__
+from bitnet_coreml.errors import CheckFailedError, InputError
+
+log = logging.getLogger(__name__)
+
+_OS_NAMES = {"ios": {16: "iOS16", 17: "iOS17", 18: "iOS18"}, "macos": {16: "macOS13", 17: "macOS14", 18: "macOS15"}}
+EMBED_BITS = (4, 6, 8)
+
+ProgressFn = Callable[[str], None]
+
+
+def parse_min_os(text: str) -> tuple[str, int]:
+    """``"iOS17"`` / ``"macOS14"`` -> (platform, iOS-equivalent version)."""
+    t = text.strip().lower()
+    for platform, table in _OS_NAMES.items():
+        for ios, name in table.items():
+            if t == name.lower():
+                return platform, ios
+    allowed = [n for table in _OS_NAMES.values() for n in table.values()]
+    raise InputError(f"minimum OS {text!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How to convert. ``min_os`` (e.g. ``"iOS17"``) overrides the deployment target chosen from the program."""
+
+    precision: str = "fp16"
+    embed_bits: int | None = None
+    calibration: str | None = None
+    target: str = "ios"
+    chip: str | None = None
+    min_os: str | None = None
+    split_limit: int = 16384
+    check: bool = True
+    verify: bool = False
+    seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp16", "fp32"):
+            raise InputError(f"--precision must be fp16 or fp32, got {self.precision!r}")
+        if self.embed_bits is not None and self.embed_bits not in EMBED_BITS:
+            raise InputError(f"--embed-bits must be one of {', '.join(map(str, EMBED_BITS))}, got {self.embed_bits}")
+        if self.target not in ("ios", "macos"):
+            raise InputError(f"--target must be ios or macos, got {self.target!r}")
+        if self.split_limit < 0:
+            raise InputError(f"split limit must be >= 0 (0 disables splitting), got {self.split_limit}")
+        if self.min_os is not None:
+            parse_min_os(self.min_os)
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise InputError(f"--calibration {self.calibration}: no such file")
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion produced and how it went."""
+
+    package: str
+    source: str
+    source_sha256: str
+    precision: str
+    deployment_target: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    package_bytes: int = 0
+    weight_bytes: int = 0
+    params_ternary: int = 0
+    params_other: int = 0
+    bitlinear_layers: int = 0
+    notes: list[str] = field(default_factory=list)
+    fp16: dict[str, Any] = field(default_factory=dict)
+    split: list[str] = field(default_factory=list)
+    embed: dict[str, Any] = field(default_factory=dict)
+    check: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] | None = None
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def weight_budget_bytes(self) -> float:
+        """The size the weights should have: ternary at 2 bits, everything else at 16 (the issue's bound)."""
+        return (self.params_ternary * 2 + self.params_other * 16) / 8
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weight_budget_bytes"] = self.weight_budget_bytes
+        return d
+
+
+def source_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of an ONNX file, or of every file of a checkpoint folder (relative path + content)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _run_check(model: ir.Model, options: ConvertOptions) -> dict[str, Any]:
+    """Run the pre-conversion check; violations stop the conversion (exit 1)."""
+    try:
+        from bitnet_coreml.check import run_check  # type: ignore[attr-defined]  # noqa: PLC0415
+    except ImportError:
+        # INTEGRATION POINT: bitnet_coreml.check.run_check is being written by another engineer.
+        log.warning("pre-conversion check is not available in this build; converting without it")
+        return {"available": False}
+    target = options.target if options.chip is None else f"{options.target}:{options.chip}"
+    try:
+        report = run_check(model, target)
+    except TypeError:
+        report = run_check(model, options.target)
+    d = report.to_dict() if hasattr(report, "to_dict") else {"report": str(report)}
+    violations = list(getattr(report, "violations", []) or [])
+    if violations:
+        first = "; ".join(str(getattr(v, "message", v)) for v in violations[:5])
+        raise CheckFailedError(f"the check found {len(violations)} violation(s) for target {target}: {first}"
+                               f"{' ...' if len(violations) > 5 else ''}; run `bitnet-coreml check` for the report "
+                               "or convert with --no-check")
+    summary = {"available": True, "violations": 0,
+               "warnings": len(getattr(report, "warnings", []) or []),
+               "score": getattr(report, "score", None)}
+    summary["report"] = d
+    return summary
+
+
+def _descriptions(model: ir.Model, built: Any) -> tuple[dict[str, str], dict[str, str]]:
+    ins: dict[str, str] = {}
+    for v in model.graph.inputs:
+        if v.name not in built.input_names:
+            continue
+        shape = list(v.shape) if v.shape is not None else []
+        dt = v.dtype.name.lower() if v.dtype is not None else "?"
+        note = " (int64 in the source graph; pass int32)" if v.dtype == ir.DataType.INT64 else ""
+        kind = "token ids" if "id" in (v.name or "").lower() and v.dtype in (ir.DataType.INT64, ir.DataType.INT32) \
+            else "input"
+        ins[built.input_names[v.name]] = f"{kind} {v.name!r}, shape {shape}, {dt}{note}"
+    outs: dict[str, str] = {}
+    for v in model.graph.outputs:
+        shape = list(v.shape) if v.shape is not None else []
+        kind = "logits" if "logit" in (v.name or "").lower() else "output"
+        outs[built.output_names[v.name]] = f"{kind} {v.name!r}, shape {shape}"
+    return ins, outs
+
+
+def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options: ConvertOptions | None = None,
+            *, progress: ProgressFn | None = None) -> ConvertResult:
+    """Convert ``source`` (ONNX file or HF checkpoint folder) to the package ``out``; see the module docstring."""
+    from bitnet_coreml.frontend import load  # noqa: PLC0415
+    from bitnet_coreml.lower.fp16 import load_calibration, make_fp16_safe, random_calibration  # noqa: PLC0415
+    from bitnet_coreml.lower.palettize import palettize_program  # noqa: PLC0415
+    from bitnet_coreml.lower.program import (  # noqa: PLC0415
+        MIN_IOS,
+        BuildOptions,
+        assign_node_names,
+        build_program,
+        check_supported,
+        convert_program,
+    )
+    from bitnet_coreml.lower.split import split_large_dims  # noqa: PLC0415
+    from bitnet_coreml.package.writer import describe, package_files, save_package, weight_bytes  # noqa: PLC0415
+    from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
+    from bitnet_coreml.passes.summary import summarize  # noqa: PLC0415
+
+    options = options or ConvertOptions()
+    out = Path(out)
+    if out.suffix != ".mlpackage":
+        raise InputError(f"{out}: the output must end in .mlpackage")
+    if not out.parent.is_dir():
+        raise InputError(f"{out}: the folder {out.parent} does not exist")
+    say: ProgressFn = progress or (lambda _s: None)
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    def stage(name: str) -> None:
+        say(name)
+        log.info("convert: %s", name)
+
+    def timed(name: str, t0: float) -> None:
+        times[name] = round(time.perf_counter() - t0, 3)
+
+    stage("load")
+    t0 = time.perf_counter()
+    model = load(source, seq_len=options.seq_len)
+    sha = source_sha256(source)
+    timed("load", t0)
+
+    stage("graph passes")
+    t0 = time.perf_counter()
+    run_default_passes(model)
+    assign_node_names(model.graph)
+    check_supported(model)  # every unsupported op at once, before any work is written
+    summary = summarize(model, source=str(source))
+    timed("passes", t0)
+
+    check: dict[str, Any] = {"skipped": True}
+    if options.check:
+        stage("check")
+        t0 = time.perf_counter()
+        check = _run_check(model, options)
+        timed("check", t0)
+
+    notes: list[str] = []
+    split_notes: list[str] = []
+    if options.split_limit:
+        t0 = time.perf_counter()
+        split_notes = split_large_dims(model, options.split_limit)
+        assign_node_names(model.graph)
+        check_supported(model)
+        timed("split", t0)
+
+    fp16_info: dict[str, Any] = {}
+    fp32_nodes: frozenset[str] = frozenset()
+    rms_scale: tuple[tuple[str, float], ...] = ()
+    if options.precision == "fp16":
+        stage("fp16 safety")
+        t0 = time.perf_counter()
+        feeds = (load_calibration(options.calibration, model) if options.calibration
+                 else random_calibration(model))
+        plan = make_fp16_safe(model, feeds)
+        fp16_info = plan.to_dict()
+        fp16_info["calibration"] = Path(options.calibration).name if options.calibration else "random (seed 0)"
+        fp32_nodes = frozenset(plan.fp32_nodes)
+        rms_scale = tuple(sorted(plan.rmsnorm_input_scale.items()))
+        notes += plan.notes
+        timed("fp16_safety", t0)
+
+    platform, want_ios = parse_min_os(options.min_os) if options.min_os else (options.target, MIN_IOS)
+    stage("lower to MIL")
+    t0 = time.perf_counter()
+    built = build_program(model, BuildOptions(precision=options.precision, ios=want_ios, fp32_nodes=fp32_nodes,
+                                              rmsnorm_input_scale=rms_scale))
+    notes += built.notes
+    embed: dict[str, Any] = {}
+    if options.embed_bits:
+        embed = palettize_program(built.program, options.embed_bits)
+        notes.append(f"embed-bits {options.embed_bits}: palettized {len(embed.get('weights', []))} non-ternary "
+                     f"weight(s); relative L2 weight error {embed.get('max_rel_l2', 0):.3g} (worst tensor)")
+    timed("lower", t0)
+
+    stage("convert (coremltools passes)")
+    t0 = time.perf_counter()
+    mlmodel = convert_program(built, options.precision, platform=platform)
+    timed("coremltools", t0)
+    target_name = _OS_NAMES[platform][max(built.ios, want_ios)]
+
+    ins, outs = _descriptions(model, built)
+    meta = {
+        "bitnet_coreml.version": __version__,
+        "bitnet_coreml.source": Path(source).name,
+        "bitnet_coreml.source_sha256": sha,
+        "bitnet_coreml.precision": options.precision,
+        "bitnet_coreml.deployment_target": target_name,
+        "bitnet_coreml.bitlinear_layers": str(len(summary.bitlinear)),
+        "bitnet_coreml.params_ternary": str(summary.params_ternary),
+        "bitnet_coreml.params_other": str(summary.params_other),
+        "bitnet_coreml.fp16_safety": json.dumps(fp16_info, sort_keys=True, default=str),
+        "bitnet_coreml.check": json.dumps({k: v for k, v in check.items() if k != "report"}, sort_keys=True,
+                                          default=str),
+        "bitnet_coreml.split": json.dumps(split_notes),
+        "bitnet_coreml.embed_bits": str(options.embed_bits or 16),
+        "bitnet_coreml.input_names": json.dumps(built.input_names, sort_keys=True),
+        "bitnet_coreml.output_names": json.dumps(built.output_names, sort_keys=True),
+    }
+    desc = (f"BitNet model {Path(source).name}: {len(summary.bitlinear)} ternary BitLinear layers at 2 bits "
+            f"({summary.params_ternary:,} ternary + {summary.params_other:,} other parameters), {options.precision}")
+    describe(mlmodel, short_description=desc, metadata=meta, input_descriptions=ins, output_descriptions=outs)
+
+    stage("write package")
+    t0 = time.perf_counter()
+    save_package(mlmodel, out)
+    timed("write", t0)
+    del mlmodel
+
+    result = ConvertResult(
+        package=str(out), source=str(source), source_sha256=sha, precision=options.precision,
+        deployment_target=target_name, package_bytes=sum(package_files(out).values()), weight_bytes=weight_bytes(out),
+        params_ternary=summary.params_ternary, params_other=summary.params_other,
+        bitlinear_layers=len(summary.bitlinear), notes=notes, fp16=fp16_info, split=split_notes, embed=embed,
+        check=check, inputs=dict(built.input_names), outputs=dict(built.output_names),
+    )
+    if options.verify:
+        stage("verify")
+        t0 = time.perf_counter()
+        from bitnet_coreml.verify import verify  # noqa: PLC0415
+
+        report = verify(source, out, raise_on_failure=False, seq_len=options.seq_len)
+        result.parity = report.to_dict()
+        timed("verify", t0)
+    times["total"] = round(time.perf_counter() - t_all, 3)
+    result.seconds = times
+    return result

@@ -1,0 +1,236 @@
+"""fp16 range safety: find values that overflow fp16 on a calibration input and fix them exactly.
+
+ONNX Runtime runs the (fused) graph once on a calibration input (random by default) and records the
+max-abs of every floating-point value. A value is *unsafe* when it exceeds ``limit`` (fp16's max
+65504 divided by a headroom factor, because one calibration input does not show the worst case).
+
+The known case is BitNet's MLP, ``down(ffn_sub_norm(relu2(gate(x)) * up(x)))``: relu2 squares the
+gate output. ``ffn_sub_norm`` is an RMSNorm, which is scale invariant except for its epsilon, so a
+power-of-two factor ``c = 2**-k`` folded into both the gate and up BitLinear multipliers (Alpha)
+scales its input by ``c**3``; multiplying the RMSNorm's epsilon by ``c**6`` makes the result equal
+in exact arithmetic, and powers of two make it exact in floating point too. The lowering of that
+RMSNorm is told the input scale (``ctx.options['rmsnorm_input_scale']``) so it computes the epsilon
+term from the unscaled epsilon, which fp16 can still represent.
+
+Anything else that overflows is kept in fp32 (the producing node and its direct consumers), and the
+notes say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from bitnet_coreml.errors import InputError
+
+log = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+HEADROOM = 8.0  # a calibration input is one sample: leave 8x (3 binades) of room above what it shows
+TARGET_MAX = 2048.0  # after rescaling, the MLP's largest value aims to sit at or below this
+DOMAIN = "bitnet_coreml"
+_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
+
+
+@dataclass
+class Fp16Plan:
+    """What the analysis did: rescaled MLPs, nodes kept in fp32, and notes for the report."""
+
+    fp32_nodes: set[str] = field(default_factory=set)
+    rmsnorm_input_scale: dict[str, float] = field(default_factory=dict)
+    rescaled: list[dict[str, Any]] = field(default_factory=list)
+    max_abs: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fp32_nodes": sorted(self.fp32_nodes), "rescaled": self.rescaled,
+                "calibration_max_abs": self.max_abs, "notes": list(self.notes)}
+
+
+def random_calibration(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random input for every graph input: token ids within the vocabulary, floats ~ N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for v in model.graph.inputs:
+        if v.name in model.graph.initializers:
+            continue
+        if v.shape is None or not all(isinstance(d, int) for d in v.shape):
+            raise InputError(f"graph input {v.name!r} has no fixed shape ({v.shape}); cannot build a calibration input")
+        shape = tuple(int(d) for d in v.shape)  # type: ignore[arg-type]
+        dt = v.dtype
+        if dt in (ir.DataType.INT64, ir.DataType.INT32):
+            high = 100
+            for use in v.uses():
+                n = use.node
+                if n.op_type == "Gather" and n.inputs[0] is not None and n.inputs[0].const_value is not None:
+                    high = int(n.inputs[0].const_value.shape[0])
+            feeds[v.name] = rng.integers(0, high, shape).astype(dt.numpy())
+        elif dt in _FLOATS:
+            feeds[v.name] = rng.standard_normal(shape).astype(dt.numpy())
+        elif dt == ir.DataType.BOOL:
+            feeds[v.name] = np.ones(shape, bool)
+        else:
+            raise InputError(f"graph input {v.name!r}: dtype {dt} cannot be calibrated")
+    return feeds
+
+
+def load_calibration(path: str, model: ir.Model) -> dict[str, np.ndarray]:
+    """Read a calibration ``.npz`` whose keys are the graph's input names."""
+    try:
+        with np.load(path) as data:
+            feeds = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read calibration .npz: {e}") from e
+    names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise InputError(f"{path}: calibration input lacks {', '.join(missing)}; it has {', '.join(feeds) or 'nothing'}")
+    return {n: feeds[n] for n in names}
+
+
+def measure(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """(max, min) of every floating-point node output of ``model`` on ``feeds`` (ONNX Runtime)."""
+    from bitnet_coreml.passes.ort import ort_session  # noqa: PLC0415
+
+    graph = model.graph  # every float value becomes an output for one run, then the outputs are restored
+    extra: list[ir.Value] = []
+    outs = set(graph.outputs)
+    for node in graph:
+        for o in node.outputs:
+            if o.name and o not in outs and o.dtype in _FLOATS:
+                extra.append(o)
+    graph.outputs.extend(extra)
+    try:
+        sess = ort_session(model)
+    finally:
+        for _ in extra:
+            graph.outputs.pop()
+    names = [o.name for o in sess.get_outputs()]
+    results = sess.run(names, {k: np.asarray(v) for k, v in feeds.items()})
+    stats: dict[str, tuple[float, float]] = {}
+    for name, arr in zip(names, results, strict=True):
+        a = np.asarray(arr)
+        if a.dtype.kind == "f" and a.size:
+            stats[name] = (float(np.max(a)), float(np.min(a)))
+    return stats
+
+
+def _mask_only(v: ir.Value, hi: float, lo: float, limit: float) -> bool:
+    """True for an attention-mask value: only its *negative* side is huge and only softmax reads it.
+
+    A mask adds finfo.min (or -inf) to scores; in fp16 that becomes -inf, and softmax maps it to
+    exactly 0, as intended. Keeping such values in fp32 would only push attention off the ANE.
+    """
+    if hi > limit or lo >= -limit:
+        return False
+    users = [u.node for u in v.uses()]
+    return bool(users) and all(n.op_type == "Softmax" for n in users)
+
+
+def _single_use(v: ir.Value | None) -> ir.Node | None:
+    if v is None:
+        return None
+    uses = list(v.uses())
+    return uses[0].node if len(uses) == 1 else None
+
+
+def _fused(node: ir.Node | None, op: str) -> bool:
+    return node is not None and node.domain == DOMAIN and node.op_type == op
+
+
+def _mlp_pattern(relu2: ir.Node) -> tuple[ir.Node, ir.Node, ir.Node] | None:
+    """(gate BitLinear, up BitLinear, RMSNorm) around ``relu2`` if it is the BitNet MLP shape."""
+    x = relu2.inputs[0]
+    gate = x.producer() if x is not None else None
+    if not _fused(gate, "BitLinear") or _single_use(x) is not relu2:
+        return None
+    mul = _single_use(relu2.outputs[0])
+    if mul is None or mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
+        return None
+    other = mul.inputs[1] if mul.inputs[0] is relu2.outputs[0] else mul.inputs[0]
+    up = other.producer() if other is not None else None
+    if not _fused(up, "BitLinear") or up is gate or _single_use(other) is not mul:
+        return None
+    norm = _single_use(mul.outputs[0])
+    if not _fused(norm, "RMSNorm") or norm.inputs[0] is not mul.outputs[0]:  # type: ignore[union-attr]
+        return None
+    return gate, up, norm  # type: ignore[return-value]
+
+
+def _scale_alpha(node: ir.Node, c: float) -> None:
+    a = node.inputs[2]
+    assert a is not None and a.const_value is not None
+    new = (a.const_value.numpy().astype(np.float64) * c).astype(np.float32)
+    a.const_value = ir.tensor(new, name=a.name)
+
+
+def make_fp16_safe(model: ir.Model, feeds: Mapping[str, np.ndarray], *, headroom: float = HEADROOM) -> Fp16Plan:
+    """Analyse ``model`` on ``feeds`` and rewrite it in place (see the module docstring)."""
+    plan = Fp16Plan()
+    limit = FP16_MAX / headroom
+    ranges = measure(model, feeds)
+    masks = set()
+    for node in model.graph:
+        for o in node.outputs:
+            if o.name in ranges and _mask_only(o, *ranges[o.name], limit):
+                masks.add(o.name)
+    stats = {k: (0.0 if k in masks else max(abs(hi), abs(lo))) for k, (hi, lo) in ranges.items()}
+    plan.max_abs = max(stats.values(), default=0.0)
+    if masks:
+        plan.notes.append(f"fp16: {len(masks)} attention-mask value(s) hold -inf-like constants that softmax maps to 0; "
+                          "left in fp16")
+    for node in list(model.graph):
+        if not _fused(node, "Relu2"):
+            continue
+        pat = _mlp_pattern(node)
+        if pat is None:
+            continue
+        gate, up, norm = pat
+        g = stats.get(gate.outputs[0].name or "", 0.0)
+        r = stats.get(node.outputs[0].name or "", 0.0)
+        u = stats.get(up.outputs[0].name or "", 0.0)
+        p = stats.get(norm.inputs[0].name or "", 0.0)  # type: ignore[union-attr]
+        worst = max(g, r, u, p)
+        if not math.isfinite(worst) or worst <= limit:
+            continue
+        # smallest k with max(g c, u c, r c^2, p c^3) <= TARGET_MAX, c = 2^-k
+        k = 0
+        while max(g * 2.0 ** -k, u * 2.0 ** -k, r * 4.0 ** -k, p * 8.0 ** -k) > TARGET_MAX and k < 40:
+            k += 1
+        c = 2.0 ** -k
+        _scale_alpha(gate, c)
+        _scale_alpha(up, c)
+        eps_attr = norm.attributes["epsilon"]
+        eps = float(eps_attr.as_float())
+        new_eps = float(np.float32(eps * c ** 6))
+        from bitnet_coreml.passes.fused import ensure_function  # noqa: PLC0415
+
+        norm.attributes["epsilon"] = ir.AttrFloat32("epsilon", new_eps)
+        norm.overload = ensure_function(model, "RMSNorm", {"epsilon": new_eps})
+        plan.rmsnorm_input_scale[norm.name or ""] = c ** 3
+        for n_, v in ((gate, g), (node, r), (up, u), (norm, p)):
+            if n_.outputs[0].name:
+                stats[n_.outputs[0].name] = v * (c ** 3 if n_ is norm else c ** 2 if n_ is node else c)
+        entry = {"relu2": node.name, "gate": gate.name, "up": up.name, "rmsnorm": norm.name, "factor": f"2^-{k}",
+                 "max_abs_before": max(r, p), "max_abs_after": max(r * c * c, p * c ** 3)}
+        plan.rescaled.append(entry)
+        plan.notes.append(f"fp16: relu2 {node.name!r} reached {max(r, p):.4g} on the calibration input; folded "
+                          f"2^-{k} into {gate.name!r}/{up.name!r} before scale-invariant RMSNorm {norm.name!r}")
+    # Whatever still exceeds the limit stays in fp32: its producer and that value's direct consumers.
+    for node in model.graph:
+        if any(not (stats.get(o.name or "", 0.0) <= limit) for o in node.outputs if o.name in stats):
+            plan.fp32_nodes.add(node.name or "")
+            for o in node.outputs:
+                for use in o.uses():
+                    plan.fp32_nodes.add(use.node.name or "")
+    plan.fp32_nodes.discard("")
+    if plan.fp32_nodes:
+        plan.notes.append(f"fp16: {len(plan.fp32_nodes)} node(s) exceed {limit:.0f} on the calibration input and "
+                          f"stay in fp32: {', '.join(sorted(plan.fp32_nodes))}")
+    return plan

@@ -1,0 +1,254 @@
+"""Parity of a converted package against its source graph.
+
+The source runs in ONNX Runtime; the package runs in the project's numpy reference executor (any
+OS) and, on macOS, in Core ML once per compute unit. Every output is compared with cosine
+similarity, relative L2 and max-abs; logits-like outputs (float, rank >= 2, last axis >= 2) also
+with top-1 agreement (argmax equal) and top-5 agreement (the reference's argmax is among the
+package's five best). When the input ``.npz`` also holds arrays named like the outputs (the bundled
+models carry torch's logits), the package is compared with those too.
+
+Thresholds default by the package's precision (fp16: cosine >= 0.999, top-1 >= 0.98; fp32: cosine
+>= 0.9999, top-1 >= 0.995) and are configurable; :class:`ParityError` (exit 1) below them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitnet_coreml.errors import InputError, ModelLoadError, ParityError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Minimum cosine and top-1/top-5 agreement; maximum relative L2 (None: not checked)."""
+
+    cosine: float = 0.999
+    top1: float = 0.98
+    top5: float | None = None
+    rel_l2: float | None = None
+
+    @staticmethod
+    def for_precision(precision: str) -> Thresholds:
+        return Thresholds(cosine=0.9999, top1=0.995) if precision == "fp32" else Thresholds()
+
+
+@dataclass
+class Comparison:
+    output: str
+    reference: str
+    runner: str
+    cosine: float
+    rel_l2: float
+    max_abs: float
+    top1: float | None = None
+    top5: float | None = None
+    passed: bool = True
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ParityReport:
+    source: str
+    package: str
+    precision: str
+    thresholds: Thresholds
+    comparisons: list[Comparison] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons) and bool(self.comparisons)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "package": self.package, "precision": self.precision,
+                "thresholds": asdict(self.thresholds), "passed": self.passed,
+                "comparisons": [asdict(c) for c in self.comparisons], "skipped": list(self.skipped)}
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+
+
+def metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, float | None]:
+    """cosine, relative L2, max-abs, and for logits-like arrays top-1 / top-5 agreement."""
+    r = np.asarray(ref, np.float64)
+    g = np.asarray(got, np.float64)
+    if r.shape != g.shape:
+        raise ParityError(f"output shapes differ: reference {list(r.shape)}, package {list(g.shape)}")
+    rf, gf = r.reshape(-1), g.reshape(-1)
+    nr, ng = np.linalg.norm(rf), np.linalg.norm(gf)
+    if nr == 0 and ng == 0:
+        cos = 1.0
+    elif nr == 0 or ng == 0 or not np.isfinite(gf).all():
+        cos = 0.0
+    else:
+        cos = float(rf @ gf / (nr * ng))
+    out: dict[str, float | None] = {
+        "cosine": cos,
+        "rel_l2": float(np.linalg.norm(rf - gf) / nr) if nr > 0 else float(np.linalg.norm(gf)),
+        "max_abs": float(np.max(np.abs(rf - gf))) if rf.size else 0.0,
+        "top1": None, "top5": None,
+    }
+    if r.ndim >= 2 and r.shape[-1] >= 2:
+        r2, g2 = r.reshape(-1, r.shape[-1]), g.reshape(-1, g.shape[-1])
+        ra = r2.argmax(-1)
+        out["top1"] = float(np.mean(ra == g2.argmax(-1)))
+        k = min(5, r.shape[-1])
+        top = np.argpartition(-g2, k - 1, axis=-1)[:, :k]
+        out["top5"] = float(np.mean((top == ra[:, None]).any(-1)))
+    return out
+
+
+def _judge(c: Comparison, t: Thresholds) -> None:
+    if c.cosine < t.cosine:
+        c.failures.append(f"cosine {c.cosine:.6f} < {t.cosine}")
+    if t.rel_l2 is not None and c.rel_l2 > t.rel_l2:
+        c.failures.append(f"relative L2 {c.rel_l2:.4g} > {t.rel_l2}")
+    if c.top1 is not None and c.top1 < t.top1:
+        c.failures.append(f"top-1 agreement {c.top1:.4f} < {t.top1}")
+    if c.top5 is not None and t.top5 is not None and c.top5 < t.top5:
+        c.failures.append(f"top-5 agreement {c.top5:.4f} < {t.top5}")
+    c.passed = not c.failures
+
+
+# --- running -------------------------------------------------------------------------------------------
+
+
+def _package_meta(package: Path) -> dict[str, str]:
+    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+
+    ct = coremltools()
+    try:
+        m = ct.models.MLModel(str(package), skip_model_load=True)
+    except Exception as e:  # noqa: BLE001  (coremltools raises many types for a bad package)
+        raise ModelLoadError(f"{package}: not a readable .mlpackage: {' '.join(str(e).split())}") from e
+    return dict(m.user_defined_metadata)
+
+
+def _load_inputs(inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None, model: Any
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(feeds by graph input name, extra arrays of the .npz such as expected logits)."""
+    from bitnet_coreml.lower.fp16 import random_calibration  # noqa: PLC0415
+
+    names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+    if inputs is None:
+        return random_calibration(model, seed=1), {}
+    if isinstance(inputs, Mapping):
+        data = {k: np.asarray(v) for k, v in inputs.items()}
+        where = "inputs"
+    else:
+        where = str(inputs)
+        try:
+            with np.load(inputs) as z:
+                data = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise InputError(f"{inputs}: cannot read .npz: {e}") from e
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise InputError(f"{where}: lacks input(s) {', '.join(missing)}; it has {', '.join(data) or 'nothing'}")
+    feeds = {n: data[n] for n in names}
+    extra = {k: v for k, v in data.items() if k not in feeds}
+    return feeds, extra
+
+
+def _executor(package: Path) -> Any:
+    try:
+        from bitnet_coreml.executor import ReferenceExecutor  # type: ignore[attr-defined]  # noqa: PLC0415
+    except ImportError:
+        from bitnet_coreml.executor.executor import ReferenceExecutor  # noqa: PLC0415
+    return ReferenceExecutor(str(package))
+
+
+def _package_feeds(feeds: Mapping[str, np.ndarray], in_names: Mapping[str, str], specs: Any) -> dict[str, np.ndarray]:
+    out = {}
+    for onnx_name, arr in feeds.items():
+        mil = in_names.get(onnx_name, onnx_name)
+        a = np.asarray(arr)
+        if a.dtype == np.int64:
+            a = a.astype(np.int32)
+        spec = specs.get(mil) if specs is not None else None
+        dt = getattr(spec, "dtype", None)
+        if dt is not None and a.dtype != dt:
+            a = a.astype(dt)
+        out[mil] = a
+    return out
+
+
+def _coreml_runs(package: Path, feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """Core ML predictions per compute unit (macOS only)."""
+    if sys.platform != "darwin":
+        return {}
+    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+
+    ct = coremltools()
+    runs: dict[str, dict[str, np.ndarray]] = {}
+    for unit in ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL"):
+        try:
+            m = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, unit))
+            runs[f"coreml:{unit}"] = {k: np.asarray(v) for k, v in m.predict(feeds).items()}
+        except Exception as e:  # noqa: BLE001  (a unit that fails is reported, not fatal)
+            log.warning("Core ML %s failed: %s", unit, e)
+    return runs
+
+
+def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
+           inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
+           thresholds: Thresholds | None = None, *, raise_on_failure: bool = True,
+           seq_len: int | None = None) -> ParityReport:
+    """Compare ``package`` with ``source``; see the module docstring."""
+    from bitnet_coreml.frontend import load  # noqa: PLC0415
+    from bitnet_coreml.passes.ort import ort_session  # noqa: PLC0415
+
+    pkg = Path(package)
+    if not pkg.exists():
+        raise ModelLoadError(f"{pkg}: no such package")
+    meta = _package_meta(pkg)
+    precision = meta.get("bitnet_coreml.precision", "fp16")
+    in_names = json.loads(meta.get("bitnet_coreml.input_names", "{}"))
+    out_names = json.loads(meta.get("bitnet_coreml.output_names", "{}"))
+    t = thresholds or Thresholds.for_precision(precision)
+
+    model = load(source, seq_len=seq_len)
+    feeds, extra = _load_inputs(inputs, model)
+    sess = ort_session(model)
+    ort_names = [o.name for o in sess.get_outputs()]
+    ort_out = dict(zip(ort_names, sess.run(ort_names, feeds), strict=True))
+    del sess, model
+
+    ex = _executor(pkg)
+    specs = getattr(ex, "input_specs", None)
+    pfeeds = _package_feeds(feeds, in_names, specs)
+    runs = {"reference-executor": ex.predict(pfeeds)}
+    runs.update(_coreml_runs(pkg, pfeeds))
+
+    report = ParityReport(str(source), str(pkg), precision, t)
+    for runner, outs in runs.items():
+        for onnx_name, ref in ort_out.items():
+            mil = out_names.get(onnx_name, onnx_name)
+            if mil not in outs:
+                report.skipped.append(f"{runner}: output {onnx_name!r} not produced by the package")
+                continue
+            refs = [("onnxruntime", ref)]
+            if onnx_name in extra and np.shape(extra[onnx_name]) == np.shape(ref):
+                refs.append(("expected (npz)", extra[onnx_name]))
+            for ref_name, ref_arr in refs:
+                m = metrics(ref_arr, outs[mil])
+                c = Comparison(onnx_name, ref_name, runner, m["cosine"] or 0.0, m["rel_l2"] or 0.0,
+                               m["max_abs"] or 0.0, m["top1"], m["top5"])
+                _judge(c, t)
+                report.comparisons.append(c)
+    if raise_on_failure and not report.passed:
+        bad = [f"{c.runner} vs {c.reference} on {c.output!r}: {'; '.join(c.failures)}"
+               for c in report.comparisons if not c.passed]
+        raise ParityError(f"{pkg}: parity below threshold: {' | '.join(bad) or 'no outputs compared'}")
+    return report
