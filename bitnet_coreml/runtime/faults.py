@@ -143,7 +143,7 @@ class FaultPlan:
         f = self._take(unit, _PROBE_KINDS)
         if f is None:
             return {}
-        return {PROBE_ENV_VAR: "kill" if f.kind == "kill_probe" else f"hang:{f.seconds}"}
+        return {PROBE_ENV_VAR: "kill" if f.kind == "kill_probe" else f"hang:{float(f.seconds)}"}
 
     # --- parsing -------------------------------------------------------------------------------
 

@@ -225,7 +225,8 @@ class Predictor:
                 power_target=s.power_target.value, power_reason=power_reason, latency_s=end - t_start,
                 unit_latency_s=call_s, fallback_overhead_s=overhead, notes=tuple(notes), batch_size=used_batch)
         rec.record_outcome(False)
-        summary = "; ".join(f"{a.unit}: {a.reason}" for a in attempts if a.outcome != "retried")
+        summary = "; ".join(a.reason if a.reason.startswith(f"{a.unit}") else f"{a.unit}: {a.reason}"
+                            for a in attempts if a.outcome != "retried")
         raise ExhaustedError(f"{self.info.path.name}: no compute unit answered ({summary})",
                              [a.to_dict() for a in attempts])
 
