@@ -24,6 +24,10 @@ import numpy as np
 # Zip's epoch; np.savez stamps the wall clock into every member, which would make equal outputs differ.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _CHUNK = 1 << 20
+# mkstemp creates 0600 files; finished artifacts get the permissions a plain open() would give.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -99,6 +103,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)
             f.write(data)
             if fsync:
                 f.flush()
@@ -171,3 +176,25 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def lock_dir(folder: Path, busy_message: str) -> int | None:
+    """Take an exclusive lock on ``folder`` (released when the process dies, even by SIGKILL).
+
+    Two jobs writing one manifest would corrupt it; the second one is refused with ``busy_message``.
+    Returns the descriptor to ``os.close`` when done (None where ``fcntl`` does not exist).
+    """
+    from bitnet_coreml.errors import InputError  # noqa: PLC0415 - keep this module dependency-free
+
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InputError(f"{folder}: {busy_message}") from None
+    return fd

@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from bitnet_coreml.errors import BitnetCoremlError, ConfigError, InputError
-from bitnet_coreml.jobs._io import atomic_write_bytes, atomic_write_json, npz_bytes, remove_path, sha256_bytes
+from bitnet_coreml.jobs._io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    lock_dir,
+    npz_bytes,
+    remove_path,
+    sha256_bytes,
+)
 from bitnet_coreml.jobs.datasets import Dataset, ItemRef, load_item, open_dataset, safe_name
 from bitnet_coreml.jobs.manifest import (
     OUTPUTS,
@@ -144,7 +151,7 @@ class Job:
         self.outdir = outdir
         self.progress = progress
         outdir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock(outdir)
+        self._lock_fd = lock_dir(outdir, "another batch job is running on this folder; wait for it or choose another -o")
         self.resumed = claim_outdir(outdir, {"predictor": factory.fingerprint(),
                                              "dataset": str(dataset.path.resolve())})
         self.done = verified_done(outdir, read_manifest(outdir)) if self.resumed else set()
@@ -224,21 +231,6 @@ def _latency_summary(lat: np.ndarray, total: float, n: int, mx: float) -> dict[s
     p50, p90, p99 = np.percentile(lat, [50, 90, 99])
     return {"mean": round(total / n, 4), "p50": round(float(p50), 4), "p90": round(float(p90), 4),
             "p99": round(float(p99), 4), "max": round(mx, 4)}
-
-
-def _lock(outdir: Path) -> int | None:
-    """An exclusive lock on the folder: two jobs appending to one manifest would corrupt it."""
-    try:
-        import fcntl  # noqa: PLC0415 - POSIX only
-    except ImportError:  # pragma: no cover - Windows
-        return None
-    fd = os.open(outdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise InputError(f"{outdir}: another batch job is running on this folder; wait for it or choose another -o") from None
-    return fd
 
 
 def run_batch(factory: PredictorFactory, dataset: str | os.PathLike[str] | Dataset, outdir: str | os.PathLike[str],
