@@ -51,13 +51,21 @@ class BitLinearReport:
 
 def _match_scale(s: ir.Value) -> tuple[ir.Value, float, float] | None:
     """``s = qp / max(max|x|, eps)``: return (x, qp, eps)."""
-    d = m.op(s, "Div")
+    d = m.op(s, "Div", "Mul")
     if d is None:
         return None
-    qp = m.scalar(d.inputs[0])
-    if qp is None:
+    qp: float | None = None
+    mx: ir.Value | None = None
+    if d.op_type == "Div":
+        qp, mx = m.scalar(d.inputs[0]), d.inputs[1]
+    else:  # Mul(Reciprocal(m), qp), either order
+        for i in (0, 1):
+            r = m.op(d.inputs[i], "Reciprocal")
+            c = m.scalar(d.inputs[1 - i])
+            if r is not None and c is not None:
+                qp, mx = c, r.inputs[0]
+    if qp is None or mx is None:
         return None
-    mx = d.inputs[1]
     clip = m.op(mx, "Clip", "Max")
     if clip is None:
         return None
