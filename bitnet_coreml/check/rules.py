@@ -1,0 +1,480 @@
+"""The rule predicates: one definition of "supported" for the checker, the converter and the predictor.
+
+Each rule reads the imported graph (after ``run_default_passes``) and the resolved target, and
+yields :class:`Finding` records (rule id, severity, node, actual value, limit, source). The limits
+and their sources come from the capability database, never from constants here. Besides the
+findings, this module answers two questions other stages ask:
+
+* :func:`nodes_needing_split`: which weight dimensions > 16384 the converter must split;
+* :func:`expected_units`: the compute unit (ANE, GPU or CPU) each op is expected to run on, and why.
+
+Rules register with :func:`rule`; the registry refuses duplicates. onnx-ir is only used through the
+objects passed in, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from bitnet_coreml.check.capabilities import MIB, CapabilityDatabase, default_database
+from bitnet_coreml.check.size import SizeEstimate, even_chunks
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from bitnet_coreml.check.target import ResolvedTarget
+
+OURS = "bitnet_coreml"
+_STD = ("", "ai.onnx")
+_SPLITTABLE = {"Gather": (0,), "MatMul": (1,), "Gemm": (1,), "BitLinear": (1,)}
+_INT8_COMPUTE_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv")
+_CONV_OPS = ("Conv", "ConvTranspose")
+_FLOAT_DTYPES = {"FLOAT", "DOUBLE", "BFLOAT16"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One rule result. ``severity``: "error" (a violation), "warning", or "info" (fixed by the converter)."""
+
+    rule: str
+    severity: str
+    message: str
+    node: str | None = None
+    actual: Any = None
+    limit: Any = None
+    source: str = ""
+    fixed_by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """A weight dimension the converter splits: ``node``'s input ``input_index``, axis ``axis``."""
+
+    node: str
+    op_type: str
+    input_index: int
+    value: str
+    axis: int
+    dim: int
+    chunks: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "chunks": list(self.chunks)}
+
+
+@dataclass(frozen=True)
+class OpUnit:
+    node: str
+    op_type: str
+    unit: str
+    reason: str
+    source: str = ""
+    rule: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RuleContext:
+    model: ir.Model
+    db: CapabilityDatabase
+    target: ResolvedTarget
+    size: SizeEstimate
+    precision: str = "fp16"
+    embed_bits: int | None = None
+    splits: list[SplitInfo] = field(default_factory=list)
+
+
+RuleFn = Callable[[RuleContext], Iterator[Finding]]
+RULES: dict[str, tuple[RuleFn, str]] = {}
+
+
+def rule(rule_id: str, doc: str) -> Callable[[RuleFn], RuleFn]:
+    """Register a rule; a second registration of the same id is an error."""
+
+    def deco(fn: RuleFn) -> RuleFn:
+        if rule_id in RULES:
+            raise RuntimeError(f"duplicate check rule {rule_id!r}")
+        RULES[rule_id] = (fn, doc)
+        return fn
+
+    return deco
+
+
+# --- graph helpers --------------------------------------------------------------------------------
+
+
+def _dims(v: ir.Value) -> list[int | str] | None:
+    if v.shape is not None:
+        return [d if isinstance(d, int) else str(d) for d in v.shape]
+    if v.const_value is not None:
+        return [int(d) for d in v.const_value.shape]
+    return None
+
+
+def _dtype(v: ir.Value) -> str:
+    if v.const_value is not None:
+        return v.const_value.dtype.name
+    return v.dtype.name if v.dtype is not None else ""
+
+
+def _nid(node: ir.Node) -> str:
+    return node.name or f"{node.op_type}->{node.outputs[0].name if node.outputs else '?'}"
+
+
+def _op(node: ir.Node) -> str:
+    return node.op_type if node.domain in _STD else f"{node.domain}::{node.op_type}"
+
+
+def _ints(node: ir.Node, name: str) -> list[int]:
+    a = node.attributes.get(name)
+    return list(a.as_ints()) if a is not None else []
+
+
+def _all_values(model: ir.Model) -> Iterator[tuple[ir.Value, ir.Node | None]]:
+    """(value, producing node or None) for graph inputs, initializers and node outputs, each once."""
+    seen: set[int] = set()
+    for v in model.graph.inputs:
+        seen.add(id(v))
+        yield v, None
+    for v in model.graph.initializers.values():
+        if id(v) not in seen:
+            seen.add(id(v))
+            yield v, None
+    for n in model.graph:
+        for v in n.outputs:
+            if id(v) not in seen:
+                seen.add(id(v))
+                yield v, n
+
+
+def nodes_needing_split(model: ir.Model, limit: int | None = None,
+                        db: CapabilityDatabase | None = None) -> list[SplitInfo]:
+    """Every constant weight dimension > ``limit`` (default: the database's max_dimension, 16384) on
+    Gather (embedding), MatMul/Gemm (e.g. the LM head) and BitLinear: what the converter splits."""
+    if limit is None:
+        limit = int((db or default_database()).limit("max_dimension")["value"])
+    out: list[SplitInfo] = []
+    for n in model.graph:
+        key = n.op_type if (n.domain in _STD or (n.domain == OURS and n.op_type == "BitLinear")) else None
+        if key not in _SPLITTABLE or (n.op_type == "BitLinear" and n.domain != OURS):
+            continue
+        for i in _SPLITTABLE[key]:
+            if i >= len(n.inputs):
+                continue
+            v = n.inputs[i]
+            if v is None or v.const_value is None:
+                continue
+            for axis, d in enumerate(int(x) for x in v.const_value.shape):
+                if d > limit:
+                    out.append(SplitInfo(_nid(n), n.op_type, i, v.name or "", axis, d, tuple(even_chunks(d, limit))))
+    return out
+
+
+def _split_outputs(model: ir.Model, splits: list[SplitInfo]) -> set[int]:
+    """Ids of values whose large dims come from a split node (produced in chunks, not one tensor)."""
+    names = {s.node for s in splits}
+    return {id(v) for n in model.graph if _nid(n) in names for v in n.outputs}
+
+
+# --- compute units --------------------------------------------------------------------------------
+
+
+def expected_unit(node: ir.Node, db: CapabilityDatabase, *, precision: str = "fp16",
+                  split_nodes: frozenset[str] = frozenset(), ane: bool | None = True) -> OpUnit:
+    """The compute unit ``node`` is expected to run on and why (first matching unit rule wins)."""
+    ur = db.unit_rules
+    nid, op = _nid(node), _op(node)
+
+    def off(rule_id: str, extra: str = "") -> OpUnit:
+        r = ur[rule_id]
+        return OpUnit(nid, op, r.unit, r.reason + (f" ({extra})" if extra else ""), r.source, rule_id)
+
+    if ane is False:
+        return OpUnit(nid, op, "GPU", "the target has no Neural Engine", "capability database chip row", "no_ane")
+    std = node.domain in _STD
+    if not std and node.domain != OURS and "custom_layer_cpu" in ur:
+        return off("custom_layer_cpu", f"domain {node.domain}")
+    for rid in ("gather_cpu", "recurrent_cpu"):
+        if std and rid in ur and node.op_type in ur[rid].ops:
+            return off(rid)
+    if std and node.op_type in _CONV_OPS:
+        if "dilated_conv_gpu" in ur and any(d > 1 for d in _ints(node, "dilations")):
+            return off("dilated_conv_gpu", f"dilations {_ints(node, 'dilations')}")
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        wd = _dims(w) if w is not None else None
+        if wd and "large_channels_gpu" in ur and all(isinstance(d, int) for d in wd):
+            ch_lim = int(db.limit("max_channels")["value"])
+            k_lim = int(db.limit("max_conv_kernel_width")["value"])
+            chans = [int(wd[0]), int(wd[1]) * max(1, (node.attributes["group"].as_int() if "group" in node.attributes else 1))]
+            if max(chans) > ch_lim or (len(wd) > 2 and int(wd[-1]) > k_lim):
+                return off("large_channels_gpu", f"weight {wd}")
+    if "dynamic_shape_gpu" in ur:
+        for v in [*node.inputs, *node.outputs]:
+            d = _dims(v) if v is not None else []
+            if d is None or any(not isinstance(x, int) for x in d):
+                return off("dynamic_shape_gpu", f"value {v.name if v is not None else '?'} shape {d}")
+    if precision == "fp32" and "fp32_gpu" in ur:
+        return off("fp32_gpu", "conversion precision fp32")
+    if nid not in split_nodes and "large_dim_gpu" in ur:
+        lim = int(db.limit("max_dimension")["value"])
+        for v in [*node.inputs, *node.outputs]:
+            d = _dims(v) if v is not None else None
+            if d and any(isinstance(x, int) and x > lim for x in _non_channel_dims(node, v, d)):
+                return off("large_dim_gpu", f"value {v.name if v is not None else '?'} shape {d}")
+    reason = "no rule moves it off the ANE"
+    if nid in split_nodes:
+        reason += " (after the converter splits its weight into chunks <= 16384)"
+    return OpUnit(nid, op, "ANE", reason, "", "ane_default")
+
+
+def _non_channel_dims(node: ir.Node, v: ir.Value, d: list[int | str]) -> list[int | str]:
+    """Dims the 16384 rule applies to: conv channel axes have their own 65536 limit."""
+    if node.domain in _STD and node.op_type in _CONV_OPS:
+        if v.const_value is not None:
+            return d[2:]
+        return d[:1] + d[2:]
+    return d
+
+
+def expected_units(model: ir.Model, db: CapabilityDatabase | None = None, *, precision: str = "fp16",
+                   ane: bool | None = True) -> list[OpUnit]:
+    """:func:`expected_unit` for every node of the graph, in graph order."""
+    db = db or default_database()
+    split_nodes = frozenset(s.node for s in nodes_needing_split(model, db=db))
+    return [expected_unit(n, db, precision=precision, split_nodes=split_nodes, ane=ane) for n in model.graph]
+
+
+# --- the rules ------------------------------------------------------------------------------------
+
+
+@rule("package_size", "estimated weight.bin bytes vs the platform's per-package limit (hard)")
+def _package_size(ctx: RuleContext) -> Iterator[Finding]:
+    lim = ctx.db.limit("package_bytes")
+    limit = ctx.target.package_limit_bytes
+    got = ctx.size.total_bytes
+    if got > limit:
+        bits = f"embed_bits={ctx.size.embed_bits}" if ctx.size.embed_bits else "no --embed-bits"
+        yield Finding("package_size", lim.severity,
+                      f"estimated weights {got:,} B exceed the {ctx.target.platform} per-package limit {limit:,} B "
+                      f"(ternary at 2 bits, {ctx.size.precision}, {bits}); split the model or palettize with --embed-bits",
+                      None, got, limit, lim.source)
+
+
+@rule("ane_size_budget", "estimated weights vs the seed's per-generation budget (soft)")
+def _ane_budget(ctx: RuleContext) -> Iterator[Finding]:
+    ane = ctx.target.ane
+    if ane is None or ane.model_size_budget_mb is None:
+        return
+    lim = ctx.db.limit("ane_generation_budget")
+    budget = int(ane.model_size_budget_mb * MIB)
+    if ctx.size.total_bytes > budget:
+        yield Finding("ane_size_budget", lim.severity,
+                      f"estimated weights {ctx.size.total_bytes / MIB:.1f} MB exceed the {ane.label} budget of "
+                      f"{ane.model_size_budget_mb:g} MB (seed table; not Apple-documented)",
+                      None, ctx.size.total_bytes, budget, lim.source + "; " + ane.sources[-1])
+
+
+@rule("gpu_memory", "estimated weights vs the seed's device-matrix memory limit of the chip's GPU (soft)")
+def _gpu_memory(ctx: RuleContext) -> Iterator[Finding]:
+    dev = ctx.target.device
+    if dev is None or dev.memory_limit_mb is None:
+        return
+    lim = ctx.db.limit("gpu_memory")
+    limit = int(dev.memory_limit_mb * MIB)
+    if ctx.size.total_bytes > limit:
+        yield Finding("gpu_memory", lim.severity,
+                      f"estimated weights {ctx.size.total_bytes / MIB:.1f} MB exceed the {dev.name} memory limit "
+                      f"{dev.memory_limit_mb:g} MB of the seed's capability matrix (GPU fallback)",
+                      None, ctx.size.total_bytes, limit, dev.source)
+
+
+@rule("dim_over_16384", "tensor dimensions > 16384: weights are split by the converter, anything else leaves the ANE")
+def _dims_rule(ctx: RuleContext) -> Iterator[Finding]:
+    lim = ctx.db.limit("max_dimension")
+    limit = int(lim["value"])
+    for s in ctx.splits:
+        yield Finding("dim_over_16384", "info",
+                      f"{s.op_type} {s.node}: weight {s.value!r} axis {s.axis} is {s.dim} > {limit}; "
+                      f"fixed by the converter's split into {len(s.chunks)} chunks of <= {limit}",
+                      s.node, s.dim, limit, lim.source, fixed_by=f"converter split: {len(s.chunks)} chunks {list(s.chunks)}")
+    split_vals = {id(v) for n in ctx.model.graph if _nid(n) in {s.node for s in ctx.splits}
+                  for i, v in enumerate(n.inputs) if v is not None and i in _SPLITTABLE.get(n.op_type, ())}
+    chunked = _split_outputs(ctx.model, ctx.splits)
+    consumers: dict[int, ir.Node] = {}
+    for n in ctx.model.graph:
+        for v in n.inputs:
+            if v is not None:
+                consumers.setdefault(id(v), n)
+    for v, producer in _all_values(ctx.model):
+        if id(v) in split_vals or id(v) in chunked:
+            continue
+        d = _dims(v)
+        user = producer or consumers.get(id(v))
+        if not d or user is None:
+            continue
+        dd = _non_channel_dims(user, v, d)
+        big = [x for x in dd if isinstance(x, int) and x > limit]
+        if big:
+            yield Finding("dim_over_16384", lim.severity,
+                          f"value {v.name!r} (shape {d}) has a dimension {max(big)} > {limit} that the converter does "
+                          f"not split; {_op(user)} {_nid(user)} falls off the ANE",
+                          _nid(user), max(big), limit, lim.source)
+
+
+@rule("rank_over_5", "tensor rank <= 5")
+def _rank(ctx: RuleContext) -> Iterator[Finding]:
+    lim = ctx.db.limit("max_rank")
+    limit = int(lim["value"])
+    for v, producer in _all_values(ctx.model):
+        d = _dims(v)
+        if d is not None and len(d) > limit:
+            yield Finding("rank_over_5", lim.severity, f"value {v.name!r} has rank {len(d)} > {limit} (shape {d})",
+                          _nid(producer) if producer else v.name, len(d), limit, lim.source)
+
+
+@rule("conv_limits", "conv channels <= 65536 and kernel width <= 13 stay on the ANE")
+def _conv(ctx: RuleContext) -> Iterator[Finding]:
+    ch = ctx.db.limit("max_channels")
+    kw = ctx.db.limit("max_conv_kernel_width")
+    for n in ctx.model.graph:
+        if n.domain not in _STD or n.op_type not in _CONV_OPS or len(n.inputs) < 2 or n.inputs[1] is None:
+            continue
+        wd = _dims(n.inputs[1])
+        if not wd or not all(isinstance(x, int) for x in wd):
+            continue
+        group = n.attributes["group"].as_int() if "group" in n.attributes else 1
+        chans = max(int(wd[0]), int(wd[1]) * group)
+        if chans > int(ch["value"]):
+            yield Finding("channels_over_65536", ch.severity, f"{_nid(n)}: {chans} channels > {ch['value']}; off the ANE",
+                          _nid(n), chans, int(ch["value"]), ch.source)
+        if len(wd) > 2 and int(wd[-1]) > int(kw["value"]):
+            yield Finding("conv_kernel_width", kw.severity,
+                          f"{_nid(n)}: kernel width {wd[-1]} > {kw['value']}; off the ANE",
+                          _nid(n), int(wd[-1]), int(kw["value"]), kw.source)
+
+
+@rule("lut_bits", "palettization bits must be ANE-accelerated (1, 2, 4, 6, 8)")
+def _lut(ctx: RuleContext) -> Iterator[Finding]:
+    lim = ctx.db.limit("lut_bits")
+    allowed = list(lim["values"])
+    if ctx.embed_bits is not None and ctx.embed_bits not in allowed:
+        yield Finding("lut_bits", lim.severity,
+                      f"--embed-bits {ctx.embed_bits} is not an ANE-accelerated LUT size; allowed: {allowed}",
+                      None, ctx.embed_bits, allowed, lim.source)
+    if 2 not in allowed and ctx.size.params_ternary:
+        yield Finding("lut_bits", lim.severity, f"ternary weights need 2-bit LUTs; the database allows {allowed}",
+                      None, 2, allowed, lim.source)
+
+
+@rule("int8_compute", "int8 x int8 compute only on A17 Pro / M4 and newer")
+def _int8(ctx: RuleContext) -> Iterator[Finding]:
+    lim = ctx.db.limit("int8_compute")
+    chip = ctx.target.chip
+    for n in ctx.model.graph:
+        if n.domain in _STD and n.op_type in _INT8_COMPUTE_OPS:
+            if chip is not None and chip.int8_compute:
+                continue
+            who = (f"{chip.name} has no int8 x int8 compute" if chip is not None and chip.int8_compute is False
+                   else "int8 x int8 compute cannot be confirmed for this target (no chip given or unknown)")
+            yield Finding("int8_compute", lim.severity, f"{n.op_type} {_nid(n)}: {who}; it computes in fp16",
+                          _nid(n), chip.name if chip else None, "A17 Pro / M4 or newer", lim.source)
+
+
+@rule("flexible_shape", "graph inputs with flexible (symbolic) dimensions lose the ANE")
+def _flex(ctx: RuleContext) -> Iterator[Finding]:
+    lim = ctx.db.limit("flexible_shapes")
+    for v in ctx.model.graph.inputs:
+        d = _dims(v)
+        if d is None or any(not isinstance(x, int) for x in d):
+            yield Finding("flexible_shape", lim.severity,
+                          f"input {v.name!r} has flexible shape {d}; fix it (e.g. --seq-len) or use EnumeratedShapes "
+                          f"(<= {lim['enumerated_max']}) to keep the ANE", v.name, d, "static shape", lim.source)
+
+
+@rule("fp16_range", "constants must fit fp16 (max 65504); relu2 may overflow; epsilons must not flush to 0")
+def _fp16(ctx: RuleContext) -> Iterator[Finding]:
+    lim = ctx.db.limit("fp16_range")
+    fmax, fmin_sub = float(lim["max"]), float(lim["min_subnormal"])
+    if ctx.precision == "fp16":
+        for v, _ in _all_values(ctx.model):
+            t = v.const_value
+            if t is None or t.dtype.name not in _FLOAT_DTYPES:
+                continue
+            a = t.numpy()
+            if a.size == 0:
+                continue
+            # two reductions instead of abs(): no temporary the size of the weight
+            peak = max(float(a.max()), -float(a.min()))
+            if not math.isfinite(peak) or peak > fmax:
+                yield Finding("fp16_overflow_constant", lim.severity,
+                              f"initializer {v.name!r} holds |x| = {peak:g} > fp16 max {fmax:g}; it becomes inf in fp16 "
+                              "(convert with precision fp32 or rescale)", v.name, peak, fmax, lim.source)
+    for n in ctx.model.graph:
+        if n.domain == OURS and n.op_type == "Relu2":
+            yield Finding("fp16_relu2_overflow", "warning",
+                          f"Relu2 {_nid(n)}: relu(x)^2 overflows fp16 for |x| > {math.sqrt(fmax):.1f}",
+                          _nid(n), None, fmax, lim.source)
+        if n.domain == OURS and n.op_type == "RMSNorm" and "epsilon" in n.attributes:
+            eps = n.attributes["epsilon"].as_float()
+            if 0 < eps < fmin_sub / 2:
+                yield Finding("fp16_epsilon", "warning",
+                              f"RMSNorm {_nid(n)}: epsilon {eps:g} rounds to 0 in fp16 (smallest {fmin_sub:g}); "
+                              "use an epsilon fp16 can represent (ml-ane-transformers uses 1e-7)",
+                              _nid(n), eps, fmin_sub, lim.source)
+
+
+def needed_features(model: ir.Model, embed_bits: int | None) -> list[tuple[str, str | None]]:
+    """(feature, first node needing it) for the Core ML features the converted graph uses."""
+    out: list[tuple[str, str | None]] = [("mlprogram", None)]
+    first = next((_nid(n) for n in model.graph if n.domain == OURS and n.op_type == "BitLinear"), None)
+    if first is not None:
+        out.append(("constexpr_lut_to_dense", first))
+    elif embed_bits is not None:
+        out.append(("constexpr_lut_to_dense", None))
+    return out
+
+
+@rule("min_os_features", "the minimum OS must have every Core ML feature the converted graph uses")
+def _min_os(ctx: RuleContext) -> Iterator[Finding]:
+    os_row = ctx.target.os
+    for name, node in needed_features(ctx.model, ctx.embed_bits):
+        f = ctx.db.feature(name)
+        if os_row.spec_version < f.min_spec_version:
+            need = ctx.db.lowest_os(ctx.target.platform, f.min_spec_version)
+            need_s = need.label if need else f"specification {f.min_spec_version}"
+            yield Finding("min_os_features", "error",
+                          f"{name} needs {need_s} or newer (Core ML spec {f.min_spec_version}); the minimum OS is "
+                          f"{os_row.label} (spec {os_row.spec_version})" + (f"; first used by {node}" if node else ""),
+                          node, os_row.label, need_s, f.source)
+
+
+@rule("fp32_compute", "fp32 precision keeps every op off the ANE")
+def _fp32(ctx: RuleContext) -> Iterator[Finding]:
+    if ctx.precision == "fp32":
+        r = ctx.db.unit_rules.get("fp32_gpu")
+        yield Finding("fp32_compute", "warning", "precision fp32: the ANE computes in fp16, so every op runs on GPU/CPU",
+                      None, "fp32", "fp16", r.source if r else "")
+
+
+@rule("no_ane", "the target chip has no Neural Engine row")
+def _no_ane(ctx: RuleContext) -> Iterator[Finding]:
+    chip = ctx.target.chip
+    if chip is not None and chip.ane_generation is None:
+        yield Finding("no_ane", "warning", f"chip {chip.name} has no ANE generation in the capability database: "
+                      "GPU/CPU only", None, None, "an ANE generation", chip.source)
+
+
+def evaluate_rules(ctx: RuleContext) -> list[Finding]:
+    """Every registered rule over ``ctx``, in registration order."""
+    out: list[Finding] = []
+    for fn, _ in RULES.values():
+        out.extend(fn(ctx))
+    return out
