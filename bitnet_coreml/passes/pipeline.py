@@ -75,7 +75,21 @@ def _inline_foreign_functions(model: ir.Model) -> tuple[bool, dict[str, Any]]:
     return True, {"inlined_functions": foreign}
 
 
+def _has_foldable(model: ir.Model) -> bool:
+    """True when some node computes only from constants (cheap scan; exporters often pre-fold)."""
+    for node in model.graph:
+        if node.op_type == "Constant" or not node.inputs:
+            continue
+        if all(v is None or v.const_value is not None for v in node.inputs):
+            return True
+        if node.op_type in ("Shape", "Size"):
+            return True
+    return False
+
+
 def _fold(model: ir.Model) -> tuple[bool, dict[str, Any]]:
+    if not _has_foldable(model):
+        return False, {"skipped": "nothing foldable"}
     from onnxscript.optimizer import fold_constants  # noqa: PLC0415  (heavy import, only when folding)
 
     res = fold_constants(model, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT)
