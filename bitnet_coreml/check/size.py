@@ -8,7 +8,8 @@ What the converter writes (the contract this estimate follows; see ``docs/check.
   the linear;
 * every other float initializer as an fp16 (fp32) const, except that with ``embed_bits`` the weight
   matrices of ``Gather`` (embeddings) and ``MatMul``/``Gemm`` (e.g. the LM head) are palettized:
-  ``ceil(n*bits/8)`` bytes of packed indices plus a ``2**bits``-entry fp16 LUT per tensor;
+  ``ceil(n*bits/8)`` bytes of packed indices plus a ``2**bits``-entry LUT per tensor (fp16, or fp32
+  at precision fp32);
 * any weight dimension > 16384 split by the converter into ``ceil(d/16384)`` near-equal chunks,
   each its own blob (see :func:`bitnet_coreml.check.rules.nodes_needing_split`).
 
@@ -192,7 +193,7 @@ def estimate_weight_bytes(model: ir.Model, embed_bits: int | None = None, precis
                         for c in counts:
                             blobs_l.append((c * embed_bits + 7) // 8)
                             if lut >= INLINE_BELOW_ELEMENTS:
-                                blobs_l.append(lut * 2)
+                                blobs_l.append(lut * fbytes)
                         tensors.append(TensorBytes(name, "palettized", shape, n, embed_bits, tuple(blobs_l),
                                                    fp16_of(counts)))
                         continue

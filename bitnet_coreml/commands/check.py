@@ -1,0 +1,108 @@
+"""``bitnet-coreml check MODEL --target ios|macos``: the pre-conversion report; exit 1 on violations."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from bitnet_coreml.commands._common import echo_json
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+@click.command("check")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--target", "platform", type=click.Choice(["ios", "macos"]), required=True,
+              help="Platform the package ships to.")
+@click.option("--chip", default=None, help="Chip to check against, e.g. A17Pro, A16, M1, 'M2 Max'.")
+@click.option("--min-os", default=None, help="Minimum OS version, e.g. 16 or 14.4 (default: lowest the graph needs).")
+@click.option("--embed-bits", type=int, default=None, help="Palettize embeddings / LM head at N bits (4, 6 or 8).")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="Compute precision the converter will use.")
+@click.option("--strict", is_flag=True, help="Warnings fail the check too (exit 1).")
+@click.option("--capabilities", "cap_files", multiple=True, type=click.Path(path_type=str),
+              help="Extra capability TOML file(s) merged over the bundled database.")
+@click.option("--seq-len", type=int, default=None, help="Sequence length for a Hugging Face checkpoint folder.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/schemas/check-report.schema.json).")
+def check(model: str, platform: str, chip: str | None, min_os: str | None, embed_bits: int | None, precision: str,
+          strict: bool, cap_files: tuple[str, ...], seq_len: int | None, as_json: bool) -> None:
+    """Check MODEL (.onnx file or checkpoint folder) against a target before converting it."""
+    from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
+    from bitnet_coreml.check.report import run_check  # noqa: PLC0415
+    from bitnet_coreml.check.target import Target  # noqa: PLC0415
+
+    # Validate the cheap inputs before loading a multi-GB model.
+    db = load_capabilities(*cap_files)
+    target = Target(platform, chip, min_os)
+    target.resolve(db)
+
+    from bitnet_coreml.frontend import load  # noqa: PLC0415
+    from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
+
+    m = load(model, seq_len=seq_len)
+    run_default_passes(m)
+    report = run_check(m, target, db=db, embed_bits=embed_bits, precision=precision, strict=strict, source=model)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        _print(report)
+    sys.exit(report.exit_code)
+
+
+def _print(report: object) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    from bitnet_coreml.check.report import CheckReport  # noqa: PLC0415
+
+    assert isinstance(report, CheckReport)
+    r = report
+    con = Console()
+    t = r.target
+    ane = f"ANE Gen {t.ane.generation}" if t.ane else "ANE generation not evaluated (no --chip)"
+    con.print(f"[bold]{r.model}[/bold] -> {t.label} (Core ML spec {t.os.spec_version}, MIL {t.os.mil_opset}; "
+              f"min OS {t.os_how}); {ane}")
+    size = Table("", "bytes", "", title="Weights (weight.bin estimate)", show_header=False)
+    size.add_row("estimated (ternary 2-bit" + (f", embeddings {r.size.embed_bits}-bit" if r.size.embed_bits else "")
+                 + f", {r.size.precision})", f"{r.size.total_bytes:,}", _mb(r.size.total_bytes))
+    size.add_row("same model all fp16", f"{r.size.fp16_total_bytes:,}", _mb(r.size.fp16_total_bytes))
+    size.add_row(f"{t.platform} package limit", f"{t.package_limit_bytes:,}", _mb(t.package_limit_bytes))
+    if t.ane and t.ane.model_size_budget_mb:
+        b = int(t.ane.model_size_budget_mb * (1 << 20))
+        size.add_row(f"Gen {t.ane.generation} budget (seed, soft)", f"{b:,}", _mb(b))
+    con.print(size)
+
+    def findings(title: str, items: list, style: str) -> None:  # type: ignore[type-arg]
+        if not items:
+            return
+        ft = Table("rule", "node", "actual", "limit", "message", title=title, title_style=style)
+        for f in items:
+            ft.add_row(f.rule, f.node or "-", str(f.actual), str(f.limit), f.message)
+        con.print(ft)
+
+    findings(f"Violations: {len(r.violations)}", r.violations, "bold red")
+    findings(f"Warnings: {len(r.warnings)}", r.warnings, "yellow")
+    findings(f"Fixed by the converter: {len(r.fixed)}", r.fixed, "green")
+    off = [u for u in r.units if u.unit != "ANE"]
+    counts = r.unit_counts
+    ut = Table("node", "op", "unit", "reason", "source",
+               title=f"Expected compute units: ANE {counts['ANE']}, GPU {counts['GPU']}, CPU {counts['CPU']} "
+                     "(ops not on the ANE listed)")
+    for u in off:
+        ut.add_row(u.node, u.op_type, u.unit, u.reason, u.source)
+    if off:
+        con.print(ut)
+    else:
+        con.print(f"expected compute units: all {counts['ANE']} ops on the ANE")
+    plan = Table("#", "compute units", "when", title="Fallback plan")
+    for i, step in enumerate(r.fallback_plan, 1):
+        plan.add_row(str(i), step["compute_units"], step["reason"])
+    con.print(plan)
+    for n in r.notes:
+        con.print(f"note: {n}")
+    verdict = "[bold green]fits[/bold green]" if r.ok else "[bold red]does not fit[/bold red]"
+    con.print(f"compatibility score {r.score:.3f} ({r.score_basis}); {verdict}"
+              + (" (strict: warnings count)" if r.strict and r.warnings else ""))

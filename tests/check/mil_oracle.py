@@ -1,0 +1,99 @@
+"""Write real Core ML packages whose weights follow the converter's storage contract, to measure weight.bin.
+
+The oracle for the size estimate is coremltools' own blob writer: this builds a MIL program with one
+const (or ``constexpr_lut_to_dense``) per initializer, stored the way docs/check.md says the converter
+stores it, converts and saves it with ``ct.convert`` + ``save``, and returns the size of
+``weights/weight.bin``. Data values are random: only their sizes and dtypes matter to the writer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import numpy as np
+import onnx_ir as ir
+
+from bitnet_coreml._quiet import coremltools
+from bitnet_coreml.passes.fused import DOMAIN
+
+_PAL = {"Gather": 0, "MatMul": 1, "Gemm": 1}
+
+
+def _chunks(shape: tuple[int, ...], limit: int) -> list[tuple[int, ...]]:
+    """Shapes of the pieces when every dim > limit is cut with numpy's array_split (near-equal parts)."""
+    pieces: list[tuple[int, ...]] = [()]
+    for d in shape:
+        parts = [len(p) for p in np.array_split(np.arange(d), math.ceil(d / limit))] if d > limit else [d]
+        pieces = [(*p, q) for p in pieces for q in parts]
+    return pieces
+
+
+def weight_bin_bytes(model: ir.Model, embed_bits: int | None = None, precision: str = "fp16",
+                     split_limit: int = 16384, target: str = "iOS16") -> int:
+    ct = coremltools()
+    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+    fdt = np.float16 if precision == "fp16" else np.float32
+    rng = np.random.default_rng(0)
+    consts: list[tuple[str, object]] = []  # ("dense", array) or ("lut", (indices, lut, shape))
+    seen: set[int] = set()
+    for node in model.graph:
+        bl = node.domain == DOMAIN and node.op_type == "BitLinear"
+        for i, v in enumerate(node.inputs):
+            if v is None or v.const_value is None or id(v) in seen:
+                continue
+            seen.add(id(v))
+            shape = tuple(int(d) for d in v.const_value.shape)
+            dt = v.const_value.dtype
+            if bl and i == 1:
+                for s in _chunks(shape, split_limit):
+                    n = math.prod(s)
+                    consts.append(("lut", (rng.integers(0, 256, (n * 2 + 7) // 8).astype(np.uint8),
+                                           np.array([-1, 0, 1, 0], fdt), s)))
+            elif bl and i == 2:
+                consts.append(("dense", rng.random(shape).astype(fdt)))
+            elif dt in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+                pal = node.domain in ("", "ai.onnx") and _PAL.get(node.op_type) == i and len(shape) >= 2
+                pieces = _chunks(shape, split_limit) if pal else [shape]
+                for s in pieces:
+                    n = math.prod(s)
+                    if pal and embed_bits is not None:
+                        consts.append(("lut", (rng.integers(0, 256, (n * embed_bits + 7) // 8).astype(np.uint8),
+                                               rng.random(2**embed_bits).astype(fdt), s)))
+                    else:
+                        consts.append(("dense", rng.random(s).astype(fdt)))
+            elif dt in (ir.DataType.INT8, ir.DataType.UINT8):
+                consts.append(("dense", rng.integers(0, 2, shape).astype(np.int8)))
+
+    opset = getattr(ct.target, target)
+
+    np_err = np.errstate(over="ignore")  # reduce_sum of random fp16 consts overflows in value inference
+    np_err.__enter__()
+
+    @mb.program(input_specs=[mb.TensorSpec((1,), dtype=types.fp16 if precision == "fp16" else types.fp32)],
+                opset_version=opset)
+    def prog(x):  # type: ignore[no-untyped-def]
+        acc = x
+        for kind, payload in consts:
+            if kind == "lut":
+                idx, lut, s = payload  # type: ignore[misc]
+                w = mb.constexpr_lut_to_dense(indices=idx, lut=lut, shape=np.array(s, np.uint32))
+            else:
+                w = mb.const(val=payload)
+            if w.dtype == types.int8:
+                w = mb.cast(x=w, dtype="fp16" if precision == "fp16" else "fp32")
+            acc = mb.add(x=acc, y=mb.reduce_sum(x=w, axes=None, keep_dims=False))
+        return acc
+
+    np_err.__exit__(None, None, None)
+    m = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=opset,
+                   compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+                   pass_pipeline=ct.PassPipeline.EMPTY)
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "m.mlpackage")
+        m.save(p)
+        wb = os.path.join(p, "Data", "com.apple.CoreML", "weights", "weight.bin")
+        return os.path.getsize(wb) if os.path.exists(wb) else 0
