@@ -34,10 +34,19 @@ conformance: setup
 bench: setup
 	$(BIN)/python bench/run_all.py
 
-# Regenerate the bundled example models (needs torch + transformers: the `export` extra).
-models: setup
-	$(BIN)/python -m pip install --quiet -e '.[export]'
-	$(BIN)/python models/make_models.py
+# Regenerate the bundled example models (models/README.md). torch + transformers live in their own
+# venv so the runtime venv never carries them; versions pinned in models/requirements-export.txt.
+EXPORT_VENV ?= .venv-export
+EXPORT_STAMP := $(EXPORT_VENV)/.installed-export
+
+$(EXPORT_STAMP): models/requirements-export.txt
+	test -x $(EXPORT_VENV)/bin/python || $(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EXPORT_VENV)/bin/python -m pip install --quiet -r models/requirements-export.txt
+	touch $(EXPORT_STAMP)
+
+models: $(EXPORT_STAMP)
+	$(EXPORT_VENV)/bin/python models/make_models.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache out

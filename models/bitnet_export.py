@@ -1,0 +1,360 @@
+"""Build real BitNet ONNX graphs from Hugging Face transformers' ``BitNetForCausalLM`` (export-time only).
+
+This is the one code path behind ``models/make_models.py`` (the bundled example models) and
+``bench/make_bench_model.py`` (the large benchmark exports). It needs the ``export`` extra
+(torch==2.13.0 CPU, transformers, onnxscript) and is never imported by the ``bitnet_coreml`` package.
+
+Recipe (see models/README.md, "How the graphs are made"):
+
+1. ``BitNetForCausalLM(BitNetConfig(...))`` with a fixed seed, random init; the RMSNorm gammas are
+   randomised around 1 so a converter that drops a gamma is caught by the parity oracle.
+2. Every ``nn.Linear`` except ``lm_head`` is replaced with transformers' own BitNet layer:
+
+   - ``offline``: ``AutoBitLinear(online_quant=False)``; ``weight = clip(round(W*s), -1, 1)`` (a float
+     tensor of {-1, 0, 1}), ``weight_scale = 1/s``; the graph multiplies the matmul output by it.
+   - ``online``: ``AutoBitLinear(online_quant=True)``; ``weight = W`` (float); the graph carries the
+     WeightQuant subgraph (Abs, ReduceMean, Clip, Reciprocal, Mul, Round, Clip, Div).
+   - ``packed``: ``BitLinear``; ``weight = pack_weights(ternary)`` (uint8 ``[out/4, in]``),
+     ``weight_scale = s``; the graph unpacks in-graph and divides the output by the scales.
+
+   with ``s = 1 / mean(|W|)`` (absmean, per tensor, as transformers' WeightQuant computes it).
+3. A wrapper whose ``forward(input_ids)`` returns ``model(input_ids=..., use_cache=False).logits``
+   (returning the model output itself fails on ``DynamicCache``), exported with
+   ``torch.onnx.export(..., dynamo=True, optimize=False)`` and then optimised with onnxscript's
+   optimizer (the same one the exporter runs) with its constant-folding input limit lowered to one
+   element below the model's smallest BitNet weight. The exporter's default limit (8192 elements)
+   folds the WeightQuant / unpack subgraphs of the *small* weights only, which would leave a mixed
+   graph; the lowered limit keeps every ternary weight in the form that the model's ``form`` names.
+
+``BitLinear``'s helpers (``unpack_weights``, ``activation_quant``, ``post_quant_process``) are wrapped
+in ``torch.compile`` and do not export: :func:`eager_bitlinear_helpers` swaps in eager equivalents
+for the duration of an export. The unpack casts the packed uint8 to int32 before masking and
+shifting (otherwise the exporter emits a BitwiseAnd with mixed int8/uint8 inputs that ONNX Runtime
+rejects).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("bitnet_export")
+
+FORMS = ("offline", "online", "packed")
+# onnxscript's default constant-folding input limit (elements); export_onnx lowers it below the
+# smallest BitNet weight of the model so no WeightQuant / unpack subgraph is folded away.
+DEFAULT_FOLD_INPUT_LIMIT = 8192
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One export: BitNet config, weight form, fixed input shape and how to save it."""
+
+    name: str
+    form: str  # offline | online | packed
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    seq: int = 16
+    batch: int = 1
+    seed: int = 0
+    external_data: bool = False
+    output_name: str | None = "logits"  # None: keep the exporter's own name
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ValueError(f"ModelSpec {self.name}: form {self.form!r} not in {FORMS}")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"ModelSpec {self.name}: hidden/heads/kv_heads must divide evenly")
+        head_dim = self.hidden // self.heads
+        if self.form == "packed" and any(n % 4 for n in (self.hidden, self.intermediate, self.kv_heads * head_dim)):
+            raise ValueError(f"ModelSpec {self.name}: packed needs every out_features divisible by 4")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bitnet_config(spec: ModelSpec, **extra: Any) -> Any:
+    from transformers import BitNetConfig
+
+    return BitNetConfig(
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=max(64, spec.seq),
+        rms_norm_eps=spec.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        # The default BOS/EOS ids (128000/128001) lie outside a small vocabulary; transformers warns.
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=None,
+        **extra,
+    )
+
+
+def ternarise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """absmean ternarisation as transformers' WeightQuant: returns (codes in {-1,0,1} float32, s)."""
+    w = w.detach().float()
+    s = 1.0 / w.abs().mean().clamp(min=1e-5)
+    return (w * s).round().clamp(-1, 1), s
+
+
+def random_float_model(spec: ModelSpec, **config_extra: Any) -> Any:
+    """A randomly initialised float BitNetForCausalLM (deterministic for spec.seed)."""
+    from transformers import BitNetForCausalLM
+
+    torch.manual_seed(spec.seed)
+    model = BitNetForCausalLM(bitnet_config(spec, **config_extra)).eval()
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def ternarise_model(model: Any, form: str) -> Any:
+    """Replace every nn.Linear except lm_head with transformers' BitNet layer of the given form."""
+    from transformers.integrations.bitnet import AutoBitLinear, BitLinear, pack_weights
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    for name, lin in linears:
+        if isinstance(lin, AutoBitLinear):
+            continue
+        codes, s = ternarise(lin.weight)
+        dtype = lin.weight.dtype
+        new: torch.nn.Module
+        if form == "offline":
+            new = AutoBitLinear(lin.in_features, lin.out_features, bias=False, dtype=dtype, online_quant=False)
+            with torch.no_grad():
+                new.weight.copy_(codes.to(dtype))
+                new.weight_scale.copy_((1.0 / s).reshape(1).to(dtype))
+        elif form == "online":
+            new = AutoBitLinear(lin.in_features, lin.out_features, bias=False, dtype=dtype, online_quant=True)
+            with torch.no_grad():
+                new.weight.copy_(lin.weight)
+        elif form == "packed":
+            new = BitLinear(lin.in_features, lin.out_features, bias=False, dtype=dtype)
+            with torch.no_grad():
+                # pack_weights adds 1 in place: give it its own int8 copy.
+                new.weight.copy_(pack_weights(codes.to(torch.int8).clone()))
+                new.weight_scale.copy_(s.reshape(1).to(dtype))
+        else:
+            raise ValueError(f"unknown form {form!r}; supported: {FORMS}")
+        new.requires_grad_(False)
+        model.set_submodule(name, new)
+    if not linears:
+        raise RuntimeError("no nn.Linear found to ternarise")
+    return model
+
+
+def build_model(spec: ModelSpec) -> Any:
+    return ternarise_model(random_float_model(spec), spec.form)
+
+
+def make_input_ids(spec: ModelSpec) -> np.ndarray:
+    rng = np.random.default_rng(spec.seed + 1000)
+    return rng.integers(0, spec.vocab, size=(spec.batch, spec.seq), dtype=np.int64)
+
+
+# --- eager replacements for BitLinear's torch.compile'd helpers --------------------------------
+
+
+def _unpack_weights_eager(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """transformers.integrations.bitnet.unpack_weights without torch.compile, int32 before bit ops."""
+    p = packed.to(torch.int32)
+    parts = [(p & (3 << (2 * i))) >> (2 * i) for i in range(4)]
+    return torch.cat(parts, dim=0).to(dtype) - 1
+
+
+def _activation_quant_eager(self: Any, input: torch.Tensor, num_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    qn = -(2 ** (num_bits - 1))
+    qp = 2 ** (num_bits - 1) - 1
+    scale = qp / input.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+    result = (input * scale).round().clamp(qn, qp)
+    return result.to(torch.int8), scale
+
+
+def _post_quant_process_eager(self: Any, input: torch.Tensor, input_scale: torch.Tensor,
+                              weight_scale: torch.Tensor) -> torch.Tensor:
+    return input / (input_scale * weight_scale)
+
+
+@contextlib.contextmanager
+def eager_bitlinear_helpers() -> Iterator[None]:
+    """Temporarily swap BitLinear's torch.compile'd helpers for eager, exportable ones."""
+    import transformers.integrations.bitnet as tb
+
+    saved = (tb.unpack_weights, tb.BitLinear.activation_quant, tb.BitLinear.post_quant_process)
+    tb.unpack_weights = _unpack_weights_eager
+    tb.BitLinear.activation_quant = _activation_quant_eager
+    tb.BitLinear.post_quant_process = _post_quant_process_eager
+    try:
+        yield
+    finally:
+        tb.unpack_weights, tb.BitLinear.activation_quant, tb.BitLinear.post_quant_process = saved
+
+
+class LogitsWrapper(torch.nn.Module):
+    """forward(input_ids) -> logits; use_cache=False so no DynamicCache reaches the exporter."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def torch_logits(model: Any, ids: np.ndarray) -> np.ndarray:
+    with eager_bitlinear_helpers(), torch.no_grad():
+        out = LogitsWrapper(model).eval()(torch.from_numpy(ids))
+    return out.detach().float().numpy()
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def export_onnx(model: Any, ids: np.ndarray, path: Path, *, external_data: bool = False,
+                output_name: str | None = "logits") -> dict[str, Any]:
+    """Export with the dynamo exporter, optimise, save atomically. Returns what the exporter named."""
+    import onnxscript.optimizer
+    from onnxscript import ir
+
+    from transformers.integrations.bitnet import AutoBitLinear, BitLinear
+
+    weight_sizes = [m.weight.numel() for m in model.modules() if isinstance(m, (AutoBitLinear, BitLinear))]
+    fold_limit = min([DEFAULT_FOLD_INPUT_LIMIT, *[n - 1 for n in weight_sizes]])
+    wrapper = LogitsWrapper(model).eval()
+    with eager_bitlinear_helpers(), torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (torch.from_numpy(ids),),
+            dynamo=True,
+            optimize=False,
+            output_names=[output_name] if output_name else None,
+            verbose=False,
+        )
+    assert program is not None
+    onnxscript.optimizer.optimize(program.model, input_size_limit=fold_limit)
+    ir_model = program.model
+    # The exporter annotates every node with its Python stack trace and FX node (absolute paths of
+    # this machine: not reproducible, and 2/3 of a small model's bytes). Keep only "namespace",
+    # the module path + class that produced the node, for humans reading the graph.
+    for node in ir_model.graph.all_nodes():
+        for key in [k for k in node.metadata_props if k != "namespace"]:
+            del node.metadata_props[key]
+    names = {
+        "inputs": [v.name for v in ir_model.graph.inputs],
+        "outputs": [v.name for v in ir_model.graph.outputs],
+        "opset": ir_model.opset_imports.get("", None),
+        "fold_input_limit": fold_limit,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = path.name + ".data"
+    # Save into a scratch folder next to the target, then rename: the external data location is
+    # the bare file name (relative to the model's folder), so both files move together.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=path.parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        if external_data:
+            ir.save(ir_model, tmp_model, external_data=data_name)
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+        else:
+            ir.save(ir_model, tmp_model)
+            stale = path.parent / data_name
+            if stale.exists():
+                stale.unlink()
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return names
+
+
+def export_spec(spec: ModelSpec, out_dir: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Build, run torch, export. Returns (onnx path, input_ids, torch logits)."""
+    model = build_model(spec)
+    ids = make_input_ids(spec)
+    logits = torch_logits(model, ids)
+    path = Path(out_dir) / f"{spec.name}.onnx"
+    export_onnx(model, ids, path, external_data=spec.external_data, output_name=spec.output_name)
+    return path, ids, logits
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+
+def graph_facts(path: Path) -> dict[str, Any]:
+    """Input/output names+shapes, opset, op histogram, initializer dtypes of a saved model."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    g = proto.graph
+
+    def shape(vi: Any) -> list[int | str]:
+        return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
+
+    def dtype(vi: Any) -> str:
+        return onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
+
+    init_dtypes = Counter(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in g.initializer)
+    return {
+        "inputs": [{"name": v.name, "dtype": dtype(v), "shape": shape(v)} for v in g.input],
+        "outputs": [{"name": v.name, "dtype": dtype(v), "shape": shape(v)} for v in g.output],
+        "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+        "ir_version": proto.ir_version,
+        "producer": f"{proto.producer_name} {proto.producer_version}",
+        "op_histogram": dict(sorted(Counter(n.op_type for n in g.node).items(), key=lambda kv: (-kv[1], kv[0]))),
+        "node_count": len(g.node),
+        "initializer_dtypes": dict(sorted(init_dtypes.items())),
+        "external_data": sorted({e.value for t in g.initializer for e in t.external_data if e.key == "location"}),
+    }
+
+
+def parity(reference: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """max-abs, max-abs relative to the reference's range, cosine and argmax agreement."""
+    r = reference.astype(np.float64).reshape(-1, reference.shape[-1])
+    g = got.astype(np.float64).reshape(-1, got.shape[-1])
+    diff = np.abs(r - g)
+    cos = float((r.ravel() @ g.ravel()) / (np.linalg.norm(r) * np.linalg.norm(g)))
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "max_rel_to_range": float(diff.max() / (np.abs(r).max() or 1.0)),
+        "cosine": cos,
+        "argmax_agreement": float((r.argmax(-1) == g.argmax(-1)).mean()),
+        "ref_abs_max": float(np.abs(r).max()),
+    }
+
+
+def ort_logits(path: Path, ids: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {sess.get_inputs()[0].name: ids})[0])

@@ -1,0 +1,182 @@
+"""Regenerate the bundled example models: real ONNX exports of transformers' BitNetForCausalLM.
+
+Usage (from the repository root; ``make models`` does this with the ``.venv-export`` venv):
+
+    .venv-export/bin/python models/make_models.py [--only NAME ...] [--skip-hf]
+
+For every model in ``MODELS`` it writes ``models/<name>.onnx`` (plus ``<name>.onnx.data`` for
+external data) and ``models/<name>.npz`` with ``input_ids`` (int64) and torch's ``logits``
+(float32): the oracle for every parity test. It then runs ONNX Runtime on the saved file and
+refuses (exit 1) when ORT does not reproduce torch (cosine < 0.999 or argmax agreement < 0.9),
+or when the graph does not carry the weight form the model is meant to show (op counts).
+Finally it writes the Hugging Face checkpoint fixtures (``models/hf/``, see make_hf_fixtures.py)
+and ``models/MANIFEST.json`` with every file's config, I/O names, op histogram and parity numbers.
+
+Everything is seeded: running it twice gives the same tensors and the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bitnet_export import (  # noqa: E402
+    ModelSpec,
+    export_spec,
+    graph_facts,
+    ort_logits,
+    parity,
+)
+
+log = logging.getLogger("make_models")
+
+HERE = Path(__file__).resolve().parent
+
+# The default model (`make convert`, pipelines/default.toml) is bitnet_offline.onnx.
+DEFAULT_MODEL = "bitnet_offline"
+
+MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(name="bitnet_offline", form="offline", vocab=1024, hidden=128, layers=2, heads=4, kv_heads=2,
+              intermediate=344, seed=0),
+    ModelSpec(name="bitnet_online", form="online", vocab=512, hidden=64, layers=2, heads=4, kv_heads=2,
+              intermediate=172, seed=1),
+    ModelSpec(name="bitnet_packed", form="packed", vocab=512, hidden=64, layers=2, heads=4, kv_heads=2,
+              intermediate=172, seed=2),
+    ModelSpec(name="bitnet_external", form="offline", vocab=512, hidden=64, layers=1, heads=4, kv_heads=2,
+              intermediate=172, seed=3, external_data=True),
+    # vocab > 16384: the converter must split the lm_head / gather (ANE dimension limit).
+    # hidden 16 keeps its two 17000-row tables small; 2 heads / 1 KV head is the MQA corner of GQA.
+    ModelSpec(name="bitnet_bigvocab", form="offline", vocab=17000, hidden=16, layers=1, heads=2, kv_heads=1,
+              intermediate=44, seed=4),
+)
+
+MIN_COSINE = 0.999
+MIN_ARGMAX = 0.9
+
+
+def expected_form_ops(spec: ModelSpec) -> dict[str, int]:
+    """Op counts that hold only if every BitNet linear kept the weight form the spec names."""
+    # 7 BitNet linears per layer; q/k/v and gate/up share their input, and the optimizer's common
+    # subexpression elimination merges their activation quantisation: 4 Round per layer.
+    n_lin = 7 * spec.layers
+    n_act = 4 * spec.layers
+    if spec.form == "offline":
+        return {"Round": n_act, "BitwiseAnd": 0}
+    if spec.form == "online":
+        return {"Round": n_act + n_lin, "BitwiseAnd": 0}  # + one WeightQuant per linear
+    return {"Round": n_act, "BitwiseAnd": 4 * n_lin}  # 4 two-bit fields unpacked per linear
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+    with os.fdopen(fd, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def make_one(spec: ModelSpec, out_dir: Path) -> tuple[dict[str, Any], float]:
+    t0 = time.perf_counter()
+    path, ids, logits = export_spec(spec, out_dir)
+    export_s = time.perf_counter() - t0
+    _save_npz(out_dir / f"{spec.name}.npz", input_ids=ids, logits=logits.astype(np.float32))
+
+    facts = graph_facts(path)
+    want = expected_form_ops(spec)
+    got = {op: facts["op_histogram"].get(op, 0) for op in want}
+    if got != want:
+        raise RuntimeError(f"{path.name}: weight form {spec.form!r} not intact: op counts {got}, expected {want}")
+    if [i["name"] for i in facts["inputs"]] != ["input_ids"]:
+        raise RuntimeError(f"{path.name}: inputs {facts['inputs']}, expected one named input_ids")
+
+    par = parity(logits, ort_logits(path, ids))
+    if par["cosine"] < MIN_COSINE or par["argmax_agreement"] < MIN_ARGMAX:
+        raise RuntimeError(f"{path.name}: ONNX Runtime does not reproduce torch: {par}")
+
+    files = [path, *(path.parent / loc for loc in facts["external_data"]), out_dir / f"{spec.name}.npz"]
+    return {
+        "file": path.name,
+        "default": spec.name == DEFAULT_MODEL,
+        "spec": spec.to_dict(),
+        "graph": facts,
+        "ort_vs_torch": par,
+        "files_bytes": {f.name: f.stat().st_size for f in files},
+    }, export_s
+
+
+def _write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=False)
+        fh.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="model names to regenerate (default: all)")
+    ap.add_argument("--skip-hf", action="store_true", help="do not rewrite the models/hf fixtures")
+    ap.add_argument("--out", type=Path, default=HERE)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
+
+    out_dir: Path = args.out.resolve()
+    manifest_path = out_dir / "MANIFEST.json"
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest.setdefault("onnx", {})
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    manifest["generated_with"] = {
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+    }
+    manifest["default_model"] = f"{DEFAULT_MODEL}.onnx"
+    names = set(args.only or [m.name for m in MODELS])
+    unknown = names - {m.name for m in MODELS}
+    if unknown:
+        print(f"unknown model(s) {sorted(unknown)}; known: {[m.name for m in MODELS]}", file=sys.stderr)
+        return 2
+    failed = False
+    for spec in MODELS:
+        if spec.name not in names:
+            continue
+        try:
+            entry, seconds = make_one(spec, out_dir)
+        except RuntimeError as exc:
+            print(f"FAIL {exc}", file=sys.stderr)
+            failed = True
+            continue
+        manifest["onnx"][spec.name] = entry
+        p = entry["ort_vs_torch"]
+        print(f"{entry['file']:<24} {spec.form:<8} {sum(entry['files_bytes'].values()) / 1e6:6.2f} MB  "
+              f"ORT vs torch: max_abs {p['max_abs']:.2e} cosine {p['cosine']:.6f} "
+              f"argmax {p['argmax_agreement']:.3f}  ({seconds:.1f} s)")
+    if not args.skip_hf:
+        from make_hf_fixtures import make_all
+
+        manifest["hf"] = {r["folder"]: r for r in make_all(out_dir / "hf")}
+        for folder, r in manifest["hf"].items():
+            print(f"{folder:<40} {r['linear_class']:<14} {r['weights']:<8} {r['dtype']:<9} "
+                  f"native vs fp32 cosine {r['native_vs_fp32']['cosine']:.6f}")
+    _write_json(manifest_path, manifest)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
