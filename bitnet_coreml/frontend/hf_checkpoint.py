@@ -191,14 +191,14 @@ class _Importer:
 
     def mlp(self, h: ir.Value, p: str) -> ir.Value:
         cfg, g, S = self.cfg, self.g, self.S
-        D, I = cfg.hidden_size, cfg.intermediate_size
-        gate = self.bitlinear(h, f"{p}.gate_proj", I, D)
-        up = self.bitlinear(h, f"{p}.up_proj", I, D)
-        act = g.fused("Relu2", [gate], {}, f"{p}.act", shape=[1, S, I])
-        m = g.op("Mul", [act, up], shape=[1, S, I])
-        m = g.fused("RMSNorm", [m, self._norm_weight(f"{p}.ffn_sub_norm.weight", I)],
-                    {"epsilon": cfg.rms_norm_eps}, f"{p}.ffn_sub_norm", shape=[1, S, I])
-        return self.bitlinear(m, f"{p}.down_proj", D, I)
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        gate = self.bitlinear(h, f"{p}.gate_proj", F, D)
+        up = self.bitlinear(h, f"{p}.up_proj", F, D)
+        act = g.fused("Relu2", [gate], {}, f"{p}.act", shape=[1, S, F])
+        m = g.op("Mul", [act, up], shape=[1, S, F])
+        m = g.fused("RMSNorm", [m, self._norm_weight(f"{p}.ffn_sub_norm.weight", F)],
+                    {"epsilon": cfg.rms_norm_eps}, f"{p}.ffn_sub_norm", shape=[1, S, F])
+        return self.bitlinear(m, f"{p}.down_proj", D, F)
 
     def build(self) -> ir.Model:
         cfg, g, S = self.cfg, self.g, self.S

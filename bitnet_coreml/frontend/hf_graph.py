@@ -16,7 +16,6 @@ import onnx_ir as ir
 from bitnet_coreml.passes.fused import DOMAIN, make_node
 
 
-
 class GraphBuilder:
     """Append-only graph under construction; :meth:`model` wraps it in an ``ir.Model``."""
 
@@ -63,7 +62,7 @@ class GraphBuilder:
         return v
 
     def const(self, name: str, arr: np.ndarray) -> ir.Value:
-        arr = np.ascontiguousarray(arr)
+        arr = np.array(arr, order="C")  # (ascontiguousarray would turn a 0-d scalar into shape [1])
         return self.initializer(ir.tensor(arr, name=name))
 
     def ints(self, values: Sequence[int]) -> ir.Value:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -29,8 +28,6 @@ from bitnet_coreml.frontend.hf_safetensors import CheckpointTensors
 
 VALUES_PER_BYTE = 4
 WEIGHT_QUANT_EPS = 1e-5  # transformers' WeightQuant: scale = 1 / mean(|W|).clamp(min=1e-5)
-_NP_OF_ST = {"F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16), "F32": np.dtype(np.float32),
-             "F64": np.dtype(np.float64)}
 _NP_OF_IR = {ir.DataType.FLOAT: np.dtype(np.float32), ir.DataType.FLOAT16: np.dtype(np.float16),
              ir.DataType.INT8: np.dtype(np.int8)}
 
@@ -90,7 +87,7 @@ class TernaryCodes(ir.LazyTensor):
     * ``"dense"``: stored weights with values in {-a, 0, a} (offline, unpacked); ``magnitude()`` is a;
     * ``"online"``: float weights ternarised by absmean as transformers' ``WeightQuant`` does
       (``s = 1/max(mean|W|, 1e-5)``, codes = ``clip(round(W*s), -1, 1)``); ``magnitude()`` is ``1/s``
-      rounded to the stored dtype, the value the dequantised weight carries. A packed source in
+      in float32, the value the dequantised weight carries in a float32 run. A packed source in
       online mode is first unpacked to its codes (transformers unpacks, then re-quantises).
     """
 
@@ -171,11 +168,9 @@ class TernaryCodes(ir.LazyTensor):
             return 1.0
         if self._magnitude is None:
             if self.kind == "online":
-                w = self._float_weight()
-                a = np.float32(1.0) / self._online_scale(w)
-                # the dequantised weight is cast back to the stored dtype by WeightQuant
-                st = _NP_OF_ST.get(self.source_dtype, np.dtype(np.float32))
-                self._magnitude = float(np.asarray(a, dtype=np.float32).astype(st).astype(np.float32))
+                # WeightQuant casts round(W*s)/s back to the model's run dtype; we compute in float32,
+                # the dtype transformers runs a checkpoint in when asked for float32.
+                self._magnitude = float(np.float32(1.0) / self._online_scale(self._float_weight()))
             else:
                 self.codes()
         assert self._magnitude is not None

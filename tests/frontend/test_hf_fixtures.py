@@ -156,10 +156,10 @@ def _act_quant(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(x * scale), -128, 127), scale
 
 
-def _weight_quant(w: np.ndarray, dtype: str) -> np.ndarray:
+def _weight_quant(w: np.ndarray) -> np.ndarray:
+    # WeightQuant in a float32 run: round(W*s).clip(-1, 1) / s with s = 1/max(mean|W|, 1e-5)
     scale = np.float32(1.0) / max(np.float32(np.abs(w).mean(dtype=np.float64)), np.float32(1e-5))
-    q = np.clip(np.rint(w * scale), -1, 1) / scale
-    return q.astype(NP_DTYPE[dtype]).astype(np.float32)
+    return (np.clip(np.rint(w * scale), -1, 1) / scale).astype(np.float32)
 
 
 def _linear(t: Tiny, lw: dict[str, np.ndarray], prefix: str, x: np.ndarray) -> np.ndarray:
@@ -170,7 +170,7 @@ def _linear(t: Tiny, lw: dict[str, np.ndarray], prefix: str, x: np.ndarray) -> n
     if t.linear_class == "bitlinear":  # BitLinear: (xq @ W^T) / (sx * weight_scale)
         return (xq @ w.T) / (sx * lw[f"{prefix}.weight_scale"])
     if t.mode == "online":  # AutoBitLinear(online_quant): WeightQuant, no weight_scale
-        return (xq / sx) @ _weight_quant(w, t.dtype).T
+        return (xq / sx) @ _weight_quant(w).T
     return ((xq / sx) @ w.T) * lw[f"{prefix}.weight_scale"]
 
 
