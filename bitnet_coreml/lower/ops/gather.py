@@ -1,0 +1,107 @@
+"""Indexing: Gather, GatherElements, GatherND.
+
+ONNX allows negative indices (counted from the end); constant indices are normalised at build
+time, computed ones with a ``select`` (Core ML's gather takes no negative indices everywhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from bitnet_coreml.lower.ops._common import (
+    attr,
+    bad,
+    cast,
+    is_const,
+    mb,
+    mil_array,
+    normalize_axis,
+    rank_of,
+    static_shape,
+    to_var,
+)
+from bitnet_coreml.lower.registry import LoweringContext, lowering
+
+
+def _norm_const_indices(node: ir.Node, idx: np.ndarray, dim: int) -> np.ndarray:
+    idx = np.asarray(idx).astype(np.int64)
+    if idx.size and (idx.min() < -dim or idx.max() >= dim):
+        raise bad(node, f"index range [{idx.min()}, {idx.max()}] out of bounds for axis of size {dim}")
+    return np.where(idx < 0, idx + dim, idx)
+
+
+def _norm_var_indices(idx: Any, dim: int | Any, name: str) -> Any:
+    m = mb()
+    idx = cast(idx, np.int32, f"{name}_i32")
+    neg = m.less(x=idx, y=np.int32(0), name=f"{name}_neg")
+    wrapped = m.add(x=idx, y=dim if not isinstance(dim, int) else np.int32(dim), name=f"{name}_wrap")
+    return m.select(cond=neg, a=wrapped, b=idx, name=f"{name}_idx")
+
+
+@lowering("Gather")
+def gather(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x, idx = ctx.input(node, 0), ctx.input(node, 1)
+    s = static_shape(node, x)
+    axis = normalize_axis(node, int(attr(node, "axis", 0)), len(s))
+    nm = ctx.name(node)
+    if is_const(idx):
+        ci = _norm_const_indices(node, idx, s[axis])
+        if is_const(x):
+            return [np.take(np.asarray(x), ci, axis=axis)]
+        if ci.ndim == 0:
+            # A scalar index drops the axis: slice it out, then squeeze.
+            i = int(ci)
+            begin = [0] * len(s)
+            end = list(s)
+            begin[axis], end[axis] = i, i + 1
+            sl = mb().slice_by_index(x=x, begin=np.array(begin, np.int32), end=np.array(end, np.int32),
+                                     name=f"{nm}_slice")
+            return [mb().squeeze(x=sl, axes=[axis], name=nm) if len(s) > 1 else
+                    mb().reshape(x=sl, shape=np.array([], np.int32), name=nm)]
+        return [mb().gather(x=to_var(x), indices=mil_array(ci), axis=axis, name=nm)]
+    iv = _norm_var_indices(idx, s[axis], nm)
+    return [mb().gather(x=to_var(x, f"{nm}_data"), indices=iv, axis=axis, name=nm)]
+
+
+@lowering("GatherElements")
+def gather_elements(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x, idx = ctx.input(node, 0), ctx.input(node, 1)
+    s = static_shape(node, x)
+    axis = normalize_axis(node, int(attr(node, "axis", 0)), len(s))
+    nm = ctx.name(node)
+    if is_const(idx):
+        ci = _norm_const_indices(node, idx, s[axis])
+        if is_const(x):
+            return [np.take_along_axis(np.asarray(x), ci, axis=axis)]
+        iv: Any = mil_array(ci)
+    else:
+        iv = _norm_var_indices(idx, s[axis], nm)
+    return [mb().gather_along_axis(x=to_var(x, f"{nm}_data"), indices=iv, axis=axis, name=nm)]
+
+
+@lowering("GatherND")
+def gather_nd(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x, idx = ctx.input(node, 0), ctx.input(node, 1)
+    batch_dims = int(attr(node, "batch_dims", 0))
+    nm = ctx.name(node)
+    if is_const(idx):
+        s = static_shape(node, x)
+        ci = np.asarray(idx).astype(np.int64)
+        k = ci.shape[-1]
+        dims = np.asarray(s[batch_dims:batch_dims + k], np.int64)
+        ci = np.where(ci < 0, ci + dims, ci)
+        if is_const(x) and batch_dims == 0:
+            a = np.asarray(x)
+            flat = ci.reshape(-1, k)
+            out = np.stack([a[tuple(r)] for r in flat]) if flat.shape[0] else np.empty((0,), a.dtype)
+            return [out.reshape(ci.shape[:-1] + a.shape[k:])]
+        iv: Any = mil_array(ci)
+    else:
+        iv = cast(idx, np.int32, f"{nm}_i32")
+    if rank_of(iv) < 1:
+        raise bad(node, "indices must have rank >= 1")
+    return [mb().gather_nd(x=to_var(x, f"{nm}_data"), indices=iv, batch_dims=batch_dims, name=nm)]

@@ -1,0 +1,144 @@
+"""Normalisations: LayerNormalization, RMSNormalization, BatchNormalization (inference),
+InstanceNormalization.
+
+LayerNormalization uses MIL ``layer_norm`` when Scale/Bias are constants of the normalised shape
+(the fused op the ANE runs); otherwise, or when the optional Mean/InvStdDev outputs are wanted, it
+is spelled out with reductions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from bitnet_coreml.lower.ops._common import (
+    attr,
+    is_const,
+    mb,
+    mil_array,
+    normalize_axis,
+    np_dtype,
+    static_shape,
+    to_var,
+    unsupported,
+)
+from bitnet_coreml.lower.registry import LoweringContext, lowering
+
+
+def _wanted(node: ir.Node, i: int) -> bool:
+    return i < len(node.outputs) and node.outputs[i] is not None and bool(node.outputs[i].name) and \
+        len(node.outputs[i].uses()) + int(node.outputs[i].is_graph_output()) > 0
+
+
+def _float(node: ir.Node, x: Any) -> Any:
+    x = to_var(x)
+    if np_dtype(x).kind != "f":
+        raise unsupported(node, f"input dtype {np_dtype(x)} is not supported (allowed: float16, float32)")
+    return x
+
+
+def _param(v: Any, dt: np.dtype) -> Any:
+    return mil_array(np.asarray(v).astype(dt)) if is_const(v) else v
+
+
+@lowering("LayerNormalization")
+def layer_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = _float(node, ctx.input(node, 0))
+    scale, bias = ctx.input(node, 1), ctx.input(node, 2)
+    s = static_shape(node, x)
+    axis = normalize_axis(node, int(attr(node, "axis", -1)), len(s))
+    eps = float(attr(node, "epsilon", 1e-5))
+    axes = list(range(axis, len(s)))
+    norm_shape = tuple(s[axis:])
+    dt = np_dtype(x)
+    nm = ctx.name(node)
+    m = mb()
+    stats = _wanted(node, 1) or _wanted(node, 2)
+    fused_ok = is_const(scale) and np.shape(scale) == norm_shape and (
+        bias is None or (is_const(bias) and np.shape(bias) == norm_shape))
+    if fused_ok and not stats:
+        kw: dict[str, Any] = {"gamma": mil_array(np.asarray(scale).astype(dt))}
+        if bias is not None:
+            kw["beta"] = mil_array(np.asarray(bias).astype(dt))
+        return [m.layer_norm(x=x, axes=axes, epsilon=np.asarray(eps, dt), name=nm, **kw)]
+    mean = m.reduce_mean(x=x, axes=axes, keep_dims=True, name=f"{nm}_mean")
+    centered = m.sub(x=x, y=mean, name=f"{nm}_c")
+    var = m.reduce_mean(x=m.mul(x=centered, y=centered, name=f"{nm}_c2"), axes=axes, keep_dims=True,
+                        name=f"{nm}_var")
+    inv = m.rsqrt(x=var, epsilon=np.asarray(eps, dt), name=f"{nm}_inv")
+    y = m.mul(x=centered, y=inv, name=f"{nm}_n")
+    y = m.mul(x=y, y=_param(scale, dt), name=f"{nm}_s" if bias is not None else nm)
+    if bias is not None:
+        y = m.add(x=y, y=_param(bias, dt), name=nm)
+    return [y, mean, inv][: len(node.outputs)]
+
+
+@lowering("RMSNormalization")
+def rms_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = _float(node, ctx.input(node, 0))
+    scale = ctx.input(node, 1)
+    s = static_shape(node, x)
+    axis = normalize_axis(node, int(attr(node, "axis", -1)), len(s))
+    eps = float(attr(node, "epsilon", 1e-5))
+    dt = np_dtype(x)
+    nm = ctx.name(node)
+    m = mb()
+    ms = m.reduce_mean(x=m.mul(x=x, y=x, name=f"{nm}_sq"), axes=list(range(axis, len(s))), keep_dims=True,
+                       name=f"{nm}_ms")
+    inv = m.rsqrt(x=ms, epsilon=np.asarray(eps, dt), name=f"{nm}_inv")
+    y = m.mul(x=x, y=inv, name=f"{nm}_n")
+    return [m.mul(x=y, y=_param(scale, dt), name=nm)]
+
+
+def _channel_shape(rank: int, c: int) -> list[int]:
+    return [1, c] + [1] * (rank - 2)
+
+
+@lowering("BatchNormalization")
+def batch_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    if attr(node, "training_mode", 0):
+        raise unsupported(node, "training_mode=1 is not supported (inference only)")
+    x = _float(node, ctx.input(node, 0))
+    s = static_shape(node, x)
+    if len(s) < 2:
+        raise unsupported(node, f"input rank {len(s)} < 2")
+    vals = [ctx.input(node, i) for i in range(1, 5)]
+    if not all(is_const(v) for v in vals):
+        raise unsupported(node, "scale, B, mean and var must be constants")
+    scale, b, mean, var = (np.asarray(v, np.float64) for v in vals)
+    eps = float(attr(node, "epsilon", 1e-5))
+    # Inference batch norm is one affine map per channel: fold it to y = x * k + t.
+    k = scale / np.sqrt(var + eps)
+    t = b - mean * k
+    dt = np_dtype(x)
+    shp = _channel_shape(len(s), s[1])
+    m = mb()
+    nm = ctx.name(node)
+    y = m.mul(x=x, y=k.reshape(shp).astype(dt), name=f"{nm}_k")
+    return [m.add(x=y, y=t.reshape(shp).astype(dt), name=nm)]
+
+
+@lowering("InstanceNormalization")
+def instance_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = _float(node, ctx.input(node, 0))
+    s = static_shape(node, x)
+    scale, b = ctx.input(node, 1), ctx.input(node, 2)
+    eps = float(attr(node, "epsilon", 1e-5))
+    dt = np_dtype(x)
+    nm = ctx.name(node)
+    m = mb()
+    axes = list(range(2, len(s)))
+    mean = m.reduce_mean(x=x, axes=axes, keep_dims=True, name=f"{nm}_mean")
+    c = m.sub(x=x, y=mean, name=f"{nm}_c")
+    var = m.reduce_mean(x=m.mul(x=c, y=c, name=f"{nm}_c2"), axes=axes, keep_dims=True, name=f"{nm}_var")
+    y = m.mul(x=c, y=m.rsqrt(x=var, epsilon=np.asarray(eps, dt), name=f"{nm}_inv"), name=f"{nm}_n")
+    shp = _channel_shape(len(s), s[1])
+    sc = np.asarray(scale).astype(dt).reshape(shp) if is_const(scale) else m.reshape(
+        x=scale, shape=np.array(shp, np.int32), name=f"{nm}_sr")
+    bb = np.asarray(b).astype(dt).reshape(shp) if is_const(b) else m.reshape(
+        x=b, shape=np.array(shp, np.int32), name=f"{nm}_br")
+    y = m.mul(x=y, y=sc, name=f"{nm}_s")
+    return [m.add(x=y, y=bb, name=nm)]
