@@ -100,7 +100,7 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
     predictor = Predictor(package, strategy, faults=faults)
     inputs = _load_npz(input_path)
     try:
-        result = predictor.predict(inputs)
+        result = predictor.predict(inputs, source=str(input_path))
     finally:
         predictor.close()
     if output_path is not None:

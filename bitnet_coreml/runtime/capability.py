@@ -7,41 +7,66 @@ runtime works, with fewer skips, even where the check stage is not built.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-from bitnet_coreml.errors import CapabilityMismatchError
+from bitnet_coreml.errors import ConfigError
 from bitnet_coreml.runtime.monitor import PlatformSnapshot
 from bitnet_coreml.runtime.package_io import PackageInfo
 
 log = logging.getLogger(__name__)
 
 
+_PLAN_NAMES = {"ane": "CPU_AND_NE", "gpu": "CPU_AND_GPU", "cpu": "CPU_ONLY"}
+CHECK_METADATA_KEY = "bitnet_coreml.check"
+
+
 def capability_verdicts(info: PackageInfo) -> dict[str, str]:
     """Unit name (``ane``/``gpu``/``cpu``) -> why the capability check says it cannot run this package.
 
-    Asks ``bitnet_coreml.check.unit_verdicts(package_path)`` (mapping unit -> ``(ok, reason)``); an
-    absent or failing check stage rules nothing out.
+    Two sources, both owned by the check stage: ``bitnet_coreml.check.unit_verdicts(package_path)``
+    (mapping unit -> ``(ok, reason)``) when the check stage offers it, else the check report the
+    converter stored in the package metadata (``bitnet_coreml.check``): a Core ML unit missing from
+    its ``fallback_plan`` is ruled out. With neither, nothing is ruled out.
     """
     try:
         from bitnet_coreml import check  # noqa: PLC0415
+
+        fn = getattr(check, "unit_verdicts", None)
     except ImportError:
-        return {}
-    fn = getattr(check, "unit_verdicts", None)
-    if not callable(fn):
+        fn = None
+    if callable(fn):
+        try:
+            verdicts = dict(fn(info.path))
+        except Exception as e:  # the check is advisory here; a broken rule must not stop prediction
+            log.warning("capability check failed for %s (%s: %s); no unit ruled out", info.path, type(e).__name__, e)
+            return {}
+        out: dict[str, str] = {}
+        for unit, verdict in verdicts.items():
+            ok, reason = verdict if isinstance(verdict, tuple) else (bool(verdict), "")
+            if not ok:
+                out[str(unit)] = str(reason or "ruled out by the capability check")
+        return out
+    return _from_metadata(info)
+
+
+def _from_metadata(info: PackageInfo) -> dict[str, str]:
+    raw = info.metadata.get(CHECK_METADATA_KEY)
+    if not raw:
         return {}
     try:
-        verdicts = fn(info.path)
-    except Exception as e:  # the check is advisory here; a broken rule must not stop prediction
-        log.warning("capability check failed for %s (%s: %s); no unit ruled out", info.path, type(e).__name__, e)
+        summary = json.loads(raw)
+    except ValueError:
+        log.warning("%s: metadata %s is not JSON; no unit ruled out", info.path, CHECK_METADATA_KEY)
         return {}
-    out: dict[str, str] = {}
-    for unit, verdict in dict(verdicts).items():
-        ok, reason = verdict if isinstance(verdict, tuple) else (bool(verdict), "")
-        if not ok:
-            out[str(unit)] = str(reason or "ruled out by the capability check")
-    return out
+    plan = summary.get("fallback_plan") if isinstance(summary, dict) else None
+    if not isinstance(plan, list) or not plan:
+        return {}
+    listed = {str(step.get("compute_units")) for step in plan if isinstance(step, dict)}
+    return {unit: f"the package's check report leaves {cu} out of its fallback plan"
+            for unit, cu in _PLAN_NAMES.items() if cu not in listed}
 
 
 def _field(req: Any, name: str, default: Any = None) -> Any:
@@ -53,27 +78,18 @@ def _field(req: Any, name: str, default: Any = None) -> Any:
 def validate_requirements(requirements: Any, plat: PlatformSnapshot) -> None:
     """Raise :class:`CapabilityMismatchError` listing every requirement this machine misses.
 
-    Delegates to ``bitnet_coreml.check.validate_operation_requirements(requirements, platform_info)``
-    when the check stage provides it; otherwise checks the requirement fields the runtime can observe:
-    ``minimum_memory_mb`` (vs total memory), ``ane_support`` and ``coreml_support``.
+    ``requirements`` is a ``bitnet_coreml.check.CapabilityRequirements`` or a mapping of its fields.
+    The check stage owns the rules (``check.validate_operation_requirements``); the runtime passes
+    its own reading of ANE availability and total memory so both agree with what the predictor saw.
     """
-    try:
-        from bitnet_coreml import check  # noqa: PLC0415
+    from bitnet_coreml.check import CapabilityRequirements, validate_operation_requirements  # noqa: PLC0415
 
-        delegate = getattr(check, "validate_operation_requirements", None)
-    except ImportError:
-        delegate = None
-    if callable(delegate):
-        delegate(requirements)
-        return
-    mismatches: list[str] = []
-    min_mb = _field(requirements, "minimum_memory_mb")
-    if min_mb is not None and plat.memory_total_bytes is not None and plat.memory_total_bytes < min_mb * 2**20:
-        mismatches.append(f"memory: needs {min_mb} MB, this machine has {plat.memory_total_bytes // 2**20} MB")
-    if _field(requirements, "ane_support") and not plat.ane_present:
-        mismatches.append(f"ane_support: required, but no usable Neural Engine ({plat.coreml_reason})"
-                          if not plat.coreml_available else "ane_support: required, but this machine has no Neural Engine")
-    if _field(requirements, "coreml_support") and not plat.coreml_available:
-        mismatches.append(f"coreml_support: required, but {plat.coreml_reason}")
-    if mismatches:
-        raise CapabilityMismatchError(f"operation requirements not met: {'; '.join(mismatches)}", mismatches)
+    if isinstance(requirements, Mapping):
+        known = set(CapabilityRequirements.__dataclass_fields__)
+        unknown = sorted(set(requirements) - known)
+        if unknown:
+            raise ConfigError(f"unknown requirement field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        requirements = CapabilityRequirements(**requirements)
+    memory_mb = None if plat.memory_total_bytes is None else plat.memory_total_bytes / 2**20
+    validate_operation_requirements(requirements, ane_available=plat.ane_present if plat.coreml_available else False,
+                                    memory_mb=memory_mb)

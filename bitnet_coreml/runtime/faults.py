@@ -181,11 +181,16 @@ class FaultPlan:
             unknown = set(opts) - {"error", "count", "seconds"}
             if unknown:
                 raise ConfigError(f"{ENV_VAR}: unknown option(s) {sorted(unknown)} in {entry!r}; allowed: error, count, seconds")
-            faults.append(Fault(
-                unit=unit, kind=kind, error=opts.get("error", "OperationError"),
-                count=_int(opts["count"], entry) if "count" in opts else None,
-                seconds=_float(opts["seconds"], entry) if "seconds" in opts else 3600.0,
-            ))
+            try:
+                faults.append(Fault(
+                    unit=unit, kind=kind, error=opts.get("error", "OperationError"),
+                    count=_int(opts["count"], entry) if "count" in opts else None,
+                    seconds=_float(opts["seconds"], entry) if "seconds" in opts else 3600.0,
+                ))
+            except ConfigError as e:
+                if str(e).startswith(ENV_VAR):
+                    raise
+                raise ConfigError(f"{ENV_VAR}: {e}") from None
         return cls(faults, thermal_state=thermal, available_memory_bytes=memory)
 
     @classmethod

@@ -13,12 +13,12 @@ import logging
 import platform
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 HOT_STATES = ("serious", "critical")  # NSProcessInfo.ThermalState names, lower-cased
+THERMAL_INTERVAL_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,51 +45,62 @@ class PlatformSnapshot:
         return self.thermal_state in HOT_STATES
 
 
-def _get(obj: Any, *names: str, default: Any = None) -> Any:
-    for n in names:
-        if isinstance(obj, Mapping) and n in obj:
-            return obj[n]
-        if hasattr(obj, n):
-            return getattr(obj, n)
-    return default
-
-
 def _coreml_status() -> tuple[bool, str]:
     if sys.platform != "darwin":
         return False, (f"Core ML runs only on macOS; this is {platform.system()} "
                        "(coremltools converts and saves packages here but cannot load its runtime to predict)")
     try:
-        import coremltools.libcoremlpython  # noqa: F401, PLC0415
-    except Exception as e:  # the native extension is missing or does not load on this macOS/Python
-        return False, f"coremltools' native runtime (libcoremlpython) does not load: {type(e).__name__}: {e}"
-    return True, "macOS with the coremltools native runtime"
+        from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+
+        coremltools()
+        from coremltools.models import model as ct_model  # noqa: PLC0415
+    except Exception as e:  # a broken install is reported, not raised
+        return False, f"coremltools cannot be imported: {type(e).__name__}: {e}"
+    if getattr(ct_model, "_MLModelProxy", None) is None:
+        return False, "coremltools' native runtime proxy (_MLModelProxy) failed to load on this macOS"
+    return True, "macOS with coremltools' native runtime proxy"
+
+
+def _mb_to_bytes(v: float | None) -> int | None:
+    return None if v is None else int(v * 2**20)
 
 
 def _from_check() -> PlatformSnapshot | None:
     try:
-        from bitnet_coreml.check import DeviceCompatibilityChecker  # type: ignore[attr-defined]  # noqa: PLC0415
+        from bitnet_coreml.check import DeviceCompatibilityChecker  # noqa: PLC0415
+
+        info = DeviceCompatibilityChecker.get_platform_info()
     except ImportError:
         return None
-    try:
-        info = DeviceCompatibilityChecker.get_platform_info()
     except Exception as e:  # a broken detector must not take prediction down; fall back to our own reading
         log.warning("platform detection failed (%s: %s); using the runtime's own reading", type(e).__name__, e)
         return None
-    cm_ok, cm_reason = _coreml_status()
-    ane = _get(info, "ane", default=None)
+    # ane_available folds in "Core ML can reach it"; ane_present is the hardware alone.
+    ane = info.ane_present if info.ane_available is None else (info.ane_available or info.ane_present)
     return PlatformSnapshot(
-        os=str(_get(info, "os", "system", default=platform.system())),
-        machine=str(_get(info, "machine", "arch", default=platform.machine())),
-        chip=_get(info, "chip", default=None),
-        coreml_available=bool(_get(info, "coreml_available", default=cm_ok)),
-        coreml_reason=str(_get(info, "coreml_reason", "coreml_unavailable_reason", default=cm_reason) or cm_reason),
-        ane_present=_get(info, "ane_present", "has_ane", default=(None if ane is None else bool(ane))),
-        ane_generation=_get(info, "ane_generation", default=_get(ane, "generation", default=None)),
-        memory_total_bytes=_get(info, "memory_total_bytes", "memory_total", default=None),
-        memory_available_bytes=_get(info, "memory_available_bytes", "memory_available", default=None),
-        thermal_state=str(_get(info, "thermal_state", default="unknown") or "unknown").lower(),
-        source="check",
+        os=f"{info.os_name} {info.os_version}".strip(), machine=info.machine, chip=info.chip,
+        coreml_available=bool(info.coreml_available), coreml_reason=info.coreml_reason,
+        ane_present=ane, ane_generation=None if info.ane_generation is None else f"Gen {info.ane_generation}",
+        memory_total_bytes=_mb_to_bytes(info.memory_total_mb),
+        memory_available_bytes=_mb_to_bytes(info.memory_available_mb),
+        thermal_state=(info.thermal_state or "unknown").lower(), source="check",
     )
+
+
+def _read_thermal() -> str | None:
+    """The current thermal state through the check stage's readers, or None if there is none."""
+    try:
+        from bitnet_coreml.check import platform as check_platform  # noqa: PLC0415
+
+        if sys.platform == "darwin":
+            state = check_platform._macos_thermal()[0]
+        elif sys.platform.startswith("linux"):
+            state = check_platform.linux_thermal()[0]
+        else:
+            return None
+    except Exception:  # no reader: thermal stays unknown
+        return None
+    return None if state is None else str(state).lower()
 
 
 def _own_reading() -> PlatformSnapshot:
@@ -115,25 +126,18 @@ def read_platform() -> PlatformSnapshot:
     return _from_check() or _own_reading()
 
 
-def refresh_memory(snapshot: PlatformSnapshot) -> PlatformSnapshot:
-    """``snapshot`` with current available memory and thermal state (cheap: no full detection)."""
+def refresh(snapshot: PlatformSnapshot, *, thermal: bool) -> PlatformSnapshot:
+    """``snapshot`` with current available memory (and thermal state if ``thermal``), no full detection."""
     try:
         import psutil  # noqa: PLC0415
 
         avail = int(psutil.virtual_memory().available)
     except Exception:  # psutil can fail in sandboxes; keep the last reading
         avail = snapshot.memory_available_bytes
-    thermal = snapshot.thermal_state
-    if snapshot.source == "check":
-        try:
-            from bitnet_coreml.check import DeviceCompatibilityChecker  # type: ignore[attr-defined]  # noqa: PLC0415
-
-            reader = getattr(DeviceCompatibilityChecker, "thermal_state", None)
-            if callable(reader):
-                thermal = str(reader() or "unknown").lower()
-        except Exception:  # keep the last thermal reading
-            pass
-    return dataclasses.replace(snapshot, memory_available_bytes=avail, thermal_state=thermal)
+    state = snapshot.thermal_state
+    if thermal:
+        state = _read_thermal() or "unknown"
+    return dataclasses.replace(snapshot, memory_available_bytes=avail, thermal_state=state)
 
 
 class Monitor:
@@ -145,7 +149,7 @@ class Monitor:
         self.thermal_override = thermal_override
         self.memory_override = memory_override
         self._snap = read_platform()
-        self._at = time.monotonic()
+        self._at = self._thermal_at = time.monotonic()
 
     @property
     def platform(self) -> PlatformSnapshot:
@@ -165,6 +169,10 @@ class Monitor:
         """The current reading, refreshed at most every ``interval_s`` unless ``force``."""
         now = time.monotonic()
         if force or now - self._at >= self.interval_s:
-            self._snap = refresh_memory(self._snap)
+            # Thermal readers may spawn `pmset` on macOS: read them at most every THERMAL_INTERVAL_S.
+            thermal = force or now - self._thermal_at >= THERMAL_INTERVAL_S
+            self._snap = refresh(self._snap, thermal=thermal)
             self._at = now
+            if thermal:
+                self._thermal_at = now
         return self._apply(self._snap)

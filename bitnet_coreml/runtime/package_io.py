@@ -60,6 +60,7 @@ class PackageInfo:
     output_names: tuple[str, ...]
     weight_bytes: int
     spec_version: int
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def read_package(path: str | os.PathLike[str]) -> PackageInfo:
@@ -92,7 +93,8 @@ def read_package(path: str | os.PathLike[str]) -> PackageInfo:
     outputs = tuple(o.name for o in spec.description.output)
     weights = p / "Data" / "com.apple.CoreML" / "weights"
     weight_bytes = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) if weights.is_dir() else 0
-    return PackageInfo(p, inputs, outputs, weight_bytes, int(spec.specificationVersion))
+    metadata = {str(k): str(v) for k, v in spec.description.metadata.userDefined.items()}
+    return PackageInfo(p, inputs, outputs, weight_bytes, int(spec.specificationVersion), metadata)
 
 
 def validate_inputs(info: PackageInfo, inputs: Mapping[str, Any], *, source: str = "inputs") -> dict[str, np.ndarray]:

@@ -180,12 +180,15 @@ class Predictor:
 
     # --- prediction ------------------------------------------------------------------------------
 
-    def predict(self, inputs: Mapping[str, Any]) -> PredictionResult:
-        """Answer one request from the first unit that can; raise :class:`ExhaustedError` if none can."""
+    def predict(self, inputs: Mapping[str, Any], *, source: str = "inputs") -> PredictionResult:
+        """Answer one request from the first unit that can; raise :class:`ExhaustedError` if none can.
+
+        ``source`` names the inputs in error messages (e.g. the .npz file they came from).
+        """
         t_start = time.perf_counter()
         s, rec = self.strategy, self._recovery
         rec.record_request()
-        x = validate_inputs(self.info, inputs)
+        x = validate_inputs(self.info, inputs, source=source)
         plat = self._monitor.reading() if s.monitor_fallback_performance else self._monitor.platform
         order, power_reason, notes = self._plan(plat)
         attempts: list[Attempt] = []

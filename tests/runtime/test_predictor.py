@@ -281,10 +281,17 @@ def test_execute_with_recovery(tiny_package: Path) -> None:
 @linux_only
 def test_validate_operation_requirements(tiny_package: Path) -> None:
     p = Predictor(tiny_package, units=["reference"])
-    p.validate_operation_requirements({"minimum_memory_mb": 1})
+    # The seed's GPU-matrix requirements (neural networks, matmul) have no GPU row on a Linux host.
+    no_gpu = {"neural_network_support": False, "matrix_multiplication": False}
+    p.validate_operation_requirements({**no_gpu, "minimum_memory_mb": 1})
     with pytest.raises(E.CapabilityMismatchError) as ei:
-        p.validate_operation_requirements({"minimum_memory_mb": 10**9, "ane_support": True})
-    assert len(ei.value.mismatches) == 2
+        p.validate_operation_requirements({**no_gpu, "minimum_memory_mb": 10**9, "ane_support": True})
+    assert sorted(m.split(":")[0] for m in ei.value.mismatches) == ["ane_support", "minimum_memory_mb"]
+    with pytest.raises(E.CapabilityMismatchError) as ei:
+        p.validate_operation_requirements({})
+    assert sorted(m.split(":")[0] for m in ei.value.mismatches) == ["matrix_multiplication", "neural_network_support"]
+    with pytest.raises(E.ConfigError, match="unknown requirement field"):
+        p.validate_operation_requirements({"tops": 11})
 
 
 def test_fallback_overhead_is_reported(tiny_package: Path, tiny_inputs: dict) -> None:
