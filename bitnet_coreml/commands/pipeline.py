@@ -61,7 +61,7 @@ def _table(d: dict[str, Any]) -> None:
     for r in d["results"]:
         check = r.get("check") or {}
         check_s = "-"
-        if check.get("report") or "violations" in check:
+        if isinstance(check.get("violations"), int):
             check_s = f"{check.get('violations', 0)} violations, {check.get('warnings', 0)} warnings"
         parity = r.get("parity")
         parity_s = "-"
@@ -69,8 +69,13 @@ def _table(d: dict[str, Any]) -> None:
             cos = [c["cosine"] for c in parity.get("comparisons", [])]
             parity_s = ("pass" if parity.get("passed") else "FAIL") + (f" cos {min(cos):.5f}" if cos else "")
         t.add_row(r["model"], r["target"], f"[{colors.get(r['status'], 'white')}]{r['status']}[/]", check_s,
-                  parity_s, f"{r['seconds']:.1f}s", r["reason"] or Path(r["package"]).name)
+                  parity_s, f"{r['seconds']:.1f}s", _short(r["reason"]) or Path(r["package"]).name)
     console = Console()
     console.print(t)
     status = "ok" if d["ok"] else f"FAILED (exit {d['exit_code']})"
     console.print(f"{len(d['results'])} entries, {d['seconds']:.1f} s: {status}")
+
+
+def _short(text: str, width: int = 90) -> str:
+    """The table shows the start of a failure; the full reason is in the log above and the JSON report."""
+    return text if len(text) <= width else text[: width - 3] + "..."

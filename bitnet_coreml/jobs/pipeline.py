@@ -187,20 +187,21 @@ def _write_report(path: Path, report: dict[str, Any], res: EntryResult) -> None:
 
 def _check_only(entry: ModelEntry, target: Target) -> dict[str, Any]:
     """The check report without failing on violations (``check = "warn"``)."""
+    from bitnet_coreml.check import Target as CheckTarget  # noqa: PLC0415
     from bitnet_coreml.check import run_check  # noqa: PLC0415
     from bitnet_coreml.frontend import load  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
 
     model = load(entry.source)
     run_default_passes(model)
-    spec = target.os if target.chip is None else f"{target.os}:{target.chip}"
-    report = run_check(model, spec)
-    d: dict[str, Any] = report.to_dict() if hasattr(report, "to_dict") else {"report": str(report)}
-    violations = list(getattr(report, "violations", []) or [])
+    report = run_check(model, CheckTarget(platform=target.os, chip=target.chip, min_os=target.min_os),
+                       embed_bits=entry.embed_bits, precision=entry.precision, source=str(entry.source))
+    violations = list(report.violations)
     if violations:
         log.warning("model %s target %s: %d check violation(s), converting anyway (check = \"warn\")",
                     entry.name, target.label, len(violations))
-    return d
+    return {"available": True, "policy": "warn", "violations": len(violations), "warnings": len(report.warnings),
+            "score": report.score, "report": report.to_dict()}
 
 
 def _verify(entry: ModelEntry, package: Path) -> dict[str, Any]:

@@ -1,0 +1,122 @@
+"""Pipeline builds with the real converter and verifier: incremental skips, rebuilds, failures, atomicity.
+
+The bundled ``bitnet_offline`` model is copied into a temporary folder so the tests can change it.
+Whether an entry was rebuilt is read from the package's bytes on disk and the result status, and
+parity comes from the verifier against ONNX Runtime (the independent oracle).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from bitnet_coreml.cli import main
+from bitnet_coreml.jobs.buildstate import MANIFEST_NAME
+from bitnet_coreml.jobs.pipeline import run_pipeline
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def _pipeline(tmp: Path, with_failing: bool) -> Path:
+    for name in ("a", "b"):
+        shutil.copy(MODELS / "bitnet_offline.onnx", tmp / f"{name}.onnx")
+    shutil.copy(MODELS / "bitnet_offline.npz", tmp / "inputs.npz")
+    # fp16 never reproduces fp32 exactly, so cosine 1.0 cannot be met: c always fails its parity.
+    failing = '''
+[[model]]
+name = "c"
+source = "a.onnx"
+verify = { inputs = "inputs.npz", min_cosine = 1.0 }
+''' if with_failing else ""
+    p = tmp / "p.toml"
+    p.write_text(f'''
+output_dir = "out"
+[defaults]
+check = "warn"
+targets = [{{ os = "macOS", min_os = "14", chip = "M1" }}]
+verify = {{ inputs = "inputs.npz", min_cosine = 0.999 }}
+{failing}
+[[model]]
+name = "a"
+source = "a.onnx"
+[[model]]
+name = "b"
+source = "b.onnx"
+''')
+    return p
+
+
+def _status(report: object) -> dict[str, str]:
+    return {r.model: r.status for r in report.results}  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One CLI build of a, b and the failing c; then the pipeline without c, for the incremental tests."""
+    tmp = tmp_path_factory.mktemp("pipe")
+    p = _pipeline(tmp, with_failing=True)
+    result = CliRunner().invoke(main, ["pipeline", "run", str(p), "--json"])
+    d = json.loads(result.stdout)
+    by = {r["model"]: r for r in d["results"]}
+    # c fails first in the file; a and b are still built, and the run exits 1.
+    assert result.exit_code == 1, result.output
+    assert {k: v["status"] for k, v in by.items()} == {"c": "failed", "a": "built", "b": "built"}, by
+    assert "cosine" in by["c"]["reason"] and "< 1.0" in by["c"]["reason"]
+    assert not (tmp / "out" / "c-macos14-m1.mlpackage").exists()  # a failed package is not installed
+    assert json.loads((tmp / "out" / "c-macos14-m1.report.json").read_text())["status"] == "failed"
+    return tmp, _pipeline(tmp, with_failing=False)
+
+
+def test_first_build_writes_packages_reports_and_manifest(built: tuple[Path, Path]) -> None:
+    tmp, _ = built
+    out = tmp / "out"
+    for name in ("a", "b"):
+        assert (out / f"{name}-macos14-m1.mlpackage" / "Manifest.json").is_file()
+        rep = json.loads((out / f"{name}-macos14-m1.report.json").read_text())
+        assert rep["status"] == "built" and rep["parity"]["passed"]
+        assert rep["convert"]["bitlinear_layers"] > 0
+        assert rep["check"]["policy"] == "warn"
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert set(manifest["entries"]) == {"a@macos14-m1", "b@macos14-m1"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_unchanged_is_skipped_and_changed_source_rebuilds_only_it(built: tuple[Path, Path]) -> None:
+    tmp, p = built
+    report = run_pipeline(p)
+    assert _status(report) == {"a": "skipped", "b": "skipped"}
+    # Same graph, different bytes (a doc string): the content hash changes, so b alone is rebuilt.
+    m = onnx.load(str(tmp / "b.onnx"))
+    m.doc_string = "edited"
+    onnx.save(m, str(tmp / "b.onnx"))
+    report = run_pipeline(p)
+    assert _status(report) == {"a": "skipped", "b": "built"}
+    # Timestamps alone do not rebuild (content hashes decide).
+    (tmp / "a.onnx").touch()
+    assert _status(run_pipeline(p)) == {"a": "skipped", "b": "skipped"}
+
+
+@pytest.mark.slow
+def test_force_rebuilds_everything(built: tuple[Path, Path]) -> None:
+    _, p = built
+    result = CliRunner().invoke(main, ["pipeline", "run", str(p), "--force", "--json"])
+    assert result.exit_code == 0
+    assert [r["status"] for r in json.loads(result.stdout)["results"]] == ["built", "built"]
+
+
+def test_damaged_package_or_interrupted_build_is_not_trusted(built: tuple[Path, Path]) -> None:
+    tmp, p = built
+    out = tmp / "out"
+    weights = next((out / "a-macos14-m1.mlpackage").rglob("weight.bin"))
+    weights.write_bytes(weights.read_bytes()[:-8])  # a damaged package must be rebuilt, not skipped
+    stale = out / ".tmp-999-a-macos14-m1.mlpackage"  # what a killed build leaves behind
+    stale.mkdir()
+    (stale / "partial").write_text("x")
+    report = run_pipeline(p)
+    assert _status(report) == {"a": "built", "b": "skipped"}
+    assert not stale.exists()

@@ -1,0 +1,109 @@
+"""Pipeline files: every kind of mistake is exit 2 with one line naming the file, the key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bitnet_coreml.cli import main
+from bitnet_coreml.errors import ConfigError
+from bitnet_coreml.jobs.spec import load_pipeline
+
+MODEL = '''
+[[model]]
+name = "m"
+source = "m.onnx"
+targets = [{ os = "macOS", min_os = "14", chip = "M1" }]
+'''
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "m.onnx").write_bytes(b"not parsed at load time")
+    (tmp_path / "inputs.npz").write_bytes(b"")
+    p = tmp_path / "p.toml"
+    p.write_text(text)
+    return p
+
+
+CASES = [
+    ("unknown top-level key", 'outptu_dir = "out"\n' + MODEL, ["unknown key 'outptu_dir'", "allowed: version, output_dir"]),
+    ("unknown model key", MODEL + 'precison = "fp16"\n', ["model[0]", "unknown key 'precison'", "allowed:"]),
+    ("unknown defaults key", '[defaults]\nchek = "strict"\n' + MODEL, ["defaults", "unknown key 'chek'"]),
+    ("wrong type", MODEL + "precision = 16\n", ["model 'm'.precision", "16", "allowed: fp16, fp32"]),
+    ("bad value", MODEL + 'precision = "fp8"\n', ["model 'm'.precision", "'fp8'", "allowed: fp16, fp32"]),
+    ("bad embed bits", MODEL + "embed_bits = 3\n", ["embed_bits", "allowed: 4, 6, 8"]),
+    ("bad check policy", MODEL + 'check = "loose"\n', ["model 'm'.check", "allowed: strict, warn"]),
+    ("missing source", MODEL.replace("m.onnx", "missing.onnx"), ["model 'm'.source", "'missing.onnx' does not exist"]),
+    ("source not onnx", MODEL.replace("m.onnx", "inputs.npz"), ["model 'm'.source", "not an .onnx file"]),
+    ("impossible target", MODEL.replace('chip = "M1"', 'chip = "A17 Pro"'),
+     ["targets[0].chip", "impossible target", "A17 Pro does not run macOS", "allowed chips for macOS"]),
+    ("unknown chip", MODEL.replace('chip = "M1"', 'chip = "Z9"'), ["targets[0].chip", "unknown chip 'Z9'", "known chips"]),
+    ("unknown os", MODEL.replace('os = "macOS"', 'os = "tvOS"'), ["targets[0].os", "'tvOS'", "allowed: macOS, iOS"]),
+    ("os too old", MODEL.replace('min_os = "14"', 'min_os = "12"'), ["targets[0].min_os", "'12'", "allowed: 13, 14, 15"]),
+    ("min_os wrong type", MODEL.replace('min_os = "14"', "min_os = [14]"), ["targets[0].min_os", "allowed"]),
+    ("empty targets", MODEL.replace('targets = [{ os = "macOS", min_os = "14", chip = "M1" }]', "targets = []"),
+     ["model 'm'.targets", "empty"]),
+    ("no targets", MODEL.replace('targets = [{ os = "macOS", min_os = "14", chip = "M1" }]', ""),
+     ["model 'm'", "missing key 'targets'"]),
+    ("unknown verify key", MODEL + "verify = { min_cos = 0.9 }\n", ["model 'm'.verify", "unknown key 'min_cos'"]),
+    ("threshold out of range", MODEL + "verify = { min_top1 = 1.5 }\n", ["verify.min_top1", "1.5", "allowed: 0.0 to 1.0"]),
+    ("bad output template", MODEL + 'output = "{nme}.mlpackage"\n', ["model 'm'.output", "unknown placeholder '{nme}'"]),
+    ("output collision", MODEL + 'output = "same.mlpackage"\n' + MODEL.replace('name = "m"', 'name = "n"')
+     + 'output = "same.mlpackage"\n', ["'same.mlpackage' is also the output of model 'm'"]),
+    ("duplicate name", MODEL + MODEL, ["model 'm'", "name used twice"]),
+    ("no models", 'output_dir = "out"\n', ["no [[model]] entries"]),
+    ("bad version", "version = 2\n" + MODEL, ["version", "allowed: 1"]),
+    ("not toml", "[[model]\nname=", ["not valid TOML"]),
+]
+
+
+@pytest.mark.parametrize("name,text,needles", CASES, ids=[c[0] for c in CASES])
+def test_bad_pipeline_is_exit_2_with_one_clear_line(tmp_path: Path, name: str, text: str, needles: list[str]) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError):
+        load_pipeline(path)
+    result = CliRunner().invoke(main, ["pipeline", "run", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {path}:")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_defaults_are_inherited_and_overridden(tmp_path: Path) -> None:
+    path = _write(tmp_path, '''
+output_dir = "build/out"
+[defaults]
+precision = "fp32"
+check = "warn"
+targets = [{ os = "iOS", min_os = "17", chip = "A17 Pro" }, { os = "macOS" }]
+[defaults.verify]
+min_cosine = 0.99
+inputs = "inputs.npz"
+''' + MODEL.replace('targets = [{ os = "macOS", min_os = "14", chip = "M1" }]', "") + '''
+verify = { min_top1 = 0.5 }
+[[model]]
+name = "n"
+source = "m.onnx"
+precision = "fp16"
+targets = [{ os = "ios" }]
+''')
+    p = load_pipeline(path)
+    assert p.output_dir == tmp_path / "build" / "out"
+    m, n = p.models
+    assert (m.precision, m.check, n.precision) == ("fp32", "warn", "fp16")
+    assert [t.label for t in m.targets] == ["ios17-a17pro", "macos"]
+    assert m.verify.thresholds() == {"cosine": 0.99, "top1": 0.5}
+    assert m.verify.inputs == tmp_path / "inputs.npz"
+    assert [m.output_name(t) for t in m.targets] == ["m-ios17-a17pro.mlpackage", "m-macos.mlpackage"]
+    assert m.targets[0].convert_min_os == "iOS17" and n.targets[0].convert_min_os is None
+
+
+def test_bundled_pipelines_load() -> None:
+    root = Path(__file__).resolve().parents[2] / "pipelines"
+    for path in sorted(root.glob("*.toml")):
+        p = load_pipeline(path)
+        assert p.models and all(m.source.exists() for m in p.models)
