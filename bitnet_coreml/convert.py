@@ -121,31 +121,27 @@ def source_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _run_check(model: ir.Model, options: ConvertOptions) -> dict[str, Any]:
+def _run_check(model: ir.Model, options: ConvertOptions, source: str) -> dict[str, Any]:
     """Run the pre-conversion check; violations stop the conversion (exit 1)."""
-    try:
-        from bitnet_coreml.check import run_check  # type: ignore[attr-defined]  # noqa: PLC0415
-    except ImportError:
-        # INTEGRATION POINT: bitnet_coreml.check.run_check is being written by another engineer.
-        log.warning("pre-conversion check is not available in this build; converting without it")
-        return {"available": False}
-    target = options.target if options.chip is None else f"{options.target}:{options.chip}"
-    try:
-        report = run_check(model, target)
-    except TypeError:
-        report = run_check(model, options.target)
-    d = report.to_dict() if hasattr(report, "to_dict") else {"report": str(report)}
-    violations = list(getattr(report, "violations", []) or [])
+    from bitnet_coreml.check import Target, run_check  # noqa: PLC0415
+
+    min_os = None
+    platform = options.target
+    if options.min_os:
+        name = parse_min_os(options.min_os)
+        platform = name[0]
+        min_os = _OS_NAMES[name[0]][name[1]].lower().removeprefix(name[0])
+    target = Target(platform=platform, chip=options.chip, min_os=min_os)
+    report = run_check(model, target, embed_bits=options.embed_bits, precision=options.precision, source=source)
+    violations = list(report.violations)
     if violations:
-        first = "; ".join(str(getattr(v, "message", v)) for v in violations[:5])
-        raise CheckFailedError(f"the check found {len(violations)} violation(s) for target {target}: {first}"
-                               f"{' ...' if len(violations) > 5 else ''}; run `bitnet-coreml check` for the report "
-                               "or convert with --no-check")
-    summary = {"available": True, "violations": 0,
-               "warnings": len(getattr(report, "warnings", []) or []),
-               "score": getattr(report, "score", None)}
-    summary["report"] = d
-    return summary
+        first = "; ".join(v.message for v in violations[:5])
+        raise CheckFailedError(f"the check found {len(violations)} violation(s) for {platform}"
+                               f"{' ' + options.chip if options.chip else ''}: {first}"
+                               f"{' ...' if len(violations) > 5 else ''}; run `bitnet-coreml check` for the full "
+                               "report, or convert with --no-check")
+    return {"available": True, "violations": 0, "warnings": [w.message for w in report.warnings],
+            "fixed_by_converter": [f.message for f in report.fixed], "score": report.score}
 
 
 def _descriptions(model: ir.Model, built: Any) -> tuple[dict[str, str], dict[str, str]]:
@@ -221,7 +217,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     if options.check:
         stage("check")
         t0 = time.perf_counter()
-        check = _run_check(model, options)
+        check = _run_check(model, options, str(source))
         timed("check", t0)
 
     notes: list[str] = []
@@ -279,8 +275,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         "bitnet_coreml.params_ternary": str(summary.params_ternary),
         "bitnet_coreml.params_other": str(summary.params_other),
         "bitnet_coreml.fp16_safety": json.dumps(fp16_info, sort_keys=True, default=str),
-        "bitnet_coreml.check": json.dumps({k: v for k, v in check.items() if k != "report"}, sort_keys=True,
-                                          default=str),
+        "bitnet_coreml.check": json.dumps(check, sort_keys=True, default=str),
         "bitnet_coreml.split": json.dumps(split_notes),
         "bitnet_coreml.embed_bits": str(options.embed_bits or 16),
         "bitnet_coreml.input_names": json.dumps(built.input_names, sort_keys=True),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,5 +245,16 @@ def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | Non
         ) if fp32_ops else ct.precision.FLOAT16
     else:
         compute_precision = ct.precision.FLOAT32
-    return ct.convert(built.program, convert_to="mlprogram", compute_precision=compute_precision,
-                      minimum_deployment_target=target, skip_model_load=True)
+    # coremltools draws a tqdm bar per pass pipeline on stderr; the CLI has its own progress display.
+    from coremltools.converters.mil.mil.passes import pass_pipeline  # noqa: PLC0415
+
+    bar = pass_pipeline.tqdm
+    pass_pipeline.tqdm = lambda it, *a, **k: it
+    try:
+        with warnings.catch_warnings():
+            # attention masks hold finfo.min, which the fp16 cast turns into -inf on purpose (see fp16.py)
+            warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
+            return ct.convert(built.program, convert_to="mlprogram", compute_precision=compute_precision,
+                              minimum_deployment_target=target, skip_model_load=True)
+    finally:
+        pass_pipeline.tqdm = bar

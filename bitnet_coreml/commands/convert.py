@@ -1,0 +1,79 @@
+"""``bitnet-coreml convert MODEL -o OUT.mlpackage``: check, convert and package (optionally verify)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from bitnet_coreml.commands._common import echo_json
+from bitnet_coreml.errors import EXIT_CHECK_FAILED
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+@click.command("convert")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Destination .mlpackage (written atomically).")
+@click.option("--target", type=click.Choice(["ios", "macos"]), default="ios", show_default=True,
+              help="Platform the package is for (check rules and deployment-target naming).")
+@click.option("--chip", default=None, help="Chip to check against (e.g. A17, M2); default: the target's baseline.")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="Compute precision of the package.")
+@click.option("--embed-bits", type=click.Choice(["4", "6", "8"]), default=None,
+              help="Palettize the non-ternary weights (embedding, lm_head) to this many bits (default: fp16).")
+@click.option("--calibration", type=click.Path(path_type=str), default=None,
+              help=".npz with the graph inputs for the fp16-safety analysis (default: a random input).")
+@click.option("--min-os", default=None, help="Minimum deployment target, e.g. iOS17 or macOS14 (default: what the program needs).")
+@click.option("--split-limit", type=int, default=16384, show_default=True,
+              help="Split constant dimensions larger than this (ANE limit); 0 disables.")
+@click.option("--seq-len", type=int, default=None, help="Sequence length for a Hugging Face checkpoint folder.")
+@click.option("--no-check", is_flag=True, help="Skip the pre-conversion check.")
+@click.option("--verify", "do_verify", is_flag=True, help="Verify the package against the source after converting.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def convert(model: str, out: str, target: str, chip: str | None, precision: str, embed_bits: str | None,
+            calibration: str | None, min_os: str | None, split_limit: int, seq_len: int | None, no_check: bool,
+            do_verify: bool, as_json: bool) -> None:
+    """Convert MODEL (.onnx file or checkpoint folder) to a Core ML package with 2-bit ternary weights."""
+    from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
+    from bitnet_coreml.convert import convert as run_convert  # noqa: PLC0415
+
+    options = ConvertOptions(precision=precision, embed_bits=int(embed_bits) if embed_bits else None,
+                             calibration=calibration, target=target, chip=chip, min_os=min_os,
+                             split_limit=split_limit, check=not no_check, verify=do_verify, seq_len=seq_len)
+    if as_json:
+        result = run_convert(model, out, options)
+        echo_json(result.to_dict())
+    else:
+        from rich.console import Console  # noqa: PLC0415
+        from rich.table import Table  # noqa: PLC0415
+
+        err = Console(stderr=True)
+        with err.status("converting ...") as status:
+            result = run_convert(model, out, options, progress=lambda s: status.update(f"{s} ..."))
+        con = Console()
+        t = Table("", "", title=f"{out}")
+        t.add_row("source", f"{model} (sha256 {result.source_sha256[:12]}...)")
+        t.add_row("precision / target", f"{result.precision} / {result.deployment_target}")
+        t.add_row("BitLinear layers", str(result.bitlinear_layers))
+        t.add_row("parameters", f"{result.params_ternary:,} ternary (2-bit) + {result.params_other:,} other")
+        t.add_row("weights", f"{_mb(result.weight_bytes)} (budget {_mb(result.weight_budget_bytes)})")
+        t.add_row("package", _mb(result.package_bytes))
+        t.add_row("time", " ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
+        con.print(t)
+        for n in result.split + result.notes:
+            con.print(f"- {n}")
+        if result.parity is not None:
+            pt = Table("runner", "reference", "output", "cosine", "rel L2", "max abs", "top-1", "top-5", "ok",
+                       title="parity")
+            for c in result.parity["comparisons"]:
+                pt.add_row(c["runner"], c["reference"], c["output"], f"{c['cosine']:.6f}", f"{c['rel_l2']:.4g}",
+                           f"{c['max_abs']:.4g}", "" if c["top1"] is None else f"{c['top1']:.4f}",
+                           "" if c["top5"] is None else f"{c['top5']:.4f}", "yes" if c["passed"] else "NO")
+            con.print(pt)
+    if result.parity is not None and not result.parity["passed"]:
+        click.echo("error: parity below threshold (the package was written; see the parity table)", err=True)
+        sys.exit(EXIT_CHECK_FAILED)
