@@ -131,7 +131,7 @@ def refresh(snapshot: PlatformSnapshot, *, thermal: bool) -> PlatformSnapshot:
     try:
         import psutil  # noqa: PLC0415
 
-        avail = int(psutil.virtual_memory().available)
+        avail: int | None = int(psutil.virtual_memory().available)
     except Exception:  # psutil can fail in sandboxes; keep the last reading
         avail = snapshot.memory_available_bytes
     state = snapshot.thermal_state

@@ -22,12 +22,12 @@ import numpy as np
 
 from bitnet_coreml.errors import (
     ANEUnavailableError,
+    BitnetCoremlError,
     CapabilityMismatchError,
     DeviceInitError,
     ExhaustedError,
     ModelError,
     PlatformUnavailableError,
-    RuntimeFailure,
     TimeoutFailure,
 )
 from bitnet_coreml.runtime._worker import Worker
@@ -83,7 +83,7 @@ class Predictor:
         self._monitor = Monitor(s.monitor_interval_s,
                                 thermal_override=faults.thermal_state if faults else None,
                                 memory_override=faults.available_memory_bytes if faults else None)
-        self._failed: dict[str, RuntimeFailure] = {}
+        self._failed: dict[str, BitnetCoremlError] = {}
         self._probes: dict[str, ProbeResult] = {}
         self._validated: set[str] = set()
         self._workers: dict[str, Worker] = {}
@@ -285,7 +285,7 @@ class Predictor:
                 raise res.error
         unit.load(self.info)
 
-    def _fail(self, unit: Unit, err: RuntimeFailure) -> None:
+    def _fail(self, unit: Unit, err: BitnetCoremlError) -> None:
         if isinstance(err, _PERMANENT):
             self._failed[unit.name] = err
             if isinstance(err, TimeoutFailure):

@@ -121,8 +121,9 @@ class CoreMLUnit(Unit):
         from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
 
         ct = coremltools()
+        cu_name = self.kind.coreml_name or "CPU_ONLY"
         try:
-            model = ct.models.MLModel(str(info.path), compute_units=getattr(ct.ComputeUnit, self.kind.coreml_name))
+            model = ct.models.MLModel(str(info.path), compute_units=getattr(ct.ComputeUnit, cu_name))
         except BitnetCoremlError:
             raise
         except Exception as e:  # Core ML raises bare Exceptions on compile/load failures

@@ -1,0 +1,79 @@
+"""Capability verdicts from the package's check report, and batch lowering after a memory error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitnet_coreml.runtime import FallbackStrategy, Fault, FaultPlan, Predictor
+from bitnet_coreml.runtime.capability import CHECK_METADATA_KEY, capability_verdicts
+from bitnet_coreml.runtime.package_io import read_package
+
+W = np.array([[1.0, -1.0, 0.5], [0.0, 2.0, -0.5], [0.25, 0.25, 0.25], [-1.0, 0.0, 1.0]], dtype=np.float32)
+
+
+def build_flexible(path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """relu(x @ W.T) with x of shape (1|2|4, 3), default 4."""
+    from bitnet_coreml._quiet import coremltools
+
+    ct = coremltools()
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import get_new_symbol
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(get_new_symbol(), 3))])
+    def prog(x):  # type: ignore[no-untyped-def]
+        return mb.relu(x=mb.linear(x=x, weight=W), name="out")
+
+    shape = ct.EnumeratedShapes(shapes=[(1, 3), (2, 3), (4, 3)], default=(4, 3))
+    model = ct.convert(prog, convert_to="mlprogram", inputs=[ct.TensorType(name="x", shape=shape)],
+                       minimum_deployment_target=ct.target.macOS13)
+    for k, v in (metadata or {}).items():
+        model.user_defined_metadata[k] = v
+    model.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def flexible(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_flexible(tmp_path_factory.mktemp("flex") / "flex.mlpackage")
+
+
+def test_memory_error_lowers_the_batch(flexible: Path) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(4, 3) / 7 - 0.8
+    faults = FaultPlan([Fault("reference", "raise", error="MemoryError", count=1)])
+    p = Predictor(flexible, FallbackStrategy(retry_delay_s=0.001), units=["reference"], faults=faults)
+    res = p.predict({"x": x})
+    assert res.unit == "reference" and res.batch_size == 2
+    assert any("lowered batch size 4 -> 2" in n for n in res.notes)
+    np.testing.assert_allclose(res.outputs["out"], np.maximum(x @ W.T, 0), atol=5e-3, rtol=5e-3)
+    from bitnet_coreml.executor import ReferenceExecutor
+
+    assert np.array_equal(res.outputs["out"], ReferenceExecutor(flexible).predict({"x": x})["out"])
+    u = p.get_recovery_stats().units["reference"]
+    # one failed full-batch attempt, one retry that ran two half batches
+    assert (u.attempts, u.failures, u.retries, u.successes) == (2, 1, 1, 1)
+
+
+def test_batch_outside_the_enumerated_shapes_is_bad_input(flexible: Path) -> None:
+    from bitnet_coreml.runtime.package_io import PredictionInputError
+
+    with pytest.raises(PredictionInputError, match=r"expects \[4, 3\] or \[1, 3\] or \[2, 3\]"):
+        Predictor(flexible, units=["reference"]).predict({"x": np.zeros((3, 3), np.float32)})
+
+
+def test_check_report_in_metadata_rules_units_out(tmp_path: Path) -> None:
+    plan = [{"compute_units": "CPU_AND_GPU", "reason": "no op is expected on the ANE"},
+            {"compute_units": "CPU_ONLY", "reason": "when the GPU fails"},
+            {"compute_units": "REFERENCE", "reason": "any OS"}]
+    pkg = build_flexible(tmp_path / "m.mlpackage", {CHECK_METADATA_KEY: json.dumps({"fallback_plan": plan})})
+    verdicts = capability_verdicts(read_package(pkg))
+    assert verdicts == {"ane": "the package's check report leaves CPU_AND_NE out of its fallback plan"}
+
+
+def test_no_check_report_rules_nothing_out(flexible: Path, tmp_path: Path) -> None:
+    assert capability_verdicts(read_package(flexible)) == {}
+    pkg = build_flexible(tmp_path / "n.mlpackage", {CHECK_METADATA_KEY: json.dumps({"available": False})})
+    assert capability_verdicts(read_package(pkg)) == {}
