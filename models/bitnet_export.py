@@ -243,7 +243,6 @@ def export_onnx(model: Any, ids: np.ndarray, path: Path, *, external_data: bool 
     """Export with the dynamo exporter, optimise, save atomically. Returns what the exporter named."""
     import onnxscript.optimizer
     from onnxscript import ir
-
     from transformers.integrations.bitnet import AutoBitLinear, BitLinear
 
     weight_sizes = [m.weight.numel() for m in model.modules() if isinstance(m, (AutoBitLinear, BitLinear))]

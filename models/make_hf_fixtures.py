@@ -136,9 +136,8 @@ def _eager_packed_autobitlinear_forward(model: Any, ids: np.ndarray) -> np.ndarr
     Its in-memory modules are BitLinear (which divides); what transformers loads is AutoBitLinear
     (which multiplies by the stored 1/s), so compute the reference with AutoBitLinear modules.
     """
-    from transformers.integrations.bitnet import AutoBitLinear, BitLinear
-
     from bitnet_export import _unpack_weights_eager
+    from transformers.integrations.bitnet import AutoBitLinear, BitLinear
 
     ref = copy.deepcopy(model)
     for name, mod in list(ref.named_modules()):
