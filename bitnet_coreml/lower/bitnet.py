@@ -181,9 +181,11 @@ def lower_rmsnorm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     xs = mb.mul(x=x, y=r, name=f"{nm}_xs")
     ms = mb.reduce_mean(x=mb.mul(x=xs, y=xs, name=f"{nm}_sq"), axes=[-1], keep_dims=True, name=f"{nm}_ms")
     # eps/s^2. When the fp16-safety analysis scaled this norm's input by t (and eps by t^2), use
-    # u = r/t = 1/s_orig with the original eps: the same value, but eps stays representable in fp16.
+    # u = r*t = 1/s_orig with the original eps: the same value, but eps stays representable in fp16
+    # (eps*t^2 would underflow). If t itself underflows in fp16, eps/s_orig^2 is far below fp16's
+    # resolution of mean(xs^2) >= 1/K anyway.
     t = float(ctx.options.get("rmsnorm_input_scale", {}).get(node.name, 1.0))
-    u = r if t == 1.0 else mb.mul(x=r, y=np.float32(1.0 / t), name=f"{nm}_u")
+    u = r if t == 1.0 else mb.mul(x=r, y=np.float32(t), name=f"{nm}_u")
     e = mb.mul(x=mb.mul(x=u, y=np.float32(eps / (t * t)), name=f"{nm}_er"), y=u, name=f"{nm}_eps")
     inv = mb.rsqrt(x=mb.add(x=ms, y=e, name=f"{nm}_v"), name=f"{nm}_inv")
     xn = mb.mul(x=xs, y=inv, name=f"{nm}_xn")

@@ -99,6 +99,10 @@ def measure(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple
     from bitnet_coreml.passes.ort import ort_session  # noqa: PLC0415
 
     graph = model.graph  # every float value becomes an output for one run, then the outputs are restored
+    if any(o.dtype is None for n in graph for o in n.outputs if o.name):
+        import onnx_ir.passes.common as common  # noqa: PLC0415
+
+        common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
     extra: list[ir.Value] = []
     outs = set(graph.outputs)
     for node in graph:
@@ -214,9 +218,10 @@ def make_fp16_safe(model: ir.Model, feeds: Mapping[str, np.ndarray], *, headroom
         norm.attributes["epsilon"] = ir.AttrFloat32("epsilon", new_eps)
         norm.overload = ensure_function(model, "RMSNorm", {"epsilon": new_eps})
         plan.rmsnorm_input_scale[norm.name or ""] = c ** 3
-        for n_, v in ((gate, g), (node, r), (up, u), (norm, p)):
-            if n_.outputs[0].name:
-                stats[n_.outputs[0].name] = v * (c ** 3 if n_ is norm else c ** 2 if n_ is node else c)
+        for val, v, f in ((gate.outputs[0], g, c), (node.outputs[0], r, c * c), (up.outputs[0], u, c),
+                          (norm.inputs[0], p, c ** 3)):
+            if val is not None and val.name:
+                stats[val.name] = v * f
         entry = {"relu2": node.name, "gate": gate.name, "up": up.name, "rmsnorm": norm.name, "factor": f"2^-{k}",
                  "max_abs_before": max(r, p), "max_abs_after": max(r * c * c, p * c ** 3)}
         plan.rescaled.append(entry)

@@ -111,3 +111,28 @@ def np_chain(x: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
     h = np_bitlinear(h, p["w1"], p["a1"])
     h = np_relu2(h)
     return np_bitlinear(h, p["w2"], p["a2"])
+
+
+def mlp_model(seed: int = 0, d: int = 32, hidden: int = 64, seq: int = 8, alpha: float = 300.0
+              ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The BitNet MLP: down(sub_norm(relu2(gate(n)) * up(n))), n = norm(x); big gate/up Alphas overflow fp16."""
+    rng = np.random.default_rng(seed)
+    g = FusedGraph()
+    p = {"g0": rng.uniform(0.5, 1.5, d).astype(np.float32), "g1": rng.uniform(0.5, 1.5, hidden).astype(np.float32),
+         "wg": ternary(rng, hidden, d), "wu": ternary(rng, hidden, d), "wd": ternary(rng, d, hidden),
+         "ag": np.float32(alpha), "au": np.float32(alpha), "ad": np.float32(0.05)}
+    n = g.rmsnorm("x", p["g0"])
+    gate = g.bitlinear(n, p["wg"], p["ag"])
+    up = g.bitlinear(n, p["wu"], p["au"])
+    r = g.relu2(gate)
+    prod = "prod"
+    g.nodes.append(oh.make_node("Mul", [r, up], [prod], name="mlp_mul"))
+    s = g.rmsnorm(prod, p["g1"])
+    y = g.bitlinear(s, p["wd"], p["ad"])
+    return g.model([("x", [1, seq, d])], [(y, [1, seq, d])]), p
+
+
+def np_mlp(x: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
+    n = np_rmsnorm(x, p["g0"])
+    h = np_relu2(np_bitlinear(n, p["wg"], p["ag"])) * np_bitlinear(n, p["wu"], p["au"])
+    return np_bitlinear(np_rmsnorm(h, p["g1"]), p["wd"], p["ad"])
