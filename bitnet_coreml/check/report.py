@@ -29,6 +29,8 @@ from bitnet_coreml.check.rules import (
     SplitInfo,
     evaluate_rules,
     expected_unit,
+    fp16_overflow_constants,
+    fp32_consumers,
     needed_features,
     nodes_needing_split,
 )
@@ -157,12 +159,14 @@ def run_check(model: ir.Model, target: Target, *, db: CapabilityDatabase | None 
     size = estimate_weight_bytes(model, embed_bits=embed_bits, precision=precision,
                                  split_limit=int(db.limit("max_dimension")["value"]))
     splits = nodes_needing_split(model, db=db)
-    ctx = RuleContext(model, db, resolved, size, precision, embed_bits, splits)
+    overflow = (fp16_overflow_constants(model, float(db.limit("fp16_range")["max"])) if precision == "fp16" else [])
+    ctx = RuleContext(model, db, resolved, size, precision, embed_bits, splits, overflow)
     findings = evaluate_rules(ctx)
     split_nodes = frozenset(s.node for s in splits)
     ane_flag = None if resolved.chip is None else resolved.chip.ane_generation is not None
-    units = [expected_unit(n, db, precision=precision, split_nodes=split_nodes, ane=ane_flag is not False)
-             for n in model.graph]
+    fp32 = fp32_consumers(overflow)
+    units = [expected_unit(n, db, precision=precision, split_nodes=split_nodes, ane=ane_flag is not False,
+                           fp32_nodes=fp32) for n in model.graph]
     violations = [f for f in findings if f.severity == "error"]
     warnings = [f for f in findings if f.severity == "warning"]
     fixed = [f for f in findings if f.severity == "info"]

@@ -90,6 +90,7 @@ class RuleContext:
     precision: str = "fp16"
     embed_bits: int | None = None
     splits: list[SplitInfo] = field(default_factory=list)
+    overflow: list[OverflowConst] = field(default_factory=list)
 
 
 RuleFn = Callable[[RuleContext], Iterator[Finding]]
@@ -184,11 +185,58 @@ def _split_outputs(model: ir.Model, splits: list[SplitInfo]) -> set[int]:
     return {id(v) for n in model.graph if _nid(n) in names for v in n.outputs}
 
 
+@dataclass(frozen=True)
+class OverflowConst:
+    """A float initializer with values beyond fp16's range. ``mask``: an attention mask (see below)."""
+
+    value: str
+    peak: float
+    mask: bool
+    consumers: tuple[str, ...]
+
+
+def _softmax_only(v: ir.Value) -> bool:
+    uses = [u[0] for u in v.uses()]
+    return bool(uses) and all(n.domain in _STD and n.op_type == "Softmax" for n in uses)
+
+
+def fp16_overflow_constants(model: ir.Model, fmax: float) -> list[OverflowConst]:
+    """Float initializers holding |x| > ``fmax``, read once (two reductions, no temporary copy).
+
+    An *attention mask* (only its negative side is huge, and it is only added/selected into values
+    that only Softmax reads) becomes -inf in fp16, which softmax maps to exactly 0: harmless, and
+    the converter keeps it in fp16. Any other overflowing constant makes the converter keep its
+    consumers in fp32 (``bitnet_coreml.lower.fp16``), which takes them off the ANE.
+    """
+    out: list[OverflowConst] = []
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if t is None or t.dtype.name not in _FLOAT_DTYPES or t.size == 0:
+            continue
+        a = t.numpy()
+        hi, lo = float(a.max()), float(a.min())
+        peak = max(hi, -lo)
+        if math.isfinite(peak) and peak <= fmax:
+            continue
+        users = [u[0] for u in v.uses()]
+        mask = (hi <= fmax and bool(users)
+                and all(n.domain in _STD and n.op_type in ("Add", "Sub", "Where") and all(_softmax_only(o) for o in n.outputs)
+                        for n in users))
+        out.append(OverflowConst(v.name or "", peak, mask, tuple(_nid(n) for n in users)))
+    return out
+
+
+def fp32_consumers(overflow: list[OverflowConst]) -> dict[str, str]:
+    """node -> the constant that keeps it in fp32 (non-mask overflowing constants only)."""
+    return {n: o.value for o in overflow if not o.mask for n in o.consumers}
+
+
 # --- compute units --------------------------------------------------------------------------------
 
 
 def expected_unit(node: ir.Node, db: CapabilityDatabase, *, precision: str = "fp16",
-                  split_nodes: frozenset[str] = frozenset(), ane: bool | None = True) -> OpUnit:
+                  split_nodes: frozenset[str] = frozenset(), ane: bool | None = True,
+                  fp32_nodes: dict[str, str] | None = None) -> OpUnit:
     """The compute unit ``node`` is expected to run on and why (first matching unit rule wins)."""
     ur = db.unit_rules
     nid, op = _nid(node), _op(node)
@@ -223,6 +271,8 @@ def expected_unit(node: ir.Node, db: CapabilityDatabase, *, precision: str = "fp
                 return off("dynamic_shape_gpu", f"value {v.name if v is not None else '?'} shape {d}")
     if precision == "fp32" and "fp32_gpu" in ur:
         return off("fp32_gpu", "conversion precision fp32")
+    if fp32_nodes and nid in fp32_nodes and "fp32_gpu" in ur:
+        return off("fp32_gpu", f"kept in fp32: constant {fp32_nodes[nid]!r} overflows fp16")
     if nid not in split_nodes and "large_dim_gpu" in ur:
         lim = int(db.limit("max_dimension")["value"])
         for v in [*node.inputs, *node.outputs]:
@@ -249,7 +299,10 @@ def expected_units(model: ir.Model, db: CapabilityDatabase | None = None, *, pre
     """:func:`expected_unit` for every node of the graph, in graph order."""
     db = db or default_database()
     split_nodes = frozenset(s.node for s in nodes_needing_split(model, db=db))
-    return [expected_unit(n, db, precision=precision, split_nodes=split_nodes, ane=ane) for n in model.graph]
+    fp32 = (fp32_consumers(fp16_overflow_constants(model, float(db.limit("fp16_range")["max"])))
+            if precision == "fp16" else {})
+    return [expected_unit(n, db, precision=precision, split_nodes=split_nodes, ane=ane, fp32_nodes=fp32)
+            for n in model.graph]
 
 
 # --- the rules ------------------------------------------------------------------------------------
@@ -404,24 +457,24 @@ def _fp16(ctx: RuleContext) -> Iterator[Finding]:
     lim = ctx.db.limit("fp16_range")
     fmax, fmin_sub = float(lim["max"]), float(lim["min_subnormal"])
     if ctx.precision == "fp16":
-        for v, _ in _all_values(ctx.model):
-            t = v.const_value
-            if t is None or t.dtype.name not in _FLOAT_DTYPES:
-                continue
-            a = t.numpy()
-            if a.size == 0:
-                continue
-            # two reductions instead of abs(): no temporary the size of the weight
-            peak = max(float(a.max()), -float(a.min()))
-            if not math.isfinite(peak) or peak > fmax:
+        for o in ctx.overflow:
+            if o.mask:
+                yield Finding("fp16_mask_constant", "info",
+                              f"initializer {o.value!r} holds {-o.peak:g}: an attention mask; it becomes -inf in fp16 "
+                              "and softmax maps it to exactly 0", o.value, -o.peak, -fmax, lim.source,
+                              fixed_by="none needed: the converter keeps the mask in fp16 (softmax gives exact 0)")
+            else:
                 yield Finding("fp16_overflow_constant", lim.severity,
-                              f"initializer {v.name!r} holds |x| = {peak:g} > fp16 max {fmax:g}; it becomes inf in fp16 "
-                              "(convert with precision fp32 or rescale)", v.name, peak, fmax, lim.source)
+                              f"initializer {o.value!r} holds |x| = {o.peak:g} > fp16 max {fmax:g}; the converter keeps "
+                              f"its consumers ({', '.join(o.consumers) or 'none'}) in fp32, off the ANE",
+                              o.value, o.peak, fmax, lim.source)
     for n in ctx.model.graph:
         if n.domain == OURS and n.op_type == "Relu2":
-            yield Finding("fp16_relu2_overflow", "warning",
+            yield Finding("fp16_relu2_overflow", "info",
                           f"Relu2 {_nid(n)}: relu(x)^2 overflows fp16 for |x| > {math.sqrt(fmax):.1f}",
-                          _nid(n), None, fmax, lim.source)
+                          _nid(n), None, fmax, lim.source,
+                          fixed_by="the converter's fp16-safety pass measures the MLP on a calibration input and "
+                                   "rescales it by an exact power of two, or keeps it in fp32")
         if n.domain == OURS and n.op_type == "RMSNorm" and "epsilon" in n.attributes:
             eps = n.attributes["epsilon"].as_float()
             if 0 < eps < fmin_sub / 2:

@@ -80,7 +80,14 @@ def weight_bin_bytes(model: ir.Model, embed_bits: int | None = None, precision: 
         for kind, payload in consts:
             if kind == "lut":
                 idx, lut, s = payload  # type: ignore[misc]
-                w = mb.constexpr_lut_to_dense(indices=idx, lut=lut, shape=np.array(s, np.uint32))
+                if opset >= ct.target.iOS18:  # iOS18 form: typed sub-byte indices of the weight's shape
+                    nbits = int(np.log2(lut.size))
+                    sub = {1: types.np_uint1_dtype, 2: types.np_uint2_dtype, 4: types.np_uint4_dtype,
+                           6: types.np_uint6_dtype, 8: np.uint8}[nbits]
+                    ind = rng.integers(0, lut.size, s).astype(sub)
+                    w = mb.constexpr_lut_to_dense(indices=ind, lut=lut.reshape([1] * len(s) + [lut.size, 1]))
+                else:
+                    w = mb.constexpr_lut_to_dense(indices=idx, lut=lut, shape=np.array(s, np.uint32))
             else:
                 w = mb.const(val=payload)
             if w.dtype == types.int8:

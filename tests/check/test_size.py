@@ -1,0 +1,79 @@
+"""The weight.bin estimate against real packages written by coremltools' blob writer (ct.convert + save)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitnet_coreml.check import estimate_weight_bytes
+from bitnet_coreml.check.size import blob_file_bytes, even_chunks
+from bitnet_coreml.errors import InputError
+from tests.check.graphs import GraphBuilder, tiny_lm
+from tests.check.mil_oracle import weight_bin_bytes
+
+
+def test_blob_layout_hand_computed() -> None:
+    # ANE_FACTS: a 1024x1024 ternary weight as 2-bit LUT (+ its 1024-element fp16 bias) is 264,384 B
+    assert blob_file_bytes([1024 * 1024 * 2 // 8, 1024 * 2]) == 264_384
+    assert blob_file_bytes([]) == 0
+    assert blob_file_bytes([1]) == 64 + 64 + 1
+    assert blob_file_bytes([1, 1]) == 64 + 64 + 1 + 63 + 64 + 1
+
+
+def test_even_chunks() -> None:
+    assert even_chunks(32000, 16384) == [16000, 16000]
+    assert even_chunks(16384, 16384) == [16384]
+    assert even_chunks(128256, 16384) == [16032] * 8
+    assert sum(even_chunks(40001, 16384)) == 40001
+
+
+CASES = [
+    ("tiny", dict()),
+    ("vocab_40000", dict(vocab=40000)),
+    ("tied", dict(tied=True)),
+    ("odd_shapes", dict(vocab=77, d=24, hidden=40, seq=3)),
+]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+@pytest.mark.parametrize("embed_bits", [None, 4, 6, 8])
+@pytest.mark.parametrize("name, kw", CASES, ids=[c[0] for c in CASES])
+def test_estimate_matches_coremltools_weight_bin(name: str, kw: dict, embed_bits: int | None, precision: str) -> None:  # type: ignore[type-arg]
+    m = tiny_lm(**kw)
+    est = estimate_weight_bytes(m, embed_bits=embed_bits, precision=precision)
+    real = weight_bin_bytes(m, embed_bits=embed_bits, precision=precision)
+    assert abs(est.total_bytes - real) <= 0.02 * real
+    assert est.total_bytes == real  # the layout is deterministic: the estimate is exact
+
+
+def test_estimate_matches_on_ios18_target() -> None:
+    m = tiny_lm(vocab=300)
+    assert estimate_weight_bytes(m).total_bytes == weight_bin_bytes(m, target="iOS18")
+
+
+def test_3m_ternary_parameters() -> None:
+    b = GraphBuilder()
+    x = b.input("x", [1, 1000])
+    m = b.output(b.bitlinear(x, 3000, 1000, per_channel=True))
+    est = estimate_weight_bytes(m)
+    assert est.params_ternary == 3_000_000 and est.params_scales == 3000
+    assert est.total_bytes == weight_bin_bytes(m)
+    # the 2-bit package is ~8x smaller than the same weights in fp16
+    assert est.fp16_total_bytes / est.total_bytes == pytest.approx(6_006_000 / 756_000, rel=0.01)
+
+
+def test_small_constants_are_inlined() -> None:
+    b = GraphBuilder()
+    x = b.input("x", [1, 9])
+    y = b.node("Add", [x, b.init(np.ones((1, 9), np.float32), "c9")], [1, 9])
+    m = b.output(b.node("Mul", [y, b.init(np.ones((1, 9), np.float32), "c9b")], [1, 9]))
+    est = estimate_weight_bytes(m)
+    assert est.total_bytes == 0 == weight_bin_bytes(m)
+    assert [t.kind for t in est.tensors] == ["inlined", "inlined"]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(InputError, match="precision"):
+        estimate_weight_bytes(tiny_lm(), precision="int4")
+    with pytest.raises(InputError, match="embed_bits 9"):
+        estimate_weight_bytes(tiny_lm(), embed_bits=9)
