@@ -146,8 +146,7 @@ def mod(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x, y = to_var(a), to_var(b)
     m = mb()
     if not fmod:
-        if np_dtype(x).kind == "f":
-            raise unsupported(node, "fmod=0 is only defined for integer inputs")
+        # Python/numpy modulo: the sign of the divisor, x - floor(x / y) * y.
         return [m.mod(x=x, y=y, name=nm)]
     # fmod: remainder with the sign of the dividend, x - trunc(x / y) * y.
     if np_dtype(x).kind in "iu":
