@@ -77,3 +77,29 @@ def test_bad_arguments() -> None:
         estimate_weight_bytes(tiny_lm(), precision="int4")
     with pytest.raises(InputError, match="embed_bits 9"):
         estimate_weight_bytes(tiny_lm(), embed_bits=9)
+
+
+MODELS = __import__("pathlib").Path(__file__).resolve().parents[2] / "models"
+
+
+@pytest.mark.parametrize("name, precision", [
+    ("bitnet_offline", "fp16"),
+    pytest.param("bitnet_bigvocab", "fp16", marks=pytest.mark.slow),
+    pytest.param("bitnet_packed", "fp32", marks=pytest.mark.slow),
+])
+def test_estimate_matches_the_converter(tmp_path, name: str, precision: str) -> None:  # type: ignore[no-untyped-def]
+    """The issue's bar: the converted package's weight.bin within 2% of the estimate."""
+    src = MODELS / f"{name}.onnx"
+    if not src.exists():
+        pytest.skip(f"bundled model {src.name} missing")
+    convert_mod = pytest.importorskip("bitnet_coreml.convert")
+    from bitnet_coreml.frontend import load
+    from bitnet_coreml.passes import run_default_passes
+
+    m = load(src)
+    run_default_passes(m)
+    est = estimate_weight_bytes(m, precision=precision)
+    out = tmp_path / "m.mlpackage"
+    convert_mod.convert(src, out, convert_mod.ConvertOptions(precision=precision, check=False))
+    real = (out / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_size
+    assert abs(est.total_bytes - real) <= 0.02 * real, (est.total_bytes, real)
