@@ -26,7 +26,7 @@ def main() -> None:
     path = Path(args.model)
     if not path.exists():
         raise SystemExit(f"{path} not found; make it with: python bench/make_bench_model.py --size 200m")
-    size_mb = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.stem)) / 2**20
+    size_mb = sum(f.stat().st_size for f in path.parent.iterdir() if f.name == path.name or f.name.startswith(path.name + ".")) / 2**20
     onnx_load = best_of(args.repeat, python_snippet(f"import onnx; onnx.load({str(path)!r})"))
     inspect = best_of(args.repeat, python_snippet(
         "from bitnet_coreml.commands.inspect import inspect_cmd; "

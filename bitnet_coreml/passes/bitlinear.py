@@ -132,8 +132,24 @@ def match_act_quant(a: ir.Value) -> ActQuant | None:
     return None
 
 
+def _release(v: ir.Value | None) -> None:
+    """Unmap a memory-mapped weight once read: its pages otherwise stay in our RSS until exit.
+    onnx-ir maps it again on the next access, so this is always safe."""
+    t = v.const_value if v is not None else None
+    if isinstance(t, ir.ExternalTensor):
+        t.release()
+
+
 def _weight(node: ir.Node) -> tuple[ir.Value, Ternary, float] | None:
     """The ternary constant weight of a MatMul/Gemm: (activation input, ternary, extra multiplier)."""
+    try:
+        return _weight_inner(node)
+    finally:
+        if len(node.inputs) > 1:
+            _release(node.inputs[1])
+
+
+def _weight_inner(node: ir.Node) -> tuple[ir.Value, Ternary, float] | None:
     if node.op_type == "MatMul":
         w = m.const(node.inputs[1])
         if w is None or w.ndim != 2:

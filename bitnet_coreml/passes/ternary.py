@@ -4,6 +4,11 @@ A weight is ternary when every value is in {-a, 0, a}, for one ``a`` per tensor 
 channel. Names carry no meaning in dynamo exports (``val_123``), so detection is purely numeric.
 Folded WeightQuant subgraphs produce ``round(W*s)/s`` in float, which is exact up to the last bit,
 so a relative tolerance of 1e-3 on the magnitudes is ample and still rejects real float weights.
+
+Speed matters (a 2B model has 2 billion weights): magnitudes are compared as the integer bit
+patterns of the float32 values (monotonic for non-negative floats), the work stays in the source's
+contiguous layout, a few output channels reject ordinary float weights before any full pass, and only
+the int8 codes are transposed.
 """
 
 from __future__ import annotations
@@ -25,6 +30,17 @@ class Ternary:
     per_channel: bool
 
 
+def _sample_rejects(w: np.ndarray, out_axis: int, rtol: float) -> bool:
+    """Cheap early exit: if one of the first few output channels has magnitudes spread beyond rtol,
+    the weight is neither per-tensor nor per-channel ternary (exact for those channels)."""
+    for j in range(min(4, w.shape[out_axis])):
+        ch = np.abs(w[j] if out_axis == 0 else w[:, j]).astype(np.float32)
+        ch = ch[ch > 0]
+        if ch.size and float(ch.max() - ch.min()) > rtol * float(ch.max()):
+            return True
+    return False
+
+
 def detect_ternary(w: np.ndarray, out_axis: int, rtol: float = RTOL) -> Ternary | None:
     """Return the ternary decomposition of the 2-D weight ``w`` or None when it is not ternary.
 
@@ -32,23 +48,44 @@ def detect_ternary(w: np.ndarray, out_axis: int, rtol: float = RTOL) -> Ternary 
     """
     if w.ndim != 2 or w.size < MIN_ELEMENTS or min(w.shape) < 2 or not np.issubdtype(w.dtype, np.floating):
         return None
-    wt = w if out_axis == 0 else w.T  # [N, K] view
-    a = np.abs(wt, dtype=np.float32)
-    nz = a > 0
-    if not nz.any():
+    w32 = np.ascontiguousarray(w, dtype=np.float32)
+    if _sample_rejects(w32, out_axis, rtol):
         return None
-    amax = float(a.max())
-    amin = float(np.min(a, where=nz, initial=np.inf))
-    codes = np.sign(wt).astype(np.int8)
-    if amax - amin <= rtol * amax:
-        # one magnitude for the tensor; use the mean of the nonzero magnitudes (exact when all equal)
-        scale = np.asarray(a.sum(dtype=np.float64) / nz.sum(), dtype=np.float32)
-        return Ternary(codes=np.ascontiguousarray(codes), scale=scale, per_channel=False)
-    cmax = a.max(axis=1)
-    cmin = np.min(a, axis=1, where=nz, initial=np.inf)
-    live = cmax > 0
+    u = w32.view(np.int32)
+    bits = u & np.int32(0x7FFFFFFF)  # |w| as ordered integers (monotonic for non-negative floats)
+    amax_bits = int(bits.max())
+    if amax_bits == 0:
+        return None
+    amax = float(np.int32(amax_bits).view(np.float32))
+    lo_bits = int(np.float32(amax * (1 - rtol)).view(np.int32))
+    # bits - 1 as uint32 maps 0 (a zero weight) to 2^32-1, so one unsigned compare finds 0 < |w| < lo
+    np.subtract(bits, 1, out=bits)
+    b1 = bits.view(np.uint32)
+    too_small = int(np.count_nonzero(b1 < np.uint32(lo_bits - 1)))
+    nonzero = b1 != np.uint32(0xFFFFFFFF)
+    negative = u < 0
+    np.logical_and(negative, nonzero, out=negative)
+    codes_src = nonzero.view(np.int8) - (negative.view(np.int8) << 1)
+    codes = np.ascontiguousarray(codes_src if out_axis == 0 else codes_src.T)
+    if too_small == 0:
+        exact = int(np.count_nonzero(b1 < np.uint32(amax_bits - 1))) == 0
+        if exact:
+            scale = np.asarray(amax, np.float32)
+        else:
+            n = int(np.count_nonzero(nonzero))
+            scale = np.asarray(np.abs(w32).sum(dtype=np.float64) / n, np.float32)
+        return Ternary(codes=codes, scale=scale, per_channel=False)
+    bits = u & np.int32(0x7FFFFFFF)
+    # per output channel
+    red = 1 - out_axis
+    cmax_bits = bits.max(axis=red)
+    cmin_bits = np.where(nonzero, bits, np.int32(0x7FFFFFFF)).min(axis=red)
+    live = cmax_bits > 0
+    cmax = cmax_bits.view(np.float32)
+    cmin = cmin_bits.view(np.float32)
     if not np.all(cmax[live] - cmin[live] <= rtol * cmax[live]):
         return None
-    counts = nz.sum(axis=1)
-    scale = np.where(live, a.sum(axis=1, dtype=np.float64) / np.maximum(counts, 1), 1.0).astype(np.float32)
-    return Ternary(codes=np.ascontiguousarray(codes), scale=scale, per_channel=True)
+    a = np.abs(w32).sum(axis=red, dtype=np.float64)
+    counts = nonzero.sum(axis=red)
+    scale = np.where(live, a / np.maximum(counts, 1), 1.0).astype(np.float32)
+    return Ternary(codes=codes, scale=scale, per_channel=True)

@@ -88,3 +88,16 @@ def test_ternary_matmul_without_act_quant_is_not_fused() -> None:
     proto = g.model([("x", onnx.TensorProto.FLOAT, [1, 4, 16])], [(y, "y", onnx.TensorProto.FLOAT, [1, 4, 8])])
     model, _ = _passed(proto)
     assert "BitLinear" not in {n.op_type for n in model.graph}
+
+
+@pytest.mark.parametrize("out_axis", [0, 1])
+def test_per_channel_ternary_in_either_layout(out_axis: int) -> None:
+    rng = np.random.default_rng(5)
+    codes = ternary(rng, 300, 64)  # [N, K]
+    mags = rng.uniform(0.01, 1.0, 300).astype(np.float32)
+    w = codes * mags[:, None]
+    t = detect_ternary(w if out_axis == 0 else w.T.copy(), out_axis=out_axis)
+    assert t is not None and t.per_channel
+    np.testing.assert_array_equal(t.codes, codes)
+    live = np.abs(codes).sum(1) > 0
+    np.testing.assert_allclose(t.scale[live], mags[live], rtol=1e-6)
