@@ -72,7 +72,10 @@ class _Compiler:
     unknown: dict[str, str] = field(default_factory=dict)
 
     def dtype_of(self, var: Any) -> np.dtype | None:
-        dt = np_dtype(var.dtype) if hasattr(var, "dtype") else None
+        try:
+            dt = np_dtype(var.dtype)
+        except Exception:  # noqa: BLE001 - list vars (make_list) have no dtype
+            dt = None
         if dt == F16 and self.fp32:
             return F32
         return dt
@@ -251,9 +254,11 @@ def compile_function(func: Any, *, fp32: bool) -> tuple[CompiledBlock, int, int]
     block = comp.compile_block(func, input_vars)
     if comp.unknown:
         listed = ", ".join(f"{t} (first at op {n!r})" for t, n in sorted(comp.unknown.items()))
-        raise UnsupportedOpError(
+        err = UnsupportedOpError(
             f"the reference executor has no implementation of MIL op(s) {listed}; "
             f"supported: {', '.join(registry.supported_ops())}"
         )
+        err.ops = sorted(comp.unknown)  # type: ignore[attr-defined]  # for callers that group by op
+        raise err
     log.debug("compiled %d steps, %d ops folded at load", len(block.steps), comp.folded)
     return block, comp.n_slots, comp.folded

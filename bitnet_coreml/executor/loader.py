@@ -30,6 +30,12 @@ def _program_from_mlmodel(model: Any, where: str) -> tuple[Any, str | None]:
             model_spec=spec, specification_version=spec.specificationVersion, file_weights_dir=weights_dir or ""
         )
     except Exception as e:  # noqa: BLE001 - the proto loader raises anything from KeyError to ValueError
+        # An MLModel fresh from ct.convert still holds the program it was serialised from; the proto
+        # reader cannot express everything (variadic shapes), so use that program when there is one.
+        held = getattr(model, "_mil_program", None)
+        if held is not None:
+            log.debug("%s: proto reload failed (%s); using the MLModel's own MIL program", where, e)
+            return held, getattr(model, "function_name", None) or None
         raise ModelLoadError(f"{where}: cannot read the ML Program back into MIL: {type(e).__name__}: {e}") from e
     fn = getattr(model, "function_name", None) or spec.description.defaultFunctionName or None
     return prog, fn

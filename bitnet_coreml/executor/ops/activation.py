@@ -48,7 +48,7 @@ def op_prelu(ctx: OpContext, a: dict[str, Any]) -> Any:
 @register("thresholded_relu")
 def op_thresholded_relu(ctx: OpContext, a: dict[str, Any]) -> Any:
     x = a["x"]
-    return np.where(x > a.get("alpha", 1.0), x, 0)
+    return np.where(x >= a.get("alpha", 1.0), x, 0)
 
 
 @register("clamped_relu")

@@ -10,9 +10,20 @@ from bitnet_coreml.executor.ops._util import axis_of, scalar
 from bitnet_coreml.executor.registry import OpContext, register
 
 
-def _wrap(idx: Any, size: int) -> np.ndarray:
+def _wrap(idx: Any, size: int, validate: Any = False) -> np.ndarray:
+    """Negative indices count from the end (iOS15/16 ops).
+
+    With iOS17's ``validate_indices`` only [0, size) is valid and anything else is a runtime error.
+    """
     i = np.asarray(idx).astype(np.int64)
+    if bool(validate) and i.size and (i.min() < 0 or i.max() >= size):
+        raise IndexError(f"indices out of range [0, {size}): min {i.min()}, max {i.max()}")
     return np.where(i < 0, i + size, i)
+
+
+def _validate(a: dict[str, Any]) -> bool:
+    v = a.get("validate_indices", False)
+    return bool(scalar(v))
 
 
 @register("gather")
@@ -20,7 +31,7 @@ def op_gather(ctx: OpContext, a: dict[str, Any]) -> Any:
     x = np.asarray(a["x"])
     axis = axis_of(a.get("axis", 0), x.ndim)
     b = int(scalar(a.get("batch_dims", 0)))
-    idx = _wrap(a["indices"], x.shape[axis])
+    idx = _wrap(a["indices"], x.shape[axis], _validate(a))
     if b == 0:
         return np.take(x, idx, axis=axis)
     batch = x.shape[:b]
@@ -35,13 +46,12 @@ def op_gather(ctx: OpContext, a: dict[str, Any]) -> Any:
 def op_gather_along_axis(ctx: OpContext, a: dict[str, Any]) -> Any:
     x = np.asarray(a["x"])
     axis = axis_of(a.get("axis", 0), x.ndim)
-    return np.take_along_axis(x, _wrap(a["indices"], x.shape[axis]), axis=axis)
+    return np.take_along_axis(x, _wrap(a["indices"], x.shape[axis], _validate(a)), axis=axis)
 
 
-def _gather_nd0(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def _gather_nd0(x: np.ndarray, idx: np.ndarray, validate: bool = False) -> np.ndarray:
     k = idx.shape[-1]
-    wrapped = [np.where(idx[..., i] < 0, idx[..., i] + x.shape[i], idx[..., i]) for i in range(k)]
-    return x[tuple(wrapped)]
+    return x[tuple(_wrap(idx[..., i], x.shape[i], validate) for i in range(k))]
 
 
 @register("gather_nd")
@@ -50,11 +60,11 @@ def op_gather_nd(ctx: OpContext, a: dict[str, Any]) -> Any:
     idx = np.asarray(a["indices"]).astype(np.int64)
     b = int(scalar(a.get("batch_dims", 0)))
     if b == 0:
-        return _gather_nd0(x, idx)
+        return _gather_nd0(x, idx, _validate(a))
     batch = x.shape[:b]
     xb = x.reshape((-1,) + x.shape[b:])
     ib = idx.reshape((-1,) + idx.shape[b:])
-    out = np.stack([_gather_nd0(xb[i], ib[i]) for i in range(xb.shape[0])], axis=0)
+    out = np.stack([_gather_nd0(xb[i], ib[i], _validate(a)) for i in range(xb.shape[0])], axis=0)
     return out.reshape(tuple(batch) + out.shape[1:])
 
 
@@ -88,7 +98,7 @@ def _work_copy(data: Any, updates: Any) -> tuple[np.ndarray, np.ndarray]:
 def op_scatter(ctx: OpContext, a: dict[str, Any]) -> Any:
     out, upd = _work_copy(a["data"], a["updates"])
     axis = axis_of(a.get("axis", 0), out.ndim)
-    idx = _wrap(a["indices"], out.shape[axis])
+    idx = _wrap(a["indices"], out.shape[axis], _validate(a))
     mode = str(scalar(a.get("mode", "add")))
     # updates: data.shape[:axis] + indices.shape + data.shape[axis+1:]
     moved = np.moveaxis(out, axis, 0)
@@ -101,7 +111,7 @@ def op_scatter(ctx: OpContext, a: dict[str, Any]) -> Any:
 def op_scatter_along_axis(ctx: OpContext, a: dict[str, Any]) -> Any:
     out, upd = _work_copy(a["data"], a["updates"])
     axis = axis_of(a.get("axis", 0), out.ndim)
-    idx = _wrap(a["indices"], out.shape[axis])
+    idx = _wrap(a["indices"], out.shape[axis], _validate(a))
     mode = str(scalar(a.get("mode", "add")))
     grids = list(np.indices(idx.shape, sparse=True))
     grids[axis] = idx
@@ -114,5 +124,5 @@ def op_scatter_nd(ctx: OpContext, a: dict[str, Any]) -> Any:
     idx = np.asarray(a["indices"]).astype(np.int64)
     mode = str(scalar(a.get("mode", "add")))
     k = idx.shape[-1]
-    index = tuple(np.where(idx[..., i] < 0, idx[..., i] + out.shape[i], idx[..., i]) for i in range(k))
+    index = tuple(_wrap(idx[..., i], out.shape[i], _validate(a)) for i in range(k))
     return _apply(out, index, upd, mode)

@@ -14,8 +14,11 @@ from bitnet_coreml.executor.registry import OpContext, register
 def op_reshape(ctx: OpContext, a: dict[str, Any]) -> Any:
     x = np.asarray(a["x"])
     shape = int_list(a["shape"])
-    # iOS17+: 0 copies the input's dimension at that position
-    shape = [x.shape[i] if (d == 0 and i < x.ndim) else d for i, d in enumerate(shape)]
+    # 0 copies the input dimension matched right-aligned (iOS17 rule; identical when len == rank);
+    # a 0 with no matching input dimension is 1
+    rev = x.shape[::-1]
+    k = len(shape)
+    shape = [(rev[k - 1 - i] if k - 1 - i < len(rev) else 1) if d == 0 else d for i, d in enumerate(shape)]
     return x.reshape(shape)
 
 
