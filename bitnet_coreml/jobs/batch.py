@@ -64,12 +64,15 @@ class BatchOptions:
     engine: str = "local"
     in_flight_per_worker: int = 2
     ray_address: str | None = None
+    fsync_interval_s: float = 1.0  # see ManifestWriter: 0 = fsync every record
 
     def __post_init__(self) -> None:
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
             raise ConfigError(f"workers={self.workers!r}; allowed: an integer >= 1")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine={self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if not self.fsync_interval_s >= 0:
+            raise ConfigError(f"fsync_interval_s={self.fsync_interval_s!r}; allowed: a number >= 0")
         if self.in_flight_per_worker < 1:
             raise ConfigError(f"in_flight_per_worker={self.in_flight_per_worker!r}; allowed: >= 1")
 
@@ -145,7 +148,7 @@ class Job:
     """One job's output folder, manifest, resume state and statistics (shared by both engines)."""
 
     def __init__(self, factory: PredictorFactory, dataset: Dataset, outdir: Path,
-                 progress: ProgressFn | None = None) -> None:
+                 progress: ProgressFn | None = None, fsync_interval_s: float = 1.0) -> None:
         self.factory = factory
         self.dataset = dataset
         self.outdir = outdir
@@ -156,7 +159,7 @@ class Job:
                                              "dataset": str(dataset.path.resolve())})
         self.done = verified_done(outdir, read_manifest(outdir)) if self.resumed else set()
         self.stats = _Stats(total=len(dataset))
-        self.writer = ManifestWriter(outdir)
+        self.writer = ManifestWriter(outdir, fsync_interval_s)
         self.t0 = time.perf_counter()
 
     def pending(self) -> Iterator[ItemRef]:
@@ -238,7 +241,7 @@ def run_batch(factory: PredictorFactory, dataset: str | os.PathLike[str] | Datas
     """Run (or resume) a batch job; returns the summary also written to ``OUTDIR/summary.json``."""
     options = options or BatchOptions()
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    job = Job(factory, ds, Path(outdir), progress)
+    job = Job(factory, ds, Path(outdir), progress, options.fsync_interval_s)
     try:
         job.start()
         if options.engine == "ray":

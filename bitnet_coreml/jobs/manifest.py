@@ -3,7 +3,7 @@
 Layout of ``OUTDIR``::
 
     job.json          what this folder is for: predictor fingerprint, dataset (refuses a different job)
-    manifest.jsonl    one JSON line per finished item, appended and fsync'd as each item finishes
+    manifest.jsonl    one JSON line per finished item, appended as each item finishes (see ManifestWriter)
     outputs/<id>.npz  one deterministic .npz per successful item (written to a temp name, then renamed)
     summary.json      statistics of the last run (written when a run completes)
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,20 +97,36 @@ def verified_done(outdir: Path, records: dict[str, ItemRecord]) -> set[str]:
 
 
 class ManifestWriter:
-    """Appends records durably: one ``write`` + ``fsync`` per finished item."""
+    """Appends records durably.
 
-    def __init__(self, outdir: Path) -> None:
+    Every record is written to the kernel before the next item is recorded, so a killed process
+    (SIGKILL, Ctrl-C, a crash) never loses a finished record. ``fsync`` (which only matters if the
+    machine itself goes down) runs at most every ``fsync_interval_s`` seconds and at close: it costs
+    about 10 ms on this machine's disk, more than a small model's prediction. Even a record lost to
+    a power cut is harmless: resume redoes that item, overwriting its output with identical bytes.
+    ``fsync_interval_s=0`` syncs every record.
+    """
+
+    def __init__(self, outdir: Path, fsync_interval_s: float = 1.0) -> None:
         self.path = outdir / MANIFEST
         _cut_torn_tail(self.path)
         self._f = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+        self._interval = fsync_interval_s
+        self._last_sync = time.monotonic()
 
     def append(self, rec: ItemRecord) -> None:
         self._f.write(rec.to_json().encode() + b"\n")
         self._f.flush()
-        os.fsync(self._f.fileno())
+        now = time.monotonic()
+        if now - self._last_sync >= self._interval:
+            os.fsync(self._f.fileno())
+            self._last_sync = now
 
     def close(self) -> None:
-        self._f.close()
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
 
     def __enter__(self) -> ManifestWriter:
         return self
