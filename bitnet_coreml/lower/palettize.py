@@ -99,7 +99,7 @@ def palettize_program(program: Any, nbits: int, min_size: int = 1 << 16) -> dict
         recon = lut.astype(val.dtype)[idx].reshape(val.shape)
         rel = float(np.linalg.norm((recon - val).astype(np.float64)) / max(np.linalg.norm(val.astype(np.float64)), 1e-30))
         del recon
-        with mb.set_before_op(op):
+        with func, mb.set_before_op(op):
             new = mb.constexpr_lut_to_dense(indices=pack_bits(idx, nbits), lut=lut.astype(np.float32),
                                             shape=np.array(val.shape, np.uint32), name=f"{op.name}_lut{nbits}")
         op.enclosing_block.replace_uses_of_var_after_op(anchor_op=new.op, old_var=var, new_var=new,
