@@ -145,8 +145,8 @@ def _macos_thermal() -> tuple[str | None, str]:
     try:  # pyobjc, when installed, gives the exact NSProcessInfo.thermalState
         from Foundation import NSProcessInfo  # type: ignore[import-not-found]  # noqa: PLC0415
 
-        state = int(NSProcessInfo.processInfo().thermalState())
-        return THERMAL_STATES[state], "NSProcessInfo.thermalState"
+        level = int(NSProcessInfo.processInfo().thermalState())
+        return THERMAL_STATES[level], "NSProcessInfo.thermalState"
     except Exception:  # noqa: BLE001  (pyobjc absent or API missing)
         pass
     out = _run(["pmset", "-g", "therm"])

@@ -116,8 +116,13 @@ def _dims(v: ir.Value) -> list[int | str] | None:
     if v.shape is not None:
         return [d if isinstance(d, int) else str(d) for d in v.shape]
     if v.const_value is not None:
-        return [int(d) for d in v.const_value.shape]
+        return list(_tshape(v.const_value))
     return None
+
+
+def _tshape(t: ir.TensorProtocol) -> list[int]:
+    """A tensor's (always static) shape as ints."""
+    return [d if isinstance(d, int) else int(str(d)) for d in t.shape]
 
 
 def _dtype(v: ir.Value) -> str:
@@ -173,7 +178,7 @@ def nodes_needing_split(model: ir.Model, limit: int | None = None,
             v = n.inputs[i]
             if v is None or v.const_value is None:
                 continue
-            for axis, d in enumerate(int(x) for x in v.const_value.shape):
+            for axis, d in enumerate(_tshape(v.const_value)):
                 if d > limit:
                     out.append(SplitInfo(_nid(n), n.op_type, i, v.name or "", axis, d, tuple(even_chunks(d, limit))))
     return out
@@ -277,8 +282,8 @@ def expected_unit(node: ir.Node, db: CapabilityDatabase, *, precision: str = "fp
         lim = int(db.limit("max_dimension")["value"])
         for v in [*node.inputs, *node.outputs]:
             d = _dims(v) if v is not None else None
-            if d and any(isinstance(x, int) and x > lim for x in _non_channel_dims(node, v, d)):
-                return off("large_dim_gpu", f"value {v.name if v is not None else '?'} shape {d}")
+            if v is not None and d and any(isinstance(x, int) and x > lim for x in _non_channel_dims(node, v, d)):
+                return off("large_dim_gpu", f"value {v.name} shape {d}")
     reason = "no rule moves it off the ANE"
     if nid in split_nodes:
         reason += " (after the converter splits its weight into chunks <= 16384)"

@@ -119,7 +119,7 @@ def _dtype_name(v: ir.Value) -> str:
 def _shape(v: ir.Value) -> tuple[int, ...]:
     t = v.const_value
     assert t is not None
-    return tuple(int(d) for d in t.shape)
+    return tuple(d if isinstance(d, int) else int(str(d)) for d in t.shape)
 
 
 def _split_shapes(shape: tuple[int, ...], limit: int) -> list[int]:

@@ -1,0 +1,78 @@
+"""Which Core ML compute units can run a converted package on this host: the runtime's skip list.
+
+:func:`unit_verdicts` combines the platform detection (Core ML present, ANE present) with the
+package's Core ML specification version against the host OS's (from the capability database's OS
+rows): a macOS 13 host cannot load a spec-8 (macOS 14) package on any unit. The spec version is read
+straight from the protobuf's first field, so this needs neither coremltools nor onnx.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from bitnet_coreml.check.capabilities import CapabilityDatabase, default_database
+from bitnet_coreml.check.platform import DeviceCompatibilityChecker, PlatformInfo
+from bitnet_coreml.errors import InputError, ModelLoadError
+
+UNITS = ("ane", "gpu", "cpu")
+
+
+def _model_file(package: Path) -> Path:
+    if package.is_file():
+        return package  # a bare .mlmodel
+    manifest = package / "Manifest.json"
+    try:
+        m = json.loads(manifest.read_text())
+        entry = m["itemInfoEntries"][m["rootModelIdentifier"]]
+        return package / "Data" / entry["path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{package}: not a readable .mlpackage (Manifest.json: {e})") from e
+
+
+def package_spec_version(package: str | os.PathLike[str]) -> int:
+    """The Core ML specification version of a ``.mlpackage`` (or ``.mlmodel``): protobuf field 1 (varint)."""
+    f = _model_file(Path(package))
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(16)
+    except OSError as e:
+        raise ModelLoadError(f"{f}: cannot read the model spec: {e}") from e
+    if not head or head[0] != 0x08:  # field 1, wire type 0
+        raise ModelLoadError(f"{f}: does not start with a Core ML specificationVersion field")
+    value, shift = 0, 0
+    for b in head[1:]:
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value
+        shift += 7
+    raise ModelLoadError(f"{f}: truncated specificationVersion")
+
+
+def unit_verdicts(package: str | os.PathLike[str], *, platform_info: PlatformInfo | None = None,
+                  db: CapabilityDatabase | None = None) -> dict[str, tuple[bool, str]]:
+    """``{"ane"|"gpu"|"cpu": (can_run, reason)}`` for ``package`` on this host (or ``platform_info``)."""
+    db = db or default_database()
+    info = platform_info or DeviceCompatibilityChecker.get_platform_info(db=db)
+    if not info.coreml_available:
+        return {u: (False, f"Core ML unavailable: {info.coreml_reason}") for u in UNITS}
+    spec = package_spec_version(package)
+    if info.os_name == "macOS":
+        try:
+            host = db.os_version("macos", info.os_version)
+        except InputError:
+            host = None
+        if host is not None and host.spec_version < spec:
+            need = next((o.label for o in db.os_versions_for("macos") if o.spec_version >= spec), f"spec {spec}")
+            why = (f"the package needs Core ML specification {spec} ({need} or newer); this host is "
+                   f"macOS {info.os_version} (specification {host.spec_version})")
+            return {u: (False, why) for u in UNITS}
+    out = {"gpu": (True, "Core ML available"), "cpu": (True, "Core ML available")}
+    if info.ane_available is False:
+        out["ane"] = (False, f"no usable Neural Engine: {info.ane_reason}")
+    elif info.ane_available is None:
+        out["ane"] = (True, f"Neural Engine presence unknown ({info.ane_reason}); a probe decides")
+    else:
+        out["ane"] = (True, f"Neural Engine Gen {info.ane_generation}" if info.ane_generation else "Neural Engine present")
+    return out
