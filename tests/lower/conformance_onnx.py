@@ -437,3 +437,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --- helpers for the op unit tests ------------------------------------------------------------------
+
+
+def single_node_model(op_type: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] = ("y",),
+                      initializers: dict[str, np.ndarray] | None = None, opset: int = 18,
+                      **attrs: Any) -> Any:
+    """An ``onnx.ModelProto`` with one node; ``inputs`` become graph inputs, ``initializers`` constants.
+
+    Output types are inferred by ONNX shape inference, so the model is what an exporter would write.
+    """
+    import onnx  # noqa: PLC0415
+    from onnx import helper, numpy_helper  # noqa: PLC0415
+
+    initializers = initializers or {}
+    names = list(inputs) + list(initializers)
+    node = helper.make_node(op_type, names, list(outputs), **attrs)
+    g_in = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+            for n, a in inputs.items()]
+    g_out = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in outputs]
+    inits = [numpy_helper.from_array(np.asarray(a), n) for n, a in initializers.items()]
+    graph = helper.make_graph([node], f"{op_type}_test", g_in, g_out, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+def reference_outputs(model: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The ONNX reference evaluator's outputs (the independent oracle)."""
+    from onnx.reference import ReferenceEvaluator  # noqa: PLC0415
+
+    return [np.asarray(a) for a in ReferenceEvaluator(model).run(None, feeds)]
+
+
+def run_model(model: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Our outputs: program builder + ct.convert (fp32) + ReferenceExecutor, in graph output order."""
+    m = ir.from_proto(model)
+    got = _execute(m, dict(feeds))
+    return [got[v.name] for v in m.graph.outputs]

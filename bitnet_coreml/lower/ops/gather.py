@@ -51,7 +51,7 @@ def gather(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     if is_const(idx):
         ci = _norm_const_indices(node, idx, s[axis])
         if is_const(x):
-            return [np.take(np.asarray(x), ci, axis=axis)]
+            return [np.asarray(np.take(np.asarray(x), ci, axis=axis))]
         if ci.ndim == 0:
             # A scalar index drops the axis: slice it out, then squeeze.
             i = int(ci)

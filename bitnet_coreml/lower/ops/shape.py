@@ -178,8 +178,9 @@ def slice_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     for st_, en, ax, sp in zip(starts, ends, axes, steps):
         if sp == 0:
             raise bad(node, f"step for axis {ax} is 0")
-        # Python's slice.indices clamps exactly like ONNX (INT64_MAX ends, negative starts, reverse steps).
-        py[ax] = slice(*slice(int(st_), int(en), int(sp)).indices(s[ax]))
+        # Python's slicing clamps exactly like ONNX (INT64_MAX ends, negative starts, reverse steps).
+        # Keep the original bounds: re-slicing with slice.indices' output would read a -1 end as "last".
+        py[ax] = slice(int(st_), int(en), int(sp))
     if is_const(x):
         return [np.asarray(x)[tuple(py)]]
     out_shape = [len(range(*sl.indices(d))) for sl, d in zip(py, s)]
