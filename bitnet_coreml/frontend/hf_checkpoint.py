@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,20 @@ ACT_EPS = 1e-5
 MASK_VALUE = float(np.finfo(np.float16).min)
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def should_convert(module: str, patterns: tuple[str, ...]) -> bool:
+    """transformers' ``should_convert_module``: a pattern skips a module when it matches from the start
+    up to a module boundary (as a regex) or is a suffix of the module's name."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    for key in patterns:
+        try:
+            hit = re.match(rf"(?:{key}){boundary}", module) is not None
+        except re.error:
+            hit = False
+        if hit or module.endswith(key):
+            return False
+    return True
 
 
 def rope_tables(cfg: BitNetConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +130,7 @@ class _Importer:
     def bitlinear(self, x: ir.Value, prefix: str, n: int, k: int) -> ir.Value:
         cfg, q, g = self.cfg, self.cfg.quant, self.g
         wname = f"{prefix}.weight"
-        if any(prefix == m or prefix.endswith("." + m) or prefix.startswith(m + ".") for m in q.modules_to_not_convert):
+        if not should_convert(prefix, q.modules_to_not_convert):
             return self.plain_linear(x, wname, n, k)
         kind = self._linear_kind(wname, n, k)
         if q.use_rms_norm:

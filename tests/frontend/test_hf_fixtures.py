@@ -41,6 +41,7 @@ class Tiny:
     dtype: str = "F32"  # storage dtype of float tensors
     shards: int = 1
     use_rms_norm: bool = False
+    skip: tuple[str, ...] = ()  # quantization_config.modules_to_not_convert: plain float nn.Linear
     extra_config: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -65,7 +66,7 @@ class Tiny:
             "torch_dtype": {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[self.dtype],
             "quantization_config": {"quant_method": "bitnet", "linear_class": self.linear_class,
                                     "quantization_mode": self.mode, "use_rms_norm": self.use_rms_norm,
-                                    "rms_norm_eps": 1e-6},
+                                    "rms_norm_eps": 1e-6, "modules_to_not_convert": list(self.skip) or None},
         }
         c.update(self.extra_config)
         return c
@@ -109,6 +110,9 @@ def make_checkpoint(folder: Path, t: Tiny, seed: int = 0) -> dict[str, np.ndarra
             put(f"{p}.{nm}.weight", _stored(1.0 + 0.2 * rng.normal(size=size), t.dtype))
         for proj, (n, k) in t.shapes().items():
             w = f"{p}.{proj}.weight"
+            if f"{p}.{proj}" in t.skip:
+                put(w, _stored(rng.normal(0, 0.1, (n, k)), t.dtype))
+                continue
             if t.use_rms_norm:
                 put(f"{p}.{proj}.rms_norm.weight", _stored(1.0 + 0.2 * rng.normal(size=k), t.dtype))
             if t.mode == "online":
@@ -163,6 +167,8 @@ def _weight_quant(w: np.ndarray) -> np.ndarray:
 
 
 def _linear(t: Tiny, lw: dict[str, np.ndarray], prefix: str, x: np.ndarray) -> np.ndarray:
+    if prefix in t.skip:  # left as nn.Linear by the quantizer
+        return x @ lw[f"{prefix}.weight"].T
     if t.use_rms_norm:
         x = _rmsnorm(x, lw[f"{prefix}.rms_norm.weight"], 1e-6)
     w = lw[f"{prefix}.weight"]
@@ -235,6 +241,7 @@ VARIANTS = {
     "autobitlinear-offline-packed-mha": Tiny(linear_class="autobitlinear", kv_heads=4),
     "autobitlinear-online-bf16": Tiny(linear_class="autobitlinear", mode="online", dtype="BF16"),
     "bitlinear-packed-rmsnorm-mqa": Tiny(use_rms_norm=True, kv_heads=1, layers=3),
+    "bitlinear-packed-skip-one": Tiny(skip=("model.layers.1.mlp.down_proj",)),
 }
 
 
