@@ -20,11 +20,11 @@ __all__ = [
     "SizeEstimate",
     "Target",
     "estimate_weight_bytes",
+    "host_unit_verdicts",
     "load_capabilities",
     "nodes_needing_split",
     "package_spec_version",
     "run_check",
-    "unit_verdicts",
     "validate_operation_requirements",
 ]
 
@@ -37,7 +37,7 @@ _WHERE = {
     "Target": "target",
     "nodes_needing_split": "rules",
     "CheckReport": "report", "run_check": "report",
-    "unit_verdicts": "verdicts", "package_spec_version": "verdicts",
+    "host_unit_verdicts": "verdicts", "package_spec_version": "verdicts",
 }
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from bitnet_coreml.check.rules import nodes_needing_split
     from bitnet_coreml.check.size import SizeEstimate, estimate_weight_bytes
     from bitnet_coreml.check.target import Target
-    from bitnet_coreml.check.verdicts import package_spec_version, unit_verdicts
+    from bitnet_coreml.check.verdicts import host_unit_verdicts, package_spec_version
 
 
 def __getattr__(name: str) -> Any:

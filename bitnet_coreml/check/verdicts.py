@@ -1,6 +1,6 @@
 """Which Core ML compute units can run a converted package on this host: the runtime's skip list.
 
-:func:`unit_verdicts` combines the platform detection (Core ML present, ANE present) with the
+:func:`host_unit_verdicts` combines the platform detection (Core ML present, ANE present) with the
 package's Core ML specification version against the host OS's (from the capability database's OS
 rows): a macOS 13 host cannot load a spec-8 (macOS 14) package on any unit. The spec version is read
 straight from the protobuf's first field, so this needs neither coremltools nor onnx.
@@ -50,7 +50,7 @@ def package_spec_version(package: str | os.PathLike[str]) -> int:
     raise ModelLoadError(f"{f}: truncated specificationVersion")
 
 
-def unit_verdicts(package: str | os.PathLike[str], *, platform_info: PlatformInfo | None = None,
+def host_unit_verdicts(package: str | os.PathLike[str], *, platform_info: PlatformInfo | None = None,
                   db: CapabilityDatabase | None = None) -> dict[str, tuple[bool, str]]:
     """``{"ane"|"gpu"|"cpu": (can_run, reason)}`` for ``package`` on this host (or ``platform_info``)."""
     db = db or default_database()

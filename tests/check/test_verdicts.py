@@ -1,4 +1,4 @@
-"""unit_verdicts: which Core ML units can run a package here (the runtime's skip list)."""
+"""host_unit_verdicts: which Core ML units can run a package here (the runtime's skip list)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnet_coreml.check import DeviceCompatibilityChecker, package_spec_version, unit_verdicts
+from bitnet_coreml.check import DeviceCompatibilityChecker, host_unit_verdicts, package_spec_version
 from bitnet_coreml.errors import ModelLoadError
 
 
@@ -58,21 +58,21 @@ def _mac(version: str, ane: bool | None) -> object:
 
 @pytest.mark.skipif(platform.system() == "Darwin", reason="checks the non-macOS host")
 def test_off_macos_every_unit_is_out(package: Path) -> None:
-    v = unit_verdicts(package)
+    v = host_unit_verdicts(package)
     assert set(v) == {"ane", "gpu", "cpu"} and not any(ok for ok, _ in v.values())
     assert all("only on macOS" in why for _, why in v.values())
 
 
 @pytest.mark.parametrize("version, ok", [("13.6", False), ("14", True), ("15.1", True)])
 def test_host_os_older_than_the_package(package: Path, version: str, ok: bool) -> None:
-    v = unit_verdicts(package, platform_info=_mac(version, True))  # type: ignore[arg-type]
+    v = host_unit_verdicts(package, platform_info=_mac(version, True))  # type: ignore[arg-type]
     assert all(r[0] is ok for r in v.values())
     if not ok:
         assert "macOS 14 or newer" in v["cpu"][1]
 
 
 def test_ane_absent_or_unknown(package: Path) -> None:
-    v = unit_verdicts(package, platform_info=_mac("15", False))  # type: ignore[arg-type]
+    v = host_unit_verdicts(package, platform_info=_mac("15", False))  # type: ignore[arg-type]
     assert v["ane"][0] is False and v["gpu"][0] and v["cpu"][0]
-    v = unit_verdicts(package, platform_info=_mac("15", None))  # type: ignore[arg-type]
+    v = host_unit_verdicts(package, platform_info=_mac("15", None))  # type: ignore[arg-type]
     assert v["ane"][0] is True and "unknown" in v["ane"][1]
