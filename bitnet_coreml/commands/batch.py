@@ -13,16 +13,9 @@ from bitnet_coreml.errors import EXIT_RUNTIME
 
 
 def _factory(package: Path, units: str | None) -> Any:
-    from bitnet_coreml.jobs.predictors import ReferenceFactory, RuntimeFactory
+    from bitnet_coreml.jobs.predictors import RuntimeFactory
 
     chain = tuple(u.strip() for u in units.split(",") if u.strip()) if units else None
-    try:
-        from bitnet_coreml.runtime import Predictor  # noqa: F401 - availability probe
-    except ImportError:
-        # Only while the runtime stage is not in this build: the reference executor alone.
-        if chain and chain != ("reference",):
-            raise click.UsageError("--units needs the runtime predictor, which this build lacks; use --units reference")
-        return ReferenceFactory(package)
     return RuntimeFactory(package, units=chain)
 
 
@@ -74,8 +67,14 @@ def batch(package: Path, dataset: Path, outdir: Path, workers: int, units: str |
 
 def _run_with_bar(factory: Any, ds: Any, outdir: Path, options: Any) -> dict[str, Any]:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from bitnet_coreml.jobs import run_batch
 

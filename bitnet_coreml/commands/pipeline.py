@@ -55,27 +55,24 @@ def _table(d: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = Table(title=f"pipeline {d['pipeline']} -> {d['output_dir']}")
-    for col in ("model", "target", "status", "check", "parity", "time", "package / reason"):
+    for col in ("model", "target", "status", "check (viol./warn.)", "parity", "time"):
         t.add_column(col)
     colors = {"built": "green", "skipped": "cyan", "failed": "red", "error": "red"}
+    notes = []
     for r in d["results"]:
         check = r.get("check") or {}
-        check_s = "-"
-        if isinstance(check.get("violations"), int):
-            check_s = f"{check.get('violations', 0)} violations, {check.get('warnings', 0)} warnings"
+        check_s = f"{check['violations']} / {check['warnings']}" if "violations" in check else "-"
         parity = r.get("parity")
         parity_s = "-"
         if parity:
             cos = [c["cosine"] for c in parity.get("comparisons", [])]
             parity_s = ("pass" if parity.get("passed") else "FAIL") + (f" cos {min(cos):.5f}" if cos else "")
         t.add_row(r["model"], r["target"], f"[{colors.get(r['status'], 'white')}]{r['status']}[/]", check_s,
-                  parity_s, f"{r['seconds']:.1f}s", _short(r["reason"]) or Path(r["package"]).name)
+                  parity_s, f"{r['seconds']:.1f}s")
+        notes.append(f"{r['model']}@{r['target']}: " + (r["reason"] if r["reason"] else r["package"]))
     console = Console()
     console.print(t)
+    for note in notes:
+        console.print(note, highlight=False, soft_wrap=True)
     status = "ok" if d["ok"] else f"FAILED (exit {d['exit_code']})"
     console.print(f"{len(d['results'])} entries, {d['seconds']:.1f} s: {status}")
-
-
-def _short(text: str, width: int = 90) -> str:
-    """The table shows the start of a failure; the full reason is in the log above and the JSON report."""
-    return text if len(text) <= width else text[: width - 3] + "..."

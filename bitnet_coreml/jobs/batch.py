@@ -331,7 +331,7 @@ def _run_pool(job: Job, options: BatchOptions) -> None:
             if broken:
                 # The pool is unusable once a worker died; the items it held are recorded as failed
                 # (a rerun retries them) and a fresh pool takes the rest.
-                for fut, ref in list(in_flight.items()):
+                for ref in in_flight.values():
                     job.record(ItemRecord(ref.id, ref.index, "error", error="worker process died during this item"))
                 in_flight.clear()
                 pool.shutdown(wait=False, cancel_futures=True)

@@ -150,7 +150,7 @@ def _build(entry: ModelEntry, target: Target, key: str, package: Path, input_has
                             progress=lambda stage: say(key, f"convert: {stage}"))
         report["convert"] = converted.to_dict()
         if entry.check == "strict":
-            res.check = converted.check
+            res.check = _check_summary(converted.check, "strict")
         if entry.verify.enabled:
             say(key, "verify")
             res.parity = _verify(entry, tmp)
@@ -200,8 +200,18 @@ def _check_only(entry: ModelEntry, target: Target) -> dict[str, Any]:
     if violations:
         log.warning("model %s target %s: %d check violation(s), converting anyway (check = \"warn\")",
                     entry.name, target.label, len(violations))
-    return {"available": True, "policy": "warn", "violations": len(violations), "warnings": len(report.warnings),
-            "score": report.score, "report": report.to_dict()}
+    return _check_summary({"violations": violations, "warnings": report.warnings, "score": report.score,
+                           "report": report.to_dict()}, "warn")
+
+
+def _check_summary(check: dict[str, Any], policy: str) -> dict[str, Any]:
+    """Counts for the table and JSON (the converter gives counts or lists); the full report is kept."""
+    def count(v: Any) -> int:
+        return len(v) if isinstance(v, (list, tuple)) else int(v or 0)
+
+    return {"policy": policy, "available": check.get("available", True),
+            "violations": count(check.get("violations")), "warnings": count(check.get("warnings")),
+            "score": check.get("score"), "report": check.get("report")}
 
 
 def _verify(entry: ModelEntry, package: Path) -> dict[str, Any]:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 import re
 import string
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from bitnet_coreml.errors import ConfigError, InputError
 
@@ -168,7 +169,7 @@ def _show(v: Any) -> str:
     return repr(v) if not isinstance(v, (dict, list)) else _tname(v)
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
+def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     """Read and validate a pipeline file; raises :class:`ConfigError` (exit 2) on any problem."""
     p = Path(path)
     if not p.is_file():
