@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -69,6 +73,14 @@ def bench_spec(size: str, form: str, *, external: bool | None = None) -> ModelSp
                      **shape)
 
 
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "wb") as fh:
+        write(fh)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Generate a benchmark BitNet ONNX export into bench/_work/.")
     ap.add_argument("--size", choices=sorted(SIZES), default="200m")
@@ -91,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     logits = torch_logits(model, ids)
     timings["torch_forward_s"] = time.perf_counter() - t
-    np.savez(out_dir / f"{spec.name}.npz", input_ids=ids, logits=logits.astype(np.float32))
+    _write_atomic(out_dir / f"{spec.name}.npz",
+                  lambda fh: np.savez(fh, input_ids=ids, logits=logits.astype(np.float32)))
     t = time.perf_counter()
     names = export_onnx(model, ids, path, external_data=spec.external_data, output_name="logits")
     timings["export_s"] = time.perf_counter() - t
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         timings["ort_forward_s"] = time.perf_counter() - t
         report["ort_vs_torch"] = parity(logits, got)
     report["timings"] = {k: round(v, 1) for k, v in timings.items()}
-    (out_dir / f"{spec.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    _write_atomic(out_dir / f"{spec.name}.json", lambda fh: fh.write((json.dumps(report, indent=1) + "\n").encode()))
 
     total = sum(f.stat().st_size for f in files)
     print(f"{path}: {total / 1e6:.1f} MB in {len(files)} file(s); " +
