@@ -7,7 +7,8 @@ What the converter writes (the contract this estimate follows; see ``docs/check.
 * every BitLinear ``Alpha`` as a separate const (fp16, or fp32 at precision fp32) multiplied after
   the linear;
 * every other float initializer as an fp16 (fp32) const, except that with ``embed_bits`` the weight
-  matrices of ``Gather`` (embeddings) and ``MatMul``/``Gemm`` (e.g. the LM head) are palettized:
+  matrices of ``Gather`` (embeddings), ``MatMul``/``Gemm`` (e.g. the LM head) and ``Conv`` with at least
+  65536 elements (per split chunk; ``bitnet_coreml.lower.palettize``'s ``min_size``) are palettized:
   ``ceil(n*bits/8)`` bytes of packed indices plus a ``2**bits``-entry LUT per tensor (fp16, or fp32
   at precision fp32);
 * any weight dimension > 16384 split by the converter into ``ceil(d/16384)`` near-equal chunks,
@@ -38,6 +39,7 @@ BLOB_ALIGN = 64
 INLINE_BELOW_ELEMENTS = 10
 TERNARY_BITS = 2
 EMBED_BITS = (4, 6, 8)
+PALETTIZE_MIN_ELEMENTS = 1 << 16  # smaller consts stay fp16 (the converter's palettize min_size)
 PRECISIONS = {"fp16": 2, "fp32": 4}
 _FLOAT_DTYPES = {"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE"}
 _INT8_DTYPES = {"INT8", "UINT8"}
@@ -134,9 +136,9 @@ def _split_shapes(shape: tuple[int, ...], limit: int) -> list[int]:
 def palettizable_inputs(node: ir.Node) -> tuple[int, ...]:
     """Input indices of ``node`` whose float initializer ``embed_bits`` palettizes (weight matrices)."""
     if node.domain in ("", "ai.onnx"):
-        if node.op_type == "Gather":
+        if node.op_type in ("Gather", "GatherElements"):
             return (0,)
-        if node.op_type in ("MatMul", "Gemm"):
+        if node.op_type in ("MatMul", "Gemm", "Conv"):
             return (1,)
     return ()
 
@@ -187,10 +189,13 @@ def estimate_weight_bytes(model: ir.Model, embed_bits: int | None = None, precis
                 other += n
                 if i in pal and len(shape) >= 2:
                     counts = _split_shapes(shape, split_limit)
-                    if embed_bits is not None:
+                    if embed_bits is not None and any(c >= PALETTIZE_MIN_ELEMENTS for c in counts):
                         lut = 2**embed_bits
                         blobs_l: list[int] = []
                         for c in counts:
+                            if c < PALETTIZE_MIN_ELEMENTS:
+                                blobs_l.append(c * fbytes)
+                                continue
                             blobs_l.append((c * embed_bits + 7) // 8)
                             if lut >= INLINE_BELOW_ELEMENTS:
                                 blobs_l.append(lut * fbytes)

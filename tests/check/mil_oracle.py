@@ -18,7 +18,8 @@ import onnx_ir as ir
 from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.passes.fused import DOMAIN
 
-_PAL = {"Gather": 0, "MatMul": 1, "Gemm": 1}
+_PAL = {"Gather": 0, "GatherElements": 0, "MatMul": 1, "Gemm": 1, "Conv": 1}
+_PAL_MIN = 65536  # the converter palettizes consts of at least this many elements
 
 
 def _chunks(shape: tuple[int, ...], limit: int) -> list[tuple[int, ...]]:
@@ -60,7 +61,7 @@ def weight_bin_bytes(model: ir.Model, embed_bits: int | None = None, precision: 
                 pieces = _chunks(shape, split_limit) if pal else [shape]
                 for s in pieces:
                     n = math.prod(s)
-                    if pal and embed_bits is not None:
+                    if pal and embed_bits is not None and n >= _PAL_MIN:
                         consts.append(("lut", (rng.integers(0, 256, (n * embed_bits + 7) // 8).astype(np.uint8),
                                                rng.random(2**embed_bits).astype(fdt), s)))
                     else:

@@ -32,6 +32,8 @@ CASES = [
     ("vocab_40000", dict(vocab=40000)),
     ("tied", dict(tied=True)),
     ("odd_shapes", dict(vocab=77, d=24, hidden=40, seq=3)),
+    ("palettize_threshold", dict(vocab=2048, d=32)),  # 65536-element embedding: exactly at the threshold
+    ("below_threshold", dict(vocab=2047, d=32)),
 ]
 
 
@@ -82,12 +84,14 @@ def test_bad_arguments() -> None:
 MODELS = __import__("pathlib").Path(__file__).resolve().parents[2] / "models"
 
 
-@pytest.mark.parametrize("name, precision", [
-    ("bitnet_offline", "fp16"),
-    pytest.param("bitnet_bigvocab", "fp16", marks=pytest.mark.slow),
-    pytest.param("bitnet_packed", "fp32", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name, precision, embed_bits", [
+    ("bitnet_offline", "fp16", 4),
+    pytest.param("bitnet_offline", "fp16", None, marks=pytest.mark.slow),
+    pytest.param("bitnet_bigvocab", "fp16", None, marks=pytest.mark.slow),
+    pytest.param("bitnet_bigvocab", "fp16", 8, marks=pytest.mark.slow),
+    pytest.param("bitnet_packed", "fp32", None, marks=pytest.mark.slow),
 ])
-def test_estimate_matches_the_converter(tmp_path, name: str, precision: str) -> None:  # type: ignore[no-untyped-def]
+def test_estimate_matches_the_converter(tmp_path, name: str, precision: str, embed_bits: int | None) -> None:  # type: ignore[no-untyped-def]
     """The issue's bar: the converted package's weight.bin within 2% of the estimate."""
     src = MODELS / f"{name}.onnx"
     if not src.exists():
@@ -98,8 +102,8 @@ def test_estimate_matches_the_converter(tmp_path, name: str, precision: str) -> 
 
     m = load(src)
     run_default_passes(m)
-    est = estimate_weight_bytes(m, precision=precision)
+    est = estimate_weight_bytes(m, precision=precision, embed_bits=embed_bits)
     out = tmp_path / "m.mlpackage"
-    convert_mod.convert(src, out, convert_mod.ConvertOptions(precision=precision, check=False))
+    convert_mod.convert(src, out, convert_mod.ConvertOptions(precision=precision, embed_bits=embed_bits, check=False))
     real = (out / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_size
     assert abs(est.total_bytes - real) <= 0.02 * real, (est.total_bytes, real)
