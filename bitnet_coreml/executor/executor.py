@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,15 +35,14 @@ log = logging.getLogger(__name__)
 Shape = tuple[int | None, ...]
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """A declared input (or state): shape with None for a flexible dimension, numpy dtype."""
+class InputSpec(NamedTuple):
+    """A declared input (or state): shape with None for a flexible dimension, numpy dtype.
+
+    A named tuple, so ``shape, dtype = spec`` and comparison with a plain tuple both work.
+    """
 
     shape: Shape
     dtype: np.dtype
-
-    def __iter__(self):  # (shape, dtype) unpacking, as callers expect from input_specs
-        return iter((self.shape, self.dtype))
 
 
 class ExecutorState:

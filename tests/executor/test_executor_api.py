@@ -1,0 +1,148 @@
+"""Sources, input checking, errors and the registry of ReferenceExecutor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitnet_coreml.errors import InputError, ModelLoadError, UnsupportedOpError
+from bitnet_coreml.executor import (
+    InputDtypeError,
+    InputShapeError,
+    MissingInputError,
+    ReferenceExecutor,
+    UnexpectedInputError,
+    op_families,
+    supported_ops,
+)
+from bitnet_coreml.executor import registry
+from tests.executor._helpers import MB, TYPES, build_program, ct, rand
+
+mb = MB
+
+
+def _prog():  # type: ignore[no-untyped-def]
+    w = rand((4, 3), seed=1)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3)), mb.TensorSpec(shape=(2, 4), dtype=TYPES.int32)],
+                opset_version=ct.target.iOS17)
+    def prog(x, n):  # type: ignore[no-untyped-def]
+        y = mb.linear(x=x, weight=w)
+        return mb.add(x=y, y=mb.cast(x=n, dtype="fp32"), name="y"), mb.relu(x=x, name="r")
+
+    return prog, w
+
+
+def test_same_result_from_program_mlmodel_and_package(tmp_path: Path) -> None:
+    prog, w = _prog()
+    x = rand((2, 3), seed=2)
+    n = np.arange(8, dtype=np.int32).reshape(2, 4)
+    ref_y = x.astype(np.float64) @ w.T.astype(np.float64) + n
+    # ct.convert rewrites the program it is given in place (fp16 casts), so convert a second copy
+    model = ct.convert(_prog()[0], convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17)
+    path = tmp_path / "m.mlpackage"
+    model.save(str(path))
+    for source, tol in ((prog, 1e-5), (model, 3e-2), (path, 3e-2), (str(path), 3e-2)):
+        ex = ReferenceExecutor(source)
+        assert ex.output_names == ["y", "r"]
+        assert ex.input_specs["x"] == ((2, 3), np.dtype(np.float32))
+        assert tuple(ex.input_specs["n"]) == ((2, 4), np.dtype(np.int32))
+        out = ex.predict({"x": x, "n": n})
+        assert out["y"].dtype == np.float32
+        np.testing.assert_allclose(out["y"], ref_y, rtol=tol, atol=tol)
+        np.testing.assert_allclose(out["r"], np.maximum(x, 0), rtol=tol, atol=tol)
+
+
+def test_fp16_package_matches_fp32_within_fp16_error_and_fp32_switch_is_exact() -> None:
+    prog, w = _prog()
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17)  # fp16 compute
+    x = rand((2, 3), seed=3)
+    n = np.zeros((2, 4), np.int32)
+    half = ReferenceExecutor(model).predict({"x": x, "n": n})["y"]
+    full = ReferenceExecutor(model, fp32=True).predict({"x": x, "n": n})["y"]
+    # fp32 mode keeps even the program's cast-to-fp16 of x in fp32; only the stored weight is fp16
+    w16 = w.astype(np.float16).astype(np.float64)
+    np.testing.assert_allclose(full, x.astype(np.float64) @ w16.T, rtol=1e-6, atol=1e-6)
+    assert not np.array_equal(half, full)
+    np.testing.assert_allclose(half, full, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("inputs,err,match", [
+    ({"x": np.zeros((2, 3), np.float32)}, MissingInputError, "missing input.*n"),
+    ({"x": np.zeros((2, 3), np.float32), "n": np.zeros((2, 4), np.int32), "z": np.zeros(1)}, UnexpectedInputError,
+     "unexpected input.*z"),
+    ({"x": np.zeros((3, 3), np.float32), "n": np.zeros((2, 4), np.int32)}, InputShapeError, r"\(3, 3\).*\(2, 3\)"),
+    ({"x": np.zeros((2, 3), np.float64), "n": np.zeros((2, 4), np.int32)}, InputDtypeError, "float64.*float32"),
+    ({"x": [[0.0] * 3] * 2, "n": np.zeros((2, 4), np.int32)}, InputDtypeError, "list"),
+])
+def test_bad_inputs_are_input_errors(inputs, err, match) -> None:  # type: ignore[no-untyped-def]
+    prog, _ = _prog()
+    ex = ReferenceExecutor(prog)
+    with pytest.raises(err, match=match) as info:
+        ex.predict(inputs)
+    assert isinstance(info.value, InputError)
+    assert "\n" not in str(info.value)
+
+
+def test_flexible_input_dimension() -> None:
+    from coremltools.converters.mil.mil import get_new_symbol
+
+    s = get_new_symbol()
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(s, 4))], opset_version=ct.target.iOS17)
+    def prog(x):  # type: ignore[no-untyped-def]
+        return mb.reduce_sum(x=x, axes=[-1])
+
+    ex = ReferenceExecutor(prog)
+    assert ex.input_specs["x"].shape == (None, 4)
+    for rows in (1, 5):
+        x = rand((rows, 4), seed=rows)
+        np.testing.assert_allclose(ex.predict({"x": x})["reduce_sum_0"], x.sum(-1), rtol=1e-6)
+    with pytest.raises(InputShapeError, match=r"\?"):
+        ex.predict({"x": np.zeros((2, 5), np.float32)})
+
+
+def test_unknown_op_names_it_and_lists_supported(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = rand((1, 4))
+    prog = build_program(lambda x: mb.random_uniform(shape=mb.shape(x=x)), {"x": x})
+    with pytest.raises(UnsupportedOpError, match="random_uniform") as info:
+        ReferenceExecutor(prog)
+    msg = str(info.value)
+    assert "supported:" in msg and "linear" in msg and "conv" in msg
+
+
+def test_bad_sources(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such package"):
+        ReferenceExecutor(tmp_path / "missing.mlpackage")
+    (tmp_path / "x.onnx").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="not an .mlpackage"):
+        ReferenceExecutor(tmp_path / "x.onnx")
+    bad = tmp_path / "bad.mlpackage"
+    bad.mkdir()
+    with pytest.raises(ModelLoadError, match="cannot open package"):
+        ReferenceExecutor(bad)
+    with pytest.raises(ModelLoadError, match="int"):
+        ReferenceExecutor(42)
+
+
+def test_registry_refuses_duplicates_and_reports_families() -> None:
+    assert "linear" in supported_ops() and "constexpr_lut_to_dense" in supported_ops()
+    families = op_families()
+    assert "matmul" in families["linear"] and "conv" in families["conv"]
+    with pytest.raises(ValueError, match="already implemented"):
+        registry.register("relu")(lambda ctx, a: a["x"])
+
+
+def test_weights_are_folded_at_load() -> None:
+    """A transposed constant weight is computed once at load, not per call."""
+    w = rand((5, 3), seed=1).T.copy()  # (3, 5)
+
+    def build(x):  # type: ignore[no-untyped-def]
+        return mb.matmul(x=x, y=mb.transpose(x=w.T.copy(), perm=[1, 0]))
+
+    x = rand((2, 3), seed=2)
+    ex = ReferenceExecutor(build_program(build, {"x": x}))
+    assert ex.num_steps == 1 and ex.folded_ops == 1
+    np.testing.assert_allclose(ex.predict({"x": x})["matmul_0"], x @ w, rtol=1e-6)
