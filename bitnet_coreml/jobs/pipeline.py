@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitnet_coreml.errors import EXIT_CHECK_FAILED, EXIT_OK, BitnetCoremlError, CheckFailedError, ParityError
+from bitnet_coreml.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    EXIT_RUNTIME,
+    BitnetCoremlError,
+    CheckFailedError,
+    ParityError,
+)
 from bitnet_coreml.jobs._io import atomic_write_json, lock_dir, remove_path, replace_tree, sha256_tree
 from bitnet_coreml.jobs.buildstate import BuildRecord, BuildState, converter_version
 from bitnet_coreml.jobs.spec import ModelEntry, Pipeline, Target, load_pipeline
@@ -35,7 +42,7 @@ class EntryResult:
     model: str
     target: str
     package: str
-    status: str  # built | skipped | failed (check or parity) | error (bad input, runtime)
+    status: str  # built | skipped | failed (check or parity) | error (bad input, runtime, internal bug)
     reason: str = ""
     exit_code: int = EXIT_OK
     seconds: float = 0.0
@@ -174,6 +181,15 @@ def _build(entry: ModelEntry, target: Target, key: str, package: Path, input_has
         _write_report(report_path, report, res)
         state.entries.pop(key, None)
         say(key, f"{res.status}: {res.reason}")
+    except Exception as e:  # a converter bug in one model must not stop the others from building
+        log.exception("model %s target %s: internal error (a bug; traceback follows)", entry.name, target.label)
+        res.status, res.exit_code = "error", EXIT_RUNTIME
+        res.reason = f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"[:500]
+        res.seconds = round(time.perf_counter() - t0, 3)
+        remove_path(package)
+        _write_report(report_path, report, res)
+        state.entries.pop(key, None)
+        say(key, f"error: {res.reason}")
     finally:
         remove_path(tmp)
     return res
