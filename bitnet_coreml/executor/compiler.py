@@ -167,7 +167,7 @@ class _Compiler:
         if all_const and entry.pure and not blocks:
             # Evaluate once at load (constexpr_* decompression, weight transposes, shape arithmetic).
             values = _call(step, None)
-            for v, value in zip(op.outputs, values):
+            for v, value in zip(op.outputs, values, strict=False):
                 self.consts[id(v)] = compute_form(value)
             self.folded += 1
             return
@@ -234,16 +234,16 @@ def _call(step: Step, env: list[Any] | None) -> tuple[Any, ...]:
         raise OperationError(
             f"op {step.ctx.name!r} ({step.ctx.op_type}) produced {len(out)} outputs, MIL declares {len(step.out_dtypes)}"
         )
-    return tuple(finish(o, dt) for o, dt in zip(out, step.out_dtypes))
+    return tuple(finish(o, dt) for o, dt in zip(out, step.out_dtypes, strict=False))
 
 
 def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()) -> list[Any]:
     """Run a compiled block on ``env``; returns its output values (fp16 in storage form)."""
-    for slot, value in zip(block.input_slots, inputs):
+    for slot, value in zip(block.input_slots, inputs, strict=False):
         env[slot] = value
     for step in block.steps:
         out = _call(step, env)
-        for slot, o in zip(step.out_slots, out):
+        for slot, o in zip(step.out_slots, out, strict=False):
             env[slot] = o
     return [const if slot < 0 else env[slot] for slot, const in block.outputs]
 

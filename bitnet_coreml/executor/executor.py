@@ -54,7 +54,7 @@ class ExecutorState:
     def __init__(self, specs: Mapping[str, InputSpec], owner: int) -> None:
         self._owner = owner
         self._specs = dict(specs)
-        self._values = {n: np.zeros(s.shape, dtype=s.dtype) for n, s in specs.items()}
+        self._values = {n: np.zeros(tuple(int(d or 0) for d in s.shape), dtype=s.dtype) for n, s in specs.items()}
 
     @property
     def names(self) -> list[str]:
@@ -109,7 +109,7 @@ class ReferenceExecutor:
         self._inputs: dict[str, InputSpec] = {}
         self._states: dict[str, InputSpec] = {}
         self._input_slots: list[tuple[str, int, bool]] = []
-        for (name, var), slot in zip(func.inputs.items(), self._block.input_slots):
+        for (name, var), slot in zip(func.inputs.items(), self._block.input_slots, strict=False):
             dt = np_dtype(var.dtype)
             shape = static_shape(var)
             if dt is None or shape is None:
@@ -182,7 +182,7 @@ class ReferenceExecutor:
                     f"{self.source}: input {name!r} has dtype {value.dtype}; the package declares {spec.dtype} "
                     f"(cast with .astype(np.{spec.dtype.name}))"
                 )
-            ok = value.ndim == len(spec.shape) and all(d is None or d == s for d, s in zip(spec.shape, value.shape))
+            ok = value.ndim == len(spec.shape) and all(d is None or d == s for d, s in zip(spec.shape, value.shape, strict=False))
             if not ok:
                 want = tuple("?" if d is None else d for d in spec.shape)
                 raise InputShapeError(
@@ -218,7 +218,7 @@ class ReferenceExecutor:
             assert state is not None
             state._values[cell.name] = cell.value
         result: dict[str, np.ndarray] = {}
-        for name, value, dt in zip(self._outputs, outs, self._output_dtypes):
+        for name, value, dt in zip(self._outputs, outs, self._output_dtypes, strict=False):
             arr = np.asarray(value)
             if dt is not None:
                 if dt == F16 and self.fp32:

@@ -33,7 +33,8 @@ class OpContext:
     run_block: Callable[..., Any] | None = field(default=None, compare=False)
 
 
-OpImpl = Callable[[OpContext, dict[str, Any]], Any]
+# fn(ctx, args) -> outputs; control-flow ops (needs_env) also get the environment: fn(ctx, args, env)
+OpImpl = Callable[..., Any]
 
 
 @dataclass(frozen=True)

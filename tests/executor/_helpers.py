@@ -66,9 +66,9 @@ def onnx_ref(op_type: str, inputs: list[np.ndarray], attrs: dict[str, Any] | Non
     node = helper.make_node(op_type, in_names, out_names, **(attrs or {}))
     graph = helper.make_graph(
         [node], "g",
-        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in zip(in_names, inputs)],
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in zip(in_names, inputs, strict=False)],
         [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in out_names],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     sess = ReferenceEvaluator(model)
-    return list(sess.run(None, dict(zip(in_names, inputs))))
+    return list(sess.run(None, dict(zip(in_names, inputs, strict=False))))

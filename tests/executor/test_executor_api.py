@@ -15,9 +15,9 @@ from bitnet_coreml.executor import (
     ReferenceExecutor,
     UnexpectedInputError,
     op_families,
+    registry,
     supported_ops,
 )
-from bitnet_coreml.executor import registry
 from tests.executor._helpers import MB, TYPES, build_program, ct, rand
 
 mb = MB

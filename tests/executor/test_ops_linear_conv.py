@@ -70,7 +70,7 @@ def _onnx_pads(x_shape, w_shape, strides, dilations, pad_type, pad):  # type: ig
         return [pad[2 * i] for i in range(n)] + [pad[2 * i + 1] for i in range(n)]
     # "same": total = (ceil(in/s)-1)*s + eff - in, extra on the end (ONNX SAME_UPPER)
     begins, ends = [], []
-    for size, k, s, d in zip(x_shape[2:], w_shape[2:], strides, dilations):
+    for size, k, s, d in zip(x_shape[2:], w_shape[2:], strides, dilations, strict=False):
         eff = (k - 1) * d + 1
         total = max((-(-size // s) - 1) * s + eff - size, 0)
         begins.append(total // 2)
@@ -112,7 +112,7 @@ def test_conv_transpose_against_onnx(xs, ws, strides, groups, pad, dtype: str) -
     xg = np.split(x.astype(np.float32), groups, axis=1)
     wg = np.split(w.astype(np.float32), groups, axis=0)
     ref = np.concatenate([onnx_ref("ConvTranspose", [xi, wi], {"strides": strides, "pads": onnx_pads})[0]
-                          for xi, wi in zip(xg, wg)], axis=1)
+                          for xi, wi in zip(xg, wg, strict=False)], axis=1)
     np.testing.assert_allclose(got.astype(np.float64), ref, **CONV_TOL[dtype])
 
 

@@ -41,7 +41,7 @@ def test_layout_ops(shape: tuple[int, ...], dtype: str) -> None:
         np.stack([x, x + x], axis=1).reshape((2 * shape[0],) + shape[1:]),
         np.stack([x, x], axis=1),
     ]
-    for i, (got, ref) in enumerate(zip(outs, refs)):
+    for i, (got, ref) in enumerate(zip(outs, refs, strict=False)):
         assert got.dtype == x.dtype, i
         np.testing.assert_array_equal(got, ref, err_msg=str(i))
 
@@ -83,9 +83,9 @@ def test_slice_by_size_split_pad() -> None:
 
     outs = list(run_program(build, {"x": x}).values())
     np.testing.assert_array_equal(outs[0], x[1:4, 2:])
-    for got, ref in zip(outs[1:4], np.split(x, [1, 3], axis=1)):
+    for got, ref in zip(outs[1:4], np.split(x, [1, 3], axis=1), strict=False):
         np.testing.assert_array_equal(got, ref)
-    for got, ref in zip(outs[4:6], np.split(x, 2, axis=1)):
+    for got, ref in zip(outs[4:6], np.split(x, 2, axis=1), strict=False):
         np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(outs[6], np.pad(x, [(1, 2), (0, 1)], constant_values=-1))
     np.testing.assert_array_equal(outs[7], np.pad(x, [(0, 0), (2, 1)], mode="reflect"))

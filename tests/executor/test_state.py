@@ -86,7 +86,7 @@ def test_kv_cache_over_several_calls(source: str, tmp_path: Path) -> None:
     state = ex.make_state()
     xs = [rand((1, 1, E), np.float16, seed=10 + i) for i in range(5)]
     refs = _numpy_steps(xs)
-    for pos, (x, ref) in enumerate(zip(xs, refs)):
+    for pos, (x, ref) in enumerate(zip(xs, refs, strict=False)):
         (out,) = ex.predict({"x": x, "pos": np.array([pos], np.int32)}, state=state).values()
         np.testing.assert_allclose(out.astype(np.float64), ref, rtol=1e-2, atol=1e-2)
     k = state.read_state("k_cache")

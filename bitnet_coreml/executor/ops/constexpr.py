@@ -57,7 +57,7 @@ def _lut_dense_ios18(indices: np.ndarray, lut: np.ndarray, vector_axis: int | No
     groups = lut.shape[:rank]
     vec = lut.shape[-1]
     grids = []
-    for i, (s, g) in enumerate(zip(shape, groups)):
+    for i, (s, g) in enumerate(zip(shape, groups, strict=False)):
         view = [1] * rank
         view[i] = s
         grids.append((np.arange(s) // (s // g)).reshape(view))
@@ -101,7 +101,7 @@ def op_constexpr_sparse_to_dense(ctx: OpContext, a: dict[str, Any]) -> Any:
 
 def _blockwise(data: np.ndarray, scale: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
     d = data.astype(np.float32)
-    reps = [ds // ss for ds, ss in zip(d.shape, scale.shape)]
+    reps = [ds // ss for ds, ss in zip(d.shape, scale.shape, strict=False)]
     s = scale.astype(np.float32)
     o = None if offset is None else offset.astype(np.float32)
     for axis, r in enumerate(reps):

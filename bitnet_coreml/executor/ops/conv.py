@@ -27,7 +27,7 @@ def spatial_pads(
         return [(p[2 * i], p[2 * i + 1]) for i in range(n)]
     if pad_type in ("same", "same_lower"):
         out = []
-        for size, k, s, d in zip(in_sizes, kernel, strides, dilations):
+        for size, k, s, d in zip(in_sizes, kernel, strides, dilations, strict=False):
             eff = (k - 1) * d + 1
             total = max((math.ceil(size / s) - 1) * s + eff - size, 0)
             small = total // 2
@@ -39,7 +39,7 @@ def spatial_pads(
 def _windows(x: np.ndarray, kernel: list[int], strides: list[int], dilations: list[int]) -> np.ndarray:
     """View of shape (N, C, *out, *K) over an already padded ``x`` of shape (N, C, *spatial)."""
     n = len(kernel)
-    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=False)]
     v = np.lib.stride_tricks.sliding_window_view(x, eff, axis=tuple(range(2, 2 + n)))
     sl = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) + tuple(
         slice(None, None, d) for d in dilations
@@ -92,7 +92,7 @@ def op_conv_transpose(ctx: OpContext, a: dict[str, Any]) -> Any:
     in_sp = list(x.shape[2:])
     og = w.shape[1]
     cg = c_in // groups
-    full = [(i - 1) * s + (k - 1) * d + 1 for i, s, k, d in zip(in_sp, strides, kernel, dilations)]
+    full = [(i - 1) * s + (k - 1) * d + 1 for i, s, k, d in zip(in_sp, strides, kernel, dilations, strict=False)]
     y = np.zeros((batch, groups * og) + tuple(full), dtype=np.float32)
     xg = x.reshape((batch, groups, cg, -1))  # (N, G, Cg, Pin)
     wg = w.reshape((groups, cg, og) + tuple(kernel))
@@ -100,14 +100,14 @@ def op_conv_transpose(ctx: OpContext, a: dict[str, Any]) -> Any:
         wk = wg[(slice(None), slice(None), slice(None)) + kidx]  # (G, Cg, Og)
         contrib = np.matmul(wk.transpose(0, 2, 1)[None], xg)  # (N, G, Og, Pin)
         contrib = contrib.reshape((batch, groups * og) + tuple(in_sp))
-        sl = tuple(slice(k * d, k * d + (i - 1) * s + 1, s) for k, d, i, s in zip(kidx, dilations, in_sp, strides))
+        sl = tuple(slice(k * d, k * d + (i - 1) * s + 1, s) for k, d, i, s in zip(kidx, dilations, in_sp, strides, strict=False))
         y[(slice(None), slice(None)) + sl] += contrib
     out_shape = a.get("output_shape")
     if pad_type == "custom" or pad_type == "valid":
         p = int_list(a["pad"]) if (pad_type == "custom" and a.get("pad") is not None) else [0] * (2 * n_sp)
         sl = tuple(slice(p[2 * i], full[i] - p[2 * i + 1]) for i in range(n_sp))
     elif pad_type in ("same", "same_lower"):
-        target = [i * s for i, s in zip(in_sp, strides)]
+        target = [i * s for i, s in zip(in_sp, strides, strict=False)]
         sl_list = []
         for i in range(n_sp):
             total = max(full[i] - target[i], 0)
@@ -120,8 +120,9 @@ def op_conv_transpose(ctx: OpContext, a: dict[str, Any]) -> Any:
     if out_shape is not None:
         want = int_list(out_shape)[-n_sp:]
         if list(y.shape[2:]) != want:
-            padded = np.zeros(y.shape[:2] + tuple(want), dtype=y.dtype)
-            common = tuple(slice(0, min(s, t)) for s, t in zip(y.shape[2:], want))
+            padded: np.ndarray = np.zeros(y.shape[:2] + tuple(want), dtype=y.dtype)
+            have: list[int] = [int(v) for v in list(y.shape)[2:]]  # type: ignore[var-annotated]
+            common = tuple(slice(0, min(h, t)) for h, t in zip(have, want, strict=False))
             padded[(slice(None), slice(None)) + common] = y[(slice(None), slice(None)) + common]
             y = padded
     b = a.get("bias")

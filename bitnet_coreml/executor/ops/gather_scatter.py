@@ -113,7 +113,7 @@ def op_scatter_along_axis(ctx: OpContext, a: dict[str, Any]) -> Any:
     axis = axis_of(a.get("axis", 0), out.ndim)
     idx = _wrap(a["indices"], out.shape[axis], _validate(a))
     mode = str(scalar(a.get("mode", "add")))
-    grids = list(np.indices(idx.shape, sparse=True))
+    grids: list[Any] = list(np.indices(idx.shape, sparse=True))
     grids[axis] = idx
     return _apply(out, tuple(grids), upd, mode)
 

@@ -23,7 +23,7 @@ def _pool(a: dict[str, Any], kind: str) -> np.ndarray:
     pads = spatial_pads(pad_type, a.get("pad"), in_sp, kernel, strides, [1] * n_sp)
     if ceil_mode and pad_type in ("valid", "custom"):
         extended = []
-        for (b, e), size, k, s in zip(pads, in_sp, kernel, strides):
+        for (b, e), size, k, s in zip(pads, in_sp, kernel, strides, strict=False):
             out = math.ceil((size + b + e - k) / s) + 1
             # the last window must start inside the input or left padding (PyTorch / Core ML rule)
             if (out - 1) * s >= size + b:

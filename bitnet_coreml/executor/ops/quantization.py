@@ -13,7 +13,7 @@ from bitnet_coreml.executor.registry import OpContext, register
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
 
 
-def _params(a: dict[str, Any], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _params(a: dict[str, Any], x: np.ndarray) -> tuple[np.ndarray, Any]:
     axis = int(scalar(a["axis"])) if a.get("axis") is not None else 0
     scale = along_axis(a["scale"], x.ndim, axis).astype(np.float32)
     zp = a.get("zero_point")

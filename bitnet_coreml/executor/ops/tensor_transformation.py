@@ -26,7 +26,7 @@ def op_reshape(ctx: OpContext, a: dict[str, Any]) -> Any:
 def op_reshape_like(ctx: OpContext, a: dict[str, Any]) -> Any:
     x = np.asarray(a["x"])
     shape: list[int] = []
-    for ref, b, e, em in zip(a["ref_tensors"], int_list(a["begins"]), int_list(a["ends"]), bool_list(a["end_masks"])):
+    for ref, b, e, em in zip(a["ref_tensors"], int_list(a["begins"]), int_list(a["ends"]), bool_list(a["end_masks"]), strict=False):
         dims = list(np.asarray(ref).shape)
         shape += dims[b:] if em else dims[b:e]
     return x.reshape(shape)
@@ -97,7 +97,7 @@ def op_slice_update(ctx: OpContext, a: dict[str, Any]) -> Any:
 def op_slice_by_size(ctx: OpContext, a: dict[str, Any]) -> Any:
     x = np.asarray(a["x"])
     sl = []
-    for i, (b, s) in enumerate(zip(int_list(a["begin"]), int_list(a["size"]))):
+    for i, (b, s) in enumerate(zip(int_list(a["begin"]), int_list(a["size"]), strict=False)):
         b = b + x.shape[i] if b < 0 else b
         sl.append(slice(b, None if s == -1 else b + s))
     return x[tuple(sl)]
@@ -151,7 +151,7 @@ def op_pad(ctx: OpContext, a: dict[str, Any]) -> Any:
         raise ValueError(f"pad mode {mode!r}; allowed: {', '.join(_PAD_MODES)}")
     if mode == "constant":
         return np.pad(x, widths, mode="constant", constant_values=scalar(a.get("constant_val", 0.0)))
-    return np.pad(x, widths, mode=_PAD_MODES[mode])
+    return np.pad(x, widths, mode=_PAD_MODES[mode])  # type: ignore[call-overload]
 
 
 @register("reverse")
@@ -225,12 +225,12 @@ def op_space_to_batch(ctx: OpContext, a: dict[str, Any]) -> Any:
     n, c = x.shape[:2]
     sp = x.shape[2:]
     shape = [n, c]
-    for s, b in zip(sp, block):
+    for s, b in zip(sp, block, strict=False):
         shape += [s // b, b]
     y = x.reshape(shape)
     perm = [3 + 2 * i for i in range(m)] + [0, 1] + [2 + 2 * i for i in range(m)]
     y = y.transpose(perm)
-    return y.reshape([n * int(np.prod(block)), c] + [s // b for s, b in zip(sp, block)])
+    return y.reshape([n * int(np.prod(block)), c] + [s // b for s, b in zip(sp, block, strict=False)])
 
 
 @register("batch_to_space")
@@ -246,7 +246,7 @@ def op_batch_to_space(ctx: OpContext, a: dict[str, Any]) -> Any:
     perm = [m, m + 1]
     for i in range(m):
         perm += [m + 2 + i, i]
-    y = y.transpose(perm).reshape([n, c] + [s * b for s, b in zip(sp, block)])
+    y = y.transpose(perm).reshape([n, c] + [s * b for s, b in zip(sp, block, strict=False)])
     sl = tuple(slice(int(cr[0]), y.shape[2 + i] - int(cr[1])) for i, cr in enumerate(crops))
     return y[(slice(None), slice(None)) + sl]
 
