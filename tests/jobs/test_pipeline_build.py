@@ -120,3 +120,29 @@ def test_damaged_package_or_interrupted_build_is_not_trusted(built: tuple[Path, 
     report = run_pipeline(p)
     assert _status(report) == {"a": "built", "b": "skipped"}
     assert not stale.exists()
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_build_leaves_nothing_trusted(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = _pipeline(tmp_path, with_failing=False)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bitnet_coreml.cli", "pipeline", "run", str(p), "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill while the first package is being written into its temp folder.
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and any(x.name.startswith(".tmp-") for x in out.iterdir())):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert not (out / "a-macos14-m1.mlpackage").exists()
+    assert not (out / MANIFEST_NAME).exists() or "a@macos14-m1" not in json.loads((out / MANIFEST_NAME).read_text())["entries"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["status"] for r in json.loads(result.stdout)["results"]] == ["built", "built"]
+    assert not [x for x in out.iterdir() if x.name.startswith(".tmp-")]
