@@ -49,7 +49,7 @@ CONST_SLOTS: dict[str, set[int]] = {
     "Range": {0, 1, 2}, "ConstantOfShape": {0}, "Split": {1}, "CumSum": {1}, "Trilu": {1},
     "Conv": {1, 2}, "LayerNormalization": {1, 2}, "BatchNormalization": {1, 2, 3, 4},
     "InstanceNormalization": {1, 2}, "RMSNormalization": {1}, "Clip": {1, 2}, "Dropout": {1, 2},
-    "CastLike": {1},
+    "CastLike": {1}, "Pad": {1, 2, 3},
     **{op: {1} for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
                           "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")},
 }
@@ -215,7 +215,7 @@ def lower_case(model: ir.Model, feeds: dict[str, np.ndarray], mode: str) -> tupl
             if not node.name:
                 node.name = f"n{i}_{node.op_type}"
             vals = list(get_lowering(node)(ctx, node))
-            for out, val in zip(node.outputs, vals):
+            for out, val in zip(node.outputs, vals, strict=False):
                 if out is not None and out.name:
                     ctx.values[out.name] = val
         program_outs = []
@@ -349,13 +349,13 @@ def run_case(op: str, case: Any, mode: str, composite: bool = False) -> CaseResu
         statuses = []
         for inputs, expected in case.data_sets:
             names = [v.name for v in model.graph.inputs]
-            feeds = {n: _to_np(a) for n, a in zip(names, inputs) if not _is_sequence(a)}
+            feeds = {n: _to_np(a) for n, a in zip(names, inputs, strict=False) if not _is_sequence(a)}
             if len(feeds) != len([a for a in inputs]):
                 raise Excluded("sequence/optional inputs have no Core ML equivalent")
             m = ir.from_proto(case.model)  # a fresh graph per data set (lowering names nodes)
             with np.errstate(all="ignore"):
                 got = evaluate(m, feeds, mode)
-            for out_v, exp in zip(m.graph.outputs, expected):
+            for out_v, exp in zip(m.graph.outputs, expected, strict=True):
                 g = got[out_v.name]
                 if g is None:
                     statuses.append(("no-oracle", f"output {out_v.name!r} has no value inference in fold mode"))
@@ -420,7 +420,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--md", action="store_true", help="print the per-op markdown table")
     p.add_argument("--failures", action="store_true", help="list failing/excluded cases with reasons")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     report = run_all(args.op, args.mode, args.composite)
     out = sys.stdout
     if args.md:

@@ -17,7 +17,7 @@ def _check(model: object, feeds: dict[str, np.ndarray], rtol: float = 1e-5, atol
     expected = reference_outputs(model, feeds)
     got = run_model(model, feeds)
     assert len(got) == len(expected)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         if e.dtype.kind in "biu":
             np.testing.assert_array_equal(g.astype(np.int64), e.astype(np.int64))
         else:

@@ -67,7 +67,7 @@ def test_shape_arithmetic_folds_and_matches_reference() -> None:
     x = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
     expected = reference_outputs(model, {"x": x})
     got = run_model(model, {"x": x})
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g.astype(e.dtype), e)
     built = build_program(ir.from_proto(model), BuildOptions(precision="fp32", ios=17))
     ops = {op.op_type for op in built.program.functions["main"].operations}
@@ -110,5 +110,5 @@ def test_split_opset18_num_outputs_uneven() -> None:
     model = single_node_model("Split", {"x": x}, outputs=("a", "b", "c"), axis=1, num_outputs=3)
     expected = reference_outputs(model, {"x": x})
     got = run_model(model, {"x": x})
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g, e)

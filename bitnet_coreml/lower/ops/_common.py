@@ -141,7 +141,7 @@ def rank_of(v: Any) -> int:
     return len(shape_of(v))
 
 
-def cast(v: Any, dt: np.dtype | str, name: str) -> Any:
+def cast(v: Any, dt: Any, name: str) -> Any:
     """``v`` converted to numpy dtype ``dt`` (folded when constant; a MIL ``cast`` otherwise)."""
     target = np.dtype(dt)
     if is_const(v):
@@ -165,6 +165,14 @@ def normalize_axis(node: ir.Node, axis: int, rank: int) -> int:
 
 def int_list(node: ir.Node, v: Any) -> list[int]:
     return [int(x) for x in np.asarray(v).reshape(-1)]
+
+
+def req(ctx: LoweringContext, node: ir.Node, i: int) -> Any:
+    """Required input ``i`` (an InputError naming the node when it is missing)."""
+    v = ctx.input(node, i)
+    if v is None:
+        raise bad(node, f"required input {i} is missing")
+    return v
 
 
 def const_input(ctx: LoweringContext, node: ir.Node, i: int) -> np.ndarray | None:

@@ -15,6 +15,7 @@ from bitnet_coreml.lower.ops._common import (
     normalize_axis,
     np_dtype,
     rank_of,
+    req,
     static_shape,
     to_var,
     unsupported,
@@ -47,7 +48,7 @@ def _f(x: Any, v: float) -> np.ndarray:
 
 def _act(op_type: str, build: Callable[[ir.Node, Any, str], Any]) -> None:
     def fn(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-        x = _float_var(node, ctx.input(node, 0))
+        x = _float_var(node, req(ctx, node, 0))
         return [build(node, x, ctx.name(node))]
 
     fn.__name__ = f"lower_{op_type.lower()}"
@@ -69,7 +70,7 @@ _act("HardSigmoid", lambda n, x, nm: mb().sigmoid_hard(
 
 @lowering("Relu")
 def relu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     if is_const(x):
         return [np.maximum(x, 0).astype(np.asarray(x).dtype)]
     x = to_var(x)
@@ -80,7 +81,7 @@ def relu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("HardSwish")
 def hardswish(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = _float_var(node, ctx.input(node, 0))
+    x = _float_var(node, req(ctx, node, 0))
     nm = ctx.name(node)
     hs = mb().sigmoid_hard(x=x, alpha=_f(x, 1.0 / 6.0), beta=_f(x, 0.5), name=f"{nm}_hs")
     return [mb().mul(x=x, y=hs, name=nm)]
@@ -88,7 +89,7 @@ def hardswish(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Selu")
 def selu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = _float_var(node, ctx.input(node, 0))
+    x = _float_var(node, req(ctx, node, 0))
     nm = ctx.name(node)
     alpha = attr(node, "alpha", 1.67326319217681884765625)
     gamma = attr(node, "gamma", 1.05070102214813232421875)
@@ -98,7 +99,7 @@ def selu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Gelu")
 def gelu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = _float_var(node, ctx.input(node, 0))
+    x = _float_var(node, req(ctx, node, 0))
     approx = attr(node, "approximate", "none")
     mode = {"none": "EXACT", "tanh": "TANH_APPROXIMATION"}.get(approx)
     if mode is None:
@@ -107,7 +108,7 @@ def gelu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 
 def _softmax_like(ctx: LoweringContext, node: ir.Node, log: bool) -> Sequence[Any]:
-    x = _float_var(node, ctx.input(node, 0))
+    x = _float_var(node, req(ctx, node, 0))
     nm = ctx.name(node)
     r = rank_of(x)
     legacy = onnx_opset(node) < 13
@@ -145,7 +146,7 @@ def log_softmax(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Clip")
 def clip(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     if onnx_opset(node) < 11:
         lo: Any = attr(node, "min", None)
         hi: Any = attr(node, "max", None)

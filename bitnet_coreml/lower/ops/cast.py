@@ -12,7 +12,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from bitnet_coreml.lower.ops._common import attr, cast, is_const, mb, mil_dtype_str, np_dtype, unsupported
+from bitnet_coreml.lower.ops._common import (
+    attr,
+    cast,
+    is_const,
+    mb,
+    mil_dtype_str,
+    np_dtype,
+    req,
+    unsupported,
+)
 from bitnet_coreml.lower.registry import LoweringContext, lowering
 
 _CASTABLE = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BOOL, ir.DataType.INT8,
@@ -39,7 +48,7 @@ def cast_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     to = ir.DataType(int(attr(node, "to")))
     if to not in _CASTABLE:
         raise unsupported(node, f"cast to {to.name} is not supported (Core ML: float, int, bool)")
-    return [_cast_to(ctx, node, ctx.input(node, 0), np.dtype(to.numpy()))]
+    return [_cast_to(ctx, node, req(ctx, node, 0), np.dtype(to.numpy()))]
 
 
 @lowering("CastLike")
@@ -50,4 +59,4 @@ def cast_like(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         to = ir.DataType.from_numpy(np_dtype(ctx.input(node, 1)))
     if to not in _CASTABLE:
         raise unsupported(node, f"cast to {to.name} is not supported (Core ML: float, int, bool)")
-    return [_cast_to(ctx, node, ctx.input(node, 0), np.dtype(to.numpy()))]
+    return [_cast_to(ctx, node, req(ctx, node, 0), np.dtype(to.numpy()))]

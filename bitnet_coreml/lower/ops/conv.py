@@ -19,6 +19,7 @@ from bitnet_coreml.lower.ops._common import (
     mb,
     mil_array,
     np_dtype,
+    req,
     static_shape,
     to_var,
     unsupported,
@@ -45,7 +46,7 @@ def _padding(node: ir.Node, n_spatial: int) -> dict[str, Any]:
 
 @lowering("Conv")
 def conv(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x, w, b = ctx.input(node, 0), ctx.input(node, 1), ctx.input(node, 2)
+    x, w, b = req(ctx, node, 0), ctx.input(node, 1), ctx.input(node, 2)
     xs = static_shape(node, x)
     n_spatial = len(xs) - 2
     if n_spatial not in (1, 2, 3):
@@ -65,7 +66,7 @@ def conv(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 
 def _pool(ctx: LoweringContext, node: ir.Node, kind: str) -> Sequence[Any]:
-    x = to_var(ctx.input(node, 0))
+    x = to_var(req(ctx, node, 0))
     xs = static_shape(node, x)
     n_spatial = len(xs) - 2
     if n_spatial not in (1, 2, 3):
@@ -101,7 +102,7 @@ def avg_pool(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 
 def _global(ctx: LoweringContext, node: ir.Node, op: str) -> Sequence[Any]:
-    x = to_var(ctx.input(node, 0))
+    x = to_var(req(ctx, node, 0))
     r = len(static_shape(node, x))
     return [getattr(mb(), op)(x=x, axes=list(range(2, r)), keep_dims=True, name=ctx.name(node))]
 

@@ -24,6 +24,7 @@ from bitnet_coreml.lower.ops._common import (
     mb,
     mil_array,
     np_dtype,
+    req,
     to_var,
     unsupported,
 )
@@ -54,7 +55,7 @@ def _div_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def binary(ctx: LoweringContext, node: ir.Node, np_fn: Callable[..., Any], mil_op: str) -> Sequence[Any]:
-    a, b = ctx.input(node, 0), ctx.input(node, 1)
+    a, b = req(ctx, node, 0), req(ctx, node, 1)
     if is_const(a) and is_const(b):
         return [_fold_binary(np_fn, a, b)]
     a, b = _align(a, b)
@@ -93,7 +94,7 @@ def trunc_div_int(x: Any, y: Any, name: str) -> Any:
 
 @lowering("Div")
 def div(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    a, b = ctx.input(node, 0), ctx.input(node, 1)
+    a, b = req(ctx, node, 0), req(ctx, node, 1)
     if is_const(a) and is_const(b):
         return [_fold_binary(_div_np, a, b)]
     a, b = _align(a, b)
@@ -104,7 +105,7 @@ def div(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Pow")
 def pow_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    a, b = ctx.input(node, 0), ctx.input(node, 1)
+    a, b = req(ctx, node, 0), req(ctx, node, 1)
     if is_const(a) and is_const(b):
         return [_fold_binary(np.power, a, b)]
     nm = ctx.name(node)
@@ -138,7 +139,7 @@ def _trunc_float(x: Any, name: str) -> Any:
 @lowering("Mod")
 def mod(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     fmod = int(attr(node, "fmod", 0))
-    a, b = ctx.input(node, 0), ctx.input(node, 1)
+    a, b = req(ctx, node, 0), req(ctx, node, 1)
     if is_const(a) and is_const(b):
         return [_fold_binary(np.fmod if fmod else np.mod, a, b)]
     a, b = _align(a, b)
@@ -161,13 +162,13 @@ def _variadic(ctx: LoweringContext, node: ir.Node, np_fn: Callable[..., Any], mi
     vals = [v for v in vals if v is not None]
     if not vals:
         raise unsupported(node, "needs at least one input")
+    acc: Any = vals[0]
     if all(is_const(v) for v in vals):
-        acc = np.asarray(vals[0])
+        acc = np.asarray(acc)
         for v in vals[1:]:
             acc = _fold_binary(np_fn, acc, v)
         return acc, True
     nm = ctx.name(node)
-    acc = vals[0]
     if len(vals) == 1:
         return mb().identity(x=to_var(acc), name=nm), False
     for i, v in enumerate(vals[1:], start=1):
@@ -208,7 +209,7 @@ def unary(
     ctx: LoweringContext, node: ir.Node, np_fn: Callable[[np.ndarray], np.ndarray],
     build: Callable[[Any, str], Any],
 ) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     if is_const(x):
         with np.errstate(all="ignore"):
             return [np.asarray(np_fn(np.asarray(x))).astype(np.asarray(x).dtype)]
@@ -238,7 +239,7 @@ _SIMPLE_UNARY: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]] = {
 
 def _register_simple(op_type: str, np_fn: Callable[[np.ndarray], np.ndarray], mil_op: str) -> None:
     def fn(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-        x = ctx.input(node, 0)
+        x = req(ctx, node, 0)
         if not is_const(x) and np_dtype(x).kind != "f":
             raise unsupported(node, f"input dtype {np_dtype(x)} is not supported (allowed: float)")
         return unary(ctx, node, np_fn, _simple(mil_op))

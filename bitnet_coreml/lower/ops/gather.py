@@ -21,6 +21,7 @@ from bitnet_coreml.lower.ops._common import (
     mil_array,
     normalize_axis,
     rank_of,
+    req,
     static_shape,
     to_var,
 )
@@ -44,7 +45,7 @@ def _norm_var_indices(idx: Any, dim: int | Any, name: str) -> Any:
 
 @lowering("Gather")
 def gather(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x, idx = ctx.input(node, 0), ctx.input(node, 1)
+    x, idx = req(ctx, node, 0), req(ctx, node, 1)
     s = static_shape(node, x)
     axis = normalize_axis(node, int(attr(node, "axis", 0)), len(s))
     nm = ctx.name(node)
@@ -69,7 +70,7 @@ def gather(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("GatherElements")
 def gather_elements(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x, idx = ctx.input(node, 0), ctx.input(node, 1)
+    x, idx = req(ctx, node, 0), req(ctx, node, 1)
     s = static_shape(node, x)
     axis = normalize_axis(node, int(attr(node, "axis", 0)), len(s))
     nm = ctx.name(node)
@@ -85,7 +86,7 @@ def gather_elements(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("GatherND")
 def gather_nd(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x, idx = ctx.input(node, 0), ctx.input(node, 1)
+    x, idx = req(ctx, node, 0), req(ctx, node, 1)
     batch_dims = int(attr(node, "batch_dims", 0))
     nm = ctx.name(node)
     if is_const(idx):

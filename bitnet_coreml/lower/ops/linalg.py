@@ -1,4 +1,4 @@
-"""Matrix products: MatMul and Gemm."""
+"""Matrix products: MatMul, Gemm and Einsum (one or two operands, as transposes + one batched matmul)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,19 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from bitnet_coreml.lower.ops._common import attr, bad, is_const, mb, mil_array, np_dtype, rank_of, to_var
+from bitnet_coreml.lower.ops._common import (
+    attr,
+    bad,
+    is_const,
+    mb,
+    mil_array,
+    np_dtype,
+    rank_of,
+    req,
+    static_shape,
+    to_var,
+    unsupported,
+)
 from bitnet_coreml.lower.registry import LoweringContext, lowering
 
 
@@ -22,7 +34,7 @@ def _same_dtype(a: Any, b: Any) -> tuple[Any, Any]:
 
 @lowering("MatMul")
 def matmul(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    a, b = ctx.input(node, 0), ctx.input(node, 1)
+    a, b = req(ctx, node, 0), req(ctx, node, 1)
     if is_const(a) and is_const(b):
         return [np.matmul(np.asarray(a), np.asarray(b))]
     a, b = _same_dtype(a, b)
@@ -48,7 +60,7 @@ def matmul(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Gemm")
 def gemm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    a, b, c = ctx.input(node, 0), ctx.input(node, 1), ctx.input(node, 2)
+    a, b, c = req(ctx, node, 0), req(ctx, node, 1), ctx.input(node, 2)
     alpha = float(attr(node, "alpha", 1.0))
     beta = float(attr(node, "beta", 1.0))
     ta, tb = bool(attr(node, "transA", 0)), bool(attr(node, "transB", 0))
@@ -77,3 +89,92 @@ def gemm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
             cb = c if beta == 1.0 else m.mul(x=c, y=np.asarray(beta, dt), name=f"{nm}_beta")
             y = m.add(x=y, y=cb, name=nm)
     return [y]
+
+
+# --- Einsum: one or two operands, no repeated index within an operand --------------------------------
+
+
+def _einsum_terms(node: ir.Node, equation: str, ranks: list[int]) -> tuple[list[str], str]:
+    """Operand and output index strings with any ``...`` spelled out as fresh capital letters."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        raise bad(node, f"equation {equation!r} has {len(terms)} operands, the node has {len(ranks)}")
+    n_ell = 0
+    for t, r in zip(terms, ranks, strict=True):
+        if "..." in t:
+            n_ell = max(n_ell, r - (len(t) - 3))
+    ell = "".join(chr(ord("A") + i) for i in range(n_ell))
+    out_terms = []
+    for t, r in zip(terms, ranks, strict=True):
+        if "..." in t:
+            k = r - (len(t) - 3)
+            t = t.replace("...", ell[n_ell - k:])
+        out_terms.append(t)
+    if arrow:
+        out = rhs.replace("...", ell)
+    else:
+        counts: dict[str, int] = {}
+        for t in out_terms:
+            for c in t:
+                counts[c] = counts.get(c, 0) + 1
+        out = ell + "".join(sorted(c for c, n in counts.items() if n == 1 and c not in ell))
+    return out_terms, out
+
+
+def _sum_out(x: Any, term: str, keep: set[str], name: str) -> tuple[Any, str]:
+    axes = [i for i, c in enumerate(term) if c not in keep]
+    if not axes:
+        return x, term
+    y = mb().reduce_sum(x=x, axes=axes, keep_dims=False, name=name)
+    return y, "".join(c for c in term if c in keep)
+
+
+def _permute(x: Any, term: str, order: str, name: str) -> Any:
+    perm = [term.index(c) for c in order]
+    return x if perm == list(range(len(perm))) else mb().transpose(x=x, perm=perm, name=name)
+
+
+@lowering("Einsum")
+def einsum(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    vals = [req(ctx, node, i) for i in range(len(node.inputs))]
+    equation = str(attr(node, "equation"))
+    if all(is_const(v) for v in vals):
+        return [np.asarray(np.einsum(equation, *[np.asarray(v) for v in vals]))]
+    if len(vals) > 2:
+        raise unsupported(node, f"{len(vals)} operands (supported: 1 or 2)")
+    terms, out = _einsum_terms(node, equation, [rank_of(v) for v in vals])
+    if any(len(set(t)) != len(t) for t in terms) or len(set(out)) != len(out):
+        raise unsupported(node, f"equation {equation!r} repeats an index within a term (diagonals)")
+    nm = ctx.name(node)
+    m = mb()
+    if len(vals) == 1:
+        x, t = _sum_out(to_var(vals[0]), terms[0], set(out), f"{nm}_sum")
+        return [_permute(x, t, out, nm) if t != out else m.identity(x=x, name=nm)]
+    a, b = _same_dtype(vals[0], vals[1])
+    a, b = to_var(a), to_var(b)
+    ta, tb = terms
+    # Indices in one operand only and not in the output are summed away first.
+    a, ta = _sum_out(a, ta, set(tb) | set(out), f"{nm}_asum")
+    b, tb = _sum_out(b, tb, set(ta) | set(out), f"{nm}_bsum")
+    sa, sb = dict(zip(ta, static_shape(node, a), strict=True)), dict(zip(tb, static_shape(node, b), strict=True))
+    batch = "".join(c for c in out if c in ta and c in tb)
+    contract = "".join(c for c in ta if c in tb and c not in out)
+    a_only = "".join(c for c in ta if c not in tb)
+    b_only = "".join(c for c in tb if c not in ta)
+    if any(sa[c] != sb[c] for c in batch + contract):
+        raise unsupported(node, f"equation {equation!r} broadcasts a shared index")
+    size = {**sa, **sb}
+
+    def prod(idx: str) -> int:
+        return int(np.prod([size[c] for c in idx])) if idx else 1
+
+    a3 = m.reshape(x=_permute(a, ta, batch + a_only + contract, f"{nm}_at"),
+                   shape=np.array([prod(batch), prod(a_only), prod(contract)], np.int32), name=f"{nm}_a3")
+    b3 = m.reshape(x=_permute(b, tb, batch + contract + b_only, f"{nm}_bt"),
+                   shape=np.array([prod(batch), prod(contract), prod(b_only)], np.int32), name=f"{nm}_b3")
+    y = m.matmul(x=a3, y=b3, name=f"{nm}_mm")
+    cur = batch + a_only + b_only
+    y = m.reshape(x=y, shape=np.array([size[c] for c in cur], np.int32), name=f"{nm}_full" if cur != out else nm)
+    return [y if cur == out else _permute(y, cur, out, nm)]

@@ -12,7 +12,17 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from bitnet_coreml.lower.ops._common import attr, cast, is_const, mb, mil_array, np_dtype, to_var, unsupported
+from bitnet_coreml.lower.ops._common import (
+    attr,
+    cast,
+    is_const,
+    mb,
+    mil_array,
+    np_dtype,
+    req,
+    to_var,
+    unsupported,
+)
 from bitnet_coreml.lower.registry import LoweringContext, lowering
 
 _COMPARE: dict[str, tuple[Callable[[Any, Any], Any], str]] = {
@@ -26,7 +36,7 @@ _COMPARE: dict[str, tuple[Callable[[Any, Any], Any], str]] = {
 
 def _operands(ctx: LoweringContext, node: ir.Node, name: str) -> tuple[Any, Any]:
     """Both operands as MIL-ready values of one dtype (bool compared as int32)."""
-    a, b = ctx.input(node, 0), ctx.input(node, 1)
+    a, b = req(ctx, node, 0), req(ctx, node, 1)
     if np_dtype(a) == np.bool_:
         a, b = cast(a, np.int32, f"{name}_xi"), cast(b, np.int32, f"{name}_yi")
     if is_const(a):
@@ -38,7 +48,7 @@ def _operands(ctx: LoweringContext, node: ir.Node, name: str) -> tuple[Any, Any]
 
 def _register_compare(op_type: str, np_fn: Callable[[Any, Any], Any], mil_op: str) -> None:
     def fn(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-        a, b = ctx.input(node, 0), ctx.input(node, 1)
+        a, b = req(ctx, node, 0), req(ctx, node, 1)
         if is_const(a) and is_const(b):
             return [np.asarray(np_fn(np.asarray(a), np.asarray(b)))]
         nm = ctx.name(node)
@@ -61,7 +71,7 @@ def _bool_var(node: ir.Node, v: Any, name: str) -> Any:
 
 def _register_logical(op_type: str, np_fn: Callable[[Any, Any], Any], mil_op: str) -> None:
     def fn(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-        a, b = ctx.input(node, 0), ctx.input(node, 1)
+        a, b = req(ctx, node, 0), req(ctx, node, 1)
         if is_const(a) and is_const(b):
             return [np.asarray(np_fn(np.asarray(a), np.asarray(b)))]
         nm = ctx.name(node)
@@ -78,7 +88,7 @@ _register_logical("Xor", np.logical_xor, "logical_xor")
 
 @lowering("Not")
 def not_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     if is_const(x):
         return [np.logical_not(np.asarray(x))]
     return [mb().logical_not(x=_bool_var(node, x, ""), name=ctx.name(node))]
@@ -86,7 +96,7 @@ def not_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Where")
 def where(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    c, a, b = (ctx.input(node, i) for i in range(3))
+    c, a, b = (req(ctx, node, i) for i in range(3))
     if is_const(c) and is_const(a) and is_const(b):
         return [np.where(np.asarray(c), np.asarray(a), np.asarray(b))]
     nm = ctx.name(node)
@@ -99,7 +109,7 @@ def where(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("IsNaN")
 def isnan(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     if is_const(x):
         return [np.isnan(np.asarray(x))]
     # NaN is the only value unequal to itself.
@@ -108,7 +118,7 @@ def isnan(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("IsInf")
 def isinf(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     pos, neg = bool(attr(node, "detect_positive", 1)), bool(attr(node, "detect_negative", 1))
     if is_const(x):
         a = np.asarray(x)

@@ -21,6 +21,7 @@ from bitnet_coreml.lower.ops._common import (
     mil_array,
     normalize_axis,
     np_dtype,
+    req,
     static_shape,
     to_var,
     unsupported,
@@ -46,8 +47,9 @@ def _param(v: Any, dt: np.dtype) -> Any:
 
 @lowering("LayerNormalization")
 def layer_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = _float(node, ctx.input(node, 0))
-    scale, bias = ctx.input(node, 1), ctx.input(node, 2)
+    x = _float(node, req(ctx, node, 0))
+    scale: Any = req(ctx, node, 1)
+    bias: Any = ctx.input(node, 2)
     s = static_shape(node, x)
     axis = normalize_axis(node, int(attr(node, "axis", -1)), len(s))
     eps = float(attr(node, "epsilon", 1e-5))
@@ -78,7 +80,7 @@ def layer_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("RMSNormalization")
 def rms_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = _float(node, ctx.input(node, 0))
+    x = _float(node, req(ctx, node, 0))
     scale = ctx.input(node, 1)
     s = static_shape(node, x)
     axis = normalize_axis(node, int(attr(node, "axis", -1)), len(s))
@@ -101,7 +103,7 @@ def _channel_shape(rank: int, c: int) -> list[int]:
 def batch_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     if attr(node, "training_mode", 0):
         raise unsupported(node, "training_mode=1 is not supported (inference only)")
-    x = _float(node, ctx.input(node, 0))
+    x = _float(node, req(ctx, node, 0))
     s = static_shape(node, x)
     if len(s) < 2:
         raise unsupported(node, f"input rank {len(s)} < 2")
@@ -123,7 +125,7 @@ def batch_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("InstanceNormalization")
 def instance_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = _float(node, ctx.input(node, 0))
+    x = _float(node, req(ctx, node, 0))
     s = static_shape(node, x)
     scale, b = ctx.input(node, 1), ctx.input(node, 2)
     eps = float(attr(node, "epsilon", 1e-5))

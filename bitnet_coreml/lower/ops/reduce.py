@@ -21,6 +21,7 @@ from bitnet_coreml.lower.ops._common import (
     normalize_axis,
     np_dtype,
     rank_of,
+    req,
     static_shape,
     unsupported,
 )
@@ -80,7 +81,7 @@ def reduce_axes(ctx: LoweringContext, node: ir.Node, since: int, rank: int) -> l
 
 def _register(op_type: str, np_fn: Callable[..., np.ndarray], mil_op: str, since: int) -> None:
     def fn(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-        x = ctx.input(node, 0)
+        x = req(ctx, node, 0)
         r = rank_of(x)
         axes = reduce_axes(ctx, node, since, r)
         keep = bool(attr(node, "keepdims", 1))
@@ -104,7 +105,7 @@ def _register(op_type: str, np_fn: Callable[..., np.ndarray], mil_op: str, since
             return [mb().cast(x=r, dtype="bool", name=nm)]
         if op_type == "ReduceL1" and np_dtype(x).kind in "iu":
             kwargs["x"] = mb().abs(x=x, name=f"{nm}_abs")
-            return [getattr(mb(), "reduce_sum")(**kwargs)]
+            return [mb().reduce_sum(**kwargs)]
         return [getattr(mb(), mil_op)(**kwargs)]
 
     fn.__name__ = f"lower_{op_type.lower()}"
@@ -116,7 +117,7 @@ for _op, (_np_fn, _mil, _since) in _REDUCE.items():
 
 
 def _arg(ctx: LoweringContext, node: ir.Node, largest: bool) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     r = rank_of(x)
     axis = normalize_axis(node, int(attr(node, "axis", 0)), r)
     keep = bool(attr(node, "keepdims", 1))

@@ -25,6 +25,7 @@ from bitnet_coreml.lower.ops._common import (
     normalize_axis,
     np_dtype,
     rank_of,
+    req,
     shape_of,
     static_shape,
     to_var,
@@ -59,14 +60,14 @@ def constant(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Identity")
 def identity(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     return [x if is_const(x) else mb().identity(x=x, name=ctx.name(node))]
 
 
 @lowering("Dropout")
 def dropout(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     # Inference only: the output is the input and the optional mask is all true.
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     training = ctx.input(node, 2)
     if training is not None and (not is_const(training) or bool(np.asarray(training).reshape(-1)[0])):
         raise unsupported(node, "training_mode must be a constant false (inference only)")
@@ -78,7 +79,7 @@ def dropout(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Shape")
 def shape(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    s = np.asarray(static_shape(node, ctx.input(node, 0)), dtype=np.int64)
+    s = np.asarray(static_shape(node, req(ctx, node, 0)), dtype=np.int64)
     start = int(attr(node, "start", 0))
     end = attr(node, "end", None)
     return [s[start:] if end is None else s[start:int(end)]]
@@ -86,7 +87,7 @@ def shape(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Size")
 def size(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    return [np.asarray(int(np.prod(static_shape(node, ctx.input(node, 0)))), dtype=np.int64)]
+    return [np.asarray(int(np.prod(static_shape(node, req(ctx, node, 0)))), dtype=np.int64)]
 
 
 def reshape_target(node: ir.Node, in_shape: Sequence[int], target: Sequence[int], allowzero: bool) -> list[int]:
@@ -122,7 +123,7 @@ def reshape_to(x: Any, target: Sequence[int], name: str) -> Any:
 
 @lowering("Reshape")
 def reshape(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     in_shape = static_shape(node, x)
     target = int_list(node, ctx.const(node, 1))
     out = reshape_target(node, in_shape, target, bool(attr(node, "allowzero", 0)))
@@ -133,7 +134,7 @@ def reshape(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Flatten")
 def flatten(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     s = static_shape(node, x)
     axis = int(attr(node, "axis", 1))
     axis = axis + len(s) if axis < 0 else axis
@@ -144,7 +145,7 @@ def flatten(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Transpose")
 def transpose(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     r = rank_of(x)
     perm = attr(node, "perm", None)
     perm = list(range(r))[::-1] if perm is None else [normalize_axis(node, int(p), r) for p in perm]
@@ -157,7 +158,7 @@ def transpose(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Slice")
 def slice_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     s = static_shape(node, x)
     r = len(s)
     if onnx_opset(node) < 10:
@@ -175,7 +176,7 @@ def slice_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     if len(set(axes)) != len(axes):
         raise bad(node, f"axes {axes} repeat an axis")
     py = [slice(None)] * r
-    for st_, en, ax, sp in zip(starts, ends, axes, steps):
+    for st_, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
         if sp == 0:
             raise bad(node, f"step for axis {ax} is 0")
         # Python's slicing clamps exactly like ONNX (INT64_MAX ends, negative starts, reverse steps).
@@ -183,16 +184,16 @@ def slice_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         py[ax] = slice(int(st_), int(en), int(sp))
     if is_const(x):
         return [np.asarray(x)[tuple(py)]]
-    out_shape = [len(range(*sl.indices(d))) for sl, d in zip(py, s)]
+    out_shape = [len(range(*sl.indices(d))) for sl, d in zip(py, s, strict=True)]
     _no_empty(node, out_shape)
     begin, end, stride, end_mask = [], [], [], []
-    for sl, d in zip(py, s):
-        b, e, st = sl.indices(d)
-        begin.append(b)
-        stride.append(st)
+    for sl, d in zip(py, s, strict=True):
+        lo, hi, step = sl.indices(d)
+        begin.append(lo)
+        stride.append(step)
         # A reverse slice that runs through index 0 ends "before 0", which MIL can only say with a mask.
-        end_mask.append(st < 0 and e < 0)
-        end.append(0 if (st < 0 and e < 0) else e)
+        end_mask.append(step < 0 and hi < 0)
+        end.append(0 if (step < 0 and hi < 0) else hi)
     return [mb().slice_by_index(x=x, begin=_i32(begin), end=_i32(end), stride=_i32(stride),
                                 end_mask=np.asarray(end_mask), name=ctx.name(node))]
 
@@ -224,7 +225,7 @@ def _axes_arg(ctx: LoweringContext, node: ir.Node, since: int) -> list[int] | No
 
 @lowering("Unsqueeze")
 def unsqueeze(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     axes = _axes_arg(ctx, node, 13)
     if not axes:
         raise bad(node, "axes are required")
@@ -239,7 +240,7 @@ def unsqueeze(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Squeeze")
 def squeeze(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     s = static_shape(node, x)
     axes = _axes_arg(ctx, node, 13)
     if axes is None:
@@ -266,7 +267,7 @@ def broadcast_to(node: ir.Node, x: Any, out_shape: Sequence[int], name: str) -> 
     if len(s) < len(out_shape):
         x = m.expand_dims(x=x, axes=list(range(len(out_shape) - len(s))), name=f"{name}_rank")
         s = (1,) * (len(out_shape) - len(s)) + tuple(s)
-    reps = [o // d if d == 1 else 1 for d, o in zip(s, out_shape)]
+    reps = [o // d if d == 1 else 1 for d, o in zip(s, out_shape, strict=True)]
     if all(r == 1 for r in reps):
         return m.identity(x=x, name=name)
     return m.tile(x=x, reps=_i32(reps), name=name)
@@ -274,7 +275,7 @@ def broadcast_to(node: ir.Node, x: Any, out_shape: Sequence[int], name: str) -> 
 
 @lowering("Expand")
 def expand(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     s = static_shape(node, x)
     target = int_list(node, ctx.const(node, 1))
     try:
@@ -288,19 +289,19 @@ def expand(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Tile")
 def tile(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     reps = int_list(node, ctx.const(node, 1))
     if len(reps) != rank_of(x):
         raise bad(node, f"repeats has {len(reps)} entries, input rank is {rank_of(x)}")
     if is_const(x):
         return [np.tile(np.asarray(x), reps)]
-    _no_empty(node, [d * r for d, r in zip(static_shape(node, x), reps)])
+    _no_empty(node, [d * r for d, r in zip(static_shape(node, x), reps, strict=True)])
     return [mb().tile(x=x, reps=_i32(reps), name=ctx.name(node))]
 
 
 @lowering("Split")
 def split(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     s = static_shape(node, x)
     axis = normalize_axis(node, int(attr(node, "axis", 0)), len(s))
     n_out = len(node.outputs)
@@ -346,7 +347,7 @@ def constant_of_shape(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Trilu")
 def trilu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     s = static_shape(node, x)
     kv = const_input(ctx, node, 1)
     k = 0 if kv is None else int(np.asarray(kv).reshape(-1)[0])
@@ -361,7 +362,7 @@ def trilu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("CumSum")
 def cumsum(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x = ctx.input(node, 0)
+    x = req(ctx, node, 0)
     axis = normalize_axis(node, int(np.asarray(ctx.const(node, 1)).reshape(-1)[0]), rank_of(x))
     exclusive, reverse = bool(attr(node, "exclusive", 0)), bool(attr(node, "reverse", 0))
     if is_const(x):
@@ -381,3 +382,106 @@ def cumsum(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 
 __all__ = ["broadcast_to", "reshape_target", "reshape_to", "mil_array", "to_var"]
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "wrap"}
+
+
+def _axis_slice(x: Any, ax: int, lo: int, hi: int, step: int, name: str) -> Any:
+    s = static_shape_any(x)
+    begin, end = [0] * len(s), list(s)
+    stride = [1] * len(s)
+    begin[ax], end[ax], stride[ax] = lo, hi, step
+    end_mask = [False] * len(s)
+    if step < 0 and hi < 0:
+        end[ax], end_mask[ax] = 0, True
+    return mb().slice_by_index(x=x, begin=_i32(begin), end=_i32(end), stride=_i32(stride),
+                               end_mask=np.asarray(end_mask), name=name)
+
+
+def static_shape_any(x: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in shape_of(x))
+
+
+def _pad_axis_by_concat(node: ir.Node, x: Any, ax: int, b: int, e: int, mode: str, value: Any, nm: str) -> Any:
+    d = static_shape(node, x)[ax]
+    m = mb()
+    pieces: list[Any] = []
+    if mode == "constant":
+        shp = list(static_shape(node, x))
+        for n in (b, e):
+            shp[ax] = n
+            pieces.append(np.full(shp, value, dtype=np_dtype(x)) if n else None)
+        head, tail = pieces
+    elif mode == "edge":
+        head = m.tile(x=_axis_slice(x, ax, 0, 1, 1, f"{nm}_h1"), reps=_i32([b if i == ax else 1 for i in
+                      range(len(shape_of(x)))]), name=f"{nm}_h") if b else None
+        tail = m.tile(x=_axis_slice(x, ax, d - 1, d, 1, f"{nm}_t1"), reps=_i32([e if i == ax else 1 for i in
+                      range(len(shape_of(x)))]), name=f"{nm}_t") if e else None
+    elif mode == "reflect":
+        if b >= d or e >= d:
+            raise unsupported(node, f"reflect pad of {max(b, e)} on an axis of size {d}")
+        head = _axis_slice(x, ax, b, 0, -1, f"{nm}_h") if b else None
+        tail = _axis_slice(x, ax, d - 2, d - 2 - e, -1, f"{nm}_t") if e else None
+    else:  # wrap
+        if b > d or e > d:
+            raise unsupported(node, f"wrap pad of {max(b, e)} on an axis of size {d}")
+        head = _axis_slice(x, ax, d - b, d, 1, f"{nm}_h") if b else None
+        tail = _axis_slice(x, ax, 0, e, 1, f"{nm}_t") if e else None
+    parts = [p for p in (head, x, tail) if p is not None]
+    return m.concat(values=[to_var(p) for p in parts], axis=ax, name=nm)
+
+
+@lowering("Pad")
+def pad(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = req(ctx, node, 0)
+    s = static_shape(node, x)
+    r = len(s)
+    mode = str(attr(node, "mode", "constant"))
+    if onnx_opset(node) < 11:
+        pads, value, axes = [int(p) for p in attr(node, "pads")], attr(node, "value", 0.0), None
+    else:
+        pads = int_list(node, ctx.const(node, 1))
+        cv = const_input(ctx, node, 2)
+        value = 0 if cv is None or np.asarray(cv).size == 0 else np.asarray(cv).reshape(-1)[0]
+        a = const_input(ctx, node, 3)
+        axes = None if a is None else [normalize_axis(node, int(v), r) for v in np.asarray(a).reshape(-1)]
+    axes = list(range(r)) if axes is None else axes
+    if len(pads) != 2 * len(axes):
+        raise bad(node, f"pads has {len(pads)} entries, expected {2 * len(axes)}")
+    begin, end = [0] * r, [0] * r
+    for i, ax in enumerate(axes):
+        begin[ax], end[ax] = pads[i], pads[i + len(axes)]
+    if mode not in _PAD_MODES:
+        raise unsupported(node, f"mode {mode!r} (allowed: {', '.join(_PAD_MODES)})")
+    dt = np_dtype(x)
+    if is_const(x):
+        a = np.asarray(x)
+        crop = tuple(slice(max(-b, 0), d - max(-e, 0)) for b, e, d in zip(begin, end, s, strict=True))
+        widths = [(max(b, 0), max(e, 0)) for b, e in zip(begin, end, strict=True)]
+        a = a[crop]
+        np_mode: Any = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}[mode]
+        kw: dict[str, Any] = {"constant_values": np.asarray(value, dt)} if mode == "constant" else {}
+        return [np.pad(a, widths, mode=np_mode, **kw)]
+    nm = ctx.name(node)
+    m = mb()
+    if any(v < 0 for v in begin + end):
+        # Negative pads crop.
+        lo = [max(-b, 0) for b in begin]
+        hi = [d - max(-e, 0) for e, d in zip(end, s, strict=True)]
+        _no_empty(node, [h - lo_ for lo_, h in zip(lo, hi, strict=True)])
+        x = m.slice_by_index(x=x, begin=_i32(lo), end=_i32(hi), name=f"{nm}_crop")
+        begin, end = [max(b, 0) for b in begin], [max(e, 0) for e in end]
+    if not any(begin + end):
+        return [m.identity(x=x, name=nm)]
+    if dt.kind != "f" or mode == "wrap":
+        # MIL pad is float-only and has no wrap mode: build each padded axis from slices + concat.
+        for ax in range(r):
+            if begin[ax] or end[ax]:
+                x = _pad_axis_by_concat(node, x, ax, begin[ax], end[ax], mode, value, f"{nm}_ax{ax}")
+        return [m.identity(x=x, name=nm)]
+    # MIL pads only the trailing dims it is given: list every dim from the first padded one.
+    first = next(i for i in range(r) if begin[i] or end[i])
+    mil_pad = [v for i in range(first, r) for v in (begin[i], end[i])]
+    kw2: dict[str, Any] = {"constant_val": np.asarray(value, dt).item()} if mode == "constant" else {}
+    return [m.pad(x=x, pad=_i32(mil_pad), mode=_PAD_MODES[mode], name=nm, **kw2)]
