@@ -56,6 +56,7 @@ class ConvertOptions:
     check: bool = True
     verify: bool = False
     seq_len: int | None = None
+    passes: str = "fast"  # coremltools pass pipeline: "fast" (what our programs need) or "full" (its default)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp16", "fp32"):
@@ -68,6 +69,8 @@ class ConvertOptions:
             raise InputError(f"split limit must be >= 0 (0 disables splitting), got {self.split_limit}")
         if self.min_os is not None:
             parse_min_os(self.min_os)
+        if self.passes not in ("fast", "full"):
+            raise InputError(f"--passes must be fast or full, got {self.passes!r}")
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise InputError(f"--calibration {self.calibration}: no such file")
 
@@ -260,7 +263,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
     stage("convert (coremltools passes)")
     t0 = time.perf_counter()
-    mlmodel = convert_program(built, options.precision, platform=platform)
+    mlmodel = convert_program(built, options.precision, platform=platform, pipeline=options.passes)
     timed("coremltools", t0)
     target_name = _OS_NAMES[platform][max(built.ios, want_ios)]
 

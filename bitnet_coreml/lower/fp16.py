@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from bitnet_coreml.errors import InputError
 
@@ -96,8 +100,6 @@ def load_calibration(path: str, model: ir.Model) -> dict[str, np.ndarray]:
 
 def measure(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[float, float]]:
     """(max, min) of every floating-point node output of ``model`` on ``feeds`` (ONNX Runtime)."""
-    from bitnet_coreml.passes.ort import ort_session  # noqa: PLC0415
-
     graph = model.graph  # every float value becomes an output for one run, then the outputs are restored
     if any(o.dtype is None for n in graph for o in n.outputs if o.name):
         import onnx_ir.passes.common as common  # noqa: PLC0415
@@ -110,13 +112,23 @@ def measure(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple
             if o.name and o not in outs and o.dtype in _FLOATS:
                 extra.append(o)
     graph.outputs.extend(extra)
+    tmp = Path(tempfile.mkdtemp(prefix="bitnet-coreml-calib-"))
     try:
-        sess = ort_session(model)
+        # Written with external data (no 2 GB protobuf limit, no in-memory copy of the weights), and
+        # with ORT's graph optimisations off: constant folding would materialise every ternary
+        # weight as fp32 (Cast + Transpose of the int8 codes), costing seconds and gigabytes.
+        ir.save(model, tmp / "calib.onnx", external_data="calib.data")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(tmp / "calib.onnx"), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        results = sess.run(names, {k: np.asarray(v) for k, v in feeds.items()})
+        del sess
     finally:
         for _ in extra:
             graph.outputs.pop()
-    names = [o.name for o in sess.get_outputs()]
-    results = sess.run(names, {k: np.asarray(v) for k, v in feeds.items()})
+        shutil.rmtree(tmp, ignore_errors=True)
     stats: dict[str, tuple[float, float]] = {}
     for name, arr in zip(names, results, strict=True):
         a = np.asarray(arr)

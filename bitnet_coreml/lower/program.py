@@ -233,8 +233,47 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
     return BuiltProgram(prog, ios, input_names, output_names, frozenset(fp32_ops), notes)
 
 
+# The coremltools passes our programs need, in the default pipeline's order. The default pipeline
+# runs 95 passes and validates the whole program after each one, which dominates conversion time
+# for a few thousand ops; the ones left out fuse patterns our lowerings never emit (conv/batchnorm/
+# pad/gelu/prelu/pixel-shuffle fusions, image preprocessing, state and quantized-op canonicalisation).
+FAST_PASSES = (
+    "common::update_output_dtypes",
+    "common::cast_optimization",
+    "common::noop_elimination",
+    "common::const_elimination",
+    "common::sanitize_input_output_names",
+    "common::divide_to_multiply",
+    "common::const_deduplication",
+    "common::merge_consecutive_reshapes",
+    "common::merge_consecutive_transposes",
+    "common::fuse_transpose_matmul",
+    "common::remove_redundant_ops",
+    "common::dedup_op_and_var_names",
+    "common::add_fp16_cast",
+    "common::add_int16_cast",
+    "common::update_output_dtypes",
+    "common::guard_negative_gather_indices",
+    "common::const_elimination",
+    "common::cast_optimization",
+    "common::dead_code_elimination",
+    "common::topological_reorder",
+)
+PIPELINES = ("fast", "full")
+
+
+def ct_pass_pipeline(name: str) -> Any:
+    """The coremltools pass pipeline: ``fast`` (FAST_PASSES) or ``full`` (coremltools' default)."""
+    ct = coremltools()
+    if name == "full":
+        return ct.PassPipeline.DEFAULT
+    if name == "fast":
+        return ct.PassPipeline(pass_names=list(FAST_PASSES), pipeline_name="bitnet_coreml_fast")
+    raise InputError(f"pass pipeline {name!r} is not known; allowed: {', '.join(PIPELINES)}")
+
+
 def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | None = None,
-                    platform: str = "ios") -> Any:
+                    platform: str = "ios", pipeline: str = "fast") -> Any:
     """``ct.convert`` the built program to an ML Program ``MLModel`` (not compiled or loaded)."""
     ct = coremltools()
     target = target_for(max(ios or built.ios, built.ios), platform)
@@ -255,6 +294,7 @@ def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | Non
             # attention masks hold finfo.min, which the fp16 cast turns into -inf on purpose (see fp16.py)
             warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
             return ct.convert(built.program, convert_to="mlprogram", compute_precision=compute_precision,
-                              minimum_deployment_target=target, skip_model_load=True)
+                              minimum_deployment_target=target, skip_model_load=True,
+                              pass_pipeline=ct_pass_pipeline(pipeline))
     finally:
         pass_pipeline.tqdm = bar
