@@ -205,6 +205,25 @@ def _softmax_only(v: ir.Value) -> bool:
     return bool(uses) and all(n.domain in _STD and n.op_type == "Softmax" for n in uses)
 
 
+_SCAN_CHUNK = 1 << 18
+
+
+def _abs_max(a: Any) -> float:
+    """max |a| in one read of the data, through a small buffer (no weight-sized temporary); inf for NaN."""
+    import numpy as np  # noqa: PLC0415
+
+    flat = a.reshape(-1)
+    buf = np.empty(min(flat.size, _SCAN_CHUNK), flat.dtype)
+    peak = 0.0
+    for i in range(0, flat.size, _SCAN_CHUNK):
+        c = flat[i:i + _SCAN_CHUNK]
+        np.abs(c, out=buf[:c.size])
+        m = float(buf[:c.size].max())
+        if not m <= peak:  # also catches NaN
+            peak = m if math.isfinite(m) else math.inf
+    return peak
+
+
 def fp16_overflow_constants(model: ir.Model, fmax: float) -> list[OverflowConst]:
     """Float initializers holding |x| > ``fmax``, read once (two reductions, no temporary copy).
 
@@ -219,10 +238,10 @@ def fp16_overflow_constants(model: ir.Model, fmax: float) -> list[OverflowConst]
         if t is None or t.dtype.name not in _FLOAT_DTYPES or t.size == 0:
             continue
         a = t.numpy()
+        if _abs_max(a) <= fmax:
+            continue
         hi, lo = float(a.max()), float(a.min())
         peak = max(hi, -lo)
-        if math.isfinite(peak) and peak <= fmax:
-            continue
         users = [u[0] for u in v.uses()]
         mask = (hi <= fmax and bool(users)
                 and all(n.domain in _STD and n.op_type in ("Add", "Sub", "Where") and all(_softmax_only(o) for o in n.outputs)
