@@ -166,7 +166,8 @@ class _Compiler:
         )
         if all_const and entry.pure and not blocks:
             # Evaluate once at load (constexpr_* decompression, weight transposes, shape arithmetic).
-            values = _call(step, None)
+            with np.errstate(all="ignore"):
+                values = _call(step, None)
             for v, value in zip(op.outputs, values, strict=False):
                 self.consts[id(v)] = compute_form(value)
             self.folded += 1
@@ -188,9 +189,7 @@ def finish(value: Any, dt: np.dtype | None) -> Any:
         return value
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     if arr.dtype != dt:
-        # fp16 overflow to inf is the point of storing fp16, not a warning
-        with np.errstate(over="ignore", invalid="ignore"):
-            arr = arr.astype(dt)
+        arr = arr.astype(dt)
     return arr
 
 
@@ -238,7 +237,11 @@ def _call(step: Step, env: list[Any] | None) -> tuple[Any, ...]:
 
 
 def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()) -> list[Any]:
-    """Run a compiled block on ``env``; returns its output values (fp16 in storage form)."""
+    """Run a compiled block on ``env``; returns its output values (fp16 in storage form).
+
+    Callers run it under ``np.errstate(all="ignore")``: fp16 overflow to inf, NaN from inf - inf and
+    division by zero are results to reproduce, not warnings (set once per call, not per op: cheap).
+    """
     for slot, value in zip(block.input_slots, inputs, strict=False):
         env[slot] = value
     for step in block.steps:

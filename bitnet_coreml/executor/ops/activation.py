@@ -11,8 +11,7 @@ from bitnet_coreml.executor.registry import OpContext, register
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return 1.0 / (1.0 + np.exp(-x))
+    return 1.0 / (1.0 + np.exp(-x))
 
 
 @register("relu")
@@ -34,8 +33,7 @@ def op_leaky_relu(ctx: OpContext, a: dict[str, Any]) -> Any:
 @register("elu")
 def op_elu(ctx: OpContext, a: dict[str, Any]) -> Any:
     x = a["x"]
-    with np.errstate(over="ignore"):
-        return np.where(x > 0, x, a.get("alpha", 1.0) * (np.exp(np.minimum(x, 0)) - 1))
+    return np.where(x > 0, x, a.get("alpha", 1.0) * (np.exp(np.minimum(x, 0)) - 1))
 
 
 @register("prelu")
@@ -122,6 +120,5 @@ def op_softmax(ctx: OpContext, a: dict[str, Any]) -> Any:
     x = a["x"]
     axis = int(scalar(a.get("axis", -1)))
     m = np.max(x, axis=axis, keepdims=True)
-    with np.errstate(invalid="ignore", over="ignore"):
-        e = np.exp(x - m)
-        return e / np.sum(e, axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)

@@ -19,7 +19,6 @@ def op_sdpa(ctx: OpContext, a: dict[str, Any]) -> Any:
         # a bool mask says which positions take part; a float mask is added to the scores
         scores = np.where(m, scores, -np.inf) if m.dtype == np.bool_ else scores + m
     mx = np.max(scores, axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore"):
-        e = np.exp(scores - mx)
-        p = e / np.sum(e, axis=-1, keepdims=True)
+    e = np.exp(scores - mx)
+    p = e / np.sum(e, axis=-1, keepdims=True)
     return np.matmul(p, v)

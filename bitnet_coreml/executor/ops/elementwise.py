@@ -40,8 +40,7 @@ _UNARY = {
 
 def _make_unary(fn: Any) -> Any:
     def impl(ctx: OpContext, a: dict[str, Any]) -> Any:
-        with np.errstate(all="ignore"):
-            return fn(a["x"])
+        return fn(a["x"])
 
     return impl
 
@@ -59,20 +58,17 @@ def op_identity(ctx: OpContext, a: dict[str, Any]) -> Any:
 
 @register("log")
 def op_log(ctx: OpContext, a: dict[str, Any]) -> Any:
-    with np.errstate(all="ignore"):
-        return np.log(a["x"] + a.get("epsilon", 1e-45))
+    return np.log(a["x"] + a.get("epsilon", 1e-45))
 
 
 @register("rsqrt")
 def op_rsqrt(ctx: OpContext, a: dict[str, Any]) -> Any:
-    with np.errstate(all="ignore"):
-        return 1.0 / np.sqrt(a["x"] + a.get("epsilon", 1e-12))
+    return 1.0 / np.sqrt(a["x"] + a.get("epsilon", 1e-12))
 
 
 @register("inverse")
 def op_inverse(ctx: OpContext, a: dict[str, Any]) -> Any:
-    with np.errstate(all="ignore"):
-        return 1.0 / (a["x"] + a.get("epsilon", 1e-4))
+    return 1.0 / (a["x"] + a.get("epsilon", 1e-4))
 
 
 @register("threshold")
@@ -133,8 +129,7 @@ _BINARY = {
 
 def _make_binary(fn: Any) -> Any:
     def impl(ctx: OpContext, a: dict[str, Any]) -> Any:
-        with np.errstate(all="ignore"):
-            return fn(a["x"], a["y"])
+        return fn(a["x"], a["y"])
 
     return impl
 
