@@ -215,3 +215,22 @@ def test_space_depth_moves_against_onnx() -> None:
     s2d = one(lambda x: mb.space_to_depth(x=x, block_size=2), {"x": y})
     (ref_s2d,) = onnx_ref("SpaceToDepth", [y], {"blocksize": 2})
     np.testing.assert_array_equal(s2d, ref_s2d)
+
+
+def test_cond_and_while_loop() -> None:
+    """Nested blocks: cond picks a branch at run time; while_loop doubles x until its sum exceeds 100."""
+    x = np.array([1.0, 2.0], np.float32)
+
+    def build(x):  # type: ignore[no-untyped-def]
+        total = mb.reduce_sum(x=x)
+        branch = mb.cond(pred=mb.greater(x=total, y=2.0), _true_fn=lambda: mb.mul(x=x, y=10.0),
+                         _false_fn=lambda: mb.sub(x=x, y=1.0))
+        looped = mb.while_loop(_cond=lambda v: mb.less(x=mb.reduce_sum(x=v), y=100.0),
+                               _body=lambda v: (mb.mul(x=v, y=2.0),), loop_vars=(x,))
+        return [branch, looped[0] if isinstance(looped, (list, tuple)) else looped]
+
+    branch, looped = run_program(build, {"x": x}).values()
+    np.testing.assert_array_equal(branch, [10.0, 20.0])  # sum 3 > 2
+    np.testing.assert_array_equal(looped, [64.0, 128.0])  # 3 * 2^6 = 192 >= 100, 3 * 2^5 = 96 < 100
+    branch, _ = run_program(build, {"x": np.array([0.5, 1.0], np.float32)}).values()
+    np.testing.assert_array_equal(branch, [-0.5, 0.0])
