@@ -251,8 +251,11 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     platform, want_ios = parse_min_os(options.min_os) if options.min_os else (options.target, MIN_IOS)
     stage("lower to MIL")
     t0 = time.perf_counter()
+    # fp16 programs are built in fp16 directly unless some node must stay fp32 (then coremltools'
+    # fp16 cast pass, which can leave chosen ops in fp32, does the conversion).
+    native = options.precision == "fp16" and not fp32_nodes
     built = build_program(model, BuildOptions(precision=options.precision, ios=want_ios, fp32_nodes=fp32_nodes,
-                                              rmsnorm_input_scale=rms_scale))
+                                              rmsnorm_input_scale=rms_scale, native_fp16=native))
     notes += built.notes
     embed: dict[str, Any] = {}
     if options.embed_bits:

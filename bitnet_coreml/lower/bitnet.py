@@ -51,6 +51,14 @@ def _mb() -> Any:
     return mb
 
 
+def _fdt(x: Any) -> Any:
+    """numpy float dtype of a MIL Var (fp16 when the program is built natively in fp16)."""
+    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+    dt = types.nptype_from_builtin(x.dtype)
+    return dt if dt in (np.float16, np.float32) else np.float32
+
+
 # --- 2-bit packing ---------------------------------------------------------------------------------
 
 
@@ -91,12 +99,12 @@ def check_ternary_codes(codes: np.ndarray, where: str) -> None:
         )
 
 
-def ternary_lut_weight(codes: np.ndarray, name: str) -> Any:
+def ternary_lut_weight(codes: np.ndarray, name: str, dtype: Any = np.float32) -> Any:
     """A MIL ``constexpr_lut_to_dense`` holding ``codes`` ([N, K] int8) as 2-bit indices."""
     mb = _mb()
     return mb.constexpr_lut_to_dense(
         indices=pack_ternary_2bit(codes),
-        lut=TERNARY_LUT,
+        lut=TERNARY_LUT.astype(dtype),
         shape=np.array(codes.shape, dtype=np.uint32),
         name=name,
     )
@@ -140,22 +148,23 @@ def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     if isinstance(x, np.ndarray):
         x = mb.const(val=x.astype(np.float32), name=f"{nm}_x")
 
+    f = _fdt(x)
     ax = mb.abs(x=x, name=f"{nm}_abs")
     mx = mb.reduce_max(x=ax, axes=[-1], keep_dims=True, name=f"{nm}_absmax")
-    m = mb.maximum(x=mx, y=np.float32(eps), name=f"{nm}_m")
-    sx = mb.real_div(x=np.float32(qp), y=m, name=f"{nm}_sx")
+    m = mb.maximum(x=mx, y=f(eps), name=f"{nm}_m")
+    sx = mb.real_div(x=f(qp), y=m, name=f"{nm}_sx")
     xs = mb.mul(x=x, y=sx, name=f"{nm}_xs")
     xr = round_half_even(xs, f"{nm}_round")
-    xq = mb.clip(x=xr, alpha=np.float32(qn), beta=np.float32(qp), name=f"{nm}_xq")
-    xn = mb.mul(x=xq, y=np.float32(1.0 / pow2), name=f"{nm}_xn")
-    w = ternary_lut_weight(codes, f"{nm}_w")
+    xq = mb.clip(x=xr, alpha=f(qn), beta=f(qp), name=f"{nm}_xq")
+    xn = mb.mul(x=xq, y=f(1.0 / pow2), name=f"{nm}_xn")
+    w = ternary_lut_weight(codes, f"{nm}_w", f)
     # matmul, not linear: linear always carries a bias, and a zero bias of N fp16 values per layer
     # would cost 8/K of the 2-bit weight bytes (0.8% at K=1024) for nothing.
     y = mb.matmul(x=xn, y=w, transpose_x=False, transpose_y=True, name=f"{nm}_mm")
     # The dequantisation factor 2^(b-1)/Qp is folded into Alpha so fp16 rounds one constant, not two.
-    alpha_eff = (alpha * (pow2 / qp)).astype(np.float32)
+    alpha_eff = (alpha * (pow2 / qp)).astype(f)
     if alpha.size == 1:
-        scale = mb.mul(x=m, y=np.float32(alpha_eff.reshape(())), name=f"{nm}_scale")
+        scale = mb.mul(x=m, y=f(alpha_eff.reshape(())), name=f"{nm}_scale")
         out = mb.mul(x=y, y=scale, name=f"{nm}_y")
     else:
         ys = mb.mul(x=y, y=m, name=f"{nm}_ys")
@@ -170,14 +179,15 @@ def lower_rmsnorm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = ctx.input(node, 0)
     if isinstance(x, np.ndarray):
         x = mb.const(val=x.astype(np.float32), name=f"{nm}_x")
-    gamma = np.asarray(ctx.const(node, 1), dtype=np.float32)
+    f = _fdt(x)
+    gamma = np.asarray(ctx.const(node, 1)).astype(f)
     eps = float(_attr(node, "epsilon", 1e-5))
     # y = x/s / sqrt(mean((x/s)^2) + eps/s^2) * gamma, s = row max-abs: the same function, but the
     # squares are of values in [-1, 1].
     ax = mb.abs(x=x, name=f"{nm}_abs")
     s = mb.maximum(x=mb.reduce_max(x=ax, axes=[-1], keep_dims=True, name=f"{nm}_absmax"),
-                   y=np.float32(_RMS_MIN_SCALE), name=f"{nm}_s")
-    r = mb.real_div(x=np.float32(1.0), y=s, name=f"{nm}_r")
+                   y=f(_RMS_MIN_SCALE), name=f"{nm}_s")
+    r = mb.real_div(x=f(1.0), y=s, name=f"{nm}_r")
     xs = mb.mul(x=x, y=r, name=f"{nm}_xs")
     ms = mb.reduce_mean(x=mb.mul(x=xs, y=xs, name=f"{nm}_sq"), axes=[-1], keep_dims=True, name=f"{nm}_ms")
     # eps/s^2. When the fp16-safety analysis scaled this norm's input by t (and eps by t^2), use
@@ -185,8 +195,8 @@ def lower_rmsnorm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     # (eps*t^2 would underflow). If t itself underflows in fp16, eps/s_orig^2 is far below fp16's
     # resolution of mean(xs^2) >= 1/K anyway.
     t = float(ctx.options.get("rmsnorm_input_scale", {}).get(node.name, 1.0))
-    u = r if t == 1.0 else mb.mul(x=r, y=np.float32(t), name=f"{nm}_u")
-    e = mb.mul(x=mb.mul(x=u, y=np.float32(eps / (t * t)), name=f"{nm}_er"), y=u, name=f"{nm}_eps")
+    u = r if t == 1.0 else mb.mul(x=r, y=f(t), name=f"{nm}_u")
+    e = mb.mul(x=mb.mul(x=u, y=f(eps / (t * t)), name=f"{nm}_er"), y=u, name=f"{nm}_eps")
     inv = mb.rsqrt(x=mb.add(x=ms, y=e, name=f"{nm}_v"), name=f"{nm}_inv")
     xn = mb.mul(x=xs, y=inv, name=f"{nm}_xn")
     return [mb.mul(x=xn, y=gamma, name=f"{nm}_y")]

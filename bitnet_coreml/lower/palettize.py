@@ -33,7 +33,7 @@ def kmeans_1d(values: np.ndarray, k: int) -> np.ndarray:
         return np.full(k, lo, dtype=np.float64)
     counts = np.zeros(_BINS, np.int64)
     for a in range(0, flat.size, _CHUNK):
-        c, _ = np.histogram(flat[a:a + _CHUNK], bins=_BINS, range=(lo, hi))
+        c, _ = np.histogram(flat[a:a + _CHUNK].astype(np.float32), bins=_BINS, range=(lo, hi))
         counts += c
     centres = lo + (np.arange(_BINS) + 0.5) * (hi - lo) / _BINS
     w = counts.astype(np.float64)
@@ -100,7 +100,7 @@ def palettize_program(program: Any, nbits: int, min_size: int = 1 << 16) -> dict
         rel = float(np.linalg.norm((recon - val).astype(np.float64)) / max(np.linalg.norm(val.astype(np.float64)), 1e-30))
         del recon
         with func, mb.set_before_op(op):
-            new = mb.constexpr_lut_to_dense(indices=pack_bits(idx, nbits), lut=lut.astype(np.float32),
+            new = mb.constexpr_lut_to_dense(indices=pack_bits(idx, nbits), lut=lut.astype(val.dtype),
                                             shape=np.array(val.shape, np.uint32), name=f"{op.name}_lut{nbits}")
         op.enclosing_block.replace_uses_of_var_after_op(anchor_op=new.op, old_var=var, new_var=new,
                                                         no_check_var_types=True)

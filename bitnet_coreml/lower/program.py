@@ -41,6 +41,7 @@ class BuildOptions:
     fp32_nodes: frozenset[str] = frozenset()
     # (RMSNorm node name, factor its input was scaled by) from the fp16-safety analysis
     rmsnorm_input_scale: tuple[tuple[str, float], ...] = ()
+    native_fp16: bool = False  # build every op in fp16 (no fp32 program + fp16 cast pass)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp16", "fp32"):
@@ -163,7 +164,7 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
     """Lower ``model`` (after the default passes) to a MIL program; see the module docstring."""
     coremltools()
     from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
-    from coremltools.converters.mil.mil import Function, Program  # noqa: PLC0415
+    from coremltools.converters.mil.mil import Function, Program, types  # noqa: PLC0415
 
     options = options or BuildOptions()
     graph = model.graph
@@ -190,7 +191,17 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
             onnx_in = next(x for x in graph.inputs if (x.name or mil_name) == onnx_name)
             if onnx_in.dtype == ir.DataType.INT64:
                 log.debug("input %s: int64 -> int32", onnx_name)
+            if options.native_fp16 and onnx_in.dtype == ir.DataType.FLOAT:
+                v = mb.cast(x=v, dtype="fp16", name=f"{mil_name}_fp16")
             ctx.values[onnx_name] = v
+        if options.native_fp16:
+            # Float initializers enter the program as fp16, so every op is built in fp16 directly and
+            # coremltools' add_fp16_cast pass (a Python rewrite of every op) is not needed.
+            for init in graph.initializers.values():
+                if init.const_value is not None and init.dtype == ir.DataType.FLOAT and init.uses() \
+                        and all(u.node.domain != "bitnet_coreml" or u.idx == 0 for u in init.uses()):
+                    with np.errstate(over="ignore"):  # attention masks hold finfo.min: -inf on purpose
+                        ctx.values[init.name] = init.const_value.numpy().astype(np.float16)
         for node in graph:
             fn = get_lowering(node)
             before = len(func.operations)
@@ -220,7 +231,10 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
                 mil_name += "_out"
             used.add(mil_name)
             var = _as_var(ctx.values[o.name], f"{mil_name}_const")
-            outputs.append(mb.identity(x=var, name=mil_name))
+            if options.native_fp16 and o.dtype == ir.DataType.FLOAT and var.dtype != types.fp32:
+                outputs.append(mb.cast(x=var, dtype="fp32", name=mil_name))  # the graph's output dtype
+            else:
+                outputs.append(mb.identity(x=var, name=mil_name))
             output_names[o.name] = mil_name
         func.set_outputs(outputs)
     needed, _op = func.get_max_opset_version_and_op()
