@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -142,6 +143,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--stages", default="import,import+passes,materialise,convert")
+    ap.add_argument("--mem-cap-gb", type=float, default=16.0,
+                    help="address-space cap per stage (prlimit --as): a stage that needs more fails instead of "
+                         "waking the OOM killer on a shared machine; 0 disables")
     ap.add_argument("--convert-args", default="--target macos",
                     help="extra arguments for `bitnet-coreml convert` (the iOS 1 GB package limit needs --embed-bits)")
     ap.add_argument("--baseline", action="store_true", help="also time transformers' from_pretrained (.venv-export)")
@@ -172,6 +176,8 @@ def main() -> None:
                     "--seq-len", str(args.seq_len), *args.convert_args.split()]
         else:
             argv = [sys.executable, __file__, "--stage", st, "--seq-len", str(args.seq_len)]
+        if args.mem_cap_gb and shutil.which("prlimit"):
+            argv = ["prlimit", f"--as={int(args.mem_cap_gb * 1e9)}", *argv]
         r = run_measured(argv, quiet=False)
         if r.returncode != 0:
             print(f"{st}: FAILED (exit {r.returncode})")

@@ -56,7 +56,7 @@ class GraphBuilder:
         """Register a (possibly lazy) tensor as an initializer named after it."""
         name = self._unique(tensor.name or self._fresh("const"))
         tensor.name = name
-        v = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(list(tensor.shape)),
+        v = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape.numpy()),
                      const_value=tensor)
         self.graph.register_initializer(v)
         return v
@@ -87,16 +87,17 @@ class GraphBuilder:
     def op(self, op_type: str, inputs: Sequence[ir.Value], attrs: dict[str, object] | None = None, *,
            shape: Sequence[int] | None = None, name: str | None = None,
            dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
-        node = ir.node(op_type, inputs=list(inputs), attributes=attrs or {},
+        node = ir.node(op_type, inputs=list(inputs), attributes=attrs or {},  # type: ignore[arg-type]
                        name=self._unique(name) if name else self._fresh(op_type))
         return self._typed(node, shape, dtype)
 
     def fused(self, op_type: str, inputs: Sequence[ir.Value], attrs: dict[str, object], name: str, *,
               shape: Sequence[int] | None = None) -> ir.Value:
         if shape is None:
-            shape = list(inputs[0].shape or [])  # type: ignore[arg-type]
+            dims = [int(d) for d in (inputs[0].shape or [])]  # type: ignore[arg-type]
             if op_type == "BitLinear":
-                shape[-1] = inputs[1].shape[0]  # type: ignore[index]
+                dims[-1] = int(inputs[1].shape[0])  # type: ignore[index, arg-type]
+            shape = dims
         node = make_node(self._model, op_type, list(inputs), attrs, name=self._unique(name))
         return self._typed(node, shape, ir.DataType.FLOAT)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,6 @@ class CheckpointTensors:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self._maps: dict[Path, np.memmap[Any, np.dtype[np.uint8]]] = {}
         self._infos: dict[str, TensorInfo] = {}
         files, expected = self._discover()
         for f in files:
@@ -157,10 +157,11 @@ class CheckpointTensors:
             if name == "__metadata__":
                 continue
             try:
-                dtype, shape, (b, e) = str(meta["dtype"]), tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+                dtype, shape = str(meta["dtype"]), tuple(int(d) for d in meta["shape"])
+                start, stop = (int(o) for o in meta["data_offsets"])
             except (KeyError, TypeError, ValueError) as err:
                 raise ModelLoadError(f"{path}: header entry {name!r} is malformed ({err})") from err
-            info = TensorInfo(name, path, dtype, shape, base + int(b), base + int(e))
+            info = TensorInfo(name, path, dtype, shape, base + start, base + stop)
             if info.dtype not in ST_DTYPES:
                 raise ModelLoadError(f"{path}: tensor {info.name!r} has dtype {info.dtype}; supported: "
                                      f"{', '.join(ST_DTYPES)}")
@@ -199,18 +200,27 @@ class CheckpointTensors:
 
     # --- data -------------------------------------------------------------------------------------
 
-    def read(self, name: str) -> np.ndarray:
-        """A read-only view of the tensor's data in its stored dtype (bf16 as ``ml_dtypes.bfloat16``)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """A read-only memory-mapped view of the tensor (or of rows ``[r0, r1)``) in its stored dtype.
+
+        Each call maps just that range and the mapping goes when the array does, so pages a consumer
+        has finished with stop counting against the process (bf16 comes as ``ml_dtypes.bfloat16``).
+        """
         info = self._infos[name]
-        mm = self._maps.get(info.file)
-        if mm is None:
-            mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
         dt = _NP_DTYPES[info.dtype]
-        raw = mm[info.start:info.end]
-        if raw.size != info.numel * dt.itemsize:
-            raise ModelLoadError(f"{info.file}: tensor {name!r} spans {raw.size} bytes but {info.describe()} "
-                                 f"needs {info.numel * dt.itemsize}")
-        return raw.view(dt).reshape(info.shape)
+        if info.end - info.start != info.numel * dt.itemsize:
+            raise ModelLoadError(f"{info.file}: tensor {name!r} spans {info.end - info.start} bytes but "
+                                 f"{info.describe()} needs {info.numel * dt.itemsize}")
+        shape, start = info.shape, info.start
+        if rows is not None:
+            r0, r1 = rows
+            row_bytes = (info.numel // max(1, shape[0])) * dt.itemsize if shape else 0
+            start += r0 * row_bytes
+            shape = (r1 - r0, *shape[1:])
+        if math.prod(shape) == 0:
+            return np.zeros(shape, dtype=dt)
+        mm = np.memmap(info.file, dtype=dt, mode="r", offset=start, shape=shape)
+        return mm.view(np.ndarray)
 
     def read_as(self, name: str, dtype: np.dtype[Any] | type) -> np.ndarray:
         """The tensor converted to ``dtype`` (e.g. float32); bf16 widens exactly."""

@@ -65,16 +65,20 @@ class CheckpointTensor(ir.LazyTensor):
                          shape=ir.Shape(info.shape), name=name or source)
 
     def numpy_as(self, dtype: Any) -> np.ndarray:
-        src = self.store.read(self.source_name)
         want = np.dtype(dtype)
-        if src.dtype == want:
-            return src
-        if src.ndim < 2:
-            return src.astype(want)
-        out = np.empty(src.shape, dtype=want)
-        step = _chunk_rows(src.shape[0], int(np.prod(src.shape[1:])) * 4)
-        for r in range(0, src.shape[0], step):
-            out[r:r + step] = src[r:r + step].astype(want)
+        shape = tuple(int(d) for d in self.shape.numpy())
+        if len(shape) < 2:
+            src = self.store.read(self.source_name)
+            return src if src.dtype == want else src.astype(want)
+        first = self.store.read(self.source_name, rows=(0, 0))
+        if first.dtype == want:
+            return self.store.read(self.source_name)  # zero-copy view of the file
+        # row chunks, each mapped and released in turn: peak = the output + one chunk
+        out = np.empty(shape, dtype=want)
+        step = _chunk_rows(shape[0], int(np.prod(shape[1:])) * 4)
+        for r in range(0, shape[0], step):
+            stop = min(shape[0], r + step)
+            out[r:stop] = self.store.read(self.source_name, rows=(r, stop)).astype(want)
         return out
 
 

@@ -170,6 +170,17 @@ def test_embedding_converts_lazily_to_fp16(written: dict) -> None:  # type: igno
     assert src.astype(ml_dtypes.bfloat16).astype(np.float32).tolist() == src.tolist()
 
 
+def test_fp16_conversion_in_row_chunks(written: dict, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[type-arg]
+    from bitnet_coreml.frontend import hf_tensors
+
+    folder, t, lw = written["bitlinear-packed-bf16-sharded-untied"]
+    monkeypatch.setattr(hf_tensors, "_chunk_rows", lambda n_rows, row_bytes: 7)  # 96 rows: 13 full chunks + 5
+    m = load_checkpoint(folder, seq_len=4)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        got = m.graph.initializers[name].const_value.numpy_as(np.float16)
+        np.testing.assert_array_equal(got, lw[name].astype(np.float16))
+
+
 def test_frontend_load_dispatches_folders(written: dict) -> None:  # type: ignore[type-arg]
     from bitnet_coreml.frontend import load
 
