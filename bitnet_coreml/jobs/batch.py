@@ -155,11 +155,15 @@ class Job:
         self.progress = progress
         outdir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = lock_dir(outdir, "another batch job is running on this folder; wait for it or choose another -o")
-        self.resumed = claim_outdir(outdir, {"predictor": factory.fingerprint(),
-                                             "dataset": str(dataset.path.resolve())})
-        self.done = verified_done(outdir, read_manifest(outdir)) if self.resumed else set()
+        try:
+            self.resumed = claim_outdir(outdir, {"predictor": factory.fingerprint(),
+                                                 "dataset": str(dataset.path.resolve())})
+            self.done = verified_done(outdir, read_manifest(outdir)) if self.resumed else set()
+            self.writer = ManifestWriter(outdir, fsync_interval_s)
+        except BaseException:
+            self._release()
+            raise
         self.stats = _Stats(total=len(dataset))
-        self.writer = ManifestWriter(outdir, fsync_interval_s)
         self.t0 = time.perf_counter()
 
     def pending(self) -> Iterator[ItemRef]:
@@ -191,6 +195,9 @@ class Job:
 
     def close(self) -> None:
         self.writer.close()
+        self._release()
+
+    def _release(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -208,13 +208,12 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path, workers: int) -> N
     rng = random.Random(1234 + workers)
     manifest = tmp_path / "crashed" / "manifest.jsonl"
     kills = 0
-    for _ in range(4):
+    # Kill points spread over the job (manifest line counts), each followed by a random extra delay.
+    for target in sorted(rng.sample(range(5, n - 10), 4)):
         done = manifest.read_bytes().count(b"\n") if manifest.exists() else 0
-        if done >= n - 10:
-            break
-        target = rng.randint(done + 1, n - 10)
+        if done >= target:
+            continue
         p = run("crashed")
-        # Wait until the job is genuinely mid-run, then kill at a random instant.
         while p.poll() is None and (not manifest.exists() or manifest.read_bytes().count(b"\n") < target):
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.02))
@@ -224,7 +223,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path, workers: int) -> N
         p.wait(60)
     p = run("crashed")
     assert p.wait(120) == 0, p.stderr.read().decode() if p.stderr else ""
-    assert kills >= 3
+    assert kills >= 2
     clean, crashed = _manifest(tmp_path / "clean"), _manifest(tmp_path / "crashed")
     assert len(crashed) == n and len({r["id"] for r in crashed}) == n  # each item exactly once
     assert [(r["id"], r["sha256"]) for r in crashed] == [(r["id"], r["sha256"]) for r in clean]
@@ -234,3 +233,16 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path, workers: int) -> N
         assert sha256_file(tmp_path / "crashed" / r["file"]) == r["sha256"]
     # Outputs are right, not merely equal to each other.
     _assert_matches_oracle(tmp_path / "crashed", xs, [r["id"] for r in clean])
+
+
+def test_second_job_on_a_busy_folder_is_refused(tmp_path: Path) -> None:
+    from bitnet_coreml.jobs._io import lock_dir
+
+    write_folder(tmp_path / "ds", make_inputs(2))
+    fd = lock_dir(tmp_path / "out", "busy")  # as a running job holds it
+    try:
+        with pytest.raises(InputError, match="another batch job is running"):
+            run_batch(AffineFactory(), tmp_path / "ds", tmp_path / "out")
+    finally:
+        os.close(fd)
+    assert run_batch(AffineFactory(), tmp_path / "ds", tmp_path / "out")["job"]["complete"]
