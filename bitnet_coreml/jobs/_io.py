@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,10 +24,11 @@ import numpy as np
 # Zip's epoch; np.savez stamps the wall clock into every member, which would make equal outputs differ.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _CHUNK = 1 << 20
-# mkstemp creates 0600 files; finished artifacts get the permissions a plain open() would give.
+# Finished artifacts get the permissions a plain open() would give.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
+_COUNTER = itertools.count()
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -100,10 +101,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    # A name unique to this process and call (mkstemp's random names cost more than the write itself
+    # for small outputs); O_EXCL still refuses to reuse a name.
+    tmp = str(path.parent / f".tmp-{path.name}.{os.getpid()}.{next(_COUNTER)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _FILE_MODE)
             f.write(data)
             if fsync:
                 f.flush()
