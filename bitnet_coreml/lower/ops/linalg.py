@@ -136,6 +136,25 @@ def _permute(x: Any, term: str, order: str, name: str) -> Any:
     return x if perm == list(range(len(perm))) else mb().transpose(x=x, perm=perm, name=name)
 
 
+def _take_diagonals(node: ir.Node, x: Any, term: str, name: str) -> tuple[Any, str]:
+    """Resolve an index repeated within one term (``ii``) by masking with an identity and summing."""
+    m = mb()
+    while len(set(term)) != len(term):
+        c = next(ch for ch in term if term.count(ch) > 1)
+        p = term.index(c)
+        q = term.index(c, p + 1)
+        s = static_shape(node, x)
+        if s[p] != s[q]:
+            raise bad(node, f"index {c!r} has sizes {s[p]} and {s[q]}")
+        eye_shape = [1] * len(s)
+        eye_shape[p], eye_shape[q] = s[p], s[q]
+        eye = np.eye(s[p], dtype=np_dtype(x)).reshape(eye_shape)
+        x = m.reduce_sum(x=m.mul(x=x, y=eye, name=f"{name}_{p}{q}m"), axes=[q], keep_dims=False,
+                         name=f"{name}_{p}{q}")
+        term = term[:q] + term[q + 1:]
+    return x, term
+
+
 @lowering("Einsum")
 def einsum(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     vals = [req(ctx, node, i) for i in range(len(node.inputs))]
@@ -145,10 +164,13 @@ def einsum(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     if len(vals) > 2:
         raise unsupported(node, f"{len(vals)} operands (supported: 1 or 2)")
     terms, out = _einsum_terms(node, equation, [rank_of(v) for v in vals])
-    if any(len(set(t)) != len(t) for t in terms) or len(set(out)) != len(out):
-        raise unsupported(node, f"equation {equation!r} repeats an index within a term (diagonals)")
+    if len(set(out)) != len(out):
+        raise unsupported(node, f"equation {equation!r} repeats an index in the output")
     nm = ctx.name(node)
     m = mb()
+    vals = list(vals)
+    for k, t in enumerate(terms):
+        vals[k], terms[k] = _take_diagonals(node, to_var(vals[k]), t, f"{nm}_diag{k}")
     if len(vals) == 1:
         x, t = _sum_out(to_var(vals[0]), terms[0], set(out), f"{nm}_sum")
         return [_permute(x, t, out, nm) if t != out else m.identity(x=x, name=nm)]
