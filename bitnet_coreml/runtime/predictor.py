@@ -204,6 +204,7 @@ class Predictor:
             try:
                 self._prepare(unit)
             except Exception as e:
+                failed_at = time.perf_counter()
                 err = classify_exception(e, context=unit.name)
                 if handle_error(err) is RecoveryAction.GIVE_UP:
                     rec.record_outcome(False)
@@ -213,11 +214,11 @@ class Predictor:
                 self._fail(unit, err)
                 attempts.append(Attempt(unit.name, "failed", err.one_line(), type(err).__name__,
                                         RecoveryAction.FALLBACK.value))
-                first_failure_at = first_failure_at or time.perf_counter()
+                first_failure_at = first_failure_at or failed_at
                 continue
             answered = self._run_unit(unit, x, attempts, notes, batch_size)
-            if answered is None:
-                first_failure_at = first_failure_at or time.perf_counter()
+            if isinstance(answered, float):  # the moment the unit's last attempt failed
+                first_failure_at = first_failure_at or answered
                 continue
             outputs, call_s, used_batch = answered
             rec.record_outcome(True)
@@ -296,7 +297,8 @@ class Predictor:
     # --- one unit, with retries ------------------------------------------------------------------
 
     def _run_unit(self, unit: Unit, x: dict[str, np.ndarray], attempts: list[Attempt], notes: list[str],
-                  batch: int | None) -> tuple[dict[str, np.ndarray], float, int | None] | None:
+                  batch: int | None) -> tuple[dict[str, np.ndarray], float, int | None] | float:
+        """The answer, its call time and batch size; or, if the unit gave up, the time it last failed."""
         s, rec = self.strategy, self._recovery
         retries = 0
         delay = planned = 0.0
@@ -308,7 +310,8 @@ class Predictor:
                 outputs = self._call_chunked(unit, x, chunk)
                 self._check_outputs(unit, x, outputs)
             except Exception as e:
-                call_s = time.perf_counter() - t0
+                failed_at = time.perf_counter()
+                call_s = failed_at - t0
                 err = classify_exception(e, context=unit.name)
                 rec.record_failure(unit.name, err)
                 action = handle_error(err)
@@ -330,7 +333,7 @@ class Predictor:
                     f"{err.one_line()} (gave up after {retries} retr{'y' if retries == 1 else 'ies'})"
                 attempts.append(Attempt(unit.name, "failed", reason, type(err).__name__, RecoveryAction.FALLBACK.value,
                                         call_s, delay, planned))
-                return None
+                return failed_at
             call_s = time.perf_counter() - t0
             if s.monitor_fallback_performance:
                 rec.record_success(unit.name, call_s)
