@@ -2,7 +2,8 @@
 
 Goal (issue 5): check's wall time <= 1.1x inspect's on the ~200M-parameter export. Both load the
 model and run the default passes; check adds the size estimate, every rule (one pass over the float
-weights for the fp16 range) and the report.
+weights for the fp16 range) and the report. The two commands run alternately (fresh processes) so
+that load from other jobs on the machine hits both alike; best, median and per-pair ratios are shown.
 
     python bench/bench_check.py [bench/_work/bitnet_200m.onnx] [--repeat 3] [--target ios --chip A17Pro]
 
@@ -13,11 +14,24 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import best_of, python_snippet  # noqa: E402
+from _measure import Measured, python_snippet, run_measured  # noqa: E402
+
+
+def _interleaved(n: int, argvs: dict[str, list[str]]) -> dict[str, list[Measured]]:
+    """Run the commands alternately n times each, so machine load drifts hit both alike."""
+    out: dict[str, list[Measured]] = {k: [] for k in argvs}
+    for _ in range(n):
+        for k, argv in argvs.items():
+            m = run_measured(argv)
+            if m.returncode != 0:
+                raise SystemExit(f"{k} failed with exit code {m.returncode}: {' '.join(argv)}")
+            out[k].append(m)
+    return out
 
 
 def main() -> None:
@@ -31,24 +45,31 @@ def main() -> None:
     if not path.exists():
         raise SystemExit(f"{path} not found; make it with: python bench/make_bench_model.py --size 200m")
     size_mb = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.stem)) / 2**20
-    inspect = best_of(args.repeat, python_snippet(
+    inspect_argv = python_snippet(
         "from bitnet_coreml.commands.inspect import inspect_cmd; "
-        f"inspect_cmd.main([{str(path)!r}, '--json'], standalone_mode=False)"))
+        f"inspect_cmd.main([{str(path)!r}, '--json'], standalone_mode=False)")
     # check exits with its verdict (0 fits / 1 violations); both count as a completed run here
-    check = best_of(args.repeat, python_snippet(
+    check_argv = python_snippet(
         "import sys\n"
         "from bitnet_coreml.commands.check import check\n"
         "try:\n"
         f"    check.main([{str(path)!r}, '--target', {args.target!r}, '--chip', {args.chip!r}, '--json'],"
         " standalone_mode=False)\n"
         "except SystemExit as e:\n"
-        "    sys.exit(0 if e.code in (0, 1) else e.code)\n"))
-    print(f"model: {path} ({size_mb:.0f} MiB on disk, {os.cpu_count()} cores), best of {args.repeat}")
-    print(f"{'':10}{'wall s':>10}{'peak RSS MiB':>15}")
-    print(f"{'inspect':10}{inspect.wall_s:10.2f}{inspect.peak_rss_mb:15.0f}")
-    print(f"{'check':10}{check.wall_s:10.2f}{check.peak_rss_mb:15.0f}")
-    print(f"check / inspect wall: {check.wall_s / inspect.wall_s:.3f}x (goal <= 1.1x)")
-    print(f"check / inspect peak RSS: {check.peak_rss_mb / inspect.peak_rss_mb:.3f}x")
+        "    sys.exit(0 if e.code in (0, 1) else e.code)\n")
+    runs = _interleaved(args.repeat, {"inspect": inspect_argv, "check": check_argv})
+    best = {k: min(v, key=lambda m: m.wall_s) for k, v in runs.items()}
+    med = {k: statistics.median(m.wall_s for m in v) for k, v in runs.items()}
+    pair = [c.wall_s / i.wall_s for i, c in zip(runs["inspect"], runs["check"], strict=True)]
+    print(f"model: {path} ({size_mb:.0f} MiB on disk, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}), {args.repeat} interleaved runs each")
+    print(f"{'':10}{'best s':>9}{'median s':>10}{'peak RSS MiB':>15}")
+    for k in runs:
+        print(f"{k:10}{best[k].wall_s:9.2f}{med[k]:10.2f}{best[k].peak_rss_mb:15.0f}")
+    print(f"check / inspect wall: best {best['check'].wall_s / best['inspect'].wall_s:.3f}x, "
+          f"median {med['check'] / med['inspect']:.3f}x, median of run pairs {statistics.median(pair):.3f}x "
+          "(goal <= 1.1x)")
+    print(f"check / inspect peak RSS: {best['check'].peak_rss_mb / best['inspect'].peak_rss_mb:.3f}x")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ class Finding:
     fixed_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"rule": self.rule, "severity": self.severity, "message": self.message, "node": self.node,
+                "actual": self.actual, "limit": self.limit, "source": self.source, "fixed_by": self.fixed_by}
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ class OpUnit:
     rule: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"node": self.node, "op_type": self.op_type, "unit": self.unit, "reason": self.reason,
+                "source": self.source, "rule": self.rule}
 
 
 @dataclass
@@ -114,7 +116,10 @@ def rule(rule_id: str, doc: str) -> Callable[[RuleFn], RuleFn]:
 
 def _dims(v: ir.Value) -> list[int | str] | None:
     if v.shape is not None:
-        return [d if isinstance(d, int) else str(d) for d in v.shape]
+        dims = v.shape.dims
+        if all(type(d) is int for d in dims):
+            return list(dims)  # type: ignore[arg-type]
+        return [d if isinstance(d, int) else str(d) for d in dims]
     if v.const_value is not None:
         return list(_tshape(v.const_value))
     return None
@@ -205,7 +210,7 @@ def _softmax_only(v: ir.Value) -> bool:
     return bool(uses) and all(n.domain in _STD and n.op_type == "Softmax" for n in uses)
 
 
-_SCAN_CHUNK = 1 << 18
+_SCAN_CHUNK = 1 << 16  # 256 KB of fp32: the abs() and max() passes stay in cache
 
 
 def _abs_max(a: Any) -> float:
@@ -232,15 +237,23 @@ def fp16_overflow_constants(model: ir.Model, fmax: float) -> list[OverflowConst]
     the converter keeps it in fp16. Any other overflowing constant makes the converter keep its
     consumers in fp32 (``bitnet_coreml.lower.fp16``), which takes them off the ANE.
     """
+    cands = [v for v in model.graph.initializers.values()
+             if v.const_value is not None and v.const_value.dtype.name in _FLOAT_DTYPES and v.const_value.size]
     out: list[OverflowConst] = []
-    for v in model.graph.initializers.values():
+    for v in cands:
         t = v.const_value
-        if t is None or t.dtype.name not in _FLOAT_DTYPES or t.size == 0:
-            continue
+        assert t is not None
         a = t.numpy()
-        if _abs_max(a) <= fmax:
+        over = _abs_max(a) > fmax
+        hi, lo = (float(a.max()), float(a.min())) if over else (0.0, 0.0)
+        del a
+        release = getattr(t, "release", None)
+        if callable(release):
+            # a memory-mapped weight (onnx-ir ExternalTensor): unmap it again, or its pages stay in our
+            # RSS until exit; onnx-ir maps it anew on the next access
+            release()
+        if not over:
             continue
-        hi, lo = float(a.max()), float(a.min())
         peak = max(hi, -lo)
         users = [u[0] for u in v.uses()]
         mask = (hi <= fmax and bool(users)
@@ -288,20 +301,19 @@ def expected_unit(node: ir.Node, db: CapabilityDatabase, *, precision: str = "fp
             chans = [int(wd[0]), int(wd[1]) * max(1, (node.attributes["group"].as_int() if "group" in node.attributes else 1))]
             if max(chans) > ch_lim or (len(wd) > 2 and int(wd[-1]) > k_lim):
                 return off("large_channels_gpu", f"weight {wd}")
+    vals = [(v, _dims(v)) for v in (*node.inputs, *node.outputs) if v is not None]
     if "dynamic_shape_gpu" in ur:
-        for v in [*node.inputs, *node.outputs]:
-            d = _dims(v) if v is not None else []
+        for v, d in vals:
             if d is None or any(not isinstance(x, int) for x in d):
-                return off("dynamic_shape_gpu", f"value {v.name if v is not None else '?'} shape {d}")
+                return off("dynamic_shape_gpu", f"value {v.name} shape {d}")
     if precision == "fp32" and "fp32_gpu" in ur:
         return off("fp32_gpu", "conversion precision fp32")
     if fp32_nodes and nid in fp32_nodes and "fp32_gpu" in ur:
         return off("fp32_gpu", f"kept in fp32: constant {fp32_nodes[nid]!r} overflows fp16")
     if nid not in split_nodes and "large_dim_gpu" in ur:
         lim = int(db.limit("max_dimension")["value"])
-        for v in [*node.inputs, *node.outputs]:
-            d = _dims(v) if v is not None else None
-            if v is not None and d and any(isinstance(x, int) and x > lim for x in _non_channel_dims(node, v, d)):
+        for v, d in vals:
+            if d and any(isinstance(x, int) and x > lim for x in _non_channel_dims(node, v, d)):
                 return off("large_dim_gpu", f"value {v.name} shape {d}")
     reason = "no rule moves it off the ANE"
     if nid in split_nodes:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -107,8 +107,9 @@ class SizeEstimate:
             "params_scales": self.params_scales,
         }
         if with_tensors:
-            d["tensors"] = [{**asdict(t), "shape": list(t.shape), "blobs": list(t.blobs), "bytes": t.bytes,
-                             "fp16_blobs": list(t.fp16_blobs)} for t in self.tensors]
+            d["tensors"] = [{"name": t.name, "kind": t.kind, "shape": list(t.shape), "elements": t.elements,
+                             "bits": t.bits, "blobs": list(t.blobs), "fp16_blobs": list(t.fp16_blobs), "bytes": t.bytes}
+                            for t in self.tensors]
         return d
 
 
