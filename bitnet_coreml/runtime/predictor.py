@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -90,6 +91,14 @@ class Predictor:
         self._oracle: ReferenceUnit | None = None
         self._verdicts: dict[str, str] | None = None
         self._lock = threading.Lock()
+        # Idle worker threads would outlive a predictor that is dropped without close().
+        weakref.finalize(self, _stop_workers, self._workers)
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- the seed's manager API ------------------------------------------------------------------
 
@@ -444,11 +453,15 @@ class Predictor:
 
     def close(self) -> None:
         """Stop the worker threads and unload every unit."""
-        for w in self._workers.values():
-            w.stop()
-        self._workers.clear()
+        _stop_workers(self._workers)
         for u in self.units:
             u.unload()
+
+
+def _stop_workers(workers: dict[str, Worker]) -> None:
+    for w in workers.values():
+        w.stop()
+    workers.clear()
 
 
 def _leading_batch(x: Mapping[str, np.ndarray]) -> int | None:
