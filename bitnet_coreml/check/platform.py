@@ -156,8 +156,10 @@ def _macos_thermal() -> tuple[str | None, str]:
         k, _, v = line.partition("=")
         if k.strip() == "CPU_Speed_Limit" and v.strip().isdigit():
             limit = int(v.strip())
-            # pmset reports the CPU speed cap the thermal manager imposes; 100 means no throttling.
-            state = "nominal" if limit >= 100 else ("fair" if limit >= 80 else ("serious" if limit >= 50 else "critical"))
+            # pmset reports the CPU speed cap the thermal manager imposes: 100 means no throttling. Any cap
+            # means the system is already reducing performance, which is how Apple describes "serious";
+            # pmset cannot tell fair from nominal, or serious from critical, so it reports no more than that.
+            state = "nominal" if limit >= 100 else "serious"
             return state, f"pmset -g therm (CPU_Speed_Limit={limit})"
     if "No thermal warning level has been recorded" in out:
         return "nominal", "pmset -g therm (no thermal warning recorded)"
