@@ -80,3 +80,39 @@ def test_macos_detection() -> None:
     assert info.chip == brand
     if brand.startswith("Apple") and info.chip_in_database:
         assert info.ane_generation is not None
+
+
+@pytest.mark.parametrize("out, state", [
+    ("Note: No thermal warning level has been recorded\nCPU_Speed_Limit \t= 100", "nominal"),
+    ("CPU_Scheduler_Limit \t= 100\nCPU_Available_CPUs \t= 8\nCPU_Speed_Limit \t= 73", "serious"),
+    ("Note: No thermal warning level has been recorded", "nominal"),
+    ("something else", None),
+    (None, None),
+])
+def test_macos_pmset_parsing(monkeypatch: pytest.MonkeyPatch, out: str | None, state: str | None) -> None:
+    import bitnet_coreml.check.platform as P
+
+    monkeypatch.setitem(sys.modules, "Foundation", None)  # no pyobjc: the pmset path
+    monkeypatch.setattr(P, "_run", lambda argv, timeout=2.0: out)
+    assert P._macos_thermal()[0] == state
+
+
+@pytest.mark.parametrize("brand, chip, gen, ane", [
+    ("Apple M2 Pro", "M2 Pro", 5, True), ("Apple M1", "M1", 4, True),
+    ("Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz", None, None, False), ("Apple M9", None, None, None),
+])
+def test_darwin_detection_maps_the_chip(monkeypatch: pytest.MonkeyPatch, brand: str, chip: str | None,
+                                        gen: int | None, ane: bool | None) -> None:
+    import bitnet_coreml.check.platform as P
+
+    monkeypatch.setattr(P._platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(P._platform, "mac_ver", lambda: ("14.4", ("", "", ""), "arm64"))
+    monkeypatch.setattr(P, "_run", lambda argv, timeout=2.0: brand if argv[0] == "sysctl" else None)
+    monkeypatch.setitem(sys.modules, "Foundation", None)
+    info = DeviceCompatibilityChecker.get_platform_info(probe_coreml=False)
+    assert info.os_name == "macOS" and info.os_version == "14.4" and info.chip == brand
+    assert info.ane_generation == gen and info.ane_present is ane
+    assert info.chip_in_database is (chip is not None)
+    assert info.ane_available is (False if ane is False else None)  # Core ML not probed: unknown unless no ANE
+    if chip:
+        assert info.gpu_device == f"Apple {chip.split()[0]}"
