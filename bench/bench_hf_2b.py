@@ -10,12 +10,13 @@ the kernel's peak RSS, ``os.wait4``):
 * ``materialise``:       import, then every BitLinear's int8 codes one layer at a time + the embedding
                          as fp16 (what a converter reads), to show the per-layer memory bound
 * ``convert``:           ``bitnet-coreml convert`` of the folder (the whole pipeline)
+* ``convert-stages``:    ``convert()`` in one process, printing the peak RSS of each of its stages
 
 Baseline in the same run (``--baseline``, needs ``.venv-export``): transformers'
 ``BitNetForCausalLM.from_pretrained`` of the same folder: only the *first* step of today's torch ->
 ONNX export route (the export itself needs the model in memory several times over and is not run).
 
-Usage: ``.venv/bin/python bench/bench_hf_2b.py [--seq-len 128] [--stages import,import+passes,materialise,convert] [--baseline]``
+Usage: ``.venv/bin/python bench/bench_hf_2b.py [--seq-len 128] [--stages import,import+passes,materialise,convert-stages] [--baseline]``
 """
 
 from __future__ import annotations
@@ -114,6 +115,41 @@ def write_checkpoint(folder: Path, seed: int = 0) -> None:
 # --- stages, each run in a fresh process ----------------------------------------------------------
 
 
+def convert_stages(folder: Path, seq_len: int, extra: list[str]) -> None:
+    """``convert()`` in this process, with the peak RSS of each of its stages (sampled every 0.2 s)."""
+    import threading
+
+    import psutil
+
+    from bitnet_coreml.convert import ConvertOptions, convert
+
+    proc = psutil.Process()
+    cur, peaks, marks = ["start"], {}, []
+    t0 = time.perf_counter()
+
+    def sample() -> None:
+        while True:
+            peaks[cur[0]] = max(peaks.get(cur[0], 0.0), proc.memory_info().rss / 1e6)
+            time.sleep(0.2)
+
+    def say(name: str) -> None:
+        marks.append((cur[0], time.perf_counter() - t0, peaks.get(cur[0], 0.0)))
+        cur[0] = name
+
+    threading.Thread(target=sample, daemon=True).start()
+    target = extra[extra.index("--target") + 1] if "--target" in extra else "ios"
+    embed = int(extra[extra.index("--embed-bits") + 1]) if "--embed-bits" in extra else None
+    try:
+        convert(folder, WORK / "bitnet-2b-shaped-stages.mlpackage",
+                ConvertOptions(target=target, seq_len=seq_len, embed_bits=embed), progress=say)
+    finally:
+        say("end")
+        prev = 0.0
+        for name, t, peak in marks[1:]:
+            print(f"    {name:>30}: ends at {t:7.1f} s (+{t - prev:6.1f} s), peak RSS {peak:7.0f} MB", flush=True)
+            prev = t
+
+
 def stage(name: str, folder: Path, seq_len: int) -> None:
     from bitnet_coreml.frontend.hf_checkpoint import load_checkpoint
 
@@ -142,7 +178,7 @@ def stage(name: str, folder: Path, seq_len: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--stages", default="import,import+passes,materialise,convert")
+    ap.add_argument("--stages", default="import,import+passes,materialise,convert-stages")
     ap.add_argument("--mem-cap-gb", type=float, default=16.0,
                     help="address-space cap per stage (prlimit --as): a stage that needs more fails instead of "
                          "waking the OOM killer on a shared machine; 0 disables")
@@ -153,6 +189,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.stage == "write":
         write_checkpoint(FOLDER)
+        return
+    if args.stage == "convert-stages":
+        convert_stages(FOLDER, args.seq_len, args.convert_args.split())
         return
     if args.stage:
         stage(args.stage, FOLDER, args.seq_len)
@@ -170,7 +209,10 @@ def main() -> None:
     print(f"seq_len {args.seq_len}; {os.cpu_count()} cores")
     results: dict[str, tuple[float, float]] = {}
     for st in [s for s in args.stages.split(",") if s]:
-        if st == "convert":
+        if st == "convert-stages":
+            argv = [sys.executable, __file__, "--stage", st, "--seq-len", str(args.seq_len),
+                    f"--convert-args={args.convert_args}"]
+        elif st == "convert":
             out = WORK / "bitnet-2b-shaped.mlpackage"
             argv = [str(Path(sys.executable).with_name("bitnet-coreml")), "convert", str(FOLDER), "-o", str(out),
                     "--seq-len", str(args.seq_len), *args.convert_args.split()]

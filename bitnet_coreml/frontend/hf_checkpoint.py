@@ -150,7 +150,11 @@ class _Importer:
         if cfg.attention_bias and prefix.split(".")[-1] in _ATTN:
             b = f"{prefix}.bias"
             self.store.require(b, shapes=[(n,)], dtypes=FLOAT_CODES, what="bias")
-            y = g.op("Add", [y, g.const(b, self.store.read_as(b, np.float32))], shape=[1, self.S, n])
+            bias = self.store.read_as(b, np.float32)
+            if ws is not None and not q.divides:
+                # AutoBitLinear adds the bias inside F.linear, before multiplying by weight_scale
+                bias = (bias * np.float32(ws)).astype(np.float32)
+            y = g.op("Add", [y, g.const(b, bias)], shape=[1, self.S, n])
         return y
 
     def plain_linear(self, x: ir.Value, wname: str, n: int, k: int, weight: ir.Value | None = None) -> ir.Value:

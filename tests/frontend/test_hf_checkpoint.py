@@ -192,6 +192,7 @@ def test_frontend_load_dispatches_folders(written: dict) -> None:  # type: ignor
 @pytest.mark.slow
 @pytest.mark.skipif(not EXPORT_PY.exists(), reason="needs the export venv (.venv-export with torch + transformers)")
 @pytest.mark.parametrize("name", ["bitlinear-packed-bf16-sharded-untied", "autobitlinear-online-bf16",
+                                  "autobitlinear-offline-attention-bias",
                                   "bitlinear-packed-rmsnorm-mqa"])
 def test_logits_match_live_transformers(written: dict, name: str, tmp_path: Path) -> None:  # type: ignore[type-arg]
     folder, t, _ = written[name]

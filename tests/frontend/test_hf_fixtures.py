@@ -42,6 +42,7 @@ class Tiny:
     shards: int = 1
     use_rms_norm: bool = False
     skip: tuple[str, ...] = ()  # quantization_config.modules_to_not_convert: plain float nn.Linear
+    bias: bool = False  # config.attention_bias: q/k/v/o carry a bias added after the BitLinear
     extra_config: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -62,7 +63,7 @@ class Tiny:
             "hidden_size": self.hidden, "intermediate_size": self.inter, "num_hidden_layers": self.layers,
             "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "hidden_act": "relu2",
             "max_position_embeddings": 256, "rms_norm_eps": self.eps, "rope_theta": self.rope_theta,
-            "tie_word_embeddings": self.tie, "attention_bias": False,
+            "tie_word_embeddings": self.tie, "attention_bias": self.bias,
             "torch_dtype": {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[self.dtype],
             "quantization_config": {"quant_method": "bitnet", "linear_class": self.linear_class,
                                     "quantization_mode": self.mode, "use_rms_norm": self.use_rms_norm,
@@ -124,6 +125,8 @@ def make_checkpoint(folder: Path, t: Tiny, seed: int = 0) -> dict[str, np.ndarra
             else:
                 files[w] = _stored(codes, t.dtype)
             logical[w] = codes.astype(np.float32)
+            if t.bias and proj.startswith("self_attn."):
+                put(f"{p}.{proj}.bias", _stored(rng.normal(0, 0.5, size=n), t.dtype))
             ws = _stored(rng.uniform(0.5, 2.0, size=(1,)), t.dtype)
             files[f"{p}.{proj}.weight_scale"] = ws
             logical[f"{p}.{proj}.weight_scale"] = ws.astype(np.float32).reshape(())
@@ -172,12 +175,13 @@ def _linear(t: Tiny, lw: dict[str, np.ndarray], prefix: str, x: np.ndarray) -> n
     if t.use_rms_norm:
         x = _rmsnorm(x, lw[f"{prefix}.rms_norm.weight"], 1e-6)
     w = lw[f"{prefix}.weight"]
+    b = lw.get(f"{prefix}.bias", np.float32(0))
     xq, sx = _act_quant(x)
-    if t.linear_class == "bitlinear":  # BitLinear: (xq @ W^T) / (sx * weight_scale)
-        return (xq @ w.T) / (sx * lw[f"{prefix}.weight_scale"])
-    if t.mode == "online":  # AutoBitLinear(online_quant): WeightQuant, no weight_scale
-        return (xq / sx) @ _weight_quant(w).T
-    return ((xq / sx) @ w.T) * lw[f"{prefix}.weight_scale"]
+    if t.linear_class == "bitlinear":  # BitLinear: (xq @ W^T) / (sx * weight_scale), then += bias
+        return (xq @ w.T) / (sx * lw[f"{prefix}.weight_scale"]) + b
+    if t.mode == "online":  # AutoBitLinear(online_quant): F.linear(x, WeightQuant(W), bias), no weight_scale
+        return (xq / sx) @ _weight_quant(w).T + b
+    return ((xq / sx) @ w.T + b) * lw[f"{prefix}.weight_scale"]  # AutoBitLinear: F.linear(.., bias) * weight_scale
 
 
 def _rope(t: Tiny, s: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,6 +246,7 @@ VARIANTS = {
     "autobitlinear-online-bf16": Tiny(linear_class="autobitlinear", mode="online", dtype="BF16"),
     "bitlinear-packed-rmsnorm-mqa": Tiny(use_rms_norm=True, kv_heads=1, layers=3),
     "bitlinear-packed-skip-one": Tiny(skip=("model.layers.1.mlp.down_proj",)),
+    "autobitlinear-offline-attention-bias": Tiny(linear_class="autobitlinear", bias=True),
 }
 
 
