@@ -307,24 +307,21 @@ def test_fallback_overhead_is_reported(tiny_package: Path, tiny_inputs: dict) ->
     assert Predictor(tiny_package, units=["reference"]).predict(tiny_inputs).fallback_overhead_s is None
 
 
-def _worker_threads() -> int:
-    import threading
-
-    return sum(1 for t in threading.enumerate() if t.name.startswith("bitnet-coreml-") and t.is_alive())
-
-
 def test_workers_stop_on_close_and_when_dropped(tiny_package: Path, tiny_inputs: dict) -> None:
     import gc
 
-    before = _worker_threads()
+    def wait_dead(thread) -> bool:  # type: ignore[no-untyped-def]
+        thread.join(timeout=5)
+        return not thread.is_alive()
+
     with Predictor(tiny_package, units=["reference"]) as p:
         p.predict(tiny_inputs)
-        assert _worker_threads() == before + 1
+        closed = p._workers["reference"]._t
+        assert closed.is_alive()
+    assert wait_dead(closed)
     dropped = Predictor(tiny_package, units=["reference"])
     dropped.predict(tiny_inputs)
+    thread = dropped._workers["reference"]._t
     del dropped
     gc.collect()
-    deadline = time.monotonic() + 5
-    while _worker_threads() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert _worker_threads() == before
+    assert wait_dead(thread)
