@@ -180,6 +180,16 @@ def test_thermal_error_waits_then_retries(tiny_package: Path, tiny_inputs: dict)
     assert any(n.startswith("thermal: waited") for n in res.notes)
 
 
+def test_thermal_wait_lasts_while_the_device_stays_hot(tiny_package: Path, tiny_inputs: dict) -> None:
+    faults = FaultPlan([Fault("ref-a", "raise", error="ThermalError", count=1)], thermal_state="critical")
+    p = two_refs(tiny_package, faults, thermal_wait_s=0.2)
+    res = p.predict(tiny_inputs)
+    answered = [a for a in res.attempts if a.unit == "ref-a"][-1]
+    assert answered.outcome == "answered"
+    assert answered.planned_delay_s == pytest.approx(0.2) and answered.delay_s >= 0.2
+    assert any("thermal state critical" in n for n in res.notes)
+
+
 @linux_only
 def test_hot_device_uses_efficiency_order(tiny_package: Path, tiny_inputs: dict) -> None:
     units = ["gpu", "cpu", "ane", "reference"]
