@@ -30,6 +30,10 @@ F32 = np.dtype(np.float32)
 
 # Control-flow ops whose nested blocks the executor compiles; every other op with blocks is refused.
 _BLOCK_OPS = {"cond", "while_loop"}
+# Decompression ops whose outputs only copy values of inputs that are already rounded to the output
+# dtype (LUT entries, sparse non-zeros): their fp16 outputs need no second rounding at load, which
+# saves two passes over every weight of a palettized model.
+_COPY_ONLY = {"constexpr_lut_to_dense", "constexpr_sparse_to_dense", "constexpr_lut_to_sparse"}
 
 
 class StateCell:
@@ -167,7 +171,7 @@ class _Compiler:
         if all_const and entry.pure and not blocks:
             # Evaluate once at load (constexpr_* decompression, weight transposes, shape arithmetic).
             with np.errstate(all="ignore"):
-                values = _call(step, None)
+                values = _call(step, None, exact=op.op_type in _COPY_ONLY and not self.fp32)
             for v, value in zip(op.outputs, values, strict=False):
                 self.consts[id(v)] = compute_form(value)
             self.folded += 1
@@ -217,7 +221,7 @@ def _gather_args(step: Step, env: list[Any] | None) -> dict[str, Any]:
     return a
 
 
-def _call(step: Step, env: list[Any] | None) -> tuple[Any, ...]:
+def _call(step: Step, env: list[Any] | None, *, exact: bool = False) -> tuple[Any, ...]:
     a = _gather_args(step, env)
     try:
         out = step.fn(step.ctx, a, env) if step.needs_env else step.fn(step.ctx, a)
@@ -233,6 +237,10 @@ def _call(step: Step, env: list[Any] | None) -> tuple[Any, ...]:
         raise OperationError(
             f"op {step.ctx.name!r} ({step.ctx.op_type}) produced {len(out)} outputs, MIL declares {len(step.out_dtypes)}"
         )
+    if exact:
+        # values already rounded to fp16 arrive in fp32 compute form: keep them (see _COPY_ONLY)
+        return tuple(o if (dt == F16 and getattr(o, "dtype", None) == F32) else finish(o, dt)
+                     for o, dt in zip(out, step.out_dtypes, strict=False))
     return tuple(finish(o, dt) for o, dt in zip(out, step.out_dtypes, strict=False))
 
 

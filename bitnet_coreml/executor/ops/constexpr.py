@@ -16,7 +16,16 @@ from bitnet_coreml.executor.registry import OpContext, register
 
 def unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
     """Unsigned ``nbits``-bit fields packed LSB-first into bytes (the iOS16 layout) -> uint8 array of ``count``."""
-    bits = np.unpackbits(np.asarray(packed).astype(np.uint8).reshape(-1), bitorder="little")
+    raw = np.asarray(packed).astype(np.uint8).reshape(-1)
+    if nbits in (1, 2, 4, 8):
+        # whole fields per byte: shift-and-mask, no per-bit expansion (this is the ternary 2-bit path)
+        per = 8 // nbits
+        if raw.size * per < count:
+            raise ValueError(f"packed data holds {raw.size * per} {nbits}-bit values, {count} needed")
+        shifts = (np.arange(per, dtype=np.uint8) * nbits).astype(np.uint8)
+        fields = (raw[:, None] >> shifts[None, :]) & np.uint8((1 << nbits) - 1)
+        return fields.reshape(-1)[:count]
+    bits = np.unpackbits(raw, bitorder="little")
     need = count * nbits
     if bits.size < need:
         raise ValueError(f"packed data holds {bits.size} bits, {count} x {nbits}-bit values need {need}")
@@ -77,8 +86,18 @@ def op_constexpr_lut_to_dense(ctx: OpContext, a: dict[str, Any]) -> Any:
     if "shape" in a:  # iOS16: packed uint8 indices, flat LUT, explicit shape
         shape = [int(s) for s in np.asarray(a["shape"]).reshape(-1)]
         nbits = int(np.log2(lut.size))
-        idx = unpack_bits(a["indices"], nbits, int(np.prod(shape)))
-        return lut.reshape(-1)[idx].reshape(shape)
+        count = int(np.prod(shape))
+        flat_lut = lut.reshape(-1)
+        if nbits in (1, 2, 4):
+            # decode whole bytes through a 256-row table (each row: the values packed in that byte),
+            # a quarter (2-bit) of the gathers of a per-element lookup
+            per = 8 // nbits
+            table = flat_lut[unpack_bits(np.arange(256, dtype=np.uint8), nbits, 256 * per)].reshape(256, per)
+            raw = np.asarray(a["indices"]).astype(np.uint8).reshape(-1)
+            if raw.size * per < count:
+                raise ValueError(f"packed data holds {raw.size * per} {nbits}-bit values, {count} needed")
+            return table[raw].reshape(-1)[:count].reshape(shape)
+        return flat_lut[unpack_bits(a["indices"], nbits, count)].reshape(shape)
     va = a.get("vector_axis")
     return _lut_dense_ios18(np.asarray(a["indices"]), lut, None if va is None else int(scalar(va)))
 
