@@ -137,6 +137,8 @@ def claimed_cases(ops: Iterable[str] | None = None, composite: bool = False) -> 
 
 def _op_from_name(name: str, claimed: set[str]) -> str:
     base = name.removeprefix("test_").replace("_", "").lower()
+    # ONNX names these cases greater_equal / less_equal.
+    base = base.replace("greaterequal", "greaterorequal").replace("lessequal", "lessorequal")
     best = ""
     for op in claimed:
         if base.startswith(op.lower()) and len(op) > len(best):
@@ -272,8 +274,9 @@ def _bind_constants(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, 
         if v.name not in feeds:
             continue
         data = np.asarray(feeds[v.name])
-        if v.name in bound or data.ndim == 0:
+        if v.name in bound or data.ndim == 0 or not v.uses():
             # Core ML model inputs need rank >= 1; a scalar operand is an initializer in real exports.
+            # An input no node reads (CastLike's expansion drops `like`) is not a model input at all.
             g.inputs.remove(v)
             v.const_value = ir.tensor(data, name=v.name)
             g.register_initializer(v)
