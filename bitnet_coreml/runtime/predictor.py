@@ -197,7 +197,11 @@ class Predictor:
         t_start = time.perf_counter()
         s, rec = self.strategy, self._recovery
         rec.record_request()
-        x = validate_inputs(self.info, inputs, source=source)
+        try:
+            x = validate_inputs(self.info, inputs, source=source)
+        except BitnetCoremlError:
+            rec.record_rejected()
+            raise
         plat = self._monitor.reading() if s.monitor_fallback_performance else self._monitor.platform
         order, power_reason, notes = self._plan(plat)
         attempts: list[Attempt] = []
@@ -216,7 +220,7 @@ class Predictor:
                 failed_at = time.perf_counter()
                 err = classify_exception(e, context=unit.name)
                 if handle_error(err) is RecoveryAction.GIVE_UP:
-                    rec.record_outcome(False)
+                    rec.record_rejected()
                     raise err from (e if err is not e else None)
                 rec.record_failure(unit.name, err)
                 rec.record_fallback(unit.name)
@@ -325,7 +329,7 @@ class Predictor:
                 rec.record_failure(unit.name, err)
                 action = handle_error(err)
                 if action is RecoveryAction.GIVE_UP:
-                    rec.record_outcome(False)
+                    rec.record_rejected()
                     raise err from (e if err is not e else None)
                 if action is not RecoveryAction.FALLBACK and retries < s.max_retry_attempts:
                     attempts.append(Attempt(unit.name, "retried", err.one_line(), type(err).__name__, action.value,

@@ -47,6 +47,7 @@ class RecoveryStats:
     requests: int
     answered: int
     exhausted: int
+    rejected: int  # bad input: given up before or without blaming a unit
     total_fallbacks: int
     total_retries: int
     recent_errors: int
@@ -105,6 +106,7 @@ class ErrorRecovery:
         self._requests = 0
         self._answered = 0
         self._exhausted = 0
+        self._rejected = 0
 
     # --- classification (pure; kept here because the seed puts it on the recovery manager) --------
 
@@ -131,6 +133,10 @@ class ErrorRecovery:
                 self._answered += 1
             else:
                 self._exhausted += 1
+
+    def record_rejected(self) -> None:
+        with self._lock:
+            self._rejected += 1
 
     def record_attempt(self, key: str, *, operation: bool = False) -> None:
         with self._lock:
@@ -174,6 +180,7 @@ class ErrorRecovery:
                 requests=self._requests,
                 answered=self._answered,
                 exhausted=self._exhausted,
+                rejected=self._rejected,
                 total_fallbacks=sum(u.fallbacks for u in units.values()) + sum(o.fallbacks for o in ops.values()),
                 total_retries=sum(u.retries for u in units.values()) + sum(o.retries for o in ops.values()),
                 recent_errors=sum(u.recent_errors for u in units.values()) + sum(o.recent_errors for o in ops.values()),

@@ -250,7 +250,9 @@ def test_bad_inputs_give_up_before_any_unit(tiny_package: Path, inputs: dict, ma
     with pytest.raises(PredictionInputError, match=match) as ei:
         p.predict(inputs)
     assert ei.value.exit_code == E.EXIT_BAD_INPUT
-    assert all(u.attempts == 0 for u in p.get_recovery_stats().units.values())
+    s = p.get_recovery_stats()
+    assert all(u.attempts == 0 for u in s.units.values())
+    assert (s.requests, s.answered, s.exhausted, s.rejected) == (1, 0, 0, 1)
 
 
 def test_float64_inputs_are_cast(tiny_package: Path, tiny_inputs: dict) -> None:

@@ -38,7 +38,7 @@ def test_counts_and_failure_types() -> None:
     assert ane.failures_by_type == {"OperationError": 2, "TimeoutFailure": 1}
     assert s.units["gpu"].skips == 1 and s.units["gpu"].attempts == 0
     assert s.units["reference"].latency_mean_s == pytest.approx(0.5)
-    assert (s.requests, s.answered, s.exhausted, s.total_fallbacks, s.total_retries) == (1, 1, 0, 1, 1)
+    assert (s.requests, s.answered, s.exhausted, s.rejected, s.total_fallbacks, s.total_retries) == (1, 1, 0, 0, 1, 1)
     assert s.to_dict()["units"]["ane"]["failures_by_type"]["TimeoutFailure"] == 1
 
 
