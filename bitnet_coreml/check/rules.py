@@ -5,7 +5,7 @@ yields :class:`Finding` records (rule id, severity, node, actual value, limit, s
 and their sources come from the capability database, never from constants here. Besides the
 findings, this module answers two questions other stages ask:
 
-* :func:`nodes_needing_split`: which weight dimensions > 16384 the converter must split;
+* :func:`nodes_needing_split`: which weight dimensions > 16384 the converter splits;
 * :func:`expected_units`: the compute unit (ANE, GPU or CPU) each op is expected to run on, and why.
 
 Rules register with :func:`rule`; the registry refuses duplicates. onnx-ir is only used through the
@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bitnet_coreml.check.capabilities import MIB, CapabilityDatabase, default_database
-from bitnet_coreml.check.size import SizeEstimate, even_chunks
+from bitnet_coreml.check.size import SizeEstimate
+from bitnet_coreml.check.split import SplitInfo, split_of
+from bitnet_coreml.check.split import nodes_needing_split as _split_nodes
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
 
 OURS = "bitnet_coreml"
 _STD = ("", "ai.onnx")
-_SPLITTABLE = {"Gather": (0,), "MatMul": (1,), "Gemm": (1,), "BitLinear": (1,)}
 _INT8_COMPUTE_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv")
 _CONV_OPS = ("Conv", "ConvTranspose")
 _FLOAT_DTYPES = {"FLOAT", "DOUBLE", "BFLOAT16"}
@@ -51,22 +52,6 @@ class Finding:
     def to_dict(self) -> dict[str, Any]:
         return {"rule": self.rule, "severity": self.severity, "message": self.message, "node": self.node,
                 "actual": self.actual, "limit": self.limit, "source": self.source, "fixed_by": self.fixed_by}
-
-
-@dataclass(frozen=True)
-class SplitInfo:
-    """A weight dimension the converter splits: ``node``'s input ``input_index``, axis ``axis``."""
-
-    node: str
-    op_type: str
-    input_index: int
-    value: str
-    axis: int
-    dim: int
-    chunks: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "chunks": list(self.chunks)}
 
 
 @dataclass(frozen=True)
@@ -168,25 +153,11 @@ def _all_values(model: ir.Model) -> Iterator[tuple[ir.Value, ir.Node | None]]:
 
 def nodes_needing_split(model: ir.Model, limit: int | None = None,
                         db: CapabilityDatabase | None = None) -> list[SplitInfo]:
-    """Every constant weight dimension > ``limit`` (default: the database's max_dimension, 16384) on
-    Gather (embedding), MatMul/Gemm (e.g. the LM head) and BitLinear: what the converter splits."""
+    """The weights the converter splits (vocabulary embedding, LM head): dims > ``limit`` (default: the
+    database's max_dimension, 16384). The rule is :mod:`bitnet_coreml.check.split`, shared with the converter."""
     if limit is None:
         limit = int((db or default_database()).limit("max_dimension")["value"])
-    out: list[SplitInfo] = []
-    for n in model.graph:
-        key = n.op_type if (n.domain in _STD or (n.domain == OURS and n.op_type == "BitLinear")) else None
-        if key not in _SPLITTABLE or (n.op_type == "BitLinear" and n.domain != OURS):
-            continue
-        for i in _SPLITTABLE[key]:
-            if i >= len(n.inputs):
-                continue
-            v = n.inputs[i]
-            if v is None or v.const_value is None:
-                continue
-            for axis, d in enumerate(_tshape(v.const_value)):
-                if d > limit:
-                    out.append(SplitInfo(_nid(n), n.op_type, i, v.name or "", axis, d, tuple(even_chunks(d, limit))))
-    return out
+    return _split_nodes(model, limit)
 
 
 def _split_outputs(model: ir.Model, splits: list[SplitInfo]) -> set[int]:
@@ -394,8 +365,8 @@ def _dims_rule(ctx: RuleContext) -> Iterator[Finding]:
                       f"{s.op_type} {s.node}: weight {s.value!r} axis {s.axis} is {s.dim} > {limit}; "
                       f"fixed by the converter's split into {len(s.chunks)} chunks of <= {limit}",
                       s.node, s.dim, limit, lim.source, fixed_by=f"converter split: {len(s.chunks)} chunks {list(s.chunks)}")
-    split_vals = {id(v) for n in ctx.model.graph if _nid(n) in {s.node for s in ctx.splits}
-                  for i, v in enumerate(n.inputs) if v is not None and i in _SPLITTABLE.get(n.op_type, ())}
+    split_vals = {id(n.inputs[sp.input_index]) for n in ctx.model.graph
+                  if (sp := split_of(n, limit)) is not None}
     chunked = _split_outputs(ctx.model, ctx.splits)
     consumers: dict[int, ir.Node] = {}
     for n in ctx.model.graph:

@@ -11,8 +11,8 @@ What the converter writes (the contract this estimate follows; see ``docs/check.
   65536 elements (per split chunk; ``bitnet_coreml.lower.palettize``'s ``min_size``) are palettized:
   ``ceil(n*bits/8)`` bytes of packed indices plus a ``2**bits``-entry LUT per tensor (fp16, or fp32
   at precision fp32);
-* any weight dimension > 16384 split by the converter into ``ceil(d/16384)`` near-equal chunks,
-  each its own blob (see :func:`bitnet_coreml.check.rules.nodes_needing_split`).
+* the vocabulary embedding / LM head dimensions > 16384 split by the converter into chunks, each its
+  own blob (the split rule is :mod:`bitnet_coreml.check.split`, shared with the converter's).
 
 coremltools' MIL backend (``converters/mil/backend/mil/load.py::should_use_weight_file``) writes a
 const into ``weight.bin`` only when it has >= 10 elements and a float16/float32/uint8/int8 dtype;
@@ -29,6 +29,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from bitnet_coreml.check.split import SplitInfo, split_of
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -57,12 +59,6 @@ def blob_file_bytes(blob_payloads: Iterable[int]) -> int:
             end = BLOB_FILE_HEADER
         end = _align(end) + BLOB_METADATA + n
     return end
-
-
-def even_chunks(dim: int, limit: int) -> list[int]:
-    """``dim`` split into ``ceil(dim/limit)`` near-equal chunks (sizes differ by at most one)."""
-    n = max(1, math.ceil(dim / limit))
-    return [dim // n + (1 if i < dim % n else 0) for i in range(n)]
 
 
 @dataclass(frozen=True)
@@ -125,13 +121,12 @@ def _shape(v: ir.Value) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else int(str(d)) for d in t.shape)
 
 
-def _split_shapes(shape: tuple[int, ...], limit: int) -> list[int]:
-    """Element counts of the chunks a weight of ``shape`` becomes when every dim > limit is split."""
-    counts = [1]
-    for d in shape:
-        parts = even_chunks(d, limit) if d > limit else [d]
-        counts = [c * p for c in counts for p in parts]
-    return counts
+def _chunk_counts(shape: tuple[int, ...], split: SplitInfo | None, index: int) -> list[int]:
+    """Element counts of the blobs a weight becomes: one, or one per chunk when the converter splits it."""
+    if split is None or split.input_index != index:
+        return [math.prod(shape)]
+    rest = math.prod(d for a, d in enumerate(shape) if a != split.axis)
+    return [c * rest for c in split.chunks]
 
 
 def palettizable_inputs(node: ir.Node) -> tuple[int, ...]:
@@ -168,6 +163,7 @@ def estimate_weight_bytes(model: ir.Model, embed_bits: int | None = None, precis
     for node in model.graph:
         is_bitlinear = node.domain == DOMAIN and node.op_type == "BitLinear"
         pal = palettizable_inputs(node)
+        split = split_of(node, split_limit)
         for i, v in enumerate(node.inputs):
             if v is None or v.const_value is None or id(v) in seen:
                 continue
@@ -177,7 +173,7 @@ def estimate_weight_bytes(model: ir.Model, embed_bits: int | None = None, precis
             dt = _dtype_name(v)
             name = v.name or ""
             if is_bitlinear and i == 1:
-                counts = _split_shapes(shape, split_limit)
+                counts = [n]
                 blobs = tuple((c * TERNARY_BITS + 7) // 8 for c in counts)
                 tensors.append(TensorBytes(name, "ternary", shape, n, TERNARY_BITS, blobs, fp16_of(counts)))
                 tern += n
@@ -189,7 +185,7 @@ def estimate_weight_bytes(model: ir.Model, embed_bits: int | None = None, precis
             elif dt in _FLOAT_DTYPES:
                 other += n
                 if i in pal and len(shape) >= 2:
-                    counts = _split_shapes(shape, split_limit)
+                    counts = _chunk_counts(shape, split, i)
                     if embed_bits is not None and any(c >= PALETTIZE_MIN_ELEMENTS for c in counts):
                         lut = 2**embed_bits
                         blobs_l: list[int] = []
@@ -204,7 +200,7 @@ def estimate_weight_bytes(model: ir.Model, embed_bits: int | None = None, precis
                                                    fp16_of(counts)))
                         continue
                 else:
-                    counts = [n]
+                    counts = _chunk_counts(shape, split, i)
                 blobs = tuple(c * fbytes for c in counts if c >= INLINE_BELOW_ELEMENTS)
                 tensors.append(TensorBytes(name, "float" if blobs else "inlined", shape, n, fbytes * 8, blobs,
                                            fp16_of(counts)))

@@ -22,13 +22,23 @@ _PAL = {"Gather": 0, "GatherElements": 0, "MatMul": 1, "Gemm": 1, "Conv": 1}
 _PAL_MIN = 65536  # the converter palettizes consts of at least this many elements
 
 
-def _chunks(shape: tuple[int, ...], limit: int) -> list[tuple[int, ...]]:
-    """Shapes of the pieces when every dim > limit is cut with numpy's array_split (near-equal parts)."""
-    pieces: list[tuple[int, ...]] = [()]
-    for d in shape:
-        parts = [len(p) for p in np.array_split(np.arange(d), math.ceil(d / limit))] if d > limit else [d]
-        pieces = [(*p, q) for p in pieces for q in parts]
-    return pieces
+def _pieces(shape: tuple[int, ...], axis: int | None, limit: int) -> list[tuple[int, ...]]:
+    """Shapes of the pieces when ``axis`` is cut like the converter does (ceil-sized chunks, last smaller)."""
+    if axis is None or shape[axis] <= limit:
+        return [shape]
+    d = shape[axis]
+    size = -(-d // -(-d // limit))
+    return [tuple(min(size, d - a) if i == axis else x for i, x in enumerate(shape)) for a in range(0, d, size)]
+
+
+def _split_axis(node: ir.Node, i: int, shape: tuple[int, ...]) -> int | None:
+    if node.domain not in ("", "ai.onnx") or len(shape) != 2:
+        return None
+    if node.op_type == "MatMul" and i == 1:
+        return 1
+    if node.op_type == "Gather" and i == 0 and ("axis" not in node.attributes or node.attributes["axis"].as_int() == 0):
+        return 0
+    return None
 
 
 def weight_bin_bytes(model: ir.Model, embed_bits: int | None = None, precision: str = "fp16",
@@ -50,15 +60,14 @@ def weight_bin_bytes(model: ir.Model, embed_bits: int | None = None, precision: 
             shape = tuple(int(d) for d in v.const_value.shape)
             dt = v.const_value.dtype
             if bl and i == 1:
-                for s in _chunks(shape, split_limit):
-                    n = math.prod(s)
-                    consts.append(("lut", (rng.integers(0, 256, (n * 2 + 7) // 8).astype(np.uint8),
-                                           np.array([-1, 0, 1, 0], fdt), s)))
+                n = math.prod(shape)
+                consts.append(("lut", (rng.integers(0, 256, (n * 2 + 7) // 8).astype(np.uint8),
+                                       np.array([-1, 0, 1, 0], fdt), shape)))
             elif bl and i == 2:
                 consts.append(("dense", rng.random(shape).astype(fdt)))
             elif dt in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
                 pal = node.domain in ("", "ai.onnx") and _PAL.get(node.op_type) == i and len(shape) >= 2
-                pieces = _chunks(shape, split_limit) if pal else [shape]
+                pieces = _pieces(shape, _split_axis(node, i, shape), split_limit)
                 for s in pieces:
                     n = math.prod(s)
                     if pal and embed_bits is not None and n >= _PAL_MIN:

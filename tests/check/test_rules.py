@@ -368,3 +368,20 @@ def test_bitnet_graph_fits_recent_iphones(chip: str) -> None:
     r = run_check(tiny_lm(vocab=32000), Target("ios", chip))
     assert r.ok and r.fixed  # the 32000 vocabulary is reported as fixed by the split
 
+
+
+def test_only_what_the_converter_splits_is_reported_fixed() -> None:
+    # a ternary layer with 16385 outputs: the converter splits MatMul/Gather weights only
+    b = GraphBuilder()
+    x = b.input("x", [1, 8])
+    m = b.output(b.bitlinear(x, 16385, 8))
+    r = run_check(m, Target("macos", "M2"))
+    assert nodes_needing_split(m) == [] and not r.fixed
+    found = _rules(r, "dim_over_16384")
+    assert found and all(f.severity == "warning" and f.fixed_by is None for f in found)
+    assert r.units[0].unit == "GPU"
+    # a MatMul whose reduction dimension K is over the limit: not split either
+    b = GraphBuilder()
+    x = b.input("x", [1, 16385])
+    m = b.output(b.node("MatMul", [x, b.init(np.zeros((16385, 4), np.float32))], [1, 4]))
+    assert nodes_needing_split(m) == [] and _rules(run_check(m, Target("macos")), "dim_over_16384")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from bitnet_coreml.check import estimate_weight_bytes
-from bitnet_coreml.check.size import blob_file_bytes, even_chunks
+from bitnet_coreml.check.size import blob_file_bytes
+from bitnet_coreml.check.split import split_chunks
 from bitnet_coreml.errors import InputError
 from tests.check.graphs import GraphBuilder, tiny_lm
 from tests.check.mil_oracle import weight_bin_bytes
@@ -20,11 +21,12 @@ def test_blob_layout_hand_computed() -> None:
     assert blob_file_bytes([1, 1]) == 64 + 64 + 1 + 63 + 64 + 1
 
 
-def test_even_chunks() -> None:
-    assert even_chunks(32000, 16384) == [16000, 16000]
-    assert even_chunks(16384, 16384) == [16384]
-    assert even_chunks(128256, 16384) == [16032] * 8
-    assert sum(even_chunks(40001, 16384)) == 40001
+def test_split_chunks() -> None:
+    assert split_chunks(32000, 16384) == [16000, 16000]
+    assert split_chunks(16384, 16384) == [16384]
+    assert split_chunks(128256, 16384) == [16032] * 8  # ANEMLL's 8 parts of the 128256 LM head
+    assert split_chunks(32770, 16384) == [10924, 10924, 10922]
+    assert sum(split_chunks(40001, 16384)) == 40001
 
 
 CASES = [

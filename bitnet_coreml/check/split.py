@@ -1,0 +1,82 @@
+"""Which weight dimensions over 16384 the converter splits, and into which chunks.
+
+The one definition shared by the check (it reports these as fixed), the size estimate (each chunk
+is its own blob) and the converter (``bitnet_coreml.lower.split`` rewrites exactly these):
+
+* ``MatMul(X, W[K, N])`` with a constant rank-2 ``W`` and ``N > limit``: ``W`` is cut along axis 1;
+* ``Gather(E[V, D], ids, axis=0)`` with a constant rank-2 ``E`` and ``V > limit``: ``E`` is cut along axis 0.
+
+Chunks have the size ``ceil(n / ceil(n / limit))``, the last one possibly smaller. Any other
+dimension over the limit is not split: the check reports it as leaving the ANE.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+_STD = ("", "ai.onnx")
+
+
+def split_chunks(dim: int, limit: int) -> list[int]:
+    """Chunk sizes of ``dim`` cut at ``limit``: ``ceil(dim / ceil(dim / limit))`` each, the last smaller."""
+    if dim <= limit:
+        return [dim]
+    size = math.ceil(dim / math.ceil(dim / limit))
+    return [min(size, dim - a) for a in range(0, dim, size)]
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """A weight dimension the converter splits: ``node``'s input ``input_index``, axis ``axis``."""
+
+    node: str
+    op_type: str
+    input_index: int
+    value: str
+    axis: int
+    dim: int
+    chunks: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "chunks": list(self.chunks)}
+
+
+def node_id(node: ir.Node) -> str:
+    return node.name or f"{node.op_type}->{node.outputs[0].name if node.outputs else '?'}"
+
+
+def _shape(v: ir.Value | None) -> list[int] | None:
+    if v is None or v.const_value is None:
+        return None
+    return [d if isinstance(d, int) else int(str(d)) for d in v.const_value.shape]
+
+
+def split_of(node: ir.Node, limit: int) -> SplitInfo | None:
+    """The split the converter applies to ``node``, or None."""
+    if node.domain not in _STD or limit <= 0:
+        return None
+    if node.op_type == "MatMul" and len(node.inputs) == 2:
+        idx, axis = 1, 1
+    elif node.op_type == "Gather" and len(node.inputs) >= 1:
+        a = node.attributes.get("axis")
+        if (a.as_int() if a is not None else 0) != 0:
+            return None
+        idx, axis = 0, 0
+    else:
+        return None
+    v = node.inputs[idx]
+    shape = _shape(v)
+    if v is None or shape is None or len(shape) != 2 or shape[axis] <= limit:
+        return None
+    return SplitInfo(node_id(node), node.op_type, idx, v.name or "", axis, shape[axis],
+                     tuple(split_chunks(shape[axis], limit)))
+
+
+def nodes_needing_split(model: ir.Model, limit: int = 16384) -> list[SplitInfo]:
+    """Every weight the converter splits (vocabulary embedding, LM head), in graph order."""
+    return [s for n in model.graph if (s := split_of(n, limit)) is not None]
