@@ -67,3 +67,16 @@ def test_damaged_manifest_only_costs_a_rebuild(tmp_path: Path) -> None:
     (tmp_path / "out" / ".bitnet-coreml-build.json").write_text("{not json")
     state = BuildState(tmp_path / "out")
     assert state.entries == {}
+
+
+def test_checkpoint_folder_content_is_the_key(tmp_path: Path) -> None:
+    shutil.copytree(MODELS / "hf" / "bitnet-tiny-packed", tmp_path / "ckpt")
+    p = tmp_path / "p.toml"
+    p.write_text('[[model]]\nname = "m"\nsource = "ckpt"\ntargets = [{ os = "macOS" }]\n')
+    state = BuildState(tmp_path / "out")
+    first = _keys(p, state)
+    (tmp_path / "ckpt" / "notes.txt").write_text("an extra file is content too")
+    second = _keys(p, state)
+    assert second != first
+    (tmp_path / "ckpt" / "notes.txt").unlink()
+    assert _keys(p, state) == first
