@@ -41,7 +41,8 @@ class QuantConfig:
 
     @property
     def online(self) -> bool:
-        return self.quantization_mode == "online"
+        """Weights ternarised at run time: only AutoBitLinear has an online mode (BitLinear is always packed)."""
+        return self.quantization_mode == "online" and self.linear_class == "autobitlinear"
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ def make_checkpoint(folder: Path, t: Tiny, seed: int = 0) -> dict[str, np.ndarra
                 continue
             if t.use_rms_norm:
                 put(f"{p}.{proj}.rms_norm.weight", _stored(1.0 + 0.2 * rng.normal(size=k), t.dtype))
-            if t.mode == "online":
+            if t.mode == "online" and t.linear_class == "autobitlinear":  # BitLinear ignores the mode
                 put(w, _stored(rng.normal(0, 0.05, (n, k)), t.dtype))
                 continue
             codes = rng.choice(np.array([-1, 0, 1], dtype=np.int8), size=(n, k), p=[0.3, 0.4, 0.3])
@@ -247,6 +247,7 @@ VARIANTS = {
     "bitlinear-packed-rmsnorm-mqa": Tiny(use_rms_norm=True, kv_heads=1, layers=3),
     "bitlinear-packed-skip-one": Tiny(skip=("model.layers.1.mlp.down_proj",)),
     "autobitlinear-offline-attention-bias": Tiny(linear_class="autobitlinear", bias=True),
+    "bitlinear-online-mode-is-packed": Tiny(mode="online", bias=True),
 }
 
 
