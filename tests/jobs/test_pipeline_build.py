@@ -146,3 +146,25 @@ def test_sigkill_during_a_build_leaves_nothing_trusted(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["status"] for r in json.loads(result.stdout)["results"]] == ["built", "built"]
     assert not [x for x in out.iterdir() if x.name.startswith(".tmp-")]
+
+
+def test_converter_bug_in_one_entry_does_not_stop_the_others(built: tuple[Path, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitnet_coreml.convert as convert_mod
+
+    tmp, p = built
+    real = convert_mod.convert
+
+    def convert(source: Path, out: Path, options: object, **kw: object) -> object:
+        if out.name.endswith("-z-macos14-m1.mlpackage"):  # the temp folder of entry z
+            raise RuntimeError("injected converter bug")
+        return real(source, out, options, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(convert_mod, "convert", convert)
+    p2 = tmp / "p2.toml"
+    p2.write_text(p.read_text() + '\n[[model]]\nname = "z"\nsource = "a.onnx"\n')
+    report = run_pipeline(p2)
+    assert _status(report) == {"a": "skipped", "b": "skipped", "z": "error"}
+    z = next(r for r in report.results if r.model == "z")
+    assert z.reason == "internal error: RuntimeError: injected converter bug" and report.exit_code == 3
+    assert not (tmp / "out" / "z-macos14-m1.mlpackage").exists()
