@@ -12,7 +12,9 @@ converter that walks the layers one by one never holds more than one layer's wei
 * ``lut_indices()``: uint8 ``[N, K]`` with values in {0, 1, 2} = code + 1, computed from the packed
   bytes with shifts and masks only. With the lookup table ``[-1, 0, 1, 0]`` (times Alpha) these are
   directly the indices of a 2-bit palette (Core ML ``constexpr_lut_to_dense``), so a 2-bit packer
-  never needs the int8 codes.
+  never needs the int8 codes;
+* ``lut2_bytes()``: those indices already packed four to a byte in Core ML's order, regrouped straight
+  from the checkpoint's bytes.
 """
 
 from __future__ import annotations
@@ -133,6 +135,39 @@ class TernaryCodes(ir.LazyTensor):
             return idx
         c = self.codes()
         return (c + 1).view(np.uint8)
+
+    def lut2_bytes(self) -> np.ndarray:
+        """The codes as Core ML ``constexpr_lut_to_dense`` 2-bit indices, ready to store: uint8 ``[N*K/4]``.
+
+        Layout: row-major element order, element ``4j+i`` in bits ``2i..2i+1`` of byte ``j``; index =
+        code + 1 for the LUT ``[-1, 0, 1, 0]``. From a packed checkpoint the bytes are regrouped with
+        shifts and masks one row block at a time (a quarter of the layer as uint8, never int8 or float).
+        """
+        n, k = (int(d) for d in self.shape.numpy())
+        if not (self.is_packed and self.kind == "packed") or k % VALUES_PER_BYTE:
+            flat = self.lut_indices().reshape(-1)
+            pad = (-flat.size) % VALUES_PER_BYTE
+            if pad:
+                flat = np.concatenate([flat, np.zeros(pad, np.uint8)])
+            q = flat.reshape(-1, VALUES_PER_BYTE)
+            return (q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)).astype(np.uint8)
+        packed = self.store.read(self.source_name)
+        rows = packed.shape[0]
+        out = np.empty((n, k // VALUES_PER_BYTE), dtype=np.uint8)
+        field = np.empty_like(packed)
+        for i in range(VALUES_PER_BYTE):
+            np.right_shift(packed, 2 * i, out=field)
+            np.bitwise_and(field, 3, out=field)
+            if np.any(field == 3):
+                raise ModelLoadError(f"{self._where()}: packed weight holds the 2-bit value 3, which is not a "
+                                     "ternary code (allowed 0, 1, 2 = -1, 0, +1); corrupt checkpoint?")
+            f4 = field.reshape(rows, k // VALUES_PER_BYTE, VALUES_PER_BYTE)
+            blk = out[i * rows:(i + 1) * rows]
+            np.copyto(blk, f4[..., 0])
+            blk |= f4[..., 1] << 2
+            blk |= f4[..., 2] << 4
+            blk |= f4[..., 3] << 6
+        return out.reshape(-1)
 
     # --- codes ------------------------------------------------------------------------------------
 

@@ -159,6 +159,20 @@ def test_codes_expose_packed_source_and_lut_indices(written: dict) -> None:  # t
             np.testing.assert_array_equal(np.array([-1, 0, 1, 0], np.int8)[idx], expected)
 
 
+@pytest.mark.parametrize("name", ["bitlinear-packed-f32", "autobitlinear-offline-dense-f16", "autobitlinear-online-bf16"])
+def test_lut2_bytes_match_the_converters_packer(written: dict, name: str) -> None:  # type: ignore[type-arg]
+    from bitnet_coreml.lower.bitnet import pack_ternary_2bit  # the converter's own packer, from int8 codes
+
+    folder, _, lw = written[name]
+    m = load_checkpoint(folder, seq_len=4)
+    for n in m.graph:
+        if n.op_type == "BitLinear":
+            c = n.inputs[1].const_value
+            # the writer's codes where it has them; online codes come from absmean (checked vs transformers)
+            codes = c.numpy() if c.kind == "online" else lw[c.source_name].astype(np.int8)
+            np.testing.assert_array_equal(c.lut2_bytes(), pack_ternary_2bit(codes))
+
+
 def test_embedding_converts_lazily_to_fp16(written: dict) -> None:  # type: ignore[type-arg]
     folder, _, lw = written["bitlinear-packed-bf16-sharded-untied"]
     m = load_checkpoint(folder, seq_len=4)
