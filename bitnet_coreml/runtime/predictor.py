@@ -52,6 +52,16 @@ _PERMANENT = (PlatformUnavailableError, ANEUnavailableError, CapabilityMismatchE
               ModelError, TimeoutFailure)
 
 
+# Probe results shared by every predictor in this process (batch jobs run one predictor per worker
+# thread): a package + unit is probed once per process, not once per predictor. Keyed by the package's
+# path and the size and mtime of its model and weight files (not Manifest.json: coremltools rewrites it
+# on every open), so a rewritten package is probed again.
+_ProbeKey = tuple[str, tuple[tuple[str, int, int], ...], tuple[str, ...]]
+_PROBE_CACHE: dict[_ProbeKey, ProbeResult] = {}
+_PROBE_LOCKS: dict[_ProbeKey, threading.Lock] = {}
+_PROBE_LOCK = threading.Lock()
+
+
 def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     denom = max(float(np.linalg.norm(b64)), 1e-12)
@@ -290,14 +300,31 @@ class Predictor:
     def _prepare(self, unit: Unit) -> None:
         """Probe (once, in a subprocess) and load (once) a unit."""
         if unit.needs_probe and unit.name not in self._probes:
-            env = self.faults.probe_env(unit.name) if self.faults else {}
-            res = run_probe(self.info.path, unit.name, unit.probe_args(), timeout_s=self.strategy.probe_timeout_s,
-                            extra_env=env)
+            res = self._probe(unit)
             self._probes[unit.name] = res
             if not res.ok:
                 assert res.error is not None
                 raise res.error
         unit.load(self.info)
+
+    def _probe(self, unit: Unit) -> ProbeResult:
+        def spawn(env: Mapping[str, str]) -> ProbeResult:
+            return run_probe(self.info.path, unit.name, unit.probe_args(), timeout_s=self.strategy.probe_timeout_s,
+                             extra_env=env)
+
+        if self.faults is not None:  # injected probe faults are per predictor: never share their results
+            return spawn(self.faults.probe_env(unit.name))
+        root = self.info.path / "Data"
+        files = tuple(sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                             for f in root.rglob("*") if f.is_file()))
+        key: _ProbeKey = (str(self.info.path.resolve()), files, tuple(unit.probe_args()))
+        with _PROBE_LOCK:
+            key_lock = _PROBE_LOCKS.setdefault(key, threading.Lock())
+        with key_lock:  # concurrent predictors wait for one probe of the same package + unit
+            cached = _PROBE_CACHE.get(key)
+            if cached is None:
+                cached = _PROBE_CACHE[key] = spawn({})
+        return cached
 
     def _fail(self, unit: Unit, err: BitnetCoremlError) -> None:
         if isinstance(err, _PERMANENT):

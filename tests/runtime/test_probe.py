@@ -77,3 +77,11 @@ def test_predictor_moves_on_when_a_probe_hangs(tiny_package: Path, tiny_inputs: 
     p = Predictor(tiny_package, FallbackStrategy(probe_timeout_s=5.0), units=units, faults=faults)
     res = p.predict(tiny_inputs)
     assert res.unit == "ref-b" and "probe did not finish within 5 s" in res.skipped["ref-a"]
+
+
+def test_probe_runs_once_per_process_for_a_package_and_unit(tiny_package: Path, tiny_inputs: dict) -> None:
+    first = Predictor(tiny_package, units=[ReferenceUnit("probed", probe=True)])
+    second = Predictor(tiny_package, units=[ReferenceUnit("probed", probe=True)])
+    assert first.predict(tiny_inputs).unit == second.predict(tiny_inputs).unit == "probed"
+    a, b = (p.system_info()["units"][0]["probe"] for p in (first, second))
+    assert a["ok"] and a == b  # the same result (same timing): the second predictor spawned no probe
