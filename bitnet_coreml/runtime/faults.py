@@ -14,6 +14,9 @@ kill_probe the unit's probe subprocess SIGKILLs itself (what an ANE compile fail
 hang_probe the unit's probe subprocess sleeps ``seconds`` (past the probe timeout)
 ========== ==================================================================================
 
+Probe faults fire only for units that are probed: the Core ML units on macOS, and a
+``ReferenceUnit(probe=True)`` anywhere (how the probe machinery is tested on Linux).
+
 Every fault fires ``count`` times (default: every call) and then stops, so a test can model a
 transient failure. The plan can also override what monitoring observes (``thermal_state``,
 ``available_memory_bytes``), which is how tests reach the memory-pressure and thermal paths on a
