@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +36,7 @@ FP16_MAX = 65504.0
 HEADROOM = 8.0  # a calibration input is one sample: leave 8x (3 binades) of room above what it shows
 TARGET_MAX = 2048.0  # after rescaling, the MLP's largest value aims to sit at or below this
 DOMAIN = "bitnet_coreml"
+_FEED_BYTES = 1 << 16  # initializers at least this large are fed to ORT as inputs
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
 
@@ -112,23 +110,45 @@ def measure(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple
             if o.name and o not in outs and o.dtype in _FLOATS:
                 extra.append(o)
     graph.outputs.extend(extra)
-    tmp = Path(tempfile.mkdtemp(prefix="bitnet-coreml-calib-"))
+    # Large initializers are handed to ORT as inputs, straight from their (memory-mapped) arrays:
+    # the serialised graph stays small and no copy of the weights is written or parsed. ORT's graph
+    # optimisations are off: constant folding would materialise every ternary weight as fp32
+    # (Cast + Transpose of the int8 codes), costing seconds and gigabytes.
+    order = list(graph.initializers.values())
+    big = [v for v in order if v.const_value is not None and v.const_value.nbytes >= _FEED_BYTES
+           and v not in graph.inputs]
+    for v in big:
+        del graph.initializers[v.name]
+    graph.inputs.extend(big)
+    # Small initializers may still reference the source file (memory-mapped); inline them.
+    swapped = {}
+    for v in graph.initializers.values():
+        if v.const_value is not None and not isinstance(v.const_value, ir.Tensor):
+            swapped[v] = v.const_value
+            v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)
     try:
-        # Written with external data (no 2 GB protobuf limit, no in-memory copy of the weights), and
-        # with ORT's graph optimisations off: constant folding would materialise every ternary
-        # weight as fp32 (Cast + Transpose of the int8 codes), costing seconds and gigabytes.
-        ir.save(model, tmp / "calib.onnx", external_data="calib.data")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(tmp / "calib.onnx"), opts, providers=["CPUExecutionProvider"])
-        names = [o.name for o in sess.get_outputs()]
-        results = sess.run(names, {k: np.asarray(v) for k, v in feeds.items()})
-        del sess
+        proto = ir.to_proto(model)
     finally:
+        for v, cv in swapped.items():
+            v.const_value = cv
+        for _ in big:
+            graph.inputs.pop()
         for _ in extra:
             graph.outputs.pop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        for v in list(graph.initializers.values()):
+            del graph.initializers[v.name]
+        for v in order:  # restore the initializers in their original order
+            graph.register_initializer(v)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    del proto
+    names = [o.name for o in sess.get_outputs()]
+    run_feeds = {k: np.asarray(v) for k, v in feeds.items()}
+    run_feeds.update({v.name: v.const_value.numpy() for v in big})  # type: ignore[union-attr]
+    results = sess.run(names, run_feeds)
+    del sess, run_feeds
     stats: dict[str, tuple[float, float]] = {}
     for name, arr in zip(names, results, strict=True):
         a = np.asarray(arr)
