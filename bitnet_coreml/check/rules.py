@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from bitnet_coreml.check.capabilities import MIB, CapabilityDatabase, default_database
 from bitnet_coreml.check.size import SizeEstimate
 from bitnet_coreml.check.split import SplitInfo, split_of
+from bitnet_coreml.check.split import node_id as _nid
 from bitnet_coreml.check.split import nodes_needing_split as _split_nodes
 
 if TYPE_CHECKING:
@@ -119,10 +120,6 @@ def _dtype(v: ir.Value) -> str:
     if v.const_value is not None:
         return v.const_value.dtype.name
     return v.dtype.name if v.dtype is not None else ""
-
-
-def _nid(node: ir.Node) -> str:
-    return node.name or f"{node.op_type}->{node.outputs[0].name if node.outputs else '?'}"
 
 
 def _op(node: ir.Node) -> str:
