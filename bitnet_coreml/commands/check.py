@@ -13,6 +13,14 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _v(x: object) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.6g}"
+    return str(x)
+
+
 @click.command("check")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--target", "platform", type=click.Choice(["ios", "macos"]), required=True,
@@ -80,7 +88,7 @@ def _print(report: object) -> None:
             return
         ft = Table("rule", "node", "actual", "limit", "message", title=title, title_style=style)
         for f in items:
-            ft.add_row(f.rule, f.node or "-", str(f.actual), str(f.limit), f.message)
+            ft.add_row(f.rule, f.node or "-", _v(f.actual), _v(f.limit), f.message)
         con.print(ft)
 
     findings(f"Violations: {len(r.violations)}", r.violations, "bold red")
