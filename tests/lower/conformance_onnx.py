@@ -63,6 +63,8 @@ _NO_COREML_DTYPES = {
     *(getattr(ir.DataType, n) for n in ("INT2", "UINT2", "FLOAT8E8M0") if hasattr(ir.DataType, n)),
 }
 _I32 = np.iinfo(np.int32)
+# The MIL opset (iOS version) programs are built for; ``--ios`` changes it (the converter's minimum is 16).
+IOS = 17
 
 
 @dataclass
@@ -303,7 +305,7 @@ def _execute(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
 
     _check_dtypes(model)
     rest = _bind_constants(model, feeds)
-    built = build_program(model, BuildOptions(precision="fp32", ios=17))
+    built = build_program(model, BuildOptions(precision="fp32", ios=IOS))
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         mlmodel = convert_program(built, precision="fp32")
     ex = ReferenceExecutor(mlmodel)
@@ -432,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--composite", action="store_true", help="also the multi-node *_expanded cases")
     p.add_argument("--md", action="store_true", help="print the per-op markdown table")
     p.add_argument("--failures", action="store_true", help="list failing/excluded cases with reasons")
+    p.add_argument("--ios", type=int, default=IOS, choices=[16, 17, 18], help="MIL opset (deployment target)")
     args = p.parse_args(argv)
+    globals()["IOS"] = args.ios
     report = run_all(args.op, args.mode, args.composite)
     out = sys.stdout
     if args.md:
@@ -458,10 +462,11 @@ if __name__ == "__main__":
 
 def single_node_model(op_type: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] = ("y",),
                       initializers: dict[str, np.ndarray] | None = None, opset: int = 18,
-                      **attrs: Any) -> Any:
+                      infer: bool = True, **attrs: Any) -> Any:
     """An ``onnx.ModelProto`` with one node; ``inputs`` become graph inputs, ``initializers`` constants.
 
-    Output types are inferred by ONNX shape inference, so the model is what an exporter would write.
+    Output types are inferred by ONNX shape inference (strict), so the model is what an exporter
+    would write; ``infer=False`` skips it, for deliberately invalid models.
     """
     import onnx  # noqa: PLC0415
     from onnx import helper, numpy_helper  # noqa: PLC0415
@@ -475,7 +480,7 @@ def single_node_model(op_type: str, inputs: dict[str, np.ndarray], outputs: Sequ
     inits = [numpy_helper.from_array(np.asarray(a), n) for n, a in initializers.items()]
     graph = helper.make_graph([node], f"{op_type}_test", g_in, g_out, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True) if infer else model
 
 
 def reference_outputs(model: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -8,7 +8,6 @@ int64/other integers to int32 (refusing values outside int32) and float64 to flo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -83,6 +82,15 @@ def mil_array(arr: Any, where: str = "constant") -> np.ndarray:
     raise UnsupportedOpError(f"{where}: dtype {a.dtype} has no Core ML equivalent (allowed: float, int, bool)")
 
 
+def as_dtype(value: Any, dt: Any, where: str = "constant") -> np.ndarray:
+    """A constant converted to ``dt`` for a MIL op; integers are range-checked first (no silent wrap)."""
+    a = np.asarray(value)
+    target = np.dtype(dt)
+    if a.dtype.kind in "iu" and target.kind in "iu":
+        a = mil_array(a, where)
+    return a.astype(target)
+
+
 def to_var(v: Any, name: str | None = None) -> Any:
     """A MIL Var for ``v`` (a Var is returned as is; numpy becomes a ``const``)."""
     if not is_const(v):
@@ -152,11 +160,6 @@ def cast(v: Any, dt: Any, name: str) -> Any:
     return mb().cast(x=v, dtype=s, name=name)
 
 
-def like(value: Any, ref: Any) -> Any:
-    """A numpy constant converted to the dtype ``ref`` computes in (``ref`` a Var or numpy)."""
-    return np.asarray(value).astype(np_dtype(ref) if not is_const(ref) else np.asarray(ref).dtype)
-
-
 def normalize_axis(node: ir.Node, axis: int, rank: int) -> int:
     if not -rank <= axis < max(rank, 1):
         raise bad(node, f"axis {axis} is out of range for rank {rank} (allowed [{-rank}, {rank - 1}])")
@@ -180,7 +183,3 @@ def const_input(ctx: LoweringContext, node: ir.Node, i: int) -> np.ndarray | Non
     if ctx.input(node, i) is None:
         return None
     return ctx.const(node, i)
-
-
-def outputs(*vals: Any) -> Sequence[Any]:
-    return list(vals)

@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitnet_coreml.lower.ops._common import (
+    as_dtype,
     attr,
     is_const,
     mb,
@@ -168,9 +169,9 @@ def clip(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     # maximum/minimum rather than MIL clip: clip needs both bounds constant and float, ONNX allows
     # either bound alone, computed bounds and integer inputs. ONNX applies min first, then max.
     if lo is not None:
-        lo_v = np.asarray(lo, dtype=np_dtype(y)) if is_const(lo) else lo
+        lo_v = as_dtype(lo, np_dtype(y)) if is_const(lo) else lo
         y = m.maximum(x=y, y=lo_v, name=nm if hi is None else f"{nm}_lo")
     if hi is not None:
-        hi_v = np.asarray(hi, dtype=np_dtype(y)) if is_const(hi) else hi
+        hi_v = as_dtype(hi, np_dtype(y)) if is_const(hi) else hi
         y = m.minimum(x=y, y=hi_v, name=nm)
     return [y]

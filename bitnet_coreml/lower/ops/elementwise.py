@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitnet_coreml.lower.ops._common import (
+    as_dtype,
     attr,
     cast,
     is_const,
@@ -34,9 +35,9 @@ from bitnet_coreml.lower.registry import LoweringContext, lowering
 def _align(a: Any, b: Any) -> tuple[Any, Any]:
     """Give a constant operand the dtype of the Var operand (int64 constants meet int32 Vars)."""
     if is_const(a) and not is_const(b):
-        a = mil_array(np.asarray(a).astype(np_dtype(b)) if np_dtype(b) != np.bool_ else a)
+        a = as_dtype(a, np_dtype(b)) if np_dtype(b) != np.bool_ else mil_array(a)
     elif is_const(b) and not is_const(a):
-        b = mil_array(np.asarray(b).astype(np_dtype(a)) if np_dtype(a) != np.bool_ else b)
+        b = as_dtype(b, np_dtype(a)) if np_dtype(a) != np.bool_ else mil_array(b)
     return a, b
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitnet_coreml.lower.ops._common import (
+    as_dtype,
     attr,
     bad,
     is_const,
@@ -26,9 +27,9 @@ from bitnet_coreml.lower.registry import LoweringContext, lowering
 
 def _same_dtype(a: Any, b: Any) -> tuple[Any, Any]:
     if is_const(a) and not is_const(b):
-        a = mil_array(np.asarray(a).astype(np_dtype(b)))
+        a = as_dtype(a, np_dtype(b))
     if is_const(b) and not is_const(a):
-        b = mil_array(np.asarray(b).astype(np_dtype(a)))
+        b = as_dtype(b, np_dtype(a))
     return a, b
 
 

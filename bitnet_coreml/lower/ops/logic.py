@@ -13,11 +13,11 @@ import numpy as np
 import onnx_ir as ir
 
 from bitnet_coreml.lower.ops._common import (
+    as_dtype,
     attr,
     cast,
     is_const,
     mb,
-    mil_array,
     np_dtype,
     req,
     to_var,
@@ -40,9 +40,9 @@ def _operands(ctx: LoweringContext, node: ir.Node, name: str) -> tuple[Any, Any]
     if np_dtype(a) == np.bool_:
         a, b = cast(a, np.int32, f"{name}_xi"), cast(b, np.int32, f"{name}_yi")
     if is_const(a):
-        a = mil_array(np.asarray(a).astype(np_dtype(b)))
+        a = as_dtype(a, np_dtype(b))
     if is_const(b):
-        b = mil_array(np.asarray(b).astype(np_dtype(a)))
+        b = as_dtype(b, np_dtype(a))
     return a, b
 
 
@@ -101,8 +101,8 @@ def where(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         return [np.where(np.asarray(c), np.asarray(a), np.asarray(b))]
     nm = ctx.name(node)
     dt = np_dtype(a if not is_const(a) else b) if not (is_const(a) and is_const(b)) else np.asarray(a).dtype
-    a = mil_array(np.asarray(a).astype(dt)) if is_const(a) else a
-    b = mil_array(np.asarray(b).astype(dt)) if is_const(b) else b
+    a = as_dtype(a, dt) if is_const(a) else a
+    b = as_dtype(b, dt) if is_const(b) else b
     cond = _bool_var(node, c, f"{nm}_cond")
     return [mb().select(cond=cond, a=to_var(a, f"{nm}_a"), b=to_var(b, f"{nm}_b"), name=nm)]
 

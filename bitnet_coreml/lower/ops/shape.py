@@ -15,13 +15,13 @@ import numpy as np
 import onnx_ir as ir
 
 from bitnet_coreml.lower.ops._common import (
+    as_dtype,
     attr,
     bad,
     const_input,
     int_list,
     is_const,
     mb,
-    mil_array,
     normalize_axis,
     np_dtype,
     rank_of,
@@ -209,7 +209,7 @@ def concat(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     if all(is_const(v) for v in vals):
         return [np.concatenate([np.asarray(v) for v in vals], axis=axis)]
     dt = next(np_dtype(v) for v in vals if not is_const(v))
-    mil_vals = [to_var(np.asarray(v).astype(dt)) if is_const(v) else v for v in vals]
+    mil_vals = [to_var(as_dtype(v, dt)) if is_const(v) else v for v in vals]
     if len(mil_vals) == 1:
         return [mb().identity(x=mil_vals[0], name=ctx.name(node))]
     return [mb().concat(values=mil_vals, axis=axis, name=ctx.name(node))]
@@ -380,8 +380,6 @@ def cumsum(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     inc = mb().cumsum(x=x, axis=axis, reverse=reverse, name=f"{nm}_inc")
     return [mb().sub(x=inc, y=x, name=nm)]
 
-
-__all__ = ["broadcast_to", "reshape_target", "reshape_to", "mil_array", "to_var"]
 
 
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "wrap"}
