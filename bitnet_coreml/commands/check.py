@@ -93,7 +93,7 @@ def _print(report: object) -> None:
 
     findings(f"Violations: {len(r.violations)}", r.violations, "bold red")
     findings(f"Warnings: {len(r.warnings)}", r.warnings, "yellow")
-    findings(f"Fixed by the converter: {len(r.fixed)}", r.fixed, "green")
+    findings(f"Handled by the converter (fixed or harmless): {len(r.fixed)}", r.fixed, "green")
     off = [u for u in r.units if u.unit != "ANE"]
     counts = r.unit_counts
     ut = Table("node", "op", "unit", "reason", "source",

@@ -17,7 +17,8 @@ from tests.passes.graphs import mlp_block
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "docs" / "schemas" / "check-report.schema.json").read_text())
 MODELS = ROOT / "models"
-BUNDLED = sorted(MODELS.glob("*.onnx"))
+BUNDLED = sorted(MODELS.glob("*.onnx")) + sorted(
+    p for p in (MODELS / "hf").glob("*") if (p / "config.json").is_file())  # ONNX files and HF checkpoint folders
 
 
 def _run(*args: str) -> tuple[int, str, str]:
