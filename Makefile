@@ -8,14 +8,14 @@ PIPELINE ?= pipelines/default.toml
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test lint typecheck convert conformance bench models clean
+.PHONY: setup test lint convert conformance bench bench-models models clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
 	touch $(STAMP)
 
 test: setup
@@ -31,7 +31,12 @@ convert: setup
 conformance: setup
 	$(BIN)/python -m pytest -q -m conformance -p no:cacheprovider --conformance-full
 
-bench: setup
+# The benchmark exports (~1 GB, not committed) are made once with the export venv.
+bench-models: $(EXPORT_STAMP)
+	test -f bench/_work/bitnet_50m.onnx || $(EXPORT_VENV)/bin/python bench/make_bench_model.py --size 50m
+	test -f bench/_work/bitnet_200m.onnx || $(EXPORT_VENV)/bin/python bench/make_bench_model.py --size 200m
+
+bench: setup bench-models
 	$(BIN)/python bench/run_all.py
 
 # Regenerate the bundled example models (models/README.md). torch + transformers live in their own
