@@ -36,7 +36,7 @@ bench-models: $(EXPORT_STAMP)
 	test -f bench/_work/bitnet_50m.onnx || $(EXPORT_VENV)/bin/python bench/make_bench_model.py --size 50m
 	test -f bench/_work/bitnet_200m.onnx || $(EXPORT_VENV)/bin/python bench/make_bench_model.py --size 200m
 
-bench: setup bench-models
+bench: setup bench-models convert
 	$(BIN)/python bench/run_all.py
 
 # Regenerate the bundled example models (models/README.md). torch + transformers live in their own
