@@ -219,11 +219,12 @@ class Predictor:
         batch_size = _leading_batch(x)
         for pos, unit in enumerate(order):
             later = order[pos + 1:]
-            why = self._skip_reason(unit, plat, later, notes)
+            why, pressure = self._skip_reason(unit, plat, later, notes)
             if why is not None:
                 rec.record_skip(unit.name)
                 attempts.append(Attempt(unit.name, "skipped", why))
                 continue
+            chunk = self._free_memory(unit, x, batch_size, notes, "running") if pressure else batch_size
             try:
                 self._prepare(unit)
             except Exception as e:
@@ -239,7 +240,7 @@ class Predictor:
                                         RecoveryAction.FALLBACK.value))
                 first_failure_at = first_failure_at or failed_at
                 continue
-            answered = self._run_unit(unit, x, attempts, notes, batch_size)
+            answered = self._run_unit(unit, x, attempts, notes, chunk)
             if isinstance(answered, float):  # the moment the unit's last attempt failed
                 first_failure_at = first_failure_at or answered
                 continue
@@ -272,25 +273,28 @@ class Predictor:
         idx, reason = order_for_power(kinds, target, bandwidth_bound=bandwidth)
         return [self.units[i] for i in idx], reason, notes
 
-    def _skip_reason(self, unit: Unit, plat: PlatformSnapshot, later: Sequence[Unit], notes: list[str]) -> str | None:
+    def _skip_reason(self, unit: Unit, plat: PlatformSnapshot, later: Sequence[Unit],
+                     notes: list[str]) -> tuple[str | None, bool]:
+        """(why to skip ``unit`` or None, whether it runs under memory pressure)."""
         if unit.name in self._failed:
-            return f"failed earlier: {self._failed[unit.name].one_line()}"
+            return f"failed earlier: {self._failed[unit.name].one_line()}", False
         why = unit.unavailable(plat, self.info)
         if why is not None:
             self._failed[unit.name] = why
-            return why.one_line()
+            return why.one_line(), False
         verdict = self._capability().get(unit.kind.value)
         if verdict is not None:
             self._failed[unit.name] = CapabilityMismatchError(f"{unit.name}: {verdict}", [verdict])
-            return f"capability check: {verdict}"
+            return f"capability check: {verdict}", False
         need, avail = unit.memory_need(self.info), plat.memory_available_bytes
         if avail is not None and need > avail:
             msg = f"memory pressure: loading {unit.name} needs ~{need / 2**20:.1f} MiB, {avail / 2**20:.1f} MiB available"
             if later:
                 notes.append(f"{msg}; moved on to a unit that costs less")
-                return msg
+                return msg, False
             notes.append(f"{msg}; trying it anyway as the last unit in the chain")
-        return None
+            return None, True
+        return None, False
 
     def _capability(self) -> dict[str, str]:
         if self._verdicts is None:
@@ -362,7 +366,7 @@ class Predictor:
                     attempts.append(Attempt(unit.name, "retried", err.one_line(), type(err).__name__, action.value,
                                             call_s, delay, planned))
                     if action is RecoveryAction.REDUCE_MEMORY:
-                        chunk = self._free_memory(unit, x, chunk, notes)
+                        chunk = self._free_memory(unit, x, chunk, notes, "retrying")
                     planned, delay = self._before_retry(action, retries, notes)
                     rec.record_retry(unit.name)
                     retries += 1
@@ -463,7 +467,8 @@ class Predictor:
                 time.sleep(planned)
         return planned, time.perf_counter() - t0
 
-    def _free_memory(self, unit: Unit, x: dict[str, np.ndarray], chunk: int | None, notes: list[str]) -> int | None:
+    def _free_memory(self, unit: Unit, x: dict[str, np.ndarray], chunk: int | None, notes: list[str],
+                     when: str) -> int | None:
         """Unload every other unit, collect garbage, and halve the batch when the model allows it."""
         freed = [u.name for u in self.units if u is not unit and u is not self._oracle and u.loaded]
         for u in self.units:
@@ -477,7 +482,7 @@ class Predictor:
             notes.append(f"memory: lowered batch size {current} -> {new} on {unit.name}"
                          + (f"; unloaded {', '.join(freed)}" if freed else ""))
             return new
-        notes.append(f"memory: freed memory before retrying {unit.name}"
+        notes.append(f"memory: freed memory before {when} {unit.name}"
                      + (f" (unloaded {', '.join(freed)})" if freed else "")
                      + ("; batch size cannot be lowered: the model's input shapes are fixed" if batch else ""))
         return chunk

@@ -77,3 +77,15 @@ def test_no_check_report_rules_nothing_out(flexible: Path, tmp_path: Path) -> No
     assert capability_verdicts(read_package(flexible)) == {}
     pkg = build_flexible(tmp_path / "n.mlpackage", {CHECK_METADATA_KEY: json.dumps({"available": False})})
     assert capability_verdicts(read_package(pkg)) == {}
+
+
+def test_memory_pressure_on_the_last_unit_lowers_the_batch(flexible: Path) -> None:
+    x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    p = Predictor(flexible, units=["reference"], faults=FaultPlan(available_memory_bytes=1))
+    res = p.predict({"x": x})
+    assert res.unit == "reference" and res.batch_size == 2
+    assert any("trying it anyway as the last unit" in n for n in res.notes)
+    assert any(n.startswith("memory: lowered batch size 4 -> 2 on reference") for n in res.notes)
+    np.testing.assert_allclose(res.outputs["out"], np.maximum(x @ W.T, 0), atol=5e-3, rtol=5e-3)
+    u = p.get_recovery_stats().units["reference"]
+    assert (u.attempts, u.failures, u.successes) == (1, 0, 1)  # lowered before running, not after a failure
