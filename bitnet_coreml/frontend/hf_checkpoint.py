@@ -81,8 +81,10 @@ def causal_mask(seq_len: int, groups: int) -> np.ndarray:
 
 
 class _Importer:
-    def __init__(self, folder: Path, cfg: BitNetConfig, store: CheckpointTensors, seq_len: int) -> None:
+    def __init__(self, folder: Path, cfg: BitNetConfig, store: CheckpointTensors, seq_len: int,
+                 embed_dtype: ir.DataType = ir.DataType.FLOAT) -> None:
         self.folder, self.cfg, self.store, self.S = folder, cfg, store, seq_len
+        self.embed_dtype = embed_dtype
         self.g = GraphBuilder()
 
     # --- tensors ----------------------------------------------------------------------------------
@@ -157,14 +159,24 @@ class _Importer:
             y = g.op("Add", [y, g.const(b, bias)], shape=[1, self.S, n])
         return y
 
-    def plain_linear(self, x: ir.Value, wname: str, n: int, k: int, weight: ir.Value | None = None) -> ir.Value:
-        """``x @ W^T`` for a float ``W [n, k]`` (lm_head, unconverted modules) as Gemm(transB=1) on 2-D."""
+    def plain_linear(self, x: ir.Value, wname: str, n: int, k: int, weight: ir.Value | None = None,
+                     dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
+        """``x @ W^T`` for a float ``W [n, k]`` (lm_head, unconverted modules) as Gemm(transB=1) on 2-D.
+
+        With an fp16 ``W`` the product runs in fp16 between two Casts (what an fp16 package computes).
+        """
         g = self.g
         if weight is None:
             self.store.require(wname, shapes=[(n, k)], dtypes=FLOAT_CODES, what="linear weight")
-            weight = g.initializer(CheckpointTensor(self.store, wname))
+            weight = g.initializer(CheckpointTensor(self.store, wname, dtype=dtype))
         x2 = g.reshape(x, [self.S, k])
-        y = g.op("Gemm", [x2, weight], {"transB": 1}, shape=[self.S, n], name=wname.removesuffix(".weight"))
+        half = weight.dtype == ir.DataType.FLOAT16
+        if half:
+            x2 = g.op("Cast", [x2], {"to": ir.DataType.FLOAT16}, shape=[self.S, k], dtype=ir.DataType.FLOAT16)
+        y = g.op("Gemm", [x2, weight], {"transB": 1}, shape=[self.S, n], name=wname.removesuffix(".weight"),
+                 dtype=weight.dtype or ir.DataType.FLOAT)
+        if half:
+            y = g.op("Cast", [y], {"to": ir.DataType.FLOAT}, shape=[self.S, n])
         return g.reshape(y, [1, self.S, n])
 
     # --- blocks -----------------------------------------------------------------------------------
@@ -229,8 +241,11 @@ class _Importer:
         ids = g.input("input_ids", ir.DataType.INT64, [1, S])
         emb_name = "model.embed_tokens.weight"
         self.store.require(emb_name, shapes=[(V, D)], dtypes=FLOAT_CODES, what="embedding")
-        emb = g.initializer(CheckpointTensor(self.store, emb_name))
-        x = g.op("Gather", [emb, ids], {"axis": 0}, shape=[1, S, D], name="model.embed_tokens")
+        emb = g.initializer(CheckpointTensor(self.store, emb_name, dtype=self.embed_dtype))
+        x = g.op("Gather", [emb, ids], {"axis": 0}, shape=[1, S, D], name="model.embed_tokens",
+                 dtype=self.embed_dtype)
+        if self.embed_dtype != ir.DataType.FLOAT:
+            x = g.op("Cast", [x], {"to": ir.DataType.FLOAT}, shape=[1, S, D])
         cos_np, sin_np = rope_tables(cfg, S)
         cos = g.const("rope.cos", cos_np.reshape(1, 1, S, cfg.head_dim))
         sin = g.const("rope.sin", sin_np.reshape(1, 1, S, cfg.head_dim))
@@ -247,7 +262,7 @@ class _Importer:
         x = g.fused("RMSNorm", [x, self._norm_weight("model.norm.weight", D)], {"epsilon": cfg.rms_norm_eps},
                     "model.norm", shape=[1, S, D])
         if "lm_head.weight" in self.store and not cfg.tie_word_embeddings:
-            logits = self.plain_linear(x, "lm_head.weight", V, D)
+            logits = self.plain_linear(x, "lm_head.weight", V, D, dtype=self.embed_dtype)
         elif cfg.tie_word_embeddings:
             logits = self.plain_linear(x, emb_name, V, D, weight=emb)
         else:
@@ -261,8 +276,16 @@ class _Importer:
                                  "bitnet_coreml.quantization_mode": cfg.quant.quantization_mode})
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, seq_len: int = 64) -> ir.Model:
+EMBED_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16}
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, seq_len: int = 64, embed_dtype: str = "float32") -> ir.Model:
     """Import the BitNet checkpoint folder ``path`` as a fused onnx-ir model for ``seq_len`` tokens.
+
+    ``embed_dtype`` is the dtype the (bf16) embedding and lm_head are declared in: ``"float32"`` (exact
+    widening; the default) or ``"float16"`` (half the memory for an fp16 package: the embedding is
+    gathered in fp16 and cast up, the lm_head Gemm runs in fp16 between Casts; bf16 -> fp16 keeps every
+    value of magnitude 6e-5..65504 exactly).
 
     Raises :class:`ModelLoadError` (exit 2) for a missing/invalid config, a wrong model_type, missing or
     mis-shaped tensors, a packed layer whose row count is not a multiple of 4, or a corrupt safetensors file.
@@ -272,11 +295,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, seq_len: int = 64) -> ir.Mo
         raise ModelLoadError(f"{folder}: not a folder; expected a Hugging Face BitNet checkpoint folder with config.json")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise InputError(f"seq_len = {seq_len!r}; expected a positive integer")
+    if embed_dtype not in EMBED_DTYPES:
+        raise InputError(f"embed_dtype = {embed_dtype!r}; allowed: {', '.join(EMBED_DTYPES)}")
     cfg = read_config(folder)
     if seq_len > cfg.max_position_embeddings:
         log.warning("seq_len %d exceeds max_position_embeddings %d of %s", seq_len, cfg.max_position_embeddings, folder)
     store = CheckpointTensors(folder)
-    model = _Importer(folder, cfg, store, seq_len).build()
+    model = _Importer(folder, cfg, store, seq_len, EMBED_DTYPES[embed_dtype]).build()
     log.debug("imported %s: %d layers, seq_len %d, %s/%s", folder, cfg.num_hidden_layers, seq_len,
               cfg.quant.linear_class, cfg.quant.quantization_mode)
     return model

@@ -195,6 +195,19 @@ def test_fp16_conversion_in_row_chunks(written: dict, monkeypatch: pytest.Monkey
         np.testing.assert_array_equal(got, lw[name].astype(np.float16))
 
 
+def test_fp16_embedding_option(written: dict) -> None:  # type: ignore[type-arg]
+    # bf16 heads (as real checkpoints store them) convert to fp16 exactly; the lm_head runs in fp16
+    folder, t, lw = written["bitlinear-packed-bf16-sharded-untied"]
+    m = load_checkpoint(folder, seq_len=10, embed_dtype="float16")
+    heads = [v for k, v in m.graph.initializers.items() if k in ("model.embed_tokens.weight", "lm_head.weight")]
+    assert heads and all(v.dtype == ir.DataType.FLOAT16 for v in heads)
+    ids = np.random.default_rng(9).integers(0, t.vocab, (1, 10))
+    got = run_ort(m, ids)
+    assert got.dtype == np.float32
+    ref = reference_logits(t, lw, ids[0])  # float32 oracle: the fp16 lm_head product is the only change
+    assert cosine(got[0], ref) >= 0.9999 and argmax_agreement(got[0], ref) >= 0.98
+
+
 def test_frontend_load_dispatches_folders(written: dict) -> None:  # type: ignore[type-arg]
     from bitnet_coreml.frontend import load
 
