@@ -12,7 +12,8 @@ What the converter writes (the contract this estimate follows; see ``docs/check.
   ``ceil(n*bits/8)`` bytes of packed indices plus a ``2**bits``-entry LUT per tensor (fp16, or fp32
   at precision fp32);
 * the vocabulary embedding / LM head dimensions > 16384 split by the converter into chunks, each its
-  own blob (the split rule is :mod:`bitnet_coreml.check.split`, shared with the converter's).
+  own blob (the split rule is :mod:`bitnet_coreml.check.split`, shared with the converter's); a table
+  that one consumer splits and another uses whole (a tied LM head) is written in both forms.
 
 coremltools' MIL backend (``converters/mil/backend/mil/load.py::should_use_weight_file``) writes a
 const into ``weight.bin`` only when it has >= 10 elements and a float16/float32/uint8/int8 dtype;
@@ -153,60 +154,66 @@ def estimate_weight_bytes(model: ir.Model, embed_bits: int | None = None, precis
     if embed_bits is not None and not (1 <= embed_bits <= 8):
         raise InputError(f"embed_bits {embed_bits} is out of range; palettization uses 1..8 bits (ANE: 1, 2, 4, 6, 8)")
     fbytes = PRECISIONS[precision]
-    seen: set[int] = set()
     tensors: list[TensorBytes] = []
     tern = other = scales = 0
 
     def fp16_of(counts: list[int]) -> tuple[int, ...]:
         return tuple(c * 2 for c in counts if c >= INLINE_BELOW_ELEMENTS)
 
+    # every constant input with all its uses, in order of first use (the order the converter writes them)
+    uses: dict[int, list[tuple[ir.Node, int]]] = {}
+    values: list[ir.Value] = []
     for node in model.graph:
-        is_bitlinear = node.domain == DOMAIN and node.op_type == "BitLinear"
-        pal = palettizable_inputs(node)
-        split = split_of(node, split_limit)
         for i, v in enumerate(node.inputs):
-            if v is None or v.const_value is None or id(v) in seen:
+            if v is None or v.const_value is None:
                 continue
-            seen.add(id(v))
-            shape = _shape(v)
-            n = math.prod(shape)
-            dt = _dtype_name(v)
-            name = v.name or ""
-            if is_bitlinear and i == 1:
-                counts = [n]
-                blobs = tuple((c * TERNARY_BITS + 7) // 8 for c in counts)
-                tensors.append(TensorBytes(name, "ternary", shape, n, TERNARY_BITS, blobs, fp16_of(counts)))
-                tern += n
-            elif is_bitlinear and i == 2:
-                blobs = (n * fbytes,) if n >= INLINE_BELOW_ELEMENTS else ()
-                tensors.append(TensorBytes(name, "scale" if blobs else "inlined", shape, n, fbytes * 8, blobs,
-                                           fp16_of([n])))
-                scales += n
-            elif dt in _FLOAT_DTYPES:
-                other += n
-                if i in pal and len(shape) >= 2:
-                    counts = _chunk_counts(shape, split, i)
-                    if embed_bits is not None and any(c >= PALETTIZE_MIN_ELEMENTS for c in counts):
-                        lut = 2**embed_bits
-                        blobs_l: list[int] = []
-                        for c in counts:
-                            if c < PALETTIZE_MIN_ELEMENTS:
-                                blobs_l.append(c * fbytes)
-                                continue
-                            blobs_l.append((c * embed_bits + 7) // 8)
-                            if lut >= INLINE_BELOW_ELEMENTS:
-                                blobs_l.append(lut * fbytes)
-                        tensors.append(TensorBytes(name, "palettized", shape, n, embed_bits, tuple(blobs_l),
-                                                   fp16_of(counts)))
+            if id(v) not in uses:
+                uses[id(v)] = []
+                values.append(v)
+            uses[id(v)].append((node, i))
+
+    for v in values:
+        node, i = uses[id(v)][0]
+        is_bitlinear = node.domain == DOMAIN and node.op_type == "BitLinear"
+        shape = _shape(v)
+        n = math.prod(shape)
+        dt = _dtype_name(v)
+        name = v.name or ""
+        if is_bitlinear and i == 1:
+            blobs: tuple[int, ...] = ((n * TERNARY_BITS + 7) // 8,)
+            tensors.append(TensorBytes(name, "ternary", shape, n, TERNARY_BITS, blobs, fp16_of([n])))
+            tern += n
+        elif is_bitlinear and i == 2:
+            blobs = (n * fbytes,) if n >= INLINE_BELOW_ELEMENTS else ()
+            tensors.append(TensorBytes(name, "scale" if blobs else "inlined", shape, n, fbytes * 8, blobs,
+                                       fp16_of([n])))
+            scales += n
+        elif dt in _FLOAT_DTYPES:
+            other += n
+            # The converter splits a table for the consumers that need it and keeps the whole table for any
+            # other consumer (a tied LM head): then both forms are written.
+            splits = [sp for nd, k in uses[id(v)] if (sp := split_of(nd, split_limit)) is not None and sp.input_index == k]
+            whole = len(splits) < len(uses[id(v)])
+            counts = [c for sp in splits[:1] for c in _chunk_counts(shape, sp, sp.input_index)] + ([n] if whole else [])
+            pal = len(shape) >= 2 and any(k in palettizable_inputs(nd) for nd, k in uses[id(v)])
+            if pal and embed_bits is not None and any(c >= PALETTIZE_MIN_ELEMENTS for c in counts):
+                lut = 2**embed_bits
+                blobs_l: list[int] = []
+                for c in counts:
+                    if c < PALETTIZE_MIN_ELEMENTS:
+                        blobs_l.append(c * fbytes)
                         continue
-                else:
-                    counts = _chunk_counts(shape, split, i)
-                blobs = tuple(c * fbytes for c in counts if c >= INLINE_BELOW_ELEMENTS)
-                tensors.append(TensorBytes(name, "float" if blobs else "inlined", shape, n, fbytes * 8, blobs,
-                                           fp16_of(counts)))
-            elif dt in _INT8_DTYPES:
-                blobs = (n,) if n >= INLINE_BELOW_ELEMENTS else ()
-                tensors.append(TensorBytes(name, "int8" if blobs else "inlined", shape, n, 8, blobs, blobs))
+                    blobs_l.append((c * embed_bits + 7) // 8)
+                    if lut >= INLINE_BELOW_ELEMENTS:
+                        blobs_l.append(lut * fbytes)
+                tensors.append(TensorBytes(name, "palettized", shape, n, embed_bits, tuple(blobs_l), fp16_of(counts)))
+                continue
+            blobs = tuple(c * fbytes for c in counts if c >= INLINE_BELOW_ELEMENTS)
+            tensors.append(TensorBytes(name, "float" if blobs else "inlined", shape, n, fbytes * 8, blobs,
+                                       fp16_of(counts)))
+        elif dt in _INT8_DTYPES:
+            blobs = (n,) if n >= INLINE_BELOW_ELEMENTS else ()
+            tensors.append(TensorBytes(name, "int8" if blobs else "inlined", shape, n, 8, blobs, blobs))
     total = blob_file_bytes(b for t in tensors for b in t.blobs)
     fp16 = blob_file_bytes(b for t in tensors for b in t.fp16_blobs)
     return SizeEstimate(total, fp16, precision, embed_bits, tern, other, scales, tuple(tensors))
