@@ -108,3 +108,22 @@ def test_validate_current_platform_linux() -> None:
     with pytest.raises(CapabilityMismatchError) as e:
         validate_operation_requirements(CapabilityRequirements(ane_support=True))
     assert any("ane_support" in m for m in e.value.mismatches)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_KNOWN_TOPS = ["A11", "A12", "A13", "A14", "A15", "A16", "M1", "M2", "M3"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(chip=st.sampled_from(_KNOWN_TOPS), ops=st.floats(0, 2e13), size=st.floats(0, 400),
+       types=st.lists(st.sampled_from(["fp16", "int8", "int16", "uint8", "fp32"]), max_size=3))
+def test_score_is_one_exactly_when_requirements_are_met(chip: str, ops: float, size: float, types: list[str]) -> None:
+    ane = ANECapabilities.for_chip(chip)
+    score = ane.compatibility_score(ops, types, size)
+    assert 0.0 <= score <= 1.0
+    assert (score == 1.0) is ane.meets_requirements(ops, types, size)
+    assert len(ane.get_requirement_mismatch(ops, types, size)) == (
+        (ops > ane.tops * 1e12) + len({t for t in types if ANEDataType.parse(t) not in ane.data_types})  # type: ignore[operator]
+        + (size > ane.model_size_budget_mb))  # type: ignore[operator]

@@ -114,3 +114,16 @@ def test_estimate_matches_the_converter(tmp_path, name: str, precision: str, emb
                                                              split_limit=split_limit))
     real = (out / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_size
     assert abs(est.total_bytes - real) <= 0.02 * real, (est.total_bytes, real)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(deadline=None)
+@given(dim=st.integers(1, 10**6), limit=st.integers(64, 20000))
+def test_split_chunks_properties(dim: int, limit: int) -> None:
+    c = split_chunks(dim, limit)
+    assert sum(c) == dim and all(0 < x <= limit for x in c) or (dim <= limit and c == [dim])
+    assert len(c) == max(1, -(-dim // limit))  # the fewest chunks that fit
+    assert all(x == c[0] for x in c[:-1]) and c[-1] <= c[0]
