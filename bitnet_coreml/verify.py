@@ -207,7 +207,7 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
            seq_len: int | None = None) -> ParityReport:
     """Compare ``package`` with ``source``; see the module docstring."""
     from bitnet_coreml.frontend import load  # noqa: PLC0415
-    from bitnet_coreml.passes.ort import ort_session  # noqa: PLC0415
+    from bitnet_coreml.lower.fp16 import run_ort  # noqa: PLC0415
 
     pkg = Path(package)
     if not pkg.exists():
@@ -220,10 +220,8 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
 
     model = load(source, seq_len=seq_len)
     feeds, extra = _load_inputs(inputs, model)
-    sess = ort_session(model)
-    ort_names = [o.name for o in sess.get_outputs()]
-    ort_out = dict(zip(ort_names, sess.run(ort_names, feeds), strict=True))
-    del sess, model
+    ort_out = run_ort(model, feeds)
+    del model
 
     ex = _executor(pkg)
     specs = getattr(ex, "input_specs", None)

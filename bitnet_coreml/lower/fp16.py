@@ -96,24 +96,24 @@ def load_calibration(path: str, model: ir.Model) -> dict[str, np.ndarray]:
     return {n: feeds[n] for n in names}
 
 
-def measure(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[float, float]]:
-    """(max, min) of every floating-point node output of ``model`` on ``feeds`` (ONNX Runtime)."""
-    graph = model.graph  # every float value becomes an output for one run, then the outputs are restored
-    if any(o.dtype is None for n in graph for o in n.outputs if o.name):
-        import onnx_ir.passes.common as common  # noqa: PLC0415
+def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bool = False) -> dict[str, np.ndarray]:
+    """Run ``model`` in ONNX Runtime without copying its weights; ``every_value`` adds all float node outputs.
 
-        common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    Large initializers are handed to ORT as inputs, straight from their (memory-mapped) arrays: the
+    serialised graph stays small and no copy of the weights is written or parsed. ORT's graph
+    optimisations are off: constant folding would materialise every ternary weight as fp32 (Cast +
+    Transpose of the int8 codes), costing seconds and gigabytes. The model is restored afterwards.
+    """
+    graph = model.graph
     extra: list[ir.Value] = []
-    outs = set(graph.outputs)
-    for node in graph:
-        for o in node.outputs:
-            if o.name and o not in outs and o.dtype in _FLOATS:
-                extra.append(o)
+    if every_value:
+        if any(o.dtype is None for n in graph for o in n.outputs if o.name):
+            import onnx_ir.passes.common as common  # noqa: PLC0415
+
+            common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+        outs = set(graph.outputs)
+        extra = [o for node in graph for o in node.outputs if o.name and o not in outs and o.dtype in _FLOATS]
     graph.outputs.extend(extra)
-    # Large initializers are handed to ORT as inputs, straight from their (memory-mapped) arrays:
-    # the serialised graph stays small and no copy of the weights is written or parsed. ORT's graph
-    # optimisations are off: constant folding would materialise every ternary weight as fp32
-    # (Cast + Transpose of the int8 codes), costing seconds and gigabytes.
     order = list(graph.initializers.values())
     big = [v for v in order if v.const_value is not None and v.const_value.nbytes >= _FEED_BYTES
            and v not in graph.inputs]
@@ -148,9 +148,13 @@ def measure(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple
     run_feeds = {k: np.asarray(v) for k, v in feeds.items()}
     run_feeds.update({v.name: v.const_value.numpy() for v in big})  # type: ignore[union-attr]
     results = sess.run(names, run_feeds)
-    del sess, run_feeds
+    return dict(zip(names, results, strict=True))
+
+
+def measure(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """(max, min) of every floating-point node output of ``model`` on ``feeds`` (ONNX Runtime)."""
     stats: dict[str, tuple[float, float]] = {}
-    for name, arr in zip(names, results, strict=True):
+    for name, arr in run_ort(model, feeds, every_value=True).items():
         a = np.asarray(arr)
         if a.dtype.kind == "f" and a.size:
             stats[name] = (float(np.max(a)), float(np.min(a)))
