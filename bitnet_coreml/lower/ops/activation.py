@@ -1,4 +1,5 @@
-"""Activations: Relu, Sigmoid, Tanh, Softmax/LogSoftmax, Clip, LeakyRelu, Elu, Gelu, HardSigmoid, ..."""
+"""Activations: Relu, Sigmoid, Tanh, Softmax/LogSoftmax, Clip, (P|Leaky|Thresholded)Relu, Elu, Selu, Gelu,
+HardSigmoid, HardSwish, Softplus, Softsign, Mish."""
 
 from __future__ import annotations
 
@@ -175,3 +176,24 @@ def clip(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         hi_v = as_dtype(hi, np_dtype(y)) if is_const(hi) else hi
         y = m.minimum(x=y, y=hi_v, name=nm)
     return [y]
+
+
+@lowering("PRelu")
+def prelu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = _float_var(node, req(ctx, node, 0))
+    slope = req(ctx, node, 1)
+    nm = ctx.name(node)
+    m = mb()
+    # select(x < 0, x * slope, x): the slope broadcasts the ONNX way (MIL prelu wants one per channel).
+    sl = np.asarray(slope).astype(np_dtype(x)) if is_const(slope) else slope
+    neg = m.mul(x=x, y=sl, name=f"{nm}_neg")
+    return [m.select(cond=m.less(x=x, y=_f(x, 0.0), name=f"{nm}_lt"), a=neg, b=x, name=nm)]
+
+
+@lowering("Mish")
+def mish(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = _float_var(node, req(ctx, node, 0))
+    nm = ctx.name(node)
+    m = mb()
+    sp = m.softplus(x=x, name=f"{nm}_sp")
+    return [m.mul(x=x, y=m.tanh(x=sp, name=f"{nm}_t"), name=nm)]

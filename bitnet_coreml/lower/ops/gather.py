@@ -1,4 +1,4 @@
-"""Indexing: Gather, GatherElements, GatherND.
+"""Indexing: Gather, GatherElements, GatherND, ScatterND, ScatterElements, OneHot.
 
 ONNX allows negative indices (counted from the end); constant indices are normalised at build
 time, computed ones with a ``select`` (Core ML's gather takes no negative indices everywhere).
@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitnet_coreml.lower.ops._common import (
+    as_dtype,
     attr,
     bad,
     cast,
@@ -20,8 +21,10 @@ from bitnet_coreml.lower.ops._common import (
     mb,
     mil_array,
     normalize_axis,
+    np_dtype,
     rank_of,
     req,
+    shape_of,
     static_shape,
     to_var,
 )
@@ -106,3 +109,88 @@ def gather_nd(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     if rank_of(iv) < 1:
         raise bad(node, "indices must have rank >= 1")
     return [mb().gather_nd(x=to_var(x, f"{nm}_data"), indices=iv, batch_dims=batch_dims, name=nm)]
+
+
+_SCATTER_MODES = {"none": "update", "add": "add", "mul": "mul", "max": "max", "min": "min"}
+
+
+def _scatter_mode(node: ir.Node) -> str:
+    red = str(attr(node, "reduction", "none"))
+    if red not in _SCATTER_MODES:
+        raise bad(node, f"reduction={red!r} (allowed: {', '.join(_SCATTER_MODES)})")
+    return _SCATTER_MODES[red]
+
+
+def _np_scatter(a: np.ndarray, idx: tuple[Any, ...], upd: np.ndarray, mode: str) -> None:
+    if mode == "update":
+        a[idx] = upd
+    else:
+        {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}[mode].at(a, idx, upd)
+
+
+@lowering("ScatterND")
+def scatter_nd(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x, idx, upd = req(ctx, node, 0), req(ctx, node, 1), req(ctx, node, 2)
+    mode = _scatter_mode(node)
+    s = static_shape(node, x)
+    nm = ctx.name(node)
+    if is_const(idx):
+        ci = np.asarray(idx).astype(np.int64)
+        k = ci.shape[-1]
+        ci = np.where(ci < 0, ci + np.asarray(s[:k], np.int64), ci)
+        if is_const(x) and is_const(upd):
+            out = np.array(x, copy=True)
+            flat, u = ci.reshape(-1, k), np.asarray(upd).reshape((-1,) + out.shape[k:])
+            for row, val in zip(flat, u, strict=True):
+                _np_scatter(out, tuple(row), val, mode)
+            return [out]
+        iv: Any = mil_array(ci)
+    else:
+        iv = cast(idx, np.int32, f"{nm}_i32")
+    dt = np_dtype(x if not is_const(x) else upd)
+    return [mb().scatter_nd(data=to_var(as_dtype(x, dt) if is_const(x) else x, f"{nm}_data"), indices=iv,
+                            updates=to_var(as_dtype(upd, dt) if is_const(upd) else upd, f"{nm}_upd"),
+                            mode=mode, name=nm)]
+
+
+@lowering("ScatterElements")
+def scatter_elements(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x, idx, upd = req(ctx, node, 0), req(ctx, node, 1), req(ctx, node, 2)
+    mode = _scatter_mode(node)
+    s = static_shape(node, x)
+    axis = normalize_axis(node, int(attr(node, "axis", 0)), len(s))
+    nm = ctx.name(node)
+    if is_const(idx):
+        ci = _norm_const_indices(node, idx, s[axis])
+        if is_const(x) and is_const(upd):
+            out = np.array(x, copy=True)
+            grid: list[Any] = list(np.indices(ci.shape))
+            grid[axis] = ci
+            _np_scatter(out, tuple(grid), np.asarray(upd), mode)
+            return [out]
+        iv: Any = mil_array(ci)
+    else:
+        iv = _norm_var_indices(idx, s[axis], nm)
+    dt = np_dtype(x if not is_const(x) else upd)
+    return [mb().scatter_along_axis(data=to_var(as_dtype(x, dt) if is_const(x) else x, f"{nm}_data"), indices=iv,
+                                    updates=to_var(as_dtype(upd, dt) if is_const(upd) else upd, f"{nm}_upd"),
+                                    axis=axis, mode=mode, name=nm)]
+
+
+@lowering("OneHot")
+def one_hot(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    idx = req(ctx, node, 0)
+    depth = int(np.asarray(ctx.const(node, 1)).reshape(-1)[0])
+    values = np.asarray(ctx.const(node, 2)).reshape(-1)
+    r = len(shape_of(idx)) + 1
+    axis = normalize_axis(node, int(attr(node, "axis", -1)), r)
+    if is_const(idx):
+        ci = np.asarray(idx).astype(np.int64)
+        ci = np.where(ci < 0, ci + depth, ci)
+        hot = np.moveaxis(ci[..., None] == np.arange(depth), -1, axis)
+        return [np.where(hot, values[1], values[0]).astype(values.dtype)]
+    nm = ctx.name(node)
+    iv = _norm_var_indices(idx, depth, nm)
+    vals = mil_array(values)
+    return [mb().one_hot(indices=iv, one_hot_vector_size=np.int32(depth), axis=axis,
+                         on_value=vals.dtype.type(vals[1]), off_value=vals.dtype.type(vals[0]), name=nm)]

@@ -1,4 +1,4 @@
-"""Reductions: ReduceMean/Max/Min/Sum/Prod/L1/L2/SumSquare/LogSum/LogSumExp, ArgMax/ArgMin.
+"""Reductions and selection: ReduceMean/Max/Min/Sum/Prod/L1/L2/SumSquare/LogSum/LogSumExp, ArgMax/ArgMin, TopK.
 
 Axes are an attribute before opset 13 (ReduceSum) / 18 (the others) and an optional input after;
 ``noop_with_empty_axes`` (opset 13/18+) turns "no axes" into identity instead of "all axes".
@@ -150,3 +150,21 @@ def argmax(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 @lowering("ArgMin")
 def argmin(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return _arg(ctx, node, largest=False)
+
+
+@lowering("TopK")
+def topk(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = req(ctx, node, 0)
+    k = int(np.asarray(ctx.const(node, 1)).reshape(-1)[0])
+    r = rank_of(x)
+    axis = normalize_axis(node, int(attr(node, "axis", -1)), r)
+    largest = bool(attr(node, "largest", 1))
+    if is_const(x):
+        a = np.asarray(x)
+        # Stable sort on the negated values keeps ONNX's tie rule (lower index first) for "largest".
+        order = np.argsort(-a if largest else a, axis=axis, kind="stable")
+        idx = np.take(order, np.arange(k), axis=axis)
+        return [np.take_along_axis(a, idx, axis=axis), idx.astype(np.int64)]
+    nm = ctx.name(node)
+    vals, idx = mb().topk(x=x, k=k, axis=axis, ascending=not largest, name=nm)
+    return [vals, idx]
