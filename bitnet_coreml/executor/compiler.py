@@ -173,7 +173,12 @@ class _Compiler:
             with np.errstate(all="ignore"):
                 values = _call(step, None, exact=op.op_type in _COPY_ONLY and not self.fp32)
             for v, value in zip(op.outputs, values, strict=False):
-                self.consts[id(v)] = compute_form(value)
+                # contiguous once at load: numpy only uses BLAS for matmuls whose last axis has unit
+                # stride, and a folded transpose of a weight is a strided view
+                value = compute_form(value)
+                if isinstance(value, np.ndarray) and not value.flags.c_contiguous:
+                    value = np.ascontiguousarray(value)
+                self.consts[id(v)] = value
             self.folded += 1
             return
         step.out_slots = tuple(self.new_slot(v) for v in op.outputs)

@@ -37,7 +37,17 @@ EXCLUDE_NEURALNETWORK = "the case converts to a neuralNetwork model, not an ML P
 EXCLUDE_TORCH = "the case needs torch, which is not a project dependency (NameError: torch)"
 
 # Cases excluded by node id: (substrings that must all occur, reason).
+_FP16_ARITH = ("the fp32-precision matrix (opt-in, INCLUDE_MIL_FP32_UNIT_TESTS) computes this case's expected "
+               "output with fp16 numpy arithmetic (LUT value + 1 in fp16) while the program adds in fp32")
+_FP16_TYPED = ("fp16-typed input/params checked with the fp32 matrix's tight tolerances against an fp32 "
+               "expectation; the executor rounds every fp16-typed result to fp16 by specification")
 EXCLUDE_PATTERNS: list[tuple[tuple[str, ...], str]] = [
+    (("precision='fp32'", "TestConstexprLutToSparse::test_builder_to_backend_stress"), _FP16_ARITH),
+    (("precision='fp32'", "TestJointCompressionOps::test_sparse_lut"), _FP16_ARITH),
+    (("precision='fp32'", "TestConstexprSparseToDense::test_builder_to_backend_stress"), _FP16_ARITH),
+    (("precision='fp32'", "numpy.float16"), _FP16_TYPED),
+    (("TestSliceByIndex::test_efficient_type_inference",),
+     "asserts that MIL type inference takes < 0.01 s (no prediction); flaky on a loaded 2-core host"),
     (("test_ios17_invalid_indices", "validate_indices=False"),
      "asserts a *wrong* result for out-of-range indices without validation (undefined behaviour in the spec)"),
     (("test_ios17_invalid_indices", "ScatterNd"),
@@ -82,7 +92,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def family_of(nodeid: str) -> tuple[str, str]:
     """(op family, test class) of a conformance node id: ``..::Test_iOS17_conv__TestConv::test_x[...]``."""
     parts = nodeid.split("::")
-    cls = parts[1] if len(parts) > 2 else parts[-1]
+    if len(parts) == 2:  # test_module_importable[module=...]: a whole coremltools module
+        return "(unimportable test module)", parts[1].partition("[")[2].rstrip("]")
+    cls = parts[1]
     head, _, klass = cls.partition("__")
     family = head.split("_", 2)[-1] if head.startswith("Test_iOS") else head
     return family, f"{head.split('_')[1] if head.startswith('Test_iOS') else ''}.{klass}"
@@ -101,7 +113,8 @@ class _Report:
             outcome = report.outcome
             reason = ""
             if hasattr(report, "wasxfail"):
-                # coremltools marks known Core ML bugs xfail; for the executor an xfail is a mismatch
+                # coremltools marks known Core ML bugs xfail (mostly imperatively, before predicting);
+                # an xpass ran and matched, an xfail is reported in its own column, not as a pass
                 outcome = "xfailed" if outcome == "skipped" else "passed"
                 reason = f"xfail in coremltools: {report.wasxfail}"[:160]
             elif outcome == "skipped" and isinstance(report.longrepr, tuple):
@@ -147,6 +160,7 @@ def render_report(outcomes: dict[str, str], reasons: dict[str, str], seconds: fl
     cls: dict[str, Counter[str]] = defaultdict(Counter)
     excluded: dict[str, list[str]] = defaultdict(list)
     failed: dict[str, list[str]] = defaultdict(list)
+    xfailed: dict[str, list[str]] = defaultdict(list)
     ct_skips: Counter[str] = Counter()
     for nodeid, outcome in outcomes.items():
         family, klass = family_of(nodeid)
@@ -159,9 +173,10 @@ def render_report(outcomes: dict[str, str], reasons: dict[str, str], seconds: fl
             ct_skips[reason.split(" (", 1)[0][:120]] += 1
         else:
             key = outcome
-            if outcome in ("failed", "xfailed"):
-                key = "failed"
+            if outcome == "failed":
                 failed[reason].append(nodeid)
+            elif outcome == "xfailed":
+                xfailed[reason].append(nodeid)
         fam[family][key] += 1
         cls[klass][key] += 1
 
@@ -176,23 +191,26 @@ def render_report(outcomes: dict[str, str], reasons: dict[str, str], seconds: fl
         f"{len(outcomes)} cases in {seconds / 60:.1f} min. coremltools' own test matrix with "
         "`PYMIL_TEST_TARGETS=mlprogram INCLUDE_MIL_FP32_UNIT_TESTS=1` (iOS15-iOS18 targets, fp16 and fp32).",
         "",
-        "Pass rate = passed / (passed + failed); cases coremltools marks xfail (known Core ML bugs) count as "
-        "failed when the executor does not match them. *Excluded* = cases of ops the executor does not claim "
+        "Pass rate = passed / (passed + failed). *ct xfail* = cases coremltools itself marks xfail for "
+        "known Core ML bugs (most call `pytest.xfail` before predicting; listed below); an xpass counts as "
+        "passed. *Excluded* = cases of ops the executor does not claim "
         "(listed below with the reason); *ct skip* = cases coremltools itself skips off macOS or for this "
         "matrix (reasons summarised below).",
         "",
         "## Per op family (test module)",
         "",
-        "| family | passed | failed | pass rate | excluded | ct skip |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| family | passed | failed | pass rate | ct xfail | excluded | ct skip |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for family in sorted(fam):
         c = fam[family]
-        lines.append(f"| {family} | {c['passed']} | {c['failed']} | {rate(c)} | {c['excluded']} | {c['skipped']} |")
+        lines.append(f"| {family} | {c['passed']} | {c['failed']} | {rate(c)} | {c['xfailed']} | {c['excluded']} "
+                     f"| {c['skipped']} |")
     tot: Counter[str] = Counter()
     for c in fam.values():
         tot.update(c)
-    lines.append(f"| **all** | {tot['passed']} | {tot['failed']} | {rate(tot)} | {tot['excluded']} | {tot['skipped']} |")
+    lines.append(f"| **all** | {tot['passed']} | {tot['failed']} | {rate(tot)} | {tot['xfailed']} | {tot['excluded']} "
+                 f"| {tot['skipped']} |")
     lines += ["", "## Per test class (about one op each)", "",
               "| opset.class | passed | failed | pass rate | excluded |", "|---|---:|---:|---:|---:|"]
     for klass in sorted(cls):
@@ -202,6 +220,13 @@ def render_report(outcomes: dict[str, str], reasons: dict[str, str], seconds: fl
     if not failed:
         lines.append("None.")
     for reason, ids in sorted(failed.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"- **{len(ids)}** x `{reason}`")
+        for nid in sorted(ids):
+            lines.append(f"  - `{nid.split('::', 1)[1]}`")
+    lines += ["", "## Cases coremltools marks xfail (known Core ML bugs), by reason", ""]
+    if not xfailed:
+        lines.append("None.")
+    for reason, ids in sorted(xfailed.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"- **{len(ids)}** x `{reason}`")
         for nid in sorted(ids):
             lines.append(f"  - `{nid.split('::', 1)[1]}`")

@@ -101,3 +101,11 @@ def test_rmsnorm_decomposition_matches_formula() -> None:
     xd = x.astype(np.float64)
     ref = xd / np.sqrt(np.mean(xd * xd, axis=-1, keepdims=True) + 1e-5) * gamma.astype(np.float64)
     np.testing.assert_allclose(got.astype(np.float64), ref, rtol=5e-3, atol=5e-3)
+
+
+def test_lrn_rank3_uses_axis_minus_3_like_core_ml() -> None:
+    """Core ML's own outputs for a rank-3 input (hard-coded in coremltools' iOS14 LRN test, size 2)."""
+    x = np.array([[[1.0, -7.0], [5.0, -6.0], [-3.0, -5.0]]], np.float32)
+    got = one(lambda x: mb.local_response_norm(x=x, size=2), {"x": x})
+    device = np.array([[[0.99996257, -6.98716545], [4.99531746, -5.99191284], [-2.99898791, -4.99531746]]])
+    np.testing.assert_allclose(got, device, rtol=1e-6, atol=1e-6)

@@ -14,10 +14,27 @@ from bitnet_coreml.executor.ops._util import scalar
 from bitnet_coreml.executor.registry import OpContext, register
 
 
+def _blasable(a: np.ndarray) -> np.ndarray:
+    """numpy's matmul calls BLAS only when the last axis has unit stride; copy views that do not."""
+    if a.ndim >= 2 and a.strides[-1] != a.itemsize and a.strides[-2] != a.itemsize:
+        return np.ascontiguousarray(a)
+    if a.ndim >= 3 and not a.flags.c_contiguous:
+        return np.ascontiguousarray(a)
+    return a
+
+
+def _mm(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x @ y; an N-D x times a 2-D y is one 2-D GEMM (numpy would loop over the leading axes)."""
+    if y.ndim == 2 and x.ndim > 2:
+        lead = x.shape[:-1]
+        return np.matmul(_blasable(x).reshape(-1, x.shape[-1]), y).reshape(lead + (y.shape[-1],))
+    return np.matmul(_blasable(x), _blasable(y))
+
+
 @register("linear")
 def op_linear(ctx: OpContext, a: dict[str, Any]) -> Any:
     x, w = a["x"], a["weight"]
-    y = np.matmul(x, w.T)
+    y = _mm(np.asarray(x), w.T)
     b = a.get("bias")
     if b is not None:
         y += b
@@ -33,7 +50,7 @@ def op_matmul(ctx: OpContext, a: dict[str, Any]) -> Any:
         y = np.swapaxes(y, -1, -2)
     if x.dtype.kind in "iu" and y.dtype.kind in "iu":
         return np.matmul(x.astype(np.int64), y.astype(np.int64))
-    return np.matmul(x, y)
+    return np.matmul(_blasable(x), _blasable(y))
 
 
 @register("einsum")

@@ -74,12 +74,14 @@ def op_local_response_norm(ctx: OpContext, a: dict[str, Any]) -> Any:
     alpha = float(scalar(a.get("alpha", 1e-4)))
     beta = float(scalar(a.get("beta", 0.75)))
     k = float(scalar(a.get("k", 1.0)))
-    sq = np.square(x)
-    c = x.shape[1]
-    half_lo = (size - 1) // 2
+    # channels are axis -3 (Core ML's reference outputs for a rank-3 [C, H, W] input confirm it);
+    # the window is [c - size//2, c + (size-1)//2], as PyTorch's LocalResponseNorm
+    axis = x.ndim - 3
+    sq = np.moveaxis(np.square(x), axis, 0)
+    c = sq.shape[0]
+    half_lo = size // 2
     half_hi = size - 1 - half_lo
-    padded = np.pad(sq, [(0, 0), (half_lo, half_hi)] + [(0, 0)] * (x.ndim - 2))
-    csum = np.cumsum(padded, axis=1)
-    csum = np.concatenate([np.zeros_like(csum[:, :1]), csum], axis=1)
-    window = csum[:, size : size + c] - csum[:, :c]
+    padded = np.pad(sq, [(half_lo, half_hi)] + [(0, 0)] * (sq.ndim - 1))
+    csum = np.concatenate([np.zeros_like(padded[:1]), np.cumsum(padded, axis=0)], axis=0)
+    window = np.moveaxis(csum[size : size + c] - csum[:c], 0, axis)
     return x / np.power(k + alpha / size * window, beta)
