@@ -25,6 +25,7 @@ from bitnet_coreml.errors import (
     ANEUnavailableError,
     BitnetCoremlError,
     CapabilityMismatchError,
+    ConfigError,
     DeviceInitError,
     ExhaustedError,
     ModelError,
@@ -89,7 +90,7 @@ class Predictor:
                           for u in units]
         names = [u.name for u in self.units]
         if not names or len(set(names)) != len(names):
-            raise ValueError(f"unit names must be unique and non-empty, got {names}")
+            raise ConfigError(f"unit names must be unique and the chain non-empty, got {names}")
         self._recovery = ErrorRecovery(recent_error_window_s=s.recent_error_window_s, latency_window=s.latency_window)
         self._monitor = Monitor(s.monitor_interval_s,
                                 thermal_override=faults.thermal_state if faults else None,
@@ -100,7 +101,6 @@ class Predictor:
         self._workers: dict[str, Worker] = {}
         self._oracle: ReferenceUnit | None = None
         self._verdicts: dict[str, str] | None = None
-        self._lock = threading.Lock()
         # Idle worker threads would outlive a predictor that is dropped without close().
         weakref.finalize(self, _stop_workers, self._workers)
 
@@ -352,7 +352,7 @@ class Predictor:
             t0 = time.perf_counter()
             try:
                 outputs = self._call_chunked(unit, x, chunk)
-                self._check_outputs(unit, x, outputs)
+                self._check_outputs(unit, x, outputs, notes)
             except Exception as e:
                 failed_at = time.perf_counter()
                 call_s = failed_at - t0
@@ -413,7 +413,8 @@ class Predictor:
         parts = [self._call(unit, {k: v[i:i + chunk] for k, v in x.items()}) for i in range(0, batch, chunk)]
         return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
 
-    def _check_outputs(self, unit: Unit, x: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    def _check_outputs(self, unit: Unit, x: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                       notes: list[str]) -> None:
         missing = [n for n in self.info.output_names if n not in outputs]
         if missing:
             raise ModelError(f"{unit.name}: outputs {', '.join(missing)} missing from the answer")
@@ -421,7 +422,14 @@ class Predictor:
             if v.dtype.kind in "fc" and not np.isfinite(v).all():
                 raise ModelError(f"{unit.name}: output {name!r} contains NaN/infinite values for finite inputs")
         if self.strategy.validate_first_use and unit.validate and unit.name not in self._validated:
-            ref = self._oracle_unit().predict(x)
+            try:
+                ref = self._oracle_unit().predict(x)
+            except Exception as e:  # the oracle's failure says nothing about this unit: do not blame it
+                self._validated.add(unit.name)
+                msg = f"{unit.name}: not validated: the CPU reference failed ({type(e).__name__}: {e})"
+                log.warning("%s", msg)
+                notes.append(" ".join(msg.split()))
+                return
             tol = self.strategy.validation_max_rel_l2
             for name in self.info.output_names:
                 if outputs[name].shape != ref[name].shape:
@@ -478,7 +486,10 @@ class Predictor:
         batch = _leading_batch(x)
         current = chunk or batch
         new = current // 2 if current else None
-        if new and new >= 1 and all(spec.shape_ok((new, *x[n].shape[1:])) for n, spec in self.info.inputs.items()):
+        # Every chunk must be a shape the model accepts: the full ones and the remainder.
+        sizes = {new, batch % new} - {0} if new and batch else set()
+        if new and sizes and all(spec.shape_ok((k, *x[n].shape[1:]))
+                                 for k in sizes for n, spec in self.info.inputs.items()):
             notes.append(f"memory: lowered batch size {current} -> {new} on {unit.name}"
                          + (f"; unloaded {', '.join(freed)}" if freed else ""))
             return new

@@ -15,8 +15,8 @@ from bitnet_coreml.runtime.package_io import read_package
 W = np.array([[1.0, -1.0, 0.5], [0.0, 2.0, -0.5], [0.25, 0.25, 0.25], [-1.0, 0.0, 1.0]], dtype=np.float32)
 
 
-def build_flexible(path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """relu(x @ W.T) with x of shape (1|2|4, 3), default 4."""
+def build_flexible(path: Path, metadata: dict[str, str] | None = None, *, ranged: bool = False) -> Path:
+    """relu(x @ W.T) with x of shape (1|2|4, 3), default 4 (``ranged``: any batch 1..8)."""
     from bitnet_coreml._quiet import coremltools
 
     ct = coremltools()
@@ -27,7 +27,8 @@ def build_flexible(path: Path, metadata: dict[str, str] | None = None) -> Path:
     def prog(x):  # type: ignore[no-untyped-def]
         return mb.relu(x=mb.linear(x=x, weight=W), name="out")
 
-    shape = ct.EnumeratedShapes(shapes=[(1, 3), (2, 3), (4, 3)], default=(4, 3))
+    shape = ct.Shape(shape=(ct.RangeDim(1, 8, default=4), 3)) if ranged else \
+        ct.EnumeratedShapes(shapes=[(1, 3), (2, 3), (4, 3)], default=(4, 3))
     model = ct.convert(prog, convert_to="mlprogram", inputs=[ct.TensorType(name="x", shape=shape)],
                        minimum_deployment_target=ct.target.macOS13)
     for k, v in (metadata or {}).items():
@@ -89,3 +90,21 @@ def test_memory_pressure_on_the_last_unit_lowers_the_batch(flexible: Path) -> No
     np.testing.assert_allclose(res.outputs["out"], np.maximum(x @ W.T, 0), atol=5e-3, rtol=5e-3)
     u = p.get_recovery_stats().units["reference"]
     assert (u.attempts, u.failures, u.successes) == (1, 0, 1)  # lowered before running, not after a failure
+
+
+def test_lowered_batch_with_a_remainder(tmp_path: Path) -> None:
+    pkg = build_flexible(tmp_path / "ranged.mlpackage", ranged=True)
+    x = np.linspace(-2, 2, 15, dtype=np.float32).reshape(5, 3)
+    faults = FaultPlan([Fault("reference", "raise", error="MemoryError", count=1)])
+    res = Predictor(pkg, FallbackStrategy(retry_delay_s=0.001), units=["reference"], faults=faults).predict({"x": x})
+    assert res.batch_size == 2  # chunks of 2, 2 and 1
+    assert any("lowered batch size 5 -> 2" in n for n in res.notes)
+    np.testing.assert_allclose(res.outputs["out"], np.maximum(x @ W.T, 0), atol=5e-3, rtol=5e-3)
+
+
+def test_duplicate_unit_names_are_a_config_error(flexible: Path) -> None:
+    from bitnet_coreml.errors import ConfigError
+    from bitnet_coreml.runtime import ReferenceUnit
+
+    with pytest.raises(ConfigError, match="unique"):
+        Predictor(flexible, units=[ReferenceUnit("a"), ReferenceUnit("a")])
