@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from bitnet_coreml.errors import ConfigError, InputError
@@ -382,11 +383,12 @@ def _build(state: dict[str, Any], files: tuple[str, ...]) -> CapabilityDatabase:
         if row["severity"] not in SEVERITIES:
             raise ConfigError(f"limits.{lname}.severity: {row['severity']!r} not one of {', '.join(SEVERITIES)}")
         limits[lname] = Limit(lname, row["severity"], row["source"],
-                              {k: v for k, v in row.items() if k not in ("severity", "source")})
+                              MappingProxyType({k: v for k, v in row.items() if k not in ("severity", "source")}))
     for needed in ("mlprogram", "constexpr_lut_to_dense"):
         if needed not in features:
             raise ConfigError(f"capability database: feature {needed!r} is missing")
-    return CapabilityDatabase(gens, chips, devices, tuple(oses), features, limits, rules, files)
+    ro = MappingProxyType  # the database is shared (cached): read-only views keep callers from mutating it
+    return CapabilityDatabase(ro(gens), ro(chips), ro(devices), tuple(oses), ro(features), ro(limits), ro(rules), files)
 
 
 def _empty_state() -> dict[str, Any]:
