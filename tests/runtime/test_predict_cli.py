@@ -101,11 +101,22 @@ def test_bad_packages_and_files_exit_2(tmp_path: Path, npz: Path, tiny_package: 
     corrupt = tmp_path / "corrupt.mlpackage"
     corrupt.mkdir()
     (corrupt / "Manifest.json").write_text("garbage")
+    import shutil
+
+    no_weights = tmp_path / "noweights.mlpackage"
+    shutil.copytree(tiny_package, no_weights)
+    for f in (no_weights / "Data" / "com.apple.CoreML" / "weights").iterdir():
+        f.write_bytes(b"")  # the description reads fine; the program's weights do not
+    bad_spec = tmp_path / "badspec.mlpackage"
+    shutil.copytree(tiny_package, bad_spec)
+    (bad_spec / "Data" / "com.apple.CoreML" / "model.mlmodel").write_bytes(b"garbage")
     not_npz = tmp_path / "x.npz.txt"
     not_npz.write_text("not a zip")
     cases = [
         (["predict", str(tmp_path / "missing.mlpackage"), "--input", str(npz)], "does not exist"),
         (["predict", str(corrupt), "--input", str(npz)], "corrupt or unreadable"),
+        (["predict", str(bad_spec), "--input", str(npz)], "corrupt or unreadable"),
+        (["predict", str(no_weights), "--input", str(npz), "--units", "reference"], "weight.bin"),
         (["predict", str(tiny_package), "--input", str(tmp_path / "none.npz")], "no such file"),
         (["predict", str(tiny_package), "--input", str(not_npz)], "not a readable .npz"),
         (["predict", str(tiny_package), "--input", str(npz), "--units", "ane,tpu"], "unknown compute unit 'tpu'"),
