@@ -71,12 +71,12 @@ def random_calibration(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
             for use in v.uses():
                 n = use.node
                 if n.op_type == "Gather" and n.inputs[0] is not None and n.inputs[0].const_value is not None:
-                    high = int(n.inputs[0].const_value.shape[0])
-            feeds[v.name] = rng.integers(0, high, shape).astype(dt.numpy())
+                    high = int(n.inputs[0].const_value.shape[0])  # type: ignore[arg-type]
+            feeds[str(v.name)] = rng.integers(0, high, shape).astype(dt.numpy())
         elif dt in _FLOATS:
-            feeds[v.name] = rng.standard_normal(shape).astype(dt.numpy())
+            feeds[str(v.name)] = rng.standard_normal(shape).astype(dt.numpy())  # type: ignore[union-attr]
         elif dt == ir.DataType.BOOL:
-            feeds[v.name] = np.ones(shape, bool)
+            feeds[str(v.name)] = np.ones(shape, bool)
         else:
             raise InputError(f"graph input {v.name!r}: dtype {dt} cannot be calibrated")
     return feeds
@@ -89,7 +89,7 @@ def load_calibration(path: str, model: ir.Model) -> dict[str, np.ndarray]:
             feeds = {k: data[k] for k in data.files}
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read calibration .npz: {e}") from e
-    names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+    names = [str(v.name) for v in model.graph.inputs if v.name not in model.graph.initializers]
     missing = [n for n in names if n not in feeds]
     if missing:
         raise InputError(f"{path}: calibration input lacks {', '.join(missing)}; it has {', '.join(feeds) or 'nothing'}")
@@ -118,7 +118,7 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
     big = [v for v in order if v.const_value is not None and v.const_value.nbytes >= _FEED_BYTES
            and v not in graph.inputs]
     for v in big:
-        del graph.initializers[v.name]
+        del graph.initializers[str(v.name)]
     graph.inputs.extend(big)
     # Small initializers may still reference the source file (memory-mapped); inline them.
     swapped = {}
@@ -136,7 +136,7 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
         for _ in extra:
             graph.outputs.pop()
         for v in list(graph.initializers.values()):
-            del graph.initializers[v.name]
+            del graph.initializers[str(v.name)]
         for v in order:  # restore the initializers in their original order
             graph.register_initializer(v)
     opts = ort.SessionOptions()
@@ -146,7 +146,7 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
     del proto
     names = [o.name for o in sess.get_outputs()]
     run_feeds = {k: np.asarray(v) for k, v in feeds.items()}
-    run_feeds.update({v.name: v.const_value.numpy() for v in big})  # type: ignore[union-attr]
+    run_feeds.update({str(v.name): v.const_value.numpy() for v in big})  # type: ignore[union-attr]
     results = sess.run(names, run_feeds)
     return dict(zip(names, results, strict=True))
 

@@ -97,7 +97,8 @@ def palettize_program(program: Any, nbits: int, min_size: int = 1 << 16) -> dict
         lut = kmeans_1d(val, 1 << nbits)
         idx = lut_indices(val, lut)
         recon = lut.astype(val.dtype)[idx].reshape(val.shape)
-        rel = float(np.linalg.norm((recon - val).astype(np.float64)) / max(np.linalg.norm(val.astype(np.float64)), 1e-30))
+        err = float(np.linalg.norm((recon - val).astype(np.float64)))
+        rel = err / max(float(np.linalg.norm(val.astype(np.float64))), 1e-30)
         del recon
         with func, mb.set_before_op(op):
             new = mb.constexpr_lut_to_dense(indices=pack_bits(idx, nbits), lut=lut.astype(val.dtype),

@@ -212,7 +212,7 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
             # Float initializers enter the program as fp16, so every op is built in fp16 directly and
             # coremltools' add_fp16_cast pass (a Python rewrite of every op) is not needed.
             for init in graph.initializers.values():
-                if init.const_value is not None and init.dtype == ir.DataType.FLOAT and init.uses() \
+                if init.name and init.const_value is not None and init.dtype == ir.DataType.FLOAT and init.uses() \
                         and all(u.node.domain != "bitnet_coreml" or u.idx == 0 for u in init.uses()):
                     with np.errstate(over="ignore"):  # attention masks hold finfo.min: -inf on purpose
                         ctx.values[init.name] = init.const_value.numpy().astype(np.float16)
@@ -239,6 +239,8 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
         outputs = []
         used: set[str] = set()
         for o in graph.outputs:
+            if not o.name:
+                raise InputError("a graph output has no name; Core ML outputs need names")
             if o.name not in ctx.values:
                 if o.const_value is None:
                     raise RuntimeError(f"graph output {o.name!r} was never computed")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,6 +24,13 @@ import onnx_ir as ir
 log = logging.getLogger(__name__)
 
 ANE_DIM_LIMIT = 16384
+
+
+def _dims(shape: Any) -> list[int] | None:
+    """The dims of ``shape`` as ints, or None when unknown or symbolic."""
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return [int(d) for d in shape]
 
 
 def _chunks(n: int, limit: int) -> list[tuple[int, int]]:
@@ -57,7 +65,8 @@ def _replace(graph: ir.Graph, old: ir.Node, new_out: ir.Value) -> None:
     big = old.inputs[1] if old.op_type == "MatMul" else old.inputs[0]
     graph.remove(old, safe=True)
     # Drop the unsplit table unless something else (a tied lm_head) still uses it.
-    if big is not None and big.name in graph.initializers and not big.uses() and big not in graph.outputs:
+    if big is not None and big.name and big.name in graph.initializers and not big.uses() \
+            and big not in graph.outputs:
         del graph.initializers[big.name]
 
 
@@ -66,7 +75,8 @@ def _split_matmul(graph: ir.Graph, node: ir.Node, w: np.ndarray, limit: int) -> 
     assert x is not None
     y = node.outputs[0]
     base = node.name or "matmul"
-    lead = list(y.shape)[:-1] if y.shape is not None else None
+    ydims = _dims(y.shape)
+    lead = ydims[:-1] if ydims is not None else None
     outs = []
     new_nodes = []
     for i, (a, b) in enumerate(_chunks(w.shape[1], limit)):
@@ -77,7 +87,7 @@ def _split_matmul(graph: ir.Graph, node: ir.Node, w: np.ndarray, limit: int) -> 
     cat = ir.node("Concat", outs, attributes={"axis": -1}, name=f"{base}.concat")
     new_nodes.append(cat)
     graph.insert_before(node, new_nodes)
-    _out(cat, y.dtype, None if y.shape is None else list(y.shape))
+    _out(cat, y.dtype, ydims)
     _replace(graph, node, cat.outputs[0])
     return f"{base}: MatMul weight [{w.shape[0]}, {w.shape[1]}] split into {len(outs)} chunks + Concat"
 
@@ -88,7 +98,7 @@ def _split_gather(graph: ir.Graph, node: ir.Node, e: np.ndarray, limit: int, ops
     y = node.outputs[0]
     base = node.name or "gather"
     idt = ids.dtype.numpy() if ids.dtype is not None else np.dtype(np.int64)
-    out_shape = None if y.shape is None else list(y.shape)
+    out_shape = _dims(y.shape)
     new_nodes: list[ir.Node] = []
     acc: ir.Value | None = None
     if opset >= 13:
@@ -110,7 +120,7 @@ def _split_gather(graph: ir.Graph, node: ir.Node, e: np.ndarray, limit: int, ops
             uns = ir.node("Unsqueeze", [eq.outputs[0]], attributes={"axes": [-1]}, name=f"{base}.mask{i}")
         whr = ir.node("Where", [uns.outputs[0], gat.outputs[0], zero], name=f"{base}.select{i}")
         for n_, dt in ((sub, ids.dtype), (clip, ids.dtype), (eq, ir.DataType.BOOL)):
-            _out(n_, dt, None if ids.shape is None else list(ids.shape))
+            _out(n_, dt, _dims(ids.shape))
         _out(gat, y.dtype, out_shape)
         _out(whr, y.dtype, out_shape)
         new_nodes += [sub, clip, eq, gat, uns, whr]
@@ -139,14 +149,16 @@ def split_large_dims(model: ir.Model, limit: int = ANE_DIM_LIMIT) -> list[str]:
             continue
         if node.op_type == "MatMul" and len(node.inputs) == 2:
             w = node.inputs[1]
-            if w is not None and w.const_value is not None and len(w.const_value.shape) == 2 \
-                    and w.const_value.shape[1] > limit:
+            wshape = _dims(w.const_value.shape) if w is not None and w.const_value is not None else None
+            if w is not None and w.const_value is not None and wshape is not None and len(wshape) == 2 \
+                    and wshape[1] > limit:
                 notes.append(_split_matmul(graph, node, w.const_value.numpy(), limit))
         elif node.op_type == "Gather":
             data = node.inputs[0]
             axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
-            if data is not None and data.const_value is not None and axis == 0 \
-                    and len(data.const_value.shape) == 2 and data.const_value.shape[0] > limit:
+            dshape = _dims(data.const_value.shape) if data is not None and data.const_value is not None else None
+            if data is not None and data.const_value is not None and axis == 0 and dshape is not None \
+                    and len(dshape) == 2 and dshape[0] > limit:
                 notes.append(_split_gather(graph, node, data.const_value.numpy(), limit, opset))
     for n in notes:
         log.info("split: %s", n)
