@@ -115,13 +115,20 @@ def write_checkpoint(folder: Path, seed: int = 0) -> None:
 # --- stages, each run in a fresh process ----------------------------------------------------------
 
 
-def convert_stages(folder: Path, seq_len: int, extra: list[str]) -> None:
+def convert_stages(folder: Path, seq_len: int, extra: list[str], embed_dtype: str) -> None:
     """``convert()`` in this process, with the peak RSS of each of its stages (sampled every 0.2 s)."""
     import threading
 
     import psutil
 
+    import bitnet_coreml.frontend as frontend
     from bitnet_coreml.convert import ConvertOptions, convert
+    from bitnet_coreml.frontend.hf_checkpoint import load_checkpoint
+
+    if embed_dtype != "float32":
+        # convert() loads through frontend.load(), which has no embed_dtype yet: route it here
+        frontend.load = lambda path, *, seq_len=None: load_checkpoint(path, seq_len=seq_len or 64,  # type: ignore[misc]
+                                                                      embed_dtype=embed_dtype)
 
     proc = psutil.Process()
     cur, peaks, marks = ["start"], {}, []
@@ -184,6 +191,8 @@ def main() -> None:
                          "waking the OOM killer on a shared machine; 0 disables")
     ap.add_argument("--convert-args", default="--target macos",
                     help="extra arguments for `bitnet-coreml convert` (the iOS 1 GB package limit needs --embed-bits)")
+    ap.add_argument("--embed-dtype", default="float32", choices=["float32", "float16"],
+                    help="dtype the embedding / lm_head are imported in (load_checkpoint(embed_dtype=...))")
     ap.add_argument("--baseline", action="store_true", help="also time transformers' from_pretrained (.venv-export)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,7 +200,7 @@ def main() -> None:
         write_checkpoint(FOLDER)
         return
     if args.stage == "convert-stages":
-        convert_stages(FOLDER, args.seq_len, args.convert_args.split())
+        convert_stages(FOLDER, args.seq_len, args.convert_args.split(), args.embed_dtype)
         return
     if args.stage:
         stage(args.stage, FOLDER, args.seq_len)
@@ -211,7 +220,7 @@ def main() -> None:
     for st in [s for s in args.stages.split(",") if s]:
         if st == "convert-stages":
             argv = [sys.executable, __file__, "--stage", st, "--seq-len", str(args.seq_len),
-                    f"--convert-args={args.convert_args}"]
+                    f"--convert-args={args.convert_args}", "--embed-dtype", args.embed_dtype]
         elif st == "convert":
             out = WORK / "bitnet-2b-shaped.mlpackage"
             argv = [str(Path(sys.executable).with_name("bitnet-coreml")), "convert", str(FOLDER), "-o", str(out),
