@@ -238,6 +238,8 @@ class Predictor:
                 self._fail(unit, err)
                 attempts.append(Attempt(unit.name, "failed", err.one_line(), type(err).__name__,
                                         RecoveryAction.FALLBACK.value))
+                log.info("%s could not be prepared (%s: %s); falling back", unit.name, type(err).__name__,
+                         err.one_line())
                 first_failure_at = first_failure_at or failed_at
                 continue
             answered = self._run_unit(unit, x, attempts, notes, chunk)
@@ -367,6 +369,8 @@ class Predictor:
                                             call_s, delay, planned))
                     if action is RecoveryAction.REDUCE_MEMORY:
                         chunk = self._free_memory(unit, x, chunk, notes, "retrying")
+                    log.info("%s: %s (%s); %s, retry %d of %d", unit.name, type(err).__name__, err.one_line(),
+                             action.value, retries + 1, s.max_retry_attempts)
                     planned, delay = self._before_retry(action, retries, notes)
                     rec.record_retry(unit.name)
                     retries += 1
@@ -377,6 +381,7 @@ class Predictor:
                     f"{err.one_line()} (gave up after {retries} retr{'y' if retries == 1 else 'ies'})"
                 attempts.append(Attempt(unit.name, "failed", reason, type(err).__name__, RecoveryAction.FALLBACK.value,
                                         call_s, delay, planned))
+                log.info("%s failed (%s: %s); falling back", unit.name, type(err).__name__, reason)
                 return failed_at
             call_s = time.perf_counter() - t0
             if s.monitor_fallback_performance:
