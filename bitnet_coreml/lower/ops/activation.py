@@ -197,3 +197,40 @@ def mish(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     m = mb()
     sp = m.softplus(x=x, name=f"{nm}_sp")
     return [m.mul(x=x, y=m.tanh(x=sp, name=f"{nm}_t"), name=nm)]
+
+
+@lowering("Swish")
+def swish(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = _float_var(node, req(ctx, node, 0))
+    nm = ctx.name(node)
+    alpha = float(attr(node, "alpha", 1.0))
+    m = mb()
+    ax = x if alpha == 1.0 else m.mul(x=x, y=_f(x, alpha), name=f"{nm}_ax")
+    return [m.mul(x=x, y=m.sigmoid(x=ax, name=f"{nm}_sig"), name=nm)]
+
+
+@lowering("Celu")
+def celu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    # max(0, x) + min(0, alpha * (exp(x / alpha) - 1)) == elu(x / alpha) * alpha for x < 0, x otherwise.
+    x = _float_var(node, req(ctx, node, 0))
+    nm = ctx.name(node)
+    alpha = float(attr(node, "alpha", 1.0))
+    m = mb()
+    e = m.elu(x=m.mul(x=x, y=_f(x, 1.0 / alpha), name=f"{nm}_xa"), alpha=_f(x, 1.0), name=f"{nm}_elu")
+    return [m.mul(x=e, y=_f(x, alpha), name=nm)]
+
+
+@lowering("Hardmax")
+def hardmax(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = _float_var(node, req(ctx, node, 0))
+    nm = ctx.name(node)
+    shape = static_shape(node, x)
+    axis = normalize_axis(node, int(attr(node, "axis", -1)), len(shape))
+    m = mb()
+    # One-hot of the first maximum along the axis: compare an iota with reduce_argmax.
+    idx = m.reduce_argmax(x=x, axis=axis, keep_dims=True, name=f"{nm}_arg")
+    iota_shape = [1] * len(shape)
+    iota_shape[axis] = shape[axis]
+    iota = np.arange(shape[axis], dtype=np.int32).reshape(iota_shape)
+    hot = m.equal(x=iota, y=idx, name=f"{nm}_eq")
+    return [m.cast(x=hot, dtype="fp16" if np_dtype(x) == np.float16 else "fp32", name=nm)]

@@ -349,3 +349,46 @@ _fold_only("BitwiseAnd", lambda c, n: np.bitwise_and(c.const(n, 0), c.const(n, 1
 _fold_only("BitwiseOr", lambda c, n: np.bitwise_or(c.const(n, 0), c.const(n, 1)))
 _fold_only("BitwiseXor", lambda c, n: np.bitwise_xor(c.const(n, 0), c.const(n, 1)))
 _fold_only("BitwiseNot", lambda c, n: np.bitwise_not(c.const(n, 0)))
+
+
+@lowering("Asinh")
+def asinh(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    # MIL has no asinh: log(x + sqrt(x^2 + 1)).
+    def build(x: Any, nm: str) -> Any:
+        m = mb()
+        one = np.asarray(1.0, np_dtype(x))
+        r = m.sqrt(x=m.add(x=m.mul(x=x, y=x, name=f"{nm}_sq"), y=one, name=f"{nm}_p1"), name=f"{nm}_r")
+        return m.log(x=m.add(x=x, y=r, name=f"{nm}_s"), name=nm)
+
+    return unary(ctx, node, np.arcsinh, build)
+
+
+@lowering("Acosh")
+def acosh(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    # MIL has no acosh: log(x + sqrt(x^2 - 1)).
+    def build(x: Any, nm: str) -> Any:
+        m = mb()
+        one = np.asarray(1.0, np_dtype(x))
+        r = m.sqrt(x=m.sub(x=m.mul(x=x, y=x, name=f"{nm}_sq"), y=one, name=f"{nm}_m1"), name=f"{nm}_r")
+        return m.log(x=m.add(x=x, y=r, name=f"{nm}_s"), name=nm)
+
+    return unary(ctx, node, np.arccosh, build)
+
+
+@lowering("Shrink")
+def shrink(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    lambd, bias = float(attr(node, "lambd", 0.5)), float(attr(node, "bias", 0.0))
+
+    def np_fn(a: np.ndarray) -> np.ndarray:
+        return np.where(a < -lambd, a + bias, np.where(a > lambd, a - bias, 0))
+
+    def build(x: Any, nm: str) -> Any:
+        m = mb()
+        dt = np_dtype(x)
+        lo = m.less(x=x, y=np.asarray(-lambd).astype(dt), name=f"{nm}_lo")
+        hi = m.greater(x=x, y=np.asarray(lambd).astype(dt), name=f"{nm}_hi")
+        zero = np.asarray(0).astype(dt)
+        up = m.select(cond=hi, a=m.sub(x=x, y=np.asarray(bias).astype(dt), name=f"{nm}_sb"), b=zero, name=f"{nm}_up")
+        return m.select(cond=lo, a=m.add(x=x, y=np.asarray(bias).astype(dt), name=f"{nm}_ab"), b=up, name=nm)
+
+    return unary(ctx, node, np_fn, build)

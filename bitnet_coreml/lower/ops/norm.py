@@ -1,4 +1,5 @@
-"""Normalisations: LayerNormalization, RMSNormalization, BatchNormalization (inference),
+"""Normalisations: LayerNormalization, RMSNormalization, BatchNormalization (inference), GroupNormalization,
+LpNormalization, MeanVarianceNormalization,
 InstanceNormalization.
 
 LayerNormalization uses MIL ``layer_norm`` when Scale/Bias are constants of the normalised shape
@@ -16,6 +17,7 @@ import onnx_ir as ir
 
 from bitnet_coreml.lower.ops._common import (
     attr,
+    bad,
     is_const,
     mb,
     mil_array,
@@ -144,3 +146,66 @@ def instance_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         x=b, shape=np.array(shp, np.int32), name=f"{nm}_br")
     y = m.mul(x=y, y=sc, name=f"{nm}_s")
     return [m.add(x=y, y=bb, name=nm)]
+
+
+@lowering("LpNormalization")
+def lp_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = _float(node, req(ctx, node, 0))
+    s = static_shape(node, x)
+    axis = normalize_axis(node, int(attr(node, "axis", -1)), len(s))
+    p = int(attr(node, "p", 2))
+    if p not in (1, 2):
+        raise unsupported(node, f"p={p} (allowed: 1, 2)")
+    nm = ctx.name(node)
+    m = mb()
+    op = m.reduce_l2_norm if p == 2 else m.reduce_l1_norm
+    n = op(x=x, axes=[axis], keep_dims=True, name=f"{nm}_norm")
+    # A zero vector stays zero (ONNX divides by 1 there rather than producing NaN).
+    zero = m.equal(x=n, y=np.asarray(0, np_dtype(x)), name=f"{nm}_zero")
+    n = m.select(cond=zero, a=np.asarray(1, np_dtype(x)), b=n, name=f"{nm}_safe")
+    return [m.real_div(x=x, y=n, name=nm)]
+
+
+@lowering("MeanVarianceNormalization")
+def mvn(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = _float(node, req(ctx, node, 0))
+    s = static_shape(node, x)
+    axes = sorted(normalize_axis(node, int(a), len(s)) for a in (attr(node, "axes", None) or [0, 2, 3]))
+    nm = ctx.name(node)
+    m = mb()
+    dt = np_dtype(x)
+    mean = m.reduce_mean(x=x, axes=axes, keep_dims=True, name=f"{nm}_mean")
+    c = m.sub(x=x, y=mean, name=f"{nm}_c")
+    var = m.reduce_mean(x=m.mul(x=c, y=c, name=f"{nm}_c2"), axes=axes, keep_dims=True, name=f"{nm}_var")
+    # ONNX's function body divides by sqrt(var) + 1e-9.
+    den = m.add(x=m.sqrt(x=var, name=f"{nm}_std"), y=np.asarray(1e-9, dt), name=f"{nm}_den")
+    return [m.real_div(x=c, y=den, name=nm)]
+
+
+@lowering("GroupNormalization")
+def group_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x = _float(node, req(ctx, node, 0))
+    s = static_shape(node, x)
+    g = int(attr(node, "num_groups"))
+    eps = float(attr(node, "epsilon", 1e-5))
+    n, c = s[0], s[1]
+    if c % g:
+        raise bad(node, f"{c} channels do not split into num_groups={g}")
+    scale, bias = req(ctx, node, 1), req(ctx, node, 2)
+    if not (is_const(scale) and is_const(bias)):
+        raise unsupported(node, "scale and bias must be constants")
+    dt = np_dtype(x)
+    nm = ctx.name(node)
+    m = mb()
+    xg = m.reshape(x=x, shape=np.array([n, g, -1], np.int32), name=f"{nm}_g")
+    mean = m.reduce_mean(x=xg, axes=[2], keep_dims=True, name=f"{nm}_mean")
+    cen = m.sub(x=xg, y=mean, name=f"{nm}_c")
+    var = m.reduce_mean(x=m.mul(x=cen, y=cen, name=f"{nm}_c2"), axes=[2], keep_dims=True, name=f"{nm}_var")
+    y = m.mul(x=cen, y=m.rsqrt(x=var, epsilon=np.asarray(eps, dt), name=f"{nm}_inv"), name=f"{nm}_n")
+    y = m.reshape(x=y, shape=np.array(s, np.int32), name=f"{nm}_back")
+    sc, bb = np.asarray(scale).reshape(-1), np.asarray(bias).reshape(-1)
+    if sc.size == g:  # opset 18: one scale per group
+        sc, bb = np.repeat(sc, c // g), np.repeat(bb, c // g)
+    shp = _channel_shape(len(s), c)
+    y = m.mul(x=y, y=sc.astype(dt).reshape(shp), name=f"{nm}_s")
+    return [m.add(x=y, y=bb.astype(dt).reshape(shp), name=nm)]
