@@ -1,8 +1,8 @@
 """Platform readings the predictor adapts to: Core ML / ANE presence, memory, thermal state.
 
 Readings come from the capability stage's platform detection
-(``bitnet_coreml.check.DeviceCompatibilityChecker.get_platform_info()``) when it is importable; otherwise
-from ``platform``/``psutil`` directly, so the runtime never depends on the check stage being built.
+(``bitnet_coreml.check.DeviceCompatibilityChecker.get_platform_info()``); between full readings only
+available memory (psutil) and, less often, the thermal state are refreshed.
 A :class:`~bitnet_coreml.runtime.faults.FaultPlan` may override memory and thermal readings (tests only).
 """
 
@@ -35,7 +35,7 @@ class PlatformSnapshot:
     memory_total_bytes: int | None
     memory_available_bytes: int | None
     thermal_state: str  # nominal | fair | serious | critical | unknown
-    source: str  # "check" or "runtime"
+    source: str  # "check", or "fallback" when detection failed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -45,36 +45,23 @@ class PlatformSnapshot:
         return self.thermal_state in HOT_STATES
 
 
-def _coreml_status() -> tuple[bool, str]:
-    if sys.platform != "darwin":
-        return False, (f"Core ML runs only on macOS; this is {platform.system()} "
-                       "(coremltools converts and saves packages here but cannot load its runtime to predict)")
-    try:
-        from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
-
-        coremltools()
-        from coremltools.models import model as ct_model  # noqa: PLC0415
-    except Exception as e:  # a broken install is reported, not raised
-        return False, f"coremltools cannot be imported: {type(e).__name__}: {e}"
-    if getattr(ct_model, "_MLModelProxy", None) is None:
-        return False, "coremltools' native runtime proxy (_MLModelProxy) failed to load on this macOS"
-    return True, "macOS with coremltools' native runtime proxy"
-
-
 def _mb_to_bytes(v: float | None) -> int | None:
     return None if v is None else int(v * 2**20)
 
 
-def _from_check() -> PlatformSnapshot | None:
-    try:
-        from bitnet_coreml.check import DeviceCompatibilityChecker  # noqa: PLC0415
+def _from_check() -> PlatformSnapshot:
+    from bitnet_coreml.check import DeviceCompatibilityChecker  # noqa: PLC0415
 
+    try:
         info = DeviceCompatibilityChecker.get_platform_info()
-    except ImportError:
-        return None
-    except Exception as e:  # a broken detector must not take prediction down; fall back to our own reading
-        log.warning("platform detection failed (%s: %s); using the runtime's own reading", type(e).__name__, e)
-        return None
+    except Exception as e:  # a broken detector must not take the reference executor down with it
+        log.warning("platform detection failed (%s: %s); Core ML units treated as unavailable", type(e).__name__, e)
+        return PlatformSnapshot(
+            os=platform.system(), machine=platform.machine(), chip=None, coreml_available=False,
+            coreml_reason=f"platform detection failed ({type(e).__name__}: {e}); Core ML units are not trusted",
+            ane_present=None, ane_generation=None, memory_total_bytes=None, memory_available_bytes=None,
+            thermal_state="unknown", source="fallback",
+        )
     # ane_available folds in "Core ML can reach it"; ane_present is the hardware alone.
     ane = info.ane_present if info.ane_available is None else (info.ane_available or info.ane_present)
     return PlatformSnapshot(
@@ -103,27 +90,9 @@ def _read_thermal() -> str | None:
     return None if state is None else str(state).lower()
 
 
-def _own_reading() -> PlatformSnapshot:
-    import psutil  # noqa: PLC0415
-
-    vm = psutil.virtual_memory()
-    cm_ok, cm_reason = _coreml_status()
-    machine = platform.machine()
-    ane: bool | None = None
-    if sys.platform == "darwin":
-        ane = machine == "arm64"  # every Apple-silicon Mac has an ANE; Intel Macs have none
-    elif sys.platform.startswith("linux") or sys.platform == "win32":
-        ane = False
-    return PlatformSnapshot(
-        os=platform.system(), machine=machine, chip=None, coreml_available=cm_ok, coreml_reason=cm_reason,
-        ane_present=ane, ane_generation=None, memory_total_bytes=int(vm.total),
-        memory_available_bytes=int(vm.available), thermal_state="unknown", source="runtime",
-    )
-
-
 def read_platform() -> PlatformSnapshot:
-    """A fresh platform reading."""
-    return _from_check() or _own_reading()
+    """A fresh platform reading (through the check stage's platform detection)."""
+    return _from_check()
 
 
 def refresh(snapshot: PlatformSnapshot, *, thermal: bool) -> PlatformSnapshot:
