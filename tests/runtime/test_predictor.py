@@ -6,6 +6,7 @@ derived by hand from each test's fault plan.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,10 @@ def test_linux_chain_runs_to_reference(tiny_package: Path, tiny_inputs: dict) ->
     assert not p.is_ane_available()
     info = p.system_info()
     assert [u["available"] for u in info["units"]] == [False, False, False, True]
+    assert info["platform"]["coreml_available"] is False and "only on macOS" in info["platform"]["coreml_reason"]
+    from bitnet_coreml.commands._common import dump_json
+
+    assert json.loads(dump_json(info))["package"]["outputs"] == ["out"]
     p.close()
 
 
