@@ -185,7 +185,9 @@ def slice_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     if is_const(x):
         return [np.asarray(x)[tuple(py)]]
     out_shape = [len(range(*sl.indices(d))) for sl, d in zip(py, s, strict=True)]
-    _no_empty(node, out_shape)
+    if 0 in out_shape:
+        # An empty result holds no data: an empty numpy constant (Core ML has no zero-size tensors).
+        return [np.zeros(out_shape, dtype=np_dtype(x))]
     begin, end, stride, end_mask = [], [], [], []
     for sl, d in zip(py, s, strict=True):
         lo, hi, step = sl.indices(d)
@@ -318,12 +320,20 @@ def split(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         raise bad(node, f"split sizes {sizes} do not cover axis {axis} of size {s[axis]} in {n_out} outputs")
     if is_const(x):
         return list(np.split(np.asarray(x), np.cumsum(sizes)[:-1], axis=axis))
-    _no_empty(node, sizes)
     nm = ctx.name(node)
     if n_out == 1:
         return [mb().identity(x=x, name=nm)]
-    outs = mb().split(x=x, split_sizes=_i32(sizes), axis=axis, name=nm)
-    return list(outs)
+    # A zero-size piece holds no data: it is an empty numpy constant (Core ML has no zero-size
+    # tensors; a Concat downstream drops it).
+    live = [i for i, n in enumerate(sizes) if n]
+    empty = {i: np.zeros([0 if a == axis else d for a, d in enumerate(s)], dtype=np_dtype(x))
+             for i, n in enumerate(sizes) if not n}
+    if len(live) == 1:
+        pieces: list[Any] = [mb().identity(x=x, name=nm)]
+    else:
+        pieces = list(mb().split(x=x, split_sizes=_i32([sizes[i] for i in live]), axis=axis, name=nm))
+    it = iter(pieces)
+    return [empty[i] if i in empty else next(it) for i in range(n_out)]
 
 
 @lowering("Range")
