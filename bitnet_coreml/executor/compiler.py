@@ -18,6 +18,7 @@ import numpy as np
 from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.errors import ModelError, OperationError, UnsupportedOpError
 from bitnet_coreml.executor import registry
+from bitnet_coreml.executor._fp16 import round_to_fp16
 from bitnet_coreml.executor._types import np_dtype, static_shape
 from bitnet_coreml.executor.registry import OpContext
 
@@ -193,10 +194,16 @@ def compute_form(value: Any) -> Any:
 
 
 def finish(value: Any, dt: np.dtype | None) -> Any:
-    """Round an op result to its declared MIL dtype (fp16 overflow and rounding happen here)."""
+    """Round an op result to its declared MIL dtype (fp16 overflow and rounding happen here).
+
+    fp16-typed results are kept in float32 arrays holding exactly the fp16 values: ops compute in
+    fp32 anyway, and numpy's float16 conversions cost a hundred times an add.
+    """
     if dt is None:
         return value
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if dt == F16:
+        return round_to_fp16(arr)
     if arr.dtype != dt:
         arr = arr.astype(dt)
     return arr
@@ -250,7 +257,7 @@ def _call(step: Step, env: list[Any] | None, *, exact: bool = False) -> tuple[An
 
 
 def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()) -> list[Any]:
-    """Run a compiled block on ``env``; returns its output values (fp16 in storage form).
+    """Run a compiled block on ``env``; returns its output values (fp16-typed ones as rounded float32).
 
     Callers run it under ``np.errstate(all="ignore")``: fp16 overflow to inf, NaN from inf - inf and
     division by zero are results to reproduce, not warnings (set once per call, not per op: cheap).

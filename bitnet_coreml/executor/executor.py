@@ -205,19 +205,22 @@ class ReferenceExecutor:
         for name, slot, is_state in self._input_slots:
             if is_state:
                 assert state is not None
-                cell = StateCell(name, state._values[name], self._state_compute[name].dtype)
+                held = state._values[name]
+                cell = StateCell(name, held.astype(F32) if held.dtype == F16 else held,
+                                 self._state_compute[name].dtype)
                 cells.append(cell)
                 env[slot] = cell
             else:
                 value = inputs[name]
-                if self.fp32 and value.dtype == F16:
+                if value.dtype == F16:  # fp16 values live in float32 arrays during a call (exact)
                     value = value.astype(F32)
                 env[slot] = value
         with np.errstate(all="ignore"):
             outs = run_block(self._block, env)
         for cell in cells:
             assert state is not None
-            state._values[cell.name] = cell.value
+            held_dtype = self._state_compute[cell.name].dtype
+            state._values[cell.name] = cell.value.astype(held_dtype) if cell.value.dtype != held_dtype else cell.value
         result: dict[str, np.ndarray] = {}
         for name, value, dt in zip(self._outputs, outs, self._output_dtypes, strict=False):
             arr = np.asarray(value)

@@ -10,14 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from bitnet_coreml.executor.compiler import finish
 from bitnet_coreml.executor.registry import OpContext, register
 
 
 @register("read_state", pure=False)
 def op_read_state(ctx: OpContext, a: dict[str, Any]) -> Any:
-    cell = a["input"]
-    value = cell.value
-    return value.astype(np.float32) if value.dtype == np.float16 else value.copy()
+    return a["input"].value.copy()
 
 
 @register("coreml_update_state", pure=False)
@@ -26,5 +25,6 @@ def op_coreml_update_state(ctx: OpContext, a: dict[str, Any]) -> Any:
     value = np.asarray(a["value"])
     if value.shape != cell.value.shape:
         raise ValueError(f"state {cell.name!r} has shape {cell.value.shape}, update has shape {value.shape}")
-    cell.value = value.astype(cell.dtype, copy=True)
+    # fp16 states hold fp16 values in a float32 array during the call (see compiler.finish)
+    cell.value = finish(value.copy(), cell.dtype)
     return value
