@@ -12,7 +12,7 @@ ONNX export of the same model), for one fixed sequence length::
 
 Weights are not read while building: BitLinear ``W`` are :class:`TernaryCodes` (lazy int8 codes that
 also expose the packed uint8 source), the embedding / lm_head are :class:`CheckpointTensor` (lazy,
-float32 declared, convertible straight to fp16). Norm weights and ``weight_scale`` are tiny and are
+float32 declared by default, convertible straight to fp16; ``embed_dtype="float16"`` declares them fp16). Norm weights and ``weight_scale`` are tiny and are
 read now, which also validates them. Every tensor's presence, dtype and shape is checked against
 ``config.json`` from the safetensors headers before the graph exists.
 
