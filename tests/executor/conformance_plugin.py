@@ -15,6 +15,7 @@ representative subset (the first case of every test class) stays unmarked and ru
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter, defaultdict
@@ -230,13 +231,23 @@ def render_report(outcomes: dict[str, str], reasons: dict[str, str], seconds: fl
         lines.append(f"- **{len(ids)}** x `{reason}`")
         for nid in sorted(ids):
             lines.append(f"  - `{nid.split('::', 1)[1]}`")
-    lines += ["", "## Excluded cases, with the reason", ""]
+    lines += ["", "## Excluded cases, with the reason", "",
+              "A test function is named alone when *all* of its cases are excluded for that reason; otherwise "
+              "each excluded case is listed.", ""]
     if not excluded:
         lines.append("None.")
+    per_function: Counter[str] = Counter(nid.split("[", 1)[0] for nid in outcomes)
     for reason, ids in sorted(excluded.items()):
         lines.append(f"- {reason}: {len(ids)} cases")
-        for nid in sorted(ids):
-            lines.append(f"  - `{nid.split('::', 1)[1]}`")
+        by_fn: dict[str, list[str]] = defaultdict(list)
+        for nid in ids:
+            by_fn[nid.split("[", 1)[0]].append(nid)
+        for fn, fn_ids in sorted(by_fn.items()):
+            short = fn.split("::", 1)[1]
+            if len(fn_ids) == per_function[fn]:
+                lines.append(f"  - `{short}` (all {len(fn_ids)} cases)")
+            else:
+                lines.extend(f"  - `{nid.split('::', 1)[1]}`" for nid in sorted(fn_ids))
     lines += ["", "## Cases coremltools itself skips (count by reason)", ""]
     for reason, n in ct_skips.most_common():
         lines.append(f"- {n} x {reason}")
@@ -253,6 +264,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(out)
+    # the raw outcomes next to the report, so it can be re-rendered without re-running
+    raw = out.with_suffix(".json")
+    tmp = raw.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"outcomes": _REPORT.outcomes, "reasons": _REPORT.reasons}, indent=0))
+    tmp.replace(raw)
 
 
 def coerce_inputs(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
