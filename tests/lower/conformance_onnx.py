@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 CONST_SLOTS: dict[str, set[int]] = {
     "Reshape": {1}, "Slice": {1, 2, 3, 4}, "Unsqueeze": {1}, "Squeeze": {1}, "Expand": {1}, "Tile": {1},
     "Range": {0, 1, 2}, "ConstantOfShape": {0}, "Split": {1}, "CumSum": {1}, "Trilu": {1},
-    "Conv": {1, 2}, "LayerNormalization": {1, 2}, "BatchNormalization": {1, 2, 3, 4},
+    "Conv": {1, 2}, "ConvTranspose": {1, 2}, "LayerNormalization": {1, 2}, "BatchNormalization": {1, 2, 3, 4},
     "InstanceNormalization": {1, 2}, "RMSNormalization": {1}, "Clip": {1, 2}, "Dropout": {1, 2},
     "CastLike": {1}, "Pad": {1, 2, 3}, "TopK": {1}, "OneHot": {1, 2}, "GroupNormalization": {1, 2},
     **{op: {1} for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",

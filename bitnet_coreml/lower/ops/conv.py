@@ -1,4 +1,4 @@
-"""Convolution and pooling: Conv (groups, strides, pads, dilations, auto_pad), MaxPool, AveragePool,
+"""Convolution and pooling: Conv (groups, strides, pads, dilations, auto_pad), ConvTranspose, MaxPool, AveragePool,
 GlobalAveragePool, GlobalMaxPool.
 
 ONNX pads are ``[x1_begin, x2_begin, ..., x1_end, x2_end]``; MIL wants ``[x1_begin, x1_end, ...]``.
@@ -115,3 +115,64 @@ def global_avg_pool(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 @lowering("GlobalMaxPool")
 def global_max_pool(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return _global(ctx, node, "reduce_max")
+
+
+@lowering("ConvTranspose")
+def conv_transpose(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    """Full transposed convolution (no padding), then ONNX's output_padding and pads as pad + crop.
+
+    Positions that only output_padding creates receive no input contribution, just the bias, so the
+    bias is added after the crop; this pins ONNX's size arithmetic exactly instead of relying on how
+    a backend interprets MIL's ``output_shape``.
+    """
+    x, w, b = to_var(req(ctx, node, 0)), req(ctx, node, 1), ctx.input(node, 2)
+    xs = static_shape(node, x)
+    n_sp = len(xs) - 2
+    if n_sp not in (1, 2, 3):
+        raise unsupported(node, f"input rank {len(xs)} (allowed: 3, 4, 5)")
+    dt = np_dtype(x)
+    ws = static_shape(node, w)
+    groups = int(attr(node, "group", 1))
+    strides = attr(node, "strides", None) or [1] * n_sp
+    dil = attr(node, "dilations", None) or [1] * n_sp
+    out_pad = attr(node, "output_padding", None) or [0] * n_sp
+    kernel = ws[2:]
+    full = [strides[i] * (xs[2 + i] - 1) + (kernel[i] - 1) * dil[i] + 1 for i in range(n_sp)]
+    auto = str(attr(node, "auto_pad", "NOTSET"))
+    out_shape = attr(node, "output_shape", None)
+    if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        target = list(out_shape)[-n_sp:] if out_shape is not None else [xs[2 + i] * strides[i] for i in range(n_sp)]
+        total = [full[i] + out_pad[i] - target[i] for i in range(n_sp)]
+        if auto == "SAME_UPPER":
+            begin = [t // 2 for t in total]
+        else:
+            begin = [t - t // 2 for t in total]
+        end = [t - bg for t, bg in zip(total, begin, strict=True)]
+    elif auto == "VALID":
+        begin, end = [0] * n_sp, [0] * n_sp
+    else:
+        pads = attr(node, "pads", None) or [0] * (2 * n_sp)
+        begin, end = [int(p) for p in pads[:n_sp]], [int(p) for p in pads[n_sp:]]
+    nm = ctx.name(node)
+    m = mb()
+    weight = mil_array(np.asarray(w).astype(dt)) if is_const(w) else w
+    y = m.conv_transpose(x=x, weight=weight, pad_type="valid", strides=np.asarray(strides, np.int32),
+                         dilations=np.asarray(dil, np.int32), groups=groups, name=f"{nm}_full")
+    # Negative padding (an output_shape larger than the full result) extends with zeros like output_padding.
+    grow_lo = [max(-v, 0) for v in begin]
+    grow_hi = [max(-v, 0) + int(out_pad[i]) for i, v in enumerate(end)]
+    if any(grow_lo + grow_hi):
+        pad = [v for i in range(n_sp) for v in (grow_lo[i], grow_hi[i])]
+        y = m.pad(x=y, pad=np.asarray(pad, np.int32), mode="constant", constant_val=dt.type(0), name=f"{nm}_opad")
+    crop_lo, crop_hi = [max(v, 0) for v in begin], [max(v, 0) for v in end]
+    if any(crop_lo + crop_hi):
+        sizes = [full[i] + grow_lo[i] + grow_hi[i] for i in range(n_sp)]
+        lo = [0, 0] + crop_lo
+        hi = [xs[0], ws[1] * groups] + [sizes[i] - crop_hi[i] for i in range(n_sp)]
+        y = m.slice_by_index(x=y, begin=np.asarray(lo, np.int32), end=np.asarray(hi, np.int32), name=f"{nm}_crop")
+    if b is None:
+        return [m.identity(x=y, name=nm)]
+    shp = [1, ws[1] * groups] + [1] * n_sp
+    bias = np.asarray(b).astype(dt).reshape(shp) if is_const(b) else m.reshape(
+        x=b, shape=np.asarray(shp, np.int32), name=f"{nm}_b")
+    return [m.add(x=y, y=bias, name=nm)]
