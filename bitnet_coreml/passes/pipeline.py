@@ -130,10 +130,22 @@ DEFAULT_PASSES: list[tuple[str, Callable[[ir.Model], tuple[bool, dict[str, Any]]
 ]
 
 
+# Graphs built already fused (the checkpoint importer) say so; folding and fusing them again would
+# only read every weight (a 2B model's tied 1.3 GB head included) to find nothing to do.
+FUSED_METADATA_KEY = "bitnet_coreml.fused"
+_SKIP_WHEN_FUSED = {"inline_foreign_functions", "fold_constants", "fuse_bitlinear", "fuse_rmsnorm", "fuse_relu2"}
+
+
 def run_default_passes(model: ir.Model, *, until: str | None = None) -> PassReport:
     """Run the default pipeline in place (optionally stopping after the pass named ``until``)."""
     report = PassReport()
+    prefused = model.metadata_props.get(FUSED_METADATA_KEY) == "1"
     for name, fn in DEFAULT_PASSES:
+        if prefused and name in _SKIP_WHEN_FUSED:
+            report.passes.append(PassRecord(name, False, 0.0, {"skipped": "graph imported already fused"}))
+            if until == name:
+                break
+            continue
         t0 = time.perf_counter()
         try:
             modified, details = fn(model)
