@@ -5,6 +5,8 @@ The ANE rejects tensors with a dimension over 16384 (ANEMLL splits its 128256-wi
 and before lowering, so ONNX Runtime can still check the result against the original:
 
 * ``MatMul(X, W[K, N])`` with ``N > limit`` -> ``Concat([MatMul(X, W[:, a:b]) ...], axis=-1)``
+* ``Gemm(A, B[N, K], transB=1)`` with ``N > limit`` (a Hugging Face lm_head) -> ``Concat`` of Gemms over
+  row chunks of ``B``; a tied embedding shares those row chunks with the Gather below
 * ``Gather(E[V, D], ids, axis=0)`` with ``V > limit`` -> the sum over row chunks ``E[a:b]`` of
   ``Where(ids in [a, b), Gather(E[a:b], clip(ids - a, 0, b-a-1)), 0)``: exactly one chunk holds each
   id, so the sum adds only zeros to the selected row and is exact.
@@ -39,6 +41,24 @@ def _chunks(n: int, limit: int) -> list[tuple[int, int]]:
     return [(a, min(n, a + size)) for a in range(0, n, size)]
 
 
+class _RowChunks:
+    """Row chunks ``T[a:b]`` of constant tables, shared between consumers of the same table.
+
+    A tied embedding feeds both the token Gather and the lm_head Gemm(transB=1); both split it into
+    the same row chunks, so each chunk is one initializer (one copy in the package), not two.
+    """
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.cache: dict[tuple[int, int, int], ir.Value] = {}
+
+    def get(self, table: ir.Value, arr: np.ndarray, a: int, b: int, base: str) -> ir.Value:
+        key = (id(table), a, b)
+        if key not in self.cache:
+            self.cache[key] = _const(self.graph, f"{base}.rows{a}_{b}", arr[a:b])
+        return self.cache[key]
+
+
 def _const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
     v = ir.Value(name=name, const_value=ir.tensor(arr, name=name))
     v.shape = ir.Shape(list(arr.shape))
@@ -62,7 +82,7 @@ def _replace(graph: ir.Graph, old: ir.Node, new_out: ir.Value) -> None:
     name = y.name
     y.name = f"{name}.unsplit" if name else None
     new_out.name = name
-    big = old.inputs[1] if old.op_type == "MatMul" else old.inputs[0]
+    big = old.inputs[0] if old.op_type == "Gather" else old.inputs[1]
     graph.remove(old, safe=True)
     # Drop the unsplit table unless something else (a tied lm_head) still uses it.
     if big is not None and big.name and big.name in graph.initializers and not big.uses() \
@@ -92,7 +112,7 @@ def _split_matmul(graph: ir.Graph, node: ir.Node, w: np.ndarray, limit: int) -> 
     return f"{base}: MatMul weight [{w.shape[0]}, {w.shape[1]}] split into {len(outs)} chunks + Concat"
 
 
-def _split_gather(graph: ir.Graph, node: ir.Node, e: np.ndarray, limit: int, opset: int) -> str:
+def _split_gather(graph: ir.Graph, node: ir.Node, e: np.ndarray, limit: int, opset: int, rows: _RowChunks) -> str:
     ids = node.inputs[1]
     assert ids is not None
     y = node.outputs[0]
@@ -106,7 +126,8 @@ def _split_gather(graph: ir.Graph, node: ir.Node, e: np.ndarray, limit: int, ops
     zero = _const(graph, f"{base}.zero", np.zeros((), e.dtype))
     parts = _chunks(e.shape[0], limit)
     for i, (a, b) in enumerate(parts):
-        ec = _const(graph, f"{base}.e{i}", e[a:b])
+        assert node.inputs[0] is not None
+        ec = rows.get(node.inputs[0], e, a, b, node.inputs[0].name or base)
         start = _const(graph, f"{base}.start{i}", np.array(a, idt))
         lo = _const(graph, f"{base}.lo{i}", np.array(0, idt))
         hi = _const(graph, f"{base}.hi{i}", np.array(b - a - 1, idt))
@@ -137,6 +158,53 @@ def _split_gather(graph: ir.Graph, node: ir.Node, e: np.ndarray, limit: int, ops
     return f"{base}: Gather table [{e.shape[0]}, {e.shape[1]}] split into {len(parts)} chunks"
 
 
+def _split_gemm(graph: ir.Graph, node: ir.Node, w: np.ndarray, limit: int, rows: _RowChunks) -> str:
+    """``Gemm(A, B[N, K], transB=1)`` with N > limit -> Concat of Gemms over row chunks of B (and of C)."""
+    a_in, b_in = node.inputs[0], node.inputs[1]
+    assert a_in is not None and b_in is not None
+    c_in = node.inputs[2] if len(node.inputs) > 2 else None
+    c = c_in.const_value.numpy() if c_in is not None and c_in.const_value is not None else None
+    y = node.outputs[0]
+    base = node.name or "gemm"
+    ydims = _dims(y.shape)
+    outs, new_nodes = [], []
+    for i, (a, b) in enumerate(_chunks(w.shape[0], limit)):
+        ins = [a_in, rows.get(b_in, w, a, b, b_in.name or base)]
+        if c is not None:
+            ins.append(_const(graph, f"{base}.c{i}", np.ascontiguousarray(np.broadcast_to(c, (w.shape[0],))[a:b])))
+        gm = ir.node("Gemm", ins, attributes={"transB": 1, "beta": float(_attr_f(node, "beta", 1.0))},
+                     name=f"{base}.part{i}")
+        outs.append(_out(gm, y.dtype, None if ydims is None else [*ydims[:-1], b - a]))
+        new_nodes.append(gm)
+    cat = ir.node("Concat", outs, attributes={"axis": -1}, name=f"{base}.concat")
+    new_nodes.append(cat)
+    graph.insert_before(node, new_nodes)
+    _out(cat, y.dtype, ydims)
+    _replace(graph, node, cat.outputs[0])
+    return f"{base}: Gemm weight [{w.shape[0]}, {w.shape[1]}] (transB) split into {len(outs)} row chunks + Concat"
+
+
+def _attr_f(node: ir.Node, key: str, default: float) -> float:
+    a = node.attributes.get(key)
+    return default if a is None else float(a.value)
+
+
+def _gemm_splittable(node: ir.Node, limit: int) -> np.ndarray | None:
+    if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
+        return None
+    if _attr_f(node, "transB", 0) != 1 or _attr_f(node, "transA", 0) != 0 or _attr_f(node, "alpha", 1.0) != 1.0:
+        return None
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is not None and c.const_value is None:
+        return None
+    shape = _dims(node.inputs[1].const_value.shape)
+    if shape is None or len(shape) != 2 or shape[0] <= limit:
+        return None
+    if c is not None and c.const_value is not None and c.const_value.numpy().size not in (1, shape[0]):
+        return None
+    return node.inputs[1].const_value.numpy()
+
+
 def split_large_dims(model: ir.Model, limit: int = ANE_DIM_LIMIT) -> list[str]:
     """Rewrite ``model`` in place (see the module docstring); returns one note per rewritten node."""
     if limit <= 0:
@@ -144,8 +212,14 @@ def split_large_dims(model: ir.Model, limit: int = ANE_DIM_LIMIT) -> list[str]:
     graph = model.graph
     opset = model.opset_imports.get("", 18)
     notes = []
+    rows = _RowChunks(graph)
     for node in list(graph):
         if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Gemm":
+            w_arr = _gemm_splittable(node, limit)
+            if w_arr is not None:
+                notes.append(_split_gemm(graph, node, w_arr, limit, rows))
             continue
         if node.op_type == "MatMul" and len(node.inputs) == 2:
             w = node.inputs[1]
@@ -159,7 +233,7 @@ def split_large_dims(model: ir.Model, limit: int = ANE_DIM_LIMIT) -> list[str]:
             dshape = _dims(data.const_value.shape) if data is not None and data.const_value is not None else None
             if data is not None and data.const_value is not None and axis == 0 and dshape is not None \
                     and len(dshape) == 2 and dshape[0] > limit:
-                notes.append(_split_gather(graph, node, data.const_value.numpy(), limit, opset))
+                notes.append(_split_gather(graph, node, data.const_value.numpy(), limit, opset, rows))
     for n in notes:
         log.info("split: %s", n)
     return notes

@@ -95,3 +95,40 @@ def test_split_default_limit_leaves_small_models_alone() -> None:
     model = ir.serde.deserialize_model(_lm(50, 4))
     assert split_large_dims(model) == []
     assert [n.op_type for n in model.graph] == ["Gather", "MatMul"]
+
+
+def _tied_lm(vocab: int, d: int, seq: int = 6) -> onnx.ModelProto:
+    """Hugging Face shape: Gather(E) ... Gemm(x2, E, transB=1) with the embedding tied to the lm_head."""
+    e = np.random.default_rng(1).standard_normal((vocab, d)).astype(np.float32)
+    g = oh.make_graph([oh.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+                       oh.make_node("Reshape", ["h", "shape2"], ["h2"], name="flat"),
+                       oh.make_node("Gemm", ["h2", "E"], ["logits"], name="lm_head", transB=1)], "g",
+                      [oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, seq])],
+                      [oh.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [seq, vocab])],
+                      [nh.from_array(e, "E"), nh.from_array(np.array([seq, d], np.int64), "shape2")])
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)
+
+
+def test_tied_embedding_split_shares_row_chunks() -> None:
+    proto = _tied_lm(40, 8)
+    ids = np.array([[0, 15, 16, 31, 32, 39]], np.int64)
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, {"ids": ids})[0]
+    model = ir.serde.deserialize_model(proto)
+    notes = split_large_dims(model, limit=16)
+    assert len(notes) == 2 and any("Gemm" in n for n in notes)
+    tables = [v for v in model.graph.initializers.values() if len(v.const_value.shape) == 2]
+    assert sorted(v.const_value.shape[0] for v in tables) == [12, 14, 14]  # 3 chunks: one copy of E
+    got = ort_session(model).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_tied_embedding_package_stores_table_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from bitnet_coreml.convert import ConvertOptions, convert
+
+    src = tmp_path / "tied.onnx"
+    onnx.save(_tied_lm(3000, 64), src)
+    r = convert(src, tmp_path / "tied.mlpackage", ConvertOptions(check=False, split_limit=1024, verify=True))
+    assert len(r.split) == 2
+    table_fp16 = 3000 * 64 * 2
+    assert table_fp16 <= r.weight_bytes <= 1.02 * table_fp16 + 4096
+    assert r.parity is not None and r.parity["passed"]
