@@ -6,7 +6,7 @@ Usage (from the repository root):
     .venv/bin/python bench/bench_executor.py --onnx bench/_work/bitnet_200m.onnx --runs 10
 
 Without ``--package`` the ONNX file is converted once with the project's converter (fp16, the
-default options) into ``bench/_work/<stem>.mlpackage`` and reused afterwards. In one process, on
+default options) into ``bench/_work/executor/<stem>.mlpackage`` and reused afterwards. In one process, on
 the same random input:
 
 * load: ``onnxruntime.InferenceSession(onnx)`` vs ``ReferenceExecutor(package)`` (median of
@@ -15,22 +15,31 @@ the same random input:
   threads) and the executor in its default fp16-storage mode and with ``fp32=True``;
 * parity: max |executor - ORT| on every output (fp16 storage vs ORT's fp32: expect ~1e-2 relative).
 
+``--threads N`` pins both sides to N threads (ORT ``intra_op_num_threads``, OpenBLAS via
+``OPENBLAS_NUM_THREADS``, set before numpy loads); default: each library's own default.
+
 Goals from the issue: latency <= 1.5x ORT, load <= 2x ORT's session creation. Prints ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+if "--threads" in sys.argv:  # must happen before numpy (and its OpenBLAS) is imported
+    os.environ["OPENBLAS_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]
+    os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"]
+
+import numpy as np  # noqa: E402
 
 
 def _median_time(fn: Any, n: int) -> tuple[float, Any]:
@@ -56,7 +65,8 @@ def _ort_inputs(sess: Any, seed: int) -> dict[str, np.ndarray]:
 
 
 def _package_for(onnx_path: Path) -> Path:
-    out = ROOT / "bench" / "_work" / f"{onnx_path.stem}.mlpackage"
+    out = ROOT / "bench" / "_work" / "executor" / f"{onnx_path.stem}.mlpackage"
+    out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists():
         from bitnet_coreml.convert import convert
 
@@ -74,6 +84,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--loads", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="threads for ORT and OpenBLAS (default: theirs)")
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -86,7 +97,11 @@ def main() -> None:
     package = args.package or _package_for(args.onnx)
 
     def make_session() -> Any:
-        return ort.InferenceSession(str(args.onnx), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        if args.threads:
+            opts.intra_op_num_threads = args.threads
+            opts.inter_op_num_threads = 1
+        return ort.InferenceSession(str(args.onnx), sess_options=opts, providers=["CPUExecutionProvider"])
 
     ort_load, sess = _median_time(make_session, args.loads)
     ex_load, ex = _median_time(lambda: ReferenceExecutor(package), args.loads)
@@ -108,7 +123,8 @@ def main() -> None:
     ex32_lat, ex32_out = _median_time(lambda: ex32.predict(ex_feeds), args.runs)
 
     ort_named = {o.name: v for o, v in zip(sess.get_outputs(), ort_out, strict=True)}
-    print(f"model    : {args.onnx} ({args.onnx.stat().st_size / 1e6:.1f} MB)")
+    print(f"model    : {args.onnx} ({args.onnx.stat().st_size / 1e6:.1f} MB); threads: "
+          f"{args.threads or 'library defaults'}; host load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"package  : {package}  ({ex.num_steps} steps per call, {ex.folded_ops} ops folded at load)")
     print(f"{'':26}{'ORT':>12}{'executor':>12}{'ratio':>8}   goal")
     print(f"{'load / session create (s)':26}{ort_load:12.3f}{ex_load:12.3f}{ex_load / ort_load:8.2f}   <= 2.0")

@@ -2,8 +2,11 @@
 
 The program is compiled once (see :mod:`bitnet_coreml.executor.compiler`); ``predict`` checks the
 inputs against the declared names, shapes and dtypes, fills the environment and walks the steps.
-Tensors the program types as fp16 are stored as fp16 after every op (computed in fp32 and rounded),
-so fp16 overflow and rounding show up as on device; ``fp32=True`` keeps them fp32 for diagnosis.
+Tensors the program types as fp16 hold fp16 values after every op (computed in fp32, rounded
+half-to-even to fp16, overflow to inf), so fp16 overflow and rounding show up as on device; inside a
+call they sit in float32 arrays (see ``_fp16``), outputs and states come back as float16.
+``fp32=True`` skips the rounding for diagnosis. Only ops whose inputs change per call run per call:
+constants, ``constexpr_*`` decompression and everything computable from constants run once at load.
 """
 
 from __future__ import annotations

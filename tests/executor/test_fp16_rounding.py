@@ -16,6 +16,13 @@ def _same_bits(got: np.ndarray, x: np.ndarray) -> None:
     np.testing.assert_array_equal(got.view(np.uint32)[~nan], ref.view(np.uint32)[~nan])
 
 
+def test_edge_values_large_path() -> None:
+    """The bit-arithmetic path (large arrays): edge values tiled past the small-array cut-off."""
+    x = np.tile(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520, 2**-25, 2**-24 * 2.5,
+                          1 + 2**-11, 1 + 3 * 2**-11, -(2**-24) * 0.5], np.float32), 5000)
+    _same_bits(round_to_fp16(x), x)
+
+
 def test_edge_values() -> None:
     x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520, 65535, 1e9, -65520,
                   2**-14, 2**-14 * 0.99, 2**-25, 2**-24 * 1.5, 2**-24 * 2.5, 1 + 2**-11, 1 + 3 * 2**-11,
