@@ -218,3 +218,14 @@ def test_embed_bits_palettizes_non_ternary_weights(tmp_path: Path) -> None:
     assert 0 < small.embed["max_rel_l2"] < 0.15  # 16 levels of a Gaussian: ~10% relative L2
     assert small.weight_bytes < plain.weight_bytes / 3.5  # 4 bits vs 16
     assert small.parity is not None and small.parity["comparisons"][0]["cosine"] > 0.98
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction runs only on macOS")
+def test_verify_runs_core_ml_per_compute_unit(chain_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mac.mlpackage"
+    convert(chain_onnx, out, ConvertOptions(check=False))
+    rep = verify(chain_onnx, out)
+    runners = {c.runner for c in rep.comparisons}
+    assert "reference-executor" in runners and any(r.startswith("coreml:") for r in runners)
+    assert rep.passed
