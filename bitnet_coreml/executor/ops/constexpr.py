@@ -96,7 +96,10 @@ def op_constexpr_lut_to_dense(ctx: OpContext, a: dict[str, Any]) -> Any:
             raw = np.asarray(a["indices"]).astype(np.uint8).reshape(-1)
             if raw.size * per < count:
                 raise ValueError(f"packed data holds {raw.size * per} {nbits}-bit values, {count} needed")
-            return table[raw].reshape(-1)[:count].reshape(shape)
+            # gather whole rows as opaque per*itemsize-byte records: ~10x faster than a 2-D fancy index
+            table = np.ascontiguousarray(table)
+            rows = table.view(np.dtype((np.void, per * table.itemsize))).reshape(256)
+            return np.take(rows, raw).view(table.dtype).reshape(-1)[:count].reshape(shape)
         return flat_lut[unpack_bits(a["indices"], nbits, count)].reshape(shape)
     va = a.get("vector_axis")
     return _lut_dense_ios18(np.asarray(a["indices"]), lut, None if va is None else int(scalar(va)))
