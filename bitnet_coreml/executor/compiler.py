@@ -57,6 +57,13 @@ class Step:
     out_slots: tuple[int, ...]
     out_dtypes: tuple[np.dtype | None, ...]
     needs_env: bool
+    # derived once: the constant arguments as a dict to copy, and (name, slot) of the per-call ones
+    consts: dict[str, Any] = field(default_factory=dict)
+    slot_args: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.consts = {name: const for name, slot, const in self.args if slot < 0}
+        self.slot_args = tuple((name, slot) for name, slot, _ in self.args if slot >= 0)
 
 
 @dataclass
@@ -210,27 +217,26 @@ def finish(value: Any, dt: np.dtype | None) -> Any:
 
 
 def _gather_args(step: Step, env: list[Any] | None) -> dict[str, Any]:
-    a: dict[str, Any] = {}
-    for name, slot, const in step.args:
-        if slot < 0:
-            a[name] = const
-        else:
-            v = env[slot]  # type: ignore[index]
-            if v.__class__ is np.ndarray and v.dtype == F16:
-                v = v.astype(F32)
-            a[name] = v
+    # No fp16 arrays ever sit in env or among constants (inputs are widened on entry, finish()
+    # keeps fp16 values in float32, constants are in compute form), so no conversion here.
+    a = step.consts.copy()
+    for name, slot in step.slot_args:
+        a[name] = env[slot]  # type: ignore[index]
     for name, refs in step.tuples:
-        vals = []
-        for slot, const in refs:
-            if slot < 0:
-                vals.append(const)
-            else:
-                v = env[slot]  # type: ignore[index]
-                if v.__class__ is np.ndarray and v.dtype == F16:
-                    v = v.astype(F32)
-                vals.append(v)
-        a[name] = tuple(vals)
+        a[name] = tuple(const if slot < 0 else env[slot] for slot, const in refs)  # type: ignore[index]
     return a
+
+
+def _op_error(step: Step, e: Exception) -> OperationError:
+    return OperationError(
+        f"op {step.ctx.name!r} ({step.ctx.op_type}) failed in the reference executor: {type(e).__name__}: {e}"
+    )
+
+
+def _count_error(step: Step, n: int) -> OperationError:
+    return OperationError(
+        f"op {step.ctx.name!r} ({step.ctx.op_type}) produced {n} outputs, MIL declares {len(step.out_dtypes)}"
+    )
 
 
 def _call(step: Step, env: list[Any] | None, *, exact: bool = False) -> tuple[Any, ...]:
@@ -240,15 +246,11 @@ def _call(step: Step, env: list[Any] | None, *, exact: bool = False) -> tuple[An
     except (UnsupportedOpError, OperationError):
         raise
     except Exception as e:  # noqa: BLE001 - name the op that failed, keep the cause chained
-        raise OperationError(
-            f"op {step.ctx.name!r} ({step.ctx.op_type}) failed in the reference executor: {type(e).__name__}: {e}"
-        ) from e
+        raise _op_error(step, e) from e
     if not isinstance(out, tuple):
         out = (out,)
     if len(out) != len(step.out_dtypes):
-        raise OperationError(
-            f"op {step.ctx.name!r} ({step.ctx.op_type}) produced {len(out)} outputs, MIL declares {len(step.out_dtypes)}"
-        )
+        raise _count_error(step, len(out))
     if exact:
         # values already rounded to fp16 arrive in fp32 compute form: keep them (see _COPY_ONLY)
         return tuple(o if (dt == F16 and getattr(o, "dtype", None) == F32) else finish(o, dt)
@@ -265,8 +267,23 @@ def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()
     for slot, value in zip(block.input_slots, inputs, strict=False):
         env[slot] = value
     for step in block.steps:
-        out = _call(step, env)
-        for slot, o in zip(step.out_slots, out, strict=False):
+        if len(step.out_slots) == 1 and not step.needs_env:
+            # the common case, inlined: one output, no nested blocks
+            a = _gather_args(step, env)
+            try:
+                out = step.fn(step.ctx, a)
+            except (UnsupportedOpError, OperationError):
+                raise
+            except Exception as e:  # noqa: BLE001 - name the op that failed, keep the cause chained
+                raise _op_error(step, e) from e
+            if out.__class__ is tuple:
+                if len(out) != 1:
+                    raise _count_error(step, len(out))
+                out = out[0]
+            env[step.out_slots[0]] = finish(out, step.out_dtypes[0])
+            continue
+        outs = _call(step, env)
+        for slot, o in zip(step.out_slots, outs, strict=False):
             env[slot] = o
     return [const if slot < 0 else env[slot] for slot, const in block.outputs]
 

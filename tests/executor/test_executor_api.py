@@ -146,3 +146,17 @@ def test_weights_are_folded_at_load() -> None:
     ex = ReferenceExecutor(build_program(build, {"x": x}))
     assert ex.num_steps == 1 and ex.folded_ops == 1
     np.testing.assert_allclose(ex.predict({"x": x})["matmul_0"], x @ w, rtol=1e-6)
+
+
+def test_runtime_op_failure_names_the_op() -> None:
+    from bitnet_coreml.errors import OperationError
+
+    x = rand((4, 3))
+    idx = np.array([1, 7], np.int32)
+    prog = build_program(lambda x, idx: mb.gather(x=x, indices=idx, axis=0, validate_indices=True, name="g"),
+                         {"x": x, "idx": idx}, opset=ct.target.iOS17)
+    ex = ReferenceExecutor(prog)
+    with pytest.raises(OperationError, match=r"op 'g' \(gather\).*out of range"):
+        ex.predict({"x": x, "idx": idx})
+    ok = ex.predict({"x": x, "idx": np.array([3, 0], np.int32)})["g"]
+    np.testing.assert_array_equal(ok, x[[3, 0]])
