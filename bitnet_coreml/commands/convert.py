@@ -31,11 +31,14 @@ def _mb(n: float) -> str:
 @click.option("--split-limit", type=int, default=16384, show_default=True,
               help="Split constant dimensions larger than this (ANE limit); 0 disables.")
 @click.option("--seq-len", type=int, default=None, help="Sequence length for a Hugging Face checkpoint folder.")
+@click.option("--passes", type=click.Choice(["fast", "full"]), default="fast", show_default=True,
+              help="coremltools pass pipeline: the passes our programs need, or coremltools' full default.")
 @click.option("--no-check", is_flag=True, help="Skip the pre-conversion check.")
 @click.option("--verify", "do_verify", is_flag=True, help="Verify the package against the source after converting.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def convert(model: str, out: str, target: str, chip: str | None, precision: str, embed_bits: str | None,
-            calibration: str | None, min_os: str | None, split_limit: int, seq_len: int | None, no_check: bool,
+            calibration: str | None, min_os: str | None, split_limit: int, seq_len: int | None, passes: str,
+            no_check: bool,
             do_verify: bool, as_json: bool) -> None:
     """Convert MODEL (.onnx file or checkpoint folder) to a Core ML package with 2-bit ternary weights."""
     from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
@@ -43,7 +46,8 @@ def convert(model: str, out: str, target: str, chip: str | None, precision: str,
 
     options = ConvertOptions(precision=precision, embed_bits=int(embed_bits) if embed_bits else None,
                              calibration=calibration, target=target, chip=chip, min_os=min_os,
-                             split_limit=split_limit, check=not no_check, verify=do_verify, seq_len=seq_len)
+                             split_limit=split_limit, check=not no_check, verify=do_verify, seq_len=seq_len,
+                             passes=passes)
     if as_json:
         result = run_convert(model, out, options)
         echo_json(result.to_dict())
