@@ -99,9 +99,19 @@ def check_ternary_codes(codes: np.ndarray, where: str) -> None:
         )
 
 
-def ternary_lut_weight(codes: np.ndarray, name: str, dtype: Any = np.float32) -> Any:
-    """A MIL ``constexpr_lut_to_dense`` holding ``codes`` ([N, K] int8) as 2-bit indices."""
+def ternary_lut_weight(codes: np.ndarray, name: str, dtype: Any = np.float32, ios: int = 16) -> Any:
+    """A MIL ``constexpr_lut_to_dense`` holding ``codes`` ([N, K] int8) as 2-bit indices.
+
+    iOS16/17 form: packed uint8 ``indices``, 1-D ``lut``, explicit ``shape``. iOS18 form (the op was
+    redefined): ``indices`` typed uint2 with the weight's shape (coremltools packs them when it
+    serialises), ``lut`` of rank 4 ``[1, 1, 4, 1]`` (one LUT for the whole tensor, scalar entries).
+    """
     mb = _mb()
+    if ios >= 18:
+        from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+        idx = (codes + np.int8(1)).view(np.uint8).astype(types.np_uint2_dtype)
+        return mb.constexpr_lut_to_dense(indices=idx, lut=TERNARY_LUT.astype(dtype).reshape(1, 1, 4, 1), name=name)
     return mb.constexpr_lut_to_dense(
         indices=pack_ternary_2bit(codes),
         lut=TERNARY_LUT.astype(dtype),
@@ -157,7 +167,7 @@ def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     xr = round_half_even(xs, f"{nm}_round")
     xq = mb.clip(x=xr, alpha=f(qn), beta=f(qp), name=f"{nm}_xq")
     xn = mb.mul(x=xq, y=f(1.0 / pow2), name=f"{nm}_xn")
-    w = ternary_lut_weight(codes, f"{nm}_w", f)
+    w = ternary_lut_weight(codes, f"{nm}_w", f, int(ctx.options.get("ios", 16)))
     # matmul, not linear: linear always carries a bias, and a zero bias of N fp16 values per layer
     # would cost 8/K of the 2-bit weight bytes (0.8% at K=1024) for nothing.
     y = mb.matmul(x=xn, y=w, transpose_x=False, transpose_y=True, name=f"{nm}_mm")

@@ -82,8 +82,13 @@ def pack_bits(indices: np.ndarray, nbits: int) -> np.ndarray:
 def palettize_program(program: Any, nbits: int, min_size: int = 1 << 16) -> dict[str, Any]:
     """Replace big float consts feeding gather/linear/matmul by ``nbits`` LUTs (in place)."""
     from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types  # noqa: PLC0415
 
+    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+
+    ct = coremltools()
     func = program.functions["main"]
+    ios18 = func.opset_version is not None and func.opset_version >= ct.target.iOS18
     done: list[dict[str, Any]] = []
     for op in list(func.operations):
         if op.op_type != "const":
@@ -101,8 +106,13 @@ def palettize_program(program: Any, nbits: int, min_size: int = 1 << 16) -> dict
         rel = err / max(float(np.linalg.norm(val.astype(np.float64))), 1e-30)
         del recon
         with func, mb.set_before_op(op):
-            new = mb.constexpr_lut_to_dense(indices=pack_bits(idx, nbits), lut=lut.astype(val.dtype),
-                                            shape=np.array(val.shape, np.uint32), name=f"{op.name}_lut{nbits}")
+            if ios18:  # iOS18 redefined the op: typed sub-byte indices in the weight's shape, rank+2 LUT
+                typed = idx.reshape(val.shape).astype(types.nptype_from_builtin(types.string_to_builtin(f"uint{nbits}")))
+                new = mb.constexpr_lut_to_dense(indices=typed, lut=lut.astype(val.dtype).reshape(
+                    *([1] * val.ndim), 1 << nbits, 1), name=f"{op.name}_lut{nbits}")
+            else:
+                new = mb.constexpr_lut_to_dense(indices=pack_bits(idx, nbits), lut=lut.astype(val.dtype),
+                                                shape=np.array(val.shape, np.uint32), name=f"{op.name}_lut{nbits}")
         op.enclosing_block.replace_uses_of_var_after_op(anchor_op=new.op, old_var=var, new_var=new,
                                                         no_check_var_types=True)
         op.enclosing_block.remove_ops([op])

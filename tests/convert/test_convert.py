@@ -202,7 +202,8 @@ def test_fp16_rescale_reported_in_metadata(tmp_path: Path) -> None:
     assert json.loads(meta["bitnet_coreml.fp16_safety"])["rescaled"][0]["factor"].startswith("2^-")
 
 
-def test_embed_bits_palettizes_non_ternary_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("min_os", [None, "iOS18"])
+def test_embed_bits_palettizes_non_ternary_weights(tmp_path: Path, min_os: str | None) -> None:
     rng = np.random.default_rng(0)
     e = rng.standard_normal((300, 256)).astype(np.float32)
     g = oh.make_graph([oh.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
@@ -212,8 +213,8 @@ def test_embed_bits_palettizes_non_ternary_weights(tmp_path: Path) -> None:
                       [nh.from_array(e, "E"), nh.from_array(e.T.copy(), "W")])
     src = tmp_path / "lm.onnx"
     onnx.save(oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)], ir_version=10), src)
-    plain = convert(src, tmp_path / "p.mlpackage", ConvertOptions(check=False))
-    small = convert(src, tmp_path / "s.mlpackage", ConvertOptions(check=False, embed_bits=4, verify=True))
+    plain = convert(src, tmp_path / "p.mlpackage", ConvertOptions(check=False, min_os=min_os))
+    small = convert(src, tmp_path / "s.mlpackage", ConvertOptions(check=False, embed_bits=4, verify=True, min_os=min_os))
     assert len(small.embed["weights"]) == 2
     assert 0 < small.embed["max_rel_l2"] < 0.15  # 16 levels of a Gaussian: ~10% relative L2
     assert small.weight_bytes < plain.weight_bytes / 3.5  # 4 bits vs 16
@@ -229,3 +230,13 @@ def test_verify_runs_core_ml_per_compute_unit(chain_onnx: Path, tmp_path: Path) 
     runners = {c.runner for c in rep.comparisons}
     assert "reference-executor" in runners and any(r.startswith("coreml:") for r in runners)
     assert rep.passed
+
+
+@pytest.mark.parametrize("embed_bits", [None, 4])
+def test_ios18_target_uses_ios18_lut_form(chain_onnx: Path, tmp_path: Path, embed_bits: int | None) -> None:
+    out = tmp_path / "i18.mlpackage"
+    r = convert(chain_onnx, out, ConvertOptions(check=False, min_os="iOS18", embed_bits=embed_bits))
+    assert r.deployment_target == "iOS18"
+    assert ct.models.MLModel(str(out), skip_model_load=True).get_spec().specificationVersion == 9
+    assert verify(chain_onnx, out).passed
+    assert r.weight_bytes <= 4096 + 4096  # still 2 bits per ternary weight
