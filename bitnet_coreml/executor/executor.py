@@ -20,7 +20,7 @@ import numpy as np
 
 from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.errors import ModelLoadError
-from bitnet_coreml.executor._types import dtype_name, np_dtype, static_shape
+from bitnet_coreml.executor._types import np_dtype, static_shape
 from bitnet_coreml.executor.compiler import F16, F32, StateCell, compile_function, run_block
 from bitnet_coreml.executor.errors import (
     InputDtypeError,
@@ -239,7 +239,3 @@ class ReferenceExecutor:
         ins = ", ".join(f"{n}: {tuple(s.shape)} {s.dtype}" for n, s in self._inputs.items())
         return f"ReferenceExecutor({self.source!r}, fn={self.function_name!r}, inputs=[{ins}], steps={self.num_steps})"
 
-
-def describe_type(var: Any) -> str:
-    """``fp16[1, 4]``-style description of a var's type, for messages."""
-    return f"{dtype_name(var.dtype)}{list(static_shape(var) or ())}"
