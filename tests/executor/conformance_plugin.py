@@ -42,11 +42,17 @@ _FP16_ARITH = ("the fp32-precision matrix (opt-in, INCLUDE_MIL_FP32_UNIT_TESTS) 
                "output with fp16 numpy arithmetic (LUT value + 1 in fp16) while the program adds in fp32")
 _FP16_TYPED = ("fp16-typed input/params checked with the fp32 matrix's tight tolerances against an fp32 "
                "expectation; the executor rounds every fp16-typed result to fp16 by specification")
-EXCLUDE_PATTERNS: list[tuple[tuple[str, ...], str]] = [
+# Cases whose *failure* is excluded, by node id (substrings that must all occur) and reason: the
+# oracle computes at another precision than the program. They run; only a failing one is excluded
+# (and listed as such), a passing one counts as passed.
+EXCLUDE_IF_FAILED: list[tuple[tuple[str, ...], str]] = [
     (("precision='fp32'", "TestConstexprLutToSparse::test_builder_to_backend_stress"), _FP16_ARITH),
     (("precision='fp32'", "TestJointCompressionOps::test_sparse_lut"), _FP16_ARITH),
     (("precision='fp32'", "TestConstexprSparseToDense::test_builder_to_backend_stress"), _FP16_ARITH),
     (("precision='fp32'", "numpy.float16"), _FP16_TYPED),
+]
+# Cases never run, by node id (substrings that must all occur) and reason.
+EXCLUDE_PATTERNS: list[tuple[tuple[str, ...], str]] = [
     (("TestSliceByIndex::test_efficient_type_inference",),
      "asserts that MIL type inference takes < 0.01 s (no prediction); flaky on a loaded 2-core host"),
     (("test_ios17_invalid_indices", "validate_indices=False"),
@@ -150,6 +156,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     if isinstance(err, NameError) and "torch" in str(err):
         report.outcome = "skipped"
         report.longrepr = (str(item.fspath), 0, f"Skipped: excluded: {EXCLUDE_TORCH}")
+        return
+    for needles, reason in EXCLUDE_IF_FAILED:
+        if isinstance(err, AssertionError) and all(n in item.nodeid for n in needles):
+            report.outcome = "skipped"
+            report.longrepr = (str(item.fspath), 0, f"Skipped: excluded: {reason} (this case failed)")
+            return
 
 
 def _excluded(reason: str) -> bool:
