@@ -8,6 +8,7 @@ temporary folder with external data, since a protobuf cannot exceed 2 GB.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,11 @@ def ort_session(model: ir.Model, threads: int | None = None) -> ort.InferenceSes
                 init.data_location = 0
         return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     tmp = Path(tempfile.mkdtemp(prefix="bitnet-coreml-ort-"))
-    path = tmp / "model.onnx"
-    ir.save(model, path, external_data="model.data")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        path = tmp / "model.onnx"
+        ir.save(model, path, external_data="model.data")
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    finally:
+        # The session has read (or mapped) its initializers; on POSIX an unlinked file stays valid
+        # for existing mappings, so the temporary copy can go at once.
+        shutil.rmtree(tmp, ignore_errors=True)
