@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from bitnet_coreml._json import json_default
+
 # Zip's epoch; np.savez stamps the wall clock into every member, which would make equal outputs differ.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _CHUNK = 1 << 20
@@ -118,20 +120,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, fsync: bool = True) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    text = json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n"
     atomic_write_bytes(path, text.encode(), fsync=fsync)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if hasattr(o, "__fspath__"):
-        return os.fspath(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def replace_tree(src: Path, dst: Path) -> None:

@@ -88,3 +88,14 @@ def other_input(node: ir.Node, v: ir.Value) -> tuple[int, ir.Value | None]:
     """For a binary node that consumes ``v``, the index of ``v`` and the other input."""
     i = 0 if node.inputs[0] is v else 1
     return i, node.inputs[1 - i]
+
+
+def replace_output(graph: ir.Graph, anchor: ir.Node, new: ir.Node, y: ir.Value) -> None:
+    """Insert ``new`` before ``anchor`` and let its output take over every use (and the name) of ``y``."""
+    out = new.outputs[0]
+    out.type, out.shape = y.type, y.shape
+    graph.insert_before(anchor, new)
+    ir.convenience.replace_all_uses_with(y, out, replace_graph_outputs=True)
+    old = y.name
+    y.name = f"{old}.unfused" if old else None
+    out.name = old

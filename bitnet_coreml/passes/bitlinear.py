@@ -246,13 +246,7 @@ def fuse_bitlinear(model: ir.Model) -> BitLinearReport:
                        {"act_bits": int(round(np.log2(aq.qp + 1))) + 1, "act_eps": float(aq.eps),
                         "convention": convention},
                        name=f"{base}.bitlinear")
-        out = bl.outputs[0]
-        out.type, out.shape = y.type, y.shape
-        graph.insert_before(node, bl)
-        ir.convenience.replace_all_uses_with(y, out, replace_graph_outputs=True)
-        old_name = y.name
-        y.name = f"{old_name}.unfused" if old_name else None
-        out.name = old_name
+        m.replace_output(graph, node, bl, y)
         report.fused += 1
         del last
     return report

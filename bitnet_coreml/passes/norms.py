@@ -20,16 +20,6 @@ from bitnet_coreml.passes import _match as m
 from bitnet_coreml.passes.fused import make_node
 
 
-def _replace(graph: ir.Graph, anchor: ir.Node, new: ir.Node, y: ir.Value) -> None:
-    out = new.outputs[0]
-    out.type, out.shape = y.type, y.shape
-    graph.insert_before(anchor, new)
-    ir.convenience.replace_all_uses_with(y, out, replace_graph_outputs=True)
-    old = y.name
-    y.name = f"{old}.unfused" if old else None
-    out.name = old
-
-
 def _match_rms_core(v: ir.Value) -> tuple[ir.Value, float] | None:
     """``v = x / sqrt(mean(x^2) + eps)`` in any of its exported forms: return (x, eps)."""
     node = m.op(v, "Mul", "Div")
@@ -88,7 +78,7 @@ def fuse_rmsnorm(model: ir.Model) -> int:
             if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != g.shape[0]:
                 continue
             new = make_node(model, "RMSNorm", [x, gamma], {"epsilon": float(eps)}, name=f"{node.name or 'rms'}.rmsnorm")
-            _replace(graph, node, new, node.outputs[0])
+            m.replace_output(graph, node, new, node.outputs[0])
             count += 1
             break
     return count
@@ -109,6 +99,6 @@ def fuse_relu2(model: ir.Model) -> int:
             if r is None or not m.same(node.inputs[0], node.inputs[1]):
                 continue
         new = make_node(model, "Relu2", [r.inputs[0]], {}, name=f"{node.name or 'relu2'}.relu2")
-        _replace(graph, node, new, node.outputs[0])
+        m.replace_output(graph, node, new, node.outputs[0])
         count += 1
     return count
