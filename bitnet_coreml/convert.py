@@ -110,17 +110,77 @@ class ConvertResult:
         return d
 
 
-def source_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of an ONNX file, or of every file of a checkpoint folder (relative path + content)."""
+def external_data_files(path: str | os.PathLike[str], model: ir.Model | None = None) -> list[Path]:
+    """The external-data files an ``.onnx`` file references, sorted by their name relative to its folder.
+
+    ``model``, when given, is the already loaded model (its lazy external tensors name their files,
+    so nothing is parsed again); otherwise the file's proto is read without its external data.
+    """
+    p = Path(path)
+    locations: set[str] = set()
+    if model is not None:
+        from onnx_ir import traversal  # noqa: PLC0415
+
+        graphs = [model.graph, *model.functions.values()]
+        for node in traversal.RecursiveGraphIterator(model.graph):
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    graphs.append(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    graphs.extend(attr.value)
+        tensors: list[Any] = []
+        for g in graphs:
+            if isinstance(g, ir.Graph):
+                tensors += [v.const_value for v in g.initializers.values()]
+            tensors += [a.value for n in g for a in n.attributes.values() if a.type == ir.AttributeType.TENSOR]
+        locations = {str(t.location) for t in tensors if isinstance(t, ir.ExternalTensor)}
+    else:
+        import onnx  # noqa: PLC0415
+        from onnx.external_data_helper import _get_all_tensors  # noqa: PLC0415
+
+        try:
+            proto = onnx.load(str(p), load_external_data=False)
+        except Exception as e:  # onnx raises DecodeError, OSError, ... on a broken file
+            raise InputError(f"{p}: cannot read the ONNX file to find its external data: {e}") from e
+        for t in _get_all_tensors(proto):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                locations.update(e.value for e in t.external_data if e.key == "location")
+    files = []
+    for loc in sorted(locations):
+        f = p.parent / loc
+        if f.resolve() == p.resolve():
+            continue  # the loader memory-maps large inline tensors from the model file itself
+        if not f.is_file():
+            raise InputError(f"{p}: external data file {loc!r} not found next to the model")
+        files.append(f)
+    return files
+
+
+def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None) -> str:
+    """sha256 of a conversion's source, so a changed weight changes the hash.
+
+    A checkpoint folder: every file (relative path + content, sorted). An ``.onnx`` file: its bytes,
+    then each external-data file it references (relative name + content, sorted by name); a model
+    without external data hashes to the plain sha256 of the file. ``model`` is the loaded model,
+    used only to find the external files without parsing the file again.
+    """
     p = Path(path)
     h = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    for f in files:
-        if p.is_dir():
-            h.update(str(f.relative_to(p)).encode() + b"\0")
+
+    def feed(f: Path) -> None:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
+
+    if p.is_dir():
+        for f in sorted(f for f in p.rglob("*") if f.is_file()):
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+            feed(f)
+        return h.hexdigest()
+    feed(p)
+    for f in external_data_files(p, model):
+        h.update(b"\0" + str(f.relative_to(p.parent)).encode() + b"\0")
+        feed(f)
     return h.hexdigest()
 
 
@@ -143,8 +203,12 @@ def _run_check(model: ir.Model, options: ConvertOptions, source: str) -> dict[st
                                f"{' ' + options.chip if options.chip else ''}: {first}"
                                f"{' ...' if len(violations) > 5 else ''}; run `bitnet-coreml check` for the full "
                                "report, or convert with --no-check")
+    # fallback_plan and unit_counts are what the runtime's predictor reads back from the package
+    # (runtime/capability.py::_from_metadata): a Core ML unit missing from the plan is ruled out.
     return {"available": True, "violations": 0, "warnings": [w.message for w in report.warnings],
-            "fixed_by_converter": [f.message for f in report.fixed], "score": report.score}
+            "fixed_by_converter": [f.message for f in report.fixed], "score": report.score,
+            "fallback_plan": list(report.fallback_plan), "unit_counts": dict(report.unit_counts),
+            "target": report.target.to_dict()}
 
 
 def _descriptions(model: ir.Model, built: Any) -> tuple[dict[str, str], dict[str, str]]:
@@ -205,7 +269,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     stage("load")
     t0 = time.perf_counter()
     model = load(source, seq_len=options.seq_len)
-    sha = source_sha256(source)
+    sha = source_sha256(source, model if Path(source).is_file() else None)
     timed("load", t0)
 
     stage("graph passes")
