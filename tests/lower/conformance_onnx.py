@@ -51,6 +51,7 @@ CONST_SLOTS: dict[str, set[int]] = {
     "Conv": {1, 2}, "ConvTranspose": {1, 2}, "LayerNormalization": {1, 2}, "BatchNormalization": {1, 2, 3, 4},
     "InstanceNormalization": {1, 2}, "RMSNormalization": {1}, "Clip": {1, 2}, "Dropout": {1, 2},
     "CastLike": {1}, "Pad": {1, 2, 3}, "TopK": {1}, "OneHot": {1, 2}, "GroupNormalization": {1, 2},
+    "Attention": {6},
     **{op: {1} for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
                           "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")},
 }

@@ -120,3 +120,30 @@ def test_bitwise_ops_on_constants_fold() -> None:
     node = m.graph.node(0)
     (out,) = get_lowering(node)(LoweringContext(), node)
     np.testing.assert_array_equal(out, reference_outputs(model, {})[0])
+
+
+def test_where_with_two_constant_branches_keeps_the_condition_shape() -> None:
+    # Where(mask, 0, -inf) builds attention biases; MIL select sizes its output from the branches.
+    mask = np.array([[True, False, True], [False, False, True]])
+    model = single_node_model("Where", {"mask": mask}, initializers={
+        "zero": np.array(0.0, np.float32), "ninf": np.array(-np.inf, np.float32)})
+    _check(model, {"mask": mask})
+
+
+def test_attention_gqa_causal_with_past_matches_reference() -> None:
+    q = RNG.standard_normal((1, 4, 3, 8)).astype(np.float32)
+    k = RNG.standard_normal((1, 2, 3, 8)).astype(np.float32)
+    v = RNG.standard_normal((1, 2, 3, 8)).astype(np.float32)
+    pk = RNG.standard_normal((1, 2, 5, 8)).astype(np.float32)
+    pv = RNG.standard_normal((1, 2, 5, 8)).astype(np.float32)
+    import onnx
+    from onnx import helper
+
+    node = helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "present_k", "present_v"],
+                            is_causal=1)
+    ins = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, a.shape)
+           for n, a in (("q", q), ("k", k), ("v", v), ("pk", pk), ("pv", pv))]
+    outs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("y", "present_k", "present_v")]
+    model = helper.make_model(helper.make_graph([node], "attn", ins, outs),
+                              opset_imports=[helper.make_opsetid("", 23)])
+    _check(model, {"q": q, "k": k, "v": v, "pk": pk, "pv": pv}, rtol=1e-4, atol=1e-5)

@@ -20,6 +20,7 @@ from bitnet_coreml.lower.ops._common import (
     mb,
     np_dtype,
     req,
+    shape_of,
     to_var,
     unsupported,
 )
@@ -103,6 +104,10 @@ def where(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     dt = np_dtype(a if not is_const(a) else b) if not (is_const(a) and is_const(b)) else np.asarray(a).dtype
     a = as_dtype(a, dt) if is_const(a) else a
     b = as_dtype(b, dt) if is_const(b) else b
+    if is_const(a) and is_const(b):
+        # MIL select takes its output shape from a/b, not from cond: give `a` the broadcast shape.
+        out_shape = np.broadcast_shapes(tuple(shape_of(c)), np.shape(a), np.shape(b))
+        a = np.array(np.broadcast_to(a, out_shape))
     cond = _bool_var(node, c, f"{nm}_cond")
     return [mb().select(cond=cond, a=to_var(a, f"{nm}_a"), b=to_var(b, f"{nm}_b"), name=nm)]
 
