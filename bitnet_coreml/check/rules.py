@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from bitnet_coreml.check.capabilities import MIB, CapabilityDatabase, default_database
 from bitnet_coreml.check.size import SizeEstimate
-from bitnet_coreml.check.split import SplitInfo, split_of
+from bitnet_coreml.check.split import SplitInfo, gemm_bias_of, split_of
 from bitnet_coreml.check.split import node_id as _nid
 from bitnet_coreml.check.split import nodes_needing_split as _split_nodes
 
@@ -364,6 +364,7 @@ def _dims_rule(ctx: RuleContext) -> Iterator[Finding]:
                       s.node, s.dim, limit, lim.source, fixed_by=f"converter split: {len(s.chunks)} chunks {list(s.chunks)}")
     split_vals = {id(n.inputs[sp.input_index]) for n in ctx.model.graph
                   if (sp := split_of(n, limit)) is not None}
+    split_vals |= {id(c) for n in ctx.model.graph if (c := gemm_bias_of(n, limit)) is not None}
     chunked = _split_outputs(ctx.model, ctx.splits)
     consumers: dict[int, ir.Node] = {}
     for n in ctx.model.graph:

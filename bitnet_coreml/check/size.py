@@ -12,8 +12,9 @@ What the converter writes (the contract this estimate follows; see ``docs/check.
   ``ceil(n*bits/8)`` bytes of packed indices plus a ``2**bits``-entry LUT per tensor (fp16, or fp32
   at precision fp32);
 * the vocabulary embedding / LM head dimensions > 16384 split by the converter into chunks, each its
-  own blob (the split rule is :mod:`bitnet_coreml.check.split`, shared with the converter's); a table
-  that one consumer splits and another uses whole (a tied LM head) is written in both forms.
+  own blob (the split rule is :mod:`bitnet_coreml.check.split`, shared with the converter's); a tied
+  table whose Gather and Gemm(transB=1) LM head are both split shares its row chunks (written once); a
+  table that one consumer splits and another uses whole is written in both forms.
 
 coremltools' MIL backend (``converters/mil/backend/mil/load.py::should_use_weight_file``) writes a
 const into ``weight.bin`` only when it has >= 10 elements and a float16/float32/uint8/int8 dtype;
@@ -130,6 +131,26 @@ def _chunk_counts(shape: tuple[int, ...], split: SplitInfo | None, index: int) -
     return [c * rest for c in split.chunks]
 
 
+def _stored_counts(shape: tuple[int, ...], uses: list[tuple[ir.Node, int]], limit: int) -> list[int]:
+    """Element counts of the blobs one constant becomes, over all its consumers.
+
+    The converter splits a table for the consumers that need it and keeps the whole table for any other
+    consumer: both forms are then written. Row chunks are shared (a tied embedding split for its Gather and
+    for its Gemm(transB=1) LM head is written once); a split Gemm's bias is cut into that Gemm's chunks.
+    """
+    forms: dict[tuple[Any, ...], list[int]] = {}
+    whole = False
+    for nd, k in uses:
+        sp = split_of(nd, limit)
+        if sp is not None and sp.input_index == k:
+            forms.setdefault((sp.axis, sp.chunks), _chunk_counts(shape, sp, k))
+        elif sp is not None and sp.op_type == "Gemm" and k == 2:
+            forms.setdefault(("bias", sp.node), list(sp.chunks))
+        else:
+            whole = True
+    return [c for counts in forms.values() for c in counts] + ([math.prod(shape)] if whole else [])
+
+
 def palettizable_inputs(node: ir.Node) -> tuple[int, ...]:
     """Input indices of ``node`` whose float initializer ``embed_bits`` palettizes (weight matrices)."""
     if node.domain in ("", "ai.onnx"):
@@ -190,11 +211,7 @@ def estimate_weight_bytes(model: ir.Model, embed_bits: int | None = None, precis
             scales += n
         elif dt in _FLOAT_DTYPES:
             other += n
-            # The converter splits a table for the consumers that need it and keeps the whole table for any
-            # other consumer (a tied LM head): then both forms are written.
-            splits = [sp for nd, k in uses[id(v)] if (sp := split_of(nd, split_limit)) is not None and sp.input_index == k]
-            whole = len(splits) < len(uses[id(v)])
-            counts = [c for sp in splits[:1] for c in _chunk_counts(shape, sp, sp.input_index)] + ([n] if whole else [])
+            counts = _stored_counts(shape, uses[id(v)], split_limit)
             pal = len(shape) >= 2 and any(k in palettizable_inputs(nd) for nd, k in uses[id(v)])
             if pal and embed_bits is not None and any(c >= PALETTIZE_MIN_ELEMENTS for c in counts):
                 lut = 2**embed_bits

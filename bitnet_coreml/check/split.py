@@ -4,7 +4,13 @@ The one definition shared by the check (it reports these as fixed), the size est
 is its own blob) and the converter (``bitnet_coreml.lower.split`` rewrites exactly these):
 
 * ``MatMul(X, W[K, N])`` with a constant rank-2 ``W`` and ``N > limit``: ``W`` is cut along axis 1;
-* ``Gather(E[V, D], ids, axis=0)`` with a constant rank-2 ``E`` and ``V > limit``: ``E`` is cut along axis 0.
+* ``Gather(E[V, D], ids, axis=0)`` with a constant rank-2 ``E`` and ``V > limit``: ``E`` is cut along axis 0;
+* ``Gemm(A, B[N, K], C?, transB=1)`` (a Hugging Face lm_head; ``transA=0``, ``alpha=1``, ``C`` absent or a
+  constant of 1 or ``N`` elements) with a constant rank-2 ``B`` and ``N > limit``: ``B`` is cut along axis 0
+  (and ``C``, broadcast to ``N``, into the same chunks).
+
+Row chunks of one table are shared: a tied embedding feeding both the Gather and the Gemm is cut into the
+same chunks once (one copy in the package). A MatMul's column chunks are its own.
 
 Chunks have the size ``ceil(n / ceil(n / limit))``, the last one possibly smaller. Any other
 dimension over the limit is not split: the check reports it as leaving the ANE.
@@ -56,12 +62,42 @@ def _shape(v: ir.Value | None) -> list[int] | None:
     return [d if isinstance(d, int) else int(str(d)) for d in v.const_value.shape]
 
 
+def _attr_f(node: ir.Node, key: str, default: float) -> float:
+    a = node.attributes.get(key)
+    return default if a is None else float(a.value)
+
+
+def _gemm_ok(node: ir.Node) -> bool:
+    """The Gemm forms the converter splits (``bitnet_coreml.lower.split._gemm_splittable``)."""
+    if len(node.inputs) < 2:
+        return False
+    if _attr_f(node, "transB", 0) != 1 or _attr_f(node, "transA", 0) != 0 or _attr_f(node, "alpha", 1.0) != 1.0:
+        return False
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is not None and c.const_value is None:
+        return False
+    b, cs = _shape(node.inputs[1]), _shape(c)
+    if cs is not None and b is not None and len(b) == 2 and math.prod(cs) not in (1, b[0]):
+        return False
+    return True
+
+
+def gemm_bias_of(node: ir.Node, limit: int) -> ir.Value | None:
+    """The constant ``C`` of a Gemm the converter splits (cut into the same chunks as ``B``), or None."""
+    sp = split_of(node, limit)
+    if sp is None or sp.op_type != "Gemm" or len(node.inputs) < 3:
+        return None
+    return node.inputs[2]
+
+
 def split_of(node: ir.Node, limit: int) -> SplitInfo | None:
     """The split the converter applies to ``node``, or None."""
     if node.domain not in _STD or limit <= 0:
         return None
     if node.op_type == "MatMul" and len(node.inputs) == 2:
         idx, axis = 1, 1
+    elif node.op_type == "Gemm" and _gemm_ok(node):
+        idx, axis = 1, 0
     elif node.op_type == "Gather" and len(node.inputs) >= 1:
         a = node.attributes.get("axis")
         if (a.as_int() if a is not None else 0) != 0:

@@ -77,8 +77,12 @@ class GraphBuilder:
 
 
 def tiny_lm(vocab: int = 64, d: int = 32, hidden: int = 64, seq: int = 8, seed: int = 0,
-            tied: bool = False) -> ir.Model:
-    """ids -> Gather(embedding) -> RMSNorm -> BitLinear up -> Relu2 -> BitLinear down -> RMSNorm -> MatMul lm_head."""
+            tied: bool | str = False) -> ir.Model:
+    """ids -> Gather(embedding) -> RMSNorm -> BitLinear up -> Relu2 -> BitLinear down -> RMSNorm -> MatMul lm_head.
+
+    ``tied=True``: the head is ``MatMul(h, Transpose(embedding))``; ``tied="gemm"``: the Hugging Face form
+    ``Gemm(Reshape(h, [seq, d]), embedding, transB=1)``, the same initializer feeding the Gather and the Gemm.
+    """
     rng = np.random.default_rng(seed)
     b = GraphBuilder()
     ids = b.input("input_ids", [1, seq], I64)
@@ -92,6 +96,9 @@ def tiny_lm(vocab: int = 64, d: int = 32, hidden: int = 64, seq: int = 8, seed: 
     res = b.node("Add", [h, down], [1, seq, d])
     n2 = b.fused("RMSNorm", [res, b.init(rng.uniform(0.5, 1.5, d).astype(np.float32), "gamma")],
                  {"epsilon": 1e-5}, [1, seq, d])
+    if tied == "gemm":
+        flat = b.node("Reshape", [n2, b.init(np.array([seq, d], np.int64), "shape")], [seq, d])
+        return b.output(b.node("Gemm", [flat, emb], [seq, vocab], transB=1))
     head = emb if tied else b.init(rng.standard_normal((d, vocab)).astype(np.float32) * 0.02, "lm_head")
     if tied:
         head = b.node("Transpose", [emb], [d, vocab], perm=[1, 0])

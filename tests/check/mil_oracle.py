@@ -38,6 +38,9 @@ def _split_axis(node: ir.Node, i: int, shape: tuple[int, ...]) -> int | None:
         return 1
     if node.op_type == "Gather" and i == 0 and ("axis" not in node.attributes or node.attributes["axis"].as_int() == 0):
         return 0
+    # the Hugging Face lm_head Gemm(x, E, transB=1) is cut along E's rows (shared with a tied Gather)
+    if node.op_type == "Gemm" and i == 1 and "transB" in node.attributes and node.attributes["transB"].as_int() == 1:
+        return 0
     return None
 
 

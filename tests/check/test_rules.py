@@ -370,6 +370,24 @@ def test_bitnet_graph_fits_recent_iphones(chip: str) -> None:
 
 
 
+def test_tied_gemm_lm_head_over_16384_is_fixed_by_split() -> None:
+    # the Hugging Face form: Gemm(h, E, transB=1) with the embedding table E tied to the Gather
+    m = tiny_lm(vocab=32000, tied="gemm")
+    splits = nodes_needing_split(m)
+    assert {(s.op_type, s.input_index, s.axis, s.dim, s.chunks) for s in splits} == {
+        ("Gather", 0, 0, 32000, (16000, 16000)), ("Gemm", 1, 0, 32000, (16000, 16000))}
+    r = run_check(m, Target("macos", "M1"))
+    found = _rules(r, "dim_over_16384")
+    assert {f.node for f in found} == {s.node for s in splits}
+    assert all(f.severity == "info" and f.fixed_by for f in found) and r.ok
+    # transB=0 (B is [K, N]): the converter leaves it whole, so the check flags it
+    b = GraphBuilder()
+    x = b.input("x", [2, 8])
+    m = b.output(b.node("Gemm", [x, b.init(np.zeros((8, 16385), np.float32))], [2, 16385]))
+    assert nodes_needing_split(m) == []
+    assert any(f.severity != "info" and f.fixed_by is None for f in _rules(run_check(m, Target("macos")), "dim_over_16384"))
+
+
 def test_only_what_the_converter_splits_is_reported_fixed() -> None:
     # a ternary layer with 16385 outputs: the converter splits MatMul/Gather weights only
     b = GraphBuilder()

@@ -36,6 +36,7 @@ CASES = [
     ("odd_shapes", dict(vocab=77, d=24, hidden=40, seq=3)),
     ("palettize_threshold", dict(vocab=2048, d=32)),  # 65536-element embedding: exactly at the threshold
     ("below_threshold", dict(vocab=2047, d=32)),
+    ("tied_gemm_split", dict(vocab=20000, tied="gemm")),  # Gather + Gemm(transB=1) share the row chunks
 ]
 
 
@@ -76,6 +77,33 @@ def test_small_constants_are_inlined() -> None:
     assert [t.kind for t in est.tensors] == ["inlined", "inlined"]
 
 
+def test_tied_gemm_head_split_is_stored_once() -> None:
+    # hand-computed: a 32000x32 table cut into 2 row chunks of 16000 rows, fp16, written once although
+    # the Gather and the Gemm(transB=1) LM head both use it
+    m = tiny_lm(vocab=32000, d=32, tied="gemm")
+    [emb] = [t for t in estimate_weight_bytes(m).tensors if t.shape == (32000, 32)]
+    assert emb.blobs == (16000 * 32 * 2, 16000 * 32 * 2)
+    # nothing split: the whole table, once
+    [emb] = [t for t in estimate_weight_bytes(m, split_limit=0).tensors if t.shape == (32000, 32)]
+    assert emb.blobs == (32000 * 32 * 2,)
+    # a head that the converter cannot split (alpha != 1) keeps the whole table next to the Gather's chunks
+    [gemm] = [n for n in m.graph if n.op_type == "Gemm"]
+    gemm.attributes["alpha"] = __import__("onnx_ir").AttrFloat32("alpha", 0.5)
+    [emb] = [t for t in estimate_weight_bytes(m).tensors if t.shape == (32000, 32)]
+    assert emb.blobs == (16000 * 32 * 2, 16000 * 32 * 2, 32000 * 32 * 2)
+
+
+def test_split_gemm_bias_is_cut_into_the_head_chunks() -> None:
+    b = GraphBuilder()
+    x = b.input("x", [2, 8])
+    w = b.init(np.zeros((16385, 8), np.float32), "head")
+    c = b.init(np.zeros((16385,), np.float32), "bias")
+    m = b.output(b.node("Gemm", [x, w, c], [2, 16385], transB=1))
+    t = {tb.shape: tb for tb in estimate_weight_bytes(m).tensors}
+    assert t[(16385, 8)].blobs == (8193 * 8 * 2, 8192 * 8 * 2)
+    assert t[(16385,)].blobs == (8193 * 2, 8192 * 2)
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(InputError, match="precision"):
         estimate_weight_bytes(tiny_lm(), precision="int4")
@@ -88,8 +116,8 @@ MODELS = __import__("pathlib").Path(__file__).resolve().parents[2] / "models"
 
 @pytest.mark.parametrize("name, precision, embed_bits, split_limit", [
     ("bitnet_offline.onnx", "fp16", 4, 16384),
-    # a tied HF checkpoint with the split limit lowered so that its 512-row embedding is split for the
-    # Gather while the tied LM head keeps the whole table: both forms are written
+    # a tied HF checkpoint with the split limit lowered so that its 512-row embedding is split both for
+    # the Gather and for the tied Gemm(transB=1) LM head: the shared row chunks are written once
     ("hf/bitnet-tiny-packed", "fp16", None, 200),
     pytest.param("bitnet_offline.onnx", "fp16", None, 16384, marks=pytest.mark.slow),
     pytest.param("bitnet_bigvocab.onnx", "fp16", None, 16384, marks=pytest.mark.slow),
