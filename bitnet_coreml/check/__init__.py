@@ -24,6 +24,7 @@ __all__ = [
     "load_capabilities",
     "nodes_needing_split",
     "package_spec_version",
+    "read_thermal_state",
     "run_check",
     "validate_operation_requirements",
 ]
@@ -32,7 +33,7 @@ _WHERE = {
     "ANECapabilities": "ane", "ANEDataType": "ane", "CapabilityRequirements": "ane",
     "validate_operation_requirements": "ane",
     "CapabilityDatabase": "capabilities", "load_capabilities": "capabilities",
-    "DeviceCompatibilityChecker": "platform", "PlatformInfo": "platform",
+    "DeviceCompatibilityChecker": "platform", "PlatformInfo": "platform", "read_thermal_state": "platform",
     "SizeEstimate": "size", "estimate_weight_bytes": "size",
     "Target": "target",
     "nodes_needing_split": "rules",
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
         validate_operation_requirements,
     )
     from bitnet_coreml.check.capabilities import CapabilityDatabase, load_capabilities
-    from bitnet_coreml.check.platform import DeviceCompatibilityChecker, PlatformInfo
+    from bitnet_coreml.check.platform import DeviceCompatibilityChecker, PlatformInfo, read_thermal_state
     from bitnet_coreml.check.report import CheckReport, run_check
     from bitnet_coreml.check.rules import nodes_needing_split
     from bitnet_coreml.check.size import SizeEstimate, estimate_weight_bytes

@@ -166,8 +166,29 @@ def _macos_thermal() -> tuple[str | None, str]:
     return None, "pmset -g therm gave no thermal level"
 
 
+def read_thermal_state(*, linux_root: str = "/sys/class/thermal") -> tuple[str | None, str]:
+    """(state, source): this host's current thermal state (nominal | fair | serious | critical) or None.
+
+    The cheap reading the runtime refreshes between full platform detections: macOS through
+    NSProcessInfo (pyobjc) or ``pmset -g therm``, Linux through its thermal zones' trip points; other
+    systems have no reader.
+    """
+    system = _platform.system()
+    if system == "Darwin":
+        return _macos_thermal()
+    if system == "Linux":
+        state, _temps, source = linux_thermal(linux_root)
+        return state, source
+    return None, f"no thermal reader for {system}"
+
+
 class DeviceCompatibilityChecker:
     """The seed's platform checker: ``is_coreml_available``, ``is_ane_available``, ``get_platform_info``."""
+
+    @staticmethod
+    def thermal_state() -> str | None:
+        """The current thermal state (nominal | fair | serious | critical), or None where it cannot be read."""
+        return read_thermal_state()[0]
 
     @staticmethod
     @functools.lru_cache(maxsize=1)

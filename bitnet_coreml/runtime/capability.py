@@ -23,33 +23,42 @@ _PLAN_NAMES = {"ane": "CPU_AND_NE", "gpu": "CPU_AND_GPU", "cpu": "CPU_ONLY"}
 CHECK_METADATA_KEY = "bitnet_coreml.check"
 
 
-def capability_verdicts(info: PackageInfo) -> dict[str, str]:
+def capability_verdicts(info: PackageInfo, *, platform_info: Any = None) -> dict[str, str]:
     """Unit name (``ane``/``gpu``/``cpu``) -> why the capability check says it cannot run this package.
 
-    Two sources, both owned by the check stage: ``bitnet_coreml.check.unit_verdicts(package_path)``
-    (mapping unit -> ``(ok, reason)``) when the check stage offers it, else the check report the
-    converter stored in the package metadata (``bitnet_coreml.check``): a Core ML unit missing from
-    its ``fallback_plan`` is ruled out. With neither, nothing is ruled out.
-    """
-    try:
-        from bitnet_coreml import check  # noqa: PLC0415
+    Two sources, both owned by the check stage, merged (a unit ruled out by either is out; when both
+    rule it out, both reasons are given):
 
-        fn = getattr(check, "unit_verdicts", None)
+    * the check report the converter stored in the package metadata (``bitnet_coreml.check``): a Core
+      ML unit missing from its ``fallback_plan`` is ruled out;
+    * ``bitnet_coreml.check.host_unit_verdicts(package)``: Core ML and ANE presence on this host and the
+      package's specification version against the host OS (``platform_info``, a
+      ``bitnet_coreml.check.PlatformInfo``, replaces the host detection; tests use it).
+
+    A source that is missing or fails is skipped with a warning: the check is advisory here.
+    """
+    out = _from_metadata(info)
+    for unit, reason in _from_host(info, platform_info).items():
+        out[unit] = f"{out[unit]}; {reason}" if unit in out else reason
+    return {u: out[u] for u in sorted(out, key=_UNIT_ORDER.index)}
+
+
+_UNIT_ORDER = list(_PLAN_NAMES)
+
+
+def _from_host(info: PackageInfo, platform_info: Any) -> dict[str, str]:
+    try:
+        from bitnet_coreml.check import host_unit_verdicts  # noqa: PLC0415
     except ImportError:
-        fn = None
-    if callable(fn):
-        try:
-            verdicts = dict(fn(info.path))
-        except Exception as e:  # the check is advisory here; a broken rule must not stop prediction
-            log.warning("capability check failed for %s (%s: %s); no unit ruled out", info.path, type(e).__name__, e)
-            return {}
-        out: dict[str, str] = {}
-        for unit, verdict in verdicts.items():
-            ok, reason = verdict if isinstance(verdict, tuple) else (bool(verdict), "")
-            if not ok:
-                out[str(unit)] = str(reason or "ruled out by the capability check")
-        return out
-    return _from_metadata(info)
+        return {}
+    try:
+        verdicts = host_unit_verdicts(info.path, platform_info=platform_info)
+    except Exception as e:  # the check is advisory here; a broken rule must not stop prediction
+        log.warning("host capability check failed for %s (%s: %s); no unit ruled out by it",
+                    info.path, type(e).__name__, e)
+        return {}
+    return {str(unit): str(reason or "ruled out by the capability check")
+            for unit, (ok, reason) in verdicts.items() if not ok and unit in _PLAN_NAMES}
 
 
 def _from_metadata(info: PackageInfo) -> dict[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
-import sys
 import time
 from typing import Any
 
@@ -77,14 +76,9 @@ def _from_check() -> PlatformSnapshot:
 def _read_thermal() -> str | None:
     """The current thermal state through the check stage's readers, or None if there is none."""
     try:
-        from bitnet_coreml.check import platform as check_platform  # noqa: PLC0415
+        from bitnet_coreml.check import read_thermal_state  # noqa: PLC0415
 
-        if sys.platform == "darwin":
-            state = check_platform._macos_thermal()[0]
-        elif sys.platform.startswith("linux"):
-            state = check_platform.linux_thermal()[0]
-        else:
-            return None
+        state = read_thermal_state()[0]
     except Exception:  # no reader: thermal stays unknown
         return None
     return None if state is None else str(state).lower()

@@ -72,6 +72,23 @@ def test_linux_thermal_no_zones(tmp_path: Path) -> None:
     assert linux_thermal(str(tmp_path))[:2] == (None, None)
 
 
+def test_public_thermal_reader_per_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitnet_coreml.check.platform as P
+    from bitnet_coreml.check import read_thermal_state
+
+    _zone(tmp_path, 0, 90_000, [("passive", 60_000), ("hot", 85_000), ("critical", 100_000)])
+    monkeypatch.setattr(P._platform, "system", lambda: "Linux")
+    assert read_thermal_state(linux_root=str(tmp_path)) == ("serious", f"{tmp_path} (zone temperatures vs their trip points)")
+    assert read_thermal_state(linux_root=str(tmp_path / "none"))[0] is None
+    monkeypatch.setattr(P._platform, "system", lambda: "Darwin")
+    monkeypatch.setitem(sys.modules, "Foundation", None)  # no pyobjc: the pmset path
+    monkeypatch.setattr(P, "_run", lambda argv, timeout=2.0: "CPU_Speed_Limit \t= 73" if argv[:2] == ["pmset", "-g"] else None)
+    assert read_thermal_state()[0] == "serious" == DeviceCompatibilityChecker.thermal_state()
+    monkeypatch.setattr(P._platform, "system", lambda: "Windows")
+    assert read_thermal_state() == (None, "no thermal reader for Windows")
+    assert DeviceCompatibilityChecker.thermal_state() is None
+
+
 @macos_only
 def test_macos_detection() -> None:
     info = DeviceCompatibilityChecker.get_platform_info()

@@ -65,19 +65,65 @@ def test_batch_outside_the_enumerated_shapes_is_bad_input(flexible: Path) -> Non
         Predictor(flexible, units=["reference"]).predict({"x": np.zeros((3, 3), np.float32)})
 
 
+def _mac_host(version: str = "15", ane: bool | None = True) -> object:
+    """A macOS host with Core ML (and an ANE unless ``ane`` is False), for the host half of the verdicts."""
+    import dataclasses
+
+    from bitnet_coreml.check import DeviceCompatibilityChecker
+
+    base = DeviceCompatibilityChecker.get_platform_info(probe_coreml=False)
+    return dataclasses.replace(base, os_name="macOS", os_version=version, coreml_available=True,
+                               coreml_reason="test", ane_available=ane, ane_present=ane,
+                               ane_generation=6 if ane else None, ane_reason="test host has no ANE")
+
+
 def test_check_report_in_metadata_rules_units_out(tmp_path: Path) -> None:
     plan = [{"compute_units": "CPU_AND_GPU", "reason": "no op is expected on the ANE"},
             {"compute_units": "CPU_ONLY", "reason": "when the GPU fails"},
             {"compute_units": "REFERENCE", "reason": "any OS"}]
     pkg = build_flexible(tmp_path / "m.mlpackage", {CHECK_METADATA_KEY: json.dumps({"fallback_plan": plan})})
-    verdicts = capability_verdicts(read_package(pkg))
+    verdicts = capability_verdicts(read_package(pkg), platform_info=_mac_host())
     assert verdicts == {"ane": "the package's check report leaves CPU_AND_NE out of its fallback plan"}
+    # both sources: the host has no ANE either, so both reasons are given; GPU/CPU stay in
+    verdicts = capability_verdicts(read_package(pkg), platform_info=_mac_host(ane=False))
+    assert verdicts == {"ane": "the package's check report leaves CPU_AND_NE out of its fallback plan; "
+                               "no usable Neural Engine: test host has no ANE"}
 
 
 def test_no_check_report_rules_nothing_out(flexible: Path, tmp_path: Path) -> None:
-    assert capability_verdicts(read_package(flexible)) == {}
+    assert capability_verdicts(read_package(flexible), platform_info=_mac_host()) == {}
     pkg = build_flexible(tmp_path / "n.mlpackage", {CHECK_METADATA_KEY: json.dumps({"available": False})})
-    assert capability_verdicts(read_package(pkg)) == {}
+    assert capability_verdicts(read_package(pkg), platform_info=_mac_host()) == {}
+
+
+def test_host_verdicts_rule_units_out(flexible: Path) -> None:
+    # the package is Core ML specification 7 (macOS 13): a macOS 12 host (specification 6) cannot load it
+    out = capability_verdicts(read_package(flexible), platform_info=_mac_host("12"))
+    assert set(out) == {"ane", "gpu", "cpu"} and all("specification 7" in r and "macOS 12" in r for r in out.values())
+    assert set(capability_verdicts(read_package(flexible), platform_info=_mac_host(ane=False))) == {"ane"}
+
+
+@pytest.mark.skipif(__import__("platform").system() == "Darwin", reason="checks the non-macOS host")
+def test_off_macos_the_host_rules_every_core_ml_unit_out(flexible: Path) -> None:
+    out = capability_verdicts(read_package(flexible))
+    assert set(out) == {"ane", "gpu", "cpu"} and all("Core ML unavailable" in r for r in out.values())
+    # the reference executor is no Core ML unit: it still answers
+    x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    res = Predictor(flexible).predict({"x": x})
+    assert res.unit == "reference"
+    np.testing.assert_allclose(res.outputs["out"], np.maximum(x @ W.T, 0), atol=5e-3, rtol=5e-3)
+
+
+def test_thermal_refresh_reads_the_check_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitnet_coreml import check
+    from bitnet_coreml.runtime import monitor
+
+    snap = monitor.read_platform()
+    monkeypatch.setattr(check, "read_thermal_state", lambda: ("Critical", "test reader"))
+    assert monitor.refresh(snap, thermal=True).thermal_state == "critical"
+    assert monitor.refresh(snap, thermal=False).thermal_state == snap.thermal_state
+    monkeypatch.setattr(check, "read_thermal_state", lambda: (None, "no reader"))
+    assert monitor.refresh(snap, thermal=True).thermal_state == "unknown"
 
 
 def test_memory_pressure_on_the_last_unit_lowers_the_batch(flexible: Path) -> None:
