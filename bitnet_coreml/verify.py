@@ -7,6 +7,9 @@ with top-1 agreement (argmax equal) and top-5 agreement (the reference's argmax 
 package's five best). When the input ``.npz`` also holds arrays named like the outputs (the bundled
 models carry torch's logits), the package is compared with those too.
 
+A Hugging Face checkpoint folder is built at the package's sequence length (its ``input_ids`` input
+is ``[1, S]``) unless ``seq_len`` is given.
+
 Thresholds default by the package's precision (fp16: cosine >= 0.999, top-1 >= 0.98; fp32: cosine
 >= 0.9999, top-1 >= 0.995) and are configurable; :class:`ParityError` (exit 1) below them.
 """
@@ -124,15 +127,33 @@ def _judge(c: Comparison, t: Thresholds) -> None:
 # --- running -------------------------------------------------------------------------------------------
 
 
-def _package_meta(package: Path) -> dict[str, str]:
+def _package_meta(package: Path) -> tuple[dict[str, str], Any]:
+    """(user metadata, model spec) of ``package``, without loading it for prediction."""
     from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
 
     ct = coremltools()
     try:
         m = ct.models.MLModel(str(package), skip_model_load=True)
+        spec = m.get_spec()
     except Exception as e:  # noqa: BLE001  (coremltools raises many types for a bad package)
         raise ModelLoadError(f"{package}: not a readable .mlpackage: {' '.join(str(e).split())}") from e
-    return dict(m.user_defined_metadata)
+    return dict(m.user_defined_metadata), spec
+
+
+def package_seq_len(package: Path, spec: Any, in_names: Mapping[str, str]) -> int:
+    """The sequence length S a checkpoint was converted at: the package's ``input_ids`` input is ``[1, S]``."""
+    name = in_names.get("input_ids", "input_ids")
+    for inp in spec.description.input:
+        if inp.name != name:
+            continue
+        shape = [int(d) for d in inp.type.multiArrayType.shape]
+        if len(shape) != 2 or shape[0] != 1 or shape[1] < 1:
+            raise InputError(f"{package}: input {name!r} has shape {shape}; a checkpoint's input_ids is [1, S] "
+                             "(pass --seq-len)")
+        return shape[1]
+    have = ", ".join(i.name for i in spec.description.input) or "none"
+    raise InputError(f"{package}: has no input {name!r} to read the sequence length from (inputs: {have}); "
+                     "pass --seq-len")
 
 
 def _load_inputs(inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None, model: Any
@@ -212,12 +233,16 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
     pkg = Path(package)
     if not pkg.exists():
         raise ModelLoadError(f"{pkg}: no such package")
-    meta = _package_meta(pkg)
+    meta, spec = _package_meta(pkg)
     precision = meta.get("bitnet_coreml.precision", "fp16")
     in_names = json.loads(meta.get("bitnet_coreml.input_names", "{}"))
     out_names = json.loads(meta.get("bitnet_coreml.output_names", "{}"))
     t = thresholds or Thresholds.for_precision(precision)
 
+    if seq_len is None and Path(source).is_dir():
+        # a checkpoint's graph is built at a fixed length: build it at the one the package was converted at
+        seq_len = package_seq_len(pkg, spec, in_names)
+        log.info("%s: sequence length %d read from the package's input_ids", pkg, seq_len)
     model = load(source, seq_len=seq_len)
     feeds, extra = _load_inputs(inputs, model)
     ort_out = run_ort(model, feeds)

@@ -19,7 +19,7 @@ from bitnet_coreml.errors import EXIT_CHECK_FAILED
 @click.option("--min-top1", type=float, default=None, help="Minimum top-1 agreement (default 0.98 fp16, 0.995 fp32).")
 @click.option("--min-top5", type=float, default=None, help="Minimum top-5 agreement (default: not checked).")
 @click.option("--max-rel-l2", type=float, default=None, help="Maximum relative L2 error (default: not checked).")
-@click.option("--seq-len", type=int, default=None, help="Sequence length for a Hugging Face checkpoint folder.")
+@click.option("--seq-len", type=int, default=None, help="Sequence length for a Hugging Face checkpoint folder (default: the package's input_ids length).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify(source: str, package: str, inputs: str | None, min_cosine: float | None, min_top1: float | None,
            min_top5: float | None, max_rel_l2: float | None, seq_len: int | None, as_json: bool) -> None:
@@ -30,7 +30,7 @@ def verify(source: str, package: str, inputs: str | None, min_cosine: float | No
     from bitnet_coreml.verify import Thresholds, _package_meta  # noqa: PLC0415
     from bitnet_coreml.verify import verify as run_verify  # noqa: PLC0415
 
-    precision = _package_meta(Path(package)).get("bitnet_coreml.precision", "fp16") if Path(package).exists() else "fp16"
+    precision = _package_meta(Path(package))[0].get("bitnet_coreml.precision", "fp16") if Path(package).exists() else "fp16"
     t = Thresholds.for_precision(precision)
     changes = {k: v for k, v in (("cosine", min_cosine), ("top1", min_top1), ("top5", min_top5),
                                  ("rel_l2", max_rel_l2)) if v is not None}
