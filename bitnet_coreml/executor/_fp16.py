@@ -21,7 +21,7 @@ _SUBNORMAL_SCALE = np.float32(2.0**24)
 
 
 # Below this size the fixed cost of the ~10 numpy calls here exceeds numpy's own conversion.
-_SMALL = 16384
+_SMALL = 4096
 
 
 def round_to_fp16(x: np.ndarray) -> np.ndarray:
