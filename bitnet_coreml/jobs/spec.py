@@ -86,6 +86,7 @@ class ModelEntry:
     check: str = "strict"
     verify: VerifySpec = field(default_factory=VerifySpec)
     output: str = "{name}-{target}.mlpackage"
+    seq_len: int | None = None  # checkpoint sources only (None for ONNX files, which carry their own shapes)
 
     def output_name(self, target: Target) -> str:
         return self.output.format(name=self.name, target=target.label, os=target.os, min_os=target.min_os or "any",
@@ -96,6 +97,8 @@ class ModelEntry:
         d = asdict(self)
         d["targets"] = None
         d["target"] = asdict(target)
+        if d["seq_len"] is None:
+            del d["seq_len"]  # entries without it keep the build keys they had before the key existed
 
         def rel(p: Any) -> Any:
             if isinstance(p, Path):
@@ -120,7 +123,8 @@ class Pipeline:
 # --- loading --------------------------------------------------------------------------------------
 
 _TOP_KEYS = ("version", "output_dir", "defaults", "model")
-_MODEL_KEYS = ("name", "source", "targets", "precision", "embed_bits", "calibration", "check", "verify", "output")
+_MODEL_KEYS = ("name", "source", "targets", "precision", "embed_bits", "calibration", "check", "verify", "output",
+               "seq_len")
 _DEFAULT_KEYS = tuple(k for k in _MODEL_KEYS if k not in ("name", "source"))
 _VERIFY_KEYS = ("enabled", "inputs", "min_cosine", "min_top1", "min_top5", "max_rel_l2")
 _TARGET_KEYS = ("os", "min_os", "chip")
@@ -230,7 +234,14 @@ def _model(ctx: _Ctx, raw: Any, defaults: dict[str, Any], i: int) -> ModelEntry:
     verify = _verify(ctx, merged_verify or {}, f"{where}.verify")
     output = ctx.typed(merged.get("output", ModelEntry.output), (str,), f"{where}.output", "a string")
     _check_output(ctx, output, f"{where}.output")
-    return ModelEntry(name, source, targets, precision, embed_bits, cal_path, check, verify, output)
+    seq_len = merged.get("seq_len")
+    if seq_len is not None:
+        ctx.typed(seq_len, (int,), f"{where}.seq_len", "a positive integer (tokens)")
+        if seq_len < 1:
+            raise ctx.fail(f"{where}.seq_len", f"{seq_len} is out of range; allowed: a positive integer (tokens)")
+        if not source.is_dir():
+            seq_len = None  # an ONNX file carries its own input shapes: the key does not apply
+    return ModelEntry(name, source, targets, precision, embed_bits, cal_path, check, verify, output, seq_len)
 
 
 def _targets(ctx: _Ctx, raw: Any, where: str) -> tuple[Target, ...]:

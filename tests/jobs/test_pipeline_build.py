@@ -168,3 +168,32 @@ def test_converter_bug_in_one_entry_does_not_stop_the_others(built: tuple[Path, 
     z = next(r for r in report.results if r.model == "z")
     assert z.reason == "internal error: RuntimeError: injected converter bug" and report.exit_code == 3
     assert not (tmp / "out" / "z-macos14-m1.mlpackage").exists()
+
+
+def test_checkpoint_entry_with_seq_len_builds_that_input_length(tmp_path: Path) -> None:
+    ckpt = MODELS / "hf" / "bitnet-tiny-packed"
+    if not ckpt.is_dir():
+        pytest.skip("bundled checkpoint models/hf/bitnet-tiny-packed missing")
+    p = tmp_path / "p.toml"
+    # fp32: the random-weight checkpoint's near-tied logits make fp16's top-1 a coin flip on a few tokens
+    p.write_text(f'''
+output_dir = "out"
+[[model]]
+name = "tiny"
+source = "{ckpt.as_posix()}"
+seq_len = 16
+precision = "fp32"
+check = "warn"
+targets = [{{ os = "macOS", min_os = "14" }}]
+''')
+    report = run_pipeline(p)
+    assert _status(report) == {"tiny": "built"}, [(r.model, r.reason) for r in report.results]
+    pkg = tmp_path / "out" / "tiny-macos14.mlpackage"
+    from bitnet_coreml._quiet import coremltools
+
+    spec = coremltools().models.MLModel(str(pkg), skip_model_load=True).get_spec()
+    [inp] = spec.description.input
+    assert (inp.name, list(inp.type.multiArrayType.shape)) == ("input_ids", [1, 16])
+    assert [o.name for o in spec.description.output] == ["logits"]
+    rep = json.loads((tmp_path / "out" / "tiny-macos14.report.json").read_text())
+    assert rep["parity"]["passed"] and rep["parity"]["comparisons"]  # verified at the same length

@@ -56,6 +56,10 @@ CASES = [
     ("no models", 'output_dir = "out"\n', ["no [[model]] entries"]),
     ("bad version", "version = 2\n" + MODEL, ["version", "allowed: 1"]),
     ("not toml", "[[model]\nname=", ["not valid TOML"]),
+    ("seq_len zero", MODEL + "seq_len = 0\n", ["model 'm'.seq_len", "0 is out of range", "positive integer"]),
+    ("seq_len string", MODEL + 'seq_len = "16"\n', ["model 'm'.seq_len", "'16' is a string", "positive integer"]),
+    ("seq_len boolean", MODEL + "seq_len = true\n", ["model 'm'.seq_len", "True is a boolean"]),
+    ("seq_len float", '[defaults]\nseq_len = 16.0\n' + MODEL, ["model 'm'.seq_len", "16.0 is a number"]),
 ]
 
 
@@ -107,3 +111,17 @@ def test_bundled_pipelines_load() -> None:
     for path in sorted(root.glob("*.toml")):
         p = load_pipeline(path)
         assert p.models and all(m.source.exists() for m in p.models)
+
+
+def test_seq_len_applies_to_checkpoint_sources_only(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    path = _write(tmp_path, '[defaults]\nseq_len = 32\n' + MODEL + MODEL.replace('name = "m"', 'name = "c"')
+                  .replace('"m.onnx"', '"ckpt"') + MODEL.replace('name = "m"', 'name = "d"').replace('"m.onnx"', '"ckpt"')
+                  + "seq_len = 16\n")
+    m, c, d = load_pipeline(path).models
+    assert (m.seq_len, c.seq_len, d.seq_len) == (None, 32, 16)  # an ONNX file keeps its own shapes
+    t = c.targets[0]
+    # the sequence length is part of the build key, so changing it rebuilds; ONNX entries' keys lack it
+    assert c.canonical(t, tmp_path)["seq_len"] == 32 and "seq_len" not in m.canonical(t, tmp_path)
