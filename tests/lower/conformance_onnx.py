@@ -4,16 +4,18 @@ Each case of ``onnx.backend.test.case.node.collect_testcases()`` (shipped in the
 model plus inputs plus the outputs ONNX expects. For each case whose ops we claim, this harness:
 
 1. loads the model into onnx-ir;
-2. lowers it to a MIL program with the registered lowerings (a minimal graph walker lives here;
-   shape-valued inputs that Core ML needs fixed, like Reshape's ``shape``, are bound to the case's
-   data as constants, as an exported model would have them as initializers);
+2. binds to constants the graph inputs Core ML needs fixed (``CONST_SLOTS``: Reshape's ``shape``,
+   Slice's starts, weights, ...), as an exported model has them as initializers, plus rank-0 and
+   unread inputs; input dtypes a Core ML model cannot declare (int8/uint8/int16/uint16/uint32/uint64,
+   float64) are declared int32/float32 (values checked to fit);
 3. evaluates it, in one of two modes:
 
-   * ``"execute"``: ``ct.convert(prog, convert_to="mlprogram", compute_precision=FLOAT32)`` and the
-     project's :class:`bitnet_coreml.executor.ReferenceExecutor` (numpy execution of the package);
-   * ``"fold"``: the inputs are MIL constants and the outputs are read from coremltools' own
-     value inference of each MIL op (no conversion). Only ops with a value inference produce a
-     result; the rest are reported as ``no-oracle``.
+   * ``"execute"``: the convert stage's ``build_program`` + ``convert_program`` (``ct.convert`` to an
+     ML Program, fp32 by default, ``--precision``/``--ios`` to change) and the project's
+     :class:`bitnet_coreml.executor.ReferenceExecutor` (numpy execution of the package);
+   * ``"fold"``: a minimal graph walker here feeds the inputs as MIL constants and reads the outputs
+     from coremltools' own value inference of each MIL op (no conversion). Only ops with a value
+     inference produce a result; the rest are reported as ``no-oracle``.
 
 4. compares with the expected outputs (exact for ints/bools, the case's rtol/atol for floats).
 

@@ -71,8 +71,12 @@ def _pool(ctx: LoweringContext, node: ir.Node, kind: str) -> Sequence[Any]:
     n_spatial = len(xs) - 2
     if n_spatial not in (1, 2, 3):
         raise unsupported(node, f"input rank {len(xs)} (allowed: 3, 4, 5)")
-    if np_dtype(x).kind != "f":
+    int_input = np_dtype(x).kind != "f"
+    if int_input and kind != "max":
         raise unsupported(node, f"input dtype {np_dtype(x)} (Core ML pools float tensors only)")
+    if int_input:
+        # MaxPool of (u)int8 data: the max of fp32 copies is exact (|v| < 2**24), then back to int32.
+        x = mb().cast(x=x, dtype="fp32", name=f"{ctx.name(node)}_f")
     if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].name:
         raise unsupported(node, "the Indices output of MaxPool is not supported")
     kernel = attr(node, "kernel_shape")
@@ -87,6 +91,9 @@ def _pool(ctx: LoweringContext, node: ir.Node, kind: str) -> Sequence[Any]:
     common = {"x": x, "kernel_sizes": np.asarray(kernel, np.int32), "strides": np.asarray(strides, np.int32),
               "name": ctx.name(node), **kw}
     if kind == "max":
+        if int_input:
+            common["name"] = f"{ctx.name(node)}_pool"
+            return [m.cast(x=m.max_pool(**common), dtype="int32", name=ctx.name(node))]
         return [m.max_pool(**common)]
     return [m.avg_pool(exclude_padding_from_average=not bool(attr(node, "count_include_pad", 0)), **common)]
 
