@@ -44,6 +44,7 @@ def round_to_fp16(x: np.ndarray) -> np.ndarray:
         over = np.abs(out) > F16_MAX
         out[over] = np.copysign(np.float32(np.inf), x[over])
     small = a < F16_MIN_NORMAL
+    small &= a != 0  # zeros (every relu output has many) are already exact
     if small.any():  # fp16 subnormals: a fixed grid of 2**-24, round half to even
         out[small] = np.round(x[small] * _SUBNORMAL_SCALE) / _SUBNORMAL_SCALE
     return out
