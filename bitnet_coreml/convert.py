@@ -268,7 +268,9 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
     stage("load")
     t0 = time.perf_counter()
-    model = load(source, seq_len=options.seq_len)
+    # An fp16 build stores the embedding / lm_head in fp16 anyway: importing a checkpoint's bf16 table
+    # as fp16 (exact for bf16 values in fp16's range) halves its memory in every later stage.
+    model = load(source, seq_len=options.seq_len, embed_dtype="float16" if options.precision == "fp16" else "float32")
     sha = source_sha256(source, model if Path(source).is_file() else None)
     timed("load", t0)
 
