@@ -155,3 +155,33 @@ def test_ternary_package_via_palettization(tmp_path: Path, target: str) -> None:
     assert "constexpr_lut_to_dense" in ops
     (y,) = ex.predict({"x": x}).values()
     np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8"])
+@pytest.mark.parametrize("per_axis", [False, True])
+def test_quantize_dequantize(dtype: str, per_axis: bool) -> None:
+    """iOS17 quantize / dequantize against the spec: q = clip(round_half_even(x / s + zp)), x' = (q - zp) * s."""
+    x = rand((2, 3, 4), seed=7, lo=-3, hi=3)
+    if per_axis:
+        scale = np.array([0.02, 0.05, 0.1], np.float32)
+        zp = np.array([0, 3, -2] if dtype == "int8" else [128, 100, 140], getattr(np, dtype))
+        kw = {"axis": 1}
+        s_b, z_b = scale.reshape(1, 3, 1), zp.reshape(1, 3, 1).astype(np.float64)
+    else:
+        scale = np.float32(0.03)
+        zp = getattr(np, dtype)(5 if dtype == "int8" else 128)
+        kw = {}
+        s_b, z_b = np.float64(scale), np.float64(zp)
+    lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
+
+    def build(x):  # type: ignore[no-untyped-def]
+        q = mb.quantize(input=x, scale=scale, zero_point=zp, output_dtype=dtype, **kw)
+        return [q, mb.dequantize(input=q, scale=scale, zero_point=zp, **kw)]
+
+    from tests.executor._helpers import run_program
+
+    q, dq = run_program(build, {"x": x}, opset=ct.target.iOS17).values()
+    ref_q = np.clip(np.round(x.astype(np.float64) / s_b + z_b), lo, hi)
+    assert q.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(q, ref_q)
+    np.testing.assert_allclose(dq, (ref_q - z_b) * s_b, rtol=1e-6, atol=1e-7)
