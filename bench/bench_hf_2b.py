@@ -125,10 +125,11 @@ def convert_stages(folder: Path, seq_len: int, extra: list[str], embed_dtype: st
     from bitnet_coreml.convert import ConvertOptions, convert
     from bitnet_coreml.frontend.hf_checkpoint import load_checkpoint
 
-    if embed_dtype != "float32":
-        # convert() loads through frontend.load(), which has no embed_dtype yet: route it here
-        frontend.load = lambda path, *, seq_len=None: load_checkpoint(path, seq_len=seq_len or 64,  # type: ignore[misc]
-                                                                      embed_dtype=embed_dtype)
+    if embed_dtype != "auto":
+        # convert() picks fp16 for fp16 builds itself; this forces a dtype to compare the two
+        forced = embed_dtype
+        frontend.load = lambda path, *, seq_len=None, **_: load_checkpoint(  # type: ignore[misc]
+            path, seq_len=seq_len or 64, embed_dtype=forced)
 
     proc = psutil.Process()
     cur, peaks, marks = ["start"], {}, []
@@ -191,8 +192,9 @@ def main() -> None:
                          "waking the OOM killer on a shared machine; 0 disables")
     ap.add_argument("--convert-args", default="--target macos",
                     help="extra arguments for `bitnet-coreml convert` (the iOS 1 GB package limit needs --embed-bits)")
-    ap.add_argument("--embed-dtype", default="float32", choices=["float32", "float16"],
-                    help="dtype the embedding / lm_head are imported in (load_checkpoint(embed_dtype=...))")
+    ap.add_argument("--embed-dtype", default="auto", choices=["auto", "float32", "float16"],
+                    help="force the dtype the embedding / lm_head are imported in (load_checkpoint(embed_dtype=...)); "
+                         "auto: what convert() picks (fp16 for fp16 builds)")
     ap.add_argument("--baseline", action="store_true", help="also time transformers' from_pretrained (.venv-export)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     args = ap.parse_args()

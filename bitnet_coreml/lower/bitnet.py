@@ -120,6 +120,18 @@ def ternary_lut_weight(codes: np.ndarray, name: str, dtype: Any = np.float32, io
     )
 
 
+def _lut_weight_from_indices(indices: np.ndarray, shape: tuple[int, ...], name: str, dtype: Any, ios: int) -> Any:
+    """Like :func:`ternary_lut_weight`, from ready indices: packed bytes (iOS16/17) or uint8 ``[N, K]`` (iOS18)."""
+    mb = _mb()
+    if ios >= 18:
+        from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+        idx = indices.reshape(shape).astype(types.np_uint2_dtype)
+        return mb.constexpr_lut_to_dense(indices=idx, lut=TERNARY_LUT.astype(dtype).reshape(1, 1, 4, 1), name=name)
+    return mb.constexpr_lut_to_dense(indices=indices, lut=TERNARY_LUT.astype(dtype),
+                                     shape=np.array(shape, dtype=np.uint32), name=name)
+
+
 # --- lowerings -------------------------------------------------------------------------------------
 
 
@@ -139,12 +151,20 @@ def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
             f"node {node.name!r} (BitLinear): the weight must be an initializer of ternary codes, found a "
             "computed value"
         )
-    codes = w_val.const_value.numpy()
-    check_ternary_codes(codes, f"node {node.name!r}")
-    if codes.ndim != 2:
-        raise InputError(f"node {node.name!r} (BitLinear): weight must be [N, K], found shape {list(codes.shape)}")
+    tensor = w_val.const_value
+    shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) != 2:
+        raise InputError(f"node {node.name!r} (BitLinear): weight must be [N, K], found shape {list(shape)}")
+    ios = int(ctx.options.get("ios", 16))
+    # A checkpoint's ternary tensor hands out the 2-bit indices straight from its packed bytes (and
+    # validates them): no int8 copy of the weight is made.
+    lut_source = getattr(tensor, "lut2_bytes" if ios < 18 else "lut_indices", None)
+    codes: np.ndarray | None = None
+    if lut_source is None:
+        codes = tensor.numpy()
+        check_ternary_codes(codes, f"node {node.name!r}")
     alpha = np.asarray(ctx.const(node, 2), dtype=np.float64)
-    n_out = codes.shape[0]
+    n_out = shape[0]
     if alpha.size not in (1, n_out):
         raise InputError(
             f"node {node.name!r} (BitLinear): Alpha must be a scalar or have {n_out} entries (one per output "
@@ -167,7 +187,11 @@ def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     xr = round_half_even(xs, f"{nm}_round")
     xq = mb.clip(x=xr, alpha=f(qn), beta=f(qp), name=f"{nm}_xq")
     xn = mb.mul(x=xq, y=f(1.0 / pow2), name=f"{nm}_xn")
-    w = ternary_lut_weight(codes, f"{nm}_w", f, int(ctx.options.get("ios", 16)))
+    if codes is not None:
+        w = ternary_lut_weight(codes, f"{nm}_w", f, ios)
+    else:
+        assert lut_source is not None
+        w = _lut_weight_from_indices(lut_source(), shape, f"{nm}_w", f, ios)
     # matmul, not linear: linear always carries a bias, and a zero bias of N fp16 values per layer
     # would cost 8/K of the 2-bit weight bytes (0.8% at K=1024) for nothing.
     y = mb.matmul(x=xn, y=w, transpose_x=False, transpose_y=True, name=f"{nm}_mm")
