@@ -81,7 +81,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     full = config.getoption("--conformance-full")
-    seen_functions: set[str] = set()
+    seen_classes: set[str] = set()
     for item in items:
         if not _is_ct_item(item):
             continue
@@ -89,9 +89,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if all(n in item.nodeid for n in needles):
                 item.add_marker(pytest.mark.skip(reason=f"excluded: {reason}"))
         # the subset: the first case of every test class (about one per op and opset)
-        fn_key = item.nodeid.split("::")[1] if item.nodeid.count("::") >= 2 else item.nodeid
-        in_subset = fn_key not in seen_functions
-        seen_functions.add(fn_key)
+        class_key = item.nodeid.split("::")[1] if item.nodeid.count("::") >= 2 else item.nodeid
+        in_subset = class_key not in seen_classes
+        seen_classes.add(class_key)
         if full or not in_subset:
             item.add_marker(pytest.mark.conformance)
 
@@ -128,8 +128,10 @@ class _Report:
                 reason = str(report.longrepr[2]).removeprefix("Skipped: ")
             elif outcome == "failed":
                 text = str(report.longrepr)
-                last = [ln for ln in text.splitlines() if ln.startswith("E ")]
-                reason = (last[0][2:].strip() if last else text.splitlines()[-1])[:160]
+                # the first "E" line that says more than the exception's name
+                said = [ln[2:].strip() for ln in text.splitlines() if ln.startswith("E ")]
+                said = [ln for ln in said if ln and not ln.endswith("Error:")] or said
+                reason = (said[0] if said else text.splitlines()[-1])[:160]
             self.outcomes[report.nodeid] = outcome
             self.reasons[report.nodeid] = reason
 
