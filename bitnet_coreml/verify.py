@@ -11,7 +11,9 @@ A Hugging Face checkpoint folder is built at the package's sequence length (its 
 is ``[1, S]``) unless ``seq_len`` is given.
 
 Thresholds default by the package's precision (fp16: cosine >= 0.999, top-1 >= 0.98; fp32: cosine
->= 0.9999, top-1 >= 0.995) and are configurable; :class:`ParityError` (exit 1) below them.
+>= 0.9999, top-1 >= 0.995) and are configurable; :class:`ParityError` (exit 1) below them. For fp16
+packages the top-1 gate counts a mismatch only where the reference's top two logits are more than
+``TIE_FP16_STEPS`` fp16 steps apart (``top1_resolvable``); strict top-1 is always reported beside it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Comparison:
     max_abs: float
     top1: float | None = None
     top5: float | None = None
+    top1_resolvable: float | None = None
     passed: bool = True
     failures: list[str] = field(default_factory=list)
 
@@ -82,8 +85,26 @@ class ParityReport:
 # --- metrics -----------------------------------------------------------------------------------------
 
 
-def metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, float | None]:
-    """cosine, relative L2, max-abs, and for logits-like arrays top-1 / top-5 agreement."""
+# A top-1 mismatch counts only when the reference's top two logits are further apart than this many
+# fp16 steps at the row's magnitude: closer than that, the package's storage format cannot order them
+# and either answer is right (random-init models have many such near-ties; trained ones few).
+TIE_FP16_STEPS = 2
+
+
+def _fp16_step(x: np.ndarray) -> np.ndarray:
+    """Spacing of fp16 numbers at magnitude ``x`` (elementwise)."""
+    x = np.maximum(np.abs(x), 2.0**-14)
+    return 2.0 ** (np.floor(np.log2(x)) - 10)
+
+
+def metrics(ref: np.ndarray, got: np.ndarray, *, fp16_ties: bool = False) -> dict[str, float | None]:
+    """cosine, relative L2, max-abs, and for logits-like arrays top-1 / top-5 agreement.
+
+    ``top1`` is strict argmax agreement. ``top1_resolvable`` (with ``fp16_ties``) also accepts the
+    package's argmax when its reference logit is within ``TIE_FP16_STEPS`` fp16 steps of the reference
+    maximum: a gap fp16 cannot represent is a tie, not an error. Both are reported; fp16 packages are
+    gated on the second.
+    """
     r = np.asarray(ref, np.float64)
     g = np.asarray(got, np.float64)
     if r.shape != g.shape:
@@ -100,12 +121,18 @@ def metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, float | None]:
         "cosine": cos,
         "rel_l2": float(np.linalg.norm(rf - gf) / nr) if nr > 0 else float(np.linalg.norm(gf)),
         "max_abs": float(np.max(np.abs(rf - gf))) if rf.size else 0.0,
-        "top1": None, "top5": None,
+        "top1": None, "top5": None, "top1_resolvable": None,
     }
     if r.ndim >= 2 and r.shape[-1] >= 2:
         r2, g2 = r.reshape(-1, r.shape[-1]), g.reshape(-1, g.shape[-1])
         ra = r2.argmax(-1)
-        out["top1"] = float(np.mean(ra == g2.argmax(-1)))
+        ga = g2.argmax(-1)
+        out["top1"] = float(np.mean(ra == ga))
+        if fp16_ties:
+            rows = np.arange(r2.shape[0])
+            rmax = r2[rows, ra]
+            tol = TIE_FP16_STEPS * _fp16_step(rmax)
+            out["top1_resolvable"] = float(np.mean((ra == ga) | (r2[rows, ga] >= rmax - tol)))
         k = min(5, r.shape[-1])
         top = np.argpartition(-g2, k - 1, axis=-1)[:, :k]
         out["top5"] = float(np.mean((top == ra[:, None]).any(-1)))
@@ -117,8 +144,10 @@ def _judge(c: Comparison, t: Thresholds) -> None:
         c.failures.append(f"cosine {c.cosine:.6f} < {t.cosine}")
     if t.rel_l2 is not None and c.rel_l2 > t.rel_l2:
         c.failures.append(f"relative L2 {c.rel_l2:.4g} > {t.rel_l2}")
-    if c.top1 is not None and c.top1 < t.top1:
-        c.failures.append(f"top-1 agreement {c.top1:.4f} < {t.top1}")
+    top1 = c.top1_resolvable if c.top1_resolvable is not None else c.top1
+    if top1 is not None and top1 < t.top1:
+        what = "top-1 agreement outside fp16 ties" if c.top1_resolvable is not None else "top-1 agreement"
+        c.failures.append(f"{what} {top1:.4f} < {t.top1} (strict top-1 {c.top1:.4f})")
     if c.top5 is not None and t.top5 is not None and c.top5 < t.top5:
         c.failures.append(f"top-5 agreement {c.top5:.4f} < {t.top5}")
     c.passed = not c.failures
@@ -222,13 +251,23 @@ def _coreml_runs(package: Path, feeds: dict[str, np.ndarray]) -> dict[str, dict[
     return runs
 
 
+RANDOM_DRAWS = 4
+
+
+def _stack(outs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate per-draw outputs along the batch axis (one draw: unchanged)."""
+    if len(outs) == 1:
+        return dict(outs[0])
+    return {k: np.concatenate([np.asarray(o[k]) for o in outs], axis=0) for k in outs[0]}
+
+
 def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
            inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
            thresholds: Thresholds | None = None, *, raise_on_failure: bool = True,
            seq_len: int | None = None) -> ParityReport:
     """Compare ``package`` with ``source``; see the module docstring."""
     from bitnet_coreml.frontend import load  # noqa: PLC0415
-    from bitnet_coreml.lower.fp16 import run_ort  # noqa: PLC0415
+    from bitnet_coreml.lower.fp16 import random_calibration, run_ort  # noqa: PLC0415
 
     pkg = Path(package)
     if not pkg.exists():
@@ -244,15 +283,25 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
         seq_len = package_seq_len(pkg, spec, in_names)
         log.info("%s: sequence length %d read from the package's input_ids", pkg, seq_len)
     model = load(source, seq_len=seq_len)
-    feeds, extra = _load_inputs(inputs, model)
-    ort_out = run_ort(model, feeds)
+    if inputs is None:
+        # Agreement rates over one random 16-token input move in steps of 6%; several draws make the
+        # top-1 gate mean something on models with a fixed short sequence.
+        feed_list = [random_calibration(model, seed=1 + i) for i in range(RANDOM_DRAWS)]
+        extra: dict[str, np.ndarray] = {}
+    else:
+        feeds, extra = _load_inputs(inputs, model)
+        feed_list = [feeds]
+    ort_out = _stack([run_ort(model, f) for f in feed_list])
     del model
 
     ex = _executor(pkg)
     specs = getattr(ex, "input_specs", None)
-    pfeeds = _package_feeds(feeds, in_names, specs)
-    runs = {"reference-executor": ex.predict(pfeeds)}
-    runs.update(_coreml_runs(pkg, pfeeds))
+    pfeed_list = [_package_feeds(f, in_names, specs) for f in feed_list]
+    runs = {"reference-executor": _stack([ex.predict(pf) for pf in pfeed_list])}
+    coreml = [_coreml_runs(pkg, pf) for pf in pfeed_list]
+    for runner in coreml[0]:
+        if all(runner in c for c in coreml):
+            runs[runner] = _stack([c[runner] for c in coreml])
 
     report = ParityReport(str(source), str(pkg), precision, t)
     for runner, outs in runs.items():
@@ -265,9 +314,9 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
             if onnx_name in extra and np.shape(extra[onnx_name]) == np.shape(ref):
                 refs.append(("expected (npz)", extra[onnx_name]))
             for ref_name, ref_arr in refs:
-                m = metrics(ref_arr, outs[mil])
+                m = metrics(ref_arr, outs[mil], fp16_ties=precision != "fp32")
                 c = Comparison(onnx_name, ref_name, runner, m["cosine"] or 0.0, m["rel_l2"] or 0.0,
-                               m["max_abs"] or 0.0, m["top1"], m["top5"])
+                               m["max_abs"] or 0.0, m["top1"], m["top5"], m["top1_resolvable"])
                 _judge(c, t)
                 report.comparisons.append(c)
     if raise_on_failure and not report.passed:

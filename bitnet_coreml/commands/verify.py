@@ -43,11 +43,11 @@ def verify(source: str, package: str, inputs: str | None, min_cosine: float | No
         from rich.table import Table  # noqa: PLC0415
 
         con = Console()
-        tab = Table("runner", "reference", "output", "cosine", "rel L2", "max abs", "top-1", "top-5", "ok",
+        tab = Table("runner", "reference", "output", "cosine", "rel L2", "max abs", "top-1 (outside ties)", "top-5", "ok",
                     title=f"{package} vs {source} ({report.precision})")
         for c in report.comparisons:
             tab.add_row(c.runner, c.reference, c.output, f"{c.cosine:.6f}", f"{c.rel_l2:.4g}", f"{c.max_abs:.4g}",
-                        "" if c.top1 is None else f"{c.top1:.4f}", "" if c.top5 is None else f"{c.top5:.4f}",
+                        _top1(c), "" if c.top5 is None else f"{c.top5:.4f}",
                         "yes" if c.passed else "NO")
         con.print(tab)
         for s in report.skipped:
@@ -59,3 +59,11 @@ def verify(source: str, package: str, inputs: str | None, min_cosine: float | No
         if not as_json:
             click.echo("error: parity below threshold", err=True)
         sys.exit(EXIT_CHECK_FAILED)
+
+
+def _top1(c: object) -> str:
+    top1 = getattr(c, "top1", None)
+    res = getattr(c, "top1_resolvable", None)
+    if top1 is None:
+        return ""
+    return f"{top1:.4f}" if res is None else f"{top1:.4f} ({res:.4f})"
