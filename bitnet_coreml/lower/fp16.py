@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,8 +119,10 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
            and v not in graph.inputs]
     for v in big:
         del graph.initializers[str(v.name)]
-    graph.inputs.extend(big)
-    gated = _gate_weights(graph, set(big), model.opset_imports.get("", 0))
+    gated, packed = _gate_weights(graph, set(big), model.opset_imports.get("", 0))
+    fed = [v for v in big if v.uses()]  # a packed checkpoint weight is fed as its packed bytes instead
+    added_inputs = [*fed, *packed]
+    graph.inputs.extend(added_inputs)
     # Small initializers may still reference the source file (memory-mapped); inline them.
     swapped = {}
     for v in graph.initializers.values():
@@ -136,7 +138,7 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
             node.replace_input_with(1, w)
             for n in reversed(added):
                 graph.remove(n, safe=True)
-        for _ in big:
+        for _ in added_inputs:
             graph.inputs.pop()
         for _ in extra:
             graph.outputs.pop()
@@ -157,9 +159,11 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
     names = [o.name for o in sess.get_outputs()]
     # OrtValues share the numpy buffers; plain numpy feeds are copied into ORT's own tensors.
     run_feeds = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
-    for v in big:
+    for v in fed:
         run_feeds[str(v.name)] = ort.OrtValue.ortvalue_from_numpy(
             np.ascontiguousarray(v.const_value.numpy()))  # type: ignore[union-attr]
+    for v in packed:
+        run_feeds[str(v.name)] = ort.OrtValue.ortvalue_from_numpy(packed[v]())
     results = sess.run(names, run_feeds)
     del run_feeds, sess
     return dict(zip(names, results, strict=True))
@@ -187,17 +191,24 @@ def _mmap_large_allocations() -> None:
         log.debug("mallopt unavailable; calibration memory may stay higher")
 
 
-def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int) -> list[tuple[ir.Node, ir.Value, list[ir.Node]]]:
-    """Make each BitLinear's fed weight wait for the layer's activation (``Where(Shape(X)==Shape(X), W, W)``).
+def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int
+                  ) -> tuple[list[tuple[ir.Node, ir.Value, list[ir.Node]]], dict[ir.Value, Callable[[], np.ndarray]]]:
+    """Make each BitLinear's fed weight wait for the layer's activation; unpack packed checkpoint weights in ORT.
 
     ORT inlines the BitLinear body and its ``CastLike(W, X)`` becomes a ``Cast`` that depends on the
     weight alone, so the executor casts (and transposes) weights to fp32 long before their layer
-    runs and holds them meanwhile (2B checkpoint: +5.5 GB at the peak). The gate is an exact
-    identity whose result exists only once ``X`` does; it costs one int8 copy of one layer at a time.
+    runs and holds them meanwhile (2B checkpoint: +5.5 GB at the peak). The gate
+    ``Where(Shape(X)[:1] == Shape(X)[:1], W, W)`` is an exact identity whose result exists only
+    once ``X`` does. A checkpoint weight that is stored packed (uint8 ``[N/4, K]``, row block ``i``
+    in bits ``2i..2i+1``, value = code + 1) is fed as those bytes (a quarter of the int8 codes) and
+    unpacked by the gate: ``(P << (6 - 2i)) >> 6`` per block, Concat, Cast to float, minus 1.
+
+    Returns (node, original weight, added nodes) per gated node, and the packed inputs to feed.
     """
     gated: list[tuple[ir.Node, ir.Value, list[ir.Node]]] = []
+    packed: dict[ir.Value, Callable[[], np.ndarray]] = {}
     if opset < 15:  # Shape's start/end arrived in opset 15; such old graphs are not worth a variant
-        return gated
+        return gated, packed
     for node in list(graph):
         if not (node.domain == DOMAIN and node.op_type == "BitLinear" and len(node.inputs) > 1):
             continue
@@ -205,16 +216,41 @@ def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int) -> list[tuple
         if x is None or w is None or w not in fed:
             continue
         base = f"{w.name}.calibration_gate"
-        shape = ir.node("Shape", [x], attributes={"start": 0, "end": 1}, name=f"{base}.shape")
-        cond = ir.node("Equal", [shape.outputs[0], shape.outputs[0]], name=f"{base}.eq")
-        where = ir.node("Where", [cond.outputs[0], w, w], name=base)
-        for n in (shape, cond, where):
+        added: list[ir.Node] = []
+
+        def add(op: str, inputs: list[ir.Value], suffix: str, **attrs: Any) -> ir.Value:
+            n = ir.node(op, inputs, attributes=attrs, name=f"{base}.{suffix}")
             n.outputs[0].name = n.name
-        added = [shape, cond, where]
+            added.append(n)
+            return n.outputs[0]
+
+        shape = add("Shape", [x], "shape", start=0, end=1)
+        cond = add("Equal", [shape, shape], "eq")
+        source = getattr(w.const_value, "packed_source", None)
+        if source is not None and getattr(w.const_value, "kind", "") == "packed" \
+                and getattr(w.const_value, "is_packed", False) and len(w.uses()) == 1:
+            tensor = w.const_value
+            rows, k = (int(d) for d in tensor.shape)  # type: ignore[union-attr]
+            p = ir.Value(name=f"{w.name}.packed", type=ir.TensorType(ir.DataType.UINT8),
+                         shape=ir.Shape([rows // 4, k]))
+            packed[p] = lambda t=tensor: np.ascontiguousarray(t.packed_source())
+            gate = add("Where", [cond, p, p], "where")
+            blocks = []
+            for i in range(4):
+                left = add("Constant", [], f"l{i}", value=ir.tensor(np.array(6 - 2 * i, np.uint8)))
+                right = add("Constant", [], f"r{i}", value=ir.tensor(np.array(6, np.uint8)))
+                hi = add("BitShift", [gate, left], f"shl{i}", direction="LEFT")
+                blocks.append(add("BitShift", [hi, right], f"shr{i}", direction="RIGHT"))
+            idx = add("Concat", blocks, "concat", axis=0)
+            f = add("Cast", [idx], "cast", to=int(ir.DataType.FLOAT))
+            one = add("Constant", [], "one", value=ir.tensor(np.array(1.0, np.float32)))
+            new_w = add("Sub", [f, one], "codes")
+        else:
+            new_w = add("Where", [cond, w, w], "where")
         graph.insert_before(node, added)
-        node.replace_input_with(1, where.outputs[0])
+        node.replace_input_with(1, new_w)
         gated.append((node, w, added))
-    return gated
+    return gated, packed
 
 
 def measure(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[float, float]]:
