@@ -11,17 +11,21 @@ and before lowering, so ONNX Runtime can still check the result against the orig
   ``Where(ids in [a, b), Gather(E[a:b], clip(ids - a, 0, b-a-1)), 0)``: exactly one chunk holds each
   id, so the sum adds only zeros to the selected row and is exact.
 
-Chunks have equal size ``ceil(N / ceil(N / limit))`` (the last one may be smaller).
+Which nodes (MatMul, Gather) and which chunks come from ``bitnet_coreml.check.split`` (``split_of`` /
+``split_chunks``), the one rule the check's report and size estimate use too: chunks have equal size
+``ceil(N / ceil(N / limit))`` (the last one may be smaller). Gemm(transB) lm_heads use the same chunks;
+the check does not list them yet.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
+from bitnet_coreml.check.split import split_chunks, split_of
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +40,12 @@ def _dims(shape: Any) -> list[int] | None:
 
 
 def _chunks(n: int, limit: int) -> list[tuple[int, int]]:
-    parts = math.ceil(n / limit)
-    size = math.ceil(n / parts)
-    return [(a, min(n, a + size)) for a in range(0, n, size)]
+    """``[a, b)`` ranges of the chunks ``bitnet_coreml.check.split.split_chunks`` defines (the one rule)."""
+    bounds, a = [], 0
+    for size in split_chunks(n, limit):
+        bounds.append((a, a + size))
+        a += size
+    return bounds
 
 
 class _RowChunks:
@@ -221,19 +228,16 @@ def split_large_dims(model: ir.Model, limit: int = ANE_DIM_LIMIT) -> list[str]:
             if w_arr is not None:
                 notes.append(_split_gemm(graph, node, w_arr, limit, rows))
             continue
-        if node.op_type == "MatMul" and len(node.inputs) == 2:
-            w = node.inputs[1]
-            wshape = _dims(w.const_value.shape) if w is not None and w.const_value is not None else None
-            if w is not None and w.const_value is not None and wshape is not None and len(wshape) == 2 \
-                    and wshape[1] > limit:
-                notes.append(_split_matmul(graph, node, w.const_value.numpy(), limit))
-        elif node.op_type == "Gather":
-            data = node.inputs[0]
-            axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
-            dshape = _dims(data.const_value.shape) if data is not None and data.const_value is not None else None
-            if data is not None and data.const_value is not None and axis == 0 and dshape is not None \
-                    and len(dshape) == 2 and dshape[0] > limit:
-                notes.append(_split_gather(graph, node, data.const_value.numpy(), limit, opset, rows))
+        # MatMul / Gather: exactly the splits the check reports as fixed by the converter
+        info = split_of(node, limit)
+        if info is None:
+            continue
+        table = node.inputs[info.input_index]
+        assert table is not None and table.const_value is not None
+        if info.op_type == "MatMul":
+            notes.append(_split_matmul(graph, node, table.const_value.numpy(), limit))
+        elif info.op_type == "Gather":
+            notes.append(_split_gather(graph, node, table.const_value.numpy(), limit, opset, rows))
     for n in notes:
         log.info("split: %s", n)
     return notes

@@ -132,3 +132,21 @@ def test_tied_embedding_package_stores_table_once(tmp_path) -> None:  # type: ig
     table_fp16 = 3000 * 64 * 2
     assert table_fp16 <= r.weight_bytes <= 1.02 * table_fp16 + 4096
     assert r.parity is not None and r.parity["passed"]
+
+
+def test_split_follows_the_checks_plan() -> None:
+    """The converter cuts exactly the tables the check lists, into the chunks the check lists (one rule)."""
+    from bitnet_coreml.check.split import nodes_needing_split  # noqa: PLC0415
+
+    model = ir.serde.deserialize_model(_lm(50, 4))
+    plan = nodes_needing_split(model, 16)
+    assert {(s.op_type, s.chunks) for s in plan} == {("Gather", (13, 13, 13, 11)), ("MatMul", (13, 13, 13, 11))}
+    split_large_dims(model, limit=16)
+    parts = {n.name: n for n in model.graph}
+    for s in plan:
+        axis_sizes = []
+        for i in range(len(s.chunks)):
+            part = parts[f"{s.node}.part{i}"]
+            table = part.inputs[0 if s.op_type == "Gather" else 1]
+            axis_sizes.append(table.const_value.shape[s.axis])
+        assert tuple(axis_sizes) == s.chunks
