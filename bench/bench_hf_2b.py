@@ -9,6 +9,8 @@ the kernel's peak RSS, ``os.wait4``):
 * ``import+passes``:     plus ``run_default_passes`` (what ``inspect`` / ``convert`` run next)
 * ``materialise``:       import, then every BitLinear's int8 codes one layer at a time + the embedding
                          as fp16 (what a converter reads), to show the per-layer memory bound
+* ``calibration``:       import (fp16 embedding), passes, split, then the fp16-safety analysis alone
+                         (ONNX Runtime over the whole model with every float value as an output)
 * ``convert``:           ``bitnet-coreml convert`` of the folder (the whole pipeline)
 * ``convert-stages``:    ``convert()`` in one process, printing the peak RSS of each of its stages
 
@@ -162,7 +164,7 @@ def stage(name: str, folder: Path, seq_len: int) -> None:
     from bitnet_coreml.frontend.hf_checkpoint import load_checkpoint
 
     t0 = time.perf_counter()
-    m = load_checkpoint(folder, seq_len=seq_len)
+    m = load_checkpoint(folder, seq_len=seq_len, embed_dtype="float16" if name == "calibration" else "float32")
     info: dict[str, object] = {"import_s": time.perf_counter() - t0}
     if name == "import+passes":
         from bitnet_coreml.passes import run_default_passes
@@ -170,6 +172,19 @@ def stage(name: str, folder: Path, seq_len: int) -> None:
         t1 = time.perf_counter()
         run_default_passes(m)
         info["passes_s"] = time.perf_counter() - t1
+    elif name == "calibration":
+        from bitnet_coreml.lower.fp16 import make_fp16_safe, random_calibration
+        from bitnet_coreml.lower.program import assign_node_names
+        from bitnet_coreml.lower.split import split_large_dims
+        from bitnet_coreml.passes import run_default_passes
+
+        run_default_passes(m)
+        assign_node_names(m.graph)
+        split_large_dims(m)
+        assign_node_names(m.graph)
+        t1 = time.perf_counter()
+        plan = make_fp16_safe(m, random_calibration(m))
+        info.update(calibration_s=time.perf_counter() - t1, rescaled=len(plan.rescaled), fp32_nodes=len(plan.fp32_nodes))
     elif name == "materialise":
         t1 = time.perf_counter()
         n = 0
