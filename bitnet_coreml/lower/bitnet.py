@@ -152,7 +152,7 @@ def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
             "computed value"
         )
     tensor = w_val.const_value
-    shape = tuple(int(d) for d in tensor.shape)
+    shape = tuple(int(d) for d in tensor.shape.numpy())
     if len(shape) != 2:
         raise InputError(f"node {node.name!r} (BitLinear): weight must be [N, K], found shape {list(shape)}")
     ios = int(ctx.options.get("ios", 16))

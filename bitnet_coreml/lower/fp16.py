@@ -18,6 +18,7 @@ notes say so.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -191,6 +192,23 @@ def _mmap_large_allocations() -> None:
         log.debug("mallopt unavailable; calibration memory may stay higher")
 
 
+def _packed_bytes(tensor: Any) -> np.ndarray:
+    return np.ascontiguousarray(tensor.packed_source())
+
+
+class _NodeAdder:
+    """Creates named nodes for the calibration gate and remembers them (they are removed afterwards)."""
+
+    def __init__(self, added: list[ir.Node], base: str) -> None:
+        self.added, self.base = added, base
+
+    def __call__(self, op: str, inputs: list[ir.Value], suffix: str, **attrs: Any) -> ir.Value:
+        n = ir.node(op, inputs, attributes=attrs, name=f"{self.base}.{suffix}")
+        n.outputs[0].name = n.name
+        self.added.append(n)
+        return n.outputs[0]
+
+
 def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int
                   ) -> tuple[list[tuple[ir.Node, ir.Value, list[ir.Node]]], dict[ir.Value, Callable[[], np.ndarray]]]:
     """Make each BitLinear's fed weight wait for the layer's activation; unpack packed checkpoint weights in ORT.
@@ -217,23 +235,17 @@ def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int
             continue
         base = f"{w.name}.calibration_gate"
         added: list[ir.Node] = []
-
-        def add(op: str, inputs: list[ir.Value], suffix: str, **attrs: Any) -> ir.Value:
-            n = ir.node(op, inputs, attributes=attrs, name=f"{base}.{suffix}")
-            n.outputs[0].name = n.name
-            added.append(n)
-            return n.outputs[0]
-
+        add = _NodeAdder(added, base)
         shape = add("Shape", [x], "shape", start=0, end=1)
         cond = add("Equal", [shape, shape], "eq")
         source = getattr(w.const_value, "packed_source", None)
         if source is not None and getattr(w.const_value, "kind", "") == "packed" \
                 and getattr(w.const_value, "is_packed", False) and len(w.uses()) == 1:
-            tensor = w.const_value
-            rows, k = (int(d) for d in tensor.shape)  # type: ignore[union-attr]
+            tensor: Any = w.const_value
+            rows, k = (int(d) for d in tensor.shape.numpy())
             p = ir.Value(name=f"{w.name}.packed", type=ir.TensorType(ir.DataType.UINT8),
                          shape=ir.Shape([rows // 4, k]))
-            packed[p] = lambda t=tensor: np.ascontiguousarray(t.packed_source())
+            packed[p] = functools.partial(_packed_bytes, tensor)
             gate = add("Where", [cond, p, p], "where")
             blocks = []
             for i in range(4):
