@@ -94,7 +94,7 @@ def overhead(package: Path, n: int, work: Path) -> dict[str, float]:
         # package in the worker, hashing it for job.json, the final manifest rewrite) are reported apart.
         stamps: list[float] = []
         s = run_batch(ReferenceFactory(package), ds_path, work / f"ov-out-{package.stem}-{rep}",
-                      progress=lambda ev: stamps.append(time.perf_counter()) if ev.record else None)
+                      progress=lambda ev, stamps=stamps: stamps.append(time.perf_counter()) if ev.record else None)
         best_job = min(best_job, (stamps[-1] - stamps[0]) / (n - 1))
         best_wall = min(best_wall, s["run"]["wall_s"])
     return {"direct_ms_per_item": best_direct * 1e3, "job_ms_per_item": best_job * 1e3,

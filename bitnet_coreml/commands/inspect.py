@@ -27,7 +27,7 @@ def inspect_cmd(model: str, seq_len: int | None, as_json: bool) -> None:
     m = load(model, seq_len=seq_len)
     before = op_histogram(m)
     report = run_default_passes(m)
-    unfused = next((p.details.get("ternary_unfused", []) for p in report.passes if p.name == "fuse_bitlinear"), [])
+    unfused: list[str] = next((p.details.get("ternary_unfused", []) for p in report.passes if p.name == "fuse_bitlinear"), [])
     s = summarize(m, source=model, ops_source=before, ternary_unfused=unfused)
     if as_json:
         echo_json(s.to_dict())

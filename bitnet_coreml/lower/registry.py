@@ -98,9 +98,9 @@ class LoweringContext:
 
     def input(self, node: ir.Node, i: int) -> LoweredValue | None:
         """The lowered value of input ``i`` (None when the optional input is absent)."""
-        if i >= len(node.inputs) or node.inputs[i] is None or node.inputs[i].name == "":
+        v = node.inputs[i] if i < len(node.inputs) else None
+        if v is None or not v.name:
             return None
-        v = node.inputs[i]
         name = v.name
         if name in self.values:
             return self.values[name]

@@ -89,14 +89,14 @@ def _match_scale(s: ir.Value) -> tuple[ir.Value, float, float] | None:
     if ab is None:
         return None
     x = ab.inputs[0]
-    if not m.is_last_axis(m.reduce_axes(red), m.rank(x)):
+    if x is None or not m.is_last_axis(m.reduce_axes(red), m.rank(x)):
         return None
     return x, qp, eps
 
 
-def match_act_quant(a: ir.Value) -> ActQuant | None:
+def match_act_quant(a_in: ir.Value) -> ActQuant | None:
     """Match the absmax activation quantisation that feeds a BitLinear matmul."""
-    a = m.skip_casts(a)
+    a = m.skip_casts(a_in)
     p = m.producer(a)
     dequantized = False
     q: ir.Value | None = a
@@ -128,7 +128,10 @@ def match_act_quant(a: ir.Value) -> ActQuant | None:
             return None
         if dequantized and not m.same(s_expected, s):
             return None
-        return ActQuant(x=m.skip_casts(x) or x, s=s, qp=qp, qn=qn, eps=eps, dequantized=dequantized)
+        x0 = m.skip_casts(x) or x
+        if x0 is None or s is None:
+            return None
+        return ActQuant(x=x0, s=s, qp=qp, qn=qn, eps=eps, dequantized=dequantized)
     return None
 
 
@@ -155,7 +158,8 @@ def _weight_inner(node: ir.Node) -> tuple[ir.Value, Ternary, float] | None:
         if w is None or w.ndim != 2:
             return None
         t = detect_ternary(w, out_axis=1)
-        return (node.inputs[0], t, 1.0) if t is not None else None
+        x = node.inputs[0]
+        return (x, t, 1.0) if t is not None and x is not None else None
     if node.op_type == "Gemm":
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             return None
@@ -168,7 +172,8 @@ def _weight_inner(node: ir.Node) -> tuple[ir.Value, Ternary, float] | None:
         trans_b = attrs["transB"].as_int() if "transB" in attrs else 0
         t = detect_ternary(w, out_axis=0 if trans_b else 1)
         alpha = attrs["alpha"].as_float() if "alpha" in attrs else 1.0
-        return (node.inputs[0], t, alpha) if t is not None else None
+        x = node.inputs[0]
+        return (x, t, alpha) if t is not None and x is not None else None
     return None
 
 

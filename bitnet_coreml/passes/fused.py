@@ -85,7 +85,7 @@ def relu2_body() -> list[onnx.NodeProto]:
 
 def overload_name(op_type: str, attrs: dict[str, object]) -> str:
     if op_type == "BitLinear":
-        return f"b{int(attrs['act_bits'])}_e{_f32(float(attrs['act_eps'])):.6g}"  # type: ignore[arg-type]
+        return f"b{int(attrs['act_bits'])}_e{_f32(float(attrs['act_eps'])):.6g}"  # type: ignore[call-overload,arg-type]
     if op_type == "RMSNorm":
         return f"e{_f32(float(attrs['epsilon'])):.6g}"  # type: ignore[arg-type]
     return ""
@@ -94,7 +94,7 @@ def overload_name(op_type: str, attrs: dict[str, object]) -> str:
 def function_proto(op_type: str, attrs: dict[str, object]) -> onnx.FunctionProto:
     """The function (overload) defining ``op_type`` with these attribute values."""
     if op_type == "BitLinear":
-        body = bitlinear_body(int(attrs["act_bits"]), float(attrs["act_eps"]))  # type: ignore[arg-type]
+        body = bitlinear_body(int(attrs["act_bits"]), float(attrs["act_eps"]))  # type: ignore[call-overload,arg-type]
         ins = ["X", "W", "Alpha"]
     elif op_type == "RMSNorm":
         body = rmsnorm_body(float(attrs["epsilon"]))  # type: ignore[arg-type]
@@ -124,7 +124,7 @@ def make_node(model: ir.Model, op_type: str, inputs: Sequence[ir.Value | None], 
               name: str | None = None) -> ir.Node:
     """Create a fused node (not yet inserted in a graph) and register its function in ``model``."""
     overload = ensure_function(model, op_type, attrs)
-    return ir.node(op_type, inputs=list(inputs), attributes=attrs, domain=DOMAIN, version=1, name=name,
+    return ir.node(op_type, inputs=list(inputs), attributes=attrs, domain=DOMAIN, version=1, name=name,  # type: ignore[arg-type]
                    overload=overload)
 
 

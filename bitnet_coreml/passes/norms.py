@@ -71,7 +71,8 @@ def fuse_rmsnorm(model: ir.Model) -> int:
             g = m.const(gamma)
             if g is None or g.ndim != 1:
                 continue
-            core = _match_rms_core(node.inputs[1 - i])
+            other = node.inputs[1 - i]
+            core = _match_rms_core(other) if other is not None else None
             if core is None:
                 continue
             x, eps = core

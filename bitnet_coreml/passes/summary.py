@@ -79,7 +79,7 @@ def summarize(model: ir.Model, *, source: str = "", ops_source: dict[str, int] |
             assert w is not None and a is not None and w.const_value is not None
             ternary_vals.add(w)
             scale_vals.add(a)
-            out_f, in_f = (int(d) for d in w.const_value.shape)
+            out_f, in_f = (int(d) for d in w.const_value.shape.numpy())
             bits, _, conv = bitlinear_attrs(n)
             layers.append(BitLinearInfo(n.name or "", in_f, out_f, conv, a.const_value is not None and a.const_value.size > 1, bits))
     used: set[ir.Value] = {v for n in model.graph for v in n.inputs if v is not None}
