@@ -150,3 +150,21 @@ def test_split_follows_the_checks_plan() -> None:
             table = part.inputs[0 if s.op_type == "Gather" else 1]
             axis_sizes.append(table.const_value.shape[s.axis])
         assert tuple(axis_sizes) == s.chunks
+
+
+def test_measured_ranges_match_every_value_in_ort() -> None:
+    """measure() reduces in the graph; the oracle is ORT returning every node output, reduced by numpy."""
+    from bitnet_coreml.lower.fp16 import measure  # noqa: PLC0415
+
+    proto, _ = mlp_model(seed=4, alpha=300.0)
+    x = np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)
+    names = [o for n in proto.graph.node for o in n.output if o]
+    full = onnx.ModelProto()
+    full.CopyFrom(proto)
+    full.graph.ClearField("output")
+    full.graph.output.extend([onnx.ValueInfoProto(name=n) for n in names])
+    ref = dict(zip(names, ort.InferenceSession(full.SerializeToString()).run(names, {"x": x}), strict=True))
+    got = measure(ir.serde.deserialize_model(proto), {"x": x})
+    assert set(got) == set(names) and len(names) >= 6
+    for n in names:
+        assert got[n] == (float(ref[n].max()), float(ref[n].min())), n
