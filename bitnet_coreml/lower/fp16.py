@@ -188,8 +188,9 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
     results = sess.run(names, run_feeds)
     del run_feeds, sess
     if reducers:
-        it = iter(zip(names, results, strict=True))
-        return {name.removesuffix(".calibration_max"): np.array([hi, lo]) for (name, hi), (_, lo) in zip(it, it)}
+        # outputs come in (max, min) pairs, in the order they were added
+        return {name.removesuffix(".calibration_max"): np.array([hi, lo])
+                for name, hi, lo in zip(names[0::2], results[0::2], results[1::2], strict=True)}
     return dict(zip(names, results, strict=True))
 
 
