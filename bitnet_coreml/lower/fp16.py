@@ -97,13 +97,8 @@ def load_calibration(path: str, model: ir.Model) -> dict[str, np.ndarray]:
     return {n: feeds[n] for n in names}
 
 
-def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bool = False,
-            ranges: bool = False) -> dict[str, np.ndarray]:
+def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bool = False) -> dict[str, np.ndarray]:
     """Run ``model`` in ONNX Runtime without copying its weights; ``every_value`` adds all float node outputs.
-
-    ``ranges`` (with ``every_value``): instead of the values, return ``[max, min]`` of each float
-    node output, reduced inside the graph (``ReduceMax`` / ``ReduceMin``), so no activation outlives
-    its consumers (2B checkpoint, seq_len 128: the kept activations were ~1.8 GB).
 
     Large initializers are handed to ORT as inputs, straight from their (memory-mapped) arrays: the
     serialised graph stays small and no copy of the weights is written or parsed. ORT's graph
@@ -119,19 +114,6 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
             common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
         outs = set(graph.outputs)
         extra = [o for node in graph for o in node.outputs if o.name and o not in outs and o.dtype in _FLOATS]
-    original_outputs = list(graph.outputs)
-    reducers: list[ir.Node] = []
-    if every_value and ranges:
-        values = [o for node in graph for o in node.outputs if o.name and o.dtype in _FLOATS and _nonempty(o)]
-        extra = []
-        for o in values:
-            for op, tag in (("ReduceMax", "max"), ("ReduceMin", "min")):
-                r = ir.node(op, [o], attributes={"keepdims": 0}, name=f"{o.name}.calibration_{tag}")
-                r.outputs[0].name = r.name
-                reducers.append(r)
-                extra.append(r.outputs[0])
-        graph.extend(reducers)
-        graph.outputs.clear()
     graph.outputs.extend(extra)
     order = list(graph.initializers.values())
     big = [v for v in order if v.const_value is not None and v.const_value.nbytes >= _FEED_BYTES
@@ -159,10 +141,8 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
                 graph.remove(n, safe=True)
         for _ in added_inputs:
             graph.inputs.pop()
-        graph.outputs.clear()
-        graph.outputs.extend(original_outputs)
-        for n in reversed(reducers):
-            graph.remove(n, safe=True)
+        for _ in extra:
+            graph.outputs.pop()
         for v in list(graph.initializers.values()):
             del graph.initializers[str(v.name)]
         for v in order:  # restore the initializers in their original order
@@ -187,16 +167,7 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
         run_feeds[str(v.name)] = ort.OrtValue.ortvalue_from_numpy(packed[v]())
     results = sess.run(names, run_feeds)
     del run_feeds, sess
-    if reducers:
-        # outputs come in (max, min) pairs, in the order they were added
-        return {name.removesuffix(".calibration_max"): np.array([hi, lo])
-                for name, hi, lo in zip(names[0::2], results[0::2], results[1::2], strict=True)}
     return dict(zip(names, results, strict=True))
-
-
-def _nonempty(v: ir.Value) -> bool:
-    """False when ``v`` is statically known to hold no element (ReduceMax of nothing has no value)."""
-    return v.shape is None or not any(isinstance(d, int) and d == 0 for d in v.shape)
 
 
 _MMAP_THRESHOLD = 1 << 20
@@ -297,7 +268,7 @@ def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int
 def measure(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[float, float]]:
     """(max, min) of every floating-point node output of ``model`` on ``feeds`` (ONNX Runtime)."""
     stats: dict[str, tuple[float, float]] = {}
-    for name, arr in run_ort(model, feeds, every_value=True, ranges=True).items():
+    for name, arr in run_ort(model, feeds, every_value=True).items():
         a = np.asarray(arr)
         if a.dtype.kind == "f" and a.size:
             stats[name] = (float(np.max(a)), float(np.min(a)))
