@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ def safe_name(item_id: str) -> str:
     return f"{_SAFE.sub('_', item_id).lstrip('.')[:80]}-{digest}"
 
 
-class Dataset:
+class Dataset(ABC):
     """A dataset on disk; iterate :meth:`refs` to stream it."""
 
     kind: str = ""
@@ -64,11 +65,13 @@ class Dataset:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def __len__(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of items."""
 
-    def refs(self) -> Iterator[ItemRef]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def refs(self) -> Iterator[ItemRef]:
+        """Stream the items' references in a stable order."""
 
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path.resolve()), "kind": self.kind, "items": len(self)}

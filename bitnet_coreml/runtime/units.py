@@ -13,6 +13,7 @@ import platform
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from bitnet_coreml.runtime.strategy import ComputeUnit
 log = logging.getLogger(__name__)
 
 
-class Unit:
+class Unit(ABC):
     """Base class of a compute unit in the fallback chain."""
 
     kind: ComputeUnit
@@ -72,18 +73,21 @@ class Unit:
             self._unload()
             self.loaded = False
 
+    @abstractmethod
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """Implemented by each kind of unit."""
 
     def probe_args(self) -> list[str]:
         """Arguments after PACKAGE for ``python -m bitnet_coreml.runtime.probe``."""
         return [self.kind.value]
 
+    @abstractmethod
     def _load(self, info: PackageInfo) -> None:
-        raise NotImplementedError
+        """Implemented by each kind of unit."""
 
+    @abstractmethod
     def _unload(self) -> None:
-        raise NotImplementedError
+        """Implemented by each kind of unit."""
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind.value, "probe": self.needs_probe, "validate": self.validate,
