@@ -73,9 +73,22 @@ class Unit(ABC):
             self._unload()
             self.loaded = False
 
-    @abstractmethod
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Implemented by each kind of unit."""
+        """Run the loaded model; a foreign exception is classified into the runtime taxonomy."""
+        try:
+            out = self._run(inputs)
+        except BitnetCoremlError:
+            raise
+        except Exception as e:
+            raise classify_exception(e, context=f"{self._call_context()} predict") from e
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def _call_context(self) -> str:
+        return self.name
+
+    @abstractmethod
+    def _run(self, inputs: dict[str, np.ndarray]) -> Any:
+        """Call the loaded model (DeviceInitError when not loaded); returns name -> array-like."""
 
     def probe_args(self) -> list[str]:
         """Arguments after PACKAGE for ``python -m bitnet_coreml.runtime.probe``."""
@@ -142,17 +155,13 @@ class CoreMLUnit(Unit):
     def _unload(self) -> None:
         self._model = None
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        model = self._model
-        if model is None:
+    def _call_context(self) -> str:
+        return f"{self.name} ({self.kind.coreml_name})"
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> Any:
+        if self._model is None:
             raise DeviceInitError(f"{self.name}: predict before load")
-        try:
-            out = model.predict(inputs)
-        except BitnetCoremlError:
-            raise
-        except Exception as e:
-            raise classify_exception(e, context=f"{self.name} ({self.kind.coreml_name}) predict") from e
-        return {k: np.asarray(v) for k, v in out.items()}
+        return self._model.predict(inputs)
 
 
 class ReferenceUnit(Unit):
@@ -194,17 +203,10 @@ class ReferenceUnit(Unit):
     def _unload(self) -> None:
         self._executor = None
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ex = self._executor
-        if ex is None:
+    def _run(self, inputs: dict[str, np.ndarray]) -> Any:
+        if self._executor is None:
             raise DeviceInitError(f"{self.name}: predict before load")
-        try:
-            out = ex.predict(inputs)
-        except BitnetCoremlError:
-            raise
-        except Exception as e:
-            raise classify_exception(e, context=f"{self.name} predict") from e
-        return {k: np.asarray(v) for k, v in out.items()}
+        return self._executor.predict(inputs)
 
     def probe_args(self) -> list[str]:
         return ["reference"] + (["--fp32"] if self.fp32 else [])
