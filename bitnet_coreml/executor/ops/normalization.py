@@ -14,16 +14,21 @@ def _channel(p: Any, ndim: int) -> np.ndarray:
     return np.asarray(p).reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def _channel_affine(y: np.ndarray, a: dict[str, Any], ndim: int) -> np.ndarray:
+    """Optional per-channel ``gamma`` scale and ``beta`` shift (axis 1), as batch/instance norm apply them."""
+    if a.get("gamma") is not None:
+        y = y * _channel(a["gamma"], ndim)
+    if a.get("beta") is not None:
+        y = y + _channel(a["beta"], ndim)
+    return y
+
+
 @register("batch_norm")
 def op_batch_norm(ctx: OpContext, a: dict[str, Any]) -> Any:
     x = np.asarray(a["x"])
     eps = float(scalar(a.get("epsilon", 1e-5)))
     y = (x - _channel(a["mean"], x.ndim)) / np.sqrt(_channel(a["variance"], x.ndim) + eps)
-    if a.get("gamma") is not None:
-        y = y * _channel(a["gamma"], x.ndim)
-    if a.get("beta") is not None:
-        y = y + _channel(a["beta"], x.ndim)
-    return y
+    return _channel_affine(y, a, x.ndim)
 
 
 @register("instance_norm")
@@ -34,11 +39,7 @@ def op_instance_norm(ctx: OpContext, a: dict[str, Any]) -> Any:
     mean = x.mean(axis=axes, keepdims=True)
     var = np.square(x - mean).mean(axis=axes, keepdims=True)
     y = (x - mean) / np.sqrt(var + eps)
-    if a.get("gamma") is not None:
-        y = y * _channel(a["gamma"], x.ndim)
-    if a.get("beta") is not None:
-        y = y + _channel(a["beta"], x.ndim)
-    return y
+    return _channel_affine(y, a, x.ndim)
 
 
 @register("layer_norm")
