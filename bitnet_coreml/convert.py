@@ -110,11 +110,13 @@ class ConvertResult:
         return d
 
 
-def external_data_files(path: str | os.PathLike[str], model: ir.Model | None = None) -> list[Path]:
+def external_data_files(path: str | os.PathLike[str], model: ir.Model | None = None, *,
+                        must_exist: bool = True) -> list[Path]:
     """The external-data files an ``.onnx`` file references, sorted by their name relative to its folder.
 
     ``model``, when given, is the already loaded model (its lazy external tensors name their files,
     so nothing is parsed again); otherwise the file's proto is read without its external data.
+    A referenced file that is missing is an ``InputError``, or skipped with ``must_exist=False``.
     """
     p = Path(path)
     locations: set[str] = set()
@@ -151,6 +153,8 @@ def external_data_files(path: str | os.PathLike[str], model: ir.Model | None = N
         if f.resolve() == p.resolve():
             continue  # the loader memory-maps large inline tensors from the model file itself
         if not f.is_file():
+            if not must_exist:
+                continue
             raise InputError(f"{p}: external data file {loc!r} not found next to the model")
         files.append(f)
     return files

@@ -101,7 +101,9 @@ class BuildState:
         if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
             names = hit["files"]
         else:
-            names = _referenced_data_files(onnx_path)
+            from bitnet_coreml.convert import external_data_files  # noqa: PLC0415 - only when the source changed
+
+            names = [str(f.relative_to(onnx_path.parent)) for f in external_data_files(onnx_path, must_exist=False)]
             self._external[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "files": names}
         return [onnx_path.parent / n for n in names if (onnx_path.parent / n).exists()]
 
@@ -110,21 +112,3 @@ class BuildState:
         if rec is None or rec.status != "ok" or rec.input_hash != input_hash or not package.exists():
             return False
         return sha256_tree(package, self.stat_cache) == rec.package_hash
-
-
-def _referenced_data_files(onnx_path: Path) -> list[str]:
-    import onnx  # noqa: PLC0415 - only when the source changed
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    names: set[str] = set()
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                tensors.append(attr.t)
-    for t in tensors:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for kv in t.external_data:
-                if kv.key == "location":
-                    names.add(kv.value)
-    return sorted(names)
