@@ -8,13 +8,15 @@ applied after the matmul (the ANE prefers scales after a linear).
 The activation quantisation is exact and fp16-safe::
 
     m  = maximum(reduce_max(|x|, -1), eps);  sx = Qp / m
-    xq = clip(round_half_even(x * sx), Qn, Qp)
+    xq = clip(round_half_even(x * sx), Qn, Qp)    # fp16: round_half_even((x / m) * Qp)
     xn = xq * 2**-(act_bits-1)            # exact (power of two); |xn| <= 1, so the matmul sums to at most K
     y  = matmul(xn, W_lut^T) * (m * 2**(act_bits-1) / Qp) * Alpha
 
 ``(xq @ W^T) / sx * Alpha`` of the contract equals this exactly in real arithmetic; multiplying xq
 by a power of two is exact in fp16, and keeping |xn| <= 1 stops the accumulation of ``127 * K``
-from overflowing fp16's 65504 (it would for K > 516).
+from overflowing fp16's 65504 (it would for K > 516). In fp16 the row is divided by ``m`` before
+the multiply by ``Qp``: ``sx`` itself is not representable once ``m < Qp/65504`` (an all-zero row,
+``m = eps``, would give ``0 * inf = NaN``).
 
 RMSNorm is computed on the row divided by its max-abs, with the epsilon rescaled to match, which is
 the same function in real arithmetic but never squares a large value (x^2 overflows fp16 for
@@ -182,8 +184,13 @@ def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     ax = mb.abs(x=x, name=f"{nm}_abs")
     mx = mb.reduce_max(x=ax, axes=[-1], keep_dims=True, name=f"{nm}_absmax")
     m = mb.maximum(x=mx, y=f(eps), name=f"{nm}_m")
-    sx = mb.real_div(x=f(qp), y=m, name=f"{nm}_sx")
-    xs = mb.mul(x=x, y=sx, name=f"{nm}_xs")
+    if f == np.float16 or ctx.compute_precision == "fp16":
+        # x / m first (|x/m| <= 1), then * Qp: the scale Qp/m overflows fp16 once m < Qp/65504 ~ 0.0019,
+        # and an all-zero row (m = eps, Qp/eps = 1.27e7 -> inf) would give 0 * inf = NaN.
+        xs = mb.mul(x=mb.real_div(x=x, y=m, name=f"{nm}_xm"), y=f(qp), name=f"{nm}_xs")
+    else:
+        sx = mb.real_div(x=f(qp), y=m, name=f"{nm}_sx")
+        xs = mb.mul(x=x, y=sx, name=f"{nm}_xs")
     xr = round_half_even(xs, f"{nm}_round")
     xq = mb.clip(x=xr, alpha=f(qn), beta=f(qp), name=f"{nm}_xq")
     xn = mb.mul(x=xq, y=f(1.0 / pow2), name=f"{nm}_xn")

@@ -111,6 +111,26 @@ def test_rmsnorm_large_inputs_stay_finite_in_fp16() -> None:
     np.testing.assert_allclose(got, np_rmsnorm(x, gamma), rtol=5e-3, atol=5e-3)
 
 
+def test_bitlinear_zero_and_tiny_rows_in_fp16() -> None:
+    # An all-zero activation row (e.g. every relu2 gate <= 0) has m = eps: Qp/eps = 1.27e7 is inf in
+    # fp16 and 0 * inf = NaN; a row with max-abs < Qp/65504 would saturate every code. Torch gives 0 /
+    # the true quantisation.
+    g = FusedGraph()
+    w = ternary(np.random.default_rng(0), 16, 32)
+    y = g.bitlinear("x", w, np.float32(0.05))
+    m = g.model([("x", [1, 3, 32])], [(y, [1, 3, 16])])
+    x = np.random.default_rng(1).standard_normal((1, 3, 32)).astype(np.float32)
+    x[0, 0] = 0.0
+    x[0, 1] *= 1e-4
+    mlmodel = convert_program(build_program(ir.serde.deserialize_model(m), BuildOptions()), "fp16")
+    got = next(iter(evaluate(mlmodel._mil_program, {"x": x}).values()))
+    want = np_bitlinear(x, w, 0.05)
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got[0, 0], 0.0)
+    for row in (1, 2):
+        assert np.abs(got[0, row] - want[0, row]).max() <= 2e-2 * np.abs(want[0, row]).max()
+
+
 def test_non_ternary_codes_rejected() -> None:
     g = FusedGraph()
     w = ternary(np.random.default_rng(0), 4, 8)
