@@ -35,6 +35,21 @@ _BLOCK_OPS = {"cond", "while_loop"}
 # dtype (LUT entries, sparse non-zeros): their fp16 outputs need no second rounding at load, which
 # saves two passes over every weight of a palettized model.
 _COPY_ONLY = {"constexpr_lut_to_dense", "constexpr_sparse_to_dense", "constexpr_lut_to_sparse"}
+# Ops whose every output value is one of their input values (data movement, selection, max/min,
+# comparisons with a constant bound) or an integer no larger than an input's magnitude (floor, ceil,
+# round, sign). When all their floating-point inputs are typed fp16 (so hold fp16 values), their
+# fp16 results are fp16 values already: rounding them again would change nothing, so it is skipped.
+_VALUE_PRESERVING = frozenset({
+    "identity", "reshape", "reshape_like", "transpose", "expand_dims", "squeeze", "flatten2d",
+    "concat", "stack", "split", "tile", "slice_by_index", "slice_by_size", "slice_update", "reverse",
+    "reverse_sequence", "gather", "gather_along_axis", "gather_nd", "select", "pad", "band_part",
+    "depth_to_space", "space_to_depth", "pixel_shuffle", "pixel_unshuffle", "space_to_batch",
+    "batch_to_space", "sliding_windows", "fill", "fill_like", "one_hot", "read_state", "topk",
+    "relu", "relu6", "threshold", "abs", "sign", "floor", "ceil", "round", "clip", "maximum",
+    "minimum", "reduce_max", "reduce_min", "max_pool",
+})
+# Dtypes whose every value is exactly representable in fp16 (a cast from them to fp16 is exact).
+_FP16_EXACT_SOURCES = frozenset({np.dtype(np.float16), np.dtype(np.bool_), np.dtype(np.int8), np.dtype(np.uint8)})
 
 
 class StateCell:
@@ -167,13 +182,17 @@ class _Compiler:
             blocks=blocks,
             run_block=run_block if blocks else None,
         )
+        out_dtypes = ctx.out_dtypes
+        if F16 in out_dtypes and _fp16_exact(op):
+            # fp16 values stay in their float32 compute form: only the container dtype is checked
+            out_dtypes = tuple(F32 if d == F16 else d for d in out_dtypes)
         step = Step(
             fn=entry.fn,
             ctx=ctx,
             args=tuple(args),
             tuples=tuple(tuples),
             out_slots=(),
-            out_dtypes=ctx.out_dtypes,
+            out_dtypes=out_dtypes,
             needs_env=entry.needs_env,
         )
         if all_const and entry.pure and not blocks:
@@ -191,6 +210,23 @@ class _Compiler:
             return
         step.out_slots = tuple(self.new_slot(v) for v in op.outputs)
         steps.append(step)
+
+
+def _fp16_exact(op: Any) -> bool:
+    """True when ``op``'s fp16 outputs are exact without rounding (see _VALUE_PRESERVING)."""
+    if op.op_type == "cast":
+        return np_dtype(op.inputs["x"].dtype) in _FP16_EXACT_SOURCES
+    if op.op_type not in _VALUE_PRESERVING:
+        return False
+    for var in op.inputs.values():
+        for v in var if isinstance(var, (list, tuple)) else (var,):
+            try:
+                dt = np_dtype(v.dtype)  # None: a string parameter, carries no values
+            except Exception:  # noqa: BLE001 - list vars have no dtype: not provably exact
+                return False
+            if dt is not None and dt.kind == "f" and dt != F16:
+                return False
+    return True
 
 
 def compute_form(value: Any) -> Any:
@@ -280,7 +316,14 @@ def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()
                 if len(out) != 1:
                     raise _count_error(step, len(out))
                 out = out[0]
-            env[step.out_slots[0]] = finish(out, step.out_dtypes[0])
+            dt = step.out_dtypes[0]
+            if dt is F16 and out.__class__ is np.ndarray:
+                # an array the op made itself is rounded in place; one that is (a view of) an input
+                # or constant, e.g. a cast returning its input, is copied first
+                fresh = out.flags.owndata and all(v is not out for v in a.values())
+                env[step.out_slots[0]] = round_to_fp16(out, inplace=fresh)
+            else:
+                env[step.out_slots[0]] = finish(out, dt)
             continue
         outs = _call(step, env)
         for slot, o in zip(step.out_slots, outs, strict=False):

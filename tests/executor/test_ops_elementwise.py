@@ -192,3 +192,52 @@ def test_softmax_against_onnx(axis: int, dtype: str) -> None:
     (ref,) = onnx_ref("Softmax", [x.astype(np.float32)], {"axis": axis})
     got = one(lambda x: mb.softmax(x=x, axis=axis), {"x": x})
     np.testing.assert_allclose(got.astype(np.float64), ref, **TOL[dtype])
+
+
+def test_cast_to_fp16_leaves_its_fp32_input_alone() -> None:
+    """cast returns its input array for the executor to round; the rounding must not happen in the
+    input's memory, which other ops still read at full precision."""
+    x = np.array([1 + 2**-12, 3.0001, -7.00001, 1e-6], np.float32)
+
+    def build(x):  # type: ignore[no-untyped-def]
+        h = mb.cast(x=mb.cast(x=x, dtype="fp16"), dtype="fp32")
+        return mb.sub(x=x, y=h)  # x - fp16(x): the rounding error, in fp32
+
+    expect = x - x.astype(np.float16).astype(np.float32)
+    got = one(build, {"x": x})
+    np.testing.assert_array_equal(got, expect)
+    assert np.any(got != 0)
+
+
+def test_casts_into_fp16_round_unless_exact() -> None:
+    """int32 -> fp16 rounds (2049 is not an fp16 value); int8 -> fp16 is exact and skips rounding."""
+    i32 = np.array([2049, 4097, 7, -65519, 70000], np.int32)
+    got = one(lambda x: mb.cast(x=x, dtype="fp16"), {"x": i32})
+    np.testing.assert_array_equal(got, i32.astype(np.float16))
+    i8 = np.array([-128, -1, 0, 127], np.int8)
+    np.testing.assert_array_equal(one(lambda x: mb.cast(x=x, dtype="fp16"), {"x": i8}), i8.astype(np.float16))
+
+
+def test_value_preserving_ops_skip_rounding_only_on_fp16_inputs() -> None:
+    """The compiler marks reshape/relu/max of fp16 values as exact (no second rounding) but still
+    rounds arithmetic (mul) and casts from wider types; the results match numpy either way."""
+    from tests.executor._helpers import ReferenceExecutor, build_program
+
+    x = rand((4, 6), np.float16, seed=3)
+
+    def build(x):  # type: ignore[no-untyped-def]
+        r = mb.relu(x=mb.reshape(x=x, shape=[6, 4]))
+        m = mb.mul(x=r, y=np.float16(1.1))
+        w = mb.cast(x=mb.cast(x=m, dtype="fp32"), dtype="fp16")
+        return mb.reduce_max(x=w, axes=[1], keep_dims=False)
+
+    ex = ReferenceExecutor(build_program(build, {"x": x}))
+    rounded = {s.ctx.op_type: s.out_dtypes[0] for s in ex._block.steps}
+    assert rounded["reshape"] == np.float32 and rounded["relu"] == np.float32  # exact: fp16 in, fp16 values out
+    assert rounded["reduce_max"] == np.float32
+    assert rounded["mul"] == np.float16
+    casts = [s.out_dtypes[0] for s in ex._block.steps if s.ctx.op_type == "cast"]
+    assert casts == [np.float32, np.float16]  # fp32 -> fp16 rounds
+    r = np.maximum(x.astype(np.float32).reshape(6, 4), 0)
+    m = (r * np.float32(np.float16(1.1))).astype(np.float16)
+    np.testing.assert_array_equal(ex.predict({"x": x})[next(iter(ex.output_names))], m.max(axis=1))
