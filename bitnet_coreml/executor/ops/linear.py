@@ -31,10 +31,24 @@ def _mm(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.matmul(_blasable(x), _blasable(y))
 
 
+def _mm_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w.T for a 2-D ``w`` [N, K] stored row-major (a weight): computed as (w @ x.T).T.
+
+    OpenBLAS's sgemm runs ~20 % faster with the big operand untransposed (measured on the 200M
+    model's shapes: 79-86 vs 66-68 GFLOP/s at 64 rows); the transposed copy of the [N, M] result is
+    small next to the product. Same products and sums, so the result is the same up to BLAS's
+    summation order, as any two BLAS calls.
+    """
+    lead = x.shape[:-1]
+    x2 = _blasable(x).reshape(-1, x.shape[-1])
+    y = np.matmul(w, x2.T)
+    return np.ascontiguousarray(y.T).reshape(lead + (w.shape[0],))
+
+
 @register("linear")
 def op_linear(ctx: OpContext, a: dict[str, Any]) -> Any:
-    x, w = a["x"], a["weight"]
-    y = _mm(np.asarray(x), w.T)
+    x, w = np.asarray(a["x"]), a["weight"]
+    y = _mm_wt(x, w) if w.ndim == 2 and w.flags.c_contiguous and x.ndim >= 1 else _mm(x, w.T)
     b = a.get("bias")
     if b is not None:
         y += b
@@ -47,6 +61,8 @@ def op_matmul(ctx: OpContext, a: dict[str, Any]) -> Any:
     if bool(scalar(a.get("transpose_x", False))) and x.ndim >= 2:
         x = np.swapaxes(x, -1, -2)
     if bool(scalar(a.get("transpose_y", False))) and y.ndim >= 2:
+        if y.ndim == 2 and x.ndim >= 2 and y.flags.c_contiguous and x.dtype.kind == "f" and y.dtype.kind == "f":
+            return _mm_wt(x, y)  # the BitLinear case: activations times a [N, K] weight
         y = np.swapaxes(y, -1, -2)
     if x.dtype.kind in "iu" and y.dtype.kind in "iu":
         return np.matmul(x.astype(np.int64), y.astype(np.int64))
