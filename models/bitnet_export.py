@@ -180,6 +180,228 @@ def make_input_ids(spec: ModelSpec) -> np.ndarray:
     return rng.integers(0, spec.vocab, size=(spec.batch, spec.seq), dtype=np.int64)
 
 
+
+# --- trained fixtures: a synthetic Markov corpus and a short quantisation-aware training ------------
+#
+# Random-init logits are near-flat: the argmax is decided by differences far below fp16 noise, so an
+# argmax-agreement criterion measures nothing on them. The bundled models are instead trained for a
+# few hundred steps (ternary weights in the loop) on a seeded synthetic corpus whose next token is
+# nearly determined, which gives them confident, peaked predictions as a real model has.
+
+# successor probabilities of a state with 1, 2 or 3 likely successors (clearly ordered: no ties)
+_SUCCESSOR_PROBS = {1: (1.0,), 2: (0.7, 0.3), 3: (0.6, 0.25, 0.15)}
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Markov corpus and training schedule for one bundled model (everything seeded by ``seed``)."""
+
+    states: int = 256  # token ids used (spread over the whole vocabulary); min(states, vocab)
+    restart: float = 0.05  # probability of jumping to a uniformly random state instead
+    steps: int = 400
+    batch: int = 32
+    lr: float = 3e-3
+    eval_batches: int = 8  # eval_input_ids [eval_batches, batch, seq] drawn from the same chain
+    gamma_log_std: float = 0.5  # RMSNorm gammas exp(N(0, s^2)): wide enough that dropping any one shows
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MarkovChain:
+    """``tokens[i]``: the token id of state i; ``succ[i, j]`` / ``probs[i, j]``: its successors (padded with p 0)."""
+
+    tokens: np.ndarray  # int64 [n]
+    succ: np.ndarray  # int64 [n, 3], state indices
+    probs: np.ndarray  # float64 [n, 3], rows sum to 1 - restart
+    restart: float
+
+    def sample(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        """Token ids of shape ``shape`` (last axis: time), each row one walk from a uniform start state."""
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        n = len(self.tokens)
+        cum = np.cumsum(self.probs, axis=1)
+        state = rng.integers(0, n, size=rows)
+        out = np.empty((rows, shape[-1]), dtype=np.int64)
+        for t in range(shape[-1]):
+            out[:, t] = state
+            u = rng.random(rows)
+            pick = (u[:, None] >= cum[state]).sum(axis=1)  # 0..2 a successor, 3: restart
+            jump = rng.integers(0, n, size=rows)
+            nxt = self.succ[state, np.minimum(pick, 2)]
+            state = np.where(pick >= self.probs.shape[1], jump, nxt)
+        return self.tokens[out].reshape(shape)
+
+
+def markov_chain(vocab: int, train: TrainSpec) -> MarkovChain:
+    """A sparse, peaked first-order chain over ``min(states, vocab)`` ids spread over ``[0, vocab)``.
+
+    One id is drawn from each of ``n`` equal bins of the vocabulary, so the highest bins (e.g. ids
+    above a converter's split point) always occur. Each state has 1, 2 or 3 successors with the
+    fixed probabilities of ``_SUCCESSOR_PROBS`` (times ``1 - restart``).
+    """
+    rng = np.random.default_rng(train.seed + 2000)
+    n = min(train.states, vocab)
+    edges = np.linspace(0, vocab, n + 1).astype(np.int64)
+    tokens = np.array([rng.integers(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)], dtype=np.int64)
+    succ = np.zeros((n, 3), dtype=np.int64)
+    probs = np.zeros((n, 3), dtype=np.float64)
+    for i in range(n):
+        k = int(rng.integers(1, 4))
+        succ[i, :k] = rng.choice(n, size=k, replace=False)
+        probs[i, :k] = np.asarray(_SUCCESSOR_PROBS[k]) * (1.0 - train.restart)
+    return MarkovChain(tokens=tokens, succ=succ, probs=probs, restart=train.restart)
+
+
+def _weight_quant_eager(ctx: Any, weight: torch.Tensor) -> torch.Tensor:
+    """transformers' WeightQuant.forward without torch.compile (same arithmetic)."""
+    dtype = weight.dtype
+    weight = weight.float()
+    scale = 1.0 / weight.abs().mean().clamp(min=1e-5)
+    return ((weight * scale).round().clamp(-1, 1) / scale).to(dtype)
+
+
+def _act_quant_eager(ctx: Any, activation: torch.Tensor) -> torch.Tensor:
+    """transformers' ActQuant.forward without torch.compile (same arithmetic)."""
+    dtype = activation.dtype
+    activation = activation.float()
+    scale = 127 / activation.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+    return ((activation * scale).round().clamp(-128, 127) / scale).to(dtype)
+
+
+@contextlib.contextmanager
+def eager_quant_autograd(threads: int = 1) -> Iterator[None]:
+    """Swap WeightQuant / ActQuant's torch.compile'd forwards for eager ones; pin torch's thread count.
+
+    The backward passes (straight-through: the gradient passes unchanged) are transformers' own.
+    One thread keeps the training reproducible bit for bit and off the other cores.
+    """
+    import transformers.integrations.bitnet as tb
+
+    saved = (tb.WeightQuant.forward, tb.ActQuant.forward, torch.get_num_threads())
+    tb.WeightQuant.forward = staticmethod(_weight_quant_eager)  # type: ignore[method-assign]
+    tb.ActQuant.forward = staticmethod(_act_quant_eager)  # type: ignore[method-assign]
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        tb.WeightQuant.forward, tb.ActQuant.forward = saved[0], saved[1]  # type: ignore[method-assign]
+        torch.set_num_threads(saved[2])
+
+
+def train_qat(model: Any, chain: MarkovChain, spec: ModelSpec, train: TrainSpec) -> dict[str, Any]:
+    """Quantisation-aware training of a float BitNetForCausalLM on ``chain``, in place.
+
+    Every nn.Linear except lm_head runs as transformers' ``AutoBitLinear(online_quant=True)``
+    (ternary absmean weights, 8-bit absmax activations, straight-through gradients) over the float
+    latent weights; embedding and lm_head are float. The RMSNorm gammas stay frozen at their
+    randomised values (a converter that drops one must still be caught). Afterwards the linears are
+    plain nn.Linear again holding the trained latent weights, ready for :func:`ternarise_model`.
+    Returns the loss curve summary.
+    """
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    for name, lin in linears:
+        q = AutoBitLinear(lin.in_features, lin.out_features, bias=False, dtype=lin.weight.dtype, online_quant=True)
+        with torch.no_grad():
+            q.weight.copy_(lin.weight)
+        model.set_submodule(name, q)
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.endswith("norm.weight"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=train.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps, pct_start=0.1)
+    rng = np.random.default_rng(train.seed + 3000)
+    losses: list[float] = []
+    model.train()
+    with eager_quant_autograd():
+        for _ in range(train.steps):
+            ids = torch.from_numpy(chain.sample(rng, (train.batch, spec.seq)))
+            logits = model(input_ids=ids, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+    model.eval()
+    for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, AutoBitLinear)]:
+        lin = torch.nn.Linear(q.in_features, q.out_features, bias=False, dtype=q.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(q.weight)
+        model.set_submodule(name, lin)
+    model.requires_grad_(False)
+    k = max(1, train.steps // 20)
+    return {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
+            "chain_entropy_nats": chain_entropy(chain)}
+
+
+def chain_entropy(chain: MarkovChain) -> float:
+    """Mean next-token entropy (nats) of the chain: the loss a perfect bigram predictor reaches."""
+    n = len(chain.tokens)
+    total = 0.0
+    for i in range(n):
+        p: dict[int, float] = {}
+        for s, q in zip(chain.succ[i], chain.probs[i], strict=True):
+            if q > 0:
+                p[int(s)] = p.get(int(s), 0.0) + float(q)
+        dist = np.full(n, chain.restart / n)
+        for s, q in p.items():
+            dist[s] += q
+        total += float(-(dist * np.log(dist)).sum())
+    return total / n
+
+
+def build_trained_model(spec: ModelSpec, train: TrainSpec) -> tuple[Any, MarkovChain, dict[str, Any]]:
+    """Random init, QAT on the spec's Markov chain, ternarised into spec.form.
+
+    As :func:`random_float_model`, but the RMSNorm gammas are log-normal, ``exp(N(0, gamma_log_std^2))``:
+    a trained model's logits are dominated by its embedding -> lm_head path, and gammas of 1 +- 0.1
+    would move them too little for a converter that drops one to fail the fp32 parity gate.
+    """
+    model = random_float_model(spec)
+    gen = torch.Generator().manual_seed(spec.seed + 5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(torch.exp(train.gamma_log_std * torch.randn(param.shape, generator=gen)))
+    chain = markov_chain(spec.vocab, train)
+    stats = train_qat(model, chain, spec, train)
+    return ternarise_model(model, spec.form), chain, stats
+
+
+def gamma_drop_cosines(model: Any, ids: np.ndarray) -> dict[str, float]:
+    """Per RMSNorm: cosine of the logits with that gamma replaced by ones vs the intact model's (torch).
+
+    What a converter that dropped the gamma would score against the oracle at best.
+    """
+    x = ids.reshape(-1, ids.shape[-1])
+    base = torch_logits(model, x).astype(np.float64).ravel()
+    out: dict[str, float] = {}
+    for name, param in model.named_parameters():
+        if not name.endswith("norm.weight"):
+            continue
+        saved = param.detach().clone()
+        with torch.no_grad():
+            param.fill_(1.0)
+        got = torch_logits(model, x).astype(np.float64).ravel()
+        with torch.no_grad():
+            param.copy_(saved)
+        out[name] = float(base @ got / (np.linalg.norm(base) * np.linalg.norm(got)))
+    return out
+
+
+def chain_input_ids(spec: ModelSpec, chain: MarkovChain, train: TrainSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Fixture inputs from the chain: ``input_ids`` [batch, seq] and ``eval_input_ids`` [eval_batches, batch, seq]."""
+    rng = np.random.default_rng(train.seed + 4000)
+    ids = chain.sample(rng, (spec.batch, spec.seq))
+    eval_ids = chain.sample(rng, (train.eval_batches, spec.batch, spec.seq))
+    return ids, eval_ids
+
 # --- eager replacements for BitLinear's torch.compile'd helpers --------------------------------
 
 

@@ -4,11 +4,17 @@ Usage (from the repository root; ``make models`` does this with the ``.venv-expo
 
     .venv-export/bin/python models/make_models.py [--only NAME ...] [--skip-hf]
 
-For every model in ``MODELS`` it writes ``models/<name>.onnx`` (plus ``<name>.onnx.data`` for
-external data) and ``models/<name>.npz`` with ``input_ids`` (int64) and torch's ``logits``
-(float32): the oracle for every parity test. It then runs ONNX Runtime on the saved file and
-refuses (exit 1) when ORT does not reproduce torch (cosine < 0.999 or argmax agreement < 0.9),
-or when the graph does not carry the weight form the model is meant to show (op counts).
+For every model in ``MODELS`` it builds a small ``BitNetForCausalLM``, trains it for a few hundred
+steps with ternary weights in the loop on a seeded synthetic Markov corpus (``TRAIN``; see
+bitnet_export.py: random-init logits are too flat for an argmax criterion to mean anything), and
+writes ``models/<name>.onnx`` (plus ``<name>.onnx.data`` for external data) and ``models/<name>.npz``
+with torch's outputs, the oracle for every parity test: ``input_ids`` (int64 ``[1, 16]``) and
+``logits`` (float32 ``[1, 16, vocab]``), and an evaluation set from the same corpus,
+``eval_input_ids`` (int64 ``[8, 1, 16]``) and ``eval_logits`` (float32 ``[8, 1, 16, vocab]``).
+It then runs ONNX Runtime on the saved file over all 144 positions and refuses (exit 1) when ORT
+does not reproduce torch (cosine < 0.999 or argmax agreement < 0.99), when the graph does not carry
+the weight form the model is meant to show (op counts), or when replacing some RMSNorm gamma by ones
+would leave torch's logits at cosine >= 0.9999 (a converter dropping it would go unnoticed).
 Finally it writes the Hugging Face checkpoint fixtures (``models/hf/``, see make_hf_fixtures.py)
 and ``models/MANIFEST.json`` with every file's config, I/O names, op histogram and parity numbers.
 
@@ -33,10 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bitnet_export import (  # noqa: E402
     ModelSpec,
-    export_spec,
+    TrainSpec,
+    build_trained_model,
+    chain_input_ids,
+    export_onnx,
+    gamma_drop_cosines,
     graph_facts,
     ort_logits,
     parity,
+    torch_logits,
 )
 
 log = logging.getLogger("make_models")
@@ -61,8 +72,21 @@ MODELS: tuple[ModelSpec, ...] = (
               intermediate=44, seed=4),
 )
 
+# Training of each model (models/bitnet_export.py: a seeded sparse Markov chain over `states` ids
+# spread over the whole vocabulary, a few hundred steps of quantisation-aware training). The small
+# vocabularies use every id, so uniformly random tokens (what `verify` feeds by default) are in the
+# chain's support too; bitnet_bigvocab's hidden size 16 holds a few hundred states.
+TRAIN: dict[str, TrainSpec] = {
+    spec.name: TrainSpec(states=spec.vocab, seed=spec.seed) for spec in MODELS if spec.vocab <= 16384
+}
+TRAIN["bitnet_bigvocab"] = TrainSpec(states=256, lr=1e-2, seed=4)  # ids in all 256 bins of [0, 17000)
+
+# ORT must reproduce torch on the trained models' confident logits (all 144 positions: 1.0 measured).
 MIN_COSINE = 0.999
-MIN_ARGMAX = 0.9
+MIN_ARGMAX = 0.99
+# Dropping any RMSNorm gamma (replacing it by ones) must move torch's logits below the converter's
+# fp32 parity gate (cosine 0.9999), or the fixture could not catch a converter that drops one.
+MAX_GAMMA_DROP_COSINE = 0.9999
 
 
 def expected_form_ops(spec: ModelSpec) -> dict[str, int]:
@@ -86,11 +110,20 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def make_one(spec: ModelSpec, out_dir: Path) -> tuple[dict[str, Any], float]:
+def make_one(spec: ModelSpec, out_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    train = TRAIN[spec.name]
     t0 = time.perf_counter()
-    path, ids, logits = export_spec(spec, out_dir)
-    export_s = time.perf_counter() - t0
-    _save_npz(out_dir / f"{spec.name}.npz", input_ids=ids, logits=logits.astype(np.float32))
+    model, chain, train_stats = build_trained_model(spec, train)
+    t_train = time.perf_counter() - t0
+    ids, eval_ids = chain_input_ids(spec, chain, train)
+    logits = torch_logits(model, ids)
+    eval_logits = np.stack([torch_logits(model, x) for x in eval_ids])
+    path = out_dir / f"{spec.name}.onnx"
+    t1 = time.perf_counter()
+    export_onnx(model, ids, path, external_data=spec.external_data, output_name=spec.output_name)
+    t_export = time.perf_counter() - t1
+    _save_npz(out_dir / f"{spec.name}.npz", input_ids=ids, logits=logits.astype(np.float32),
+              eval_input_ids=eval_ids, eval_logits=eval_logits.astype(np.float32))
 
     facts = graph_facts(path)
     want = expected_form_ops(spec)
@@ -100,19 +133,36 @@ def make_one(spec: ModelSpec, out_dir: Path) -> tuple[dict[str, Any], float]:
     if [i["name"] for i in facts["inputs"]] != ["input_ids"]:
         raise RuntimeError(f"{path.name}: inputs {facts['inputs']}, expected one named input_ids")
 
-    par = parity(logits, ort_logits(path, ids))
+    ort_all = np.stack([ort_logits(path, x) for x in [ids, *eval_ids]])
+    par = parity(np.stack([logits, *eval_logits]), ort_all)
     if par["cosine"] < MIN_COSINE or par["argmax_agreement"] < MIN_ARGMAX:
         raise RuntimeError(f"{path.name}: ONNX Runtime does not reproduce torch: {par}")
 
+    drops = gamma_drop_cosines(model, np.concatenate([ids[None], eval_ids]))
+    worst = max(drops, key=lambda k: drops[k])
+    if drops[worst] >= MAX_GAMMA_DROP_COSINE:
+        raise RuntimeError(f"{path.name}: replacing {worst} by ones leaves cosine {drops[worst]:.6f} "
+                           f">= {MAX_GAMMA_DROP_COSINE}: a converter that drops it would pass the fp32 gate")
+
+    ref = np.concatenate([logits, *eval_logits]).reshape(-1, spec.vocab).astype(np.float64)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    gap = top2[:, 1] - top2[:, 0]
     files = [path, *(path.parent / loc for loc in facts["external_data"]), out_dir / f"{spec.name}.npz"]
     return {
         "file": path.name,
         "default": spec.name == DEFAULT_MODEL,
         "spec": spec.to_dict(),
+        "training": {**train.to_dict(), "chain_states": len(chain.tokens),
+                     "chain_max_token": int(chain.tokens.max()),
+                     **{k: round(v, 4) for k, v in train_stats.items()}},
+        "oracle": {"positions": int(ref.shape[0]), "top2_gap_min": round(float(gap.min()), 4),
+                   "top2_gap_median": round(float(np.median(gap)), 4),
+                   "logit_abs_max": round(float(np.abs(ref).max()), 3)},
+        "gamma_drop_max_cosine": {"norm": worst, "cosine": round(drops[worst], 6)},
         "graph": facts,
         "ort_vs_torch": par,
         "files_bytes": {f.name: f.stat().st_size for f in files},
-    }, export_s
+    }, {"train_s": t_train, "export_s": t_export}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -157,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if spec.name not in names:
             continue
         try:
-            entry, seconds = make_one(spec, out_dir)
+            entry, times = make_one(spec, out_dir)
         except RuntimeError as exc:
             print(f"FAIL {exc}", file=sys.stderr)
             failed = True
@@ -166,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         p = entry["ort_vs_torch"]
         print(f"{entry['file']:<24} {spec.form:<8} {sum(entry['files_bytes'].values()) / 1e6:6.2f} MB  "
               f"ORT vs torch: max_abs {p['max_abs']:.2e} cosine {p['cosine']:.6f} "
-              f"argmax {p['argmax_agreement']:.3f}  ({seconds:.1f} s)")
+              f"argmax {p['argmax_agreement']:.3f}  (train {times['train_s']:.1f} s, "
+              f"export {times['export_s']:.1f} s; loss {entry['training']['loss_first']:.2f} -> "
+              f"{entry['training']['loss_last']:.2f}, chain entropy {entry['training']['chain_entropy_nats']:.2f})")
     if not args.skip_hf:
         from make_hf_fixtures import make_all
 
