@@ -1,10 +1,11 @@
 """Every bundled model converts, loads back, and matches torch's logits (the .npz) in the reference executor.
 
 Done criteria of the converter: cosine >= 0.999 and argmax agreement >= 98% in fp16, >= 0.9999 and
->= 99.5% in fp32, and weight bytes <= 1.02 x (ternary x 2 bits + other x 16 bits) / 8. The fp16
-argmax check allows a flip only where torch's own top-2 logits are a near-tie (gap below 0.5% of
-the logit range): fp16 carries 11 significant bits, so such positions cannot be decided reliably in
-fp16 by any converter; everything else must agree.
+>= 99.5% in fp32, and weight bytes <= 1.02 x (ternary x 2 bits + other x 16 bits) / 8. Strict argmax,
+no tie allowance: the bundled models are trained (models/make_models.py), so torch's top-1 is a
+decision with a margin, not a near-tie. Measured over every position of the fixture: ``input_ids``
+``[1, 16]`` plus the evaluation set ``eval_input_ids`` ``[8, 1, 16]`` (144 positions), so one flip
+moves the rate by 0.7%, not 6%.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from bitnet_coreml.verify import metrics
 MODELS = Path(__file__).resolve().parents[2] / "models"
 ALL = sorted(p.stem for p in MODELS.glob("*.onnx") if (MODELS / f"{p.stem}.npz").is_file())
 FAST = {"bitnet_offline"}
-NEAR_TIE = 0.005
+MIN_POSITIONS = 128
 
 
 def _params() -> list[object]:
@@ -33,10 +34,11 @@ def _params() -> list[object]:
 
 
 def _run_package(pkg: Path, ids: np.ndarray) -> np.ndarray:
+    """The package's logits for each ``[1, S]`` row of ``ids`` (``[N, 1, S]``), stacked."""
     from bitnet_coreml.executor.executor import ReferenceExecutor
 
     ex = ReferenceExecutor(str(pkg))
-    return ex.predict({"input_ids": ids.astype(np.int32)})["logits"]
+    return np.stack([ex.predict({"input_ids": x.astype(np.int32)})["logits"] for x in ids])
 
 
 @pytest.mark.skipif(not ALL, reason="no bundled models in models/ (run `make models`)")
@@ -48,16 +50,12 @@ def test_bundled_model_parity(name: str, precision: str, tmp_path: Path) -> None
     if precision == "fp16":
         assert r.weight_bytes <= 1.02 * r.weight_budget_bytes, (r.weight_bytes, r.weight_budget_bytes)
     data = np.load(MODELS / f"{name}.npz")
-    torch_logits = data["logits"]
-    got = _run_package(out, data["input_ids"])
+    ids = np.concatenate([data["input_ids"][None], data["eval_input_ids"]])
+    torch_logits = np.concatenate([data["logits"][None], data["eval_logits"]])
+    got = _run_package(out, ids)
+    assert int(np.prod(ids.shape)) >= MIN_POSITIONS
     m = metrics(torch_logits, got)
     if precision == "fp32":
         assert m["cosine"] >= 0.9999 and m["top1"] >= 0.995, m
-        return
-    assert m["cosine"] >= 0.999, m
-    ref = torch_logits.reshape(-1, torch_logits.shape[-1])
-    pkg = got.reshape(ref.shape)
-    top2 = np.sort(ref, axis=-1)[:, -2:]
-    gap = (top2[:, 1] - top2[:, 0]) / (ref.max(-1) - ref.min(-1))
-    flips = ref.argmax(-1) != pkg.argmax(-1)
-    assert m["top1"] >= 0.98 or bool(np.all(gap[flips] < NEAR_TIE)), (m, gap[flips])
+    else:
+        assert m["cosine"] >= 0.999 and m["top1"] >= 0.98, m
