@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,3 +161,63 @@ def test_runtime_op_failure_names_the_op() -> None:
         ex.predict({"x": x, "idx": idx})
     ok = ex.predict({"x": x, "idx": np.array([3, 0], np.int32)})["g"]
     np.testing.assert_array_equal(ok, x[[3, 0]])
+
+
+def _check_free_plan(ex: Any) -> None:
+    """No step reads a slot an earlier step dropped, outputs are never dropped, everything else is."""
+    from bitnet_coreml.executor.compiler import _slots_read
+
+    block = ex._block
+    freed: set[int] = set()
+    for step in block.steps:
+        assert not (_slots_read(step) & freed), step.ctx.name
+        freed |= set(step.frees)
+    outputs = {slot for slot, _ in block.outputs if slot >= 0}
+    assert not (outputs & freed)
+    made = set(block.input_slots) | {s for step in block.steps for s in step.out_slots}
+    assert made - outputs <= freed  # no intermediate value outlives the call's last use of it
+
+
+def test_intermediates_are_dropped_after_their_last_use() -> None:
+    """A value read only inside a cond branch, long after it was made, stays until the cond runs;
+    the results are those of numpy, and the plan drops every intermediate."""
+    from tests.executor._helpers import build_program
+
+    x = np.array([1.0, 2.0], np.float32)
+
+    def build(x):  # type: ignore[no-untyped-def]
+        early = mb.mul(x=x, y=3.0)  # read next only inside the true branch
+        total = mb.reduce_sum(x=x)
+        dead = mb.add(x=x, y=1.0)  # nothing reads it  # noqa: F841
+        branch = mb.cond(pred=mb.greater(x=total, y=2.0), _true_fn=lambda: mb.add(x=early, y=x),
+                         _false_fn=lambda: mb.sub(x=x, y=1.0))
+        looped = mb.while_loop(_cond=lambda v: mb.less(x=mb.reduce_sum(x=v), y=100.0),
+                               _body=lambda v: (mb.mul(x=v, y=early),), loop_vars=(x,))
+        return [branch, looped[0] if isinstance(looped, (list, tuple)) else looped]
+
+    ex = ReferenceExecutor(build_program(build, {"x": x}))
+    _check_free_plan(ex)
+    branch, looped = ex.predict({"x": x}).values()
+    np.testing.assert_array_equal(branch, [4.0, 8.0])  # 3x + x
+    expect = x.copy()
+    while expect.sum() < 100:
+        expect = expect * (3 * x)
+    np.testing.assert_array_equal(looped, expect)
+
+
+def test_bundled_model_free_plan(tmp_path: Path) -> None:
+    """The plan holds on a whole converted BitNet model, whose outputs still match ONNX Runtime."""
+    import onnxruntime as ort
+
+    from bitnet_coreml.convert import ConvertOptions, convert
+
+    src = Path(__file__).resolve().parents[2] / "models" / "bitnet_offline.onnx"
+    pkg = tmp_path / "m.mlpackage"
+    convert(src, pkg, ConvertOptions(precision="fp32", check=False))
+    ex = ReferenceExecutor(str(pkg))
+    _check_free_plan(ex)
+    ids = np.random.default_rng(0).integers(0, 1024, size=(1, 16))
+    got = ex.predict({"input_ids": ids.astype(np.int32)})["logits"]
+    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {sess.get_inputs()[0].name: ids})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
