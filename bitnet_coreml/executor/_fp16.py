@@ -16,10 +16,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-F16_MIN_NORMAL = np.float32(2.0**-14)
-F16_MAX = np.float32(65504.0)
-
-
 # Two branch-free loops (LLVM vectorises them): the first rounds everything in fp16's normal range on
 # the bits and counts the values in its subnormal range, which it leaves alone; the second (only when
 # there are any) rounds those in float arithmetic.

@@ -31,15 +31,14 @@ F32 = np.dtype(np.float32)
 
 # Control-flow ops whose nested blocks the executor compiles; every other op with blocks is refused.
 _BLOCK_OPS = {"cond", "while_loop"}
-# Decompression ops whose outputs only copy values of inputs that are already rounded to the output
-# dtype (LUT entries, sparse non-zeros): their fp16 outputs need no second rounding at load, which
-# saves two passes over every weight of a palettized model.
-_COPY_ONLY = {"constexpr_lut_to_dense", "constexpr_sparse_to_dense", "constexpr_lut_to_sparse"}
 # Ops whose every output value is one of their input values (data movement, selection, max/min,
 # comparisons with a constant bound) or an integer no larger than an input's magnitude (floor, ceil,
 # round, sign). When all their floating-point inputs are typed fp16 (so hold fp16 values), their
 # fp16 results are fp16 values already: rounding them again would change nothing, so it is skipped.
+# The decompression ops that copy LUT entries or sparse non-zeros are among them: skipping their
+# rounding at load saves two passes over every weight of a palettized model.
 _VALUE_PRESERVING = frozenset({
+    "constexpr_lut_to_dense", "constexpr_sparse_to_dense", "constexpr_lut_to_sparse",
     "identity", "reshape", "reshape_like", "transpose", "expand_dims", "squeeze", "flatten2d",
     "concat", "stack", "split", "tile", "slice_by_index", "slice_by_size", "slice_update", "reverse",
     "reverse_sequence", "gather", "gather_along_axis", "gather_nd", "select", "pad", "band_part",
@@ -235,7 +234,7 @@ class _Compiler:
         if all_const and entry.pure and not blocks:
             # Evaluate once at load (constexpr_* decompression, weight transposes, shape arithmetic).
             with np.errstate(all="ignore"):
-                values = _call(step, None, exact=op.op_type in _COPY_ONLY and not self.fp32)
+                values = _call(step, None)
             for v, value in zip(op.outputs, values, strict=False):
                 # contiguous once at load: numpy only uses BLAS for matmuls whose last axis has unit
                 # stride, and a folded transpose of a weight is a strided view
@@ -273,17 +272,18 @@ def compute_form(value: Any) -> Any:
     return value
 
 
-def finish(value: Any, dt: np.dtype | None) -> Any:
+def finish(value: Any, dt: np.dtype | None, *, inplace: bool = False) -> Any:
     """Round an op result to its declared MIL dtype (fp16 overflow and rounding happen here).
 
     fp16-typed results are kept in float32 arrays holding exactly the fp16 values: ops compute in
-    fp32 anyway, and numpy's float16 conversions cost a hundred times an add.
+    fp32 anyway, and numpy's float16 conversions cost a hundred times an add. ``inplace``: the
+    value is an array the op made itself, whose memory the rounding may reuse.
     """
     if dt is None:
         return value
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     if dt == F16:
-        return round_to_fp16(arr)
+        return round_to_fp16(arr, inplace=inplace)
     if arr.dtype != dt:
         arr = arr.astype(dt)
     return arr
@@ -312,7 +312,7 @@ def _count_error(step: Step, n: int) -> OperationError:
     )
 
 
-def _call(step: Step, env: list[Any] | None, *, exact: bool = False) -> tuple[Any, ...]:
+def _call(step: Step, env: list[Any] | None) -> tuple[Any, ...]:
     a = _gather_args(step, env)
     try:
         out = step.fn(step.ctx, a, env) if step.needs_env else step.fn(step.ctx, a)
@@ -324,10 +324,6 @@ def _call(step: Step, env: list[Any] | None, *, exact: bool = False) -> tuple[An
         out = (out,)
     if len(out) != len(step.out_dtypes):
         raise _count_error(step, len(out))
-    if exact:
-        # values already rounded to fp16 arrive in fp32 compute form: keep them (see _COPY_ONLY)
-        return tuple(o if (dt == F16 and getattr(o, "dtype", None) == F32) else finish(o, dt)
-                     for o, dt in zip(out, step.out_dtypes, strict=False))
     return tuple(finish(o, dt) for o, dt in zip(out, step.out_dtypes, strict=False))
 
 
@@ -354,13 +350,11 @@ def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()
                     raise _count_error(step, len(out))
                 out = out[0]
             dt = step.out_dtypes[0]
-            if dt is F16 and out.__class__ is np.ndarray:
-                # an array the op made itself is rounded in place; one that is (a view of) an input
-                # or constant, e.g. a cast returning its input, is copied first
-                fresh = out.flags.owndata and all(v is not out for v in a.values())
-                env[step.out_slots[0]] = round_to_fp16(out, inplace=fresh)
-            else:
-                env[step.out_slots[0]] = finish(out, dt)
+            # an array the op made itself is rounded in place; one that is (a view of) an input or
+            # constant, e.g. a cast returning its input, is copied first
+            fresh = (dt == F16 and out.__class__ is np.ndarray and out.flags.owndata
+                     and all(v is not out for v in a.values()))
+            env[step.out_slots[0]] = finish(out, dt, inplace=fresh)
             for slot in step.frees:
                 env[slot] = None
             continue
