@@ -50,8 +50,8 @@ if "--threads" in sys.argv:  # must happen before numpy (and its OpenBLAS) is im
 import numpy as np  # noqa: E402
 
 
-def _median_time(fn: Any, n: int, *, release: bool = False) -> tuple[float, Any]:
-    """Median wall time of ``n`` calls. ``release``: drop the previous result before the next call,
+def _timed(fn: Any, n: int, *, release: bool = False) -> tuple[list[float], Any]:
+    """Wall times of ``n`` calls, and the last result. ``release``: drop the previous result before the next call,
     so every load starts from the same memory state (a load next to a live copy of a 1 GB model
     pays for fresh pages from the kernel: 1.2-1.5 s vs 2.3-2.5 s for the executor on 200M)."""
     times, result = [], None
@@ -62,11 +62,7 @@ def _median_time(fn: Any, n: int, *, release: bool = False) -> tuple[float, Any]
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)
-    _first_times.append(times[0])
-    return statistics.median(times), result
-
-
-_first_times: list[float] = []  # the first call of every _median_time, in order
+    return times, result
 
 
 def _package_for(onnx_path: Path) -> Path:
@@ -107,7 +103,7 @@ def _engine(args: argparse.Namespace) -> None:
         def load() -> Any:
             return ReferenceExecutor(args.package, fp32=args.engine == "fp32")
 
-    load_s, model = _median_time(load, args.loads, release=True)
+    load_times, model = _timed(load, args.loads, release=True)
     feeds = _feeds(args)
     if args.engine == "ort":
         names = [o.name for o in model.get_outputs()]
@@ -123,9 +119,10 @@ def _engine(args: argparse.Namespace) -> None:
         steps = [model.num_steps, model.folded_ops]
     for _ in range(2):
         call()
-    lat_s, out = _median_time(call, args.runs)
+    lat_times, out = _timed(call, args.runs)
     np.savez(args.out, **{k: np.asarray(v) for k, v in out.items()})
-    print(json.dumps({"load_s": load_s, "first_load_s": _first_times[0], "latency_s": lat_s, "steps": steps}))
+    print(json.dumps({"load_s": statistics.median(load_times), "first_load_s": load_times[0],
+                      "latency_s": statistics.median(lat_times), "steps": steps}))
 
 
 def _feeds(args: argparse.Namespace) -> dict[str, np.ndarray]:
