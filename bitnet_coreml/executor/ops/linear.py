@@ -23,11 +23,15 @@ def _blasable(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _rows(x: np.ndarray) -> np.ndarray:
+    """An N-D ``x`` as the 2-D matrix of its rows (one GEMM instead of numpy's loop over leading axes)."""
+    return _blasable(x).reshape(-1, x.shape[-1])
+
+
 def _mm(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """x @ y; an N-D x times a 2-D y is one 2-D GEMM (numpy would loop over the leading axes)."""
+    """x @ y; an N-D x times a 2-D y is one 2-D GEMM."""
     if y.ndim == 2 and x.ndim > 2:
-        lead = x.shape[:-1]
-        return np.matmul(_blasable(x).reshape(-1, x.shape[-1]), y).reshape(lead + (y.shape[-1],))
+        return np.matmul(_rows(x), y).reshape(x.shape[:-1] + (y.shape[-1],))
     return np.matmul(_blasable(x), _blasable(y))
 
 
@@ -39,10 +43,8 @@ def _mm_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     small next to the product. Same products and sums, so the result is the same up to BLAS's
     summation order, as any two BLAS calls.
     """
-    lead = x.shape[:-1]
-    x2 = _blasable(x).reshape(-1, x.shape[-1])
-    y = np.matmul(w, x2.T)
-    return np.ascontiguousarray(y.T).reshape(lead + (w.shape[0],))
+    y = np.matmul(w, _rows(x).T)
+    return np.ascontiguousarray(y.T).reshape(x.shape[:-1] + (w.shape[0],))
 
 
 @register("linear")
