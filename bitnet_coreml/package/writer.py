@@ -92,8 +92,13 @@ def temp_path_for(dest: Path) -> Path:
     return dest.parent / f".{dest.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}.mlpackage"
 
 
-def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
-    """Save ``mlmodel`` to ``dest`` (.mlpackage) atomically and deterministically; returns ``dest``."""
+def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool = True,
+                 assets: Mapping[str, bytes] | None = None) -> Path:
+    """Save ``mlmodel`` to ``dest`` (.mlpackage) atomically and deterministically; returns ``dest``.
+
+    ``assets`` (name -> bytes, see :mod:`bitnet_coreml.package.assets`) are written into the package
+    before it is renamed into place.
+    """
     dest = Path(dest)
     if dest.suffix != ".mlpackage":
         raise InputError(f"{dest}: output must end in .mlpackage (an ML Program package)")
@@ -106,6 +111,10 @@ def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool 
     try:
         mlmodel.save(str(tmp))
         deterministic_manifest(tmp)
+        if assets:
+            from bitnet_coreml.package.assets import write_assets  # noqa: PLC0415
+
+            write_assets(tmp, assets)
         _normalise_modes(tmp)
         if dest.exists():
             old = dest.parent / f".{dest.name}{_TMP_MARK}{os.getpid()}-old.mlpackage"
