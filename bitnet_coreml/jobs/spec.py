@@ -18,9 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from bitnet_coreml.errors import ConfigError, InputError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover  (Python 3.10: the tomli backport, a dependency there)
+    import tomli as tomllib  # type: ignore[no-redef]
 
 FORMAT_VERSION = 1
 PRECISIONS = ("fp16", "fp32")
