@@ -57,6 +57,12 @@ class ConvertOptions:
     verify: bool = False
     seq_len: int | None = None
     passes: str = "fast"  # coremltools pass pipeline: "fast" (what our programs need) or "full" (its default)
+    # stateful LLM package (KV cache as Core ML state; functions prefill and decode): see package/stateful.py
+    stateful: bool = False
+    context: int = 512
+    prefill: int = 64
+    prefill_logits: str = "all"
+    exact_context: bool = False  # keep a --context that is not a multiple of 32 (ANE: coremltools issue 2631)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp16", "fp32"):
@@ -73,6 +79,10 @@ class ConvertOptions:
             raise InputError(f"--passes must be fast or full, got {self.passes!r}")
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise InputError(f"--calibration {self.calibration}: no such file")
+        if self.stateful:
+            from bitnet_coreml.package.stateful import validate_sizes  # noqa: PLC0415
+
+            validate_sizes(self.context, self.prefill, self.prefill_logits)
 
 
 @dataclass
@@ -98,6 +108,7 @@ class ConvertResult:
     parity: dict[str, Any] | None = None
     inputs: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    stateful: dict[str, Any] | None = None  # package/stateful.py StatefulInfo.to_dict() of a --stateful package
 
     @property
     def weight_budget_bytes(self) -> float:
@@ -188,7 +199,7 @@ def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None) -
     return h.hexdigest()
 
 
-def _run_check(model: ir.Model, options: ConvertOptions, source: str) -> dict[str, Any]:
+def _run_check(model: ir.Model, options: ConvertOptions, source: str, *, context: int = 0) -> dict[str, Any]:
     """Run the pre-conversion check; violations stop the conversion (exit 1)."""
     from bitnet_coreml.check import Target, run_check  # noqa: PLC0415
 
@@ -259,6 +270,18 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         raise InputError(f"{out}: the output must end in .mlpackage")
     if not out.parent.is_dir():
         raise InputError(f"{out}: the folder {out.parent} does not exist")
+    context = 0
+    notes: list[str] = []
+    if options.stateful:
+        from bitnet_coreml.frontend import is_checkpoint_dir  # noqa: PLC0415
+        from bitnet_coreml.package.stateful import round_context  # noqa: PLC0415
+
+        if not is_checkpoint_dir(source):
+            raise InputError(f"{source}: stateful conversion needs a Hugging Face BitNet checkpoint folder "
+                             "(config.json + safetensors); an ONNX export is not accepted with --stateful because "
+                             "its attention blocks are not mapped onto a KV cache")
+        context, note = round_context(options.context, options.exact_context)
+        notes += [note] if note else []
     say: ProgressFn = progress or (lambda _s: None)
     times: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -274,7 +297,9 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     t0 = time.perf_counter()
     # An fp16 build stores the embedding / lm_head in fp16 anyway: importing a checkpoint's bf16 table
     # as fp16 (exact for bf16 values in fp16's range) halves its memory in every later stage.
-    model = load(source, seq_len=options.seq_len, embed_dtype="float16" if options.precision == "fp16" else "float32")
+    embed_dtype = "float16" if options.precision == "fp16" else "float32"
+    # A stateful package is checked and fp16-analysed on the stateless graph of its prefill length.
+    model = load(source, seq_len=options.prefill if options.stateful else options.seq_len, embed_dtype=embed_dtype)
     sha = source_sha256(source, model if Path(source).is_file() else None)
     timed("load", t0)
 
@@ -290,10 +315,9 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     if options.check:
         stage("check")
         t0 = time.perf_counter()
-        check = _run_check(model, options, str(source))
+        check = _run_check(model, options, str(source), context=context)
         timed("check", t0)
 
-    notes: list[str] = []
     split_notes: list[str] = []
     if options.split_limit:
         t0 = time.perf_counter()
@@ -305,6 +329,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     fp16_info: dict[str, Any] = {}
     fp32_nodes: frozenset[str] = frozenset()
     rms_scale: tuple[tuple[str, float], ...] = ()
+    plan = None
     if options.precision == "fp16":
         stage("fp16 safety")
         t0 = time.perf_counter()
@@ -324,8 +349,15 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     # fp16 programs are built in fp16 directly unless some node must stay fp32 (then coremltools'
     # fp16 cast pass, which can leave chosen ops in fp32, does the conversion).
     native = options.precision == "fp16" and not fp32_nodes
-    built = build_program(model, BuildOptions(precision=options.precision, ios=want_ios, fp32_nodes=fp32_nodes,
-                                              rmsnorm_input_scale=rms_scale, native_fp16=native))
+    build = BuildOptions(precision=options.precision, ios=max(want_ios, 18) if options.stateful else want_ios,
+                         fp32_nodes=fp32_nodes, rmsnorm_input_scale=rms_scale, native_fp16=native)
+    stateful_info = None
+    if options.stateful:
+        from bitnet_coreml.stateful_convert import build_stateful  # noqa: PLC0415
+
+        built, stateful_info = build_stateful(source, options, context, embed_dtype, plan, build, notes)
+    else:
+        built = build_program(model, build)
     notes += built.notes
     embed: dict[str, Any] = {}
     if options.embed_bits:
@@ -340,7 +372,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     timed("coremltools", t0)
     target_name = _OS_NAMES[platform][max(built.ios, want_ios)]
 
-    ins, outs = _descriptions(model, built)
+    ins, outs = _descriptions(model, built) if stateful_info is None else ({}, {})
     meta = {
         "bitnet_coreml.version": __version__,
         "bitnet_coreml.source": Path(source).name,
@@ -359,6 +391,13 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     }
     desc = (f"BitNet model {Path(source).name}: {len(summary.bitlinear)} ternary BitLinear layers at 2 bits "
             f"({summary.params_ternary:,} ternary + {summary.params_other:,} other parameters), {options.precision}")
+    if stateful_info is not None:
+        from bitnet_coreml.package.stateful import describe_functions, metadata_entries  # noqa: PLC0415
+
+        meta.update(metadata_entries(stateful_info))
+        desc += (f"; stateful: functions prefill (P={stateful_info.prefill}) and decode, KV cache of "
+                 f"{stateful_info.context} positions as state")
+        describe_functions(mlmodel, stateful_info)
     describe(mlmodel, short_description=desc, metadata=meta, input_descriptions=ins, output_descriptions=outs)
 
     stage("write package")
@@ -373,6 +412,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         params_ternary=summary.params_ternary, params_other=summary.params_other,
         bitlinear_layers=len(summary.bitlinear), notes=notes, fp16=fp16_info, split=split_notes, embed=embed,
         check=check, inputs=dict(built.input_names), outputs=dict(built.output_names),
+        stateful=stateful_info.to_dict() if stateful_info is not None else None,
     )
     if options.verify:
         stage("verify")

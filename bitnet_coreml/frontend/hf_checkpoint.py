@@ -160,24 +160,25 @@ class _Importer:
         return y
 
     def plain_linear(self, x: ir.Value, wname: str, n: int, k: int, weight: ir.Value | None = None,
-                     dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
+                     dtype: ir.DataType = ir.DataType.FLOAT, rows: int | None = None) -> ir.Value:
         """``x @ W^T`` for a float ``W [n, k]`` (lm_head, unconverted modules) as Gemm(transB=1) on 2-D.
 
         With an fp16 ``W`` the product runs in fp16 between two Casts (what an fp16 package computes).
         """
         g = self.g
+        S = self.S if rows is None else rows
         if weight is None:
             self.store.require(wname, shapes=[(n, k)], dtypes=FLOAT_CODES, what="linear weight")
             weight = g.initializer(CheckpointTensor(self.store, wname, dtype=dtype))
-        x2 = g.reshape(x, [self.S, k])
+        x2 = g.reshape(x, [S, k])
         half = weight.dtype == ir.DataType.FLOAT16
         if half:
-            x2 = g.op("Cast", [x2], {"to": ir.DataType.FLOAT16}, shape=[self.S, k], dtype=ir.DataType.FLOAT16)
-        y = g.op("Gemm", [x2, weight], {"transB": 1}, shape=[self.S, n], name=wname.removesuffix(".weight"),
+            x2 = g.op("Cast", [x2], {"to": ir.DataType.FLOAT16}, shape=[S, k], dtype=ir.DataType.FLOAT16)
+        y = g.op("Gemm", [x2, weight], {"transB": 1}, shape=[S, n], name=wname.removesuffix(".weight"),
                  dtype=weight.dtype or ir.DataType.FLOAT)
         if half:
-            y = g.op("Cast", [y], {"to": ir.DataType.FLOAT}, shape=[self.S, n])
-        return g.reshape(y, [1, self.S, n])
+            y = g.op("Cast", [y], {"to": ir.DataType.FLOAT}, shape=[S, n])
+        return g.reshape(y, [1, S, n])
 
     # --- blocks -----------------------------------------------------------------------------------
 
@@ -205,13 +206,15 @@ class _Importer:
         v = heads(self.bitlinear(h, f"{p}.v_proj", Hkv * d, D), Hkv)
         q = self.rope(q, H, cos, sin)
         k = self.rope(k, Hkv, cos, sin)
+        k, v = self.keys_values(k, v, p)
+        T = int(k.shape[2])  # type: ignore[index, arg-type]  # keys attended to: S, or the cache's context
         # Scale q before the product (same result as scaling the scores; smaller numbers in fp16).
         q = g.op("Mul", [q, g.const(f"{p}.scaling", np.asarray(np.float32(d ** -0.5)))], shape=[1, H, S, d])
         qg = g.reshape(q, [1, Hkv, rep * S, d])
-        kt = g.op("Transpose", [k], {"perm": [0, 1, 3, 2]}, shape=[1, Hkv, d, S])
-        scores = g.op("MatMul", [qg, kt], shape=[1, Hkv, rep * S, S])
-        scores = g.op("Add", [scores, mask], shape=[1, Hkv, rep * S, S])
-        probs = g.op("Softmax", [scores], {"axis": -1}, shape=[1, Hkv, rep * S, S])
+        kt = g.op("Transpose", [k], {"perm": [0, 1, 3, 2]}, shape=[1, Hkv, d, T])
+        scores = g.op("MatMul", [qg, kt], shape=[1, Hkv, rep * S, T])
+        scores = g.op("Add", [scores, mask], shape=[1, Hkv, rep * S, T])
+        probs = g.op("Softmax", [scores], {"axis": -1}, shape=[1, Hkv, rep * S, T])
         o = g.op("MatMul", [probs, v], shape=[1, Hkv, rep * S, d])
         o = g.reshape(o, [1, H, S, d])
         o = g.op("Transpose", [o], {"perm": [0, 2, 1, 3]}, shape=[1, S, H, d])
@@ -238,7 +241,7 @@ class _Importer:
             raise ModelLoadError(f"{self.folder / 'config.json'}: num_attention_heads*head_dim = "
                                  f"{cfg.num_attention_heads * cfg.head_dim} != hidden_size = {D}; BitNet's attn_sub_norm "
                                  "has hidden_size weights, so they must match")
-        ids = g.input("input_ids", ir.DataType.INT64, [1, S])
+        ids = self.inputs()
         emb_name = "model.embed_tokens.weight"
         self.store.require(emb_name, shapes=[(V, D)], dtypes=FLOAT_CODES, what="embedding")
         emb = g.initializer(CheckpointTensor(self.store, emb_name, dtype=self.embed_dtype))
@@ -246,10 +249,7 @@ class _Importer:
                  dtype=self.embed_dtype)
         if self.embed_dtype != ir.DataType.FLOAT:
             x = g.op("Cast", [x], {"to": ir.DataType.FLOAT}, shape=[1, S, D])
-        cos_np, sin_np = rope_tables(cfg, S)
-        cos = g.const("rope.cos", cos_np.reshape(1, 1, S, cfg.head_dim))
-        sin = g.const("rope.sin", sin_np.reshape(1, 1, S, cfg.head_dim))
-        mask = g.const("attn.causal_mask", causal_mask(S, cfg.kv_groups))
+        cos, sin, mask = self.positions()
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}"
             h = g.fused("RMSNorm", [x, self._norm_weight(f"{p}.input_layernorm.weight", D)],
@@ -261,19 +261,44 @@ class _Importer:
             x = g.op("Add", [x, self.mlp(h, f"{p}.mlp")], shape=[1, S, D], name=f"{p}.mlp_residual")
         x = g.fused("RMSNorm", [x, self._norm_weight("model.norm.weight", D)], {"epsilon": cfg.rms_norm_eps},
                     "model.norm", shape=[1, S, D])
+        x, rows = self.head_rows(x)
         if "lm_head.weight" in self.store and not cfg.tie_word_embeddings:
-            logits = self.plain_linear(x, "lm_head.weight", V, D, dtype=self.embed_dtype)
+            logits = self.plain_linear(x, "lm_head.weight", V, D, dtype=self.embed_dtype, rows=rows)
         elif cfg.tie_word_embeddings:
-            logits = self.plain_linear(x, emb_name, V, D, weight=emb)
+            logits = self.plain_linear(x, emb_name, V, D, weight=emb, rows=rows)
         else:
             raise ModelLoadError(f"{self.folder}: missing tensor 'lm_head.weight' (shape {[V, D]}) and "
                                  "tie_word_embeddings is false in config.json")
-        g.output(logits, "logits", ir.DataType.FLOAT, [1, S, V])
-        return g.model(OPSET, doc=f"BitNet checkpoint {self.folder.name}, seq_len {S}",
-                       metadata={"bitnet_coreml.source": "hf_checkpoint", "bitnet_coreml.seq_len": str(S),
-                                 "bitnet_coreml.fused": "1",
-                                 "bitnet_coreml.linear_class": cfg.quant.linear_class,
-                                 "bitnet_coreml.quantization_mode": cfg.quant.quantization_mode})
+        g.output(logits, "logits", ir.DataType.FLOAT, [1, rows, V])
+        return g.model(OPSET, doc=f"BitNet checkpoint {self.folder.name}, seq_len {S}", metadata=self.metadata())
+
+    # --- hooks a stateful import (frontend/hf_stateful.py) overrides ---------------------------
+
+    def inputs(self) -> ir.Value:
+        """The graph inputs; returns the token ids."""
+        return self.g.input("input_ids", ir.DataType.INT64, [1, self.S])
+
+    def positions(self) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """RoPE cos, sin ``[1, 1, S, d]`` and the additive attention mask for positions 0..S-1."""
+        g, cfg, S = self.g, self.cfg, self.S
+        cos_np, sin_np = rope_tables(cfg, S)
+        cos = g.const("rope.cos", cos_np.reshape(1, 1, S, cfg.head_dim))
+        sin = g.const("rope.sin", sin_np.reshape(1, 1, S, cfg.head_dim))
+        return cos, sin, g.const("attn.causal_mask", causal_mask(S, cfg.kv_groups))
+
+    def keys_values(self, k: ir.Value, v: ir.Value, prefix: str) -> tuple[ir.Value, ir.Value]:
+        """The keys and values ``[1, Hkv, T, d]`` attention reads (here: this call's own, T = S)."""
+        return k, v
+
+    def head_rows(self, x: ir.Value) -> tuple[ir.Value, int]:
+        """The final hidden states the lm_head projects, and how many rows they are."""
+        return x, self.S
+
+    def metadata(self) -> dict[str, str]:
+        q = self.cfg.quant
+        return {"bitnet_coreml.source": "hf_checkpoint", "bitnet_coreml.seq_len": str(self.S),
+                "bitnet_coreml.fused": "1", "bitnet_coreml.linear_class": q.linear_class,
+                "bitnet_coreml.quantization_mode": q.quantization_mode}
 
 
 EMBED_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16}

@@ -324,6 +324,34 @@ def _scale_alpha(node: ir.Node, c: float) -> None:
     a.const_value = ir.tensor(new, name=a.name)
 
 
+def _rescale_mlp(model: ir.Model, gate: ir.Node, up: ir.Node, norm: ir.Node, c: float) -> None:
+    """Fold ``c`` into the gate and up multipliers and ``c**6`` into the RMSNorm's epsilon (in place)."""
+    from bitnet_coreml.passes.fused import ensure_function  # noqa: PLC0415
+
+    _scale_alpha(gate, c)
+    _scale_alpha(up, c)
+    new_eps = float(np.float32(float(norm.attributes["epsilon"].as_float()) * c ** 6))
+    norm.attributes["epsilon"] = ir.AttrFloat32("epsilon", new_eps)
+    norm.overload = ensure_function(model, "RMSNorm", {"epsilon": new_eps})
+
+
+def apply_fp16_plan(model: ir.Model, plan: Fp16Plan) -> list[str]:
+    """Apply the MLP rescales of ``plan`` (measured on another graph of the same model) to ``model``,
+    matching nodes by name; returns the plan's fp32 nodes that ``model`` does not have.
+
+    The graphs of a stateful package's functions name their decoder nodes as the stateless graph
+    does, so the analysis runs once (on the stateless graph) and applies to every function.
+    """
+    nodes = {n.name: n for n in model.graph if n.name}
+    for entry in plan.rescaled:
+        names = (entry["gate"], entry["up"], entry["rmsnorm"])
+        missing = [n for n in names if n not in nodes]
+        if missing:
+            raise InputError(f"fp16 plan: node(s) {', '.join(missing)} not found in the graph it is applied to")
+        _rescale_mlp(model, nodes[entry["gate"]], nodes[entry["up"]], nodes[entry["rmsnorm"]], float(entry["scale"]))
+    return sorted(n for n in plan.fp32_nodes if n not in nodes)
+
+
 def make_fp16_safe(model: ir.Model, feeds: Mapping[str, np.ndarray], *, headroom: float = HEADROOM) -> Fp16Plan:
     """Analyse ``model`` on ``feeds`` and rewrite it in place (see the module docstring)."""
     plan = Fp16Plan()
@@ -358,21 +386,14 @@ def make_fp16_safe(model: ir.Model, feeds: Mapping[str, np.ndarray], *, headroom
         while max(g * 2.0 ** -k, u * 2.0 ** -k, r * 4.0 ** -k, p * 8.0 ** -k) > TARGET_MAX and k < 40:
             k += 1
         c = 2.0 ** -k
-        _scale_alpha(gate, c)
-        _scale_alpha(up, c)
-        eps_attr = norm.attributes["epsilon"]
-        eps = float(eps_attr.as_float())
-        new_eps = float(np.float32(eps * c ** 6))
-        from bitnet_coreml.passes.fused import ensure_function  # noqa: PLC0415
-
-        norm.attributes["epsilon"] = ir.AttrFloat32("epsilon", new_eps)
-        norm.overload = ensure_function(model, "RMSNorm", {"epsilon": new_eps})
+        _rescale_mlp(model, gate, up, norm, c)
         plan.rmsnorm_input_scale[norm.name or ""] = c ** 3
         for val, v, f in ((gate.outputs[0], g, c), (node.outputs[0], r, c * c), (up.outputs[0], u, c),
                           (norm.inputs[0], p, c ** 3)):
             if val is not None and val.name:
                 stats[val.name] = v * f
         entry = {"relu2": node.name, "gate": gate.name, "up": up.name, "rmsnorm": norm.name, "factor": f"2^-{k}",
+                 "scale": c,
                  "max_abs_before": max(r, p), "max_abs_after": max(r * c * c, p * c ** 3)}
         plan.rescaled.append(entry)
         plan.notes.append(f"fp16: relu2 {node.name!r} reached {max(r, p):.4g} on the calibration input; folded "

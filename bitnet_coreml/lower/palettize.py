@@ -12,6 +12,7 @@ per tensor: that is the parity cost the report shows.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -80,16 +81,26 @@ def pack_bits(indices: np.ndarray, nbits: int) -> np.ndarray:
 
 
 def palettize_program(program: Any, nbits: int, min_size: int = 1 << 16) -> dict[str, Any]:
-    """Replace big float consts feeding gather/linear/matmul by ``nbits`` LUTs (in place)."""
-    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
-
+    """Replace big float consts feeding gather/linear/matmul by ``nbits`` LUTs, in every function (in place)."""
     from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
 
     ct = coremltools()
-    func = program.functions["main"]
-    ios18 = func.opset_version is not None and func.opset_version >= ct.target.iOS18
     done: list[dict[str, Any]] = []
+    # Functions of a multifunction program hold equal copies of the same weights: palettize each
+    # distinct tensor once, so they stay equal (and are stored once, see lower/state.py).
+    memo: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, float]] = {}
+    for func in program.functions.values():
+        _palettize_function(func, nbits, min_size, ct, memo, done)
+    return {"bits": nbits, "weights": done, "max_rel_l2": max((d["rel_l2"] for d in done), default=0.0)}
+
+
+def _palettize_function(func: Any, nbits: int, min_size: int, ct: Any,
+                        memo: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, float]],
+                        done: list[dict[str, Any]]) -> None:
+    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+    ios18 = func.opset_version is not None and func.opset_version >= ct.target.iOS18
     for op in list(func.operations):
         if op.op_type != "const":
             continue
@@ -99,12 +110,15 @@ def palettize_program(program: Any, nbits: int, min_size: int = 1 << 16) -> dict
             continue
         if not var.child_ops or not all(c.op_type in _CONSUMERS for c in var.child_ops):
             continue
-        lut = kmeans_1d(val, 1 << nbits)
-        idx = lut_indices(val, lut)
-        recon = lut.astype(val.dtype)[idx].reshape(val.shape)
-        err = float(np.linalg.norm((recon - val).astype(np.float64)))
-        rel = err / max(float(np.linalg.norm(val.astype(np.float64))), 1e-30)
-        del recon
+        key = (val.shape, val.dtype.str, hashlib.sha1(np.ascontiguousarray(val).view(np.uint8)).hexdigest())
+        if key not in memo:
+            lut = kmeans_1d(val, 1 << nbits)
+            idx = lut_indices(val, lut)
+            recon = lut.astype(val.dtype)[idx].reshape(val.shape)
+            err = float(np.linalg.norm((recon - val).astype(np.float64)))
+            memo[key] = (lut, idx, err / max(float(np.linalg.norm(val.astype(np.float64))), 1e-30))
+            del recon
+        lut, idx, rel = memo[key]
         with func, mb.set_before_op(op):
             if ios18:  # iOS18 redefined the op: typed sub-byte indices in the weight's shape, rank+2 LUT
                 typed = idx.reshape(val.shape).astype(types.nptype_from_builtin(types.string_to_builtin(f"uint{nbits}")))
@@ -118,4 +132,3 @@ def palettize_program(program: Any, nbits: int, min_size: int = 1 << 16) -> dict
         op.enclosing_block.remove_ops([op])
         done.append({"name": op.name, "shape": list(val.shape), "rel_l2": rel})
         log.info("palettized %s %s to %d bits (rel L2 %.3g)", op.name, list(val.shape), nbits, rel)
-    return {"bits": nbits, "weights": done, "max_rel_l2": max((d["rel_l2"] for d in done), default=0.0)}

@@ -12,6 +12,7 @@ the ops that the fp16-safety analysis keeps in fp32 are excluded from the fp16 c
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -137,6 +138,42 @@ def _input_shape(v: ir.Value) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def graph_states(model: ir.Model) -> set[str]:
+    """Names of the graph inputs that are Core ML states (the model's ``bitnet_coreml.states`` metadata)."""
+    raw = model.metadata_props.get("bitnet_coreml.states")
+    return set(json.loads(raw)) if raw else set()
+
+
+def build_functions(models: dict[str, ir.Model], default: str, options: BuildOptions | None = None) -> BuiltProgram:
+    """One multifunction MIL program: ``models[name]`` becomes function ``name`` (``default`` is the default).
+
+    Every function is built by :func:`build_program` with the same options; they must have the same
+    input and output names (they describe one model). The program needs iOS18 (multifunction).
+    """
+    coremltools()
+    from coremltools.converters.mil.mil import Program  # noqa: PLC0415
+
+    if default not in models:
+        raise InputError(f"default function {default!r} is not among {', '.join(models)}")
+    options = options or BuildOptions()
+    prog = Program()
+    ios = 18
+    fp32_ops: set[str] = set()
+    notes: list[str] = []
+    first: BuiltProgram | None = None
+    for name, model in models.items():
+        built = build_program(model, options)
+        prog.add_function(name, built.program.functions["main"])
+        ios = max(ios, built.ios)
+        fp32_ops |= built.fp32_ops  # op names repeat across functions: keeping more in fp32 is the safe side
+        notes += [f"{name}: {n}" for n in built.notes]
+        first = first or built
+    assert first is not None
+    prog.default_function_name = default
+    prog.export_as_multifunction = True
+    return BuiltProgram(prog, ios, first.input_names, first.output_names, frozenset(fp32_ops), notes)
+
+
 def check_supported(model: ir.Model) -> None:
     """Raise one UnsupportedOpError naming every op of the graph that has no lowering."""
     missing = unsupported_ops(model.graph)
@@ -187,12 +224,18 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
 
     input_names: dict[str, str] = {}
     specs: dict[str, Any] = {}
+    states = graph_states(model)
     for v in graph.inputs:
         if v.const_value is not None and v.name in graph.initializers:
             continue  # an initializer listed as input (old exporters): a constant, not a model input
         mil_name = safe_name(v.name or f"input_{len(specs)}")
+        if v.name in states:
+            if v.dtype != ir.DataType.FLOAT16:
+                raise InputError(f"state {v.name!r} is {v.dtype}; Core ML states are fp16 only")
+            specs[mil_name] = mb.StateTensorSpec(shape=_input_shape(v), dtype=types.fp16)
+        else:
+            specs[mil_name] = mb.placeholder(shape=_input_shape(v), dtype=_mil_dtype(v), name=mil_name)
         input_names[v.name or mil_name] = mil_name
-        specs[mil_name] = mb.placeholder(shape=_input_shape(v), dtype=_mil_dtype(v), name=mil_name)
 
     ctx = LoweringContext(compute_precision=options.precision, opset=target_for(options.ios),
                           fp32_nodes=set(options.fp32_nodes),
@@ -295,18 +338,35 @@ FAST_PASSES = (
 PIPELINES = ("fast", "full")
 
 
-def ct_pass_pipeline(name: str) -> Any:
-    """The coremltools pass pipeline: ``fast`` (FAST_PASSES) or ``full`` (coremltools' default)."""
+# Stateful programs also need coremltools' state canonicalisations (in-place read -> update -> write).
+STATE_PASSES = ("common::canonicalize_inplace_pattern", "common::prefer_state_in_downstream",
+                "common::dead_code_elimination")
+
+
+def ct_pass_pipeline(name: str, *, stateful: bool = False, multifunction: bool = False) -> Any:
+    """The coremltools pass pipeline: ``fast`` (FAST_PASSES) or ``full`` (coremltools' default).
+
+    ``stateful`` adds the state canonicalisations to ``fast`` (``full`` has them); ``multifunction``
+    ends either with the pass that stores constants shared by several functions once.
+    """
     ct = coremltools()
     if name == "full":
-        return ct.PassPipeline.DEFAULT
-    if name == "fast":
+        pipe = ct.PassPipeline.DEFAULT
+    elif name == "fast":
         pipe = ct.PassPipeline(pass_names=list(FAST_PASSES), pipeline_name="bitnet_coreml_fast")
         # Every BitLinear/RMSNorm repeats the same scalars (0.5, 2, 127, eps ...): share them. The
         # default threshold (100 elements) keeps one const op per use, ~80 bytes each in model.mlmodel.
         pipe.set_options("common::const_deduplication", {"const_threshold": 1})
-        return pipe
-    raise InputError(f"pass pipeline {name!r} is not known; allowed: {', '.join(PIPELINES)}")
+        if stateful:
+            for p in STATE_PASSES:
+                pipe.append_pass(p)
+    else:
+        raise InputError(f"pass pipeline {name!r} is not known; allowed: {', '.join(PIPELINES)}")
+    if multifunction:
+        from bitnet_coreml.lower.state import register_share_pass  # noqa: PLC0415
+
+        pipe.append_pass(register_share_pass())
+    return pipe
 
 
 def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | None = None,
@@ -322,6 +382,7 @@ def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | Non
     else:
         compute_precision = ct.precision.FLOAT32
     # coremltools draws a tqdm bar per pass pipeline on stderr; the CLI has its own progress display.
+    from coremltools.converters.mil.mil import types  # noqa: PLC0415
     from coremltools.converters.mil.mil.passes import pass_pipeline  # noqa: PLC0415
 
     bar = pass_pipeline.tqdm
@@ -330,8 +391,11 @@ def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | Non
         with warnings.catch_warnings():
             # attention masks hold finfo.min, which the fp16 cast turns into -inf on purpose (see fp16.py)
             warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
-            return ct.convert(built.program, convert_to="mlprogram", compute_precision=compute_precision,
+            prog = built.program
+            stateful = any(types.is_state(v.sym_type) for f in prog.functions.values() for v in f.inputs.values())
+            return ct.convert(prog, convert_to="mlprogram", compute_precision=compute_precision,
                               minimum_deployment_target=target, skip_model_load=True,
-                              pass_pipeline=ct_pass_pipeline(pipeline))
+                              pass_pipeline=ct_pass_pipeline(pipeline, stateful=stateful,
+                                                             multifunction=len(prog.functions) > 1))
     finally:
         pass_pipeline.tqdm = bar

@@ -47,7 +47,7 @@ def lowering(op_type: str, domain: str = "") -> Callable[[LoweringFn], LoweringF
 
 def _load_all() -> None:
     # Importing the op-family modules registers their lowerings.
-    from bitnet_coreml.lower import bitnet, ops  # noqa: F401
+    from bitnet_coreml.lower import bitnet, ops, state  # noqa: F401
 
 
 def supported_ops() -> list[str]:

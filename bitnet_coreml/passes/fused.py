@@ -1,7 +1,7 @@
 """The fused ops of the ``bitnet_coreml`` domain, as model-local ONNX functions.
 
-Each fused op the passes create (``BitLinear``, ``RMSNorm``, ``Relu2``) is also defined as a
-function in the model, so ONNX Runtime still runs a rewritten model and every pass can be tested
+Each fused op the passes create (``BitLinear``, ``RMSNorm``, ``Relu2``), and the ``KVCacheUpdate`` of
+stateful graphs, is also defined as a function in the model, so ONNX Runtime still runs a rewritten model and every pass can be tested
 against the original graph. Semantics are in ``docs/ARCHITECTURE.md``; the function bodies below
 are the executable definition.
 
@@ -24,7 +24,10 @@ import onnx_ir as ir
 DOMAIN = "bitnet_coreml"
 FUNCTION_OPSET = 18  # bodies use ReduceMax/ReduceMean with axes as an input (opset 18)
 FUSED_OPS = ("BitLinear", "RMSNorm", "Relu2")
-_ATTRS = {"BitLinear": ["act_bits", "act_eps", "convention"], "RMSNorm": ["epsilon"], "Relu2": []}
+# Ops of stateful graphs (frontend/hf_stateful.py); not produced by the passes.
+STATE_OPS = ("KVCacheUpdate",)
+_ATTRS = {"BitLinear": ["act_bits", "act_eps", "convention"], "RMSNorm": ["epsilon"], "Relu2": [],
+          "KVCacheUpdate": []}
 
 
 def _f32(x: float) -> float:
@@ -83,6 +86,32 @@ def relu2_body() -> list[onnx.NodeProto]:
     return [oh.make_node("Relu", ["X"], ["r"]), oh.make_node("Mul", ["r", "r"], ["Y"])]
 
 
+def kv_cache_update_body() -> list[onnx.NodeProto]:
+    """``Y = Cache`` with ``Cache[:, :, p:p+S, :] = New`` (``S = New.shape[2]``, ``p = Position[0]``),
+    in ``New``'s dtype: the cache holds ``Cache``'s dtype (fp16), so ``New`` is rounded to it."""
+    n = oh.make_node
+    i64 = onnx.TensorProto.INT64
+
+    def c(name: str, vals: list[int], dims: list[int]) -> onnx.NodeProto:
+        return n("Constant", [], [name], value=oh.make_tensor(name, i64, dims, vals))
+
+    return [
+        c("two", [2], [1]), c("three", [3], [1]), c("zero", [0], []), c("one", [1], []),
+        c("shape4", [1, 1, -1, 1], [4]),
+        n("Shape", ["New"], ["shp"]),
+        n("Slice", ["shp", "two", "three"], ["s1"]),
+        n("Squeeze", ["s1"], ["s"]),
+        n("Range", ["zero", "s", "one"], ["r"]),
+        n("Cast", ["Position"], ["p"], to=i64),
+        n("Add", ["r", "p"], ["rows"]),
+        n("Reshape", ["rows", "shape4"], ["rows4"]),
+        n("Expand", ["rows4", "shp"], ["idx"]),
+        n("CastLike", ["New", "Cache"], ["nw"]),
+        n("ScatterElements", ["Cache", "idx", "nw"], ["upd"], axis=2),
+        n("CastLike", ["upd", "New"], ["Y"]),
+    ]
+
+
 def overload_name(op_type: str, attrs: dict[str, object]) -> str:
     if op_type == "BitLinear":
         return f"b{int(attrs['act_bits'])}_e{_f32(float(attrs['act_eps'])):.6g}"  # type: ignore[call-overload,arg-type]
@@ -102,8 +131,11 @@ def function_proto(op_type: str, attrs: dict[str, object]) -> onnx.FunctionProto
     elif op_type == "Relu2":
         body = relu2_body()
         ins = ["X"]
+    elif op_type == "KVCacheUpdate":
+        body = kv_cache_update_body()
+        ins = ["Cache", "New", "Position"]
     else:
-        raise KeyError(f"unknown fused op {op_type!r}; known: {', '.join(FUSED_OPS)}")
+        raise KeyError(f"unknown fused op {op_type!r}; known: {', '.join(FUSED_OPS + STATE_OPS)}")
     f = oh.make_function(DOMAIN, op_type, ins, ["Y"], body, [oh.make_opsetid("", FUNCTION_OPSET)],
                          attributes=_ATTRS[op_type])
     f.overload = overload_name(op_type, attrs)

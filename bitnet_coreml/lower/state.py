@@ -1,0 +1,83 @@
+"""Lowering of ``bitnet_coreml::KVCacheUpdate`` to Core ML state ops, and the cross-function weight pass.
+
+``KVCacheUpdate(Cache, New, Position)`` (see ``frontend/hf_stateful.py``): ``Cache`` is a graph input
+the program builder made a Core ML state (fp16: the only state type Core ML supports, iOS18). The
+lowering is the in-place pattern Core ML recognises::
+
+    c = read_state(Cache)
+    u = slice_update(c, cast(New, fp16), begin=[0, 0, p, 0], end=[1, Hkv, p+S, d])
+    y = coreml_update_state(Cache, u)          # writes the state, returns the new cache
+    Y = cast(y, New's dtype)
+
+``share_weights_across_functions`` runs last in the pass pipeline of a multifunction program: it
+gives every constant that several functions hold the same ``weight_id``, so the package stores it
+once (coremltools' ``save_multifunction`` does the same through ``const_deduplication``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from bitnet_coreml._quiet import coremltools
+from bitnet_coreml.errors import UnsupportedOpError
+from bitnet_coreml.lower.registry import LoweringContext, lowering
+
+DOMAIN = "bitnet_coreml"
+SHARE_PASS = "bitnet_coreml::share_weights_across_functions"
+
+
+@lowering("KVCacheUpdate", domain=DOMAIN)
+def lower_kv_cache_update(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    coremltools()
+    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+    nm = ctx.name(node)
+    state, new, pos = ctx.input(node, 0), ctx.input(node, 1), ctx.input(node, 2)
+    if state is None or not types.is_state(getattr(state, "sym_type", None)):
+        raise UnsupportedOpError(f"node {node.name!r} (KVCacheUpdate): input 0 must be a state (a graph input listed "
+                                 "in the model's bitnet_coreml.states metadata)")
+    if isinstance(new, np.ndarray):
+        new = mb.const(val=new.astype(np.float32), name=f"{nm}_new")
+    if isinstance(pos, np.ndarray):
+        pos = mb.const(val=pos.astype(np.int32), name=f"{nm}_pos")
+    shape = tuple(int(d) for d in new.shape)
+    cache_shape = tuple(int(d) for d in state.sym_type.wrapped_type().get_shape())
+    half = new.dtype == types.fp16
+    new16 = new if half else mb.cast(x=new, dtype="fp16", name=f"{nm}_new16")
+    cache = mb.read_state(input=state, name=f"{nm}_read")
+    zero = np.zeros(1, np.int32)
+    begin = mb.concat(values=[zero, zero, pos, zero], axis=0, name=f"{nm}_begin")
+    end = mb.concat(values=[np.array([cache_shape[0]], np.int32), np.array([cache_shape[1]], np.int32),
+                            mb.add(x=pos, y=np.int32(shape[2]), name=f"{nm}_stop"),
+                            np.array([cache_shape[3]], np.int32)], axis=0, name=f"{nm}_end")
+    upd = mb.slice_update(x=cache, update=new16, begin=begin, end=end, name=f"{nm}_slice_update")
+    out = mb.coreml_update_state(state=state, value=upd, name=f"{nm}_write")
+    return [out if half else mb.cast(x=out, dtype="fp32", name=f"{nm}_y")]
+
+
+def register_share_pass() -> str:
+    """Register the cross-function weight-sharing pass with coremltools (once); returns its name."""
+    coremltools()
+    from coremltools.converters.mil.mil.passes.defs.cleanup.const_deduplication import (  # noqa: PLC0415
+        const_deduplication,
+    )
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass  # noqa: PLC0415
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass  # noqa: PLC0415
+
+    if SHARE_PASS in PASS_REGISTRY:
+        return SHARE_PASS
+
+    @register_pass(namespace="bitnet_coreml")
+    class share_weights_across_functions(AbstractGraphPass):  # noqa: N801 - coremltools names passes in snake case
+        """Constants equal across functions share one blob entry (``weight_id``); a no-op with one function."""
+
+        def apply(self, prog: Any) -> None:
+            if len(prog.functions) > 1:
+                const_deduplication()._deduplicate_const_across_functions(prog)
+
+    return SHARE_PASS
