@@ -33,12 +33,20 @@ def _mb(n: float) -> str:
 @click.option("--seq-len", type=int, default=None, help="Sequence length for a Hugging Face checkpoint folder.")
 @click.option("--passes", type=click.Choice(["fast", "full"]), default="fast", show_default=True,
               help="coremltools pass pipeline: the passes our programs need, or coremltools' full default.")
+@click.option("--stateful", is_flag=True,
+              help="LLM package with a KV cache as Core ML state: functions prefill and decode (checkpoint folders).")
+@click.option("--context", type=int, default=512, show_default=True,
+              help="--stateful: KV cache positions (rounded up to a multiple of 32 unless --exact-context).")
+@click.option("--prefill", type=int, default=64, show_default=True, help="--stateful: tokens per prefill call.")
+@click.option("--prefill-logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="--stateful: prefill returns the logits of every token or of the last one.")
+@click.option("--exact-context", is_flag=True, help="--stateful: keep a --context that is not a multiple of 32.")
 @click.option("--no-check", is_flag=True, help="Skip the pre-conversion check.")
 @click.option("--verify", "do_verify", is_flag=True, help="Verify the package against the source after converting.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def convert(model: str, out: str, target: str, chip: str | None, precision: str, embed_bits: str | None,
             calibration: str | None, min_os: str | None, split_limit: int, seq_len: int | None, passes: str,
-            no_check: bool,
+            stateful: bool, context: int, prefill: int, prefill_logits: str, exact_context: bool, no_check: bool,
             do_verify: bool, as_json: bool) -> None:
     """Convert MODEL (.onnx file or checkpoint folder) to a Core ML package with 2-bit ternary weights."""
     from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
@@ -47,7 +55,8 @@ def convert(model: str, out: str, target: str, chip: str | None, precision: str,
     options = ConvertOptions(precision=precision, embed_bits=int(embed_bits) if embed_bits else None,
                              calibration=calibration, target=target, chip=chip, min_os=min_os,
                              split_limit=split_limit, check=not no_check, verify=do_verify, seq_len=seq_len,
-                             passes=passes)
+                             passes=passes, stateful=stateful, context=context, prefill=prefill,
+                             prefill_logits=prefill_logits, exact_context=exact_context)
     if as_json:
         result = run_convert(model, out, options)
         echo_json(result.to_dict())
@@ -66,6 +75,11 @@ def convert(model: str, out: str, target: str, chip: str | None, precision: str,
         t.add_row("parameters", f"{result.params_ternary:,} ternary (2-bit) + {result.params_other:,} other")
         t.add_row("weights", f"{_mb(result.weight_bytes)} (budget {_mb(result.weight_budget_bytes)})")
         t.add_row("package", _mb(result.package_bytes))
+        if result.stateful:
+            st = result.stateful
+            t.add_row("stateful", f"functions {', '.join(st['functions'])} (default {st['default_function']}); "
+                                  f"context {st['context']}, prefill {st['prefill']} (logits {st['prefill_logits']}); "
+                                  f"{len(st['states'])} fp16 states, {_mb(st['state_bytes'])}")
         t.add_row("time", " ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
         con.print(t)
         for n in result.split + result.notes:

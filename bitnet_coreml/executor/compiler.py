@@ -125,6 +125,10 @@ def _plan_frees(block: CompiledBlock) -> None:
         step.frees = tuple(sorted(frees.get(i, ())))
 
 
+# Constants up to this many bytes are keyed by their value when no blob key names them (scalars, shapes).
+_VALUE_KEY_BYTES = 256
+
+
 @dataclass
 class _Compiler:
     fp32: bool
@@ -133,6 +137,49 @@ class _Compiler:
     n_slots: int = 0
     folded: int = 0
     unknown: dict[str, str] = field(default_factory=dict)
+    # Sharing with other functions of the package (executor/shared.py): blob key per MIL name of this
+    # function, values computed so far by key (None: share nothing), and the key of each const var.
+    blob_keys: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    shared: dict[tuple[Any, ...], Any] | None = None
+    keys: dict[int, tuple[Any, ...] | None] = field(default_factory=dict)
+    reused: int = 0
+
+    def const_key(self, var: Any, value: Any) -> tuple[Any, ...] | None:
+        """What identifies a constant across functions: its blob entry, or its value when small."""
+        k = self.blob_keys.get(var.name)
+        if k is not None:
+            return k
+        if isinstance(value, str):
+            return ("str", value)
+        if isinstance(value, np.ndarray) and value.nbytes <= _VALUE_KEY_BYTES:
+            return ("val", value.dtype.str, value.shape, value.tobytes())
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return ("strs", tuple(value))
+        return None
+
+    def new_const(self, var: Any) -> Any:
+        value = self.const_value(var)
+        key = self.const_key(var, value)
+        if key is not None and self.shared is not None:
+            held = self.shared.setdefault(("const", self.fp32, key), value)
+            if held is not value:
+                self.reused += 1
+                value = held
+        self.consts[id(var)] = value
+        self.keys[id(var)] = key
+        return value
+
+    def fold_key(self, op: Any) -> tuple[Any, ...] | None:
+        """Key of the values ``op`` folds to: its type and its inputs' keys (None if any is unknown)."""
+        parts: list[Any] = [op.op_type]
+        for name, var in op.inputs.items():
+            vs = var if isinstance(var, (list, tuple)) else (var,)
+            for v in vs:
+                k = self.blob_keys.get(f"{op.outputs[0].name}:{name}") or self.keys.get(id(v))
+                if k is None:
+                    return None
+                parts.append((name, k))
+        return tuple(parts)
 
     def dtype_of(self, var: Any) -> np.dtype | None:
         try:
@@ -169,9 +216,7 @@ class _Compiler:
         if key in self.slots:
             return self.slots[key], None
         if var.op is not None and var.op.op_type == "const":
-            value = self.const_value(var)
-            self.consts[key] = value
-            return -1, value
+            return -1, self.new_const(var)
         raise ModelError(f"MIL var {var.name!r} is used before it is defined")
 
     def compile_block(self, block: Any, input_vars: list[Any] | None = None) -> CompiledBlock:
@@ -185,7 +230,7 @@ class _Compiler:
     def compile_op(self, op: Any, steps: list[Step]) -> None:
         if op.op_type == "const":
             for v in op.outputs:
-                self.consts[id(v)] = self.const_value(v)
+                self.new_const(v)
             return
         if not registry.is_registered(op.op_type):
             self.unknown.setdefault(op.op_type, op.name)
@@ -232,16 +277,25 @@ class _Compiler:
             needs_env=entry.needs_env,
         )
         if all_const and entry.pure and not blocks:
-            # Evaluate once at load (constexpr_* decompression, weight transposes, shape arithmetic).
-            with np.errstate(all="ignore"):
-                values = _call(step, None)
-            for v, value in zip(op.outputs, values, strict=False):
+            # Evaluate once at load (constexpr_* decompression, weight transposes, shape arithmetic);
+            # once per package when another function already folded the same op of the same weights.
+            fkey = self.fold_key(op) if self.shared is not None else None
+            held = self.shared.get(("fold", self.fp32, fkey)) if fkey is not None else None  # type: ignore[union-attr]
+            if held is not None:
+                values = held
+                self.reused += 1
+            else:
+                with np.errstate(all="ignore"):
+                    values = _call(step, None)
                 # contiguous once at load: numpy only uses BLAS for matmuls whose last axis has unit
                 # stride, and a folded transpose of a weight is a strided view
-                value = compute_form(value)
-                if isinstance(value, np.ndarray) and not value.flags.c_contiguous:
-                    value = np.ascontiguousarray(value)
+                values = tuple(np.ascontiguousarray(v) if isinstance(v, np.ndarray) and not v.flags.c_contiguous
+                               else v for v in (compute_form(x) for x in values))
+                if fkey is not None:
+                    self.shared[("fold", self.fp32, fkey)] = values  # type: ignore[index]
+            for i, (v, value) in enumerate(zip(op.outputs, values, strict=False)):
                 self.consts[id(v)] = value
+                self.keys[id(v)] = None if fkey is None else ("fold", fkey, i)
             self.folded += 1
             return
         step.out_slots = tuple(self.new_slot(v) for v in op.outputs)
@@ -366,10 +420,15 @@ def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()
     return [const if slot < 0 else env[slot] for slot, const in block.outputs]
 
 
-def compile_function(func: Any, *, fp32: bool) -> tuple[CompiledBlock, int, int]:
-    """Compile a MIL function; returns ``(block, number of env slots, number of ops folded at load)``."""
+def compile_function(func: Any, *, fp32: bool, blob_keys: dict[str, tuple[Any, ...]] | None = None,
+                     shared: dict[tuple[Any, ...], Any] | None = None) -> tuple[CompiledBlock, int, int]:
+    """Compile a MIL function; returns ``(block, number of env slots, number of ops folded at load)``.
+
+    ``shared`` (with the function's ``blob_keys``) holds constants and folded values by key across
+    the functions of one package: what another function computed from the same weights is reused.
+    """
     coremltools()
-    comp = _Compiler(fp32=fp32)
+    comp = _Compiler(fp32=fp32, blob_keys=dict(blob_keys or {}), shared=shared)
     input_vars = list(func.inputs.values())
     block = comp.compile_block(func, input_vars)
     _plan_frees(block)
@@ -381,5 +440,6 @@ def compile_function(func: Any, *, fp32: bool) -> tuple[CompiledBlock, int, int]
         )
         err.ops = sorted(comp.unknown)  # type: ignore[attr-defined]  # for callers that group by op
         raise err
-    log.debug("compiled %d steps, %d ops folded at load", len(block.steps), comp.folded)
+    log.debug("compiled %d steps, %d ops folded at load, %d constants shared", len(block.steps), comp.folded,
+              comp.reused)
     return block, comp.n_slots, comp.folded

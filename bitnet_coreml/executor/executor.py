@@ -29,7 +29,8 @@ from bitnet_coreml.executor.errors import (
     StateError,
     UnexpectedInputError,
 )
-from bitnet_coreml.executor.loader import load_program
+from bitnet_coreml.executor.loader import load_shared
+from bitnet_coreml.executor.shared import SharedPackage
 
 __all__ = ["ReferenceExecutor", "ExecutorState", "InputSpec"]
 
@@ -89,13 +90,20 @@ class ReferenceExecutor:
     ``source`` is an ``.mlpackage`` path, a coremltools ``MLModel`` (saved or straight from
     ``ct.convert``) or a MIL ``Program``. ``function_name`` picks a function of a multifunction
     package (default: the package's default function, else ``main``).
+
+    The executors of several functions of one package share the program (read once) and every weight
+    decoded from it (see ``executor/shared.py``): build them from the same package path, or with
+    :meth:`function`. A state made by one of them works with all (same names and shapes), as an
+    ``MLState`` does across the functions of a Core ML model.
     """
 
-    def __init__(self, source: Any, *, fp32: bool = False, function_name: str | None = None) -> None:
+    def __init__(self, source: Any, *, fp32: bool = False, function_name: str | None = None,
+                 _shared: SharedPackage | None = None) -> None:
         coremltools()
         t0 = time.perf_counter()
-        prog, default_fn, where = load_program(source)
-        fn_name = function_name or default_fn or "main"
+        pkg = _shared or load_shared(source)
+        prog, where = pkg.program, pkg.where
+        fn_name = function_name or pkg.default_function or "main"
         if fn_name not in prog.functions:
             raise ModelLoadError(
                 f"{where}: has no function {fn_name!r}; functions: {', '.join(sorted(prog.functions))}"
@@ -105,7 +113,10 @@ class ReferenceExecutor:
         self.function_name = fn_name
         self.fp32 = fp32
         self.program = prog
-        self._block, self._n_slots, self.folded_ops = compile_function(func, fp32=fp32)
+        self._shared = pkg
+        with pkg.lock:
+            self._block, self._n_slots, self.folded_ops = compile_function(
+                func, fp32=fp32, blob_keys=pkg.keys.get(fn_name), shared=pkg.values(fp32))
 
         from coremltools.converters.mil.mil import types  # noqa: PLC0415
 
@@ -130,6 +141,15 @@ class ReferenceExecutor:
         log.debug("loaded %s (%s) in %.3fs", where, fn_name, self.load_seconds)
 
     # --- description --------------------------------------------------------------------------
+
+    @property
+    def function_names(self) -> list[str]:
+        """The functions of the program (one, ``main``, for a one-function package)."""
+        return sorted(self.program.functions)
+
+    def function(self, name: str) -> ReferenceExecutor:
+        """An executor of function ``name`` of the same package, sharing the program and its weights."""
+        return ReferenceExecutor(self.source, fp32=self.fp32, function_name=name, _shared=self._shared)
 
     @property
     def input_specs(self) -> dict[str, InputSpec]:

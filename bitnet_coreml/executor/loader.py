@@ -8,13 +8,14 @@ from typing import Any
 
 from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.errors import ModelLoadError
+from bitnet_coreml.executor.shared import SharedPackage, shared_package
 
-__all__ = ["load_program"]
+__all__ = ["load_program", "load_shared"]
 
 log = logging.getLogger(__name__)
 
 
-def _program_from_mlmodel(model: Any, where: str) -> tuple[Any, str | None]:
+def _program_from_mlmodel(model: Any, where: str, keys: dict[str, Any] | None = None) -> tuple[Any, str | None]:
     from coremltools.converters.mil.frontend.milproto import load as milproto_load  # noqa: PLC0415
 
     spec = model.get_spec()
@@ -25,6 +26,10 @@ def _program_from_mlmodel(model: Any, where: str) -> tuple[Any, str | None]:
             f"(convert with convert_to='mlprogram')"
         )
     weights_dir = getattr(model, "weights_dir", None)
+    if keys is not None:
+        from bitnet_coreml.executor.shared import blob_keys  # noqa: PLC0415
+
+        keys.update(blob_keys(spec))
     try:
         prog = milproto_load.load(
             model_spec=spec, specification_version=spec.specificationVersion, file_weights_dir=weights_dir or ""
@@ -34,6 +39,8 @@ def _program_from_mlmodel(model: Any, where: str) -> tuple[Any, str | None]:
         # reader cannot express everything (variadic shapes), so use that program when there is one.
         held = getattr(model, "_mil_program", None)
         if held is not None:
+            if keys is not None:
+                keys.clear()  # names of the held program need not match the spec's: share nothing
             log.debug("%s: proto reload failed (%s); using the MLModel's own MIL program", where, e)
             return held, getattr(model, "function_name", None) or None
         raise ModelLoadError(f"{where}: cannot read the ML Program back into MIL: {type(e).__name__}: {e}") from e
@@ -41,8 +48,23 @@ def _program_from_mlmodel(model: Any, where: str) -> tuple[Any, str | None]:
     return prog, fn
 
 
-def load_program(source: Any) -> tuple[Any, str | None, str]:
-    """Return ``(program, function name or None, description of the source)``."""
+def load_shared(source: Any) -> SharedPackage:
+    """The :class:`SharedPackage` of ``source``: one per package path on disk (see executor/shared.py),
+    a fresh one for an in-memory ``MLModel`` or MIL ``Program``."""
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        return shared_package(source, _load_new)
+    return _load_new(source)
+
+
+def _load_new(source: Any) -> SharedPackage:
+    keys: dict[str, Any] = {}
+    prog, fn, where = load_program(source, keys=keys)
+    return SharedPackage(prog, fn, where, keys)
+
+
+def load_program(source: Any, *, keys: dict[str, Any] | None = None) -> tuple[Any, str | None, str]:
+    """Return ``(program, function name or None, description of the source)``; ``keys``, when given,
+    receives the blob key of every weight per function (:func:`executor.shared.blob_keys`)."""
     ct = coremltools()
     from coremltools.converters.mil.mil import Program  # noqa: PLC0415
 
@@ -50,7 +72,7 @@ def load_program(source: Any) -> tuple[Any, str | None, str]:
         return source, None, "MIL program"
     if isinstance(source, ct.models.MLModel):
         where = str(getattr(source, "package_path", None) or "in-memory MLModel")
-        prog, fn = _program_from_mlmodel(source, where)
+        prog, fn = _program_from_mlmodel(source, where, keys)
         return prog, fn, where
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -62,7 +84,7 @@ def load_program(source: Any) -> tuple[Any, str | None, str]:
             model = ct.models.MLModel(str(path), skip_model_load=True)
         except Exception as e:  # noqa: BLE001 - corrupt manifests raise arbitrary errors
             raise ModelLoadError(f"{path}: cannot open package: {type(e).__name__}: {e}") from e
-        prog, fn = _program_from_mlmodel(model, str(path))
+        prog, fn = _program_from_mlmodel(model, str(path), keys)
         return prog, fn, str(path)
     raise ModelLoadError(
         f"cannot execute a {type(source).__name__}; give an .mlpackage path, a coremltools MLModel or a MIL Program"

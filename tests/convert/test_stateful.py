@@ -1,0 +1,155 @@
+"""``convert --stateful``: the package's functions, states and shared weights, run by the executor.
+
+Oracles: ONNX Runtime on the stateless checkpoint graph (a full causal forward over the same tokens:
+every position's logits at once) and the executor's own prefill for the continuation check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitnet_coreml.convert import ConvertOptions, convert
+from bitnet_coreml.errors import InputError
+from bitnet_coreml.executor import ReferenceExecutor
+from bitnet_coreml.frontend.hf_checkpoint import load_checkpoint
+from bitnet_coreml.package.stateful import check_position, function_specs, stateful_info
+from bitnet_coreml.passes.ort import ort_session
+
+ROOT = Path(__file__).resolve().parents[2]
+CKPT = ROOT / "models" / "hf" / "bitnet-tiny-packed"
+CONTEXT, PREFILL = 64, 16
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("stateful")
+    out = {}
+    for prec in ("fp16", "fp32"):
+        out[prec] = d / f"s_{prec}.mlpackage"
+        convert(CKPT, out[prec], ConvertOptions(stateful=True, context=CONTEXT, prefill=PREFILL, precision=prec))
+    out["stateless"] = d / "plain.mlpackage"
+    convert(CKPT, out["stateless"], ConvertOptions(seq_len=PREFILL))
+    return out
+
+
+def _ids(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 512, (1, n)).astype(np.int32)
+
+
+def _run(pkg: Path, ids: np.ndarray, *, prefill_chunks: int = 1) -> np.ndarray:
+    """Logits of every token: ``prefill_chunks`` prefill calls of P tokens, then decode one by one."""
+    dec = ReferenceExecutor(pkg)
+    pre = dec.function("prefill")
+    state = dec.make_state()
+    rows = []
+    for c in range(prefill_chunks):
+        chunk = ids[:, c * PREFILL:(c + 1) * PREFILL]
+        rows.append(pre.predict({"input_ids": chunk, "position": np.array([c * PREFILL], np.int32)}, state)["logits"][0])
+    for t in range(prefill_chunks * PREFILL, ids.shape[1]):
+        rows.append(dec.predict({"input_ids": ids[:, t:t + 1], "position": np.array([t], np.int32)}, state)["logits"][0])
+    return np.concatenate(rows, 0).astype(np.float64)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_spec_lists_functions_and_states(packages: dict[str, Path]) -> None:
+    import coremltools as ct
+
+    spec = ct.models.MLModel(str(packages["fp16"]), skip_model_load=True).get_spec()
+    assert spec.specificationVersion >= 9  # iOS18: states and multifunction
+    assert spec.description.defaultFunctionName == "decode"
+    fns = {f["name"]: f for f in function_specs(spec)}
+    assert set(fns) == {"prefill", "decode"}
+    assert {i["name"]: (i["shape"], i["dtype"]) for i in fns["prefill"]["inputs"]} == {
+        "input_ids": ([1, PREFILL], "int32"), "position": ([1], "int32")}
+    assert {i["name"]: i["shape"] for i in fns["decode"]["inputs"]} == {"input_ids": [1, 1], "position": [1]}
+    assert fns["decode"]["outputs"][0]["shape"] == [1, 1, 512]
+    states = {s["name"]: (s["shape"], s["dtype"]) for s in fns["decode"]["states"]}
+    # config: 2 layers, 2 kv heads, head_dim 16
+    assert states == {f"{k}_cache_{i}": ([1, 2, CONTEXT, 16], "float16") for i in range(2) for k in "kv"}
+    info = stateful_info(packages["fp16"])
+    assert info is not None and info.context == CONTEXT and info.prefill == PREFILL
+    assert info.states == {n: s for n, (s, _) in states.items()}
+    assert stateful_info(packages["stateless"]) is None
+
+
+def test_weights_stored_once(packages: dict[str, Path]) -> None:
+    from bitnet_coreml.package.writer import weight_bytes
+
+    plain = weight_bytes(packages["stateless"])
+    assert weight_bytes(packages["fp16"]) <= 1.02 * plain
+
+
+@pytest.mark.parametrize("prec,cos_min", [("fp32", 0.99999), ("fp16", 0.999)])
+def test_prefill_then_decode_matches_full_forward(packages: dict[str, Path], prec: str, cos_min: float) -> None:
+    n = PREFILL + 32
+    ids = _ids(n)
+    ref = ort_session(load_checkpoint(CKPT, seq_len=n)).run(None, {"input_ids": ids.astype(np.int64)})[0][0]
+    got = _run(packages[prec], ids)
+    c = _cos(got, ref.astype(np.float64))
+    assert c.min() >= cos_min, c.min()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= (1.0 if prec == "fp32" else 0.97)
+
+
+def test_continuation_is_exact(packages: dict[str, Path]) -> None:
+    # prefill(A) + decode(B...) == prefill(A) + prefill(B) within fp16 rounding of the logits
+    ids = _ids(2 * PREFILL, seed=3)
+    a = _run(packages["fp16"], ids, prefill_chunks=1)[PREFILL:]
+    b = _run(packages["fp16"], ids, prefill_chunks=2)[PREFILL:]
+    assert np.abs(a - b).max() <= 4 * 2.0 ** -10 * np.abs(b).max()
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
+def test_positions_up_to_context_minus_one(packages: dict[str, Path]) -> None:
+    dec = ReferenceExecutor(packages["fp16"])
+    state = dec.make_state()
+    out = dec.predict({"input_ids": _ids(1), "position": np.array([CONTEXT - 1], np.int32)}, state)["logits"]
+    assert np.isfinite(out).all()
+    # the token written at the last slot is the only one visible: same logits as at position 0 ... of
+    # a different RoPE angle, so just check the slot was written
+    assert np.abs(state.read_state("k_cache_0")[0, :, CONTEXT - 1]).max() > 0
+    info = stateful_info(packages["fp16"])
+    assert info is not None
+    check_position(info, "decode", CONTEXT - 1)
+    check_position(info, "prefill", CONTEXT - PREFILL)
+    with pytest.raises(InputError, match="context is 64"):
+        check_position(info, "decode", CONTEXT)
+    with pytest.raises(InputError, match="allowed positions for prefill: 0..48"):
+        check_position(info, "prefill", CONTEXT - PREFILL + 1)
+
+
+def test_functions_share_decoded_weights_and_state(packages: dict[str, Path]) -> None:
+    dec = ReferenceExecutor(packages["fp16"])
+    pre = ReferenceExecutor(packages["fp16"], function_name="prefill")
+    assert pre._shared is dec._shared and dec.function_names == ["decode", "prefill"]
+
+    def big(ex: ReferenceExecutor) -> set[int]:
+        return {id(v) for st in ex._block.steps for v in st.consts.values()
+                if isinstance(v, np.ndarray) and v.size >= 1024}
+
+    assert big(dec) and big(dec) == big(pre)  # the same arrays, decoded once
+    state = pre.make_state()
+    pre.predict({"input_ids": _ids(PREFILL), "position": np.array([0], np.int32)}, state)
+    written = state.read_state("v_cache_1")
+    assert np.abs(written[0, :, :PREFILL]).max() > 0 and not written[0, :, PREFILL:].any()
+    dec.predict({"input_ids": _ids(1), "position": np.array([PREFILL], np.int32)}, state)
+    after = state.read_state("v_cache_1")
+    assert np.array_equal(after[0, :, :PREFILL], written[0, :, :PREFILL]) and after[0, :, PREFILL].any()
+
+
+def test_onnx_source_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="stateful conversion needs a Hugging Face BitNet checkpoint folder"):
+        convert(ROOT / "models" / "bitnet_packed.onnx", tmp_path / "x.mlpackage", ConvertOptions(stateful=True))
+    assert not (tmp_path / "x.mlpackage").exists()
+
+
+def test_bad_sizes_refused() -> None:
+    with pytest.raises(InputError, match="--prefill 128 is larger than --context 64"):
+        ConvertOptions(stateful=True, context=64, prefill=128)
+    with pytest.raises(InputError, match="--prefill-logits"):
+        ConvertOptions(stateful=True, prefill_logits="first")
