@@ -236,12 +236,14 @@ def _descriptions(model: ir.Model, built: Any) -> tuple[dict[str, str], dict[str
         note = " (int64 in the source graph; pass int32)" if v.dtype == ir.DataType.INT64 else ""
         kind = "token ids" if "id" in (v.name or "").lower() and v.dtype in (ir.DataType.INT64, ir.DataType.INT32) \
             else "input"
-        ins[built.input_names[v.name]] = f"{kind} {v.name!r}, shape {shape}, {dt}{note}"
+        how = built.declared.get(v.name)
+        ins[built.input_names[v.name]] = f"{kind} {v.name!r}, shape {shape}, {dt}{note}" + (f"; {how}" if how else "")
     outs: dict[str, str] = {}
     for v in model.graph.outputs:
         shape = list(v.shape) if v.shape is not None else []
         kind = "logits" if "logit" in (v.name or "").lower() else "output"
-        outs[built.output_names[v.name]] = f"{kind} {v.name!r}, shape {shape}"
+        how = built.declared.get(v.name)
+        outs[built.output_names[v.name]] = f"{kind} {v.name!r}, shape {shape}" + (f"; {how}" if how else "")
     return ins, outs
 
 

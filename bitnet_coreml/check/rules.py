@@ -389,13 +389,23 @@ def _dims_rule(ctx: RuleContext) -> Iterator[Finding]:
 
 @rule("rank_over_5", "tensor rank <= 5")
 def _rank(ctx: RuleContext) -> Iterator[Finding]:
+    from bitnet_coreml.lower.support import rank_refusals  # noqa: PLC0415  (the converter's wording of the rule)
+
     lim = ctx.db.limit("max_rank")
-    limit = int(lim["value"])
-    for v, producer in _all_values(ctx.model):
-        d = _dims(v)
-        if d is not None and len(d) > limit:
-            yield Finding("rank_over_5", lim.severity, f"value {v.name!r} has rank {len(d)} > {limit} (shape {d})",
-                          _nid(producer) if producer else v.name, len(d), limit, lim.source)
+    for r in rank_refusals(ctx.model, int(lim["value"])):
+        yield Finding("rank_over_5", lim.severity, r.message, r.node, r.actual, r.limit, lim.source)
+
+
+@rule("lowering", "every op lowers: the converter's own refusals, decided before lowering (bitnet_coreml.lower.support)")
+def _lowering(ctx: RuleContext) -> Iterator[Finding]:
+    # One definition of "supported": the lowering registry and its static refusals, in the converter's
+    # words (check never passes a graph convert refuses for these reasons). Rank is rank_over_5 above.
+    from bitnet_coreml.lower.support import refusals  # noqa: PLC0415
+
+    for r in refusals(ctx.model, rank_limit=int(ctx.db.limit("max_rank")["value"])):
+        if r.rule != "rank":
+            yield Finding("lowering", "error", r.message, r.node, r.actual, None,
+                          f"bitnet_coreml.lower ({r.rule}): what the converter can lower")
 
 
 @rule("conv_limits", "conv channels <= 65536 and kernel width <= 13 stay on the ANE")

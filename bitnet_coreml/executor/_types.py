@@ -59,3 +59,9 @@ def static_shape(var: Any) -> tuple[int | None, ...] | None:
     if types.is_scalar(sym):
         return ()
     return None
+
+
+def scalar_for_one(given: tuple[int, ...], declared: tuple[int | None, ...]) -> bool:
+    """True when ``given`` is a 0-d value for an input declared ``[1]``: the converter declares the scalar
+    inputs of a source graph (Core ML model inputs need rank >= 1) that way, and a scalar is accepted."""
+    return len(given) == 0 and tuple(declared) in ((1,), (None,))

@@ -20,7 +20,7 @@ import numpy as np
 
 from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.errors import ModelLoadError
-from bitnet_coreml.executor._types import np_dtype, static_shape
+from bitnet_coreml.executor._types import np_dtype, scalar_for_one, static_shape
 from bitnet_coreml.executor.compiler import F16, F32, StateCell, compile_function, run_block
 from bitnet_coreml.executor.errors import (
     InputDtypeError,
@@ -206,6 +206,7 @@ class ReferenceExecutor:
                     f"(cast with .astype(np.{spec.dtype.name}))"
                 )
             ok = value.ndim == len(spec.shape) and all(d is None or d == s for d, s in zip(spec.shape, value.shape, strict=False))
+            ok = ok or scalar_for_one(value.shape, spec.shape)
             if not ok:
                 want = tuple("?" if d is None else d for d in spec.shape)
                 raise InputShapeError(
@@ -235,6 +236,8 @@ class ReferenceExecutor:
                 env[slot] = cell
             else:
                 value = inputs[name]
+                if value.ndim == 0:  # a scalar of the source graph, declared shape [1]
+                    value = value.reshape(1)
                 if value.dtype == F16:  # fp16 values live in float32 arrays during a call (exact)
                     value = value.astype(F32)
                 env[slot] = value

@@ -142,7 +142,7 @@ def _attr(node: ir.Node, key: str, default: Any) -> Any:
     return default if a is None else a.value
 
 
-@lowering("BitLinear", domain=DOMAIN)
+@lowering("BitLinear", domain=DOMAIN, const_inputs=(1, 2))
 def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     mb = _mb()
     nm = ctx.name(node)
@@ -213,7 +213,7 @@ def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return [out]
 
 
-@lowering("RMSNorm", domain=DOMAIN)
+@lowering("RMSNorm", domain=DOMAIN, const_inputs=(1,))
 def lower_rmsnorm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     mb = _mb()
     nm = ctx.name(node)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,18 @@ import onnx_ir as ir
 
 from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.errors import InputError, UnsupportedOpError
-from bitnet_coreml.lower.registry import LoweringContext, get_lowering, unsupported_ops
+from bitnet_coreml.lower.registry import LoweringContext, get_lowering
+from bitnet_coreml.lower.support import (
+    assign_node_names,
+    check_lowerable,
+    input_dtype_message,
+    max_rank,
+    rank_message,
+    safe_name,
+)
+
+__all__ = ["BuildOptions", "BuiltProgram", "assign_node_names", "build_program", "check_supported", "convert_program",
+           "safe_name", "target_for"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,9 @@ class BuiltProgram:
     output_names: dict[str, str]  # ONNX output name -> MIL output name
     fp32_ops: frozenset[str] = frozenset()  # MIL op names kept in fp32
     notes: list[str] = field(default_factory=list)
+    # ONNX input/output name -> how the package declares it differently from the source graph (a scalar
+    # as shape [1], bool as int32 0/1, int64 as int32): the package descriptions and notes say so.
+    declared: dict[str, str] = field(default_factory=dict)
 
 
 def target_for(ios: int, platform: str = "ios") -> Any:
@@ -83,33 +96,6 @@ def ios_of_target(target: Any) -> int:
     return max(_TARGETS)
 
 
-_SAFE = re.compile(r"[^0-9A-Za-z_]")
-
-
-def safe_name(name: str) -> str:
-    """A MIL-legal identifier for an ONNX name (letters, digits, underscore; not starting with a digit)."""
-    s = _SAFE.sub("_", name) or "v"
-    return f"v_{s}" if s[0].isdigit() else s
-
-
-def assign_node_names(graph: ir.Graph) -> None:
-    """Give every node a unique, deterministic, MIL-legal name (in place).
-
-    Lowerings derive MIL op names from node names, so missing or duplicate names would make the
-    package depend on object ids. Names are kept where possible and numbered in graph order otherwise.
-    """
-    seen: set[str] = set()
-    for i, node in enumerate(graph):
-        base = safe_name(node.name) if node.name else f"{node.op_type.lower()}_{i}"
-        name = base
-        k = 1
-        while name in seen:
-            name = f"{base}_{k}"
-            k += 1
-        seen.add(name)
-        node.name = name
-
-
 def _mil_dtype(v: ir.Value) -> Any:
     from coremltools.converters.mil.mil import types  # noqa: PLC0415
 
@@ -119,8 +105,7 @@ def _mil_dtype(v: ir.Value) -> Any:
         ir.DataType.INT32: types.int32, ir.DataType.BOOL: types.bool,
     }
     if dt not in table:
-        raise InputError(f"graph input {v.name!r}: dtype {dt} is not supported; allowed: float32, float16, "
-                         "int32, int64 (converted to int32), bool")
+        raise InputError(input_dtype_message(v))
     return table[dt]
 
 
@@ -171,18 +156,12 @@ def build_functions(models: dict[str, ir.Model], default: str, options: BuildOpt
     assert first is not None
     prog.default_function_name = default
     prog.export_as_multifunction = True
-    return BuiltProgram(prog, ios, first.input_names, first.output_names, frozenset(fp32_ops), notes)
+    return BuiltProgram(prog, ios, first.input_names, first.output_names, frozenset(fp32_ops), notes, first.declared)
 
 
 def check_supported(model: ir.Model) -> None:
-    """Raise one UnsupportedOpError naming every op of the graph that has no lowering."""
-    missing = unsupported_ops(model.graph)
-    if missing:
-        from bitnet_coreml.lower.registry import supported_ops  # noqa: PLC0415
-
-        raise UnsupportedOpError(
-            f"{len(missing)} unsupported op type(s): {', '.join(missing)}; supported: {', '.join(supported_ops())}"
-        )
+    """Raise the converter's static refusals of ``model`` (unsupported ops first; :mod:`.support`)."""
+    check_lowerable(model)
 
 
 def _as_var(value: Any, name: str) -> Any:
@@ -225,6 +204,7 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
     input_names: dict[str, str] = {}
     specs: dict[str, Any] = {}
     states = graph_states(model)
+    declared: dict[str, str] = {}
     for v in graph.inputs:
         if v.const_value is not None and v.name in graph.initializers:
             continue  # an initializer listed as input (old exporters): a constant, not a model input
@@ -234,7 +214,12 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
                 raise InputError(f"state {v.name!r} is {v.dtype}; Core ML states are fp16 only")
             specs[mil_name] = mb.StateTensorSpec(shape=_input_shape(v), dtype=types.fp16)
         else:
-            specs[mil_name] = mb.placeholder(shape=_input_shape(v), dtype=_mil_dtype(v), name=mil_name)
+            shape, dtype = _input_shape(v), _mil_dtype(v)
+            declared.update(_declared_input(v.name or mil_name, shape, dtype))
+            # Core ML model inputs have rank >= 1 and no bool type: a scalar is declared [1] and reshaped
+            # inside, a bool input int32 0/1 cast inside (the descriptions say so).
+            specs[mil_name] = mb.placeholder(shape=shape or (1,), dtype=types.int32 if dtype == types.bool else dtype,
+                                             name=mil_name)
         input_names[v.name or mil_name] = mil_name
 
     ctx = LoweringContext(compute_precision=options.precision, opset=target_for(options.ios),
@@ -242,6 +227,7 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
                           options={"ios": options.ios, "rmsnorm_input_scale": dict(options.rmsnorm_input_scale)})
     fp32_ops: set[str] = set()
     output_names: dict[str, str] = {}
+    rank_limit = max_rank()
     with Function(specs, opset_version=target_for(options.ios)) as func:
         for onnx_name, mil_name in input_names.items():
             v = func.inputs[mil_name]
@@ -250,6 +236,10 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
                 log.debug("input %s: int64 -> int32", onnx_name)
             if options.native_fp16 and onnx_in.dtype == ir.DataType.FLOAT:
                 v = mb.cast(x=v, dtype="fp16", name=f"{mil_name}_fp16")
+            if onnx_in.dtype == ir.DataType.BOOL:
+                v = mb.cast(x=v, dtype="bool", name=f"{mil_name}_bool")
+            if not _input_shape(onnx_in):
+                v = mb.squeeze(x=v, name=f"{mil_name}_scalar")
             ctx.values[onnx_name] = v
         if options.native_fp16:
             # Float initializers enter the program as fp16, so every op is built in fp16 directly and
@@ -268,6 +258,7 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
                 raise
             except Exception as e:
                 raise RuntimeError(f"lowering node {node.name!r} ({node.op_type}) failed: {e}") from e
+            _check_ranks(node, outs, rank_limit)
             if len(outs) < len([o for o in node.outputs if o.name]):
                 raise RuntimeError(f"lowering of {node.op_type} returned {len(outs)} values for node {node.name!r} "
                                    f"with {len(node.outputs)} outputs")
@@ -293,6 +284,9 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
                 mil_name += "_out"
             used.add(mil_name)
             var = _as_var(ctx.values[o.name], f"{mil_name}_const")
+            var, how = _declared_output(o, var, mil_name)
+            if how:
+                declared[o.name] = how
             if options.native_fp16 and o.dtype == ir.DataType.FLOAT and var.dtype != types.fp32:
                 outputs.append(mb.cast(x=var, dtype="fp32", name=mil_name))  # the graph's output dtype
             else:
@@ -304,9 +298,49 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
     prog = Program()
     prog.add_function("main", func)
     notes = list(ctx.notes)
+    notes += [f"{'input' if k in input_names else 'output'} {k!r}: {how}" for k, how in sorted(declared.items())]
     if fp32_ops:
         notes.append(f"{len(ctx.fp32_nodes)} node(s) kept in fp32: {', '.join(sorted(ctx.fp32_nodes))}")
-    return BuiltProgram(prog, ios, input_names, output_names, frozenset(fp32_ops), notes)
+    return BuiltProgram(prog, ios, input_names, output_names, frozenset(fp32_ops), notes, declared)
+
+
+def _declared_input(name: str, shape: tuple[int, ...], dtype: Any) -> dict[str, str]:
+    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+    how = []
+    if not shape:
+        how.append("a scalar in the source graph, declared shape [1] (a 0-d array is accepted too)")
+    if dtype == types.bool:
+        how.append("bool in the source graph, declared int32 (pass 0/1)")
+    return {name: "; ".join(how)} if how else {}
+
+
+def _declared_output(o: ir.Value, var: Any, mil_name: str) -> tuple[Any, str]:
+    """``var`` as the package can return it (rank >= 1, no bool) and how that differs from the source graph."""
+    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+    how = []
+    if var.dtype == types.bool:
+        var = mb.cast(x=var, dtype="int32", name=f"{mil_name}_int")
+        how.append("bool in the source graph, returned as int32 0/1 (Core ML has no bool tensors)")
+    elif o.dtype in (ir.DataType.INT64, ir.DataType.DOUBLE) and types.nptype_from_builtin(var.dtype) in (np.int32,
+                                                                                                      np.float32):
+        how.append(f"{o.dtype.name.lower()} in the source graph, returned as "
+                   f"{'int32' if o.dtype == ir.DataType.INT64 else 'float32'} (Core ML has no 64-bit tensors)")
+    if var.rank == 0:
+        var = mb.reshape(x=var, shape=np.asarray([1], np.int32), name=f"{mil_name}_1d")
+        how.append("a scalar in the source graph, returned as shape [1]")
+    return var, "; ".join(how)
+
+
+def _check_ranks(node: ir.Node, outs: list[Any], limit: int) -> None:
+    """A lowered output above Core ML's rank limit is refused here, naming the node (coremltools would raise)."""
+    for o, val in zip(node.outputs, outs, strict=False):
+        shape = np.shape(val) if isinstance(val, np.ndarray) else getattr(val, "shape", ())
+        if not isinstance(val, np.ndarray) and len(shape) > limit:
+            dims = [d if isinstance(d, int) else str(d) for d in shape]
+            raise UnsupportedOpError(rank_message(f"node {node.name!r} ({node.op_type}): output", o, dims, limit))
 
 
 # The coremltools passes our programs need, in the default pipeline's order. The default pipeline

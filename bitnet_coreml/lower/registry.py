@@ -7,7 +7,9 @@ built) or a ``numpy.ndarray`` when the result is a compile-time constant (shape 
 (``Reshape`` needs a constant shape, ``Slice`` constant starts, and so on); the program builder
 materialises numpy values as MIL constants only where a MIL op consumes them.
 
-The registry refuses duplicates and, on a miss, lists what is supported.
+The registry refuses duplicates and, on a miss, lists what is supported. A lowering declares the
+inputs it can only take as compile-time constants (``const_inputs``): the static refusals of
+:mod:`bitnet_coreml.lower.support`, which ``check`` reads too, decide from them before lowering.
 """
 
 from __future__ import annotations
@@ -25,14 +27,19 @@ LoweredValue = Any  # a MIL Var or a numpy array
 LoweringFn = Callable[["LoweringContext", ir.Node], Sequence[LoweredValue]]
 
 _REGISTRY: dict[tuple[str, str], LoweringFn] = {}
+_CONST_INPUTS: dict[tuple[str, str], tuple[int, ...]] = {}
 
 
 def _norm_domain(domain: str) -> str:
     return "" if domain in ("", "ai.onnx") else domain
 
 
-def lowering(op_type: str, domain: str = "") -> Callable[[LoweringFn], LoweringFn]:
-    """Register ``fn`` as the lowering of ``domain::op_type``; a second registration is an error."""
+def lowering(op_type: str, domain: str = "", *, const_inputs: Iterable[int] = ()) -> Callable[[LoweringFn], LoweringFn]:
+    """Register ``fn`` as the lowering of ``domain::op_type``; a second registration is an error.
+
+    ``const_inputs``: input positions the lowering always needs as compile-time constants (it calls
+    :meth:`LoweringContext.const` on them whenever they are present).
+    """
 
     key = (_norm_domain(domain), op_type)
 
@@ -40,6 +47,7 @@ def lowering(op_type: str, domain: str = "") -> Callable[[LoweringFn], LoweringF
         if key in _REGISTRY:
             raise RuntimeError(f"duplicate lowering for {key[0] or 'ai.onnx'}::{op_type}")
         _REGISTRY[key] = fn
+        _CONST_INPUTS[key] = tuple(const_inputs)
         return fn
 
     return deco
@@ -66,6 +74,29 @@ def get_lowering(node: ir.Node) -> LoweringFn:
             f"supported: {', '.join(supported_ops())}"
         )
     return fn
+
+
+def lowers(domain: str, op_type: str) -> bool:
+    """True when ``domain::op_type`` has a lowering."""
+    _load_all()
+    return (_norm_domain(domain), op_type) in _REGISTRY
+
+
+def const_inputs(domain: str, op_type: str) -> tuple[int, ...]:
+    """The input positions the lowering of ``domain::op_type`` needs as compile-time constants."""
+    _load_all()
+    return _CONST_INPUTS.get((_norm_domain(domain), op_type), ())
+
+
+def must_be_constant(node: ir.Node, i: int, node_name: str | None = None) -> str:
+    """The one wording (check and convert) of "input ``i`` of ``node`` must be a compile-time constant".
+
+    ``node_name`` overrides ``node.name`` (``check`` names nodes as the converter will, without renaming).
+    """
+    v = node.inputs[i] if i < len(node.inputs) else None
+    named = f" ({v.name!r})" if v is not None and v.name else ""
+    return (f"node {node_name or node.name!r} ({node.op_type}): input {i}{named} must be a compile-time constant "
+            "for Core ML (fixed shapes only)")
 
 
 def unsupported_ops(nodes: Iterable[ir.Node]) -> list[str]:
@@ -117,10 +148,7 @@ class LoweringContext:
             return v
         if v is not None and getattr(v, "val", None) is not None:
             return np.asarray(v.val)
-        raise UnsupportedOpError(
-            f"node {node.name!r} ({node.op_type}): input {i} must be a compile-time constant for Core ML "
-            "(fixed shapes only)"
-        )
+        raise UnsupportedOpError(must_be_constant(node, i))
 
     @staticmethod
     def name(node: ir.Node, suffix: str = "") -> str:

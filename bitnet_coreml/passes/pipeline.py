@@ -21,6 +21,7 @@ import onnx_ir.passes.common as common
 from bitnet_coreml.errors import InputError
 from bitnet_coreml.passes.bitlinear import fuse_bitlinear
 from bitnet_coreml.passes.fused import DOMAIN
+from bitnet_coreml.passes.layout import native_space_depth
 from bitnet_coreml.passes.norms import fuse_relu2, fuse_rmsnorm
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,11 @@ def _fold(model: ir.Model) -> tuple[bool, dict[str, Any]]:
     return bool(res.modified), {}
 
 
+def _native_space_depth(model: ir.Model) -> tuple[bool, dict[str, Any]]:
+    n = native_space_depth(model)
+    return n > 0, {"rewritten": n}
+
+
 def _fuse_bitlinear(model: ir.Model) -> tuple[bool, dict[str, Any]]:
     rep = fuse_bitlinear(model)
     return rep.fused > 0, {"fused": rep.fused, "ternary_unfused": rep.ternary_unfused}
@@ -123,6 +129,7 @@ DEFAULT_PASSES: list[tuple[str, Callable[[ir.Model], tuple[bool, dict[str, Any]]
     ("inline_foreign_functions", _inline_foreign_functions),
     ("shape_inference", _shape_inference),
     ("fold_constants", _fold),
+    ("native_space_depth", _native_space_depth),
     ("fuse_bitlinear", _fuse_bitlinear),
     ("fuse_rmsnorm", _fuse_norms),
     ("fuse_relu2", _fuse_relu2),
@@ -133,7 +140,7 @@ DEFAULT_PASSES: list[tuple[str, Callable[[ir.Model], tuple[bool, dict[str, Any]]
 # Graphs built already fused (the checkpoint importer) say so; folding and fusing them again would
 # only read every weight (a 2B model's tied 1.3 GB head included) to find nothing to do.
 FUSED_METADATA_KEY = "bitnet_coreml.fused"
-_SKIP_WHEN_FUSED = {"inline_foreign_functions", "fold_constants", "fuse_bitlinear", "fuse_rmsnorm", "fuse_relu2"}
+_SKIP_WHEN_FUSED = {"inline_foreign_functions", "fold_constants", "native_space_depth", "fuse_bitlinear", "fuse_rmsnorm", "fuse_relu2"}
 
 
 def run_default_passes(model: ir.Model, *, until: str | None = None) -> PassReport:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from bitnet_coreml.errors import InputError, ModelLoadError
+from bitnet_coreml.executor._types import scalar_for_one
 
 
 class PredictionInputError(InputError):
@@ -117,6 +118,8 @@ def validate_inputs(info: PackageInfo, inputs: Mapping[str, Any], *, source: str
     out: dict[str, np.ndarray] = {}
     for name, spec in info.inputs.items():
         arr = np.asarray(inputs[name])
+        if scalar_for_one(arr.shape, spec.shape) and not spec.enumerated and not spec.ranges:
+            arr = arr.reshape(1)  # a scalar of the source graph, declared [1] by the converter
         if not spec.shape_ok(tuple(arr.shape)):
             raise PredictionInputError(f"{source}: input {name!r} has shape {list(arr.shape)}; "
                                        f"{info.path.name} expects {spec.allowed_shapes()}")

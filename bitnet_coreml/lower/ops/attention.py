@@ -142,7 +142,7 @@ def _structural_bias(q_len: int, kv_len: int, causal: bool, left: int, right: in
     return bias
 
 
-@lowering("Attention")
+@lowering("Attention", const_inputs=(6,))
 def attention(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     m = mb()
     nm = ctx.name(node)

@@ -124,7 +124,7 @@ def global_max_pool(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return _global(ctx, node, "reduce_max")
 
 
-@lowering("ConvTranspose")
+@lowering("ConvTranspose", const_inputs=(1,))
 def conv_transpose(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     """Full transposed convolution (no padding), then ONNX's output_padding and pads as pad + crop.
 
@@ -132,7 +132,8 @@ def conv_transpose(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     bias is added after the crop; this pins ONNX's size arithmetic exactly instead of relying on how
     a backend interprets MIL's ``output_shape``.
     """
-    x, w, b = to_var(req(ctx, node, 0)), req(ctx, node, 1), ctx.input(node, 2)
+    # MIL conv_transpose needs its weight at compile time (unlike conv).
+    x, w, b = to_var(req(ctx, node, 0)), ctx.const(node, 1), ctx.input(node, 2)
     xs = static_shape(node, x)
     n_sp = len(xs) - 2
     if n_sp not in (1, 2, 3):

@@ -179,11 +179,13 @@ def scatter_elements(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("OneHot")
 def one_hot(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    idx = req(ctx, node, 0)
-    depth = int(np.asarray(ctx.const(node, 1)).reshape(-1)[0])
-    values = np.asarray(ctx.const(node, 2)).reshape(-1)
+    idx, depth_v, values_v = req(ctx, node, 0), req(ctx, node, 1), req(ctx, node, 2)
     r = len(shape_of(idx)) + 1
     axis = normalize_axis(node, int(attr(node, "axis", -1)), r)
+    if not (is_const(depth_v) and is_const(values_v)):
+        return [_one_hot_runtime(ctx, node, idx, depth_v, values_v, axis)]
+    depth = int(np.asarray(depth_v).reshape(-1)[0])
+    values = np.asarray(values_v).reshape(-1)
     if is_const(idx):
         ci = np.asarray(idx).astype(np.int64)
         ci = np.where(ci < 0, ci + depth, ci)
@@ -194,3 +196,22 @@ def one_hot(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     vals = mil_array(values)
     return [mb().one_hot(indices=iv, one_hot_vector_size=np.int32(depth), axis=axis,
                          on_value=vals.dtype.type(vals[1]), off_value=vals.dtype.type(vals[0]), name=nm)]
+
+
+def _one_hot_runtime(ctx: LoweringContext, node: ir.Node, idx: Any, depth: Any, values: Any, axis: int) -> Any:
+    """OneHot with a runtime depth (a flexible output length: Core ML's CPU/GPU, never the ANE) or runtime
+    off/on values: MIL one_hot of 0/1 as the condition of a ``select`` between on and off (exact)."""
+    m = mb()
+    nm = ctx.name(node)
+    d = to_var(np.asarray(depth).reshape(()), f"{nm}_depth") if is_const(depth) else cast(
+        m.reshape(x=depth, shape=np.asarray([], np.int32), name=f"{nm}_depth0") if rank_of(depth) else depth,
+        np.int32, f"{nm}_depth")
+    iv = _norm_var_indices(to_var(idx, f"{nm}_x") if is_const(idx) else idx, d, nm)
+    vals = to_var(values, f"{nm}_values") if is_const(values) else values
+    hot = m.one_hot(indices=iv, one_hot_vector_size=d, axis=axis, on_value=np.int32(1), off_value=np.int32(0),
+                    name=f"{nm}_hot")
+    cond = m.cast(x=hot, dtype="bool", name=f"{nm}_cond")
+    flat = m.reshape(x=vals, shape=np.asarray([2], np.int32), name=f"{nm}_v")
+    off = m.slice_by_index(x=flat, begin=np.asarray([0], np.int32), end=np.asarray([1], np.int32), name=f"{nm}_off")
+    on = m.slice_by_index(x=flat, begin=np.asarray([1], np.int32), end=np.asarray([2], np.int32), name=f"{nm}_on")
+    return m.select(cond=cond, a=on, b=off, name=nm)

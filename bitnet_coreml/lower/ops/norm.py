@@ -101,7 +101,7 @@ def _channel_shape(rank: int, c: int) -> list[int]:
     return [1, c] + [1] * (rank - 2)
 
 
-@lowering("BatchNormalization")
+@lowering("BatchNormalization", const_inputs=(1, 2, 3, 4))
 def batch_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     if attr(node, "training_mode", 0):
         raise unsupported(node, "training_mode=1 is not supported (inference only)")
@@ -182,7 +182,7 @@ def mvn(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return [m.real_div(x=c, y=den, name=nm)]
 
 
-@lowering("GroupNormalization")
+@lowering("GroupNormalization", const_inputs=(1, 2))
 def group_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = _float(node, req(ctx, node, 0))
     s = static_shape(node, x)

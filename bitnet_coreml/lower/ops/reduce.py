@@ -109,7 +109,7 @@ def _register(op_type: str, np_fn: Callable[..., np.ndarray], mil_op: str, since
         return [getattr(mb(), mil_op)(**kwargs)]
 
     fn.__name__ = f"lower_{op_type.lower()}"
-    lowering(op_type)(fn)
+    lowering(op_type, const_inputs=(1,))(fn)
 
 
 for _op, (_np_fn, _mil, _since) in _REDUCE.items():
@@ -152,7 +152,7 @@ def argmin(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return _arg(ctx, node, largest=False)
 
 
-@lowering("TopK")
+@lowering("TopK", const_inputs=(1,))
 def topk(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = req(ctx, node, 0)
     k = int(np.asarray(ctx.const(node, 1)).reshape(-1)[0])

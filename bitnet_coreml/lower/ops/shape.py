@@ -18,6 +18,7 @@ from bitnet_coreml.lower.ops._common import (
     as_dtype,
     attr,
     bad,
+    cast,
     const_input,
     int_list,
     is_const,
@@ -121,7 +122,7 @@ def reshape_to(x: Any, target: Sequence[int], name: str) -> Any:
     return mb().reshape(x=x, shape=_i32(target), name=name)
 
 
-@lowering("Reshape")
+@lowering("Reshape", const_inputs=(1,))
 def reshape(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = req(ctx, node, 0)
     in_shape = static_shape(node, x)
@@ -156,7 +157,7 @@ def transpose(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return [mb().transpose(x=x, perm=_i32(perm), name=ctx.name(node))]
 
 
-@lowering("Slice")
+@lowering("Slice", const_inputs=(1, 2, 3, 4))
 def slice_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = req(ctx, node, 0)
     s = static_shape(node, x)
@@ -225,7 +226,7 @@ def _axes_arg(ctx: LoweringContext, node: ir.Node, since: int) -> list[int] | No
     return None if c is None else int_list(node, c)
 
 
-@lowering("Unsqueeze")
+@lowering("Unsqueeze", const_inputs=(1,))
 def unsqueeze(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = req(ctx, node, 0)
     axes = _axes_arg(ctx, node, 13)
@@ -240,7 +241,7 @@ def unsqueeze(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return [mb().expand_dims(x=x, axes=axes, name=ctx.name(node))]
 
 
-@lowering("Squeeze")
+@lowering("Squeeze", const_inputs=(1,))
 def squeeze(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = req(ctx, node, 0)
     s = static_shape(node, x)
@@ -275,7 +276,7 @@ def broadcast_to(node: ir.Node, x: Any, out_shape: Sequence[int], name: str) -> 
     return m.tile(x=x, reps=_i32(reps), name=name)
 
 
-@lowering("Expand")
+@lowering("Expand", const_inputs=(1,))
 def expand(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = req(ctx, node, 0)
     s = static_shape(node, x)
@@ -289,7 +290,7 @@ def expand(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return [broadcast_to(node, x, out, ctx.name(node))]
 
 
-@lowering("Tile")
+@lowering("Tile", const_inputs=(1,))
 def tile(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = req(ctx, node, 0)
     reps = int_list(node, ctx.const(node, 1))
@@ -301,7 +302,7 @@ def tile(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return [mb().tile(x=x, reps=_i32(reps), name=ctx.name(node))]
 
 
-@lowering("Split")
+@lowering("Split", const_inputs=(1,))
 def split(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = req(ctx, node, 0)
     s = static_shape(node, x)
@@ -338,7 +339,16 @@ def split(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("Range")
 def range_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    start, limit, delta = (np.asarray(ctx.const(node, i)).reshape(()) for i in range(3))
+    vals = [req(ctx, node, i) for i in range(3)]
+    if not all(is_const(v) for v in vals):
+        # Runtime scalars: MIL range_1d, whose length is known only when the program runs (a flexible
+        # output shape: Core ML runs it on the CPU/GPU, never the ANE).
+        dt = np_dtype(next(v for v in vals if not is_const(v)))
+        nm = ctx.name(node)
+        start, end, step = (cast(v, dt, f"{nm}_{k}") if not is_const(v) else to_var(as_dtype(np.reshape(v, ()), dt))
+                            for k, v in zip(("start", "end", "step"), vals, strict=True))
+        return [mb().range_1d(start=start, end=end, step=step, name=nm)]
+    start, limit, delta = (np.asarray(v).reshape(()) for v in vals)
     if delta == 0:
         raise bad(node, "delta is 0")
     n = max(int(np.ceil((limit - start) / delta)), 0)
@@ -347,7 +357,7 @@ def range_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return [(start + np.arange(n, dtype=start.dtype) * delta).astype(start.dtype)]
 
 
-@lowering("ConstantOfShape")
+@lowering("ConstantOfShape", const_inputs=(0,))
 def constant_of_shape(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     shape_v = [int(v) for v in np.asarray(ctx.const(node, 0)).reshape(-1)]
     value = attr(node, "value", None)
@@ -359,7 +369,17 @@ def constant_of_shape(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 def trilu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = req(ctx, node, 0)
     s = static_shape(node, x)
-    kv = const_input(ctx, node, 1)
+    kv = ctx.input(node, 1)
+    if kv is not None and not is_const(kv):
+        # A runtime k: keep where (column - row) >= k (upper) / <= k (lower), compared when the program runs.
+        rows, cols = s[-2], s[-1]
+        diff = (np.arange(cols, dtype=np.int32)[None, :] - np.arange(rows, dtype=np.int32)[:, None])
+        nm = ctx.name(node)
+        k = cast(kv, np.int32, f"{nm}_k")  # a scalar or [1]: broadcasts against diff
+        cmp = mb().greater_equal if attr(node, "upper", 1) else mb().less_equal
+        xv = to_var(x, f"{nm}_x") if is_const(x) else x
+        keep_v = cmp(x=diff, y=k, name=f"{nm}_keep")
+        return [mb().select(cond=keep_v, a=xv, b=np.zeros((rows, cols), dtype=np_dtype(xv)), name=nm)]
     k = 0 if kv is None else int(np.asarray(kv).reshape(-1)[0])
     upper = bool(attr(node, "upper", 1))
     rows, cols = s[-2], s[-1]
@@ -370,7 +390,7 @@ def trilu(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return [mb().select(cond=keep, a=x, b=zero, name=ctx.name(node))]
 
 
-@lowering("CumSum")
+@lowering("CumSum", const_inputs=(1,))
 def cumsum(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = req(ctx, node, 0)
     axis = normalize_axis(node, int(np.asarray(ctx.const(node, 1)).reshape(-1)[0]), rank_of(x))
@@ -440,17 +460,22 @@ def _pad_axis_by_concat(node: ir.Node, x: Any, ax: int, b: int, e: int, mode: st
     return m.concat(values=[to_var(p) for p in parts], axis=ax, name=nm)
 
 
-@lowering("Pad")
+@lowering("Pad", const_inputs=(1, 3))
 def pad(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     x = req(ctx, node, 0)
     s = static_shape(node, x)
     r = len(s)
     mode = str(attr(node, "mode", "constant"))
+    runtime_value = None
     if onnx_opset(node) < 11:
         pads, value, axes = [int(p) for p in attr(node, "pads")], attr(node, "value", 0.0), None
     else:
         pads = int_list(node, ctx.const(node, 1))
-        cv = const_input(ctx, node, 2)
+        cv = ctx.input(node, 2)
+        if cv is not None and not is_const(cv) and mode == "constant":
+            runtime_value, cv = cv, None  # pad with 0, then select the runtime value into the padding
+        elif cv is not None:
+            cv = ctx.const(node, 2)
         value = 0 if cv is None or np.asarray(cv).size == 0 else np.asarray(cv).reshape(-1)[0]
         a = const_input(ctx, node, 3)
         axes = None if a is None else [normalize_axis(node, int(v), r) for v in np.asarray(a).reshape(-1)]
@@ -462,6 +487,21 @@ def pad(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         begin[ax], end[ax] = pads[i], pads[i + len(axes)]
     if mode not in _PAD_MODES:
         raise unsupported(node, f"mode {mode!r} (allowed: {', '.join(_PAD_MODES)})")
+    y = _pad(ctx, node, x, s, begin, end, mode, value)
+    if runtime_value is None:
+        return [y]
+    nm = ctx.name(node)
+    inside = tuple(slice(max(b, 0), max(b, 0) + d - max(-b, 0) - max(-e, 0)) for b, e, d in zip(begin, end, s, strict=True))
+    border = np.ones([d + b + e for b, e, d in zip(begin, end, s, strict=True)], dtype=bool)
+    border[inside] = False
+    fill = cast(runtime_value, np_dtype(y), f"{nm}_value")
+    return [mb().select(cond=border, a=fill, b=to_var(y, f"{nm}_zero") if is_const(y) else y, name=f"{nm}_fill")]
+
+
+def _pad(ctx: LoweringContext, node: ir.Node, x: Any, s: tuple[int, ...], begin: list[int], end: list[int], mode: str,
+         value: Any) -> Any:
+    """``x`` padded (negative pads crop) with a constant ``value`` or by ``mode``: a numpy constant or a MIL Var."""
+    r = len(s)
     dt = np_dtype(x)
     if is_const(x):
         a = np.asarray(x)
@@ -470,7 +510,7 @@ def pad(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         a = a[crop]
         np_mode: Any = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}[mode]
         kw: dict[str, Any] = {"constant_values": np.asarray(value, dt)} if mode == "constant" else {}
-        return [np.pad(a, widths, mode=np_mode, **kw)]
+        return np.pad(a, widths, mode=np_mode, **kw)
     nm = ctx.name(node)
     m = mb()
     if any(v < 0 for v in begin + end):
@@ -481,15 +521,15 @@ def pad(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         x = m.slice_by_index(x=x, begin=_i32(lo), end=_i32(hi), name=f"{nm}_crop")
         begin, end = [max(b, 0) for b in begin], [max(e, 0) for e in end]
     if not any(begin + end):
-        return [m.identity(x=x, name=nm)]
+        return m.identity(x=x, name=nm)
     if dt.kind != "f" or mode == "wrap":
         # MIL pad is float-only and has no wrap mode: build each padded axis from slices + concat.
         for ax in range(r):
             if begin[ax] or end[ax]:
                 x = _pad_axis_by_concat(node, x, ax, begin[ax], end[ax], mode, value, f"{nm}_ax{ax}")
-        return [m.identity(x=x, name=nm)]
+        return m.identity(x=x, name=nm)
     # MIL pads only the trailing dims it is given: list every dim from the first padded one.
     first = next(i for i in range(r) if begin[i] or end[i])
     mil_pad = [v for i in range(first, r) for v in (begin[i], end[i])]
     kw2: dict[str, Any] = {"constant_val": np.asarray(value, dt).item()} if mode == "constant" else {}
-    return [m.pad(x=x, pad=_i32(mil_pad), mode=_PAD_MODES[mode], name=nm, **kw2)]
+    return m.pad(x=x, pad=_i32(mil_pad), mode=_PAD_MODES[mode], name=nm, **kw2)
