@@ -22,7 +22,7 @@ ALLOWED_EXCLUSIONS = [
     r"Core ML model inputs are",  # 2-bit ints as model inputs
     r"is empty|zero-size",  # Core ML has no zero-size tensors
     r"beyond int32",  # int64 values that do not fit int32
-    r"rank > 5",  # Core ML tensors have rank <= 5
+    r"rank > 5|rank \d+ > 5",  # Core ML tensors have rank <= 5
     r"no bitwise ops",  # bit ops fold on constants only
     r"dilated pooling",  # MIL pools have no dilation
     r"training",  # inference only (Dropout/BatchNormalization training mode)
