@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,11 +166,14 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def make_fixture(fx: HFFixture, root: Path) -> dict[str, Any]:
+def make_fixture(fx: HFFixture, root: Path, adjust: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Write the folder ``root/fx.folder``; ``adjust(model)`` may edit the built model before it is saved."""
     from safetensors import safe_open
     from transformers import BitNetForCausalLM
 
     model = _build(fx)
+    if adjust is not None:
+        adjust(model)
     ids = make_input_ids(fx.spec)
     with eager_bitlinear_helpers():
         if fx.linear_class == "autobitlinear" and fx.weights == "packed":

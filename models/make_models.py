@@ -2,7 +2,7 @@
 
 Usage (from the repository root; ``make models`` does this with the ``.venv-export`` venv):
 
-    .venv-export/bin/python models/make_models.py [--only NAME ...] [--skip-hf]
+    .venv-export/bin/python models/make_models.py [--only NAME ...] [--skip-hf] [--skip-gguf]
 
 For every model in ``MODELS`` it builds a small ``BitNetForCausalLM``, trains it for a few hundred
 steps with ternary weights in the loop on a seeded synthetic Markov corpus (``TRAIN``; see
@@ -15,8 +15,8 @@ It then runs ONNX Runtime on the saved file over all 144 positions and refuses (
 does not reproduce torch (cosine < 0.999 or argmax agreement < 0.99), when the graph does not carry
 the weight form the model is meant to show (op counts), or when replacing some RMSNorm gamma by ones
 would leave torch's logits at cosine >= 0.9999 (a converter dropping it would go unnoticed).
-Finally it writes the Hugging Face checkpoint fixtures (``models/hf/``, see make_hf_fixtures.py)
-and ``models/MANIFEST.json`` with every file's config, I/O names, op histogram and parity numbers.
+Finally it writes the Hugging Face checkpoint fixtures (``models/hf/``, see make_hf_fixtures.py),
+the GGUF fixtures (``models/gguf/``, see make_gguf_fixtures.py) and ``models/MANIFEST.json`` with every file's config, I/O names, op histogram and parity numbers.
 
 Everything is seeded: running it twice gives the same tensors and the same numbers.
 """
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="model names to regenerate (default: all)")
     ap.add_argument("--skip-hf", action="store_true", help="do not rewrite the models/hf fixtures")
+    ap.add_argument("--skip-gguf", action="store_true", help="do not rewrite the models/gguf fixtures")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -226,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         for folder, r in manifest["hf"].items():
             print(f"{folder:<40} {r['linear_class']:<14} {r['weights']:<8} {r['dtype']:<9} "
                   f"native vs fp32 cosine {r['native_vs_fp32']['cosine']:.6f}")
+    if not args.skip_gguf:
+        from make_gguf_fixtures import make_all as make_gguf
+
+        g = make_gguf(out_dir / "gguf")  # writes models/gguf/MANIFEST.json
+        for f in g["gguf"]:
+            print(f"gguf/{f['file']:<36} {f['type']:<6} {f['bytes'] / 1e6:6.2f} MB")
     _write_json(manifest_path, manifest)
     return 1 if failed else 0
 

@@ -1,4 +1,4 @@
-"""Import: ONNX files and Hugging Face BitNet checkpoint folders into onnx-ir models."""
+"""Import: ONNX files, Hugging Face BitNet checkpoint folders and BitNet GGUF files into onnx-ir models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import onnx_ir as ir
 from bitnet_coreml.errors import ModelLoadError
 from bitnet_coreml.frontend.onnx_import import load_onnx
 
-__all__ = ["load", "load_onnx", "is_checkpoint_dir"]
+__all__ = ["load", "load_onnx", "is_checkpoint_dir", "is_gguf", "builds_graph"]
 
 DEFAULT_SEQ_LEN = 64
 
@@ -20,15 +20,35 @@ def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
     return p.is_dir() and (p / "config.json").is_file()
 
 
-def load(path: str | os.PathLike[str], *, seq_len: int | None = None, embed_dtype: str = "float32") -> ir.Model:
-    """Load a model from an ``.onnx`` file or a Hugging Face BitNet checkpoint folder.
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """A ``*.gguf`` file (llama.cpp's format): imported by ``frontend.gguf_model``."""
+    p = Path(path)
+    return p.suffix.lower() == ".gguf" and not p.is_dir()
+
+
+def builds_graph(path: str | os.PathLike[str]) -> bool:
+    """True for sources whose graph the importer builds at a chosen ``seq_len`` (checkpoint folder, GGUF file)."""
+    return is_checkpoint_dir(path) or is_gguf(path)
+
+
+def load(path: str | os.PathLike[str], *, seq_len: int | None = None, embed_dtype: str = "float32",
+         allow_dequant: bool = False) -> ir.Model:
+    """Load a model from an ``.onnx`` file, a Hugging Face BitNet checkpoint folder or a BitNet ``.gguf`` file.
 
     ``seq_len`` fixes the sequence length of a checkpoint's graph (Core ML wants fixed shapes);
     ``embed_dtype`` (``"float32"`` or ``"float16"``) is the dtype a checkpoint's bf16 embedding and
     lm_head are declared in (fp16 halves the memory of an fp16 build and is exact for bf16 values in
-    fp16's range). ONNX files carry their own shapes and dtypes and ignore both.
+    fp16's range). ONNX files carry their own shapes and dtypes and ignore both. ``allow_dequant``
+    lets a GGUF file's tensors of other ggml types (and ternary layers whose block scales vary within
+    a row) be dequantised instead of refused (see ``frontend.gguf_model``).
     """
     p = Path(path)
+    if is_gguf(p):
+        if not p.is_file():
+            raise ModelLoadError(f"{p}: no such file")
+        from bitnet_coreml.frontend.gguf_model import load_gguf  # noqa: PLC0415
+
+        return load_gguf(p, seq_len=seq_len or DEFAULT_SEQ_LEN, embed_dtype=embed_dtype, allow_dequant=allow_dequant)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelLoadError(

@@ -140,12 +140,7 @@ class _Importer:
                         {"epsilon": q.rms_norm_eps}, f"{prefix}.rms_norm")
         ws = self._weight_scale(prefix)
         factor = 1.0 if ws is None else (1.0 / ws if q.divides else ws)
-        codes = TernaryCodes(self.store, wname, kind, name=f"{prefix}.codes", out_features=n)
-        w = g.initializer(codes)
-        if kind == "packed":
-            alpha = g.const(f"{prefix}.alpha", np.asarray(np.float32(factor)))
-        else:
-            alpha = g.initializer(ScaledAlpha(codes, factor, name=f"{prefix}.alpha"))
+        w, alpha = self._ternary(prefix, wname, kind, n, factor)
         y = g.fused("BitLinear", [x, w, alpha],
                     {"act_bits": ACT_BITS, "act_eps": ACT_EPS, "convention": "divide" if q.divides else "multiply"},
                     prefix, shape=[1, self.S, n])
@@ -158,6 +153,15 @@ class _Importer:
                 bias = (bias * np.float32(ws)).astype(np.float32)
             y = g.op("Add", [y, g.const(b, bias)], shape=[1, self.S, n])
         return y
+
+    def _ternary(self, prefix: str, wname: str, kind: str, n: int, factor: float) -> tuple[ir.Value, ir.Value]:
+        """The BitLinear's ``W`` (ternary codes) and ``Alpha`` initializers for the weight ``wname``."""
+        g = self.g
+        codes = TernaryCodes(self.store, wname, kind, name=f"{prefix}.codes", out_features=n)
+        w = g.initializer(codes)
+        if kind == "packed":
+            return w, g.const(f"{prefix}.alpha", np.asarray(np.float32(factor)))
+        return w, g.initializer(ScaledAlpha(codes, factor, name=f"{prefix}.alpha"))
 
     def plain_linear(self, x: ir.Value, wname: str, n: int, k: int, weight: ir.Value | None = None,
                      dtype: ir.DataType = ir.DataType.FLOAT, rows: int | None = None) -> ir.Value:
@@ -228,7 +232,10 @@ class _Importer:
         D, F = cfg.hidden_size, cfg.intermediate_size
         gate = self.bitlinear(h, f"{p}.gate_proj", F, D)
         up = self.bitlinear(h, f"{p}.up_proj", F, D)
-        act = g.fused("Relu2", [gate], {}, f"{p}.act", shape=[1, S, F])
+        if cfg.hidden_act == "silu":
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], shape=[1, S, F])], shape=[1, S, F], name=f"{p}.act")
+        else:
+            act = g.fused("Relu2", [gate], {}, f"{p}.act", shape=[1, S, F])
         m = g.op("Mul", [act, up], shape=[1, S, F])
         m = g.fused("RMSNorm", [m, self._norm_weight(f"{p}.ffn_sub_norm.weight", F)],
                     {"epsilon": cfg.rms_norm_eps}, f"{p}.ffn_sub_norm", shape=[1, S, F])

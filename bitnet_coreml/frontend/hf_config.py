@@ -18,6 +18,7 @@ from bitnet_coreml.errors import ModelLoadError
 
 LINEAR_CLASSES = ("autobitlinear", "bitlinear")
 QUANT_MODES = ("offline", "online")
+HIDDEN_ACTS = ("relu2", "silu")
 # transformers' defaults (BitNetConfig / BitNetQuantConfig), used when a key is absent
 _DEFAULT_ROPE_THETA = 500000.0
 _DEFAULT_RMS_EPS = 1e-5
@@ -63,6 +64,7 @@ class BitNetConfig:
     torch_dtype: str
     quant: QuantConfig
     max_position_embeddings: int = 2048
+    hidden_act: str = "relu2"  # the gate's activation: relu2 (transformers' BitNet) or silu (llama.cpp's bitnet)
 
     @property
     def kv_groups(self) -> int:
@@ -83,6 +85,8 @@ class BitNetConfig:
             raise ValueError(f"rms_norm_eps = {self.rms_norm_eps!r}; expected a positive number")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ValueError(f"rope_theta = {self.rope_theta!r}; expected a positive number")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"hidden_act = {self.hidden_act!r}; allowed: {', '.join(HIDDEN_ACTS)}")
 
 
 def _num(d: dict[str, Any], key: str, default: float | None = None) -> float:

@@ -45,6 +45,21 @@ def unpack_indices(packed: np.ndarray) -> np.ndarray:
     return out
 
 
+def pack_indices_2bit(indices: np.ndarray) -> np.ndarray:
+    """2-bit values (uint8, any shape) packed four to a byte in row-major order, element ``4j+i`` in bits
+    ``2i..2i+1`` of byte ``j`` (Core ML's ``constexpr_lut_to_dense`` layout); zero-padded to whole bytes."""
+    flat = indices.reshape(-1)
+    pad = (-flat.size) % VALUES_PER_BYTE
+    if pad:
+        flat = np.concatenate([flat, np.zeros(pad, np.uint8)])
+    q = flat.reshape(-1, VALUES_PER_BYTE)
+    out = q[:, 0].copy()
+    out |= q[:, 1] << 2
+    out |= q[:, 2] << 4
+    out |= q[:, 3] << 6
+    return out
+
+
 def _chunk_rows(n_rows: int, row_bytes: int, budget: int = 64 << 20) -> int:
     return max(1, min(n_rows, budget // max(1, row_bytes)))
 
@@ -145,12 +160,7 @@ class TernaryCodes(ir.LazyTensor):
         """
         n, k = (int(d) for d in self.shape.numpy())
         if not (self.is_packed and self.kind == "packed") or k % VALUES_PER_BYTE:
-            flat = self.lut_indices().reshape(-1)
-            pad = (-flat.size) % VALUES_PER_BYTE
-            if pad:
-                flat = np.concatenate([flat, np.zeros(pad, np.uint8)])
-            q = flat.reshape(-1, VALUES_PER_BYTE)
-            return (q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)).astype(np.uint8)
+            return pack_indices_2bit(self.lut_indices())
         packed = self.store.read(self.source_name)
         rows = packed.shape[0]
         out = np.empty((n, k // VALUES_PER_BYTE), dtype=np.uint8)

@@ -1,0 +1,295 @@
+"""A ``.gguf`` file, opened safely: a bounded structural scan first, then llama.cpp's ``GGUFReader``.
+
+``gguf.GGUFReader`` trusts the file: an array whose count is 2**60 makes it loop (and allocate)
+once per announced element even past the end of the file, a tensor offset beyond the file gives a
+short memory map that fails only when read. So :func:`scan` walks the header first with every
+length and count checked against the bytes that remain (and against fixed limits) *before* it is
+used, in time and memory proportional to the header's real size; only a file that passes is handed
+to ``GGUFReader``. The scan also checks what the reader does not: each tensor's type is known, its
+dimensions are positive and few, its first dimension is a multiple of the type's block size, its
+offset is aligned, and its bytes lie inside the file without overlapping another tensor.
+
+Every refusal is a :class:`ModelLoadError` (exit 2) naming the file, the key or tensor and the
+value, in one line.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+)
+
+from bitnet_coreml.errors import ModelLoadError
+
+# Limits of the scan (a real model is far below every one of them).
+MAX_KV = 1 << 16            # metadata entries (llama.cpp files carry ~40)
+MAX_TENSORS = 1 << 16       # a 70B model has ~700
+MAX_KEY = 1 << 16           # bytes of a key or tensor name
+MAX_STRING = 64 << 20       # bytes of one string value (an embedded tokenizer.json is ~10 MB)
+MAX_ARRAY = 1 << 24         # elements of one array (vocabularies, merges)
+MAX_DIMS = 4                # GGML_MAX_DIMS
+MAX_ELEMENTS = 1 << 40      # of one tensor
+_SCALARS: dict[int, str] = {  # GGUFValueType -> struct format
+    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
+    GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?",
+    GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
+}
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor as the header describes it; ``shape`` is numpy order (the reverse of ggml's ``ne``)."""
+
+    name: str
+    type: GGMLQuantizationType
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return self.type.name
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class _Cursor:
+    """Reads little-endian values from a memory map, refusing any read past ``end``."""
+
+    def __init__(self, buf: mmap.mmap, path: Path) -> None:
+        self.buf, self.path, self.pos, self.end = buf, path, 0, len(buf)
+
+    def fail(self, what: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.path}: {what}; not a valid GGUF file (truncated or corrupt?)")
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.end:
+            raise self.fail(f"{what} at byte {self.pos} needs {n} bytes but the file ends at {self.end}")
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        size = struct.calcsize("<" + fmt)
+        self.need(size, what)
+        (v,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += size
+        return v
+
+    def string(self, what: str, limit: int = MAX_STRING) -> str:
+        n = self.scalar("Q", f"length of {what}")
+        if n > limit:
+            raise self.fail(f"{what} is {n} bytes long (limit {limit})")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail(f"{what} is not UTF-8 ({e.reason} at byte {e.start})") from e
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype], what)
+        if vtype == GGUFValueType.STRING:
+            return self.string(what)
+        if vtype != GGUFValueType.ARRAY:
+            raise self.fail(f"{what} has value type {vtype}; known: {', '.join(t.name for t in GGUFValueType)}")
+        if depth >= 2:
+            raise self.fail(f"{what} nests arrays deeper than 2 levels")
+        itype = self.scalar("I", f"element type of {what}")
+        count = self.scalar("Q", f"length of {what}")
+        if count > MAX_ARRAY:
+            raise self.fail(f"{what} has {count} elements (limit {MAX_ARRAY})")
+        if itype in _SCALARS:
+            size = struct.calcsize("<" + _SCALARS[itype])
+            self.need(count * size, what)
+            arr = np.frombuffer(self.buf, dtype=_NP_SCALARS[itype], count=count, offset=self.pos).copy()
+            self.pos += count * size
+            return arr
+        # strings and arrays: each element takes at least 8 bytes, so the count is bounded by the file
+        self.need(count * 8, what)
+        return [self.value(itype, f"{what}[{i}]", depth + 1) for i in range(count)]
+
+
+_NP_SCALARS: dict[int, np.dtype[Any]] = {
+    GGUFValueType.UINT8: np.dtype("<u1"), GGUFValueType.INT8: np.dtype("<i1"), GGUFValueType.UINT16: np.dtype("<u2"),
+    GGUFValueType.INT16: np.dtype("<i2"), GGUFValueType.UINT32: np.dtype("<u4"), GGUFValueType.INT32: np.dtype("<i4"),
+    GGUFValueType.FLOAT32: np.dtype("<f4"), GGUFValueType.BOOL: np.dtype("?"), GGUFValueType.UINT64: np.dtype("<u8"),
+    GGUFValueType.INT64: np.dtype("<i8"), GGUFValueType.FLOAT64: np.dtype("<f8"),
+}
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """What the scan found: metadata (name -> Python value / numpy array / list) and the tensor table."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensorInfo]
+    alignment: int
+    data_offset: int
+
+
+def _tensor_info(cur: _Cursor, i: int) -> tuple[str, int, tuple[int, ...], int]:
+    name = cur.string(f"name of tensor #{i}", MAX_KEY)
+    nd = cur.scalar("I", f"dimension count of tensor {name!r}")
+    if not 1 <= nd <= MAX_DIMS:
+        raise cur.fail(f"tensor {name!r} has {nd} dimensions (allowed 1..{MAX_DIMS})")
+    ne = tuple(cur.scalar("Q", f"dimension of tensor {name!r}") for _ in range(nd))
+    raw_type = cur.scalar("I", f"type of tensor {name!r}")
+    offset = cur.scalar("Q", f"offset of tensor {name!r}")
+    return name, raw_type, ne, offset
+
+
+def scan(path: str | os.PathLike[str]) -> GGUFLayout:
+    """Validate the structure of the GGUF file ``path`` and return its metadata and tensor table."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size < 24:
+            raise ModelLoadError(f"{p}: {size} bytes; too short for a GGUF header (24 bytes)")
+        with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _scan(buf, p)
+    except OSError as e:
+        raise ModelLoadError(f"{p}: cannot read ({e.strerror or e})") from e
+
+
+def _scan(buf: mmap.mmap, p: Path) -> GGUFLayout:
+    cur = _Cursor(buf, p)
+    if cur.scalar("I", "magic") != GGUF_MAGIC:
+        raise ModelLoadError(f"{p}: does not start with the GGUF magic 'GGUF'; not a GGUF file")
+    version = cur.scalar("I", "version")
+    if version not in (2, 3):
+        raise ModelLoadError(f"{p}: GGUF version {version}; supported: 2, 3 (a big-endian file reads as a huge "
+                             "version number: only little-endian files are supported)")
+    n_tensors = cur.scalar("Q", "tensor count")
+    n_kv = cur.scalar("Q", "metadata count")
+    if n_tensors > MAX_TENSORS:
+        raise cur.fail(f"header announces {n_tensors} tensors (limit {MAX_TENSORS})")
+    if n_kv > MAX_KV:
+        raise cur.fail(f"header announces {n_kv} metadata entries (limit {MAX_KV})")
+    meta: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}", MAX_KEY)
+        vtype = cur.scalar("I", f"value type of {key!r}")
+        if key in meta:
+            raise cur.fail(f"metadata key {key!r} appears twice")
+        meta[key] = cur.value(vtype, f"metadata {key!r}")
+    raw = [_tensor_info(cur, i) for i in range(n_tensors)]
+    alignment = meta.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 \
+            or alignment & (alignment - 1) or alignment > (1 << 20):
+        raise cur.fail(f"general.alignment = {alignment!r}; expected a power of two up to 1 MiB")
+    data_offset = -(-cur.pos // alignment) * alignment
+    tensors: dict[str, GGUFTensorInfo] = {}
+    spans = []
+    for name, raw_type, ne, offset in raw:
+        tensors[name] = info = _check_tensor(cur, name, raw_type, ne, offset, alignment, data_offset, tensors)
+        spans.append((info.offset, info.offset + info.nbytes, name))
+    spans.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
+        if start_b < end_a:
+            raise cur.fail(f"tensors {a!r} and {b!r} overlap in the file")
+    return GGUFLayout(p, version, meta, tensors, alignment, data_offset)
+
+
+def _check_tensor(cur: _Cursor, name: str, raw_type: int, ne: tuple[int, ...], offset: int, alignment: int,
+                  data_offset: int, seen: dict[str, GGUFTensorInfo]) -> GGUFTensorInfo:
+    if name in seen:
+        raise cur.fail(f"tensor {name!r} appears twice")
+    try:
+        qtype = GGMLQuantizationType(raw_type)
+        block, type_size = GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise cur.fail(f"tensor {name!r} has unknown type {raw_type}") from None
+    numel = 1
+    for d in ne:
+        if not 1 <= d <= MAX_ELEMENTS:
+            raise cur.fail(f"tensor {name!r} has dimension {d} (allowed 1..{MAX_ELEMENTS})")
+        numel *= d
+    if numel > MAX_ELEMENTS:
+        raise cur.fail(f"tensor {name!r} has {numel} elements (limit {MAX_ELEMENTS})")
+    if ne[0] % block:
+        raise cur.fail(f"tensor {name!r} ({qtype.name}) has rows of {ne[0]} values, not a multiple of the "
+                       f"type's block of {block}")
+    if offset % alignment:
+        raise cur.fail(f"tensor {name!r} starts at data offset {offset}, not a multiple of the alignment {alignment}")
+    nbytes = numel // block * type_size
+    start = data_offset + offset
+    if start + nbytes > cur.end:
+        raise cur.fail(f"tensor {name!r} ({qtype.name}{list(ne)}) spans bytes {start}..{start + nbytes} but the file "
+                       f"ends at {cur.end}")
+    return GGUFTensorInfo(name, qtype, tuple(int(d) for d in reversed(ne)), start, nbytes)
+
+
+class GGUFFile:
+    """A scanned GGUF file with its tensors memory-mapped through ``gguf.GGUFReader``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.layout = scan(self.path)
+        try:
+            self._reader = GGUFReader(self.path)
+        except (ValueError, KeyError, IndexError) as e:  # the scan accepted it: the two parsers disagree
+            raise ModelLoadError(f"{self.path}: gguf's reader refused the file ({e})") from e
+        data = {t.name: t for t in self._reader.tensors}
+        for name, info in self.layout.tensors.items():
+            t = data.get(name)
+            if t is None or int(t.data_offset) != info.offset or t.tensor_type != info.type:
+                raise ModelLoadError(f"{self.path}: tensor {name!r}: gguf's reader and the header scan disagree")
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.layout.metadata
+
+    @property
+    def tensors(self) -> dict[str, GGUFTensorInfo]:
+        return self.layout.tensors
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as ``GGUFReader`` maps them (read-only, no copy): float types as their
+        numpy dtype in numpy shape, block types as uint8 ``[..., row bytes]``."""
+        for t in self._reader.tensors:
+            if t.name == name:
+                return t.data
+        raise KeyError(name)
+
+    def blocks(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """A block-typed tensor's bytes as uint8 ``[rows, blocks per row, block bytes]`` (memory-mapped)."""
+        info = self.tensors[name]
+        block, type_size = GGML_QUANT_SIZES[info.type]
+        n_rows = info.numel // info.shape[-1]
+        per_row = info.shape[-1] // block
+        r0, r1 = rows or (0, n_rows)
+        start = info.offset + r0 * per_row * type_size
+        count = (r1 - r0) * per_row * type_size
+        mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=start, shape=(count,))
+        return mm.view(np.ndarray).reshape(r1 - r0, per_row, type_size)
+
+    def rows(self, name: str, dtype: np.dtype[Any], rows: tuple[int, int] | None = None) -> np.ndarray:
+        """A float tensor (F32/F16/BF16) as a read-only memory map in numpy shape, or rows ``[r0, r1)`` of it."""
+        info = self.tensors[name]
+        shape = info.shape
+        row_elems = info.numel // shape[0]
+        r0, r1 = rows or (0, shape[0])
+        mm = np.memmap(self.path, dtype=dtype, mode="r", offset=info.offset + r0 * row_elems * dtype.itemsize,
+                       shape=(r1 - r0, *shape[1:]))
+        return mm.view(np.ndarray)
+

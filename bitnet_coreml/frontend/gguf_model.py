@@ -1,0 +1,362 @@
+"""Import a BitNet ``.gguf`` file (llama.cpp's ``bitnet`` architecture) as the checkpoint importer does.
+
+The GGUF path reuses the Hugging Face checkpoint importer (``hf_checkpoint``) whole, so both give
+the same in-memory model: the same fused graph, node and initializer names, lazy tensors and
+metadata keys. Three pieces differ:
+
+* **config**: :func:`config_from_metadata` reads the hyperparameters from the GGUF metadata
+  (``bitnet.embedding_length``, ``bitnet.block_count``, ...) into the same validated
+  :class:`BitNetConfig`, refusing anything missing or inconsistent with one line naming the key;
+* **tensors**: :class:`GGUFTensors` is a :class:`CheckpointTensors` over the file whose names are
+  the checkpoint's (``blk.N.attn_q.weight`` answers to ``model.layers.N.self_attn.q_proj.weight``;
+  the table comes from gguf's own ``TENSOR_NAMES``). F32/F16/BF16 tensors are memory-mapped as
+  they are; other ggml types are refused, or dequantised with gguf's dequantiser (and a warning)
+  when ``allow_dequant`` is set;
+* **ternary weights**: a TQ1_0/TQ2_0 weight becomes a :class:`GGUFTernary` (2-bit indices straight
+  from the blocks) and its block scales become Alpha: scalar when one scale covers the tensor,
+  ``[N]`` when it is constant per row. Scales that vary within a row cannot be a BitLinear Alpha;
+  with ``allow_dequant`` the layer is built exactly as an unfused BitNet linear (activation
+  quantisation, then a Gemm with the dequantised weight: fp16, 8x the 2-bit size), otherwise refused.
+
+The optional llama.cpp per-tensor scales (``blk.N.attn_q.scale``, multiplied after the matmul)
+stand in for the checkpoint's ``weight_scale`` (multiply convention). llama.cpp computes the
+``bitnet`` feed-forward with SiLU; the metadata key ``bitnet.hidden_act`` (``silu`` or ``relu2``,
+transformers' BitNet) overrides that: files written from transformers' BitNet checkpoints by
+``models/make_gguf_fixtures.py`` carry ``relu2``. The lm_head is ``output.weight``, or the tied
+embedding when the file has none (as llama.cpp does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
+from gguf.quants import dequantize
+
+from bitnet_coreml.errors import InputError, ModelLoadError
+from bitnet_coreml.frontend.gguf_file import GGUFFile
+from bitnet_coreml.frontend.gguf_ternary import TERNARY_TYPES, GGUFTernary
+from bitnet_coreml.frontend.hf_checkpoint import EMBED_DTYPES, _Importer
+from bitnet_coreml.frontend.hf_config import BitNetConfig, QuantConfig
+from bitnet_coreml.frontend.hf_safetensors import CheckpointTensors, TensorInfo
+
+__all__ = ["load_gguf", "config_from_metadata", "GGUFTensors", "ARCHITECTURES"]
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = (MODEL_ARCH_NAMES[MODEL_ARCH.BITNET],)
+_FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
+_DEFAULT_ROPE_BASE = 10000.0  # llama.cpp's default when rope.freq_base is absent
+_NP_OF_CODE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
+
+# checkpoint name (per layer: "{p}" = model.layers.N) -> gguf's tensor kind
+_LAYER_TENSORS: dict[str, MODEL_TENSOR] = {
+    "input_layernorm.weight": MODEL_TENSOR.ATTN_NORM,
+    "post_attention_layernorm.weight": MODEL_TENSOR.FFN_NORM,
+    "self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
+    "self_attn.k_proj": MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj": MODEL_TENSOR.ATTN_V,
+    "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
+    "self_attn.attn_sub_norm.weight": MODEL_TENSOR.ATTN_SUB_NORM,
+    "mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
+    "mlp.up_proj": MODEL_TENSOR.FFN_UP,
+    "mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
+    "mlp.ffn_sub_norm.weight": MODEL_TENSOR.FFN_SUB_NORM,
+}
+_GLOBAL_TENSORS = {"model.embed_tokens.weight": MODEL_TENSOR.TOKEN_EMBD, "model.norm.weight": MODEL_TENSOR.OUTPUT_NORM,
+                   "lm_head.weight": MODEL_TENSOR.OUTPUT}
+
+
+def name_map(layers: int) -> dict[str, str]:
+    """checkpoint tensor name -> GGUF tensor name, for a model of ``layers`` layers."""
+    out = {hf: f"{TENSOR_NAMES[t]}.weight" for hf, t in _GLOBAL_TENSORS.items()}
+    for i in range(layers):
+        for suffix, t in _LAYER_TENSORS.items():
+            base = TENSOR_NAMES[t].format(bid=i)
+            hf = f"model.layers.{i}.{suffix}"
+            if suffix.endswith(".weight"):
+                out[hf] = f"{base}.weight"
+            else:
+                out[f"{hf}.weight"] = f"{base}.weight"
+                out[f"{hf}.weight_scale"] = f"{base}.scale"
+    return out
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def _get(meta: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    v = meta.get(key, default)
+    if v is None:
+        raise ValueError(f"metadata {key!r} is missing")
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise ValueError(f"metadata {key!r} = {v!r}; expected an integer")
+    if kind is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"metadata {key!r} = {v!r}; expected a finite number")
+        v = float(v)
+    if kind is str and not isinstance(v, str):
+        raise ValueError(f"metadata {key!r} = {v!r}; expected a string")
+    return v
+
+
+def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> BitNetConfig:
+    """The model's :class:`BitNetConfig` from GGUF metadata; ``ValueError`` naming the key otherwise."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"general.architecture = {arch!r}; supported: {', '.join(ARCHITECTURES)} "
+                         "(llama.cpp's BitNet b1.58 graph)")
+    a = f"{arch}."
+    hidden = _get(meta, a + "embedding_length", int)
+    heads = _get(meta, a + "attention.head_count", int)
+    if heads <= 0 or hidden % heads:
+        raise ValueError(f"metadata {a}embedding_length = {hidden} is not a multiple of "
+                         f"{a}attention.head_count = {heads}")
+    head_dim = hidden // heads
+    for key in ("attention.key_length", "attention.value_length", "rope.dimension_count"):
+        v = meta.get(a + key)
+        if v is not None and _get(meta, a + key, int) != head_dim:
+            raise ValueError(f"metadata {a}{key} = {v}; expected {head_dim} (embedding_length / head_count): "
+                             "partial rotary or a separate head size is not supported")
+    scaling = meta.get(a + "rope.scaling.type", "none")
+    factor = meta.get(a + "rope.scaling.factor", 1.0)
+    if scaling not in ("none", "linear") or (scaling == "linear" and factor != 1.0):
+        raise ValueError(f"metadata {a}rope.scaling.type = {scaling!r} (factor {factor!r}); only unscaled RoPE "
+                         "('none', or 'linear' with factor 1.0) is supported")
+    emb = tensors.get(f"{TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]}.weight")
+    if emb is None:
+        raise ValueError(f"tensor '{TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]}.weight' is missing")
+    vocab = int(emb.shape[0])
+    declared = meta.get(a + "vocab_size")
+    if declared is not None and _get(meta, a + "vocab_size", int) != vocab:
+        raise ValueError(f"metadata {a}vocab_size = {declared} but token_embd.weight has {vocab} rows")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) != vocab:
+        raise ValueError(f"metadata tokenizer.ggml.tokens has {len(tokens)} entries but token_embd.weight has "
+                         f"{vocab} rows")
+    ff = meta.get(a + "feed_forward_length")
+    if isinstance(ff, np.ndarray):
+        raise ValueError(f"metadata {a}feed_forward_length is an array (a size per layer); expected one integer")
+    return BitNetConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_get(meta, a + "feed_forward_length", int),
+        num_hidden_layers=_get(meta, a + "block_count", int),
+        num_attention_heads=heads,
+        num_key_value_heads=_get(meta, a + "attention.head_count_kv", int, heads),
+        head_dim=head_dim,
+        rms_norm_eps=_get(meta, a + "attention.layer_norm_rms_epsilon", float),
+        rope_theta=_get(meta, a + "rope.freq_base", float, _DEFAULT_ROPE_BASE),
+        tie_word_embeddings=f"{TENSOR_NAMES[MODEL_TENSOR.OUTPUT]}.weight" not in tensors,
+        attention_bias=False,
+        torch_dtype="gguf",
+        # the GGUF weight is d * q and llama.cpp multiplies by the optional .scale: the multiply convention
+        quant=QuantConfig(linear_class="autobitlinear", quantization_mode="offline"),
+        max_position_embeddings=_get(meta, a + "context_length", int),
+        hidden_act=_get(meta, a + "hidden_act", str, "silu"),
+    )
+
+
+# --- tensors -------------------------------------------------------------------------------------
+
+
+class GGUFTensors(CheckpointTensors):
+    """The tensors of a GGUF file under their checkpoint names (see the module docstring)."""
+
+    def __init__(self, gf: GGUFFile, layers: int, *, allow_dequant: bool = False) -> None:
+        self.folder = gf.path
+        self.gf = gf
+        self.allow_dequant = allow_dequant
+        self._infos = {}
+        self.gguf_name: dict[str, str] = {}
+        self.dequantized: dict[str, str] = {}  # checkpoint name -> ggml type, for dequantised tensors
+        for hf, gn in name_map(layers).items():
+            t = gf.tensors.get(gn)
+            if t is None:
+                continue
+            if t.type in _FLOAT_TYPES:
+                code = _FLOAT_TYPES[t.type]
+            elif t.type in TERNARY_TYPES and len(t.shape) == 2:
+                code = t.type.name
+            else:
+                code = "F32"
+                self.dequantized[hf] = t.type.name
+            self._infos[hf] = TensorInfo(hf, gf.path, code, t.shape, t.offset, t.offset + t.nbytes)
+            self.gguf_name[hf] = gn
+        unknown = sorted(set(gf.tensors) - set(self.gguf_name.values()))
+        if unknown:
+            raise ModelLoadError(f"{gf.path}: tensor(s) {', '.join(repr(u) for u in unknown[:5])}"
+                                 f"{' ...' if len(unknown) > 5 else ''} are not part of a {layers}-layer BitNet "
+                                 "model; refusing to guess what they do")
+
+    def ternary(self, name: str) -> bool:
+        info = self._infos.get(name)
+        return info is not None and info.dtype in {t.name for t in TERNARY_TYPES}
+
+    def refuse_type(self, name: str, role: str) -> None:
+        """Refuse a tensor whose ggml type needs dequantising, unless allowed (then warn)."""
+        qtype = self.dequantized.get(name) or (self._infos[name].dtype if self.ternary(name) else None)
+        if qtype is None:
+            return
+        gn = self.gguf_name[name]
+        if not self.allow_dequant:
+            raise ModelLoadError(f"{self.folder}: tensor {gn!r} ({role}) has type {qtype}; supported as they are: "
+                                 f"F32, F16, BF16{'' if role == 'embedding' else ', TQ1_0, TQ2_0'} "
+                                 "(--allow-dequant dequantises other types with gguf's dequantiser)")
+        log.warning("%s: tensor %r (%s) has type %s: dequantised with gguf's dequantiser (--allow-dequant)",
+                    self.folder, gn, role, qtype)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        info = self._infos[name]
+        if name not in self.dequantized and not self.ternary(name):
+            return super().read(name, rows)
+        gt = self.gf.tensors[self.gguf_name[name]]
+        blocks = self.gf.blocks(gt.name, rows)
+        out = dequantize(np.ascontiguousarray(blocks.reshape(blocks.shape[0], -1)), gt.type)
+        r = rows[1] - rows[0] if rows else info.shape[0]
+        return np.asarray(out, dtype=np.float32).reshape(r, *info.shape[1:])
+
+
+# --- importer ------------------------------------------------------------------------------------
+
+
+class _GGUFImporter(_Importer):
+    store: GGUFTensors
+
+    def __init__(self, path: Path, cfg: BitNetConfig, store: GGUFTensors, seq_len: int,
+                 embed_dtype: ir.DataType) -> None:
+        super().__init__(path, cfg, store, seq_len, embed_dtype)
+        self.block_scales: dict[str, str] = {}
+        self.fallback: list[str] = []
+
+    def _linear_kind(self, name: str, n: int, k: int) -> str:
+        if self.store.ternary(name):
+            self.store.require(name, shapes=[(n, k)], what="BitLinear weight")
+            return "gguf"
+        if name in self.store.dequantized:
+            self.store.refuse_type(name, "BitLinear weight")
+        return super()._linear_kind(name, n, k)
+
+    def _weight_scale(self, prefix: str) -> float | None:
+        if f"{prefix}.weight_scale" not in self.store:
+            return None
+        return super()._weight_scale(prefix)
+
+    def _ternary(self, prefix: str, wname: str, kind: str, n: int, factor: float) -> tuple[ir.Value, ir.Value]:
+        if kind != "gguf":
+            return super()._ternary(prefix, wname, kind, n, factor)
+        g = self.g
+        codes = GGUFTernary(self.store.gf, self.store.gguf_name[wname], name=f"{prefix}.codes")
+        layout = codes.scales
+        self.block_scales[prefix] = layout.describe()
+        alpha = (layout.alpha.astype(np.float64) * factor).astype(np.float32)
+        if not np.all(np.isfinite(alpha)):
+            raise ModelLoadError(f"{self.store.folder}: tensor {self.store.gguf_name[wname]!r}: BitLinear scale is not "
+                                 "finite after applying its .scale tensor")
+        return g.initializer(codes), g.const(f"{prefix}.alpha", alpha)
+
+    def bitlinear(self, x: ir.Value, prefix: str, n: int, k: int) -> ir.Value:
+        wname = f"{prefix}.weight"
+        if self.store.ternary(wname):
+            codes = GGUFTernary(self.store.gf, self.store.gguf_name[wname])
+            if codes.scales.kind == "block":
+                return self._dequant_linear(x, prefix, n, k, codes)
+        elif wname in self.store.dequantized:
+            self.store.refuse_type(wname, "BitLinear weight")
+            return self._dequant_linear(x, prefix, n, k, None)
+        return super().bitlinear(x, prefix, n, k)
+
+    def _dequant_linear(self, x: ir.Value, prefix: str, n: int, k: int, codes: GGUFTernary | None) -> ir.Value:
+        """The fallback: BitNet's activation quantisation, then ``x @ W^T`` with the dequantised weight."""
+        g, S = self.g, self.S
+        wname = f"{prefix}.weight"
+        gn = self.store.gguf_name[wname]
+        if codes is not None:
+            if not self.store.allow_dequant:
+                raise ModelLoadError(f"{self.store.folder}: tensor {gn!r} has {codes.scales.describe()}, which a "
+                                     "BitLinear scale cannot carry; --allow-dequant builds this layer with a dense "
+                                     "fp16 weight instead (exact, 8x the 2-bit size)")
+            log.warning("%s: tensor %r has %s: built with a dense weight (--allow-dequant)", self.store.folder, gn,
+                        codes.scales.describe())
+            self.block_scales[prefix] = codes.scales.describe() + " (dense fallback)"
+        self.fallback.append(prefix)
+        shape = [1, S, k]
+        m = g.op("ReduceMax", [g.op("Abs", [x], shape=shape), g.ints([-1])], {"keepdims": 1}, shape=[1, S, 1])
+        m = g.op("Clip", [m, g.const(f"{prefix}.act_eps", np.asarray(np.float32(1e-5)))], shape=[1, S, 1])
+        sx = g.op("Div", [g.const(f"{prefix}.act_qp", np.asarray(np.float32(127.0))), m], shape=[1, S, 1])
+        xq = g.op("Round", [g.op("Mul", [x, sx], shape=shape)], shape=shape)
+        xq = g.op("Clip", [xq, g.const(f"{prefix}.act_qn", np.asarray(np.float32(-128.0))),
+                           g.const(f"{prefix}.act_qmax", np.asarray(np.float32(127.0)))], shape=shape)
+        xd = g.op("Div", [xq, sx], shape=shape, name=f"{prefix}.act_quant")
+        tensor: Any = _DequantTensor(codes, self.store, wname, self.embed_dtype, name=f"{prefix}.dense")
+        y = self.plain_linear(xd, wname, n, k, weight=g.initializer(tensor))
+        ws = self._weight_scale(prefix)
+        if ws is not None:
+            y = g.op("Mul", [y, g.const(f"{prefix}.scale", np.asarray(np.float32(ws)))], shape=[1, S, n])
+        return y
+
+
+class _DequantTensor(ir.LazyTensor):
+    """A linear weight dequantised on demand (block-scaled ternary or another ggml type)."""
+
+    def __init__(self, codes: GGUFTernary | None, store: GGUFTensors, name_hf: str, dtype: ir.DataType, *,
+                 name: str) -> None:
+        self.codes_tensor, self.store, self.name_hf = codes, store, name_hf
+        np_dt = np.float16 if dtype == ir.DataType.FLOAT16 else np.float32
+        info = store.info(name_hf)
+        assert info is not None
+        super().__init__(lambda: ir.tensor(self._values().astype(np_dt)), dtype=dtype, shape=ir.Shape(info.shape),
+                         name=name)
+
+    def _values(self) -> np.ndarray:
+        if self.codes_tensor is not None:
+            return self.codes_tensor.dequantized()
+        return self.store.read(self.name_hf)
+
+
+def load_gguf(path: str | os.PathLike[str], *, seq_len: int = 64, embed_dtype: str = "float32",
+              allow_dequant: bool = False) -> ir.Model:
+    """Import the BitNet GGUF file ``path`` as a fused onnx-ir model for ``seq_len`` tokens.
+
+    Same model (and arguments) as :func:`~bitnet_coreml.frontend.hf_checkpoint.load_checkpoint`;
+    raises :class:`ModelLoadError` (exit 2) on a malformed or hostile file, missing or inconsistent
+    metadata, missing or mis-shaped tensors, or a ggml type that needs ``allow_dequant``.
+    """
+    p = Path(path)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise InputError(f"seq_len = {seq_len!r}; expected a positive integer")
+    if embed_dtype not in EMBED_DTYPES:
+        raise InputError(f"embed_dtype = {embed_dtype!r}; allowed: {', '.join(EMBED_DTYPES)}")
+    gf = GGUFFile(p)
+    try:
+        cfg = config_from_metadata(gf.metadata, gf.tensors)
+    except ValueError as e:
+        raise ModelLoadError(f"{p}: {e}") from e
+    if seq_len > cfg.max_position_embeddings:
+        log.warning("seq_len %d exceeds the context length %d of %s", seq_len, cfg.max_position_embeddings, p)
+    store = GGUFTensors(gf, cfg.num_hidden_layers, allow_dequant=allow_dequant)
+    for name, role in (("model.embed_tokens.weight", "embedding"), ("lm_head.weight", "lm_head")):
+        if name in store:
+            store.refuse_type(name, role)
+    imp = _GGUFImporter(p, cfg, store, seq_len, EMBED_DTYPES[embed_dtype])
+    model = imp.build()
+    types: dict[str, int] = {}
+    for t in gf.tensors.values():
+        types[t.type_name] = types.get(t.type_name, 0) + 1
+    model.doc_string = f"BitNet GGUF {p.name}, seq_len {seq_len}"
+    model.metadata_props.update({
+        "bitnet_coreml.source": "gguf",
+        "bitnet_coreml.gguf.tensor_types": json.dumps(dict(sorted(types.items()))),
+        "bitnet_coreml.gguf.block_scales": json.dumps(dict(sorted(imp.block_scales.items()))),
+        "bitnet_coreml.gguf.dense_fallback": json.dumps(imp.fallback),
+        "bitnet_coreml.gguf.dequantized": json.dumps({store.gguf_name[k]: v for k, v in store.dequantized.items()}),
+    })
+    log.debug("imported %s: %d layers, seq_len %d, types %s", p, cfg.num_hidden_layers, seq_len, types)
+    return model

@@ -1,0 +1,186 @@
+"""llama.cpp's ternary block types (TQ1_0, TQ2_0) straight to our 2-bit LUT indices, and their scales.
+
+Both types hold 256 weights per block and one fp16 scale ``d`` per block; a weight is ``d * q`` with
+``q`` in {-1, 0, 1} (ggml-quants.c, ``dequantize_row_tq1_0`` / ``_tq2_0``; gguf-py ``quants.py``):
+
+* **TQ2_0** (66 bytes): ``qs[64]`` then ``d``. Byte ``32*g + m`` holds, in bits ``2l..2l+1``,
+  ``q + 1`` of element ``128*g + 32*l + m`` (g in 0..1, l in 0..3, m in 0..31).
+* **TQ1_0** (54 bytes): ``qs[48]``, ``qh[4]``, ``d``. Five base-3 digits per byte, stored as
+  ``ceil(v * 256 / 243)``; digit ``k`` of byte ``b`` is ``((b * 3**k mod 256) * 3) >> 8`` (= ``q + 1``).
+  Bytes ``0..31`` give elements ``32*k + m``, bytes ``32..47`` give ``160 + 16*k + m``, and
+  ``qh[0..3]`` (four digits each) give ``240 + 4*k + m``.
+
+``q + 1`` is exactly our LUT index (LUT ``[-1, 0, 1, 0]``), so decoding is shifts, masks and (for
+TQ1_0) a uint16 multiply, one row block at a time, into uint8: no float copy of a weight is made.
+
+Scales, exactly: a block whose ``d`` is 0 dequantises to zeros whatever its digits, so its indices
+become 1 (code 0); a negative ``d`` flips the block's codes and keeps ``|d|``. Over the blocks that
+still hold a non-zero code, :func:`analyse_scales` decides:
+
+* ``tensor``: one ``|d|`` for the whole tensor -> the BitLinear's scalar Alpha;
+* ``row``: one ``|d|`` per output row -> a per-channel Alpha ``[N]``;
+* ``block``: ``|d|`` varies inside a row. BitLinear cannot carry that; the importer's fallback
+  (``gguf_model``) keeps the layer exact as an unfused BitNet linear with a dense fp16 weight, and
+  only with ``--allow-dequant``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from gguf import GGMLQuantizationType
+
+from bitnet_coreml.errors import ModelLoadError
+from bitnet_coreml.frontend.gguf_file import GGUFFile
+from bitnet_coreml.frontend.hf_tensors import pack_indices_2bit
+
+BLOCK = 256
+TERNARY_TYPES = (GGMLQuantizationType.TQ1_0, GGMLQuantizationType.TQ2_0)
+_POW3 = (1, 3, 9, 27, 81)
+_ROWS_PER_STEP_BYTES = 16 << 20  # decode budget per step (uint8 indices)
+
+
+def _digits(b: np.ndarray, k: int) -> np.ndarray:
+    """Base-3 digit ``k`` of TQ1_0 bytes ``b`` (uint8), as ggml decodes it: ((b*3^k mod 256) * 3) >> 8."""
+    q = (b * np.uint8(_POW3[k])).astype(np.uint16)  # uint8 product wraps mod 256, as in ggml
+    return ((q * np.uint16(3)) >> np.uint16(8)).astype(np.uint8)
+
+
+def decode_tq2_0(blocks: np.ndarray) -> np.ndarray:
+    """uint8 ``[nb, 66]`` -> uint8 ``[nb, 256]`` values ``q + 1`` in 0..3 (3 is not ternary)."""
+    nb = blocks.shape[0]
+    qs = blocks[:, :64].reshape(nb, 2, 1, 32)
+    out = np.empty((nb, 2, 4, 32), dtype=np.uint8)
+    for lane in range(4):
+        np.right_shift(qs[:, :, 0, :], 2 * lane, out=out[:, :, lane, :])
+    np.bitwise_and(out, 3, out=out)
+    return out.reshape(nb, BLOCK)
+
+
+def decode_tq1_0(blocks: np.ndarray) -> np.ndarray:
+    """uint8 ``[nb, 54]`` -> uint8 ``[nb, 256]`` values ``q + 1`` in 0..2."""
+    nb = blocks.shape[0]
+    out = np.empty((nb, BLOCK), dtype=np.uint8)
+    qs0, qs1, qh = blocks[:, :32], blocks[:, 32:48], blocks[:, 48:52]
+    for k in range(5):
+        out[:, 32 * k:32 * (k + 1)] = _digits(qs0, k)
+        out[:, 160 + 16 * k:160 + 16 * (k + 1)] = _digits(qs1, k)
+    for k in range(4):
+        out[:, 240 + 4 * k:240 + 4 * (k + 1)] = _digits(qh, k)
+    return out
+
+
+_DECODERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
+    GGMLQuantizationType.TQ1_0: decode_tq1_0, GGMLQuantizationType.TQ2_0: decode_tq2_0}
+
+
+def block_scales(gf: GGUFFile, name: str) -> np.ndarray:
+    """The fp16 ``d`` of every block as float32 ``[rows, blocks per row]`` (the last 2 bytes of each block)."""
+    b = gf.blocks(name)
+    return np.ascontiguousarray(b[:, :, -2:]).view(np.float16)[..., 0].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ScaleLayout:
+    """How a ternary tensor's block scales map onto a BitLinear (see the module docstring)."""
+
+    kind: str  # "tensor" | "row" | "block"
+    alpha: np.ndarray  # float32 [] (tensor) or [N] (row); for "block", the [N, K/256] |d| matrix
+    distinct: int  # distinct |d| over the blocks that hold a non-zero code
+
+    def describe(self) -> str:
+        return {"tensor": "one block scale for the tensor", "row": "one block scale per row",
+                "block": f"{self.distinct} distinct block scales within rows"}[self.kind]
+
+
+def analyse_scales(d: np.ndarray, active: np.ndarray | None = None) -> ScaleLayout:
+    """Classify block scales ``d [N, G]``; ``active`` marks blocks holding a non-zero code (default d != 0)."""
+    a = np.abs(d)
+    act = (a != 0) if active is None else (active & (a != 0))
+    vals = a[act]
+    distinct = int(np.unique(vals).size) if vals.size else 0
+    if distinct <= 1:
+        return ScaleLayout("tensor", np.asarray(np.float32(vals[0] if vals.size else 1.0)), distinct)
+    # per row: every active block of a row equals the row's first active one
+    first = np.where(act.any(axis=1), a[np.arange(a.shape[0]), act.argmax(axis=1)], np.float32(1.0))
+    if np.all(~act | (a == first[:, None])):
+        return ScaleLayout("row", first.astype(np.float32), distinct)
+    return ScaleLayout("block", a.astype(np.float32), distinct)
+
+
+class GGUFTernary(ir.LazyTensor):
+    """int8 ``[N, K]`` ternary codes of one TQ1_0 / TQ2_0 tensor, decoded on demand from the mapped file.
+
+    Exposes what the BitLinear lowering asks a ternary tensor for (``lut_indices``, ``lut2_bytes``)
+    so the 2-bit weight is built from the blocks without an int8 or float copy; ``scales`` is the
+    :class:`ScaleLayout` the importer turned into Alpha. ``dequantized()`` (float32, for the fallback
+    and tests) equals gguf's own dequantiser bit for bit.
+    """
+
+    kind = "gguf"
+    is_packed = False
+
+    def __init__(self, gf: GGUFFile, source: str, *, name: str | None = None) -> None:
+        info = gf.tensors[source]
+        if info.type not in TERNARY_TYPES or len(info.shape) != 2:
+            raise ValueError(f"{source}: not a 2-D TQ1_0/TQ2_0 tensor")
+        self.gf, self.source_name, self.qtype = gf, source, info.type
+        self.source_dtype = info.type.name
+        d = block_scales(gf, source)
+        if not np.all(np.isfinite(d)):
+            r, g = np.argwhere(~np.isfinite(d))[0]
+            raise ModelLoadError(f"{gf.path}: tensor {source!r} block {g} of row {r} has scale {float(d[r, g])!r}; "
+                                 "expected a finite number")
+        self._d = d
+        self.scales = analyse_scales(d)
+        super().__init__(lambda: ir.tensor(self.codes()), dtype=ir.DataType.INT8, shape=ir.Shape(list(info.shape)),
+                         name=name or source)
+
+    def _where(self) -> str:
+        return f"{self.gf.path}: tensor {self.source_name!r}"
+
+    def _decode_rows(self, r0: int, r1: int) -> np.ndarray:
+        """uint8 ``[r1-r0, K]`` LUT indices with the block scales' signs and zeros applied."""
+        blocks = self.gf.blocks(self.source_name, (r0, r1))
+        rows, per_row, size = blocks.shape
+        idx = _DECODERS[self.qtype](blocks.reshape(rows * per_row, size)).reshape(rows, per_row, BLOCK)
+        if self.qtype == GGMLQuantizationType.TQ2_0 and np.any(idx == 3):
+            r, g, _ = np.argwhere(idx == 3)[0]
+            raise ModelLoadError(f"{self._where()}: block {g} of row {r0 + r} holds the 2-bit value 3 (weight +2d), "
+                                 "which is not ternary; allowed 0, 1, 2 (= -d, 0, +d)")
+        d = self._d[r0:r1]
+        if np.any(d <= 0):
+            zero = d == 0
+            idx[zero] = 1
+            neg = d < 0
+            idx[neg] = np.uint8(2) - idx[neg]
+        return idx.reshape(rows, per_row * BLOCK)
+
+    def lut_indices(self) -> np.ndarray:
+        """uint8 ``[N, K]`` in {0, 1, 2} = code + 1 (the 2-bit palette indices for LUT ``[-1, 0, 1, 0]``)."""
+        n, k = (int(x) for x in self.shape.numpy())
+        out = np.empty((n, k), dtype=np.uint8)
+        step = max(1, _ROWS_PER_STEP_BYTES // max(1, k))
+        for r in range(0, n, step):
+            out[r:r + step] = self._decode_rows(r, min(n, r + step))
+        return out
+
+    def lut2_bytes(self) -> np.ndarray:
+        """The indices packed four to a byte in Core ML's ``constexpr_lut_to_dense`` order: uint8 ``[N*K/4]``."""
+        return pack_indices_2bit(self.lut_indices())
+
+    def codes(self) -> np.ndarray:
+        return (self.lut_indices().view(np.int8) - np.int8(1)).astype(np.int8, copy=False)
+
+    def dequantized(self) -> np.ndarray:
+        """float32 ``[N, K]``: ``d * q`` per block (for the block-scale fallback and for tests)."""
+        n, k = (int(x) for x in self.shape.numpy())
+        q = self.codes().astype(np.float32).reshape(n, k // BLOCK, BLOCK)
+        return (np.abs(self._d)[:, :, None] * q).reshape(n, k)
+
+    def magnitude(self) -> float:
+        return 1.0
+
