@@ -56,6 +56,7 @@ class ConvertOptions:
     check: bool = True
     verify: bool = False
     seq_len: int | None = None
+    allow_dequant: bool = False  # GGUF: dequantise other ggml types instead of refusing (frontend.gguf_model)
     passes: str = "fast"  # coremltools pass pipeline: "fast" (what our programs need) or "full" (its default)
     # stateful LLM package (KV cache as Core ML state; functions prefill and decode): see package/stateful.py
     stateful: bool = False
@@ -301,7 +302,8 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     # as fp16 (exact for bf16 values in fp16's range) halves its memory in every later stage.
     embed_dtype = "float16" if options.precision == "fp16" else "float32"
     # A stateful package is checked and fp16-analysed on the stateless graph of its prefill length.
-    model = load(source, seq_len=options.prefill if options.stateful else options.seq_len, embed_dtype=embed_dtype)
+    model = load(source, seq_len=options.prefill if options.stateful else options.seq_len, embed_dtype=embed_dtype,
+                 allow_dequant=options.allow_dequant)
     sha = source_sha256(source, model if Path(source).is_file() else None)
     timed("load", t0)
 
@@ -421,7 +423,8 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         t0 = time.perf_counter()
         from bitnet_coreml.verify import verify  # noqa: PLC0415
 
-        report = verify(source, out, raise_on_failure=False, seq_len=options.seq_len)
+        report = verify(source, out, raise_on_failure=False, seq_len=options.seq_len,
+                        allow_dequant=options.allow_dequant)
         result.parity = report.to_dict()
         timed("verify", t0)
     times["total"] = round(time.perf_counter() - t_all, 3)

@@ -264,9 +264,9 @@ def _stack(outs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
            inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
            thresholds: Thresholds | None = None, *, raise_on_failure: bool = True,
-           seq_len: int | None = None) -> ParityReport:
+           seq_len: int | None = None, allow_dequant: bool = False) -> ParityReport:
     """Compare ``package`` with ``source``; see the module docstring."""
-    from bitnet_coreml.frontend import load  # noqa: PLC0415
+    from bitnet_coreml.frontend import builds_graph, load  # noqa: PLC0415
     from bitnet_coreml.lower.fp16 import random_calibration, run_ort  # noqa: PLC0415
 
     pkg = Path(package)
@@ -278,11 +278,11 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
     out_names = json.loads(meta.get("bitnet_coreml.output_names", "{}"))
     t = thresholds or Thresholds.for_precision(precision)
 
-    if seq_len is None and Path(source).is_dir():
+    if seq_len is None and builds_graph(source):
         # a checkpoint's graph is built at a fixed length: build it at the one the package was converted at
         seq_len = package_seq_len(pkg, spec, in_names)
         log.info("%s: sequence length %d read from the package's input_ids", pkg, seq_len)
-    model = load(source, seq_len=seq_len)
+    model = load(source, seq_len=seq_len, allow_dequant=allow_dequant)
     if inputs is None:
         # Agreement rates over one random 16-token input move in steps of 6%; several draws make the
         # top-1 gate mean something on models with a fixed short sequence.

@@ -33,11 +33,13 @@ def _v(x: object) -> str:
 @click.option("--strict", is_flag=True, help="Warnings fail the check too (exit 1).")
 @click.option("--capabilities", "cap_files", multiple=True, type=click.Path(path_type=str),
               help="Extra capability TOML file(s) merged over the bundled database.")
-@click.option("--seq-len", type=int, default=None, help="Sequence length for a Hugging Face checkpoint folder.")
+@click.option("--seq-len", type=int, default=None, help="Sequence length for a checkpoint folder or GGUF file.")
+@click.option("--allow-dequant", is_flag=True,
+              help="GGUF: dequantise tensors of other ggml types (and block-scaled ternary layers) instead of refusing.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/schemas/check-report.schema.json).")
 def check(model: str, platform: str, chip: str | None, min_os: str | None, embed_bits: int | None, precision: str,
-          strict: bool, cap_files: tuple[str, ...], seq_len: int | None, as_json: bool) -> None:
-    """Check MODEL (.onnx file or checkpoint folder) against a target before converting it."""
+          strict: bool, cap_files: tuple[str, ...], seq_len: int | None, allow_dequant: bool, as_json: bool) -> None:
+    """Check MODEL (.onnx file, checkpoint folder or .gguf file) against a target before converting it."""
     from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
     from bitnet_coreml.check.report import run_check  # noqa: PLC0415
     from bitnet_coreml.check.target import Target  # noqa: PLC0415
@@ -50,7 +52,7 @@ def check(model: str, platform: str, chip: str | None, min_os: str | None, embed
     from bitnet_coreml.frontend import load  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
 
-    m = load(model, seq_len=seq_len)
+    m = load(model, seq_len=seq_len, allow_dequant=allow_dequant)
     run_default_passes(m)
     report = run_check(m, target, db=db, embed_bits=embed_bits, precision=precision, strict=strict, source=model)
     if as_json:

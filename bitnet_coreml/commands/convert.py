@@ -30,11 +30,13 @@ def _mb(n: float) -> str:
 @click.option("--min-os", default=None, help="Minimum deployment target, e.g. iOS17 or macOS14 (default: what the program needs).")
 @click.option("--split-limit", type=int, default=16384, show_default=True,
               help="Split constant dimensions larger than this (ANE limit); 0 disables.")
-@click.option("--seq-len", type=int, default=None, help="Sequence length for a Hugging Face checkpoint folder.")
+@click.option("--seq-len", type=int, default=None, help="Sequence length for a checkpoint folder or GGUF file.")
+@click.option("--allow-dequant", is_flag=True,
+              help="GGUF: dequantise tensors of other ggml types (and block-scaled ternary layers) instead of refusing.")
 @click.option("--passes", type=click.Choice(["fast", "full"]), default="fast", show_default=True,
               help="coremltools pass pipeline: the passes our programs need, or coremltools' full default.")
 @click.option("--stateful", is_flag=True,
-              help="LLM package with a KV cache as Core ML state: functions prefill and decode (checkpoint folders).")
+              help="LLM package with a KV cache as Core ML state: functions prefill and decode (checkpoint folders, GGUF files).")
 @click.option("--context", type=int, default=512, show_default=True,
               help="--stateful: KV cache positions (rounded up to a multiple of 32 unless --exact-context).")
 @click.option("--prefill", type=int, default=64, show_default=True, help="--stateful: tokens per prefill call.")
@@ -45,10 +47,11 @@ def _mb(n: float) -> str:
 @click.option("--verify", "do_verify", is_flag=True, help="Verify the package against the source after converting.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def convert(model: str, out: str, target: str, chip: str | None, precision: str, embed_bits: str | None,
-            calibration: str | None, min_os: str | None, split_limit: int, seq_len: int | None, passes: str,
+            calibration: str | None, min_os: str | None, split_limit: int, seq_len: int | None,
+            allow_dequant: bool, passes: str,
             stateful: bool, context: int, prefill: int, prefill_logits: str, exact_context: bool, no_check: bool,
             do_verify: bool, as_json: bool) -> None:
-    """Convert MODEL (.onnx file or checkpoint folder) to a Core ML package with 2-bit ternary weights."""
+    """Convert MODEL (.onnx file, checkpoint folder or .gguf file) to a Core ML package with 2-bit ternary weights."""
     from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
     from bitnet_coreml.convert import convert as run_convert  # noqa: PLC0415
 
@@ -56,7 +59,8 @@ def convert(model: str, out: str, target: str, chip: str | None, precision: str,
                              calibration=calibration, target=target, chip=chip, min_os=min_os,
                              split_limit=split_limit, check=not no_check, verify=do_verify, seq_len=seq_len,
                              passes=passes, stateful=stateful, context=context, prefill=prefill,
-                             prefill_logits=prefill_logits, exact_context=exact_context)
+                             prefill_logits=prefill_logits, exact_context=exact_context,
+                             allow_dequant=allow_dequant)
     if as_json:
         result = run_convert(model, out, options)
         echo_json(result.to_dict())

@@ -16,15 +16,17 @@ def _mb(n: int) -> str:
 
 @click.command("inspect")
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--seq-len", type=int, default=None, help="Sequence length for a Hugging Face checkpoint folder.")
+@click.option("--seq-len", type=int, default=None, help="Sequence length for a checkpoint folder or GGUF file.")
+@click.option("--allow-dequant", is_flag=True,
+              help="GGUF: dequantise tensors of other ggml types (and block-scaled ternary layers) instead of refusing.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect_cmd(model: str, seq_len: int | None, as_json: bool) -> None:
-    """Summarise MODEL (.onnx file or checkpoint folder): I/O, ops, parameters, BitLinear layers, size."""
+def inspect_cmd(model: str, seq_len: int | None, allow_dequant: bool, as_json: bool) -> None:
+    """Summarise MODEL (.onnx, checkpoint folder or .gguf): I/O, ops, parameters, BitLinear layers, size."""
     from bitnet_coreml.frontend import load  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
     from bitnet_coreml.passes.summary import op_histogram, summarize  # noqa: PLC0415
 
-    m = load(model, seq_len=seq_len)
+    m = load(model, seq_len=seq_len, allow_dequant=allow_dequant)
     before = op_histogram(m)
     report = run_default_passes(m)
     unfused: list[str] = next((p.details.get("ternary_unfused", []) for p in report.passes if p.name == "fuse_bitlinear"), [])

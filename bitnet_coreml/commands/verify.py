@@ -19,10 +19,13 @@ from bitnet_coreml.errors import EXIT_CHECK_FAILED
 @click.option("--min-top1", type=float, default=None, help="Minimum top-1 agreement (default 0.98 fp16, 0.995 fp32).")
 @click.option("--min-top5", type=float, default=None, help="Minimum top-5 agreement (default: not checked).")
 @click.option("--max-rel-l2", type=float, default=None, help="Maximum relative L2 error (default: not checked).")
-@click.option("--seq-len", type=int, default=None, help="Sequence length for a Hugging Face checkpoint folder (default: the package's input_ids length).")
+@click.option("--seq-len", type=int, default=None, help="Sequence length for a checkpoint folder or GGUF file (default: the package's input_ids length).")
+@click.option("--allow-dequant", is_flag=True,
+              help="GGUF: dequantise tensors of other ggml types (and block-scaled ternary layers) instead of refusing.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify(source: str, package: str, inputs: str | None, min_cosine: float | None, min_top1: float | None,
-           min_top5: float | None, max_rel_l2: float | None, seq_len: int | None, as_json: bool) -> None:
+           min_top5: float | None, max_rel_l2: float | None, seq_len: int | None, allow_dequant: bool,
+           as_json: bool) -> None:
     """Compare PACKAGE with SOURCE: ONNX Runtime vs the reference executor (and Core ML on macOS)."""
     from dataclasses import replace  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
@@ -35,7 +38,8 @@ def verify(source: str, package: str, inputs: str | None, min_cosine: float | No
     changes = {k: v for k, v in (("cosine", min_cosine), ("top1", min_top1), ("top5", min_top5),
                                  ("rel_l2", max_rel_l2)) if v is not None}
     t = replace(t, **changes)
-    report = run_verify(source, package, inputs, t, raise_on_failure=False, seq_len=seq_len)
+    report = run_verify(source, package, inputs, t, raise_on_failure=False, seq_len=seq_len,
+                        allow_dequant=allow_dequant)
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -86,7 +86,7 @@ class BuildState:
 
     def input_files(self, entry: ModelEntry) -> list[Path]:
         files = [entry.source]
-        if entry.source.is_file():
+        if entry.source.is_file() and entry.source.suffix.lower() == ".onnx":
             files += self._external_data(entry.source)
         for extra in (entry.calibration, entry.verify.inputs):
             if extra is not None:

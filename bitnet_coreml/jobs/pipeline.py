@@ -129,7 +129,8 @@ def _convert_options(entry: ModelEntry, target: Target) -> Any:
         return ConvertOptions(precision=entry.precision, embed_bits=entry.embed_bits,
                               calibration=str(entry.calibration) if entry.calibration else None,
                               target=target.os, chip=target.chip, min_os=target.convert_min_os,
-                              check=entry.check == "strict", verify=False, seq_len=entry.seq_len)
+                              check=entry.check == "strict", verify=False, seq_len=entry.seq_len,
+                              allow_dequant=entry.allow_dequant)
     except BitnetCoremlError as e:
         raise type(e)(f"model '{entry.name}' target {target.label}: {e.one_line()}") from e
 
@@ -208,7 +209,7 @@ def _check_only(entry: ModelEntry, target: Target) -> dict[str, Any]:
     from bitnet_coreml.frontend import load  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
 
-    model = load(entry.source, seq_len=entry.seq_len)
+    model = load(entry.source, seq_len=entry.seq_len, allow_dequant=entry.allow_dequant)
     run_default_passes(model)
     report = run_check(model, CheckTarget(platform=target.os, chip=target.chip, min_os=target.min_os),
                        embed_bits=entry.embed_bits, precision=entry.precision, source=str(entry.source))
@@ -237,7 +238,8 @@ def _verify(entry: ModelEntry, package: Path) -> dict[str, Any]:
 
     thresholds = dataclasses.replace(Thresholds.for_precision(entry.precision), **entry.verify.thresholds())
     report = verify(entry.source, package, str(entry.verify.inputs) if entry.verify.inputs else None,
-                    thresholds, raise_on_failure=False, seq_len=entry.seq_len)
+                    thresholds, raise_on_failure=False, seq_len=entry.seq_len,
+                    allow_dequant=entry.allow_dequant)
     d: dict[str, Any] = report.to_dict()
     d["passed"] = bool(report.passed)
     return d

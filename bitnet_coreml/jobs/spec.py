@@ -89,7 +89,8 @@ class ModelEntry:
     check: str = "strict"
     verify: VerifySpec = field(default_factory=VerifySpec)
     output: str = "{name}-{target}.mlpackage"
-    seq_len: int | None = None  # checkpoint sources only (None for ONNX files, which carry their own shapes)
+    seq_len: int | None = None  # checkpoint / GGUF sources only (None for ONNX files, which carry their own shapes)
+    allow_dequant: bool = False  # GGUF sources: dequantise other ggml types instead of refusing
 
     def output_name(self, target: Target) -> str:
         return self.output.format(name=self.name, target=target.label, os=target.os, min_os=target.min_os or "any",
@@ -102,6 +103,8 @@ class ModelEntry:
         d["target"] = asdict(target)
         if d["seq_len"] is None:
             del d["seq_len"]  # entries without it keep the build keys they had before the key existed
+        if not d["allow_dequant"]:
+            del d["allow_dequant"]  # likewise
 
         def rel(p: Any) -> Any:
             if isinstance(p, Path):
@@ -127,7 +130,7 @@ class Pipeline:
 
 _TOP_KEYS = ("version", "output_dir", "defaults", "model")
 _MODEL_KEYS = ("name", "source", "targets", "precision", "embed_bits", "calibration", "check", "verify", "output",
-               "seq_len")
+               "seq_len", "allow_dequant")
 _DEFAULT_KEYS = tuple(k for k in _MODEL_KEYS if k not in ("name", "source"))
 _VERIFY_KEYS = ("enabled", "inputs", "min_cosine", "min_top1", "min_top5", "max_rel_l2")
 _TARGET_KEYS = ("os", "min_os", "chip")
@@ -210,15 +213,16 @@ def _model(ctx: _Ctx, raw: Any, defaults: dict[str, Any], i: int) -> ModelEntry:
         raise ctx.fail(f"{where}.name", f"{name!r} is not allowed; allowed: letters, digits, '.', '_', '-'")
     where = f"model '{name}'"
     if "source" not in raw:
-        raise ctx.fail(where, "missing key 'source' (an ONNX file or a Hugging Face BitNet checkpoint folder)")
+        raise ctx.fail(where, "missing key 'source' (an ONNX file, a Hugging Face BitNet checkpoint folder or a "
+                              "GGUF file)")
     merged = {**defaults, **raw}
     merged_verify = {**defaults.get("verify", {}), **raw.get("verify", {})} \
         if isinstance(defaults.get("verify", {}), dict) and isinstance(raw.get("verify", {}), dict) \
         else raw.get("verify", defaults.get("verify"))
     source = ctx.path_of(raw["source"], f"{where}.source")
-    if source.is_file() and source.suffix != ".onnx":
-        raise ctx.fail(f"{where}.source", f"'{raw['source']}' is not an .onnx file; allowed: an .onnx file or a"
-                                          " Hugging Face checkpoint folder")
+    if source.is_file() and source.suffix.lower() not in (".onnx", ".gguf"):
+        raise ctx.fail(f"{where}.source", f"'{raw['source']}' is not an .onnx or .gguf file; allowed: an .onnx file, a"
+                                          " .gguf file or a Hugging Face checkpoint folder")
     if source.is_dir() and not (source / "config.json").is_file():
         raise ctx.fail(f"{where}.source", f"folder '{raw['source']}' has no config.json; allowed: an .onnx file or a"
                                           " Hugging Face checkpoint folder")
@@ -242,9 +246,11 @@ def _model(ctx: _Ctx, raw: Any, defaults: dict[str, Any], i: int) -> ModelEntry:
         ctx.typed(seq_len, (int,), f"{where}.seq_len", "a positive integer (tokens)")
         if seq_len < 1:
             raise ctx.fail(f"{where}.seq_len", f"{seq_len} is out of range; allowed: a positive integer (tokens)")
-        if not source.is_dir():
+        if not (source.is_dir() or source.suffix.lower() == ".gguf"):
             seq_len = None  # an ONNX file carries its own input shapes: the key does not apply
-    return ModelEntry(name, source, targets, precision, embed_bits, cal_path, check, verify, output, seq_len)
+    allow_dequant = ctx.typed(merged.get("allow_dequant", False), (bool,), f"{where}.allow_dequant", "true or false")
+    return ModelEntry(name, source, targets, precision, embed_bits, cal_path, check, verify, output, seq_len,
+                      allow_dequant)
 
 
 def _targets(ctx: _Ctx, raw: Any, where: str) -> tuple[Target, ...]:

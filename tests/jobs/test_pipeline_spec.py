@@ -36,7 +36,7 @@ CASES = [
     ("bad embed bits", MODEL + "embed_bits = 3\n", ["embed_bits", "allowed: 4, 6, 8"]),
     ("bad check policy", MODEL + 'check = "loose"\n', ["model 'm'.check", "allowed: strict, warn"]),
     ("missing source", MODEL.replace("m.onnx", "missing.onnx"), ["model 'm'.source", "'missing.onnx' does not exist"]),
-    ("source not onnx", MODEL.replace("m.onnx", "inputs.npz"), ["model 'm'.source", "not an .onnx file"]),
+    ("source not onnx", MODEL.replace("m.onnx", "inputs.npz"), ["model 'm'.source", "not an .onnx or .gguf file"]),
     ("impossible target", MODEL.replace('chip = "M1"', 'chip = "A17 Pro"'),
      ["targets[0].chip", "impossible target", "A17 Pro does not run macOS", "allowed chips for macOS"]),
     ("unknown chip", MODEL.replace('chip = "M1"', 'chip = "Z9"'), ["targets[0].chip", "unknown chip 'Z9'", "known chips"]),
