@@ -14,6 +14,17 @@ def _mb(n: int) -> str:
     return f"{n} B"
 
 
+def gguf_report(model: object) -> dict[str, object]:
+    """What a GGUF source's import did (tensor types, block-scale handling, dequantised tensors), or {}."""
+    import json  # noqa: PLC0415
+
+    meta = getattr(model, "metadata_props", {})
+    if meta.get("bitnet_coreml.source") != "gguf":
+        return {}
+    keys = ("tensor_types", "block_scales", "dense_fallback", "dequantized")
+    return {k: json.loads(meta.get(f"bitnet_coreml.gguf.{k}", "{}")) for k in keys}
+
+
 @click.command("inspect")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--seq-len", type=int, default=None, help="Sequence length for a checkpoint folder or GGUF file.")
@@ -31,8 +42,12 @@ def inspect_cmd(model: str, seq_len: int | None, allow_dequant: bool, as_json: b
     report = run_default_passes(m)
     unfused: list[str] = next((p.details.get("ternary_unfused", []) for p in report.passes if p.name == "fuse_bitlinear"), [])
     s = summarize(m, source=model, ops_source=before, ternary_unfused=unfused)
+    gguf = gguf_report(m)
     if as_json:
-        echo_json(s.to_dict())
+        d = s.to_dict()
+        if gguf:
+            d["gguf"] = gguf
+        echo_json(d)
         return
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
@@ -61,5 +76,14 @@ def inspect_cmd(model: str, seq_len: int | None, allow_dequant: bool, as_json: b
     con.print(bl)
     if s.ternary_unfused:
         con.print(f"[yellow]ternary MatMuls not fused (no activation quantisation matched): {', '.join(s.ternary_unfused)}[/yellow]")
+    if gguf:
+        con.print(f"GGUF tensor types: {', '.join(f'{k} {v}' for k, v in gguf['tensor_types'].items())}")
+        kinds: dict[str, list[str]] = {}
+        for layer, how in gguf["block_scales"].items():
+            kinds.setdefault(how, []).append(layer)
+        for how, layers in sorted(kinds.items()):
+            con.print(f"block scales: {how}: {len(layers)} layer(s)")
+        for name, qtype in gguf["dequantized"].items():
+            con.print(f"[yellow]dequantised ({qtype}): {name}[/yellow]")
     con.print(f"estimated weights: {_mb(s.size_2bit_bytes)} at 2-bit ternary vs {_mb(s.size_fp16_bytes)} in fp16 "
               f"({s.size_fp16_bytes / max(s.size_2bit_bytes, 1):.1f}x smaller)")

@@ -183,7 +183,7 @@ class GGUFTensors(CheckpointTensors):
                 continue
             if t.type in _FLOAT_TYPES:
                 code = _FLOAT_TYPES[t.type]
-            elif t.type in TERNARY_TYPES and len(t.shape) == 2:
+            elif t.type in TERNARY_TYPES and len(t.shape) == 2 and hf.endswith("_proj.weight"):
                 code = t.type.name
             else:
                 code = "F32"
@@ -218,6 +218,8 @@ class GGUFTensors(CheckpointTensors):
         if name not in self.dequantized and not self.ternary(name):
             return super().read(name, rows)
         gt = self.gf.tensors[self.gguf_name[name]]
+        if rows is not None and rows[1] <= rows[0]:
+            return np.zeros((0, *info.shape[1:]), dtype=np.float32)
         blocks = self.gf.blocks(gt.name, rows)
         out = dequantize(np.ascontiguousarray(blocks.reshape(blocks.shape[0], -1)), gt.type)
         r = rows[1] - rows[0] if rows else info.shape[0]

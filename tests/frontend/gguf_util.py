@@ -1,0 +1,96 @@
+"""Small BitNet GGUF files for the tests, written with the ``gguf`` package's own writer and quantisers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.quants import quantize
+
+Q = GGMLQuantizationType
+_DROP = object()
+
+
+def ternary_weight(rng: np.random.Generator, n: int, k: int, scales: str) -> np.ndarray:
+    """float32 ``[n, k]`` = code * scale, codes in {-1, 0, 1}; ``scales``: one scale (``tensor``), one per row
+    (``row``), or one per 256-block (``block``). Scales are powers of two, so fp16 holds them exactly."""
+    codes = rng.integers(-1, 2, size=(n, k)).astype(np.float32)
+    if scales == "tensor":
+        s = np.full((n, k // 256), 2.0 ** -5, np.float32)
+    elif scales == "row":
+        s = np.repeat((2.0 ** -rng.integers(3, 8, size=(n, 1))).astype(np.float32), k // 256, axis=1)
+    else:
+        s = (2.0 ** -rng.integers(3, 8, size=(n, k // 256))).astype(np.float32)
+    return (codes.reshape(n, k // 256, 256) * s[:, :, None]).reshape(n, k)
+
+
+def write_bitnet_gguf(path: Path, *, hidden: int = 256, ff: int = 256, layers: int = 1, heads: int = 2,
+                      kv_heads: int = 1, vocab: int = 64, qtype: GGMLQuantizationType = Q.TQ2_0,
+                      scales: str = "tensor", emb_type: GGMLQuantizationType = Q.F32, seed: int = 0,
+                      meta: dict[str, Any] | None = None, extra_tensors: dict[str, np.ndarray] | None = None,
+                      tied: bool = True) -> Path:
+    """A random BitNet model as llama.cpp's ``bitnet`` architecture stores it.
+
+    ``meta`` overrides metadata values (``drop(key)`` removes a key); values are written with the
+    type of the default (int -> uint32, float -> float32, str -> string)."""
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), "bitnet")
+    kv: dict[str, Any] = {
+        "bitnet.context_length": 128, "bitnet.embedding_length": hidden, "bitnet.block_count": layers,
+        "bitnet.feed_forward_length": ff, "bitnet.attention.head_count": heads,
+        "bitnet.attention.head_count_kv": kv_heads, "bitnet.rope.freq_base": 10000.0,
+        "bitnet.attention.layer_norm_rms_epsilon": 1e-5, "bitnet.hidden_act": "relu2",
+    }
+    kv.update(meta or {})
+    for key, val in kv.items():
+        if val is _DROP:
+            continue
+        if isinstance(val, bool):
+            w.add_key_value(key, val, GGUFValueType.BOOL)
+        elif isinstance(val, int):
+            w.add_key_value(key, val, GGUFValueType.UINT32 if val >= 0 else GGUFValueType.INT32)
+        elif isinstance(val, float):
+            w.add_key_value(key, val, GGUFValueType.FLOAT32)
+        elif isinstance(val, str):
+            w.add_key_value(key, val, GGUFValueType.STRING)
+        else:
+            w.add_array(key, val)
+    if kv.get("general.architecture", None) is _DROP:
+        w.kv_data[0].pop("general.architecture", None)
+
+    def add(name: str, arr: np.ndarray, t: GGMLQuantizationType = Q.F32) -> None:
+        if t == Q.F32:
+            w.add_tensor(name, arr.astype(np.float32))
+        elif t == Q.F16:
+            w.add_tensor(name, arr.astype(np.float16))
+        else:
+            w.add_tensor(name, quantize(arr.astype(np.float32), t), raw_dtype=t)
+
+    add("token_embd.weight", rng.normal(0, 0.5, size=(vocab, hidden)).astype(np.float32), emb_type)
+    add("output_norm.weight", np.exp(0.3 * rng.normal(size=hidden)).astype(np.float32))
+    if not tied:
+        add("output.weight", rng.normal(0, 0.1, size=(vocab, hidden)).astype(np.float32), emb_type)
+    d = hidden // heads
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (kv_heads * d, hidden), "attn_v": (kv_heads * d, hidden),
+              "attn_output": (hidden, hidden), "ffn_gate": (ff, hidden), "ffn_up": (ff, hidden),
+              "ffn_down": (hidden, ff)}
+    for i in range(layers):
+        for norm, size in (("attn_norm", hidden), ("ffn_norm", hidden), ("attn_sub_norm", hidden),
+                           ("ffn_sub_norm", ff)):
+            add(f"blk.{i}.{norm}.weight", np.exp(0.3 * rng.normal(size=size)).astype(np.float32))
+        for name, (n, k) in shapes.items():
+            add(f"blk.{i}.{name}.weight", ternary_weight(rng, n, k, scales), qtype)
+    for name, arr in (extra_tensors or {}).items():
+        add(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def drop() -> Any:
+    """Marker for ``meta``: leave this key out of the file."""
+    return _DROP

@@ -1,0 +1,217 @@
+"""GGUF import: fixtures vs transformers' logits, vs the checkpoint path, vs gguf's own dequantiser.
+
+Oracles: torch's logits stored with the fixture checkpoint (``models/gguf/bitnet-tq-ckpt/logits.npz``,
+transformers' forward of the folder the GGUF files were written from), ``gguf.quants.dequantize``
+(llama.cpp's reference decoding of TQ1_0 / TQ2_0), the independent 2-bit packer of the lowering, the
+checkpoint importer on the same model, and the fixture's original ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from gguf.quants import dequantize
+
+from bitnet_coreml.errors import ModelLoadError
+from bitnet_coreml.frontend import load
+from bitnet_coreml.frontend.gguf_file import GGUFFile
+from bitnet_coreml.frontend.gguf_ternary import GGUFTernary, analyse_scales
+from bitnet_coreml.lower.bitnet import pack_ternary_2bit
+from tests.frontend.gguf_util import Q, drop, write_bitnet_gguf
+from tests.frontend.test_hf_fixtures import argmax_agreement, cosine
+
+ROOT = Path(__file__).resolve().parents[2]
+FIX = ROOT / "models" / "gguf"
+CKPT = FIX / "bitnet-tq-ckpt"
+FILES = {"TQ1_0": FIX / "bitnet-tq1_0.gguf", "TQ2_0": FIX / "bitnet-tq2_0.gguf"}
+pytestmark = pytest.mark.skipif(not CKPT.is_dir(), reason="models/gguf fixtures missing (make models)")
+
+
+@pytest.mark.parametrize("qtype", list(FILES))
+def test_dequantised_weights_equal_ggufs_dequantiser_bit_for_bit(qtype: str) -> None:
+    gf = GGUFFile(FILES[qtype])
+    ternary = [n for n, t in gf.tensors.items() if t.type_name == qtype]
+    assert len(ternary) == 14
+    for name in ternary:
+        ours = GGUFTernary(gf, name).dequantized()
+        ref = dequantize(gf.raw(name), gf.tensors[name].type).astype(np.float32)
+        assert ours.shape == ref.shape
+        np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32), err_msg=name)
+
+
+@pytest.mark.parametrize("qtype", list(FILES))
+def test_lut_bytes_match_the_lowerings_packer(qtype: str) -> None:
+    gf = GGUFFile(FILES[qtype])
+    name = "blk.1.ffn_down.weight"
+    t = GGUFTernary(gf, name)
+    ref = dequantize(gf.raw(name), gf.tensors[name].type)
+    codes = np.sign(ref).astype(np.int8)
+    np.testing.assert_array_equal(t.codes(), codes)
+    np.testing.assert_array_equal(t.lut2_bytes(), pack_ternary_2bit(codes))
+
+
+def _same_model(a: ir.Model, b: ir.Model) -> None:
+    assert [(n.op_type, n.name) for n in a.graph] == [(n.op_type, n.name) for n in b.graph]
+    assert sorted(a.graph.initializers) == sorted(b.graph.initializers)
+    for name, v in a.graph.initializers.items():
+        w = b.graph.initializers[name]
+        assert v.const_value is not None and w.const_value is not None
+        np.testing.assert_array_equal(v.const_value.numpy(), w.const_value.numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("qtype", list(FILES))
+def test_gguf_and_checkpoint_give_the_same_in_memory_model(qtype: str) -> None:
+    _same_model(load(FILES[qtype], seq_len=16), load(CKPT, seq_len=16))
+
+
+def test_fp16_package_matches_torch_and_equals_the_checkpoint_package(tmp_path: Path) -> None:
+    from bitnet_coreml.convert import ConvertOptions, convert
+    from bitnet_coreml.executor import ReferenceExecutor
+
+    z = np.load(CKPT / "logits.npz")
+    ids, ref = z["input_ids"], z["logits"]
+    out = {}
+    for label, src in (("gguf", FILES["TQ2_0"]), ("ckpt", CKPT)):
+        pkg = tmp_path / f"{label}.mlpackage"
+        convert(src, pkg, ConvertOptions(precision="fp16", seq_len=ids.shape[1], check=False))
+        out[label] = np.asarray(ReferenceExecutor(pkg).predict({"input_ids": ids.astype(np.int32)})["logits"],
+                                dtype=np.float32)
+    assert cosine(out["gguf"], ref) >= 0.999 and argmax_agreement(out["gguf"], ref) >= 0.98
+    np.testing.assert_array_equal(out["gguf"], out["ckpt"])
+
+
+def test_config_comes_from_metadata_like_config_json() -> None:
+    from bitnet_coreml.frontend.gguf_model import config_from_metadata
+    from bitnet_coreml.frontend.hf_config import read_config
+
+    gf = GGUFFile(FILES["TQ2_0"])
+    g, c = config_from_metadata(gf.metadata, gf.tensors), read_config(CKPT)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
+                "max_position_embeddings", "hidden_act"):
+        assert getattr(g, key) == pytest.approx(getattr(c, key)), key
+
+
+def test_tokenizer_round_trip_matches_the_original() -> None:
+    from tokenizers import Tokenizer
+
+    from bitnet_coreml.frontend.gguf_tokenizer import tokenizer_json
+
+    original = Tokenizer.from_file(str(FIX / "tokenizer.json"))
+    prompts = json.loads((FIX / "prompts.json").read_text())
+    for f in FILES.values():
+        data, how = tokenizer_json(GGUFFile(f).metadata)
+        assert data is not None, how
+        rebuilt = Tokenizer.from_str(data.decode())
+        for p in prompts:
+            a, b = original.encode(p).ids, rebuilt.encode(p).ids
+            assert a == b, p
+            assert rebuilt.decode(b) == original.decode(a)
+            assert rebuilt.decode(b, skip_special_tokens=True) == p
+
+
+# --- block scales ------------------------------------------------------------------------------------
+
+
+def test_scale_layouts() -> None:
+    d = np.array([[2.0, 2.0], [2.0, 0.0]], np.float32)
+    t = analyse_scales(d)
+    assert t.kind == "tensor" and float(t.alpha) == 2.0
+    r = analyse_scales(np.array([[2.0, 2.0], [4.0, 0.0]], np.float32))
+    assert r.kind == "row" and r.alpha.tolist() == [2.0, 4.0]
+    assert analyse_scales(np.array([[2.0, 4.0], [4.0, 4.0]], np.float32)).kind == "block"
+
+
+@pytest.mark.parametrize("qtype", [Q.TQ1_0, Q.TQ2_0])
+def test_negative_and_zero_block_scales_dequantise_exactly(tmp_path: Path, qtype: Q) -> None:
+    p = write_bitnet_gguf(tmp_path / "m.gguf", qtype=qtype, scales="row", seed=3)
+    raw = bytearray(p.read_bytes())
+    gf = GGUFFile(p)
+    info = gf.tensors["blk.0.ffn_up.weight"]
+    size = 54 if qtype == Q.TQ1_0 else 66
+    for block, value in ((0, -0.25), (3, 0.0), (5, -0.0)):  # d is the last 2 bytes of a block
+        at = info.offset + block * size + size - 2
+        raw[at:at + 2] = np.float16(value).tobytes()
+    p.write_bytes(bytes(raw))
+    gf = GGUFFile(p)
+    t = GGUFTernary(gf, "blk.0.ffn_up.weight")
+    ref = dequantize(gf.raw("blk.0.ffn_up.weight"), qtype).astype(np.float32)
+    np.testing.assert_array_equal(t.dequantized(), ref)
+    assert t.scales.kind == "row"  # the one flipped block takes |d| = 0.25 of its own row
+    codes = t.codes().astype(np.float32)
+    np.testing.assert_array_equal(codes * t.scales.alpha[:, None], ref)  # BitLinear: W * Alpha per row
+
+
+def test_per_row_scales_become_a_per_channel_alpha(tmp_path: Path) -> None:
+    p = write_bitnet_gguf(tmp_path / "m.gguf", scales="row")
+    m = load(p, seq_len=8)
+    gf = GGUFFile(p)
+    for node in (n for n in m.graph if n.op_type == "BitLinear"):
+        w, alpha = node.inputs[1].const_value, node.inputs[2].const_value  # type: ignore[union-attr]
+        assert alpha.shape == ir.Shape([int(w.shape[0])])
+        ref = dequantize(gf.raw(w.source_name), w.qtype)
+        np.testing.assert_array_equal(w.numpy().astype(np.float32) * alpha.numpy()[:, None], ref)
+
+
+def test_block_scales_need_allow_dequant_and_then_verify(tmp_path: Path) -> None:
+    from bitnet_coreml.convert import ConvertOptions, convert
+    from bitnet_coreml.verify import verify
+
+    p = write_bitnet_gguf(tmp_path / "m.gguf", scales="block", hidden=512, ff=512, heads=4, kv_heads=2)
+    with pytest.raises(ModelLoadError, match="distinct block scales within rows.*--allow-dequant"):
+        load(p, seq_len=8)
+    m = load(p, seq_len=8, allow_dequant=True)
+    assert len(json.loads(m.metadata_props["bitnet_coreml.gguf.dense_fallback"])) == 7
+    pkg = tmp_path / "m.mlpackage"
+    convert(p, pkg, ConvertOptions(precision="fp32", seq_len=8, check=False, allow_dequant=True))
+    rep = verify(p, pkg, raise_on_failure=False, allow_dequant=True)
+    assert rep.passed, rep.to_dict()
+
+
+# --- other types, metadata -----------------------------------------------------------------------------
+
+
+def test_other_types_refused_or_dequantised(tmp_path: Path) -> None:
+    p = write_bitnet_gguf(tmp_path / "m.gguf", emb_type=Q.Q8_0)
+    with pytest.raises(ModelLoadError, match=r"'token_embd.weight' \(embedding\) has type Q8_0.*--allow-dequant"):
+        load(p, seq_len=8)
+    m = load(p, seq_len=8, allow_dequant=True)
+    emb = m.graph.initializers["model.embed_tokens.weight"].const_value
+    gf = GGUFFile(p)
+    np.testing.assert_array_equal(emb.numpy(), dequantize(gf.raw("token_embd.weight"), Q.Q8_0))  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("meta", "message"), [
+    ({"bitnet.block_count": drop()}, "'bitnet.block_count' is missing"),
+    ({"bitnet.attention.layer_norm_rms_epsilon": drop()}, "layer_norm_rms_epsilon' is missing"),
+    ({"bitnet.embedding_length": 255}, "embedding_length = 255 is not a multiple of"),
+    ({"bitnet.attention.head_count_kv": 3}, "not a multiple of num_key_value_heads = 3"),
+    ({"bitnet.rope.dimension_count": 64}, "rope.dimension_count = 64; expected 128"),
+    ({"bitnet.vocab_size": 65}, "vocab_size = 65 but token_embd.weight has 64 rows"),
+    ({"bitnet.rope.scaling.type": "yarn"}, "only unscaled RoPE"),
+    ({"bitnet.hidden_act": "gelu"}, "hidden_act = 'gelu'; allowed: relu2, silu"),
+    ({"general.architecture": "llama"}, "general.architecture = 'llama'; supported: bitnet"),
+    ({"bitnet.block_count": 2}, "missing tensor 'model.layers.1"),
+])
+def test_bad_metadata_is_one_line(tmp_path: Path, meta: dict, message: str) -> None:  # type: ignore[type-arg]
+    p = write_bitnet_gguf(tmp_path / "m.gguf", meta=meta)
+    with pytest.raises(ModelLoadError) as e:
+        load(p, seq_len=8)
+    assert message in e.value.one_line() and str(p) in e.value.one_line()
+
+
+def test_unknown_tensor_is_refused(tmp_path: Path) -> None:
+    p = write_bitnet_gguf(tmp_path / "m.gguf", extra_tensors={"blk.0.mystery.weight": np.ones(4, np.float32)})
+    with pytest.raises(ModelLoadError, match="'blk.0.mystery.weight' are not part of a 1-layer BitNet"):
+        load(p, seq_len=8)
+
+
+def test_silu_default_follows_llama_cpp(tmp_path: Path) -> None:
+    p = write_bitnet_gguf(tmp_path / "m.gguf", meta={"bitnet.hidden_act": drop()}, tied=False)
+    ops = [n.op_type for n in load(p, seq_len=8).graph]
+    assert "Sigmoid" in ops and "Relu2" not in ops
+    assert "lm_head" in {n.name for n in load(p, seq_len=8).graph if n.op_type == "Gemm"}
