@@ -141,6 +141,10 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> BitNe
     if tokens is not None and len(tokens) != vocab:
         raise ValueError(f"metadata tokenizer.ggml.tokens has {len(tokens)} entries but token_embd.weight has "
                          f"{vocab} rows")
+    layers = _get(meta, a + "block_count", int)
+    if layers > len(tensors) // len(_LAYER_TENSORS):
+        raise ValueError(f"metadata {a}block_count = {layers} but the file holds only {len(tensors)} tensors "
+                         f"({len(_LAYER_TENSORS)} or more per layer)")
     ff = meta.get(a + "feed_forward_length")
     if isinstance(ff, np.ndarray):
         raise ValueError(f"metadata {a}feed_forward_length is an array (a size per layer); expected one integer")
@@ -148,7 +152,7 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> BitNe
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=_get(meta, a + "feed_forward_length", int),
-        num_hidden_layers=_get(meta, a + "block_count", int),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=_get(meta, a + "attention.head_count_kv", int, heads),
         head_dim=head_dim,

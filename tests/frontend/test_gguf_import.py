@@ -195,7 +195,7 @@ def test_other_types_refused_or_dequantised(tmp_path: Path) -> None:
     ({"bitnet.rope.scaling.type": "yarn"}, "only unscaled RoPE"),
     ({"bitnet.hidden_act": "gelu"}, "hidden_act = 'gelu'; allowed: relu2, silu"),
     ({"general.architecture": "llama"}, "general.architecture = 'llama'; supported: bitnet"),
-    ({"bitnet.block_count": 2}, "missing tensor 'model.layers.1"),
+    ({"bitnet.block_count": 2}, "block_count = 2 but the file holds only 13 tensors"),
 ])
 def test_bad_metadata_is_one_line(tmp_path: Path, meta: dict, message: str) -> None:  # type: ignore[type-arg]
     p = write_bitnet_gguf(tmp_path / "m.gguf", meta=meta)
