@@ -1,0 +1,191 @@
+"""Benchmark: convert a TQ2_0 GGUF shaped like microsoft/bitnet-b1.58-2B-4T vs the checkpoint path, same run.
+
+Writes, once, into ``bench/_work/``: the random 2B-shaped checkpoint of ``bench_hf_2b.py``
+(``bitnet-2b-shaped/``) and ``bitnet-2b-shaped-tq2_0.gguf``, the same model as a GGUF file written
+with the ``gguf`` package's own writer and TQ2_0 quantiser (every BitLinear weight ``code / s``
+quantised block by block; the embedding BF16, the checkpoint's bytes; norms F32; a byte-level BPE
+vocabulary of 128256 tokens with its merges, so the metadata is as large as a real file's). Then it
+measures, each in a fresh process (wall time and the kernel's peak RSS, ``os.wait4``):
+
+* ``import``: ``load(source, seq_len)`` of the GGUF file and of the checkpoint folder;
+* ``convert``: ``bitnet-coreml convert SOURCE -o OUT --seq-len N --target macos`` of both,
+
+and prints the GGUF / checkpoint ratios (the goal: convert in < 2 min and < 4 GB, no slower than
+the checkpoint path).
+
+Usage: ``.venv/bin/python bench/bench_gguf_2b.py [--seq-len 128] [--stages import,convert] [--rounds 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from _measure import run_measured  # noqa: E402
+from bench_hf_2b import FOLDER, SHAPE, WORK, write_checkpoint  # noqa: E402
+
+GGUF = WORK / "bitnet-2b-shaped-tq2_0.gguf"
+_PROJ = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down"}
+_NORM = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+         "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm"}
+
+
+def bpe_vocab(size: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A valid byte-level BPE vocabulary of ``size`` tokens: 256 bytes, merges of existing tokens, 2 specials."""
+    from tokenizers import pre_tokenizers
+
+    rng = np.random.default_rng(seed)
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
+    seen, merges = set(tokens), []
+    while len(tokens) < size - 2:
+        a, b = tokens[int(rng.integers(0, len(tokens)))], tokens[int(rng.integers(0, min(len(tokens), 4096)))]
+        if len(a) + len(b) > 12 or a + b in seen:
+            continue
+        seen.add(a + b)
+        tokens.append(a + b)
+        merges.append(f"{a} {b}")
+    return [*tokens, "<|begin_of_text|>", "<|end_of_text|>"], merges
+
+
+def write_gguf(folder: Path, dest: Path) -> None:
+    """The checkpoint ``folder`` as a TQ2_0 GGUF (gguf's writer and quantiser), tensor by tensor."""
+    import gguf
+    from gguf.quants import quantize
+
+    from bitnet_coreml.frontend.hf_safetensors import CheckpointTensors
+    from bitnet_coreml.frontend.hf_tensors import unpack_indices
+
+    if dest.is_file():
+        return
+    cfg = json.loads((folder / "config.json").read_text())
+    store = CheckpointTensors(folder)
+    tmp = dest.with_name(dest.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), "bitnet")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_string("bitnet.hidden_act", "relu2")
+    tokens, merges = bpe_vocab(cfg["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - 2) + [gguf.TokenType.CONTROL] * 2)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(len(tokens) - 2)
+    w.add_eos_token_id(len(tokens) - 1)
+    Q = gguf.GGMLQuantizationType
+    plan: list[tuple[str, str, Q]] = [("token_embd.weight", "model.embed_tokens.weight", Q.BF16),
+                                      ("output_norm.weight", "model.norm.weight", Q.F32)]
+    for i in range(cfg["num_hidden_layers"]):
+        plan += [(f"blk.{i}.{g}.weight", f"model.layers.{i}.{h}.weight", Q.F32) for h, g in _NORM.items()]
+        plan += [(f"blk.{i}.{g}.weight", f"model.layers.{i}.{h}.weight", Q.TQ2_0) for h, g in _PROJ.items()]
+
+    def data(hf: str, qtype: Q) -> np.ndarray:
+        if qtype == Q.BF16:
+            return store.read(hf).view(np.uint8)
+        if qtype == Q.F32:
+            return store.read_as(hf, np.float32)
+        s = float(store.read_as(hf.replace(".weight", ".weight_scale"), np.float32).reshape(()))
+        dense = (unpack_indices(store.read(hf)).astype(np.float32) - 1.0) / np.float32(s)  # bitlinear divides
+        return quantize(dense, qtype)
+
+    for name, hf, qtype in plan:
+        info = store.info(hf)
+        assert info is not None
+        rows, cols = (info.shape[0], info.shape[-1]) if len(info.shape) == 2 else (1, info.shape[0])
+        if qtype == Q.F32:
+            w.add_tensor_info(name, info.shape, np.dtype(np.float32), 4 * rows * cols)
+            continue
+        row_bytes = 2 * cols if qtype == Q.BF16 else cols // 256 * 66  # gguf's writer takes byte shapes
+        w.add_tensor_info(name, (rows, row_bytes), np.dtype(np.uint8), rows * row_bytes, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _name, hf, qtype in plan:
+        w.write_tensor_data(data(hf, qtype))
+    w.close()
+    os.replace(tmp, dest)
+
+
+def import_stage(source: Path, seq_len: int) -> None:
+    from bitnet_coreml.frontend import load
+
+    t0 = time.perf_counter()
+    load(source, seq_len=seq_len)
+    print(json.dumps({"import_s": round(time.perf_counter() - t0, 2)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--stages", default="import,convert")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate gguf / checkpoint this many times")
+    ap.add_argument("--mem-cap-gb", type=float, default=16.0, help="address-space cap per run (prlimit --as); 0: none")
+    ap.add_argument("--convert-args", default="--target macos")
+    ap.add_argument("--stage", help=argparse.SUPPRESS)
+    ap.add_argument("--source", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.stage == "write":
+        write_checkpoint(FOLDER)
+        write_gguf(FOLDER, GGUF)
+        return
+    if args.stage == "import":
+        import_stage(Path(args.source), args.seq_len)
+        return
+    if not GGUF.is_file() or not (FOLDER / "model.safetensors.index.json").is_file():
+        w = run_measured([sys.executable, __file__, "--stage", "write"], quiet=False)
+        if w.returncode != 0:
+            raise SystemExit(f"writing the benchmark models failed (exit {w.returncode})")
+        print(f"wrote {FOLDER} and {GGUF} in {w.wall_s:.0f} s")
+    print(f"GGUF {GGUF.stat().st_size / 1e9:.2f} GB, checkpoint "
+          f"{sum(p.stat().st_size for p in FOLDER.iterdir()) / 1e9:.2f} GB; shape {SHAPE}; seq_len {args.seq_len}; "
+          f"{os.cpu_count()} cores")
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for _ in range(args.rounds):
+        for st in [s for s in args.stages.split(",") if s]:
+            for label, src in (("gguf", GGUF), ("checkpoint", FOLDER)):
+                if st == "convert":
+                    out = WORK / f"bitnet-2b-shaped-{label}.mlpackage"
+                    argv = [str(Path(sys.executable).with_name("bitnet-coreml")), "convert", str(src), "-o", str(out),
+                            "--seq-len", str(args.seq_len), *args.convert_args.split()]
+                else:
+                    argv = [sys.executable, __file__, "--stage", st, "--source", str(src), "--seq-len",
+                            str(args.seq_len)]
+                if args.mem_cap_gb and shutil.which("prlimit"):
+                    argv = ["prlimit", f"--as={int(args.mem_cap_gb * 1e9)}", *argv]
+                r = run_measured(argv, quiet=st == "convert")
+                if r.returncode != 0:
+                    print(f"{st} {label}: FAILED (exit {r.returncode})")
+                    continue
+                results.setdefault((st, label), []).append((r.wall_s, r.peak_rss_mb))
+                print(f"{st:>8} {label:>10}: wall {r.wall_s:7.1f} s   peak RSS {r.peak_rss_mb:8.0f} MB", flush=True)
+    for st in [s for s in args.stages.split(",") if s]:
+        g, c = results.get((st, "gguf")), results.get((st, "checkpoint"))
+        if g and c:
+            gw, gm = min(x[0] for x in g), max(x[1] for x in g)
+            cw, cm = min(x[0] for x in c), max(x[1] for x in c)
+            print(f"{st:>8} gguf / checkpoint: time {gw:.1f} / {cw:.1f} s = x{gw / cw:.2f}, "
+                  f"peak RSS {gm:.0f} / {cm:.0f} MB = x{gm / cm:.2f}")
+
+
+if __name__ == "__main__":
+    main()
