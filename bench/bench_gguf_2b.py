@@ -112,6 +112,8 @@ def write_gguf(folder: Path, dest: Path) -> None:
         info = store.info(hf)
         assert info is not None
         rows, cols = (info.shape[0], info.shape[-1]) if len(info.shape) == 2 else (1, info.shape[0])
+        if info.dtype == "U8":
+            rows *= 4  # packed [out/4, in]
         if qtype == Q.F32:
             w.add_tensor_info(name, info.shape, np.dtype(np.float32), 4 * rows * cols)
             continue

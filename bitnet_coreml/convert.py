@@ -406,7 +406,11 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
     stage("write package")
     t0 = time.perf_counter()
-    save_package(mlmodel, out)
+    from bitnet_coreml.frontend import source_assets  # noqa: PLC0415
+
+    assets, asset_notes = source_assets(source)
+    notes += asset_notes
+    save_package(mlmodel, out, assets=assets)
     timed("write", t0)
     del mlmodel
 

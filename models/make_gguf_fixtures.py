@@ -133,13 +133,10 @@ def train_tokenizer(vocab: int) -> Any:
     return tok
 
 
-def _read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    import torch
+def _read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from safetensors.torch import load_file
 
-    cfg = json.loads((folder / "config.json").read_text())
-    raw = load_file(str(folder / "model.safetensors"))
-    return cfg, {k: v for k, v in raw.items()}
+    return json.loads((folder / "config.json").read_text()), load_file(str(folder / "model.safetensors"))
 
 
 def _unpack(packed: Any) -> np.ndarray:

@@ -10,7 +10,7 @@ import onnx_ir as ir
 from bitnet_coreml.errors import ModelLoadError
 from bitnet_coreml.frontend.onnx_import import load_onnx
 
-__all__ = ["load", "load_onnx", "is_checkpoint_dir", "is_gguf", "builds_graph"]
+__all__ = ["load", "load_onnx", "is_checkpoint_dir", "is_gguf", "builds_graph", "source_assets"]
 
 DEFAULT_SEQ_LEN = 64
 
@@ -29,6 +29,25 @@ def is_gguf(path: str | os.PathLike[str]) -> bool:
 def builds_graph(path: str | os.PathLike[str]) -> bool:
     """True for sources whose graph the importer builds at a chosen ``seq_len`` (checkpoint folder, GGUF file)."""
     return is_checkpoint_dir(path) or is_gguf(path)
+
+
+def source_assets(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], list[str]]:
+    """Files a package converted from ``path`` should carry (``package.assets``), with notes on what was done.
+
+    A GGUF file: its tokenizer rebuilt as ``tokenizer.json`` (``frontend.gguf_tokenizer``) and a
+    ``generation_config.json`` with its bos/eos ids.
+    """
+    if not is_gguf(path):
+        return {}, []
+    from bitnet_coreml.frontend.gguf_file import scan  # noqa: PLC0415
+    from bitnet_coreml.frontend.gguf_tokenizer import generation_config, tokenizer_json  # noqa: PLC0415
+
+    meta = scan(path).metadata
+    data, how = tokenizer_json(meta)
+    if data is None:
+        return {}, [f"no tokenizer written to the package: {how}"]
+    return ({"tokenizer.json": data, "generation_config.json": generation_config(meta)},
+            [f"tokenizer.json from the GGUF ({how}) written to the package"])
 
 
 def load(path: str | os.PathLike[str], *, seq_len: int | None = None, embed_dtype: str = "float32",

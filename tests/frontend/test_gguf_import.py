@@ -82,6 +82,19 @@ def test_fp16_package_matches_torch_and_equals_the_checkpoint_package(tmp_path: 
                                 dtype=np.float32)
     assert cosine(out["gguf"], ref) >= 0.999 and argmax_agreement(out["gguf"], ref) >= 0.98
     np.testing.assert_array_equal(out["gguf"], out["ckpt"])
+    # the package carries the GGUF's tokenizer, which tokenizes like the fixture's original tokenizer.json
+    from tokenizers import Tokenizer
+
+    from bitnet_coreml.package.assets import read_assets
+
+    assets = read_assets(tmp_path / "gguf.mlpackage")
+    packaged = Tokenizer.from_str(assets["tokenizer.json"].decode())
+    original = Tokenizer.from_file(str(FIX / "tokenizer.json"))
+    for p in json.loads((FIX / "prompts.json").read_text()):
+        assert packaged.encode(p).ids == original.encode(p).ids
+    assert json.loads(assets["generation_config.json"]) == {"bos_token_id": original.token_to_id("<|begin_of_text|>"),
+                                                            "eos_token_id": original.token_to_id("<|end_of_text|>")}
+    assert read_assets(tmp_path / "ckpt.mlpackage") == {}  # nothing invented for a folder without a tokenizer
 
 
 def test_config_comes_from_metadata_like_config_json() -> None:
