@@ -36,6 +36,9 @@ sys.path.insert(0, str(ROOT))
 from _measure import run_measured  # noqa: E402
 from bench_hf_2b import FOLDER, SHAPE, WORK, write_checkpoint  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "models"))
+from gguf_meta import add_bitnet_metadata, add_bpe_tokenizer  # noqa: E402
+
 GGUF = WORK / "bitnet-2b-shaped-tq2_0.gguf"
 _PROJ = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -75,23 +78,9 @@ def write_gguf(folder: Path, dest: Path) -> None:
     store = CheckpointTensors(folder)
     tmp = dest.with_name(dest.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), "bitnet")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_freq_base(cfg["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_string("bitnet.hidden_act", "relu2")
+    add_bitnet_metadata(w, cfg)
     tokens, merges = bpe_vocab(cfg["vocab_size"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - 2) + [gguf.TokenType.CONTROL] * 2)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(len(tokens) - 2)
-    w.add_eos_token_id(len(tokens) - 1)
+    add_bpe_tokenizer(w, tokens, merges, set(tokens[-2:]), tokens[-2], tokens[-1], "llama-bpe")
     Q = gguf.GGMLQuantizationType
     plan: list[tuple[str, str, Q]] = [("token_embd.weight", "model.embed_tokens.weight", Q.BF16),
                                       ("output_norm.weight", "model.norm.weight", Q.F32)]

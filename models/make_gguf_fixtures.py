@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_hf_fixtures  # noqa: E402
 from bitnet_export import ModelSpec, TrainSpec  # noqa: E402
+from gguf_meta import add_bitnet_metadata, add_bpe_tokenizer  # noqa: E402
 from make_hf_fixtures import HFFixture, make_fixture  # noqa: E402
 
 log = logging.getLogger("make_gguf_fixtures")
@@ -156,34 +157,13 @@ def write_gguf(folder: Path, tok: Any, qtype_name: str, dest: Path) -> dict[str,
     os.close(fd)
     w = gguf.GGUFWriter(tmp, arch)
     w.add_name(f"{CHECKPOINT} {qtype_name}")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
-    rope = cfg.get("rope_parameters") or {}
-    w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 500000.0))))
-    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
-    w.add_vocab_size(cfg["vocab_size"])
+    add_bitnet_metadata(w, cfg)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ1_0 if qtype_name == "TQ1_0" else gguf.LlamaFileType.MOSTLY_TQ2_0)
-    w.add_string(f"{arch}.hidden_act", cfg.get("hidden_act", "relu2"))
-    # tokenizer, as llama.cpp's converter stores a GPT-2-style byte-level BPE
     vocab = tok.get_vocab()
-    tokens = [None] * len(vocab)
-    for s, i in vocab.items():
-        tokens[i] = s
-    specials = {BOS, EOS}
-    model = json.loads(tok.to_str())["model"]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if s in specials else gguf.TokenType.NORMAL for s in tokens])
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
-    w.add_bos_token_id(vocab[BOS])
-    w.add_eos_token_id(vocab[EOS])
-    w.add_add_bos_token(True)
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    add_bpe_tokenizer(w, tokens, [" ".join(m) if isinstance(m, list) else m for m in merges], {BOS, EOS}, BOS, EOS,
+                      "gpt2")
     # tensors
     name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",

@@ -241,6 +241,13 @@ class _GGUFImporter(_Importer):
         super().__init__(path, cfg, store, seq_len, embed_dtype)
         self.block_scales: dict[str, str] = {}
         self.fallback: list[str] = []
+        self._codes: dict[str, GGUFTernary] = {}
+
+    def codes(self, wname: str, prefix: str) -> GGUFTernary:
+        """The (one) :class:`GGUFTernary` of a TQ weight: its block scales are read once."""
+        if wname not in self._codes:
+            self._codes[wname] = GGUFTernary(self.store.gf, self.store.gguf_name[wname], name=f"{prefix}.codes")
+        return self._codes[wname]
 
     def _linear_kind(self, name: str, n: int, k: int) -> str:
         if self.store.ternary(name):
@@ -259,7 +266,7 @@ class _GGUFImporter(_Importer):
         if kind != "gguf":
             return super()._ternary(prefix, wname, kind, n, factor)
         g = self.g
-        codes = GGUFTernary(self.store.gf, self.store.gguf_name[wname], name=f"{prefix}.codes")
+        codes = self.codes(wname, prefix)
         layout = codes.scales
         self.block_scales[prefix] = layout.describe()
         alpha = (layout.alpha.astype(np.float64) * factor).astype(np.float32)
@@ -271,7 +278,7 @@ class _GGUFImporter(_Importer):
     def bitlinear(self, x: ir.Value, prefix: str, n: int, k: int) -> ir.Value:
         wname = f"{prefix}.weight"
         if self.store.ternary(wname):
-            codes = GGUFTernary(self.store.gf, self.store.gguf_name[wname])
+            codes = self.codes(wname, prefix)
             if codes.scales.kind == "block":
                 return self._dequant_linear(x, prefix, n, k, codes)
         elif wname in self.store.dequantized:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
+from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from bitnet_coreml.errors import ModelLoadError
@@ -38,7 +39,7 @@ def test_dequantised_weights_equal_ggufs_dequantiser_bit_for_bit(qtype: str) -> 
     assert len(ternary) == 14
     for name in ternary:
         ours = GGUFTernary(gf, name).dequantized()
-        ref = dequantize(gf.raw(name), gf.tensors[name].type).astype(np.float32)
+        ref = dequantize(raw(FILES[qtype], name), gf.tensors[name].type).astype(np.float32)
         assert ours.shape == ref.shape
         np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32), err_msg=name)
 
@@ -48,10 +49,27 @@ def test_lut_bytes_match_the_lowerings_packer(qtype: str) -> None:
     gf = GGUFFile(FILES[qtype])
     name = "blk.1.ffn_down.weight"
     t = GGUFTernary(gf, name)
-    ref = dequantize(gf.raw(name), gf.tensors[name].type)
+    ref = dequantize(raw(FILES[qtype], name), gf.tensors[name].type)
     codes = np.sign(ref).astype(np.int8)
     np.testing.assert_array_equal(t.codes(), codes)
     np.testing.assert_array_equal(t.lut2_bytes(), pack_ternary_2bit(codes))
+
+
+def raw(path: Path, name: str) -> np.ndarray:
+    """A tensor's data as gguf's own ``GGUFReader`` maps it (the oracle for our reading of the file)."""
+    return next(t.data for t in GGUFReader(path).tensors if t.name == name)
+
+
+@pytest.mark.parametrize("qtype", list(FILES))
+def test_scan_and_ggufs_reader_agree(qtype: str) -> None:
+    gf, reader = GGUFFile(FILES[qtype]), GGUFReader(FILES[qtype])
+    assert {t.name: (t.tensor_type, int(t.data_offset), tuple(reversed(t.shape.tolist()))) for t in reader.tensors} \
+        == {n: (t.type, t.offset, t.shape) for n, t in gf.tensors.items()}
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert sorted(fields) == sorted(gf.metadata)
+    for key, value in fields.items():
+        ours = gf.metadata[key]
+        assert (ours.tolist() if isinstance(ours, np.ndarray) else ours) == pytest.approx(value), key
 
 
 def _same_model(a: ir.Model, b: ir.Model) -> None:
@@ -142,17 +160,16 @@ def test_scale_layouts() -> None:
 @pytest.mark.parametrize("qtype", [Q.TQ1_0, Q.TQ2_0])
 def test_negative_and_zero_block_scales_dequantise_exactly(tmp_path: Path, qtype: Q) -> None:
     p = write_bitnet_gguf(tmp_path / "m.gguf", qtype=qtype, scales="row", seed=3)
-    raw = bytearray(p.read_bytes())
-    gf = GGUFFile(p)
-    info = gf.tensors["blk.0.ffn_up.weight"]
+    data = bytearray(p.read_bytes())
+    info = GGUFFile(p).tensors["blk.0.ffn_up.weight"]
     size = 54 if qtype == Q.TQ1_0 else 66
     for block, value in ((0, -0.25), (3, 0.0), (5, -0.0)):  # d is the last 2 bytes of a block
         at = info.offset + block * size + size - 2
-        raw[at:at + 2] = np.float16(value).tobytes()
-    p.write_bytes(bytes(raw))
+        data[at:at + 2] = np.float16(value).tobytes()
+    p.write_bytes(bytes(data))
     gf = GGUFFile(p)
     t = GGUFTernary(gf, "blk.0.ffn_up.weight")
-    ref = dequantize(gf.raw("blk.0.ffn_up.weight"), qtype).astype(np.float32)
+    ref = dequantize(raw(p, "blk.0.ffn_up.weight"), qtype).astype(np.float32)
     np.testing.assert_array_equal(t.dequantized(), ref)
     assert t.scales.kind == "row"  # the one flipped block takes |d| = 0.25 of its own row
     codes = t.codes().astype(np.float32)
@@ -162,11 +179,10 @@ def test_negative_and_zero_block_scales_dequantise_exactly(tmp_path: Path, qtype
 def test_per_row_scales_become_a_per_channel_alpha(tmp_path: Path) -> None:
     p = write_bitnet_gguf(tmp_path / "m.gguf", scales="row")
     m = load(p, seq_len=8)
-    gf = GGUFFile(p)
     for node in (n for n in m.graph if n.op_type == "BitLinear"):
         w, alpha = node.inputs[1].const_value, node.inputs[2].const_value  # type: ignore[union-attr]
         assert alpha.shape == ir.Shape([int(w.shape[0])])
-        ref = dequantize(gf.raw(w.source_name), w.qtype)
+        ref = dequantize(raw(p, w.source_name), w.qtype)
         np.testing.assert_array_equal(w.numpy().astype(np.float32) * alpha.numpy()[:, None], ref)
 
 
@@ -194,8 +210,7 @@ def test_other_types_refused_or_dequantised(tmp_path: Path) -> None:
         load(p, seq_len=8)
     m = load(p, seq_len=8, allow_dequant=True)
     emb = m.graph.initializers["model.embed_tokens.weight"].const_value
-    gf = GGUFFile(p)
-    np.testing.assert_array_equal(emb.numpy(), dequantize(gf.raw("token_embd.weight"), Q.Q8_0))  # type: ignore[union-attr]
+    np.testing.assert_array_equal(emb.numpy(), dequantize(raw(p, "token_embd.weight"), Q.Q8_0))  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(("meta", "message"), [

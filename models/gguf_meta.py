@@ -1,0 +1,39 @@
+"""llama.cpp ``bitnet`` metadata for ``gguf.GGUFWriter``, from a transformers BitNet ``config.json`` (no torch).
+
+Shared by ``models/make_gguf_fixtures.py`` and ``bench/bench_gguf_2b.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def add_bitnet_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    """Hyperparameters as llama.cpp's converter writes them, plus ``bitnet.hidden_act`` (see docs/gguf.md)."""
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    rope = cfg.get("rope_parameters") or {}
+    w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 500000.0))))
+    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_string("bitnet.hidden_act", cfg.get("hidden_act", "relu2"))
+
+
+def add_bpe_tokenizer(w: Any, tokens: list[str], merges: list[str], specials: set[str], bos: str, eos: str,
+                      pre: str) -> None:
+    """A GPT-2-style byte-level BPE as llama.cpp's converter stores it (model ``gpt2``)."""
+    from gguf import TokenType
+
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.CONTROL if t in specials else TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokens.index(bos))
+    w.add_eos_token_id(tokens.index(eos))
+    w.add_add_bos_token(True)
