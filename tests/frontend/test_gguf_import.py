@@ -243,3 +243,15 @@ def test_silu_default_follows_llama_cpp(tmp_path: Path) -> None:
     ops = [n.op_type for n in load(p, seq_len=8).graph]
     assert "Sigmoid" in ops and "Relu2" not in ops
     assert "lm_head" in {n.name for n in load(p, seq_len=8).graph if n.op_type == "Gemm"}
+
+
+def test_pipeline_takes_a_gguf_source_with_seq_len_and_allow_dequant(tmp_path: Path) -> None:
+    from bitnet_coreml.jobs.buildstate import BuildState
+    from bitnet_coreml.jobs.spec import load_pipeline
+
+    p = tmp_path / "p.toml"
+    p.write_text(f'[[model]]\nname = "m"\nsource = "{FILES["TQ2_0"]}"\nseq_len = 16\nallow_dequant = true\n'
+                 'targets = [{ os = "macOS", min_os = "14" }]\n')
+    entry = load_pipeline(p).models[0]
+    assert entry.seq_len == 16 and entry.allow_dequant
+    assert BuildState(tmp_path / "out").input_files(entry) == [FILES["TQ2_0"]]  # no ONNX external-data lookup
