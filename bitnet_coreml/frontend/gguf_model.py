@@ -234,11 +234,13 @@ class GGUFTensors(CheckpointTensors):
 
 
 class _GGUFImporter(_Importer):
+    """The checkpoint importer over :class:`GGUFTensors`; combinable with another importer subclass
+    (``class X(_GGUFImporter, _StatefulImporter)``): it only overrides how a linear's weight is read."""
+
     store: GGUFTensors
 
-    def __init__(self, path: Path, cfg: BitNetConfig, store: GGUFTensors, seq_len: int,
-                 embed_dtype: ir.DataType) -> None:
-        super().__init__(path, cfg, store, seq_len, embed_dtype)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.block_scales: dict[str, str] = {}
         self.fallback: list[str] = []
         self._codes: dict[str, GGUFTernary] = {}
@@ -334,6 +336,40 @@ class _DequantTensor(ir.LazyTensor):
         return self.store.read(self.name_hf)
 
 
+    def metadata(self) -> dict[str, str]:
+        types: dict[str, int] = {}
+        for t in self.store.gf.tensors.values():
+            types[t.type_name] = types.get(t.type_name, 0) + 1
+        return {**super().metadata(), "bitnet_coreml.source": "gguf",
+                "bitnet_coreml.gguf.tensor_types": json.dumps(dict(sorted(types.items()))),
+                "bitnet_coreml.gguf.block_scales": json.dumps(dict(sorted(self.block_scales.items()))),
+                "bitnet_coreml.gguf.dense_fallback": json.dumps(self.fallback),
+                "bitnet_coreml.gguf.dequantized": json.dumps({self.store.gguf_name[k]: v
+                                                             for k, v in self.store.dequantized.items()})}
+
+
+def open_gguf(path: str | os.PathLike[str], *, allow_dequant: bool = False) -> tuple[BitNetConfig, GGUFTensors]:
+    """The config and the tensors of a GGUF file (everything an importer needs), validated."""
+    p = Path(path)
+    gf = GGUFFile(p)
+    try:
+        cfg = config_from_metadata(gf.metadata, gf.tensors)
+    except ValueError as e:
+        raise ModelLoadError(f"{p}: {e}") from e
+    store = GGUFTensors(gf, cfg.num_hidden_layers, allow_dequant=allow_dequant)
+    for name, role in (("model.embed_tokens.weight", "embedding"), ("lm_head.weight", "lm_head")):
+        if name in store:
+            store.refuse_type(name, role)
+    return cfg, store
+
+
+def gguf_importer(base: type[_Importer]) -> type[_Importer]:
+    """``base`` (the checkpoint importer or a subclass, e.g. the stateful one) reading a GGUF file."""
+    if base is _Importer:
+        return _GGUFImporter
+    return type(f"_GGUF{base.__name__.lstrip('_')}", (_GGUFImporter, base), {})
+
+
 def load_gguf(path: str | os.PathLike[str], *, seq_len: int = 64, embed_dtype: str = "float32",
               allow_dequant: bool = False) -> ir.Model:
     """Import the BitNet GGUF file ``path`` as a fused onnx-ir model for ``seq_len`` tokens.
@@ -347,29 +383,10 @@ def load_gguf(path: str | os.PathLike[str], *, seq_len: int = 64, embed_dtype: s
         raise InputError(f"seq_len = {seq_len!r}; expected a positive integer")
     if embed_dtype not in EMBED_DTYPES:
         raise InputError(f"embed_dtype = {embed_dtype!r}; allowed: {', '.join(EMBED_DTYPES)}")
-    gf = GGUFFile(p)
-    try:
-        cfg = config_from_metadata(gf.metadata, gf.tensors)
-    except ValueError as e:
-        raise ModelLoadError(f"{p}: {e}") from e
+    cfg, store = open_gguf(p, allow_dequant=allow_dequant)
     if seq_len > cfg.max_position_embeddings:
         log.warning("seq_len %d exceeds the context length %d of %s", seq_len, cfg.max_position_embeddings, p)
-    store = GGUFTensors(gf, cfg.num_hidden_layers, allow_dequant=allow_dequant)
-    for name, role in (("model.embed_tokens.weight", "embedding"), ("lm_head.weight", "lm_head")):
-        if name in store:
-            store.refuse_type(name, role)
-    imp = _GGUFImporter(p, cfg, store, seq_len, EMBED_DTYPES[embed_dtype])
-    model = imp.build()
-    types: dict[str, int] = {}
-    for t in gf.tensors.values():
-        types[t.type_name] = types.get(t.type_name, 0) + 1
+    model = _GGUFImporter(p, cfg, store, seq_len, EMBED_DTYPES[embed_dtype]).build()
     model.doc_string = f"BitNet GGUF {p.name}, seq_len {seq_len}"
-    model.metadata_props.update({
-        "bitnet_coreml.source": "gguf",
-        "bitnet_coreml.gguf.tensor_types": json.dumps(dict(sorted(types.items()))),
-        "bitnet_coreml.gguf.block_scales": json.dumps(dict(sorted(imp.block_scales.items()))),
-        "bitnet_coreml.gguf.dense_fallback": json.dumps(imp.fallback),
-        "bitnet_coreml.gguf.dequantized": json.dumps({store.gguf_name[k]: v for k, v in store.dequantized.items()}),
-    })
-    log.debug("imported %s: %d layers, seq_len %d, types %s", p, cfg.num_hidden_layers, seq_len, types)
+    log.debug("imported %s: %d layers, seq_len %d", p, cfg.num_hidden_layers, seq_len)
     return model

@@ -120,8 +120,10 @@ class GGUFTernary(ir.LazyTensor):
     and tests) equals gguf's own dequantiser bit for bit.
     """
 
-    kind = "gguf"
-    is_packed = False
+    # ``kind``/``is_packed``/``packed_source`` as a packed checkpoint weight: the fp16-safety analysis feeds
+    # ONNX Runtime these 2-bit bytes (a quarter of the int8 codes) and unpacks them in the graph.
+    kind = "packed"
+    is_packed = True
 
     def __init__(self, gf: GGUFFile, source: str, *, name: str | None = None) -> None:
         info = gf.tensors[source]
@@ -136,6 +138,7 @@ class GGUFTernary(ir.LazyTensor):
                                  "expected a finite number")
         self._d = d
         self.scales = analyse_scales(d)
+        self.is_packed = info.shape[0] % 4 == 0  # packed_source() exists
         super().__init__(lambda: ir.tensor(self.codes()), dtype=ir.DataType.INT8, shape=ir.Shape(list(info.shape)),
                          name=name or source)
 
@@ -171,6 +174,19 @@ class GGUFTernary(ir.LazyTensor):
     def lut2_bytes(self) -> np.ndarray:
         """The indices packed four to a byte in Core ML's ``constexpr_lut_to_dense`` order: uint8 ``[N*K/4]``."""
         return pack_indices_2bit(self.lut_indices())
+
+    def packed_source(self) -> np.ndarray | None:
+        """The indices in the checkpoint's packed layout, uint8 ``[N/4, K]`` (row block ``i`` of ``N/4`` rows
+        in bits ``2i..2i+1``), or None when N is not a multiple of 4."""
+        n, k = (int(x) for x in self.shape.numpy())
+        if n % 4:
+            return None
+        idx = self.lut_indices()
+        r = n // 4
+        out = idx[:r].copy()
+        for i in range(1, 4):
+            out |= idx[i * r:(i + 1) * r] << (2 * i)
+        return out
 
     def codes(self) -> np.ndarray:
         return (self.lut_indices().view(np.int8) - np.int8(1)).astype(np.int8, copy=False)

@@ -72,6 +72,19 @@ def test_scan_and_ggufs_reader_agree(qtype: str) -> None:
         assert (ours.tolist() if isinstance(ours, np.ndarray) else ours) == pytest.approx(value), key
 
 
+@pytest.mark.parametrize("qtype", list(FILES))
+def test_packed_source_equals_the_checkpoints_packed_bytes(qtype: str) -> None:
+    """What the fp16 analysis feeds ONNX Runtime: the checkpoint's own uint8 [N/4, K] layout."""
+    from safetensors.numpy import load_file
+
+    ckpt = load_file(str(CKPT / "model.safetensors"))
+    gf = GGUFFile(FILES[qtype])
+    for i, (hf, gg) in enumerate((("self_attn.k_proj", "attn_k"), ("mlp.down_proj", "ffn_down"))):
+        t = GGUFTernary(gf, f"blk.{i}.{gg}.weight")
+        assert t.is_packed
+        np.testing.assert_array_equal(t.packed_source(), ckpt[f"model.layers.{i}.{hf}.weight"])
+
+
 def _same_model(a: ir.Model, b: ir.Model) -> None:
     assert [(n.op_type, n.name) for n in a.graph] == [(n.op_type, n.name) for n in b.graph]
     assert sorted(a.graph.initializers) == sorted(b.graph.initializers)
