@@ -276,12 +276,12 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     context = 0
     notes: list[str] = []
     if options.stateful:
-        from bitnet_coreml.frontend import is_checkpoint_dir  # noqa: PLC0415
+        from bitnet_coreml.frontend import builds_graph  # noqa: PLC0415
         from bitnet_coreml.package.stateful import round_context  # noqa: PLC0415
 
-        if not is_checkpoint_dir(source):
+        if not builds_graph(source):
             raise InputError(f"{source}: stateful conversion needs a Hugging Face BitNet checkpoint folder "
-                             "(config.json + safetensors); an ONNX export is not accepted with --stateful because "
+                             "(config.json + safetensors) or a BitNet GGUF file; an ONNX export is not accepted with --stateful because "
                              "its attention blocks are not mapped onto a KV cache")
         context, note = round_context(options.context, options.exact_context)
         notes += [note] if note else []

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def function_models(source: str | os.PathLike[str], *, prefill: int, context: int, prefill_logits: str,
-                    embed_dtype: str, cache: str, split_limit: int) -> dict[str, ir.Model]:
+                    embed_dtype: str, cache: str, split_limit: int, allow_dequant: bool = False) -> dict[str, ir.Model]:
     """The graphs of the ``prefill`` and ``decode`` functions, named and split like the stateless graph."""
     from bitnet_coreml.frontend.hf_stateful import load_stateful_function  # noqa: PLC0415
     from bitnet_coreml.lower.program import assign_node_names, check_supported  # noqa: PLC0415
@@ -32,7 +32,7 @@ def function_models(source: str | os.PathLike[str], *, prefill: int, context: in
     models: dict[str, ir.Model] = {}
     for name, tokens in ((PREFILL, prefill), (DECODE, 1)):
         m = load_stateful_function(source, tokens=tokens, context=context, logits=prefill_logits,
-                                   embed_dtype=embed_dtype, cache=cache)
+                                   embed_dtype=embed_dtype, cache=cache, allow_dequant=allow_dequant)
         assign_node_names(m.graph)
         if split_limit:
             split_large_dims(m, split_limit)
@@ -59,7 +59,8 @@ def build_stateful(source: str | os.PathLike[str], options: Any, context: int, e
     # state per tensor holding what rounding to fp16 lost.
     cache = "fp16x2" if options.precision == "fp32" else "fp16"
     models = function_models(source, prefill=options.prefill, context=context, prefill_logits=options.prefill_logits,
-                             embed_dtype=embed_dtype, cache=cache, split_limit=options.split_limit)
+                             embed_dtype=embed_dtype, cache=cache, split_limit=options.split_limit,
+                             allow_dequant=options.allow_dequant)
     if plan is not None:
         for name, m in models.items():
             missing = apply_fp16_plan(m, plan)

@@ -317,6 +317,16 @@ class _GGUFImporter(_Importer):
             y = g.op("Mul", [y, g.const(f"{prefix}.scale", np.asarray(np.float32(ws)))], shape=[1, S, n])
         return y
 
+    def metadata(self) -> dict[str, str]:
+        types: dict[str, int] = {}
+        for t in self.store.gf.tensors.values():
+            types[t.type_name] = types.get(t.type_name, 0) + 1
+        return {**super().metadata(), "bitnet_coreml.source": "gguf",
+                "bitnet_coreml.gguf.tensor_types": json.dumps(dict(sorted(types.items()))),
+                "bitnet_coreml.gguf.block_scales": json.dumps(dict(sorted(self.block_scales.items()))),
+                "bitnet_coreml.gguf.dense_fallback": json.dumps(self.fallback),
+                "bitnet_coreml.gguf.dequantized": json.dumps({self.store.gguf_name[k]: v
+                                                             for k, v in self.store.dequantized.items()})}
 
 class _DequantTensor(ir.LazyTensor):
     """A linear weight dequantised on demand (block-scaled ternary or another ggml type)."""
@@ -334,18 +344,6 @@ class _DequantTensor(ir.LazyTensor):
         if self.codes_tensor is not None:
             return self.codes_tensor.dequantized()
         return self.store.read(self.name_hf)
-
-
-    def metadata(self) -> dict[str, str]:
-        types: dict[str, int] = {}
-        for t in self.store.gf.tensors.values():
-            types[t.type_name] = types.get(t.type_name, 0) + 1
-        return {**super().metadata(), "bitnet_coreml.source": "gguf",
-                "bitnet_coreml.gguf.tensor_types": json.dumps(dict(sorted(types.items()))),
-                "bitnet_coreml.gguf.block_scales": json.dumps(dict(sorted(self.block_scales.items()))),
-                "bitnet_coreml.gguf.dense_fallback": json.dumps(self.fallback),
-                "bitnet_coreml.gguf.dequantized": json.dumps({self.store.gguf_name[k]: v
-                                                             for k, v in self.store.dequantized.items()})}
 
 
 def open_gguf(path: str | os.PathLike[str], *, allow_dequant: bool = False) -> tuple[BitNetConfig, GGUFTensors]:

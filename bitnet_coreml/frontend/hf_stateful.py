@@ -139,15 +139,17 @@ class _StatefulImporter(_Importer):
 
 
 def load_stateful_function(path: str | Path, *, tokens: int, context: int, logits: str = "all",
-                           embed_dtype: str = "float32", cache: str = "fp16") -> ir.Model:
+                           embed_dtype: str = "float32", cache: str = "fp16", allow_dequant: bool = False) -> ir.Model:
     """The graph of one function of a stateful package: ``tokens`` tokens per call (P for prefill,
     1 for decode) over a KV cache of ``context`` slots; see the module docstring.
 
     Raises :class:`ModelLoadError` for an invalid checkpoint (as :func:`load_checkpoint`) and
-    :class:`InputError` for sizes that cannot work (tokens > context, context < 1).
+    :class:`InputError` for sizes that cannot work (tokens > context, context < 1). ``path`` may also be
+    a BitNet GGUF file (``frontend.gguf_model``; ``allow_dequant`` as for ``load``).
     """
     folder = Path(path)
-    if not folder.is_dir():
+    gguf = folder.suffix.lower() == ".gguf" and folder.is_file()
+    if not folder.is_dir() and not gguf:
         raise ModelLoadError(f"{folder}: not a folder; stateful conversion needs a Hugging Face BitNet checkpoint "
                              "folder with config.json")
     for key, v in (("tokens", tokens), ("context", context)):
@@ -160,9 +162,16 @@ def load_stateful_function(path: str | Path, *, tokens: int, context: int, logit
         raise InputError(f"--prefill-logits {logits!r}; allowed: {', '.join(PREFILL_LOGITS)}")
     if embed_dtype not in EMBED_DTYPES:
         raise InputError(f"embed_dtype = {embed_dtype!r}; allowed: {', '.join(EMBED_DTYPES)}")
-    cfg = read_config(folder)
-    store = CheckpointTensors(folder)
     if cache not in CACHE_KINDS:
         raise InputError(f"cache = {cache!r}; allowed: {', '.join(CACHE_KINDS)}")
-    return _StatefulImporter(folder, cfg, store, tokens, EMBED_DTYPES[embed_dtype], context, logits,
-                             cache == "fp16x2").build()
+    importer: type[_StatefulImporter] = _StatefulImporter
+    store: CheckpointTensors
+    if gguf:
+        from bitnet_coreml.frontend.gguf_model import gguf_importer, open_gguf  # noqa: PLC0415
+
+        cfg, store = open_gguf(folder, allow_dequant=allow_dequant)
+        importer = gguf_importer(_StatefulImporter)  # type: ignore[assignment]
+    else:
+        cfg, store = read_config(folder), CheckpointTensors(folder)
+    return importer(folder, cfg, store, tokens, EMBED_DTYPES[embed_dtype], context, logits,
+                    cache == "fp16x2").build()

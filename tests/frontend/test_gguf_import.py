@@ -268,3 +268,25 @@ def test_pipeline_takes_a_gguf_source_with_seq_len_and_allow_dequant(tmp_path: P
     entry = load_pipeline(p).models[0]
     assert entry.seq_len == 16 and entry.allow_dequant
     assert BuildState(tmp_path / "out").input_files(entry) == [FILES["TQ2_0"]]  # no ONNX external-data lookup
+
+
+def test_stateful_gguf_graphs_equal_the_checkpoints() -> None:
+    from bitnet_coreml.frontend.hf_stateful import load_stateful_function
+
+    for tokens in (16, 1):
+        _same_model(load_stateful_function(FILES["TQ1_0"], tokens=tokens, context=32),
+                    load_stateful_function(CKPT, tokens=tokens, context=32))
+
+
+def test_stateful_gguf_package_prefill_matches_torch(tmp_path: Path) -> None:
+    from bitnet_coreml.convert import ConvertOptions, convert
+    from bitnet_coreml.executor import ReferenceExecutor
+
+    z = np.load(CKPT / "logits.npz")
+    ids, ref = z["input_ids"].astype(np.int32), z["logits"]
+    pkg = tmp_path / "s.mlpackage"
+    convert(FILES["TQ2_0"], pkg, ConvertOptions(stateful=True, context=32, prefill=16, check=False))
+    ex = ReferenceExecutor(pkg)
+    got = ex.function("prefill").predict({"input_ids": ids, "position": np.array([0], np.int32)}, ex.make_state())
+    logits = np.asarray(got["logits"], dtype=np.float32)
+    assert cosine(logits, ref) >= 0.999 and argmax_agreement(logits, ref) >= 0.98
