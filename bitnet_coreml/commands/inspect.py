@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from bitnet_coreml.commands._common import echo_json
@@ -14,7 +16,7 @@ def _mb(n: int) -> str:
     return f"{n} B"
 
 
-def gguf_report(model: object) -> dict[str, object]:
+def gguf_report(model: object) -> dict[str, Any]:
     """What a GGUF source's import did (tensor types, block-scale handling, dequantised tensors), or {}."""
     import json  # noqa: PLC0415
 
