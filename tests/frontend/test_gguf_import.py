@@ -278,6 +278,7 @@ def test_stateful_gguf_graphs_equal_the_checkpoints() -> None:
                     load_stateful_function(CKPT, tokens=tokens, context=32))
 
 
+@pytest.mark.slow
 def test_stateful_gguf_package_prefill_matches_torch(tmp_path: Path) -> None:
     from bitnet_coreml.convert import ConvertOptions, convert
     from bitnet_coreml.executor import ReferenceExecutor
