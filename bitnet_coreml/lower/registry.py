@@ -27,18 +27,24 @@ LoweredValue = Any  # a MIL Var or a numpy array
 LoweringFn = Callable[["LoweringContext", ir.Node], Sequence[LoweredValue]]
 
 _REGISTRY: dict[tuple[str, str], LoweringFn] = {}
-_CONST_INPUTS: dict[tuple[str, str], tuple[int, ...]] = {}
+_CONST_INPUTS: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
+RefusesFn = Callable[[ir.Node], "str | None"]
+_REFUSES: dict[tuple[str, str], RefusesFn] = {}
+FIXED_SHAPES = "fixed shapes only"
 
 
 def _norm_domain(domain: str) -> str:
     return "" if domain in ("", "ai.onnx") else domain
 
 
-def lowering(op_type: str, domain: str = "", *, const_inputs: Iterable[int] = ()) -> Callable[[LoweringFn], LoweringFn]:
+def lowering(op_type: str, domain: str = "", *, const_inputs: Iterable[int] = (), const_reason: str = FIXED_SHAPES,
+             refuses: RefusesFn | None = None) -> Callable[[LoweringFn], LoweringFn]:
     """Register ``fn`` as the lowering of ``domain::op_type``; a second registration is an error.
 
     ``const_inputs``: input positions the lowering always needs as compile-time constants (it calls
-    :meth:`LoweringContext.const` on them whenever they are present).
+    :meth:`LoweringContext.const` on them whenever they are present), ``const_reason`` why.
+    ``refuses(node)``: the reason the lowering refuses ``node`` from its attributes / outputs alone, or
+    None; the lowering raises it itself too (one predicate, read by ``check`` and ``convert`` before lowering).
     """
 
     key = (_norm_domain(domain), op_type)
@@ -47,7 +53,9 @@ def lowering(op_type: str, domain: str = "", *, const_inputs: Iterable[int] = ()
         if key in _REGISTRY:
             raise RuntimeError(f"duplicate lowering for {key[0] or 'ai.onnx'}::{op_type}")
         _REGISTRY[key] = fn
-        _CONST_INPUTS[key] = tuple(const_inputs)
+        _CONST_INPUTS[key] = (tuple(const_inputs), const_reason)
+        if refuses is not None:
+            _REFUSES[key] = refuses
         return fn
 
     return deco
@@ -85,7 +93,14 @@ def lowers(domain: str, op_type: str) -> bool:
 def const_inputs(domain: str, op_type: str) -> tuple[int, ...]:
     """The input positions the lowering of ``domain::op_type`` needs as compile-time constants."""
     _load_all()
-    return _CONST_INPUTS.get((_norm_domain(domain), op_type), ())
+    return _CONST_INPUTS.get((_norm_domain(domain), op_type), ((), FIXED_SHAPES))[0]
+
+
+def static_refusal(node: ir.Node) -> str | None:
+    """Why the lowering of ``node`` refuses it from its attributes / outputs alone (None: it does not)."""
+    _load_all()
+    fn = _REFUSES.get((_norm_domain(node.domain), node.op_type))
+    return fn(node) if fn is not None else None
 
 
 def must_be_constant(node: ir.Node, i: int, node_name: str | None = None) -> str:
@@ -95,8 +110,9 @@ def must_be_constant(node: ir.Node, i: int, node_name: str | None = None) -> str
     """
     v = node.inputs[i] if i < len(node.inputs) else None
     named = f" ({v.name!r})" if v is not None and v.name else ""
+    why = _CONST_INPUTS.get((_norm_domain(node.domain), node.op_type), ((), FIXED_SHAPES))[1]
     return (f"node {node_name or node.name!r} ({node.op_type}): input {i}{named} must be a compile-time constant "
-            "for Core ML (fixed shapes only)")
+            f"for Core ML ({why})")
 
 
 def unsupported_ops(nodes: Iterable[ir.Node]) -> list[str]:

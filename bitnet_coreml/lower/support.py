@@ -9,6 +9,8 @@ input and the rule:
 * ``input_dtype``: graph inputs of an element type a Core ML model cannot declare;
 * ``const_input``: a graph input feeding an input the lowering needs as a compile-time constant
   (the positions each lowering declares with ``@lowering(..., const_inputs=...)``);
+* ``attribute``: what a lowering refuses from the node's attributes / outputs alone (its
+  ``@lowering(..., refuses=...)`` predicate: dilated pooling, training mode, ...);
 * ``rank``: a value of rank above the capability database's ``max_rank`` (Core ML tensors: rank <= 5).
 
 ``convert`` raises them (:func:`check_lowerable`) before any work; ``check`` reports each as a
@@ -189,6 +191,10 @@ def refusals(model: ir.Model, *, rank_limit: int | None = None) -> list[Refusal]
                                    kind))
         if not registry.lowers(node.domain, node.op_type):
             continue
+        why = registry.static_refusal(node)
+        if why:
+            nm = names[id(node)]
+            out.append(Refusal("attribute", nm, f"node {nm!r} ({node.op_type}): {why}"))
         for i in registry.const_inputs(node.domain, node.op_type):
             v = node.inputs[i] if i < len(node.inputs) else None
             if v is not None and v.name and _is_model_input(v, g):

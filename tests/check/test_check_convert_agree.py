@@ -53,6 +53,15 @@ def _graphs(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
         "input_dtype": (_model(tmp_path / "c", [oh.make_node("Cast", ["x8"], ["y"], to=TensorProto.FLOAT, name="c")],
                                [oh.make_tensor_value_info("x8", TensorProto.DOUBLE, [3])], ["y"]),
                         ["graph input 'x8' (read by node 'c'): dtype DOUBLE is not supported"]),
+        # what a lowering refuses from attributes alone, and bit ops on runtime values
+        "attributes": (_model(tmp_path / "e", [
+            oh.make_node("MaxPool", ["x4"], ["mp"], kernel_shape=[2, 2], dilations=[2, 2], name="pool"),
+            oh.make_node("BitwiseAnd", ["i", "i"], ["ba"], name="band")],
+            [oh.make_tensor_value_info("x4", TensorProto.FLOAT, [1, 2, 5, 5]),
+             oh.make_tensor_value_info("i", TensorProto.INT32, [4])], ["mp", "ba"]),
+            ["node 'pool' (MaxPool): dilated pooling is not supported",
+             "node 'band' (BitwiseAnd): input 0 ('i') must be a compile-time constant for Core ML (it has no bitwise "
+             "ops)"]),
         # a rank-6 value (not a DepthToSpace chain)
         "rank": (_model(tmp_path / "d", [oh.make_node("Reshape", ["x", "s6"], ["y"], name="up")], [X], ["y"],
                         [nh.from_array(np.array([1, 1, 1, 1, 3, 3], np.int64), "s6")]),
@@ -60,9 +69,9 @@ def _graphs(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
     }
 
 
-@pytest.mark.parametrize("case", ["unsupported_ops", "const_inputs", "input_dtype", "rank"])
+@pytest.mark.parametrize("case", ["unsupported_ops", "const_inputs", "input_dtype", "attributes", "rank"])
 def test_check_and_convert_refuse_with_the_same_words(case: str, tmp_path: Path) -> None:
-    for d in "abcd":
+    for d in "abcde":
         (tmp_path / d).mkdir()
     src, words = _graphs(tmp_path)[case]
     r = CliRunner().invoke(main, ["check", str(src), "--target", "macos", "--chip", "M1", "--json"])

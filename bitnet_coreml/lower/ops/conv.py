@@ -65,6 +65,17 @@ def conv(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
                       dilations=np.asarray(dilations, np.int32), groups=groups, name=ctx.name(node), **kw)]
 
 
+def pool_refusal(node: ir.Node) -> str | None:
+    """What MIL pools cannot do, from the node alone (the lowering and the static refusals both ask)."""
+    if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].name:
+        return "the Indices output of MaxPool is not supported"
+    if any(d != 1 for d in (attr(node, "dilations", None) or [1])):
+        return "dilated pooling is not supported"
+    if attr(node, "storage_order", 0):
+        return "storage_order=1 is not supported"
+    return None
+
+
 def _pool(ctx: LoweringContext, node: ir.Node, kind: str) -> Sequence[Any]:
     x = to_var(req(ctx, node, 0))
     xs = static_shape(node, x)
@@ -77,14 +88,11 @@ def _pool(ctx: LoweringContext, node: ir.Node, kind: str) -> Sequence[Any]:
     if int_input:
         # MaxPool of (u)int8 data: the max of fp32 copies is exact (|v| < 2**24), then back to int32.
         x = mb().cast(x=x, dtype="fp32", name=f"{ctx.name(node)}_f")
-    if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].name:
-        raise unsupported(node, "the Indices output of MaxPool is not supported")
+    why = pool_refusal(node)
+    if why:
+        raise unsupported(node, why)
     kernel = attr(node, "kernel_shape")
     strides = attr(node, "strides", None) or [1] * n_spatial
-    if any(d != 1 for d in (attr(node, "dilations", None) or [1])):
-        raise unsupported(node, "dilated pooling is not supported")
-    if attr(node, "storage_order", 0):
-        raise unsupported(node, "storage_order=1 is not supported")
     kw: dict[str, Any] = _padding(node, n_spatial)
     kw["ceil_mode"] = bool(attr(node, "ceil_mode", 0))
     m = mb()
@@ -98,12 +106,12 @@ def _pool(ctx: LoweringContext, node: ir.Node, kind: str) -> Sequence[Any]:
     return [m.avg_pool(exclude_padding_from_average=not bool(attr(node, "count_include_pad", 0)), **common)]
 
 
-@lowering("MaxPool")
+@lowering("MaxPool", refuses=pool_refusal)
 def max_pool(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return _pool(ctx, node, "max")
 
 
-@lowering("AveragePool")
+@lowering("AveragePool", refuses=pool_refusal)
 def avg_pool(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return _pool(ctx, node, "avg")
 

@@ -326,6 +326,9 @@ def round_(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 # --- bit ops: constants only (Core ML has no bitwise ops) -----------------------------------------
 
 
+NO_BITWISE = "it has no bitwise ops"
+
+
 def _fold_only(op_type: str, fn: Callable[[LoweringContext, ir.Node], np.ndarray]) -> None:
     def lower(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         vals = [ctx.input(node, i) for i in range(len(node.inputs))]
@@ -334,7 +337,7 @@ def _fold_only(op_type: str, fn: Callable[[LoweringContext, ir.Node], np.ndarray
         return [fn(ctx, node)]
 
     lower.__name__ = f"lower_{op_type.lower()}"
-    lowering(op_type)(lower)
+    lowering(op_type, const_inputs=range(2), const_reason=NO_BITWISE)(lower)
 
 
 def _bitshift(ctx: LoweringContext, node: ir.Node) -> np.ndarray:

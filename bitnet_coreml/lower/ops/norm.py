@@ -101,10 +101,15 @@ def _channel_shape(rank: int, c: int) -> list[int]:
     return [1, c] + [1] * (rank - 2)
 
 
-@lowering("BatchNormalization", const_inputs=(1, 2, 3, 4))
+def _bn_refusal(node: ir.Node) -> str | None:
+    return "training_mode=1 is not supported (inference only)" if attr(node, "training_mode", 0) else None
+
+
+@lowering("BatchNormalization", const_inputs=(1, 2, 3, 4), refuses=_bn_refusal)
 def batch_norm(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    if attr(node, "training_mode", 0):
-        raise unsupported(node, "training_mode=1 is not supported (inference only)")
+    why = _bn_refusal(node)
+    if why:
+        raise unsupported(node, why)
     x = _float(node, req(ctx, node, 0))
     s = static_shape(node, x)
     if len(s) < 2:

@@ -65,7 +65,7 @@ def identity(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return [x if is_const(x) else mb().identity(x=x, name=ctx.name(node))]
 
 
-@lowering("Dropout")
+@lowering("Dropout", const_inputs=(2,), const_reason="training_mode: inference only")
 def dropout(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     # Inference only: the output is the input and the optional mask is all true.
     x = req(ctx, node, 0)
