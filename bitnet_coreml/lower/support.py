@@ -119,7 +119,7 @@ def _dims(v: ir.Value) -> list[Any] | None:
     if v.shape is not None:
         return [d if isinstance(d, int) else str(d) for d in v.shape]
     if v.const_value is not None:
-        return [int(d) for d in v.const_value.shape]
+        return [d if isinstance(d, int) else str(d) for d in v.const_value.shape]
     return None
 
 

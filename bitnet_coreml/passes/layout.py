@@ -60,7 +60,7 @@ def _single_user(v: ir.Value, op_type: str) -> ir.Node | None:
     return node if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
 
 
-def _match(first: ir.Node, model_opset: int) -> tuple[ir.Node, ir.Node, str, dict[str, object]] | None:
+def _match(first: ir.Node, model_opset: int) -> tuple[ir.Node, ir.Node, str, dict[str, int | str]] | None:
     """(transpose, last reshape, native op, attributes) when ``first`` starts a replaceable chain."""
     x = first.inputs[0]
     s1 = _const_ints(first.inputs[1] if len(first.inputs) > 1 else None)
@@ -81,7 +81,7 @@ def _match(first: ir.Node, model_opset: int) -> tuple[ir.Node, ir.Node, str, dic
         return None
     n, c, h, w = xs
     for b in range(2, max(c, h, w) + 1):
-        cands: list[tuple[str, dict[str, object], np.ndarray]] = []
+        cands: list[tuple[str, dict[str, int | str], np.ndarray]] = []
         if c % (b * b) == 0:
             cands += [("DepthToSpace", {"blocksize": b, "mode": m}, depth_to_space(idx, b, m)) for m in ("DCR", "CRD")]
         if h % b == 0 and w % b == 0:
