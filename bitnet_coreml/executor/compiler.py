@@ -21,6 +21,7 @@ from bitnet_coreml.executor import registry
 from bitnet_coreml.executor._fp16 import round_to_fp16
 from bitnet_coreml.executor._types import np_dtype, static_shape
 from bitnet_coreml.executor.registry import OpContext
+from bitnet_coreml.executor.ternary import TernaryWeight, keeps_packed
 
 __all__ = ["CompiledBlock", "Step", "compile_function", "run_block", "StateCell", "finish"]
 
@@ -254,6 +255,8 @@ class _Compiler:
             else:
                 slot, const = self.ref(var)
                 all_const &= slot < 0
+                if const.__class__ is TernaryWeight and not keeps_packed(op, name):
+                    const = const.dense()  # a 2-bit ternary weight read by anything but a matmul
                 args.append((name, slot, const))
         ctx = OpContext(
             name=op.name,
@@ -333,7 +336,7 @@ def finish(value: Any, dt: np.dtype | None, *, inplace: bool = False) -> Any:
     fp32 anyway, and numpy's float16 conversions cost a hundred times an add. ``inplace``: the
     value is an array the op made itself, whose memory the rounding may reuse.
     """
-    if dt is None:
+    if dt is None or value.__class__ is TernaryWeight:  # a 2-bit weight stays packed (executor/ternary.py)
         return value
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     if dt == F16:

@@ -13,6 +13,7 @@ import numpy as np
 
 from bitnet_coreml.executor.ops._util import scalar
 from bitnet_coreml.executor.registry import OpContext, register
+from bitnet_coreml.executor.ternary import from_lut
 
 
 def unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
@@ -93,6 +94,9 @@ def _decode_bytes(raw: np.ndarray, table: np.ndarray, out: np.ndarray) -> None: 
 
 @register("constexpr_lut_to_dense")
 def op_constexpr_lut_to_dense(ctx: OpContext, a: dict[str, Any]) -> Any:
+    ternary = from_lut(a)  # a BitNet weight stays at 2 bits; matmuls read it directly
+    if ternary is not None:
+        return ternary
     lut = np.asarray(a["lut"])
     if "shape" in a:  # iOS16: packed uint8 indices, flat LUT, explicit shape
         shape = [int(s) for s in np.asarray(a["shape"]).reshape(-1)]

@@ -1,7 +1,8 @@
 """``linear``, ``matmul`` and ``einsum``: BLAS-backed numpy matmuls in fp32.
 
-Ternary weights arrive here already decompressed (``constexpr_lut_to_dense`` is folded at load), so
-a BitNet layer is one dense fp32 BLAS matmul: exact, since {-s, 0, s} codes are exact in fp32.
+A 2-bit ternary weight (a BitNet layer's ``constexpr_lut_to_dense``) arrives as a
+:class:`~bitnet_coreml.executor.ternary.TernaryWeight` and is multiplied from its codes
+(``ternary.matmul_t``, bit-identical to the dense product); every other weight is a dense array.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 
 from bitnet_coreml.executor.ops._util import scalar
 from bitnet_coreml.executor.registry import OpContext, register
+from bitnet_coreml.executor.ternary import TernaryWeight, matmul_t
 
 
 def _blasable(a: np.ndarray) -> np.ndarray:
@@ -50,6 +52,10 @@ def _mm_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 @register("linear")
 def op_linear(ctx: OpContext, a: dict[str, Any]) -> Any:
     x, w = np.asarray(a["x"]), a["weight"]
+    if w.__class__ is TernaryWeight:
+        y = matmul_t(x, w)
+        b = a.get("bias")
+        return y + b if b is not None else y
     y = _mm_wt(x, w) if w.ndim == 2 and w.flags.c_contiguous and x.ndim >= 1 else _mm(x, w.T)
     b = a.get("bias")
     if b is not None:
@@ -59,9 +65,12 @@ def op_linear(ctx: OpContext, a: dict[str, Any]) -> Any:
 
 @register("matmul")
 def op_matmul(ctx: OpContext, a: dict[str, Any]) -> Any:
-    x, y = np.asarray(a["x"]), np.asarray(a["y"])
+    x, y = np.asarray(a["x"]), a["y"]
     if bool(scalar(a.get("transpose_x", False))) and x.ndim >= 2:
         x = np.swapaxes(x, -1, -2)
+    if y.__class__ is TernaryWeight:  # transpose_y is set: the compiler only keeps it packed then
+        return matmul_t(x, y)
+    y = np.asarray(y)
     if bool(scalar(a.get("transpose_y", False))) and y.ndim >= 2:
         if y.ndim == 2 and x.ndim >= 2 and y.flags.c_contiguous and x.dtype.kind == "f" and y.dtype.kind == "f":
             return _mm_wt(x, y)  # the BitLinear case: activations times a [N, K] weight
