@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "verify": ("bitnet_coreml.commands.verify", "verify", "Parity of a package against its source graph."),
     "predict": ("bitnet_coreml.commands.predict", "predict", "One prediction with compute-unit fallback."),
     "batch": ("bitnet_coreml.commands.batch", "batch", "Batch prediction job over a dataset (resumable)."),
+    "generate": ("bitnet_coreml.commands.generate", "generate", "Stream text from a stateful package (fallback keeps every token)."),
     "pipeline": ("bitnet_coreml.commands.pipeline", "pipeline", "Build pipelines (what `make convert` runs)."),
 }
 

@@ -35,6 +35,8 @@ ITEM_PATH = f"{AUTHOR}/{ITEM_NAME}"  # relative to the package's Data/ folder, a
 _DESCRIPTION = "bitnet-coreml assets (tokenizer, generation config)"
 _NS = uuid.UUID("6f1c5a52-7a0e-4d53-9d0a-2b1f1e0c6b11")  # same namespace as the writer's item ids
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
+# The files of a Hugging Face checkpoint folder that `convert --stateful` carries into the package.
+CHECKPOINT_ASSETS = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def assets_dir(package_dir: str | os.PathLike[str]) -> Path:
@@ -53,6 +55,12 @@ def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise InputError(f"asset name {name!r}: must be a plain file name (letters, digits, '_.+-', "
                          f"no folders, not starting with '.', at most 128 characters)")
+
+
+def checkpoint_assets(folder: str | os.PathLike[str]) -> dict[str, bytes]:
+    """The :data:`CHECKPOINT_ASSETS` present in a checkpoint folder (name -> bytes)."""
+    root = Path(folder)
+    return {name: (root / name).read_bytes() for name in CHECKPOINT_ASSETS if (root / name).is_file()}
 
 
 def write_assets(package_dir: str | os.PathLike[str], assets: Mapping[str, bytes]) -> Path:

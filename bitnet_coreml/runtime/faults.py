@@ -18,13 +18,14 @@ Probe faults fire only for units that are probed: the Core ML units on macOS, an
 ``ReferenceUnit(probe=True)`` anywhere (how the probe machinery is tested on Linux).
 
 Every fault fires ``count`` times (default: every call) and then stops, so a test can model a
-transient failure. The plan can also override what monitoring observes (``thermal_state``,
+transient failure; ``after=k`` lets the unit's first ``k`` calls through first (a failure at decode
+step k of a generation). The plan can also override what monitoring observes (``thermal_state``,
 ``available_memory_bytes``), which is how tests reach the memory-pressure and thermal paths on a
 machine that is neither hot nor short of memory.
 
 Environment syntax (``;`` between entries)::
 
-    BITNET_COREML_FAULTS="ane:raise:error=DeviceInitError;reference:raise:error=OperationError,count=2;thermal=serious"
+    BITNET_COREML_FAULTS="ane:raise:error=DeviceInitError;reference:raise:error=OperationError,count=2,after=5;thermal=serious"
 
 Nothing in production sets a plan; with no plan the hooks cost one ``None`` check per call.
 """
@@ -73,6 +74,7 @@ class Fault:
     error: str = "OperationError"
     count: int | None = None
     seconds: float = 3600.0
+    after: int = 0  # calls of the unit that pass before the fault may fire
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -83,6 +85,8 @@ class Fault:
             _error_class(self.error)
         if self.seconds < 0:
             raise ConfigError(f"fault seconds {self.seconds} for unit {self.unit!r}; allowed: >= 0")
+        if self.after < 0:
+            raise ConfigError(f"fault after {self.after} for unit {self.unit!r}; allowed: >= 0")
 
 
 class FaultPlan:
@@ -94,6 +98,7 @@ class FaultPlan:
         self.thermal_state = thermal_state
         self.available_memory_bytes = available_memory_bytes
         self._fired = [0] * len(self.faults)
+        self._calls: dict[str, int] = {}  # call faults asked for, per unit
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -105,10 +110,11 @@ class FaultPlan:
         return sum(n for f, n in zip(self.faults, self._fired, strict=True)
                    if f.unit == unit and (kind is None or f.kind == kind))
 
-    def _take(self, unit: str, kinds: set[str]) -> Fault | None:
+    def _take(self, unit: str, kinds: set[str], call: int = 0) -> Fault | None:
         with self._lock:
             for i, f in enumerate(self.faults):
-                if f.unit == unit and f.kind in kinds and (f.count is None or self._fired[i] < f.count):
+                if f.unit == unit and f.kind in kinds and (f.count is None or self._fired[i] < f.count) \
+                        and call > f.after:
                     self._fired[i] += 1
                     return f
         return None
@@ -117,7 +123,9 @@ class FaultPlan:
 
     def take_call_fault(self, unit: str) -> Fault | None:
         """The call fault to apply to this call of ``unit`` (consumes one firing)."""
-        return self._take(unit, _CALL_KINDS)
+        with self._lock:
+            n = self._calls[unit] = self._calls.get(unit, 0) + 1
+        return self._take(unit, _CALL_KINDS, n)
 
     @staticmethod
     def before_call(fault: Fault | None, unit: str) -> None:
@@ -143,7 +151,7 @@ class FaultPlan:
 
     def probe_env(self, unit: str) -> dict[str, str]:
         """Environment for ``unit``'s probe subprocess (consumes one firing of a probe fault)."""
-        f = self._take(unit, _PROBE_KINDS)
+        f = self._take(unit, _PROBE_KINDS, 1 << 62)
         if f is None:
             return {}
         return {PROBE_ENV_VAR: "kill" if f.kind == "kill_probe" else f"hang:{float(f.seconds)}"}
@@ -181,14 +189,16 @@ class FaultPlan:
                     if not sep:
                         raise ConfigError(f"{ENV_VAR}: option {kv!r} in {entry!r} is not key=value")
                     opts[k.strip()] = v.strip()
-            unknown = set(opts) - {"error", "count", "seconds"}
+            unknown = set(opts) - {"error", "count", "seconds", "after"}
             if unknown:
-                raise ConfigError(f"{ENV_VAR}: unknown option(s) {sorted(unknown)} in {entry!r}; allowed: error, count, seconds")
+                raise ConfigError(f"{ENV_VAR}: unknown option(s) {sorted(unknown)} in {entry!r}; "
+                                  "allowed: error, count, seconds, after")
             try:
                 faults.append(Fault(
                     unit=unit, kind=kind, error=opts.get("error", "OperationError"),
                     count=_int(opts["count"], entry) if "count" in opts else None,
                     seconds=_float(opts["seconds"], entry) if "seconds" in opts else 3600.0,
+                    after=_int(opts["after"], entry) if "after" in opts else 0,
                 ))
             except ConfigError as e:
                 if str(e).startswith(ENV_VAR):

@@ -1,0 +1,83 @@
+"""One compute unit's view of a stateful package: its ``prefill`` / ``decode`` functions and a KV state.
+
+An engine is what a :class:`~bitnet_coreml.generation.session.GenerationSession` drives: ``call``
+runs one function on ``input_ids`` int32 ``[1, S]`` at ``position`` (int32 ``[1]``) against the
+engine's own state and returns the logits as float32 ``[S', V]``. A new engine starts with a zero
+state; the session rebuilds it by replaying the calls made so far.
+
+* :class:`ReferenceEngine`: the reference executor (any OS), one executor per function sharing the
+  program, the decoded weights and the state (``executor/shared.py``).
+* :class:`CoreMLEngine`: Core ML on macOS, one ``MLModel`` per function for the unit's
+  ``compute_units`` and one ``MLState`` (``make_state``) that both functions update.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitnet_coreml.errors import DeviceInitError, ModelError
+from bitnet_coreml.package.stateful import DECODE, PREFILL
+from bitnet_coreml.runtime.strategy import ComputeUnit
+
+INPUT_IDS, POSITION, LOGITS = "input_ids", "position", "logits"
+
+
+class Engine:
+    """Base: a loaded unit with a state."""
+
+    name: str
+
+    def call(self, function: str, ids: np.ndarray, position: int) -> np.ndarray:
+        out = self._predict(function, {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int32).reshape(1, -1),
+                                       POSITION: np.array([position], dtype=np.int32)})
+        if LOGITS in out:
+            logits = out[LOGITS]
+        elif len(out) == 1:
+            logits = next(iter(out.values()))
+        else:
+            raise ModelError(f"{self.name}: {function} returned {sorted(out)}, expected an output named {LOGITS!r}")
+        arr = np.asarray(logits, dtype=np.float32)
+        return arr.reshape(-1, arr.shape[-1])
+
+    def _predict(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ReferenceEngine(Engine):
+    """The reference executor running both functions on one :class:`ExecutorState`."""
+
+    def __init__(self, package: str | os.PathLike[str], name: str = "reference", *, fp32: bool = False) -> None:
+        from bitnet_coreml.executor import ReferenceExecutor  # noqa: PLC0415
+
+        self.name = name
+        decode = ReferenceExecutor(package, fp32=fp32, function_name=DECODE)
+        self._fns = {DECODE: decode, PREFILL: decode.function(PREFILL)}
+        self._state = decode.make_state()
+
+    def _predict(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        return self._fns[function].predict(inputs, state=self._state)
+
+
+class CoreMLEngine(Engine):  # pragma: no cover - needs Core ML (macOS); tests/runtime/test_macos.py
+    """Core ML for one compute unit: a model per function, one ``MLState`` shared by both."""
+
+    def __init__(self, package: str | os.PathLike[str], kind: ComputeUnit) -> None:
+        from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+
+        ct = coremltools()
+        self.name = kind.value
+        cu = getattr(ct.ComputeUnit, kind.coreml_name or "CPU_ONLY")
+        try:
+            self._fns = {fn: ct.models.MLModel(str(Path(package)), compute_units=cu, function_name=fn)
+                         for fn in (DECODE, PREFILL)}
+            self._state = self._fns[DECODE].make_state()
+        except Exception as e:  # Core ML raises bare Exceptions on compile/load failures
+            raise DeviceInitError(f"{self.name}: loading {Path(package).name} with {kind.coreml_name} failed: "
+                                  f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+
+    def _predict(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        return dict(self._fns[function].predict(inputs, state=self._state))

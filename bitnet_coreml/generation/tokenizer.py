@@ -1,0 +1,142 @@
+"""Text <-> token ids for generation: Hugging Face ``tokenizers`` reading ``tokenizer.json``.
+
+No transformers at run time. The tokenizer comes from a package's assets (``convert --stateful``
+copies ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json`` into it, see
+``package/assets.py``) or from a checkpoint folder (``--tokenizer DIR``). The end-of-sequence ids
+come from ``generation_config.json`` (``eos_token_id``: an id or a list), else from the
+``eos_token`` of ``tokenizer_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bitnet_coreml.errors import InputError, ModelLoadError
+from bitnet_coreml.package.assets import checkpoint_assets, read_assets
+
+
+def _json(data: bytes | None, where: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{where}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    return []
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):  # AddedToken form
+        return str(value["content"])
+    return None
+
+
+@dataclass
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` plus the ids generation stops at."""
+
+    tokenizer: Any
+    where: str
+    eos_ids: tuple[int, ...] = ()
+    bos_id: int | None = None
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], where: str) -> TextTokenizer:
+        """Build from ``{file name: bytes}`` (a package's assets or a folder's files)."""
+        from tokenizers import Tokenizer  # noqa: PLC0415
+
+        raw = files.get("tokenizer.json")
+        if raw is None:
+            raise InputError(f"{where}: no tokenizer.json (give --tokenizer DIR with a tokenizer.json, or --ids)")
+        try:
+            tok = Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own Exception type
+            raise ModelLoadError(f"{where}/tokenizer.json: not a tokenizers file: {' '.join(str(e).split())}") from None
+        gen = _json(files.get("generation_config.json"), f"{where}/generation_config.json")
+        cfg = _json(files.get("tokenizer_config.json"), f"{where}/tokenizer_config.json")
+        eos = _ids(gen.get("eos_token_id"))
+        if not eos:
+            text = _token_text(cfg.get("eos_token"))
+            tid = tok.token_to_id(text) if text else None
+            eos = [tid] if tid is not None else []
+        bos = _ids(gen.get("bos_token_id"))
+        if not bos:
+            text = _token_text(cfg.get("bos_token"))
+            tid = tok.token_to_id(text) if text else None
+            bos = [tid] if tid is not None else []
+        return cls(tokenizer=tok, where=where, eos_ids=tuple(eos), bos_id=bos[0] if bos else None,
+                   generation_config=gen)
+
+    @classmethod
+    def from_dir(cls, folder: str | os.PathLike[str]) -> TextTokenizer:
+        """The tokenizer of a checkpoint folder (``tokenizer.json`` and the optional configs)."""
+        root = Path(folder)
+        if not root.is_dir():
+            raise InputError(f"{root}: --tokenizer must be a folder holding tokenizer.json")
+        return cls.from_files(checkpoint_assets(root), str(root))
+
+    @classmethod
+    def from_package(cls, package: str | os.PathLike[str]) -> TextTokenizer | None:
+        """The tokenizer a package carries in its assets, or None when it carries none."""
+        files = read_assets(package)
+        if "tokenizer.json" not in files:
+            return None
+        return cls.from_files(files, f"{package} (assets)")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the tokenizer's own special-token template (BOS where it adds one)."""
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+class TextStream:
+    """Incremental detokenisation: the text each new token adds, never half a UTF-8 character.
+
+    Byte-level BPE tokens can end inside a multi-byte character; their decode ends in U+FFFD until
+    the next token completes it, so such text is held back.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # what was emitted so far
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd") or not full.startswith(self.text):
+            return ""
+        delta = full[len(self.text):]
+        self.text = full
+        return delta
+
+    def flush(self) -> str:
+        full = self.tokenizer.decode(self.ids)
+        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text = full
+        return delta
