@@ -130,7 +130,8 @@ def _convert_options(entry: ModelEntry, target: Target) -> Any:
                               calibration=str(entry.calibration) if entry.calibration else None,
                               target=target.os, chip=target.chip, min_os=target.convert_min_os,
                               check=entry.check == "strict", verify=False, seq_len=entry.seq_len,
-                              allow_dequant=entry.allow_dequant)
+                              allow_dequant=entry.allow_dequant,
+                              **({"stateful": True, **entry.stateful} if entry.stateful else {}))
     except BitnetCoremlError as e:
         raise type(e)(f"model '{entry.name}' target {target.label}: {e.one_line()}") from e
 

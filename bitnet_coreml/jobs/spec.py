@@ -91,6 +91,9 @@ class ModelEntry:
     output: str = "{name}-{target}.mlpackage"
     seq_len: int | None = None  # checkpoint / GGUF sources only (None for ONNX files, which carry their own shapes)
     allow_dequant: bool = False  # GGUF sources: dequantise other ggml types instead of refusing
+    # checkpoint / GGUF sources only: a stateful package (convert --stateful) with these settings
+    # (context, prefill, prefill_logits); None: a stateless one
+    stateful: dict[str, Any] | None = None
 
     def output_name(self, target: Target) -> str:
         return self.output.format(name=self.name, target=target.label, os=target.os, min_os=target.min_os or "any",
@@ -101,8 +104,9 @@ class ModelEntry:
         d = asdict(self)
         d["targets"] = None
         d["target"] = asdict(target)
-        if d["seq_len"] is None:
-            del d["seq_len"]  # entries without it keep the build keys they had before the key existed
+        for key in ("seq_len", "stateful"):
+            if d[key] is None:
+                del d[key]  # entries without it keep the build keys they had before the key existed
         if not d["allow_dequant"]:
             del d["allow_dequant"]  # likewise
 
@@ -130,7 +134,8 @@ class Pipeline:
 
 _TOP_KEYS = ("version", "output_dir", "defaults", "model")
 _MODEL_KEYS = ("name", "source", "targets", "precision", "embed_bits", "calibration", "check", "verify", "output",
-               "seq_len", "allow_dequant")
+               "seq_len", "allow_dequant", "stateful")
+_STATEFUL_KEYS = ("context", "prefill", "prefill_logits")
 _DEFAULT_KEYS = tuple(k for k in _MODEL_KEYS if k not in ("name", "source"))
 _VERIFY_KEYS = ("enabled", "inputs", "min_cosine", "min_top1", "min_top5", "max_rel_l2")
 _TARGET_KEYS = ("os", "min_os", "chip")
@@ -249,8 +254,29 @@ def _model(ctx: _Ctx, raw: Any, defaults: dict[str, Any], i: int) -> ModelEntry:
         if not (source.is_dir() or source.suffix.lower() == ".gguf"):
             seq_len = None  # an ONNX file carries its own input shapes: the key does not apply
     allow_dequant = ctx.typed(merged.get("allow_dequant", False), (bool,), f"{where}.allow_dequant", "true or false")
+    stateful = _stateful(ctx, raw.get("stateful"), source, verify, f"{where}.stateful")
     return ModelEntry(name, source, targets, precision, embed_bits, cal_path, check, verify, output, seq_len,
-                      allow_dequant)
+                      allow_dequant, stateful)
+
+
+def _stateful(ctx: _Ctx, raw: Any, source: Path, verify: VerifySpec, where: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    raw = ctx.keys(raw, _STATEFUL_KEYS, where)
+    if not (source.is_dir() or source.suffix.lower() == ".gguf"):
+        raise ctx.fail(where, "needs a Hugging Face checkpoint folder or a .gguf file as source (convert --stateful)")
+    if verify.enabled:
+        raise ctx.fail(where, "cannot be verified against ONNX Runtime; set verify = { enabled = false }")
+    out: dict[str, Any] = {"context": 512, "prefill": 64, "prefill_logits": "all"}
+    for key in ("context", "prefill"):
+        if key in raw:
+            v = ctx.typed(raw[key], (int,), f"{where}.{key}", "a positive integer (tokens)")
+            if v < 1:
+                raise ctx.fail(f"{where}.{key}", f"{v} is out of range; allowed: a positive integer (tokens)")
+            out[key] = v
+    if "prefill_logits" in raw:
+        out["prefill_logits"] = ctx.choice(raw["prefill_logits"], ("all", "last"), f"{where}.prefill_logits")
+    return out
 
 
 def _targets(ctx: _Ctx, raw: Any, where: str) -> tuple[Target, ...]:

@@ -125,3 +125,26 @@ def test_seq_len_applies_to_checkpoint_sources_only(tmp_path: Path) -> None:
     t = c.targets[0]
     # the sequence length is part of the build key, so changing it rebuilds; ONNX entries' keys lack it
     assert c.canonical(t, tmp_path)["seq_len"] == 32 and "seq_len" not in m.canonical(t, tmp_path)
+
+
+def test_stateful_entries(tmp_path: Path) -> None:
+    from bitnet_coreml.jobs.pipeline import _convert_options  # noqa: PLC0415
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    lm = MODEL.replace('"m.onnx"', '"ckpt"').replace('"14"', '"15"')
+    path = _write(tmp_path, lm + "stateful = { context = 256, prefill = 32 }\nverify = { enabled = false }\n")
+    (entry,) = load_pipeline(path).models
+    assert entry.stateful == {"context": 256, "prefill": 32, "prefill_logits": "all"}
+    opts = _convert_options(entry, entry.targets[0])
+    assert (opts.stateful, opts.context, opts.prefill, opts.prefill_logits) == (True, 256, 32, "all")
+    assert entry.canonical(entry.targets[0], tmp_path)["stateful"]["context"] == 256
+    for text, needle in [
+        (MODEL + "stateful = { context = 256 }\nverify = { enabled = false }\n", "needs a Hugging Face checkpoint"),
+        (lm + "stateful = { context = 256 }\n", "set verify = { enabled = false }"),
+        (lm + "stateful = { contxt = 256 }\nverify = { enabled = false }\n", "unknown key 'contxt'"),
+        (lm + "stateful = { prefill = 0 }\nverify = { enabled = false }\n", "0 is out of range"),
+    ]:
+        with pytest.raises(ConfigError, match="stateful") as e:
+            load_pipeline(_write(tmp_path, text))
+        assert needle in str(e.value)
