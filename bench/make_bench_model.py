@@ -16,6 +16,10 @@ Sizes (vocab 32000, sequence 1 x 64, Llama-like GQA with head_dim 64):
 Writes ``bench/_work/bitnet_<size>[_<form>].onnx`` (offline form has no suffix), the same name with
 ``.npz`` (``input_ids`` + torch ``logits``) and ``.json`` (spec, sizes, op histogram, timings, and the
 ONNX Runtime vs torch parity when ``--verify``).
+
+``--checkpoint`` writes a Hugging Face checkpoint folder instead, ``bench/_work/hf-<size>/``, in the
+microsoft/bitnet-b1.58-2B-4T layout (bf16, packed uint8 ternary weights, ``linear_class bitlinear``,
+tied embeddings; same random init), for the generation benchmark (``bench/bench_generate.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from bitnet_export import (  # noqa: E402
     make_input_ids,
     ort_logits,
     parity,
+    random_float_model,
     torch_logits,
 )
 
@@ -81,6 +86,29 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     os.replace(tmp, path)
 
 
+def write_checkpoint(spec: ModelSpec, folder: Path) -> int:
+    """A packed bf16 checkpoint folder of ``spec``'s shape (random init), written atomically."""
+    import shutil  # noqa: PLC0415
+
+    from make_hf_fixtures import checkpoint_layers  # noqa: PLC0415
+
+    t = time.perf_counter()
+    model = random_float_model(spec, tie_word_embeddings=True)
+    model.config.max_position_embeddings = 2048
+    model = checkpoint_layers(model, dtype="bfloat16", linear_class="bitlinear", weights="packed")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    print(f"{folder}: {size / 1e6:.1f} MB in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Generate a benchmark BitNet ONNX export into bench/_work/.")
     ap.add_argument("--size", choices=sorted(SIZES), default="200m")
@@ -88,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "_work")
     ap.add_argument("--external", action="store_true", help="save with external data even when < 2 GiB")
     ap.add_argument("--verify", action="store_true", help="run ONNX Runtime on the export and compare to torch")
+    ap.add_argument("--checkpoint", action="store_true", help="write a Hugging Face checkpoint folder hf-<size>/")
     args = ap.parse_args(argv)
 
     spec = bench_spec(args.size, args.form, external=args.external or None)
     out_dir: Path = args.out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint:
+        return write_checkpoint(spec, out_dir / f"hf-{args.size}")
     path = out_dir / f"{spec.name}.onnx"
     timings: dict[str, float] = {}
 

@@ -291,6 +291,29 @@ def eager_quant_autograd(threads: int = 1) -> Iterator[None]:
         torch.set_num_threads(saved[2])
 
 
+def qat_linears(model: Any) -> None:
+    """Every nn.Linear except lm_head becomes ``AutoBitLinear(online_quant=True)`` over its float weights."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    for name, lin in linears:
+        q = AutoBitLinear(lin.in_features, lin.out_features, bias=False, dtype=lin.weight.dtype, online_quant=True)
+        with torch.no_grad():
+            q.weight.copy_(lin.weight)
+        model.set_submodule(name, q)
+
+
+def plain_linears(model: Any) -> None:
+    """Undo :func:`qat_linears`: plain nn.Linear holding the trained latent weights."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, AutoBitLinear)]:
+        lin = torch.nn.Linear(q.in_features, q.out_features, bias=False, dtype=q.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(q.weight)
+        model.set_submodule(name, lin)
+
+
 def train_qat(model: Any, chain: MarkovChain, spec: ModelSpec, train: TrainSpec) -> dict[str, Any]:
     """Quantisation-aware training of a float BitNetForCausalLM on ``chain``, in place.
 
@@ -301,14 +324,7 @@ def train_qat(model: Any, chain: MarkovChain, spec: ModelSpec, train: TrainSpec)
     plain nn.Linear again holding the trained latent weights, ready for :func:`ternarise_model`.
     Returns the loss curve summary.
     """
-    from transformers.integrations.bitnet import AutoBitLinear
-
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    for name, lin in linears:
-        q = AutoBitLinear(lin.in_features, lin.out_features, bias=False, dtype=lin.weight.dtype, online_quant=True)
-        with torch.no_grad():
-            q.weight.copy_(lin.weight)
-        model.set_submodule(name, q)
+    qat_linears(model)
     for name, param in model.named_parameters():
         param.requires_grad_(not name.endswith("norm.weight"))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -329,11 +345,7 @@ def train_qat(model: Any, chain: MarkovChain, spec: ModelSpec, train: TrainSpec)
             sched.step()
             losses.append(float(loss.detach()))
     model.eval()
-    for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, AutoBitLinear)]:
-        lin = torch.nn.Linear(q.in_features, q.out_features, bias=False, dtype=q.weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(q.weight)
-        model.set_submodule(name, lin)
+    plain_linears(model)
     model.requires_grad_(False)
     k = max(1, train.steps // 20)
     return {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),

@@ -104,19 +104,29 @@ FIXTURES: tuple[HFFixture, ...] = (
 def _build(fx: HFFixture) -> Any:
     """In-memory model with the linears already replaced as transformers' quantizer would on load."""
     from transformers.integrations.bitnet import AutoBitLinear, BitLinear
+
+    model = random_float_model(fx.spec, tie_word_embeddings=fx.tie_word_embeddings)
+    model = checkpoint_layers(model, dtype=fx.dtype, linear_class=fx.linear_class, weights=fx.weights)
+    n_bit = sum(isinstance(m, (AutoBitLinear, BitLinear)) for m in model.modules())
+    assert n_bit == 7 * fx.spec.layers, n_bit
+    return model
+
+
+def checkpoint_layers(model: Any, *, dtype: str, linear_class: str, weights: str) -> Any:
+    """A float BitNetForCausalLM cast to ``dtype`` with its linears as transformers' quantizer loads them."""
+    from transformers.integrations.bitnet import BitLinear
     from transformers.utils.quantization_config import BitNetQuantConfig
 
-    dtype = getattr(torch, fx.dtype)
-    model = random_float_model(fx.spec, tie_word_embeddings=fx.tie_word_embeddings)
+    torch_dtype = getattr(torch, dtype)
     rope = model.model.rotary_emb
     inv_freq, orig_inv_freq = rope.inv_freq.clone(), rope.original_inv_freq.clone()
-    model = model.to(dtype)
+    model = model.to(torch_dtype)
     # from_pretrained keeps the RoPE frequencies (non-persistent buffers) in float32 whatever the
     # dtype; .to() would round them to bf16 and the in-memory reference would drift from the load.
     rope.inv_freq, rope.original_inv_freq = inv_freq, orig_inv_freq
-    if fx.linear_class == "bitlinear":
+    if linear_class == "bitlinear":
         ternarise_model(model, "packed")
-    elif fx.weights == "ternary":
+    elif weights == "ternary":
         ternarise_model(model, "offline")
     else:
         # autobitlinear + packed storage: the packed bytes of BitLinear with the multiply convention.
@@ -124,10 +134,8 @@ def _build(fx: HFFixture) -> Any:
         for mod in model.modules():
             if isinstance(mod, BitLinear):
                 with torch.no_grad():
-                    mod.weight_scale.copy_((1.0 / mod.weight_scale.float()).to(dtype))
-    model.config.quantization_config = BitNetQuantConfig(linear_class=fx.linear_class, quantization_mode="offline")
-    n_bit = sum(isinstance(m, (AutoBitLinear, BitLinear)) for m in model.modules())
-    assert n_bit == 7 * fx.spec.layers, n_bit
+                    mod.weight_scale.copy_((1.0 / mod.weight_scale.float()).to(torch_dtype))
+    model.config.quantization_config = BitNetQuantConfig(linear_class=linear_class, quantization_mode="offline")
     return model
 
 

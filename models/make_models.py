@@ -2,7 +2,7 @@
 
 Usage (from the repository root; ``make models`` does this with the ``.venv-export`` venv):
 
-    .venv-export/bin/python models/make_models.py [--only NAME ...] [--skip-hf] [--skip-gguf]
+    .venv-export/bin/python models/make_models.py [--only NAME ...] [--skip-hf] [--skip-gguf] [--skip-example-lm]
 
 For every model in ``MODELS`` it builds a small ``BitNetForCausalLM``, trains it for a few hundred
 steps with ternary weights in the loop on a seeded synthetic Markov corpus (``TRAIN``; see
@@ -16,7 +16,9 @@ does not reproduce torch (cosine < 0.999 or argmax agreement < 0.99), when the g
 the weight form the model is meant to show (op counts), or when replacing some RMSNorm gamma by ones
 would leave torch's logits at cosine >= 0.9999 (a converter dropping it would go unnoticed).
 Finally it writes the Hugging Face checkpoint fixtures (``models/hf/``, see make_hf_fixtures.py),
-the GGUF fixtures (``models/gguf/``, see make_gguf_fixtures.py) and ``models/MANIFEST.json`` with every file's config, I/O names, op histogram and parity numbers.
+the GGUF fixtures (``models/gguf/``, see make_gguf_fixtures.py), trains the example language model
+(``models/example-lm/``, see make_example_lm.py) and ``models/MANIFEST.json`` with every file's config,
+I/O names, op histogram and parity numbers.
 
 Everything is seeded: running it twice gives the same tensors and the same numbers.
 """
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="model names to regenerate (default: all)")
     ap.add_argument("--skip-hf", action="store_true", help="do not rewrite the models/hf fixtures")
     ap.add_argument("--skip-gguf", action="store_true", help="do not rewrite the models/gguf fixtures")
+    ap.add_argument("--skip-example-lm", action="store_true",
+                    help="do not retrain the example language model (models/example-lm, ~15 CPU minutes)")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -233,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         g = make_gguf(out_dir / "gguf")  # writes models/gguf/MANIFEST.json
         for f in g["gguf"]:
             print(f"gguf/{f['file']:<36} {f['type']:<6} {f['bytes'] / 1e6:6.2f} MB")
+    if not args.skip_example_lm and not args.only:
+        from make_example_lm import main as make_example_lm
+
+        make_example_lm(["--out", str(out_dir)])
     _write_json(manifest_path, manifest)
     return 1 if failed else 0
 
