@@ -35,15 +35,17 @@ def source_assets(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], list[
     """Files a package converted from ``path`` should carry (``package.assets``), with notes on what was done.
 
     A GGUF file: its tokenizer rebuilt as ``tokenizer.json`` (``frontend.gguf_tokenizer``) and a
-    ``generation_config.json`` with its bos/eos ids. A Hugging Face checkpoint folder: its
-    ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json`` as they are
-    (``package.assets.CHECKPOINT_ASSETS``), what ``generate`` reads.
+    ``generation_config.json`` with its bos/eos ids. A Hugging Face checkpoint folder with a
+    ``tokenizer.json``: it and ``tokenizer_config.json`` / ``generation_config.json`` as they are
+    (``package.assets.CHECKPOINT_ASSETS``), what ``generate`` reads; nothing for a folder without one.
     """
     if Path(path).is_dir():
         from bitnet_coreml.package.assets import checkpoint_assets  # noqa: PLC0415
 
         found = checkpoint_assets(path)
-        return found, ([f"{', '.join(sorted(found))} from the checkpoint written to the package"] if found else [])
+        if "tokenizer.json" not in found:
+            return {}, []
+        return found, [f"{', '.join(sorted(found))} from the checkpoint written to the package"]
     if not is_gguf(path):
         return {}, []
     from bitnet_coreml.frontend.gguf_file import scan  # noqa: PLC0415
