@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "predict": ("bitnet_coreml.commands.predict", "predict", "One prediction with compute-unit fallback."),
     "batch": ("bitnet_coreml.commands.batch", "batch", "Batch prediction job over a dataset (resumable)."),
     "generate": ("bitnet_coreml.commands.generate", "generate", "Stream text from a stateful package (fallback keeps every token)."),
+    "report": ("bitnet_coreml.commands.report", "report", "Offline HTML report of a package (compute units, fp16, parity, memory)."),
     "pipeline": ("bitnet_coreml.commands.pipeline", "pipeline", "Build pipelines (what `make convert` runs)."),
 }
 

@@ -156,7 +156,7 @@ def _judge(c: Comparison, t: Thresholds) -> None:
 # --- running -------------------------------------------------------------------------------------------
 
 
-def _package_meta(package: Path) -> tuple[dict[str, str], Any]:
+def package_meta(package: Path) -> tuple[dict[str, str], Any]:
     """(user metadata, model spec) of ``package``, without loading it for prediction."""
     from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
 
@@ -219,7 +219,7 @@ def _executor(package: Path) -> Any:
     return ReferenceExecutor(str(package))
 
 
-def _package_feeds(feeds: Mapping[str, np.ndarray], in_names: Mapping[str, str], specs: Any) -> dict[str, np.ndarray]:
+def package_feeds(feeds: Mapping[str, np.ndarray], in_names: Mapping[str, str], specs: Any) -> dict[str, np.ndarray]:
     out = {}
     for onnx_name, arr in feeds.items():
         mil = in_names.get(onnx_name, onnx_name)
@@ -254,7 +254,41 @@ def _coreml_runs(package: Path, feeds: dict[str, np.ndarray]) -> dict[str, dict[
 RANDOM_DRAWS = 4
 
 
-def _stack(outs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def feeds_for(model: Any, inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None
+              ) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The inputs parity runs on: the given ones, or ``RANDOM_DRAWS`` random draws; plus the .npz's extra arrays."""
+    from bitnet_coreml.lower.fp16 import random_calibration  # noqa: PLC0415
+
+    if inputs is None:
+        # Agreement rates over one random 16-token input move in steps of 6%; several draws make the
+        # top-1 gate mean something on models with a fixed short sequence.
+        return [random_calibration(model, seed=1 + i) for i in range(RANDOM_DRAWS)], {}
+    feeds, extra = _load_inputs(inputs, model)
+    return [feeds], extra
+
+
+def compare(report: ParityReport, runs: Mapping[str, Mapping[str, np.ndarray]], ort_out: Mapping[str, np.ndarray],
+            extra: Mapping[str, np.ndarray], out_names: Mapping[str, str]) -> None:
+    """Compare every runner's outputs with ONNX Runtime's (and the .npz's expected arrays) into ``report``."""
+    t = report.thresholds
+    for runner, outs in runs.items():
+        for onnx_name, ref in ort_out.items():
+            mil = out_names.get(onnx_name, onnx_name)
+            if mil not in outs:
+                report.skipped.append(f"{runner}: output {onnx_name!r} not produced by the package")
+                continue
+            refs = [("onnxruntime", ref)]
+            if onnx_name in extra and np.shape(extra[onnx_name]) == np.shape(ref):
+                refs.append(("expected (npz)", extra[onnx_name]))
+            for ref_name, ref_arr in refs:
+                m = metrics(ref_arr, outs[mil], fp16_ties=report.precision != "fp32")
+                c = Comparison(onnx_name, ref_name, runner, m["cosine"] or 0.0, m["rel_l2"] or 0.0,
+                               m["max_abs"] or 0.0, m["top1"], m["top5"], m["top1_resolvable"])
+                _judge(c, t)
+                report.comparisons.append(c)
+
+
+def stack(outs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate per-draw outputs along the batch axis (one draw: unchanged)."""
     if len(outs) == 1:
         return dict(outs[0])
@@ -267,12 +301,12 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
            seq_len: int | None = None, allow_dequant: bool = False) -> ParityReport:
     """Compare ``package`` with ``source``; see the module docstring."""
     from bitnet_coreml.frontend import builds_graph, load  # noqa: PLC0415
-    from bitnet_coreml.lower.fp16 import random_calibration, run_ort  # noqa: PLC0415
+    from bitnet_coreml.lower.fp16 import run_ort  # noqa: PLC0415
 
     pkg = Path(package)
     if not pkg.exists():
         raise ModelLoadError(f"{pkg}: no such package")
-    meta, spec = _package_meta(pkg)
+    meta, spec = package_meta(pkg)
     precision = meta.get("bitnet_coreml.precision", "fp16")
     in_names = json.loads(meta.get("bitnet_coreml.input_names", "{}"))
     out_names = json.loads(meta.get("bitnet_coreml.output_names", "{}"))
@@ -283,42 +317,20 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
         seq_len = package_seq_len(pkg, spec, in_names)
         log.info("%s: sequence length %d read from the package's input_ids", pkg, seq_len)
     model = load(source, seq_len=seq_len, allow_dequant=allow_dequant)
-    if inputs is None:
-        # Agreement rates over one random 16-token input move in steps of 6%; several draws make the
-        # top-1 gate mean something on models with a fixed short sequence.
-        feed_list = [random_calibration(model, seed=1 + i) for i in range(RANDOM_DRAWS)]
-        extra: dict[str, np.ndarray] = {}
-    else:
-        feeds, extra = _load_inputs(inputs, model)
-        feed_list = [feeds]
-    ort_out = _stack([run_ort(model, f) for f in feed_list])
+    feed_list, extra = feeds_for(model, inputs)
+    ort_out = stack([run_ort(model, f) for f in feed_list])
     del model
 
     ex = _executor(pkg)
-    specs = getattr(ex, "input_specs", None)
-    pfeed_list = [_package_feeds(f, in_names, specs) for f in feed_list]
-    runs = {"reference-executor": _stack([ex.predict(pf) for pf in pfeed_list])}
+    pfeed_list = [package_feeds(f, in_names, ex.input_specs) for f in feed_list]
+    runs = {"reference-executor": stack([ex.predict(pf) for pf in pfeed_list])}
     coreml = [_coreml_runs(pkg, pf) for pf in pfeed_list]
     for runner in coreml[0]:
         if all(runner in c for c in coreml):
-            runs[runner] = _stack([c[runner] for c in coreml])
+            runs[runner] = stack([c[runner] for c in coreml])
 
     report = ParityReport(str(source), str(pkg), precision, t)
-    for runner, outs in runs.items():
-        for onnx_name, ref in ort_out.items():
-            mil = out_names.get(onnx_name, onnx_name)
-            if mil not in outs:
-                report.skipped.append(f"{runner}: output {onnx_name!r} not produced by the package")
-                continue
-            refs = [("onnxruntime", ref)]
-            if onnx_name in extra and np.shape(extra[onnx_name]) == np.shape(ref):
-                refs.append(("expected (npz)", extra[onnx_name]))
-            for ref_name, ref_arr in refs:
-                m = metrics(ref_arr, outs[mil], fp16_ties=precision != "fp32")
-                c = Comparison(onnx_name, ref_name, runner, m["cosine"] or 0.0, m["rel_l2"] or 0.0,
-                               m["max_abs"] or 0.0, m["top1"], m["top5"], m["top1_resolvable"])
-                _judge(c, t)
-                report.comparisons.append(c)
+    compare(report, runs, ort_out, extra, out_names)
     if raise_on_failure and not report.passed:
         bad = [f"{c.runner} vs {c.reference} on {c.output!r}: {'; '.join(c.failures)}"
                for c in report.comparisons if not c.passed]

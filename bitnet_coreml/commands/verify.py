@@ -30,10 +30,10 @@ def verify(source: str, package: str, inputs: str | None, min_cosine: float | No
     from dataclasses import replace  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    from bitnet_coreml.verify import Thresholds, _package_meta  # noqa: PLC0415
+    from bitnet_coreml.verify import Thresholds, package_meta  # noqa: PLC0415
     from bitnet_coreml.verify import verify as run_verify  # noqa: PLC0415
 
-    precision = _package_meta(Path(package))[0].get("bitnet_coreml.precision", "fp16") if Path(package).exists() else "fp16"
+    precision = package_meta(Path(package))[0].get("bitnet_coreml.precision", "fp16") if Path(package).exists() else "fp16"
     t = Thresholds.for_precision(precision)
     changes = {k: v for k, v in (("cosine", min_cosine), ("top1", min_top1), ("top5", min_top5),
                                  ("rel_l2", max_rel_l2)) if v is not None}

@@ -23,7 +23,7 @@ from bitnet_coreml.executor._types import np_dtype, static_shape
 from bitnet_coreml.executor.registry import OpContext
 from bitnet_coreml.executor.ternary import TernaryWeight, keeps_packed
 
-__all__ = ["CompiledBlock", "Step", "compile_function", "run_block", "StateCell", "finish"]
+__all__ = ["CompiledBlock", "Step", "compile_function", "run_block", "StateCell", "finish", "plan_frees"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Step:
     # derived once: the constant arguments as a dict to copy, and (name, slot) of the per-call ones
     consts: dict[str, Any] = field(default_factory=dict)
     slot_args: tuple[tuple[str, int], ...] = ()
-    # slots whose values nothing reads after this step: dropped right after it (see _plan_frees)
+    # slots whose values nothing reads after this step: dropped right after it (see plan_frees)
     frees: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -102,7 +102,7 @@ def _slots_read(step: Step) -> set[int]:
     return read
 
 
-def _plan_frees(block: CompiledBlock) -> None:
+def plan_frees(block: CompiledBlock) -> None:
     """Give each step of a top-level block the slots to drop after it: those no later step reads.
 
     Without this every intermediate value of a call stays referenced until the call ends (~470 MB
@@ -434,7 +434,7 @@ def compile_function(func: Any, *, fp32: bool, blob_keys: dict[str, tuple[Any, .
     comp = _Compiler(fp32=fp32, blob_keys=dict(blob_keys or {}), shared=shared)
     input_vars = list(func.inputs.values())
     block = comp.compile_block(func, input_vars)
-    _plan_frees(block)
+    plan_frees(block)
     if comp.unknown:
         listed = ", ".join(f"{t} (first at op {n!r})" for t, n in sorted(comp.unknown.items()))
         err = UnsupportedOpError(

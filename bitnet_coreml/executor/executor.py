@@ -13,15 +13,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.errors import ModelLoadError
+from bitnet_coreml.executor import registry
 from bitnet_coreml.executor._types import np_dtype, scalar_for_one, static_shape
-from bitnet_coreml.executor.compiler import F16, F32, StateCell, compile_function, run_block
+from bitnet_coreml.executor.compiler import (
+    F16,
+    F32,
+    CompiledBlock,
+    StateCell,
+    compile_function,
+    plan_frees,
+    run_block,
+)
 from bitnet_coreml.executor.errors import (
     InputDtypeError,
     InputShapeError,
@@ -32,11 +42,33 @@ from bitnet_coreml.executor.errors import (
 from bitnet_coreml.executor.loader import load_shared
 from bitnet_coreml.executor.shared import SharedPackage
 
-__all__ = ["ReferenceExecutor", "ExecutorState", "InputSpec"]
+__all__ = ["ReferenceExecutor", "ExecutorState", "InputSpec", "Trace"]
 
 log = logging.getLogger(__name__)
 
 Shape = tuple[int | None, ...]
+
+
+class Trace(NamedTuple):
+    """What ``ReferenceExecutor.trace`` returns: outputs, captured op values and, when profiled, times per op family."""
+
+    outputs: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+    seconds: float
+    by_family: dict[str, float]
+    calls: dict[str, int]
+
+
+def _timed(fn: Any, family: str, seconds: dict[str, float], calls: dict[str, int]) -> Any:
+    def run(*args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            seconds[family] = seconds.get(family, 0.0) + time.perf_counter() - t0
+            calls[family] = calls.get(family, 0) + 1
+
+    return run
 
 
 class InputSpec(NamedTuple):
@@ -215,6 +247,41 @@ class ReferenceExecutor:
 
     def predict(self, inputs: Mapping[str, np.ndarray], state: ExecutorState | None = None) -> dict[str, np.ndarray]:
         """Run the program; returns output name -> array with the declared dtype (fp32 for fp16 outputs when ``fp32``)."""
+        return self._outputs_of(self._run(self._block, inputs, state))
+
+    def trace(self, inputs: Mapping[str, np.ndarray], *, capture: Collection[str] = (), profile: bool = False,
+              state: ExecutorState | None = None) -> Trace:
+        """``predict`` that also keeps the values of the ops named in ``capture`` and, with ``profile``, times each op.
+
+        Runs a copy of the compiled steps (the plain ``predict`` path is untouched): captured values are
+        kept alive to the end of the call, and each op's implementation is timed under its op family
+        (the executor module implementing it, see ``op_families``). Time outside the implementations
+        (fp16 rounding of the results, argument gathering) is ``Trace.seconds - sum(by_family)``.
+        Captured values come back in compute form (fp16 values in float32 arrays).
+        """
+        wanted = set(capture)
+        by_family: dict[str, float] = {}
+        calls: dict[str, int] = {}
+        steps = []
+        kept: dict[str, int] = {}
+        for step in self._block.steps:
+            fn = step.fn
+            if profile:
+                fn = _timed(fn, registry.lookup(step.ctx.op_type).family, by_family, calls)
+            steps.append(replace(step, fn=fn))
+            if step.ctx.name in wanted and step.out_slots:
+                kept[step.ctx.name] = step.out_slots[0]
+        block = CompiledBlock(steps, self._block.input_slots,
+                              self._block.outputs + tuple((slot, None) for slot in kept.values()))
+        plan_frees(block)
+        t0 = time.perf_counter()
+        outs = self._run(block, inputs, state)
+        seconds = time.perf_counter() - t0
+        n = len(self._outputs)
+        values = {name: np.asarray(v) for name, v in zip(kept, outs[n:], strict=True)}
+        return Trace(self._outputs_of(outs[:n]), values, seconds, by_family, calls)
+
+    def _run(self, block: CompiledBlock, inputs: Mapping[str, np.ndarray], state: ExecutorState | None) -> list[Any]:
         self._check_inputs(inputs)
         if self._states and state is None:
             raise StateError(f"{self.source}: the package is stateful; pass state=executor.make_state()")
@@ -242,11 +309,14 @@ class ReferenceExecutor:
                     value = value.astype(F32)
                 env[slot] = value
         with np.errstate(all="ignore"):
-            outs = run_block(self._block, env)
+            outs = run_block(block, env)
         for cell in cells:
             assert state is not None
             held_dtype = self._state_compute[cell.name].dtype
             state._values[cell.name] = cell.value.astype(held_dtype) if cell.value.dtype != held_dtype else cell.value
+        return outs
+
+    def _outputs_of(self, outs: list[Any]) -> dict[str, np.ndarray]:
         result: dict[str, np.ndarray] = {}
         for name, value, dt in zip(self._outputs, outs, self._output_dtypes, strict=False):
             arr = np.asarray(value)
@@ -257,6 +327,25 @@ class ReferenceExecutor:
                     arr = arr.astype(dt)
             result[name] = arr
         return result
+
+    def peak_activation_bytes(self) -> int:
+        """Largest total size of the op results alive at once during a call (the executor's free plan).
+
+        Counts each per-call op result at its declared shape and dtype (fp16: 2 bytes) from the step
+        that makes it to the last step that reads it; weights and load-time constants are not included.
+        """
+        live = peak = 0
+        sizes: dict[int, int] = {}
+        for step in self._block.steps:
+            for slot, shape, dt in zip(step.out_slots, step.ctx.out_shapes, step.ctx.out_dtypes, strict=False):
+                if shape is None or dt is None or any(d is None for d in shape):
+                    continue
+                sizes[slot] = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+                live += sizes[slot]
+            peak = max(peak, live)
+            for slot in step.frees:
+                live -= sizes.pop(slot, 0)
+        return peak
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{n}: {tuple(s.shape)} {s.dtype}" for n, s in self._inputs.items())

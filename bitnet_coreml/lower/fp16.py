@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,10 +50,13 @@ class Fp16Plan:
     rescaled: list[dict[str, Any]] = field(default_factory=list)
     max_abs: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # per layer (bitnet_coreml.passes.layers): the largest |value| before and after the rescaling
+    layers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"fp32_nodes": sorted(self.fp32_nodes), "rescaled": self.rescaled,
-                "calibration_max_abs": self.max_abs, "notes": list(self.notes)}
+                "calibration_max_abs": self.max_abs, "notes": list(self.notes), "layers": self.layers,
+                "fp16_max": FP16_MAX, "limit": FP16_MAX / HEADROOM}
 
 
 def random_calibration(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
@@ -97,8 +100,11 @@ def load_calibration(path: str, model: ir.Model) -> dict[str, np.ndarray]:
     return {n: feeds[n] for n in names}
 
 
-def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bool = False) -> dict[str, np.ndarray]:
+def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bool = False,
+            values: Collection[str] = ()) -> dict[str, np.ndarray]:
     """Run ``model`` in ONNX Runtime without copying its weights; ``every_value`` adds all float node outputs.
+
+    ``values`` adds just the named node outputs (intermediate values the caller compares).
 
     Large initializers are handed to ORT as inputs, straight from their (memory-mapped) arrays: the
     serialised graph stays small and no copy of the weights is written or parsed. ORT's graph
@@ -114,6 +120,13 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
             common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
         outs = set(graph.outputs)
         extra = [o for node in graph for o in node.outputs if o.name and o not in outs and o.dtype in _FLOATS]
+    elif values:
+        wanted, outs = set(values), set(graph.outputs)
+        extra = [o for node in graph for o in node.outputs if o.name in wanted and o not in outs]
+        if any(o.dtype is None for o in extra):
+            import onnx_ir.passes.common as common  # noqa: PLC0415
+
+            common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
     graph.outputs.extend(extra)
     order = list(graph.initializers.values())
     big = [v for v in order if v.const_value is not None and v.const_value.nbytes >= _FEED_BYTES
@@ -352,6 +365,35 @@ def apply_fp16_plan(model: ir.Model, plan: Fp16Plan) -> list[str]:
     return sorted(n for n in plan.fp32_nodes if n not in nodes)
 
 
+def _layer_maxima(model: ir.Model, before: Mapping[str, float], after: Mapping[str, float], plan: Fp16Plan
+                  ) -> list[dict[str, Any]]:
+    """Per layer: the largest |value| on the calibration input (and which value), before and after rescaling.
+
+    ``after`` is what the package computes (rescaled MLPs); values kept in fp32 and rescaled relu2
+    nodes are listed by node name. Attention masks count as 0 (see ``_mask_only``).
+    """
+    from bitnet_coreml.passes.layers import group_order, layer_groups  # noqa: PLC0415
+
+    labels = layer_groups(model.graph)
+    rescaled = {str(e["relu2"]) for e in plan.rescaled}
+    rows: dict[str, dict[str, Any]] = {
+        lab: {"layer": lab, "max_abs": 0.0, "max_abs_after": 0.0, "value": None, "rescaled": [], "fp32_nodes": []}
+        for lab in group_order(labels)}
+    for node, lab in zip(model.graph, labels, strict=True):
+        row = rows[lab]
+        for o in node.outputs:
+            name = o.name or ""
+            if name in before and before[name] > row["max_abs"]:
+                row["max_abs"], row["value"] = before[name], name
+            if name in after:
+                row["max_abs_after"] = max(row["max_abs_after"], after[name])
+        if node.name in rescaled:
+            row["rescaled"].append(node.name)
+        if node.name in plan.fp32_nodes:
+            row["fp32_nodes"].append(node.name)
+    return list(rows.values())
+
+
 def make_fp16_safe(model: ir.Model, feeds: Mapping[str, np.ndarray], *, headroom: float = HEADROOM) -> Fp16Plan:
     """Analyse ``model`` on ``feeds`` and rewrite it in place (see the module docstring)."""
     plan = Fp16Plan()
@@ -363,6 +405,7 @@ def make_fp16_safe(model: ir.Model, feeds: Mapping[str, np.ndarray], *, headroom
             if o.name in ranges and _mask_only(o, *ranges[o.name], limit):
                 masks.add(o.name)
     stats = {k: (0.0 if k in masks else max(abs(hi), abs(lo))) for k, (hi, lo) in ranges.items()}
+    before = dict(stats)
     plan.max_abs = max(stats.values(), default=0.0)
     if masks:
         plan.notes.append(f"fp16: {len(masks)} attention-mask value(s) hold -inf-like constants that softmax maps to 0; "
@@ -406,6 +449,7 @@ def make_fp16_safe(model: ir.Model, feeds: Mapping[str, np.ndarray], *, headroom
                 for use in o.uses():
                     plan.fp32_nodes.add(use.node.name or "")
     plan.fp32_nodes.discard("")
+    plan.layers = _layer_maxima(model, before, stats, plan)
     if plan.fp32_nodes:
         plan.notes.append(f"fp16: {len(plan.fp32_nodes)} node(s) exceed {limit:.0f} on the calibration input and "
                           f"stay in fp32: {', '.join(sorted(plan.fp32_nodes))}")

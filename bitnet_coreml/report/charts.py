@@ -1,0 +1,209 @@
+"""The report's charts: matplotlib figures rendered to inline SVG (no scripts, no external fonts or files).
+
+matplotlib is imported here only, and this module only by the report, so other commands never pay
+for it. The backend is forced to Agg (no display) and text stays text (``svg.fonttype = none``) so
+the page's own font renders it; ids and metadata are fixed so identical data give identical SVG.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+UNIT_COLORS = {"ANE": "#2e7d32", "GPU": "#f9a825", "CPU": "#c62828"}
+KIND_COLORS = {"ternary_2bit": "#1565c0", "embeddings": "#6a1b9a", "other": "#9e9e9e"}
+_WIDTH = 7.2  # inches; the SVG scales to the page width
+
+
+def _plt() -> Any:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "bitnet-coreml-report",
+                         "font.family": "sans-serif", "font.size": 9, "axes.spines.top": False,
+                         "axes.spines.right": False})
+    return plt
+
+
+def to_svg(fig: Any, title: str) -> str:
+    """The figure as an inline ``<svg>`` element (XML prolog and doctype dropped), with an accessible title."""
+    plt = _plt()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]
+    svg = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1', svg, count=1)
+    esc = title.replace("&", "&amp;").replace("<", "&lt;")
+    return svg.replace(">", f' role="img" class="plot"><title>{esc}</title>', 1)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def bytes_chart(kinds: Mapping[str, Any]) -> str:
+    """One stacked bar: package bytes by kind."""
+    plt = _plt()
+    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(_WIDTH, 1.0))
+    left = 0.0
+    total = max(1, kinds["total"])
+    bits = "/".join(str(b) for b in kinds.get("embedding_bits", [])) or "-"
+    labels = {"ternary_2bit": "ternary weights (2-bit)", "embeddings": f"embeddings / LM head ({bits}-bit)",
+              "other": "other (scales, norms, program)"}
+    for key in ("ternary_2bit", "embeddings", "other"):
+        v = kinds[key]
+        ax.barh([0], [v], left=left, color=KIND_COLORS[key], label=f"{labels[key]}: {_human(v)}")
+        if v / total > 0.08:
+            ax.text(left + v / 2, 0, f"{100 * v / total:.0f}%", ha="center", va="center", color="white")
+        left += v
+    ax.set_yticks([])
+    ax.set_xlim(0, total)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _human(v)))
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize=8)
+    return to_svg(fig, "Package bytes by kind")
+
+
+def units_chart(layers: Sequence[Mapping[str, Any]]) -> str:
+    """A grid: one row per layer, one cell per op in graph order, coloured by its expected compute unit."""
+    plt = _plt()
+    import numpy as np  # noqa: PLC0415
+    from matplotlib.colors import ListedColormap  # noqa: PLC0415
+    from matplotlib.patches import Patch  # noqa: PLC0415
+
+    order = list(UNIT_COLORS)
+    width = max(len(r["ops"]) for r in layers)
+    grid = np.full((len(layers), width), np.nan)
+    for i, row in enumerate(layers):
+        for j, op in enumerate(row["ops"]):
+            grid[i, j] = order.index(op["unit"]) if op["unit"] in order else np.nan
+    fig, ax = plt.subplots(figsize=(_WIDTH, 0.6 + 0.22 * len(layers)))
+    ax.pcolormesh(np.ma.masked_invalid(grid), cmap=ListedColormap(list(UNIT_COLORS.values())), vmin=-0.5,
+                  vmax=len(order) - 0.5, edgecolors="white", linewidth=0.3)
+    ax.set_yticks(np.arange(len(layers)) + 0.5, [r["layer"] for r in layers])
+    ax.invert_yaxis()
+    ax.set_xlabel("ops of the layer, in graph order")
+    ax.legend(handles=[Patch(color=c, label=u) for u, c in UNIT_COLORS.items()], loc="lower center",
+              bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+    return to_svg(fig, "Expected compute unit of every op, per layer")
+
+
+def headroom_chart(layers: Sequence[Mapping[str, Any]], fp16_max: float, limit: float) -> str:
+    """Per layer: largest |activation| on the calibration input against fp16's maximum (log scale)."""
+    plt = _plt()
+    import numpy as np  # noqa: PLC0415
+
+    def num(x: Any) -> float:
+        return float("inf") if x == "inf" else float(x or 0.0)
+
+    before = [num(r["max_abs"]) for r in layers]
+    after = [num(r["max_abs_after"]) for r in layers]
+    y = np.arange(len(layers))
+    cap = fp16_max * 4
+    fig, ax = plt.subplots(figsize=(_WIDTH, 0.8 + 0.28 * len(layers)))
+    ax.barh(y, [min(max(b, 1e-3), cap) for b in before], color="#90caf9", label="source (before rescaling)")
+    ax.barh(y, [min(max(a, 1e-3), cap) for a in after], height=0.4, color="#0d47a1", label="in the package")
+    ax.axvline(fp16_max, color="#c62828", linewidth=1.2, label=f"fp16 maximum {fp16_max:g}")
+    ax.axvline(limit, color="#ef6c00", linestyle="--", linewidth=1, label=f"safety limit {limit:g}")
+    for i, r in enumerate(layers):
+        marks = []
+        if r.get("rescaled"):
+            marks.append(f"rescaled x{len(r['rescaled'])}")
+        if r.get("fp32_nodes"):
+            marks.append(f"{len(r['fp32_nodes'])} op(s) kept fp32")
+        if marks:
+            ax.text(min(max(before[i], 1e-3), cap) * 1.15, i, ", ".join(marks), va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yticks(y, [r["layer"] for r in layers])
+    ax.invert_yaxis()
+    ax.set_xlabel("largest |value| (log scale)")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize=8)
+    return to_svg(fig, "fp16 headroom per layer")
+
+
+def depth_chart(depth: Sequence[Mapping[str, Any]]) -> str:
+    """Error growth through the layers: 1 - cosine and max |difference| at each residual point (log scale)."""
+    plt = _plt()
+    x = list(range(len(depth)))
+    one_minus = [max(1e-12, 1.0 - float(d["cosine"])) for d in depth]
+    mx = [max(1e-12, float(d["max_abs"])) for d in depth]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(_WIDTH, 2.8))
+    a1.plot(x, one_minus, marker="o", color="#1565c0")
+    a1.set_yscale("log")
+    a1.set_title("1 - cosine (lower is better)", fontsize=9)
+    a2.plot(x, mx, marker="o", color="#6a1b9a")
+    a2.set_yscale("log")
+    a2.set_title("largest |difference| (lower is better)", fontsize=9)
+    step = max(1, math.ceil(len(depth) / 12))
+    for ax in (a1, a2):
+        ax.set_xticks(x[::step], [d["label"].replace(" attention", " attn") for d in depth][::step],
+                      rotation=60, ha="right", fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return to_svg(fig, "Parity by depth")
+
+
+def memory_chart(size: Mapping[str, Any]) -> str:
+    """Weights, peak activations and state (KV cache) stacked, against the device's memory limit."""
+    plt = _plt()
+    parts = [("weights (as stored)", size["weight_bytes"], "#1565c0"),
+             ("activations (peak)", size["activation_peak_bytes"], "#ef6c00")]
+    if size.get("state"):
+        parts.append(("KV cache (state)", size["state"]["bytes"], "#6a1b9a"))
+    fig, ax = plt.subplots(figsize=(_WIDTH, 1.0))
+    left = 0
+    for label, v, color in parts:
+        ax.barh([0], [v], left=left, color=color, label=f"{label}: {_human(v)}")
+        left += v
+    limit = size.get("device_limit_bytes")
+    if limit:
+        ax.axvline(limit, color="#c62828", linewidth=1.5, label=f"{size.get('device')} limit: {_human(limit)}")
+        ax.set_xscale("log")
+        ax.set_xlim(max(1, min(v for _, v, _ in parts if v) / 2), max(limit, left) * 1.5)
+    ax.set_yticks([])
+    ax.set_xlabel("bytes" + (" (log scale)" if limit else ""))
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize=8)
+    return to_svg(fig, "Peak memory estimate")
+
+
+def kv_chart(state: Mapping[str, Any], limit: int | None, weights: int) -> str:
+    """KV cache bytes against context length (linear in it), with the package's context marked."""
+    plt = _plt()
+    ctx = state["context_length"]
+    per = state["bytes_per_token"]
+    xs = [2 ** k for k in range(6, 18)]
+    fig, ax = plt.subplots(figsize=(_WIDTH, 2.4))
+    ax.plot(xs, [weights + per * x for x in xs], color="#6a1b9a", label="weights + KV cache")
+    ax.axvline(ctx, color="#555", linestyle=":", label=f"this package: {ctx} tokens")
+    if limit:
+        ax.axhline(limit, color="#c62828", label=f"device limit {_human(limit)}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("bytes")
+    ax.legend(frameon=False, fontsize=8)
+    return to_svg(fig, "KV cache against context length")
+
+
+def timing_chart(by_family: Mapping[str, float], outside: float) -> str:
+    """Reference-executor time per op family (one call), largest first."""
+    plt = _plt()
+    items = list(by_family.items()) + [("outside ops (rounding, bookkeeping)", outside)]
+    items.sort(key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(_WIDTH, 0.6 + 0.3 * len(items)))
+    ax.barh([k for k, _ in items], [v * 1000 for _, v in items], color="#00838f")
+    for i, (_, v) in enumerate(items):
+        ax.text(v * 1000, i, f" {v * 1000:.2f} ms", va="center", fontsize=8)
+    ax.set_xlabel("milliseconds")
+    return to_svg(fig, "Executor time by op family")

@@ -1,0 +1,77 @@
+"""The report in a real browser (headless Chromium, network offline): sections, charts, no requests, no errors.
+
+Skipped when no Chromium is installed (``.ci/run`` installs Debian's ``chromium`` when missing).
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image, ImageStat
+
+from bitnet_coreml.report.browser import DESKTOP, PHONE, Chromium, find_browser
+from tests.report.conftest import Built
+
+pytestmark = pytest.mark.skipif(find_browser() is None,
+                                reason="no Chromium on PATH (apt-get install chromium; .ci/run does it)")
+
+SECTIONS = ("summary", "units", "fp16", "parity", "size", "timing")
+
+# Per section: how many <svg> charts and how many drawn shapes (paths, uses) each holds.
+_DOM = """JSON.stringify(Array.from(document.querySelectorAll('[data-section]')).map(s => ({
+  id: s.dataset.section,
+  explain: (s.querySelector('p.explain') || {}).textContent || '',
+  charts: Array.from(s.querySelectorAll('svg')).map(g => ({
+     shapes: g.querySelectorAll('path, use, rect').length,
+     w: g.getBoundingClientRect().width, h: g.getBoundingClientRect().height })),
+  unavailable: s.querySelectorAll('p.unavailable').length })))"""
+
+
+def _not_blank(png: bytes) -> None:
+    im = Image.open(io.BytesIO(png)).convert("RGB")
+    colors = im.getcolors(maxcolors=1 << 20)
+    assert colors is not None and len(colors) > 50, "screenshot has almost no distinct colours"
+    assert max(ImageStat.Stat(im).stddev) > 20, "screenshot is (nearly) one flat colour"
+
+
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
+def test_report_in_headless_chromium(built: Built, viewport: tuple[int, int, bool]) -> None:
+    import json
+
+    width, height, mobile = viewport
+    with Chromium() as b:
+        b.viewport(width, height, mobile)
+        b.open(built.html)
+        sections = json.loads(b.evaluate(_DOM))
+        overflow = b.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        png = b.screenshot()
+        full = b.screenshot(full_page=True)
+        # nothing may leave the page: the only request is the file itself
+        assert b.record.requests == [built.html.resolve().as_uri()]
+        assert b.record.errors == [], b.record.errors
+        assert not [c for c in b.record.console if c.startswith(("error", "warning"))]
+    assert [s["id"] for s in sections] == list(SECTIONS)
+    for s in sections:
+        assert s["explain"].strip(), f"section {s['id']} has no explanation"
+        assert s["unavailable"] == 0, f"section {s['id']} says it has no data"
+        assert s["charts"], f"section {s['id']} has no chart"
+        for c in s["charts"]:
+            assert c["shapes"] >= 3 and c["w"] > 100 and c["h"] > 30, f"empty chart in {s['id']}: {c}"
+    assert overflow <= 0, f"the page is {overflow}px wider than a {width}px screen"
+    _not_blank(png)
+    _not_blank(full)
+    assert Image.open(io.BytesIO(png)).size == (width, height)
+
+
+def test_print_layout_keeps_every_section(built: Built) -> None:
+    """Printing (print media) shows every section and chart, unclipped."""
+    import base64
+
+    with Chromium() as b:
+        b.viewport(*DESKTOP)
+        b.open(built.html)
+        b.call("Emulation.setEmulatedMedia", {"media": "print"})
+        n = b.evaluate("document.querySelectorAll('section svg').length")
+        pdf = base64.b64decode(b.call("Page.printToPDF", {})["data"])
+    assert n >= 6 and pdf.startswith(b"%PDF") and len(pdf) > 20_000
