@@ -8,7 +8,7 @@ PIPELINE ?= pipelines/default.toml
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test lint convert conformance bench bench-models models clean
+.PHONY: setup test lint convert conformance bench bench-models models report-screenshot clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ lint: setup
 
 convert: setup
 	$(BIN)/bitnet-coreml pipeline run $(PIPELINE)
+
+# The README's screenshot of the bundled model's report (headless Chromium: apt-get install chromium).
+REPORT ?= out/bitnet_offline-macos14-m1.report.html
+report-screenshot: convert
+	$(BIN)/python -m bitnet_coreml.report.browser $(REPORT) docs/report.png --width 1100 --height 1400
 
 conformance: setup
 	$(BIN)/python -m pytest -q -m conformance -p no:cacheprovider --conformance-full

@@ -45,15 +45,22 @@ def _mb(n: float) -> str:
 @click.option("--exact-context", is_flag=True, help="--stateful: keep a --context that is not a multiple of 32.")
 @click.option("--no-check", is_flag=True, help="Skip the pre-conversion check.")
 @click.option("--verify", "do_verify", is_flag=True, help="Verify the package against the source after converting.")
+@click.option("--report", "report_path", type=click.Path(path_type=str), default=None,
+              help="Also write the HTML conversion report here (see `bitnet-coreml report`).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def convert(model: str, out: str, target: str, chip: str | None, precision: str, embed_bits: str | None,
             calibration: str | None, min_os: str | None, split_limit: int, seq_len: int | None,
             allow_dequant: bool, passes: str,
             stateful: bool, context: int, prefill: int, prefill_logits: str, exact_context: bool, no_check: bool,
-            do_verify: bool, as_json: bool) -> None:
+            do_verify: bool, report_path: str | None, as_json: bool) -> None:
     """Convert MODEL (.onnx file, checkpoint folder or .gguf file) to a Core ML package with 2-bit ternary weights."""
     from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
     from bitnet_coreml.convert import convert as run_convert  # noqa: PLC0415
+
+    if report_path is not None:
+        from bitnet_coreml.commands.report import check_output  # noqa: PLC0415
+
+        check_output(report_path)
 
     options = ConvertOptions(precision=precision, embed_bits=int(embed_bits) if embed_bits else None,
                              calibration=calibration, target=target, chip=chip, min_os=min_os,
@@ -96,6 +103,12 @@ def convert(model: str, out: str, target: str, chip: str | None, precision: str,
                            f"{c['max_abs']:.4g}", "" if c["top1"] is None else f"{c['top1']:.4f}",
                            "" if c["top5"] is None else f"{c['top5']:.4f}", "yes" if c["passed"] else "NO")
             con.print(pt)
+    if report_path is not None:
+        from bitnet_coreml.report import collect, write_html  # noqa: PLC0415
+
+        write_html(collect(out, model, calibration, seq_len=seq_len), report_path)
+        if not as_json:
+            click.echo(f"report: {report_path}")
     if result.parity is not None and not result.parity["passed"]:
         click.echo("error: parity below threshold (the package was written; see the parity table)", err=True)
         sys.exit(EXIT_CHECK_FAILED)

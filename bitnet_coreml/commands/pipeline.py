@@ -70,6 +70,8 @@ def _table(d: dict[str, Any]) -> None:
         t.add_row(r["model"], r["target"], f"[{colors.get(r['status'], 'white')}]{r['status']}[/]", check_s,
                   parity_s, f"{r['seconds']:.1f}s")
         notes.append(f"{r['model']}@{r['target']}: " + (r["reason"] if r["reason"] else r["package"]))
+        if r.get("html"):
+            notes.append(f"{r['model']}@{r['target']}: report {r['html']}")
     console = Console()
     console.print(t)
     for note in notes:

@@ -8,6 +8,16 @@ from bitnet_coreml.commands._common import echo_json
 from bitnet_coreml.errors import InputError
 
 
+def check_output(out: str) -> None:
+    """Refuse a report path that is not an .html file in an existing folder (before any work)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    if not out.endswith((".html", ".htm")):
+        raise InputError(f"{out}: the report is an HTML page; the name must end in .html")
+    if not Path(out).parent.is_dir():
+        raise InputError(f"{out}: the folder {Path(out).parent} does not exist")
+
+
 @click.command("report")
 @click.argument("package", type=click.Path(path_type=str))
 @click.option("--source", type=click.Path(path_type=str), default=None,
@@ -24,15 +34,10 @@ from bitnet_coreml.errors import InputError
 def report(package: str, source: str | None, inputs: str | None, out: str | None, seq_len: int | None,
            as_json: bool) -> None:
     """Write an offline HTML report of PACKAGE: summary, compute units, fp16 headroom, parity, memory, timings."""
-    from pathlib import Path  # noqa: PLC0415
-
     if out is None and not as_json:
         raise InputError("give -o REPORT.html (and/or --json)")
     if out is not None:
-        if not out.endswith((".html", ".htm")):
-            raise InputError(f"-o {out}: the report is an HTML page; the name must end in .html")
-        if not Path(out).parent.is_dir():
-            raise InputError(f"-o {out}: the folder {Path(out).parent} does not exist")
+        check_output(out)
     from bitnet_coreml.report import collect, write_html  # noqa: PLC0415
 
     data = collect(package, source, inputs, seq_len=seq_len)

@@ -47,6 +47,7 @@ class EntryResult:
     exit_code: int = EXIT_OK
     seconds: float = 0.0
     report: str = ""
+    html: str = ""  # the conversion report page beside the package (bitnet_coreml.report)
     check: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] | None = None
 
@@ -102,8 +103,9 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike[str], *, force: bool = F
             if (entry, target, key, package, input_hash) not in todo:
                 say(key, "up to date, skipped")
                 rec = state.entries[key]
+                page = html_report_path(package)
                 results.append(EntryResult(entry.name, target.label, str(package), "skipped",
-                                           report=str(out_dir / rec.report)))
+                                           report=str(out_dir / rec.report), html=str(page) if page.exists() else ""))
                 continue
             res = _build(entry, target, key, package, input_hash, state, say)
             results.append(res)
@@ -140,6 +142,26 @@ def _report_path(package: Path) -> Path:
     return package.with_name(package.name[: -len(".mlpackage")] + ".report.json")
 
 
+def html_report_path(package: Path) -> Path:
+    """Where a build writes the package's HTML report: ``<name>.report.html`` beside it."""
+    return package.with_name(package.name[: -len(".mlpackage")] + ".report.html")
+
+
+def _html_report(entry: ModelEntry, package: Path, key: str, say: EventFn) -> str:
+    """Write the package's HTML report; a report that cannot be made is logged, never fails the build."""
+    from bitnet_coreml.report import collect, write_html  # noqa: PLC0415
+
+    say(key, "report")
+    page = html_report_path(package)
+    try:
+        inputs = str(entry.verify.inputs) if entry.verify.inputs else None
+        write_html(collect(package, entry.source, inputs, seq_len=entry.seq_len), page)
+    except BitnetCoremlError as e:
+        say(key, f"report not written: {e.one_line()}")
+        return ""
+    return str(page)
+
+
 def _build(entry: ModelEntry, target: Target, key: str, package: Path, input_hash: str, state: BuildState,
            say: EventFn) -> EntryResult:
     t0 = time.perf_counter()
@@ -166,6 +188,7 @@ def _build(entry: ModelEntry, target: Target, key: str, package: Path, input_has
             if not res.parity.get("passed", False):
                 raise ParityError(f"parity failed: {_parity_reason(res.parity)}")
         replace_tree(tmp, package)
+        res.html = _html_report(entry, package, key, say)
         package_hash = sha256_tree(package, state.stat_cache)
         report["package_sha256"] = package_hash
         res.seconds = round(time.perf_counter() - t0, 3)
@@ -180,6 +203,7 @@ def _build(entry: ModelEntry, target: Target, key: str, package: Path, input_has
         res.seconds = round(time.perf_counter() - t0, 3)
         # A package that failed is not installed, and a stale one from older inputs must not pass for it.
         remove_path(package)
+        remove_path(html_report_path(package))
         _write_report(report_path, report, res)
         state.entries.pop(key, None)
         say(key, f"{res.status}: {res.reason}")
@@ -189,6 +213,7 @@ def _build(entry: ModelEntry, target: Target, key: str, package: Path, input_has
         res.reason = f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"[:500]
         res.seconds = round(time.perf_counter() - t0, 3)
         remove_path(package)
+        remove_path(html_report_path(package))
         _write_report(report_path, report, res)
         state.entries.pop(key, None)
         say(key, f"error: {res.reason}")

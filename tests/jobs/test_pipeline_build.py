@@ -81,6 +81,8 @@ def test_first_build_writes_packages_reports_and_manifest(built: tuple[Path, Pat
         assert rep["status"] == "built" and rep["parity"]["passed"]
         assert rep["convert"]["bitlinear_layers"] > 0
         assert rep["check"]["policy"] == "warn"
+        page = (out / f"{name}-macos14-m1.report.html").read_text()  # the HTML report beside the package
+        assert f"{name}-macos14-m1.mlpackage" in page and 'data-section="parity"' in page
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert set(manifest["entries"]) == {"a@macos14-m1", "b@macos14-m1"}
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
