@@ -20,6 +20,7 @@ M200 = WORK / "bitnet_200m.onnx"
 BENCHES: list[tuple[str, list[str], list[Path]]] = [
     ("inspect vs onnx.load", ["bench/bench_inspect.py", str(M200)], [M200]),
     ("check vs inspect", ["bench/bench_check.py", str(M200)], [M200]),
+    ("report vs verify", ["bench/bench_report.py", str(M200)], [M200]),
     ("convert vs onnx2coreml+palettize", ["bench/bench_convert.py", str(M200), "--sizes", "50m,200m"], [M200]),
     ("reference executor vs ONNX Runtime (bundled)", ["bench/bench_executor.py", "--onnx", "models/bitnet_offline.onnx"], []),
     ("reference executor vs ONNX Runtime (200M)", ["bench/bench_executor.py", "--onnx", str(M200)], [M200]),

@@ -34,6 +34,10 @@ def _fmt_num(x: Any, digits: int = 6) -> str:
     return f"{x:.{digits}g}"
 
 
+def _fmt_pct(x: Any) -> str:
+    return "-" if x is None or isinstance(x, str) else f"{100 * x:.1f}%"
+
+
 def charts(data: dict[str, Any]) -> dict[str, str]:
     """Every chart the data supports, as inline SVG, by section."""
     from bitnet_coreml.report import charts as c  # noqa: PLC0415
@@ -63,6 +67,7 @@ def render(data: dict[str, Any]) -> str:
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["bytes"] = _fmt_bytes
     env.filters["num"] = _fmt_num
+    env.filters["pct"] = _fmt_pct
     tpl = env.get_template("report.html.j2")
     return tpl.render(d=data, charts=charts(data), unit_table=unit_table(data["units"]))
 

@@ -1,0 +1,76 @@
+"""Benchmark: `report` vs `verify` on the same package, source and input, in the same run.
+
+Goal (issue 17): writing the HTML report of the ~200M-parameter export takes <= 1.2x the wall time of
+`verify` on it, and the page is under 2 MB. `report --source --input` runs everything verify runs
+(ONNX Runtime on the source, the reference executor on the package, verify's comparisons) plus the
+check on the source, the residual-stream captures, op timings and the charts. Both run as fresh
+processes, alternately (machine load drifts hit both alike); best, median and per-pair ratios are shown.
+
+    python bench/bench_report.py [bench/_work/bitnet_200m.onnx] [--repeat 3]
+
+The export comes from `python bench/make_bench_model.py --size 200m` (with its .npz beside it); the
+package is converted once into bench/_work/ (fp16, macOS M1, calibrated on the .npz).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import Measured, run_measured  # noqa: E402
+
+CLI = [sys.executable, "-m", "bitnet_coreml.cli"]
+
+
+def _interleaved(n: int, argvs: dict[str, list[str]]) -> dict[str, list[Measured]]:
+    out: dict[str, list[Measured]] = {k: [] for k in argvs}
+    for _ in range(n):
+        for k, argv in argvs.items():
+            m = run_measured(argv)
+            if m.returncode != 0:
+                raise SystemExit(f"{k} failed with exit code {m.returncode}: {' '.join(argv)}")
+            out[k].append(m)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default="bench/_work/bitnet_200m.onnx")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    src = Path(args.model)
+    npz = src.with_suffix(".npz")
+    if not src.exists() or not npz.exists():
+        raise SystemExit(f"{src} (+ .npz) not found; make it with: python bench/make_bench_model.py --size 200m")
+    pkg = src.with_suffix(".mlpackage")
+    html = src.with_suffix(".report.html")
+    if not pkg.exists():
+        print(f"converting {src} -> {pkg} (once)", flush=True)
+        subprocess.run([*CLI, "convert", str(src), "-o", str(pkg), "--target", "macos", "--chip", "M1",
+                        "--calibration", str(npz), "--json"], check=True, stdout=subprocess.DEVNULL)
+    verify_argv = [*CLI, "verify", str(src), str(pkg), "--input", str(npz), "--json"]
+    report_argv = [*CLI, "report", str(pkg), "--source", str(src), "--input", str(npz), "-o", str(html)]
+    runs = _interleaved(args.repeat, {"verify": verify_argv, "report": report_argv})
+    best = {k: min(v, key=lambda m: m.wall_s) for k, v in runs.items()}
+    med = {k: statistics.median(m.wall_s for m in v) for k, v in runs.items()}
+    pair = [r.wall_s / v.wall_s for v, r in zip(runs["verify"], runs["report"], strict=True)]
+    size = html.stat().st_size
+    print(f"package: {pkg} ({sum(f.stat().st_size for f in pkg.rglob('*') if f.is_file()) / 2**20:.0f} MiB), "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, {args.repeat} interleaved runs each")
+    print(f"{'':10}{'best s':>9}{'median s':>10}{'peak RSS MiB':>15}")
+    for k in runs:
+        print(f"{k:10}{best[k].wall_s:9.2f}{med[k]:10.2f}{best[k].peak_rss_mb:15.0f}")
+    print(f"report / verify wall: best {best['report'].wall_s / best['verify'].wall_s:.3f}x, "
+          f"median {med['report'] / med['verify']:.3f}x, median of run pairs {statistics.median(pair):.3f}x "
+          "(goal <= 1.2x)")
+    print(f"report / verify peak RSS: {best['report'].peak_rss_mb / best['verify'].peak_rss_mb:.3f}x")
+    print(f"report page: {html} {size:,} bytes ({size / 2**20:.2f} MiB; goal < 2 MB)")
+
+
+if __name__ == "__main__":
+    main()
