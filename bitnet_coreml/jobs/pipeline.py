@@ -147,15 +147,18 @@ def html_report_path(package: Path) -> Path:
     return package.with_name(package.name[: -len(".mlpackage")] + ".report.html")
 
 
-def _html_report(entry: ModelEntry, package: Path, key: str, say: EventFn) -> str:
+def _html_report(entry: ModelEntry, target: Target, package: Path, key: str, say: EventFn) -> str:
     """Write the package's HTML report; a report that cannot be made is logged, never fails the build."""
     from bitnet_coreml.report import collect, write_html  # noqa: PLC0415
 
     say(key, "report")
     page = html_report_path(package)
     try:
+        from bitnet_coreml.check import Target as CheckTarget  # noqa: PLC0415
+
         inputs = str(entry.verify.inputs) if entry.verify.inputs else None
-        write_html(collect(package, entry.source, inputs, seq_len=entry.seq_len), page)
+        check_target = CheckTarget(platform=target.os, chip=target.chip, min_os=target.min_os)
+        write_html(collect(package, entry.source, inputs, seq_len=entry.seq_len, target=check_target), page)
     except BitnetCoremlError as e:
         say(key, f"report not written: {e.one_line()}")
         return ""
@@ -188,7 +191,7 @@ def _build(entry: ModelEntry, target: Target, key: str, package: Path, input_has
             if not res.parity.get("passed", False):
                 raise ParityError(f"parity failed: {_parity_reason(res.parity)}")
         replace_tree(tmp, package)
-        res.html = _html_report(entry, package, key, say)
+        res.html = _html_report(entry, target, package, key, say)
         package_hash = sha256_tree(package, state.stat_cache)
         report["package_sha256"] = package_hash
         res.seconds = round(time.perf_counter() - t0, 3)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -116,19 +117,17 @@ def _state_info(ex: Any, meta: Mapping[str, str]) -> dict[str, Any] | None:
 # --- check, units per layer -----------------------------------------------------------------------------
 
 
-def _check_target(meta: Mapping[str, str]) -> tuple[Any, str | None, str]:
-    """(Target, embed_bits, precision) the package was checked for, from its metadata."""
+def _check_target(meta: Mapping[str, str], given: Any) -> Any:
+    """The check Target: ``given``, else the one the converter checked the package for (its metadata), else None."""
     from bitnet_coreml.check import Target  # noqa: PLC0415
 
-    check = _meta_json(meta, "bitnet_coreml.check", {})
-    t = check.get("target") or {}
+    if given is not None:
+        return given
+    t = _meta_json(meta, "bitnet_coreml.check", {}).get("target") or {}
     if not t.get("platform"):
-        raise InputError("the package metadata records no check target (converted with --no-check?); "
-                         "run `bitnet-coreml check` on the source instead")
+        return None
     min_os = t.get("min_os") if t.get("min_os_how") == "given" else None
-    bits = meta.get("bitnet_coreml.embed_bits", "16")
-    return (Target(t["platform"], t.get("chip"), min_os), None if bits in ("16", "") else bits,
-            meta.get("bitnet_coreml.precision", "fp16"))
+    return Target(t["platform"], t.get("chip"), min_os)
 
 
 def _units_by_layer(units: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
@@ -161,9 +160,10 @@ def _worst_positions(ref: np.ndarray, got: np.ndarray, draws: int) -> list[dict[
 
 
 def _mil_op_for(node_index: int, names: set[str]) -> str | None:
-    """The MIL op holding ONNX node ``node_index``'s output: the last op the lowering named ``n<i>_<j>``."""
-    prefix = f"n{node_index}_"
-    cands = sorted((int(n[len(prefix):]), n) for n in names if n.startswith(prefix) and n[len(prefix):].isdigit())
+    """The MIL op holding residual add ``node_index``'s output: the last ``add`` op the lowering named ``n<i>_<j>``."""
+    # coremltools' fp16 cast pass renames the ops it rewrites (``n12_0_cast_fp16``)
+    pat = re.compile(rf"n{node_index}_(\d+)(?:_[a-z0-9_]+)?")
+    cands = sorted((int(m.group(1)), n) for n in names if (m := pat.fullmatch(n)))
     return cands[-1][1] if cands else None
 
 
@@ -171,8 +171,13 @@ def _mil_op_for(node_index: int, names: set[str]) -> str | None:
 
 
 def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | None = None,
-            inputs: str | os.PathLike[str] | None = None, *, seq_len: int | None = None) -> dict[str, Any]:
-    """Everything the report shows, as one JSON-ready dict (``docs/schemas/report.schema.json``)."""
+            inputs: str | os.PathLike[str] | None = None, *, seq_len: int | None = None,
+            target: Any = None) -> dict[str, Any]:
+    """Everything the report shows, as one JSON-ready dict (``docs/schemas/report.schema.json``).
+
+    ``target`` (a :class:`bitnet_coreml.check.Target`) is what the check on ``source`` runs for; by
+    default the target the converter checked the package for (none when converted without a check).
+    """
     from bitnet_coreml.verify import package_meta  # noqa: PLC0415
 
     t_start = time.perf_counter()
@@ -209,21 +214,30 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     units: dict[str, Any] = {"available": False, "unit_counts": check_meta.get("unit_counts"),
                              "fallback_plan": check_meta.get("fallback_plan", []), "layers": []}
     model = None
+    check_target = _check_target(meta, target)
     if source is not None:
-        from bitnet_coreml.check import run_check  # noqa: PLC0415
         from bitnet_coreml.frontend import load  # noqa: PLC0415
         from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
-        from bitnet_coreml.passes.layers import layer_groups  # noqa: PLC0415
         from bitnet_coreml.verify import package_seq_len  # noqa: PLC0415
 
         in_names = _meta_json(meta, "bitnet_coreml.input_names", {})
         if seq_len is None and Path(source).is_dir():
             seq_len = package_seq_len(pkg, spec, in_names)
-        target, embed_bits, check_precision = _check_target(meta)
         model = load(source, seq_len=seq_len)
+        sha = meta.get("bitnet_coreml.source_sha256")
+        if sha:
+            from bitnet_coreml.convert import source_sha256  # noqa: PLC0415
+
+            if source_sha256(source, model if Path(source).is_file() else None) != sha:
+                notes.append(f"{source} is not the file this package was converted from (sha256 differs)")
         run_default_passes(model)
-        rep = run_check(model, target, embed_bits=int(embed_bits) if embed_bits else None,
-                        precision=check_precision, source=str(source))
+    if model is not None and check_target is not None:
+        from bitnet_coreml.check import run_check  # noqa: PLC0415
+        from bitnet_coreml.passes.layers import layer_groups  # noqa: PLC0415
+
+        bits = meta.get("bitnet_coreml.embed_bits", "16")
+        rep = run_check(model, check_target, embed_bits=None if bits in ("16", "") else int(bits),
+                        precision=precision, source=str(source))
         cd = rep.to_dict()
         check = {"available": True, "from": "source", "ok": cd["ok"], "score": cd["score"],
                  "violations": [v["message"] for v in cd["violations"]],
@@ -231,16 +245,7 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
                  "fallback_plan": cd["fallback_plan"], "target": cd["target"]}
         units = {"available": True, "unit_counts": cd["unit_counts"], "fallback_plan": cd["fallback_plan"],
                  "layers": _units_by_layer(cd["units"], layer_groups(model.graph))}
-        if check_meta.get("score") is not None and round(check_meta["score"], 6) != cd["score"]:
-            notes.append(f"the check on {source} scores {cd['score']}, the package recorded "
-                         f"{round(check_meta['score'], 6)} at conversion: was it converted from another source?")
-        sha = meta.get("bitnet_coreml.source_sha256")
-        if sha:
-            from bitnet_coreml.convert import source_sha256  # noqa: PLC0415
-
-            if source_sha256(source, model if Path(source).is_file() else None) != sha:
-                notes.append(f"{source} is not the file this package was converted from (sha256 differs)")
-    elif check_meta.get("available"):
+    elif check_meta.get("available") and source is None:
         check = {"available": True, "from": "package metadata", "ok": not check_meta.get("violations"),
                  "score": round(float(check_meta["score"]), 6), "violations": [],
                  "warnings": list(check_meta.get("warnings", [])), "unit_counts": check_meta.get("unit_counts"),
@@ -249,13 +254,26 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     else:
         check = {"available": False, "from": None, "ok": None, "score": None, "violations": [], "warnings": [],
                  "unit_counts": None, "fallback_plan": [], "target": None}
+        notes.append("the package was converted without a check (--no-check) and no target was given: "
+                     "no check verdict or compute units")
 
     # --- parity (verify's inputs and comparisons) plus the residual stream by depth, and op timings
     parity: dict[str, Any] = {**_NO_PARITY, "why_unavailable": "parity needs the source model (--source)"}
     timing: dict[str, Any] = {**_NO_TIMING}
     specs = ex.input_specs
     if needs_run:
-        parity, timing = _run(pkg, meta, ex, model, source, inputs, seq_len, notes)
+        from bitnet_coreml.passes.layers import residual_points  # noqa: PLC0415
+
+        points = residual_points(model.graph) if model is not None else []  # names as verify's ONNX Runtime run sees them
+        if model is not None and Path(source).is_dir() and precision == "fp16":  # type: ignore[arg-type]
+            # the converter imports a checkpoint's embedding as fp16 for fp16 builds (an extra Cast node):
+            # number the nodes as it did
+            from bitnet_coreml.frontend import load  # noqa: PLC0415
+            from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
+
+            model = load(source, seq_len=seq_len, embed_dtype="float16")  # type: ignore[arg-type]
+            run_default_passes(model)
+        parity, timing = _run(pkg, meta, ex, points, model, source, inputs, seq_len, notes)
     del model
 
     activation_peak = ex.peak_activation_bytes()
@@ -336,9 +354,14 @@ def _device_limit(target: Mapping[str, Any] | None) -> tuple[int | None, str | N
     return (int(mb * (1 << 20)) if mb else None), dev.name
 
 
-def _run(pkg: Path, meta: Mapping[str, str], ex: Any, model: Any, source: Any, inputs: Any, seq_len: int | None,
-         notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the package (and the source in ONNX Runtime) on verify's inputs; parity by depth and op timings."""
+def _run(pkg: Path, meta: Mapping[str, str], ex: Any, points: list[Any], model: Any, source: Any, inputs: Any,
+         seq_len: int | None, notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the package (and the source in ONNX Runtime) on verify's inputs; parity by depth and op timings.
+
+    ``points`` are the residual adds named as in the source verify runs; ``model`` is the source as the
+    converter loaded it (same residual adds in the same order), whose node numbering the package's op
+    names carry.
+    """
     from bitnet_coreml.verify import (  # noqa: PLC0415
         ParityReport,  # noqa: PLC0415
         Thresholds,
@@ -351,22 +374,24 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, model: Any, source: Any, i
     precision = meta.get("bitnet_coreml.precision", "fp16")
     in_names = _meta_json(meta, "bitnet_coreml.input_names", {})
     out_names = _meta_json(meta, "bitnet_coreml.output_names", {})
-    points: list[Any] = []
     capture: dict[str, Any] = {}
     if model is not None:
         from bitnet_coreml.lower.program import assign_node_names  # noqa: PLC0415
         from bitnet_coreml.lower.split import split_large_dims  # noqa: PLC0415
         from bitnet_coreml.passes.layers import residual_points  # noqa: PLC0415
 
-        points = residual_points(model.graph)
+        converted = [q.value for q in residual_points(model.graph)]
+        if len(converted) != len(points):
+            notes.append("parity by depth: the converter's graph has a different residual stream; left out")
+            converted = []
         assign_node_names(model.graph)
         if _meta_json(meta, "bitnet_coreml.split", []):
             split_large_dims(model)  # the converter's node numbering includes the split nodes
             assign_node_names(model.graph)
         index = {str(n.outputs[0].name): i for i, n in enumerate(model.graph) if n.outputs}
-        names = {s.ctx.name for s in ex._block.steps}
-        for p in points:
-            op = _mil_op_for(index[p.value], names) if p.value in index else None
+        names = {s.ctx.name for s in ex._block.steps if s.ctx.op_type == "add"}
+        for p, value in zip(points, converted, strict=False):
+            op = _mil_op_for(index[value], names) if value in index else None
             if op is None:
                 notes.append(f"parity by depth: no package op for {p.label} ({p.value}); left out")
                 continue

@@ -219,3 +219,21 @@ def test_bad_input_is_one_line_exit_2(built: Built, tmp_path: Path, args: list[s
     code, out, err = run_cli("report", *[a.format(**fill) for a in args])
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.html"))
+
+
+def test_checkpoint_package_parity_by_depth_and_no_check(tmp_path: Path) -> None:
+    """A checkpoint folder converted fp16 without a check: the residual stream is found in the package
+    (the converter's fp16 embedding import adds a node and renames ops) and the report says there is no check."""
+    ckpt = ROOT / "models" / "hf" / "bitnet-tiny-packed"
+    pkg, html = tmp_path / "hf.mlpackage", tmp_path / "hf.html"
+    code, out, err = run_cli("convert", ckpt, "-o", pkg, "--seq-len", "16", "--no-check", "--report", html)
+    assert code == 0, err
+    assert f"report: {html}" in out and html.is_file()
+    code, out, err = run_cli("report", pkg, "--source", ckpt, "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    labels = [x["label"] for x in d["parity"]["depth"]]
+    assert labels == ["layer 0 attention", "layer 0 MLP", "layer 1 attention", "layer 1 MLP", "output logits"]
+    assert all(x["cosine"] > 0.999 for x in d["parity"]["depth"])
+    assert d["summary"]["check"]["verdict"] == "not checked" and not d["units"]["available"]
+    assert any("without a check" in n for n in d["notes"])
