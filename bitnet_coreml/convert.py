@@ -224,7 +224,15 @@ def _run_check(model: ir.Model, options: ConvertOptions, source: str, *, context
     return {"available": True, "violations": 0, "warnings": [w.message for w in report.warnings],
             "fixed_by_converter": [f.message for f in report.fixed], "score": report.score,
             "fallback_plan": list(report.fallback_plan), "unit_counts": dict(report.unit_counts),
-            "target": report.target.to_dict()}
+            "target": report.target.to_dict(), "units": units_table(report.units)}
+
+
+def units_table(units: list[Any]) -> dict[str, Any]:
+    """The expected compute unit of every node, compactly: ``[node, op_type, reason index]`` rows and the
+    ``[unit, reason]`` pairs they point to (what the report draws per layer without re-running the check)."""
+    pairs = sorted({(u.unit, u.reason) for u in units})
+    index = {pr: i for i, pr in enumerate(pairs)}
+    return {"reasons": [list(pr) for pr in pairs], "ops": [[u.node, u.op_type, index[(u.unit, u.reason)]] for u in units]}
 
 
 def _descriptions(model: ir.Model, built: Any) -> tuple[dict[str, str], dict[str, str]]:
@@ -265,6 +273,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     from bitnet_coreml.lower.split import split_large_dims  # noqa: PLC0415
     from bitnet_coreml.package.writer import describe, package_files, save_package, weight_bytes  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
+    from bitnet_coreml.passes.layers import layer_groups, residual_points, run_lengths  # noqa: PLC0415
     from bitnet_coreml.passes.summary import summarize  # noqa: PLC0415
 
     options = options or ConvertOptions()
@@ -323,12 +332,18 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         timed("check", t0)
 
     split_notes: list[str] = []
+    # layer of every node as checked, and where the residual stream sits in the program (bitnet_coreml.report)
+    layers: dict[str, Any] = {"groups": run_lengths(layer_groups(model.graph))}
     if options.split_limit:
         t0 = time.perf_counter()
         split_notes = split_large_dims(model, options.split_limit)
         assign_node_names(model.graph)
         check_supported(model)
         timed("split", t0)
+    node_index = {id(n): i for i, n in enumerate(model.graph)}
+    layers["residual"] = [{"label": r.label, "layer": r.layer, "value": r.value,
+                           "node_index": node_index[id(model.graph.node(r.node))]}
+                          for r in residual_points(model.graph)]
 
     fp16_info: dict[str, Any] = {}
     fp32_nodes: frozenset[str] = frozenset()
@@ -388,6 +403,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         "bitnet_coreml.params_other": str(summary.params_other),
         "bitnet_coreml.fp16_safety": json.dumps(fp16_info, sort_keys=True, default=str),
         "bitnet_coreml.check": json.dumps(check, sort_keys=True, default=str),
+        "bitnet_coreml.layers": json.dumps(layers, sort_keys=True),
         "bitnet_coreml.split": json.dumps(split_notes),
         "bitnet_coreml.embed_bits": str(options.embed_bits or 16),
         "bitnet_coreml.input_names": json.dumps(built.input_names, sort_keys=True),

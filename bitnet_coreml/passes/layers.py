@@ -14,6 +14,7 @@ units per layer, parity by depth) both use this one definition.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import onnx_ir as ir
 
@@ -95,3 +96,19 @@ def residual_points(graph: ir.Graph) -> list[ResidualPoint]:
         label = f"{layer} {'attention' if k % 2 == 0 else 'MLP'}" if paired else layer
         out.append(ResidualPoint(label, layer, str(node.outputs[0].name), str(node.name)))
     return out
+
+
+def run_lengths(labels: list[str]) -> list[list[Any]]:
+    """``[label, count]`` runs of consecutive equal labels (the compact form the package metadata stores)."""
+    out: list[list[Any]] = []
+    for lab in labels:
+        if out and out[-1][0] == lab:
+            out[-1][1] += 1
+        else:
+            out.append([lab, 1])
+    return out
+
+
+def expand_runs(runs: list[list[Any]]) -> list[str]:
+    """The inverse of :func:`run_lengths`."""
+    return [str(lab) for lab, n in runs for _ in range(int(n))]

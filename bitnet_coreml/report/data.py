@@ -167,6 +167,71 @@ def _mil_op_for(node_index: int, names: set[str]) -> str | None:
     return cands[-1][1] if cands else None
 
 
+def _checkpoint_seq_len(pkg: Path, spec: Any, meta: Mapping[str, str]) -> int:
+    from bitnet_coreml.verify import package_seq_len  # noqa: PLC0415
+
+    return package_seq_len(pkg, spec, _meta_json(meta, "bitnet_coreml.input_names", {}))
+
+
+def _load_source(source: Any, seq_len: int | None, embed_dtype: str = "float32") -> Any:
+    """The source after the default passes (``embed_dtype="float16"``: as the converter loads a checkpoint for fp16)."""
+    from bitnet_coreml.frontend import load  # noqa: PLC0415
+    from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
+
+    model = load(source, seq_len=seq_len, embed_dtype=embed_dtype)
+    run_default_passes(model)
+    return model
+
+
+def _check_and_units(meta: Mapping[str, str], model: Any, check_target: Any, source: Any,
+                     stored: Mapping[str, Any] | None, notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The check verdict and the compute units per layer.
+
+    From the converter's check stored in the package (``stored``: its per-node units, with the layer of
+    every node in ``bitnet_coreml.layers``), else from ``run_check`` on ``model`` (the source).
+    """
+    check_meta = _meta_json(meta, "bitnet_coreml.check", {})
+    units: dict[str, Any] = {"available": False, "unit_counts": check_meta.get("unit_counts"),
+                             "fallback_plan": check_meta.get("fallback_plan", []), "layers": []}
+    if model is not None and check_target is not None:
+        from bitnet_coreml.check import run_check  # noqa: PLC0415
+        from bitnet_coreml.passes.layers import layer_groups  # noqa: PLC0415
+
+        bits = meta.get("bitnet_coreml.embed_bits", "16")
+        rep = run_check(model, check_target, embed_bits=None if bits in ("16", "") else int(bits),
+                        precision=meta.get("bitnet_coreml.precision", "fp16"), source=str(source))
+        cd = rep.to_dict()
+        check = {"available": True, "from": "source", "ok": cd["ok"], "score": cd["score"],
+                 "violations": [v["message"] for v in cd["violations"]],
+                 "warnings": [w["message"] for w in cd["warnings"]], "unit_counts": cd["unit_counts"],
+                 "fallback_plan": cd["fallback_plan"], "target": cd["target"]}
+        units = {"available": True, "unit_counts": cd["unit_counts"], "fallback_plan": cd["fallback_plan"],
+                 "layers": _units_by_layer(cd["units"], layer_groups(model.graph))}
+    elif check_meta.get("available") and (stored is not None or source is None):
+        check = {"available": True, "from": "package metadata", "ok": not check_meta.get("violations"),
+                 "score": round(float(check_meta["score"]), 6), "violations": [],
+                 "warnings": list(check_meta.get("warnings", [])), "unit_counts": check_meta.get("unit_counts"),
+                 "fallback_plan": check_meta.get("fallback_plan", []), "target": check_meta.get("target")}
+        groups = _meta_json(meta, "bitnet_coreml.layers", {}).get("groups")
+        if stored is not None and groups:
+            from bitnet_coreml.passes.layers import expand_runs  # noqa: PLC0415
+
+            reasons = stored["reasons"]
+            ops = [{"node": n, "op_type": t, "unit": reasons[r][0], "reason": reasons[r][1]} for n, t, r in stored["ops"]]
+            units = {"available": True, "unit_counts": check_meta.get("unit_counts"),
+                     "fallback_plan": check_meta.get("fallback_plan", []),
+                     "layers": _units_by_layer(ops, expand_runs(groups))}
+        else:
+            notes.append("compute units per op need the source model (--source) or a package converted by this "
+                         "version; the totals come from the package")
+    else:
+        check = {"available": False, "from": None, "ok": None, "score": None, "violations": [], "warnings": [],
+                 "unit_counts": None, "fallback_plan": [], "target": None}
+        notes.append("the package was converted without a check (--no-check) and no target was given: "
+                     "no check verdict or compute units")
+    return check, units
+
+
 # --- the whole report -----------------------------------------------------------------------------------
 
 
@@ -209,72 +274,23 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     load_seconds = time.perf_counter() - t0
     by_kind = bytes_by_kind(ex.program, pkg)
 
-    # --- check and units (source: rerun the check exactly as `check` does; else the stored summary)
-    check: dict[str, Any]
-    units: dict[str, Any] = {"available": False, "unit_counts": check_meta.get("unit_counts"),
-                             "fallback_plan": check_meta.get("fallback_plan", []), "layers": []}
-    model = None
+    # --- check and units: the converter's check stored in the package, else `check` re-run on the source
+    if source is not None and seq_len is None and Path(source).is_dir():
+        seq_len = _checkpoint_seq_len(pkg, spec, meta)
     check_target = _check_target(meta, target)
-    if source is not None:
-        from bitnet_coreml.frontend import load  # noqa: PLC0415
-        from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
-        from bitnet_coreml.verify import package_seq_len  # noqa: PLC0415
-
-        in_names = _meta_json(meta, "bitnet_coreml.input_names", {})
-        if seq_len is None and Path(source).is_dir():
-            seq_len = package_seq_len(pkg, spec, in_names)
-        model = load(source, seq_len=seq_len)
-        sha = meta.get("bitnet_coreml.source_sha256")
-        if sha:
-            from bitnet_coreml.convert import source_sha256  # noqa: PLC0415
-
-            if source_sha256(source, model if Path(source).is_file() else None) != sha:
-                notes.append(f"{source} is not the file this package was converted from (sha256 differs)")
-        run_default_passes(model)
-    if model is not None and check_target is not None:
-        from bitnet_coreml.check import run_check  # noqa: PLC0415
-        from bitnet_coreml.passes.layers import layer_groups  # noqa: PLC0415
-
-        bits = meta.get("bitnet_coreml.embed_bits", "16")
-        rep = run_check(model, check_target, embed_bits=None if bits in ("16", "") else int(bits),
-                        precision=precision, source=str(source))
-        cd = rep.to_dict()
-        check = {"available": True, "from": "source", "ok": cd["ok"], "score": cd["score"],
-                 "violations": [v["message"] for v in cd["violations"]],
-                 "warnings": [w["message"] for w in cd["warnings"]], "unit_counts": cd["unit_counts"],
-                 "fallback_plan": cd["fallback_plan"], "target": cd["target"]}
-        units = {"available": True, "unit_counts": cd["unit_counts"], "fallback_plan": cd["fallback_plan"],
-                 "layers": _units_by_layer(cd["units"], layer_groups(model.graph))}
-    elif check_meta.get("available") and source is None:
-        check = {"available": True, "from": "package metadata", "ok": not check_meta.get("violations"),
-                 "score": round(float(check_meta["score"]), 6), "violations": [],
-                 "warnings": list(check_meta.get("warnings", [])), "unit_counts": check_meta.get("unit_counts"),
-                 "fallback_plan": check_meta.get("fallback_plan", []), "target": check_meta.get("target")}
-        notes.append("compute units per op need the source model (--source); the totals come from the package")
-    else:
-        check = {"available": False, "from": None, "ok": None, "score": None, "violations": [], "warnings": [],
-                 "unit_counts": None, "fallback_plan": [], "target": None}
-        notes.append("the package was converted without a check (--no-check) and no target was given: "
-                     "no check verdict or compute units")
+    stored = check_meta.get("units") if target is None and check_meta.get("available") else None
+    model = None
+    if source is not None and check_target is not None and stored is None:
+        model = _load_source(source, seq_len)
+    check, units = _check_and_units(meta, model, check_target, source, stored, notes)
+    del model
 
     # --- parity (verify's inputs and comparisons) plus the residual stream by depth, and op timings
     parity: dict[str, Any] = {**_NO_PARITY, "why_unavailable": "parity needs the source model (--source)"}
     timing: dict[str, Any] = {**_NO_TIMING}
     specs = ex.input_specs
     if needs_run:
-        from bitnet_coreml.passes.layers import residual_points  # noqa: PLC0415
-
-        points = residual_points(model.graph) if model is not None else []  # names as verify's ONNX Runtime run sees them
-        if model is not None and Path(source).is_dir() and precision == "fp16":  # type: ignore[arg-type]
-            # the converter imports a checkpoint's embedding as fp16 for fp16 builds (an extra Cast node):
-            # number the nodes as it did
-            from bitnet_coreml.frontend import load  # noqa: PLC0415
-            from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
-
-            model = load(source, seq_len=seq_len, embed_dtype="float16")  # type: ignore[arg-type]
-            run_default_passes(model)
-        parity, timing = _run(pkg, meta, ex, points, model, source, inputs, seq_len, notes)
-    del model
+        parity, timing = _run(pkg, meta, ex, source, inputs, seq_len, notes)
 
     activation_peak = ex.peak_activation_bytes()
     state = _state_info(ex, meta)
@@ -354,16 +370,11 @@ def _device_limit(target: Mapping[str, Any] | None) -> tuple[int | None, str | N
     return (int(mb * (1 << 20)) if mb else None), dev.name
 
 
-def _run(pkg: Path, meta: Mapping[str, str], ex: Any, points: list[Any], model: Any, source: Any, inputs: Any,
-         seq_len: int | None, notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the package (and the source in ONNX Runtime) on verify's inputs; parity by depth and op timings.
-
-    ``points`` are the residual adds named as in the source verify runs; ``model`` is the source as the
-    converter loaded it (same residual adds in the same order), whose node numbering the package's op
-    names carry.
-    """
+def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, seq_len: int | None,
+         notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the package (and the source in ONNX Runtime) on verify's inputs; parity by depth and op timings."""
     from bitnet_coreml.verify import (  # noqa: PLC0415
-        ParityReport,  # noqa: PLC0415
+        ParityReport,
         Thresholds,
         compare,
         feeds_for,
@@ -374,33 +385,21 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, points: list[Any], model: 
     precision = meta.get("bitnet_coreml.precision", "fp16")
     in_names = _meta_json(meta, "bitnet_coreml.input_names", {})
     out_names = _meta_json(meta, "bitnet_coreml.output_names", {})
-    capture: dict[str, Any] = {}
-    if model is not None:
-        from bitnet_coreml.lower.program import assign_node_names  # noqa: PLC0415
-        from bitnet_coreml.lower.split import split_large_dims  # noqa: PLC0415
-        from bitnet_coreml.passes.layers import residual_points  # noqa: PLC0415
-
-        converted = [q.value for q in residual_points(model.graph)]
-        if len(converted) != len(points):
-            notes.append("parity by depth: the converter's graph has a different residual stream; left out")
-            converted = []
-        assign_node_names(model.graph)
-        if _meta_json(meta, "bitnet_coreml.split", []):
-            split_large_dims(model)  # the converter's node numbering includes the split nodes
-            assign_node_names(model.graph)
-        index = {str(n.outputs[0].name): i for i, n in enumerate(model.graph) if n.outputs}
-        names = {s.ctx.name for s in ex._block.steps if s.ctx.op_type == "add"}
-        for p, value in zip(points, converted, strict=False):
-            op = _mil_op_for(index[value], names) if value in index else None
-            if op is None:
-                notes.append(f"parity by depth: no package op for {p.label} ({p.value}); left out")
-                continue
-            capture[p.value] = op
     from bitnet_coreml.frontend import load  # noqa: PLC0415
 
+    capture: dict[str, str] = {}  # ONNX value -> package op
+    points: list[tuple[str, str, str]] = []  # (label, layer, ONNX value)
     if source is not None:
         src = load(source, seq_len=seq_len)  # the unrewritten graph, exactly what verify runs
         feed_list, extra = feeds_for(src, inputs)
+        names = {s.ctx.name for s in ex._block.steps if s.ctx.op_type == "add"}
+        for label, layer, value, index in _residual_stream(meta, src, source, seq_len, precision, notes):
+            op = _mil_op_for(index, names)
+            if op is None:
+                notes.append(f"parity by depth: no package op for {label} ({value}); left out")
+                continue
+            capture[value] = op
+            points.append((label, layer, value))
     else:
         feed_list, extra = feeds_for(_input_model(ex, in_names), inputs)
         src = None
@@ -429,16 +428,16 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, points: list[Any], model: 
     report = ParityReport(str(source), str(pkg), precision, Thresholds.for_precision(precision))
     compare(report, runs, ort_out, extra, out_names)
     depth = []
-    for p in points:
-        if p.value not in capture or p.value not in ort_runs[0]:
+    for label, layer, value in points:
+        if value not in ort_runs[0]:
             continue
-        ref = np.concatenate([r[p.value].reshape(-1) for r in ort_runs])
-        got = np.concatenate([t.values[capture[p.value]].reshape(-1) for t in traces])
+        ref = np.concatenate([r[value].reshape(-1) for r in ort_runs])
+        got = np.concatenate([t.values[capture[value]].reshape(-1) for t in traces])
         if ref.size != got.size:
-            notes.append(f"parity by depth: {p.label} has {ref.size} values in ONNX Runtime, {got.size} in the package")
+            notes.append(f"parity by depth: {label} has {ref.size} values in ONNX Runtime, {got.size} in the package")
             continue
         m = metrics(ref, got)
-        depth.append({"label": p.label, "layer": p.layer, "value": p.value, "cosine": m["cosine"],
+        depth.append({"label": label, "layer": layer, "value": value, "cosine": m["cosine"],
                       "rel_l2": m["rel_l2"], "max_abs": m["max_abs"]})
     for onnx_name, ref in ort_out.items():
         out = runs["reference-executor"].get(out_names.get(onnx_name, onnx_name))
@@ -455,6 +454,40 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, points: list[Any], model: 
     parity = {"available": True, "report": report.to_dict(), "depth": depth, "worst_positions": worst,
               "output": logits, "draws": len(feed_list), "why_unavailable": None}
     return parity, timing
+
+
+def _residual_stream(meta: Mapping[str, str], src: Any, source: Any, seq_len: int | None, precision: str,
+                     notes: list[str]) -> list[tuple[str, str, str, int]]:
+    """(label, layer, value named as in ``src``, node index in the converter's graph) of every residual add.
+
+    The converter stores them (``bitnet_coreml.layers`` -> ``residual``). When those value names are not
+    in ``src`` (a checkpoint graph numbers its values, and the converter imports the embedding as fp16
+    for fp16 builds, which adds a node), they are found again: on the source as verify loads it (the
+    names) and as the converter loaded it (the node numbering), paired in order.
+    """
+    from bitnet_coreml.lower.program import assign_node_names  # noqa: PLC0415
+    from bitnet_coreml.lower.split import split_large_dims  # noqa: PLC0415
+    from bitnet_coreml.passes.layers import residual_points  # noqa: PLC0415
+
+    stored = _meta_json(meta, "bitnet_coreml.layers", {}).get("residual")
+    have = {o.name for n in src.graph for o in n.outputs}
+    if stored and all(r["value"] in have for r in stored):
+        return [(r["label"], r["layer"], r["value"], int(r["node_index"])) for r in stored]
+    model = _load_source(source, seq_len)
+    named = residual_points(model.graph)
+    if Path(source).is_dir() and precision == "fp16":
+        model = _load_source(source, seq_len, "float16")
+    converted = residual_points(model.graph)
+    if len(converted) != len(named):
+        notes.append("parity by depth: the converter's graph has a different residual stream; left out")
+        return []
+    assign_node_names(model.graph)
+    if _meta_json(meta, "bitnet_coreml.split", []):
+        split_large_dims(model)  # the converter's node numbering includes the split nodes
+        assign_node_names(model.graph)
+    index = {str(n.outputs[0].name): i for i, n in enumerate(model.graph) if n.outputs}
+    return [(p.label, p.layer, p.value, index[q.value]) for p, q in zip(named, converted, strict=True)
+            if q.value in index]
 
 
 class _InputModel:
