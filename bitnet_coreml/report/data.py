@@ -105,7 +105,7 @@ def _state_info(ex: Any, meta: Mapping[str, str]) -> dict[str, Any] | None:
         return None
     per_state = {n: int(np.prod([d or 0 for d in s.shape], dtype=np.int64)) * s.dtype.itemsize for n, s in specs.items()}
     total = sum(per_state.values())
-    ctx = meta.get("bitnet_coreml.context_length") or meta.get("bitnet_coreml.max_context")
+    ctx = (_meta_json(meta, "bitnet_coreml.stateful", {}) or {}).get("context")
     if ctx is None:  # KV layouts put the sequence axis second to last: [..., context, head_dim]
         shapes = [s.shape for s in specs.values() if len(s.shape) >= 2]
         ctx = shapes[0][-2] if shapes else None
@@ -275,6 +275,14 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     by_kind = bytes_by_kind(ex.program, pkg)
 
     # --- check and units: the converter's check stored in the package, else `check` re-run on the source
+    why_no_parity = "parity needs the source model (--source)"
+    if source is not None and "bitnet_coreml.stateful" in meta:
+        # verify compares whole-sequence graphs; a stateful package runs token by token through its KV cache
+        notes.append(f"{pkg} is stateful (KV cache): parity against the source is not measured by the report; "
+                     "the check and compute units come from the package")
+        source = None
+        needs_run = inputs is not None
+        why_no_parity = "stateful package: parity by depth is measured on whole-sequence packages only"
     if source is not None and seq_len is None and Path(source).is_dir():
         seq_len = _checkpoint_seq_len(pkg, spec, meta)
     check_target = _check_target(meta, target)
@@ -286,11 +294,13 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     del model
 
     # --- parity (verify's inputs and comparisons) plus the residual stream by depth, and op timings
-    parity: dict[str, Any] = {**_NO_PARITY, "why_unavailable": "parity needs the source model (--source)"}
+    parity: dict[str, Any] = {**_NO_PARITY, "why_unavailable": why_no_parity}
     timing: dict[str, Any] = {**_NO_TIMING}
     specs = ex.input_specs
     if needs_run:
         parity, timing = _run(pkg, meta, ex, source, inputs, seq_len, notes)
+        if not parity["available"]:
+            parity["why_unavailable"] = why_no_parity
 
     activation_peak = ex.peak_activation_bytes()
     state = _state_info(ex, meta)

@@ -42,3 +42,21 @@ def test_kv_cache_section_of_a_stateful_package(tmp_path: Path) -> None:
     assert d["summary"]["check"]["verdict"] == "not checked"
     page = html.read_text()
     assert "KV cache against context length" in page and f"KV cache (state) at {S} tokens" in page
+
+
+def test_report_of_a_stateful_conversion_reads_the_context_from_the_package(tmp_path: Path) -> None:
+    """`convert --stateful --report`: the KV cache section from the package's own states and context."""
+    ckpt = ROOT / "models" / "hf" / "bitnet-tiny-packed"
+    pkg, html = tmp_path / "st.mlpackage", tmp_path / "st.html"
+    code, _, err = run_cli("convert", ckpt, "-o", pkg, "--stateful", "--context", "64", "--prefill", "16",
+                           "--report", html)
+    assert code == 0, err
+    code, out, err = run_cli("report", pkg, "--source", ckpt, "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    jsonschema.validate(d, SCHEMA)
+    st = d["size"]["state"]
+    assert st["context_length"] == 64 and st["bytes"] == sum(st["states"].values())
+    assert not d["parity"]["available"] and "stateful" in d["parity"]["why_unavailable"]
+    assert d["units"]["available"] and d["summary"]["check"]["verdict"] == "fits"
+    assert "KV cache against context length" in html.read_text()
