@@ -26,6 +26,7 @@ import numpy as np
 
 from bitnet_coreml import __version__
 from bitnet_coreml.errors import InputError, ModelLoadError
+from bitnet_coreml.frontend import builds_graph
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
         source = None
         needs_run = inputs is not None
         why_no_parity = "stateful package: parity by depth is measured on whole-sequence packages only"
-    if source is not None and seq_len is None and Path(source).is_dir():
+    if source is not None and seq_len is None and builds_graph(source):
         seq_len = _checkpoint_seq_len(pkg, spec, meta)
     check_target = _check_target(meta, target)
     stored = check_meta.get("units") if target is None and check_meta.get("available") else None
@@ -485,7 +486,7 @@ def _residual_stream(meta: Mapping[str, str], src: Any, source: Any, seq_len: in
         return [(r["label"], r["layer"], r["value"], int(r["node_index"])) for r in stored]
     model = _load_source(source, seq_len)
     named = residual_points(model.graph)
-    if Path(source).is_dir() and precision == "fp16":
+    if builds_graph(source) and precision == "fp16":
         model = _load_source(source, seq_len, "float16")
     converted = residual_points(model.graph)
     if len(converted) != len(named):
