@@ -1,0 +1,187 @@
+"""Generation benchmark: the reference executor's decode vs transformers' own CPU ``generate()``.
+
+Same checkpoint (``bench/_work/hf-<size>``, made by ``make_bench_model.py --size 200m --checkpoint``),
+same thread count, same prompt (64 token ids), same number of new tokens (greedy), each engine in its
+own fresh process (transformers from the export venv), interleaved rounds, best round reported:
+
+* ours: ``GenerationSession`` on the package ``convert --stateful --context 512 --prefill 64`` makes
+  of the checkpoint (fp16), unit ``reference``: time to first token (the 64-token prompt in one
+  prefill call), decode tokens/s (the calls after the first token), peak RSS of the process and the
+  RSS growth from loading the package and generating (the interpreter and libraries excluded);
+* transformers: ``BitNetForCausalLM.from_pretrained`` (the checkpoint's bf16, as a user gets it, and
+  fp32) ``generate(max_new_tokens=1)`` for the time to first token and ``generate(max_new_tokens=N)``;
+  decode tokens/s = (N - 1) / (t_N - t_1).
+
+Also: the bytes the executor reads per decode call (every constant and state operand of every op of
+the decode function, from the compiled program, not estimated) and this machine's memory read
+bandwidth (numpy sum over 1 GiB, best of 5), i.e. how close decode runs to the physical limit.
+
+    python bench/bench_generate.py [--size 200m] [--threads 1] [--new-tokens 32] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "_work"
+EXPORT_PY = ROOT / ".venv-export" / "bin" / "python"
+if not EXPORT_PY.exists():
+    EXPORT_PY = Path("/work/main/.venv-export/bin/python")
+PROMPT_TOKENS = 64
+
+OURS = r"""
+import json, os, resource, sys, time
+import numpy as np, psutil
+pkg, n, p = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+from bitnet_coreml.generation import GenerationSession
+from bitnet_coreml.executor import ReferenceExecutor
+base = psutil.Process().memory_info().rss
+ids = np.random.default_rng(0).integers(0, 32000, p).tolist()
+t0 = time.perf_counter()
+s = GenerationSession(pkg, units=["reference"])
+load = time.perf_counter() - t0
+toks = list(s.generate(ids, max_new_tokens=n))
+st = s.stats
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"ttft_s": st.ttft_s, "decode_tok_s": st.decode_tok_s, "prefill_tok_s": st.prefill_tok_s,
+                  "load_s": load, "peak_rss": peak, "base_rss": base, "tokens": toks}))
+"""
+
+HF = r"""
+import json, sys, time, resource
+import torch
+folder, n, p, threads, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+torch.set_num_threads(threads)
+import numpy as np
+from transformers import BitNetForCausalLM
+kw = {} if dtype == "native" else {"dtype": getattr(torch, dtype)}
+m = BitNetForCausalLM.from_pretrained(folder, **kw).eval()
+ids = torch.tensor([np.random.default_rng(0).integers(0, 32000, p).tolist()])
+att = torch.ones_like(ids)
+with torch.no_grad():
+    m.generate(ids, attention_mask=att, max_new_tokens=2, do_sample=False)  # warm-up (torch.compile of helpers)
+    t = time.perf_counter(); m.generate(ids, attention_mask=att, max_new_tokens=1, do_sample=False); t1 = time.perf_counter() - t
+    t = time.perf_counter(); out = m.generate(ids, attention_mask=att, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    tn = time.perf_counter() - t
+print(json.dumps({"ttft_s": t1, "decode_tok_s": (n - 1) / max(tn - t1, 1e-9),
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "tokens": out[0, p:].tolist()}))
+"""
+
+BYTES = r"""
+import json, sys
+import numpy as np
+from bitnet_coreml.executor import ReferenceExecutor
+from bitnet_coreml.executor.ternary import TernaryWeight
+ex = ReferenceExecutor(sys.argv[1], function_name="decode")
+seen, total, ternary, dense = set(), 0, 0, 0
+for step in ex._block.steps:
+    for v in step.consts.values():
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, TernaryWeight):
+            ternary += v.nbytes
+        elif isinstance(v, np.ndarray):
+            dense += v.nbytes
+state = ex.make_state()
+sb = sum(np.asarray(state.read_state(n)).nbytes for n in state.names)
+print(json.dumps({"ternary_bytes": ternary, "dense_bytes": dense, "state_bytes": sb}))
+"""
+
+
+def _env(threads: int) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[k] = str(threads)
+    return env
+
+
+def _run(argv: list[str], threads: int) -> dict:
+    res = subprocess.run(argv, env=_env(threads), capture_output=True, text=True, cwd=ROOT)
+    if res.returncode != 0:
+        raise SystemExit(f"failed ({res.returncode}): {' '.join(argv[:3])}\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bandwidth_gbs() -> float:
+    a = np.ones(1 << 27, dtype=np.float64)  # 1 GiB
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="200m")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--hf-dtypes", default="native,float32")
+    args = ap.parse_args()
+    folder = WORK / f"hf-{args.size}"
+    if not (folder / "config.json").is_file():
+        print(f"skipped: {folder} missing (.venv-export/bin/python bench/make_bench_model.py --size {args.size} "
+              "--checkpoint)")
+        return 0
+    pkg = WORK / f"lm-{args.size}.mlpackage"
+    if not pkg.exists():
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "bitnet_coreml.cli", "convert", str(folder), "-o", str(pkg), "--stateful",
+                        "--context", "512", "--prefill", str(PROMPT_TOKENS)], check=True, env=_env(args.threads),
+                       cwd=ROOT, stdout=subprocess.DEVNULL)
+        print(f"converted {folder.name} -> {pkg.name} in {time.perf_counter() - t:.0f} s")
+    n, p, th = args.new_tokens, PROMPT_TOKENS, args.threads
+    ours, hf = [], {d: [] for d in args.hf_dtypes.split(",")}
+    for r in range(args.rounds):
+        ours.append(_run([sys.executable, "-c", OURS, str(pkg), str(n), str(p)], th))
+        for d in hf:
+            hf[d].append(_run([str(EXPORT_PY), "-c", HF, str(folder), str(n), str(p), str(th), d], th))
+        print(f"round {r + 1}: ours {ours[-1]['decode_tok_s']:.2f} tok/s, "
+              + ", ".join(f"transformers {d} {v[-1]['decode_tok_s']:.2f} tok/s" for d, v in hf.items()))
+    best = max(ours, key=lambda x: x["decode_tok_s"])
+    weights_bytes = sum(f.stat().st_size for f in (pkg / "Data" / "com.apple.CoreML" / "weights").rglob("*")
+                        if f.is_file())
+    reads = _run([sys.executable, "-c", BYTES, str(pkg)], th)
+    per_token = reads["ternary_bytes"] + reads["dense_bytes"] + reads["state_bytes"]
+    bw = bandwidth_gbs()
+    print(f"\n{args.size} checkpoint, context 512, prompt {p} tokens, {n} new tokens (greedy), {th} thread(s)")
+    print(f"ours (reference executor, fp16 package): TTFT {best['ttft_s'] * 1e3:.0f} ms, "
+          f"prefill {best['prefill_tok_s']:.1f} tok/s, decode {best['decode_tok_s']:.2f} tok/s, load {best['load_s']:.1f} s")
+    for d, v in hf.items():
+        b = max(v, key=lambda x: x["decode_tok_s"])
+        print(f"transformers generate() ({d}): TTFT {b['ttft_s'] * 1e3:.0f} ms, decode {b['decode_tok_s']:.2f} tok/s, "
+              f"peak RSS {b['peak_rss'] / 2**20:.0f} MiB -> ours/transformers decode "
+              f"{best['decode_tok_s'] / b['decode_tok_s']:.2f}x")
+    t_tok = 1.0 / best["decode_tok_s"]
+    print(f"bytes read per decode call: {per_token / 1e6:.1f} MB (ternary 2-bit {reads['ternary_bytes'] / 1e6:.1f} MB, "
+          f"dense {reads['dense_bytes'] / 1e6:.1f} MB, KV state {reads['state_bytes'] / 1e6:.1f} MB); "
+          f"at {best['decode_tok_s']:.2f} tok/s that is {per_token / t_tok / 1e9:.2f} GB/s; machine read bandwidth "
+          f"{bw:.1f} GB/s -> the memory-bound limit is {bw * 1e9 / per_token:.1f} tok/s, decode runs at "
+          f"{(per_token / t_tok / 1e9) / bw:.0%} of it")
+    kv = reads["state_bytes"]
+    grow = best["peak_rss"] - best["base_rss"]
+    print(f"peak RSS {best['peak_rss'] / 2**20:.0f} MiB (interpreter + libraries before loading: "
+          f"{best['base_rss'] / 2**20:.0f} MiB; growth {grow / 2**20:.0f} MiB) vs package weights "
+          f"{weights_bytes / 2**20:.0f} MiB + KV cache {kv / 2**20:.1f} MiB: growth / (weights + KV) = "
+          f"{grow / (weights_bytes + kv):.2f}x, peak / (weights + KV) = {best['peak_rss'] / (weights_bytes + kv):.2f}x "
+          "(goal <= 1.5x)")
+    same = all(best["tokens"][: len(v[0]["tokens"])] == v[0]["tokens"] for v in hf.values())
+    print(f"greedy tokens identical to transformers': {same} (random-init weights: near-ties make this informative only)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
