@@ -1,9 +1,10 @@
 """The ``bitnet-coreml`` command line.
 
 Each command lives in its own module under ``bitnet_coreml.commands`` and is imported only when it
-is invoked, so ``bitnet-coreml --help`` stays fast. Errors of the project's own types become one
-line on stderr and their documented exit code (see ``bitnet_coreml.errors``); anything else is a bug
-and keeps its traceback.
+is invoked, so ``bitnet-coreml --help`` stays fast. Every command runs under one guard
+(``bitnet_coreml._guard``): any failure is one ``error:`` line on stderr and a documented exit code
+(see ``bitnet_coreml.errors``), an unexpected exception is ``internal error in <stage>`` (exit 3), and
+``--debug`` / ``BITNET_COREML_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 import click
 
 from bitnet_coreml import __version__
-from bitnet_coreml.errors import EXIT_BAD_INPUT, BitnetCoremlError
+from bitnet_coreml._guard import debug_enabled, run_guarded
+from bitnet_coreml.errors import EXIT_BAD_INPUT
 
 # command name -> (module, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -57,11 +59,11 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except BitnetCoremlError as e:
-            click.echo(f"error: {e.one_line()}", err=True)
-            ctx.exit(e.exit_code)
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        args = args[:args.index("--")] if "--" in args else args
+        where = " ".join(a for a in args[:2] if a in COMMANDS or a == "run") or "bitnet-coreml"
+        return run_guarded(lambda: super(LazyGroup, self).invoke(ctx), where=where,
+                           debug=debug_enabled(bool(ctx.params.get("debug"))), as_json="--json" in args)
 
 
 def _not_built(name: str) -> click.Command:
@@ -76,11 +78,12 @@ def _not_built(name: str) -> click.Command:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bitnet-coreml")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of a failure (also BITNET_COREML_DEBUG=1).")
+def main(debug: bool) -> None:
     """Compile BitNet (ternary) graphs into Core ML packages for the Apple Neural Engine.
 
     Exit codes: 0 success, 1 check or parity failed, 2 bad input or usage,
-    3 runtime failure after every fallback was exhausted.
+    3 runtime failure after every fallback was exhausted (or an internal error: rerun with --debug).
     """
 
 

@@ -2,7 +2,8 @@
 
 Every message names the file / node / op / value at fault, gives the actual and the allowed
 value, and says what to do next. Anything that is *not* a :class:`BitnetCoremlError` reaching the
-CLI is a bug and keeps its traceback.
+CLI is a bug: the CLI's guard (``bitnet_coreml._guard``) reports it as one :class:`InternalError` line
+naming the stage it happened in (:func:`stage`), and shows the traceback only with ``--debug``.
 
 Exit codes (documented in the README):
 
@@ -18,6 +19,9 @@ recovery action the predictor takes by default (see ``bitnet_coreml.runtime.reco
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -32,6 +36,54 @@ class BitnetCoremlError(Exception):
     def one_line(self) -> str:
         """The message as one line, for the CLI."""
         return " ".join(str(self).split())
+
+
+STAGE_ATTR = "_bitnet_coreml_stage"
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Name the pipeline stage (``import``, ``lower``, ...) of any foreign exception raised inside.
+
+    The innermost stage wins; the CLI's guard uses it for ``internal error in <stage>: ...``.
+    """
+    try:
+        yield
+    except Exception as e:
+        if not isinstance(e, BitnetCoremlError) and getattr(e, STAGE_ATTR, None) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(e, STAGE_ATTR, name)
+        raise
+
+
+def stage_of(exc: BaseException, default: str) -> str:
+    """The stage recorded on ``exc`` by :func:`stage`, or ``default``."""
+    return str(getattr(exc, STAGE_ATTR, None) or default)
+
+
+# Exception classes that mean our code is wrong, not the device or the input: never retried, never
+# reported as a device failure (the predictor gives up at once; the CLI says "internal error").
+BUG_TYPES: tuple[type[BaseException], ...] = (
+    TypeError, AttributeError, NameError, LookupError, AssertionError, NotImplementedError, ValueError,
+    ZeroDivisionError, RecursionError, ImportError,
+)
+
+
+def is_bug(exc: BaseException) -> bool:
+    """True if ``exc`` is a programming error (see :data:`BUG_TYPES`), not a device or input failure."""
+    return isinstance(exc, BUG_TYPES) and not isinstance(exc, BitnetCoremlError)
+
+
+class InternalError(BitnetCoremlError):
+    """A bug: an exception the project did not expect. Exit 3; never retried; ``--debug`` shows the traceback."""
+
+    exit_code = EXIT_RUNTIME
+
+    def __init__(self, where: str, exc: BaseException) -> None:
+        text = " ".join(str(exc).split()) or "(no message)"
+        super().__init__(f"internal error in {where}: {type(exc).__name__}: {text} "
+                         "(rerun with --debug for the traceback)")
+        self.original = exc
 
 
 # --- bad input (exit 2) --------------------------------------------------------------------------

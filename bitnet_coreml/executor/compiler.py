@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from bitnet_coreml._quiet import coremltools
-from bitnet_coreml.errors import ModelError, OperationError, UnsupportedOpError
+from bitnet_coreml.errors import (
+    BitnetCoremlError,
+    InternalError,
+    ModelError,
+    OperationError,
+    ResourceMemoryError,
+    UnsupportedOpError,
+    is_bug,
+)
 from bitnet_coreml.executor import registry
 from bitnet_coreml.executor._fp16 import round_to_fp16
 from bitnet_coreml.executor._types import np_dtype, static_shape
@@ -357,7 +365,12 @@ def _gather_args(step: Step, env: list[Any] | None) -> dict[str, Any]:
     return a
 
 
-def _op_error(step: Step, e: Exception) -> OperationError:
+def _op_error(step: Step, e: Exception) -> BitnetCoremlError:
+    if is_bug(e):  # our op implementation is wrong: not an op failure to retry
+        return InternalError(f"the reference executor, op {step.ctx.name!r} ({step.ctx.op_type})", e)
+    if isinstance(e, MemoryError):
+        return ResourceMemoryError(f"op {step.ctx.name!r} ({step.ctx.op_type}) ran out of memory in the reference "
+                                   f"executor: {type(e).__name__}: {e}")
     return OperationError(
         f"op {step.ctx.name!r} ({step.ctx.op_type}) failed in the reference executor: {type(e).__name__}: {e}"
     )
@@ -373,7 +386,7 @@ def _call(step: Step, env: list[Any] | None) -> tuple[Any, ...]:
     a = _gather_args(step, env)
     try:
         out = step.fn(step.ctx, a, env) if step.needs_env else step.fn(step.ctx, a)
-    except (UnsupportedOpError, OperationError):
+    except BitnetCoremlError:
         raise
     except Exception as e:  # noqa: BLE001 - name the op that failed, keep the cause chained
         raise _op_error(step, e) from e

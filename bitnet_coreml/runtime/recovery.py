@@ -18,6 +18,7 @@ from bitnet_coreml.errors import (
     DeviceInitError,
     ExhaustedError,
     InputError,
+    InternalError,
     ModelError,
     OperationError,
     PlatformUnavailableError,
@@ -25,6 +26,7 @@ from bitnet_coreml.errors import (
     RuntimeFailure,
     ThermalError,
     TimeoutFailure,
+    is_bug,
 )
 
 
@@ -42,6 +44,7 @@ class RecoveryAction(str, enum.Enum):
 # (TimeoutFailure) can have a different action than its base (OperationError).
 RECOVERY_TABLE: tuple[tuple[type[BaseException], RecoveryAction, str], ...] = (
     (InputError, RecoveryAction.GIVE_UP, "bad input fails the same way on every unit"),
+    (InternalError, RecoveryAction.GIVE_UP, "a bug in this program: retrying or another unit cannot fix it"),
     (ExhaustedError, RecoveryAction.GIVE_UP, "every unit already failed"),
     (PlatformUnavailableError, RecoveryAction.FALLBACK, "the platform lacks this unit; retrying cannot help"),
     (ANEUnavailableError, RecoveryAction.FALLBACK, "no usable Neural Engine; the GPU or CPU can run the model"),
@@ -80,11 +83,14 @@ def recovery_reason(error: BaseException) -> str:
 def classify_exception(exc: BaseException, *, context: str = "") -> BitnetCoremlError:
     """Map an exception raised by Core ML, numpy or the OS onto the project's runtime taxonomy.
 
-    Project errors pass through unchanged. The message keeps the original type and text so a report
-    still shows what the library said.
+    Project errors pass through unchanged. A programming error (``TypeError``, ``KeyError``, ... see
+    :func:`bitnet_coreml.errors.is_bug`) becomes an :class:`InternalError`, which is never retried.
+    The message keeps the original type and text so a report still shows what the library said.
     """
     if isinstance(exc, BitnetCoremlError):
         return exc
+    if is_bug(exc):
+        return InternalError(context or "the predictor", exc)
     where = f"{context}: " if context else ""
     text = f"{where}{type(exc).__name__}: {' '.join(str(exc).split()) or '(no message)'}"
     low = str(exc).lower()

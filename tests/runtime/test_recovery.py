@@ -36,7 +36,9 @@ CASES = [
     (RuntimeError("device is in a serious thermal state"), A.WAIT_THERMAL),
     (RuntimeError("Failed to allocate 4 GB buffer"), A.REDUCE_MEMORY),
     (RuntimeError("boom"), A.RETRY),
-    (ValueError("bad"), A.RETRY),
+    (ValueError("bad"), A.GIVE_UP),  # a bug: never retried
+    (TypeError("bad"), A.GIVE_UP),
+    (E.InternalError("x", KeyError("k")), A.GIVE_UP),
 ]
 
 
@@ -50,12 +52,18 @@ def test_handle_error_table(error: BaseException, expected: RecoveryAction) -> N
     (TimeoutError("x"), E.TimeoutFailure),
     (Exception("Model prediction is only supported on macOS"), E.PlatformUnavailableError),
     (RuntimeError("Error compiling model"), E.ModelError),
-    (KeyError("k"), E.OperationError),
+    (RuntimeError("boom"), E.OperationError),
 ])
 def test_classify_exception_keeps_message(exc: BaseException, cls: type) -> None:
     err = classify_exception(exc, context="ane predict")
     assert type(err) is cls
     assert err.one_line().startswith(f"ane predict: {type(exc).__name__}: ")
+
+
+def test_classify_bug_is_internal_error() -> None:
+    err = classify_exception(KeyError("k"), context="reference predict")
+    assert type(err) is E.InternalError
+    assert err.one_line() == "internal error in reference predict: KeyError: 'k' (rerun with --debug for the traceback)"
 
 
 def test_classify_passes_project_errors_through() -> None:

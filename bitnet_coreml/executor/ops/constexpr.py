@@ -11,6 +11,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from bitnet_coreml.errors import ModelError
 from bitnet_coreml.executor.ops._util import scalar
 from bitnet_coreml.executor.registry import OpContext, register
 from bitnet_coreml.executor.ternary import from_lut
@@ -23,14 +24,14 @@ def unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
         # whole fields per byte: shift-and-mask, no per-bit expansion (this is the ternary 2-bit path)
         per = 8 // nbits
         if raw.size * per < count:
-            raise ValueError(f"packed data holds {raw.size * per} {nbits}-bit values, {count} needed")
+            raise ModelError(f"corrupt package: packed data holds {raw.size * per} {nbits}-bit values, {count} needed")
         shifts = (np.arange(per, dtype=np.uint8) * nbits).astype(np.uint8)
         fields = (raw[:, None] >> shifts[None, :]) & np.uint8((1 << nbits) - 1)
         return fields.reshape(-1)[:count]
     bits = np.unpackbits(raw, bitorder="little")
     need = count * nbits
     if bits.size < need:
-        raise ValueError(f"packed data holds {bits.size} bits, {count} x {nbits}-bit values need {need}")
+        raise ModelError(f"corrupt package: packed data holds {bits.size} bits, {count} x {nbits}-bit values need {need}")
     fields = bits[:need].reshape(count, nbits).astype(np.uint16)
     weights = (1 << np.arange(nbits, dtype=np.uint16))
     return (fields @ weights).astype(np.uint8)
@@ -114,7 +115,7 @@ def op_constexpr_lut_to_dense(ctx: OpContext, a: dict[str, Any]) -> Any:
                 table = table.astype(np.float32)
             raw = np.ascontiguousarray(np.asarray(a["indices"]).astype(np.uint8, copy=False).reshape(-1))
             if raw.size * per < count:
-                raise ValueError(f"packed data holds {raw.size * per} {nbits}-bit values, {count} needed")
+                raise ModelError(f"corrupt package: packed data holds {raw.size * per} {nbits}-bit values, {count} needed")
             out = np.empty(raw.size * per, dtype=table.dtype)
             _decode_bytes(raw, np.ascontiguousarray(table), out)  # one pass, ~6x np.take of row records
             return out[:count].reshape(shape)

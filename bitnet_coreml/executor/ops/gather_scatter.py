@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from bitnet_coreml.errors import InputError
 from bitnet_coreml.executor.ops._util import axis_of, scalar
 from bitnet_coreml.executor.registry import OpContext, register
 
@@ -17,8 +18,13 @@ def _wrap(idx: Any, size: int, validate: Any = False) -> np.ndarray:
     """
     i = np.asarray(idx).astype(np.int64)
     if bool(validate) and i.size and (i.min() < 0 or i.max() >= size):
-        raise IndexError(f"indices out of range [0, {size}): min {i.min()}, max {i.max()}")
-    return np.where(i < 0, i + size, i)
+        raise InputError(f"gather indices out of range [0, {size}): min {i.min()}, max {i.max()}; "
+                         "check the input values (e.g. token ids below the vocabulary size)")
+    i = np.where(i < 0, i + size, i)
+    if i.size and (i.min() < 0 or i.max() >= size):
+        raise InputError(f"gather indices out of range [-{size}, {size}): min {i.min()}, max {i.max()}; "
+                         "check the input values (e.g. token ids below the vocabulary size)")
+    return i
 
 
 def _validate(a: dict[str, Any]) -> bool:
