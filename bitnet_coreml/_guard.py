@@ -30,6 +30,7 @@ from bitnet_coreml.errors import (
     InternalError,
     ResourceMemoryError,
     RuntimeFailure,
+    set_stage,
     stage_of,
 )
 
@@ -100,6 +101,7 @@ def run_guarded(fn: Callable[[], T], *, where: str, debug: bool, as_json: bool) 
 
     root = logging.getLogger()
     held = _HeldWarnings()
+    set_stage(None)
     if debug:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("bitnet_coreml").setLevel(logging.DEBUG)

@@ -21,7 +21,7 @@ from typing import Any
 import onnx_ir as ir
 
 from bitnet_coreml import __version__
-from bitnet_coreml.errors import CheckFailedError, InputError
+from bitnet_coreml.errors import CheckFailedError, InputError, set_stage
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     from bitnet_coreml.package.writer import describe, package_files, save_package, weight_bytes  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
     from bitnet_coreml.passes.layers import layer_groups, residual_points, run_lengths  # noqa: PLC0415
+    from bitnet_coreml.passes.ort import ort_errors  # noqa: PLC0415
     from bitnet_coreml.passes.summary import summarize  # noqa: PLC0415
 
     options = options or ConvertOptions()
@@ -300,6 +301,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
     def stage(name: str) -> None:
         say(name)
+        set_stage(f"convert ({name})")  # what the CLI names in "internal error in <stage>"
         log.info("convert: %s", name)
 
     def timed(name: str, t0: float) -> None:
@@ -354,7 +356,8 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         t0 = time.perf_counter()
         feeds = (load_calibration(options.calibration, model) if options.calibration
                  else random_calibration(model))
-        plan = make_fp16_safe(model, feeds)
+        with ort_errors(f"{source}: fp16 calibration", input_at_fault=False):
+            plan = make_fp16_safe(model, feeds)
         fp16_info = plan.to_dict()
         fp16_info["calibration"] = Path(options.calibration).name if options.calibration else "random (seed 0)"
         fp32_nodes = frozenset(plan.fp32_nodes)

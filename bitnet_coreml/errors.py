@@ -20,6 +20,7 @@ recovery action the predictor takes by default (see ``bitnet_coreml.runtime.reco
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 EXIT_OK = 0
@@ -39,6 +40,12 @@ class BitnetCoremlError(Exception):
 
 
 STAGE_ATTR = "_bitnet_coreml_stage"
+_CURRENT_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitnet_coreml_stage", default=None)
+
+
+def set_stage(name: str | None) -> None:
+    """Record the stage a long function has entered (its progress steps), for :func:`stage_of`."""
+    _CURRENT_STAGE.set(name)
 
 
 @contextlib.contextmanager
@@ -57,8 +64,8 @@ def stage(name: str) -> Iterator[None]:
 
 
 def stage_of(exc: BaseException, default: str) -> str:
-    """The stage recorded on ``exc`` by :func:`stage`, or ``default``."""
-    return str(getattr(exc, STAGE_ATTR, None) or default)
+    """The stage recorded on ``exc`` by :func:`stage`, else the last :func:`set_stage`, else ``default``."""
+    return str(getattr(exc, STAGE_ATTR, None) or _CURRENT_STAGE.get() or default)
 
 
 # Exception classes that mean our code is wrong, not the device or the input: never retried, never

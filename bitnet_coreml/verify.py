@@ -158,15 +158,10 @@ def _judge(c: Comparison, t: Thresholds) -> None:
 
 def package_meta(package: Path) -> tuple[dict[str, str], Any]:
     """(user metadata, model spec) of ``package``, without loading it for prediction."""
-    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
 
-    ct = coremltools()
-    try:
-        m = ct.models.MLModel(str(package), skip_model_load=True)
-        spec = m.get_spec()
-    except Exception as e:  # noqa: BLE001  (coremltools raises many types for a bad package)
-        raise ModelLoadError(f"{package}: not a readable .mlpackage: {' '.join(str(e).split())}") from e
-    return dict(m.user_defined_metadata), spec
+    spec = read_package_spec(package).spec  # read-only (MLModel(path) rewrites Manifest.json)
+    return {str(k): str(v) for k, v in spec.description.metadata.userDefined.items()}, spec
 
 
 def package_seq_len(package: Path, spec: Any, in_names: Mapping[str, str]) -> int:
@@ -198,11 +193,9 @@ def _load_inputs(inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | Non
         where = "inputs"
     else:
         where = str(inputs)
-        try:
-            with np.load(inputs) as z:
-                data = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise InputError(f"{inputs}: cannot read .npz: {e}") from e
+        from bitnet_coreml._files import load_npz  # noqa: PLC0415
+
+        data = load_npz(inputs, "--input")
     missing = [n for n in names if n not in data]
     if missing:
         raise InputError(f"{where}: lacks input(s) {', '.join(missing)}; it has {', '.join(data) or 'nothing'}")
@@ -318,7 +311,10 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
         log.info("%s: sequence length %d read from the package's input_ids", pkg, seq_len)
     model = load(source, seq_len=seq_len, allow_dequant=allow_dequant)
     feed_list, extra = feeds_for(model, inputs)
-    ort_out = stack([run_ort(model, f) for f in feed_list])
+    from bitnet_coreml.passes.ort import ort_errors  # noqa: PLC0415
+
+    with ort_errors(str(source), input_at_fault=True):
+        ort_out = stack([run_ort(model, f) for f in feed_list])
     del model
 
     ex = _executor(pkg)

@@ -267,18 +267,17 @@ def _check_fields(where: str, row: Mapping[str, Any], spec: Mapping[str, tuple[A
             raise ConfigError(f"{where}: unknown key {k!r}; allowed: {', '.join(spec)}")
         if not _type_ok(v, spec[k][0]):
             raise ConfigError(f"{where}.{k}: expected {_type_name(spec[k][0])}, got {type(v).__name__} {v!r}")
+        values = v if isinstance(v, list) else [v]
+        if any(isinstance(x, (int, float)) and not isinstance(x, bool) and x < 0 for x in values):
+            raise ConfigError(f"{where}.{k}: {v!r} is negative; sizes, counts and limits must be >= 0")
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: capability file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read capability file: {e}") from e
+    if not path.exists():
+        raise ConfigError(f"{path}: capability file not found")
+    from bitnet_coreml._files import load_toml  # noqa: PLC0415
+
+    return load_toml(path, "capability file", error=ConfigError)
 
 
 def _merge(state: dict[str, Any], doc: Mapping[str, Any], name: str) -> None:

@@ -8,7 +8,6 @@ straight from the protobuf's first field, so this needs neither coremltools nor 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -22,13 +21,9 @@ UNITS = ("ane", "gpu", "cpu")
 def _model_file(package: Path) -> Path:
     if package.is_file():
         return package  # a bare .mlmodel
-    manifest = package / "Manifest.json"
-    try:
-        m = json.loads(manifest.read_text())
-        entry = m["itemInfoEntries"][m["rootModelIdentifier"]]
-        return package / "Data" / entry["path"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"{package}: not a readable .mlpackage (Manifest.json: {e})") from e
+    from bitnet_coreml.package.reader import root_spec_path  # noqa: PLC0415
+
+    return root_spec_path(package)  # manifest validated: its paths stay inside the package
 
 
 def package_spec_version(package: str | os.PathLike[str]) -> int:

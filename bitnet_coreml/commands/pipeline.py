@@ -36,7 +36,9 @@ def run(file: Path, as_json: bool, force: bool) -> None:
         # Library warnings (e.g. an fp16 range note) are worth seeing in a build log, on stderr.
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("bitnet_coreml").addHandler(handler)
+        ours = logging.getLogger("bitnet_coreml")
+        ours.addHandler(handler)
+        ours.propagate = False  # shown live here, so not held again by the CLI guard
 
     def on_event(key: str, message: str) -> None:
         if not as_json:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,11 @@ from bitnet_coreml.errors import InputError
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"--input {path}: no such file; give an .npz with one array per model input")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise InputError(f"--input {path}: is a single .npy array, not an .npz; save with np.savez(name=array)")
-            return {k: z[k] for k in z.files}
-    except InputError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"--input {path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    from bitnet_coreml._files import load_npz  # noqa: PLC0415
+
+    return load_npz(path, "--input")
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

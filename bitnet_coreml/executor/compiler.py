@@ -411,7 +411,7 @@ def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()
             a = _gather_args(step, env)
             try:
                 out = step.fn(step.ctx, a)
-            except (UnsupportedOpError, OperationError):
+            except BitnetCoremlError:
                 raise
             except Exception as e:  # noqa: BLE001 - name the op that failed, keep the cause chained
                 raise _op_error(step, e) from e

@@ -15,6 +15,16 @@ __all__ = ["load_program", "load_shared"]
 log = logging.getLogger(__name__)
 
 
+class _SpecView:
+    """The two things :func:`_program_from_mlmodel` needs from an ``MLModel``, for a spec read from disk."""
+
+    def __init__(self, spec: Any, weights_dir: str) -> None:
+        self._spec, self.weights_dir = spec, weights_dir
+
+    def get_spec(self) -> Any:
+        return self._spec
+
+
 def _program_from_mlmodel(model: Any, where: str, keys: dict[str, Any] | None = None) -> tuple[Any, str | None]:
     from coremltools.converters.mil.frontend.milproto import load as milproto_load  # noqa: PLC0415
 
@@ -80,11 +90,10 @@ def load_program(source: Any, *, keys: dict[str, Any] | None = None) -> tuple[An
             raise ModelLoadError(f"{path}: no such package (expected an .mlpackage directory)")
         if path.suffix != ".mlpackage" or not path.is_dir():
             raise ModelLoadError(f"{path}: not an .mlpackage directory; the reference executor runs ML Program packages")
-        try:
-            model = ct.models.MLModel(str(path), skip_model_load=True)
-        except Exception as e:  # noqa: BLE001 - corrupt manifests raise arbitrary errors
-            raise ModelLoadError(f"{path}: cannot open package: {type(e).__name__}: {e}") from e
-        prog, fn = _program_from_mlmodel(model, str(path), keys)
+        from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
+
+        ps = read_package_spec(path)  # read-only: MLModel(path) would rewrite the package's Manifest.json
+        prog, fn = _program_from_mlmodel(_SpecView(ps.spec, str(ps.weights_dir)), str(path), keys)
         return prog, fn, str(path)
     raise ModelLoadError(
         f"cannot execute a {type(source).__name__}; give an .mlpackage path, a coremltools MLModel or a MIL Program"

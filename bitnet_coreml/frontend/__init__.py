@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from bitnet_coreml._files import regular_file
 from bitnet_coreml.errors import ModelLoadError
 from bitnet_coreml.frontend.onnx_import import load_onnx
 
@@ -78,11 +79,13 @@ def load(path: str | os.PathLike[str], *, seq_len: int | None = None, embed_dtyp
 
         return load_gguf(p, seq_len=seq_len or DEFAULT_SEQ_LEN, embed_dtype=embed_dtype, allow_dequant=allow_dequant)
     if p.is_dir():
+        if (p / "config.json").exists():
+            regular_file(p / "config.json", "config.json", error=ModelLoadError)
         if not (p / "config.json").is_file():
             raise ModelLoadError(
                 f"{p}: is a folder without config.json; expected an .onnx file or a Hugging Face BitNet checkpoint folder"
             )
         from bitnet_coreml.frontend.hf_checkpoint import load_checkpoint  # noqa: PLC0415
 
-        return load_checkpoint(p, seq_len=seq_len or DEFAULT_SEQ_LEN, embed_dtype=embed_dtype)
+        return load_checkpoint(p, seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, embed_dtype=embed_dtype)
     return load_onnx(p)

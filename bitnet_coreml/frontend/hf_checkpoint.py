@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from bitnet_coreml._files import check_budget
 from bitnet_coreml.errors import InputError, ModelLoadError
 from bitnet_coreml.frontend.hf_config import BitNetConfig, read_config
 from bitnet_coreml.frontend.hf_graph import GraphBuilder
@@ -326,10 +327,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, seq_len: int = 64, embed_dt
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: not a folder; expected a Hugging Face BitNet checkpoint folder with config.json")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise InputError(f"seq_len = {seq_len!r}; expected a positive integer")
+        raise InputError(f"seq_len (--seq-len) = {seq_len!r}; expected a positive integer")
     if embed_dtype not in EMBED_DTYPES:
         raise InputError(f"embed_dtype = {embed_dtype!r}; allowed: {', '.join(EMBED_DTYPES)}")
     cfg = read_config(folder)
+    # the attention scores [heads, S, S] (fp32) are the largest activation a sequence length implies
+    check_budget(4 * cfg.num_attention_heads * seq_len * seq_len,
+                 f"--seq-len {seq_len}: attention scores [{cfg.num_attention_heads}, {seq_len}, {seq_len}] fp32")
     if seq_len > cfg.max_position_embeddings:
         log.warning("seq_len %d exceeds max_position_embeddings %d of %s", seq_len, cfg.max_position_embeddings, folder)
     store = CheckpointTensors(folder)

@@ -8,12 +8,12 @@ the value found and the values allowed, so a checkpoint is never imported on a g
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitnet_coreml._files import inside, load_json
 from bitnet_coreml.errors import ModelLoadError
 
 LINEAR_CLASSES = ("autobitlinear", "bitlinear")
@@ -186,12 +186,10 @@ def parse_config(raw: dict[str, Any]) -> BitNetConfig:
 def read_config(folder: Path) -> BitNetConfig:
     """Read and validate ``folder/config.json``; raises :class:`ModelLoadError` naming the file and key."""
     path = folder / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise ModelLoadError(f"{folder}: no config.json; expected a Hugging Face BitNet checkpoint folder")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from e
+    inside(folder, path, "config.json", error=ModelLoadError)
+    raw = load_json(path, "config.json", error=ModelLoadError)
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path}: expected a JSON object, found {type(raw).__name__}")
     try:

@@ -13,7 +13,6 @@ the folder (an index cannot make us read outside the checkpoint, the same rule a
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 from safetensors import SafetensorError, safe_open
 
+from bitnet_coreml._files import inside, load_json, parse_json, regular_file
 from bitnet_coreml.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,14 @@ _MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The JSON header of a safetensors file and the offset where its data starts."""
+    size = regular_file(path, "safetensors file", error=ModelLoadError).st_size
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= _MAX_HEADER:
-            raise ModelLoadError(f"{path}: header length {n} is out of range; not a safetensors file")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"{path}: header is not valid JSON ({e})") from e
+        if not 0 < n <= min(_MAX_HEADER, size - 8):
+            raise ModelLoadError(f"{path}: header length {n} is out of range for a {size}-byte file; "
+                                 "not a safetensors file (or truncated)")
+        header = parse_json(f.read(n), f"{path}: header", error=ModelLoadError)
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path}: header is not a JSON object")
     return header, 8 + n
@@ -94,9 +93,7 @@ def _safe_shard_name(folder: Path, index_path: Path, name: object) -> Path:
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
         raise ModelLoadError(f"{index_path}: weight_map names shard {name!r}; expected a plain file name in the "
                              "checkpoint folder")
-    target = (folder / name).resolve()
-    if target.parent != folder.resolve():
-        raise ModelLoadError(f"{index_path}: shard {name!r} resolves outside the checkpoint folder ({target}); refused")
+    target = inside(folder, folder / name, f"shard {name!r} listed in {index_path.name}", error=ModelLoadError)
     if not target.is_file():
         raise ModelLoadError(f"{index_path}: shard {name!r} listed in weight_map is missing from {folder}")
     return folder / name
@@ -126,10 +123,8 @@ class CheckpointTensors:
                                  "expected at most one")
         if indexes:
             ip = indexes[0]
-            try:
-                raw = json.loads(ip.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ModelLoadError(f"{ip}: not valid JSON ({' '.join(str(e).split())})") from e
+            inside(self.folder, ip, "safetensors index", error=ModelLoadError)
+            raw = load_json(ip, "safetensors index", error=ModelLoadError)
             wm = raw.get("weight_map") if isinstance(raw, dict) else None
             if not isinstance(wm, dict) or not wm:
                 raise ModelLoadError(f"{ip}: no weight_map object; expected {{tensor name: shard file}}")
@@ -144,6 +139,8 @@ class CheckpointTensors:
         return files, {}
 
     def _open(self, path: Path) -> None:
+        inside(self.folder, path, "safetensors file", error=ModelLoadError)
+        regular_file(path, "safetensors file", error=ModelLoadError)
         try:
             with safe_open(str(path), framework="numpy") as h:
                 listed = set(h.keys())

@@ -17,6 +17,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from bitnet_coreml._files import inside, regular_file
 from bitnet_coreml.errors import ModelLoadError
 from bitnet_coreml.frontend._mmap_proto import WireError, load_proto_mmap
 from bitnet_coreml.frontend.validate import validate_graph
@@ -37,7 +38,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory, expected an .onnx file (or a Hugging Face checkpoint folder with config.json)")
-    size = path.stat().st_size
+    size = regular_file(path, "ONNX model", error=ModelLoadError).st_size
     if size == 0:
         raise ModelLoadError(f"{path}: file is empty, expected an ONNX model")
     try:
@@ -51,9 +52,8 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     return proto
 
 
-def _iter_tensors(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]
-    yield from graph.initializer
-    for node in graph.node:
+def _iter_node_tensors(nodes):  # type: ignore[no-untyped-def]
+    for node in nodes:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 yield attr.t
@@ -66,6 +66,120 @@ def _iter_tensors(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]
                     yield from _iter_tensors(g)
 
 
+def _iter_tensors(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]
+    yield from graph.initializer
+    yield from _iter_node_tensors(graph.node)
+
+
+def _iter_model_tensors(proto: onnx.ModelProto):  # type: ignore[no-untyped-def]
+    """Every tensor of the model: initializers and constants of the graph, its subgraphs and its functions."""
+    yield from _iter_tensors(proto.graph)
+    for fn in proto.functions:
+        yield from _iter_node_tensors(fn.node)
+
+
+def _int_entry(info: dict[str, str], key: str, where: str) -> int | None:
+    raw = info.get(key)
+    if raw is None or raw == "":
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 20:
+        raise ModelLoadError(f"{where}: {key} {raw!r} is not a non-negative integer")
+    return int(raw)
+
+
+def _numel(t: onnx.TensorProto, where: str) -> int:
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            raise ModelLoadError(f"{where}: negative dimension in shape {list(t.dims)}; dimensions must be >= 0")
+        n *= int(d)
+    return n
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def check_tensors(proto: onnx.ModelProto, model_path: Path) -> None:
+    """Refuse tensors whose declared shape and stored data disagree, negative dims, string or duplicate weights.
+
+    Checked on the parsed protobuf before onnx-ir or any pass sees a tensor (nothing is read from
+    external data here: its ranges are checked by :func:`check_external_data`).
+    """
+    seen: set[str] = set()
+    for t in proto.graph.initializer:
+        where = f"{model_path}: initializer {t.name!r}"
+        if t.name in seen:
+            raise ModelLoadError(f"{where} is defined twice; initializer names must be unique")
+        seen.add(t.name)
+        if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            kind = "string" if t.data_type == onnx.TensorProto.STRING else "undefined"
+            raise ModelLoadError(f"{where} has {kind} data type; weights must be numeric tensors")
+    for t in _iter_model_tensors(proto):
+        where = f"{model_path}: tensor {t.name!r}"
+        numel = _numel(t, where)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        size = _ELEM_SIZE.get(t.data_type)
+        if t.HasField("raw_data") and size is not None:
+            if len(t.raw_data) != numel * size:
+                raise ModelLoadError(f"{where}: raw data holds {len(t.raw_data)} bytes but shape {list(t.dims)} "
+                                     f"needs {numel * size}")
+            continue
+        stored = sum(len(getattr(t, f)) for f in _TYPED_FIELDS)
+        if stored and t.data_type not in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) and stored != numel:
+            raise ModelLoadError(f"{where}: holds {stored} values but shape {list(t.dims)} needs {numel}")
+
+
+def check_functions(proto: onnx.ModelProto, model_path: Path) -> None:
+    """Refuse model-local functions that call themselves, directly or through others (inlining would not end)."""
+    defined = {(f.domain, f.name, f.overload): f for f in proto.functions}
+    by_name = {(f.domain, f.name): key for key, f in defined.items()}
+
+    def calls(fn: onnx.FunctionProto) -> list[tuple[str, str, str]]:
+        out = []
+        for n in fn.node:
+            key = (n.domain, n.op_type, n.overload)
+            if key in defined:
+                out.append(key)
+            elif (n.domain, n.op_type) in by_name:
+                out.append(by_name[(n.domain, n.op_type)])
+        return out
+
+    state: dict[tuple[str, str, str], int] = {}  # 1 = on the current path, 2 = done
+    for root in defined:
+        if state.get(root):
+            continue
+        stack: list[tuple[tuple[str, str, str], list[tuple[str, str, str]]]] = [(root, calls(defined[root]))]
+        state[root] = 1
+        while stack:
+            key, todo = stack[-1]
+            if not todo:
+                state[key] = 2
+                stack.pop()
+                continue
+            nxt = todo.pop()
+            if state.get(nxt) == 1:
+                path = [k for k, _ in stack] + [nxt]
+                start = path.index(nxt)
+                chain = " -> ".join(f"{d}::{n}" for d, n, _ in path[start:])
+                raise ModelLoadError(f"{model_path}: model-local function {nxt[0]}::{nxt[1]!r} is recursive ({chain}); "
+                                     "ONNX functions cannot call themselves")
+            if not state.get(nxt):
+                state[nxt] = 1
+                stack.append((nxt, calls(defined[nxt])))
+
+
+def check_shapes(proto: onnx.ModelProto, model_path: Path) -> None:
+    """ONNX's own strict shape and type inference: a graph whose shapes contradict each other is refused here,
+    naming the node, instead of failing inside a pass or ONNX Runtime later. No tensor data is read."""
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError as e:
+        raise ModelLoadError(f"{model_path}: invalid graph: {' '.join(str(e).split())[:500]}") from None
+    except (RuntimeError, ValueError) as e:  # an op ONNX cannot infer (e.g. too new): not the input's fault
+        log.debug("shape inference of %s skipped: %s", model_path, e)
+
+
 def check_external_data(proto: onnx.ModelProto, model_path: Path) -> int:
     """Refuse external data that escapes the model's folder, is missing, or is shorter than declared.
 
@@ -73,7 +187,7 @@ def check_external_data(proto: onnx.ModelProto, model_path: Path) -> int:
     """
     base = model_path.parent.resolve()
     count = 0
-    for t in _iter_tensors(proto.graph):
+    for t in _iter_model_tensors(proto):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         count += 1
@@ -87,19 +201,18 @@ def check_external_data(proto: onnx.ModelProto, model_path: Path) -> int:
         parts = Path(loc.replace("\\", "/")).parts
         if ".." in parts:
             raise ModelLoadError(f"{where} contains '..'; only paths inside the model's folder are allowed")
-        target = (base / loc).resolve()
-        if target != base and base not in target.parents:
-            raise ModelLoadError(f"{where} resolves outside the model's folder ({target}, through a symlink); refused")
-        if not target.is_file():
+        if "\x00" in loc:
+            raise ModelLoadError(f"{where} contains a NUL byte; refused")
+        target = inside(base, base / loc, f"external data of initializer {t.name!r}", error=ModelLoadError)
+        if not target.exists():
             raise ModelLoadError(f"{where}: external data file not found next to the model")
-        fsize = target.stat().st_size
-        offset = int(info.get("offset", "0") or 0)
-        numel = 1
-        for d in t.dims:
-            numel *= int(d)
+        fsize = regular_file(target, "external data file", error=ModelLoadError).st_size
+        offset = _int_entry(info, "offset", where) or 0
+        numel = _numel(t, where)
         expected = numel * _ELEM_SIZE.get(t.data_type, 0)
-        length = int(info["length"]) if info.get("length") else expected
-        if offset < 0 or length < 0 or offset + length > fsize:
+        length = _int_entry(info, "length", where)
+        length = expected if length is None else length
+        if offset + length > fsize:
             raise ModelLoadError(
                 f"{where}: needs bytes {offset}..{offset + length} but the file has {fsize} bytes (truncated external data?)"
             )
@@ -112,7 +225,10 @@ def load_onnx(path: str | os.PathLike[str]) -> ir.Model:
     """Load and validate an ONNX model; tensors stay lazy (external data is memory-mapped)."""
     p = Path(path)
     proto = _read_proto(p)
+    check_tensors(proto, p)
+    check_functions(proto, p)
     n_external = check_external_data(proto, p)
+    check_shapes(proto, p)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx-ir raises a variety of errors on malformed protos

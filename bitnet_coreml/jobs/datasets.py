@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import zipfile
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from bitnet_coreml._files import check_budget, load_npz, npz_headers, parse_json, refuse_special
 from bitnet_coreml.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,8 @@ class NpzFolder(Dataset):
         self._names = sorted(e.name for e in os.scandir(path) if e.name.endswith(".npz") and e.is_file())
         if not self._names:
             raise InputError(f"dataset {path}: folder has no .npz files; expected one .npz file per item")
+        for name in self._names:  # headers only: a lying or pickled item is refused before the job starts
+            npz_headers(path / name, "dataset item")
 
     def __len__(self) -> int:
         return len(self._names)
@@ -109,6 +113,10 @@ class NpzBatch(Dataset):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        heads = npz_headers(path, "dataset", budget=False)  # declared shapes vs stored bytes, no pickles
+        for name, (shape, dtype) in heads.items():
+            row = math.prod(shape[1:]) * dtype.itemsize
+            check_budget(row, f"dataset {path}: one row of array {name!r} (shape {list(shape[1:])})")
         try:
             self._columns, self._rows = _scan_npz(path)
         except (OSError, zipfile.BadZipFile, ValueError) as e:
@@ -193,8 +201,15 @@ class JsonLines(Dataset):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        self._count = 0
         with open(path, "rb") as f:
-            self._count = sum(1 for line in f if line.strip())
+            for lineno, line in enumerate(f, 1):  # every line is parsed once now: a broken file is refused whole
+                if line.strip():
+                    obj = parse_json(line, f"{path}:{lineno}")
+                    if not isinstance(obj, dict):
+                        raise InputError(f"{path}:{lineno}: expected a JSON object of named arrays, found "
+                                         f"{type(obj).__name__}")
+                    self._count += 1
         if not self._count:
             raise InputError(f"dataset {path}: no items (empty .jsonl)")
 
@@ -230,6 +245,7 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
     p = Path(path)
     if not p.exists():
         raise InputError(f"dataset {p}: no such file or folder")
+    refuse_special(p, "dataset")
     if p.is_dir():
         return NpzFolder(p)
     if p.suffix == ".npz":
@@ -246,8 +262,7 @@ def load_item(ref: ItemRef) -> dict[str, np.ndarray]:
         return dict(ref.inline)
     kind = ref.locator[0]
     if kind == "npz":
-        with np.load(ref.locator[1], allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        return load_npz(ref.locator[1], "dataset item")
     if kind == "npz-row":
         _, path, row, stored = ref.locator
         out: dict[str, np.ndarray] = dict(ref.inline or {})
@@ -272,10 +287,7 @@ def load_item(ref: ItemRef) -> dict[str, np.ndarray]:
 
 def _parse_json_item(line: bytes, path: str, lineno: int) -> dict[str, np.ndarray]:
     where = f"{path}:{lineno}"
-    try:
-        obj = json.loads(line)
-    except ValueError as e:
-        raise InputError(f"{where}: not valid JSON ({e})") from e
+    obj = parse_json(line, where)
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object of named arrays, found {type(obj).__name__}")
     out: dict[str, np.ndarray] = {}

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from bitnet_coreml.errors import InputError, ModelLoadError
+from bitnet_coreml.errors import InputError
 from bitnet_coreml.jobs._io import sha256_tree
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,9 @@ def package_input_dtypes(package: str | Path) -> dict[str, np.dtype[Any]]:
     from bitnet_coreml._quiet import coremltools  # noqa: PLC0415 - heavy, only in workers
 
     ct = coremltools()
-    try:
-        spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
-    except Exception as e:  # coremltools raises bare Exceptions for bad packages
-        raise ModelLoadError(f"{package}: cannot read the package ({e})") from e
+    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
+
+    spec = read_package_spec(package).spec  # read-only (MLModel(path) rewrites Manifest.json)
     enum = ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
     out: dict[str, np.dtype[Any]] = {}
     for inp in spec.description.input:

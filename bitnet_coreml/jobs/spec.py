@@ -20,11 +20,6 @@ from typing import Any
 
 from bitnet_coreml.errors import ConfigError, InputError
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover  (Python 3.10: the tomli backport, a dependency there)
-    import tomli as tomllib  # type: ignore[no-redef]
-
 FORMAT_VERSION = 1
 PRECISIONS = ("fp16", "fp32")
 EMBED_BITS = (4, 6, 8)  # bitnet_coreml.convert.EMBED_BITS (not imported: it pulls in onnx-ir, ~0.5 s)
@@ -187,17 +182,18 @@ def _show(v: Any) -> str:
 def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     """Read and validate a pipeline file; raises :class:`ConfigError` (exit 2) on any problem."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"{p}: pipeline file not found")
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid TOML ({e})") from e
+    from bitnet_coreml._files import load_toml  # noqa: PLC0415
+
+    data = load_toml(p, "pipeline file", error=ConfigError)
     ctx = _Ctx(p)
     ctx.keys(data, _TOP_KEYS, "top level")
     version = data.get("version", FORMAT_VERSION)
     ctx.choice(version, (FORMAT_VERSION,), "version")
     output_dir = ctx.path_of(data.get("output_dir", "out"), "output_dir", must_exist=False)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ctx.fail("output_dir", f"{output_dir} exists and is not a folder; give a folder (it is created if missing)")
     defaults = ctx.keys(data.get("defaults", {}), _DEFAULT_KEYS, "defaults")
     models_raw = data.get("model")
     if not models_raw:
@@ -363,10 +359,14 @@ def _verify(ctx: _Ctx, raw: Any, where: str) -> VerifySpec:
 
 def _check_output(ctx: _Ctx, output: str, where: str) -> None:
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(output) if f is not None]
+        parsed = [(f, spec) for _, f, spec, _ in string.Formatter().parse(output) if f is not None]
     except ValueError as e:
         raise ctx.fail(where, f"{output!r} is not a valid name template ({e})") from e
-    for f in fields:
+    for f, spec in parsed:
+        if spec:  # a width or fill ('{name:>4000000000}') could ask for gigabytes: plain fields only
+            raise ctx.fail(where, f"placeholder '{{{f}:{spec}}}' has a format spec; only plain placeholders "
+                                  f"such as '{{{f}}}' are allowed")
+    for f, _ in parsed:
         if f not in OUTPUT_FIELDS:
             raise ctx.fail(where, f"unknown placeholder '{{{f}}}'; allowed: {', '.join('{' + x + '}' for x in OUTPUT_FIELDS)}")
     if not output.endswith(".mlpackage") or "/" in output or "\\" in output:

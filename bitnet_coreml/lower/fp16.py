@@ -88,15 +88,24 @@ def random_calibration(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
 
 def load_calibration(path: str, model: ir.Model) -> dict[str, np.ndarray]:
     """Read a calibration ``.npz`` whose keys are the graph's input names."""
-    try:
-        with np.load(path) as data:
-            feeds = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read calibration .npz: {e}") from e
+    from bitnet_coreml._files import load_npz  # noqa: PLC0415
+
+    feeds = load_npz(path, "calibration")
     names = [str(v.name) for v in model.graph.inputs if v.name not in model.graph.initializers]
     missing = [n for n in names if n not in feeds]
     if missing:
         raise InputError(f"{path}: calibration input lacks {', '.join(missing)}; it has {', '.join(feeds) or 'nothing'}")
+    for v in model.graph.inputs:
+        if str(v.name) not in names or v.shape is None:
+            continue
+        got = feeds[str(v.name)].shape
+        want = list(v.shape)
+        if len(got) != len(want) or any(isinstance(w, int) and w != g for w, g in zip(want, got, strict=False)):
+            raise InputError(f"{path}: calibration array {v.name!r} has shape {list(got)}; the graph input is {want}")
+        kind = feeds[str(v.name)].dtype.kind
+        if v.dtype is not None and (kind not in "biuf" or (v.dtype.is_floating_point() and kind not in "f")):
+            raise InputError(f"{path}: calibration array {v.name!r} has dtype {feeds[str(v.name)].dtype}; "
+                             f"the graph input is {v.dtype.name}")
     return {n: feeds[n] for n in names}
 
 
@@ -163,7 +172,7 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
     _mmap_large_allocations()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: an ORT error is raised and reported in one line, not logged too
     # Without the arena every run-time temporary (the fp32 Cast + Transpose of each int8 weight inside
     # the BitLinear bodies) goes back to the system when freed; with it, the arena grows to hold them
     # all (2B checkpoint: 8.7 GB with the arena, 3.8 GB without, same outputs).

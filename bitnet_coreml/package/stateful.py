@@ -130,12 +130,12 @@ def stateful_info(source: str | os.PathLike[str] | Any) -> StatefulInfo | None:
 
 def _metadata(source: Any) -> dict[str, str]:
     if isinstance(source, (str, os.PathLike)):
-        from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+        from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
 
         path = Path(source)
         if not (path / "Manifest.json").is_file():
             raise InputError(f"{path}: not an .mlpackage (no Manifest.json)")
-        source = coremltools().models.MLModel(str(path), skip_model_load=True)
+        source = read_package_spec(path).spec  # read-only (MLModel(path) rewrites Manifest.json)
     spec = source.get_spec() if hasattr(source, "get_spec") else source
     return {str(k): str(v) for k, v in spec.description.metadata.userDefined.items()}
 

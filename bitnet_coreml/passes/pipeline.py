@@ -18,7 +18,7 @@ from typing import Any
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from bitnet_coreml.errors import InputError
+from bitnet_coreml.errors import InputError, stage
 from bitnet_coreml.passes.bitlinear import fuse_bitlinear
 from bitnet_coreml.passes.fused import DOMAIN
 from bitnet_coreml.passes.layout import native_space_depth
@@ -58,6 +58,38 @@ class PassReport:
 def _shape_inference(model: ir.Model) -> tuple[bool, dict[str, Any]]:
     result = common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
     return result.modified, {}
+
+
+def _check_sizes(model: ir.Model) -> tuple[bool, dict[str, Any]]:
+    """Refuse values whose declared (inferred) shape is negative or too large to ever allocate.
+
+    Runs right after shape inference, before folding, ONNX Runtime or the converter allocate anything:
+    a graph input declared ``[2**20, 2**20]``, a ``ConstantOfShape`` / ``Tile`` / ``Expand`` whose inferred
+    output is terabytes, is one line naming the value and its producer instead of an allocation failure.
+    """
+    from bitnet_coreml._files import check_budget  # noqa: PLC0415
+
+    values: list[tuple[ir.Value, str]] = [(v, "graph input") for v in model.graph.inputs]
+    for node in model.graph:
+        values.extend((v, f"output of node {node.name!r} ({node.op_type})") for v in node.outputs)
+    for v, what in values:
+        shape, dtype = v.shape, v.dtype
+        if shape is None:
+            continue
+        dims = [d for d in shape if isinstance(d, int)]
+        if any(d < 0 for d in dims):
+            raise InputError(f"value {v.name!r} ({what}) has a negative dimension in shape {list(shape)}")
+        if len(dims) != len(shape) or dtype is None:
+            continue
+        n = 1
+        for d in dims:
+            n *= d
+        try:
+            itemsize = float(dtype.itemsize)
+        except (AttributeError, TypeError, ValueError):  # strings: at least a byte each
+            itemsize = 1.0
+        check_budget(int(n * itemsize), f"value {v.name!r} ({what}, shape {list(shape)} {dtype.name})")
+    return False, {}
 
 
 def _inline_foreign_functions(model: ir.Model) -> tuple[bool, dict[str, Any]]:
@@ -128,6 +160,7 @@ def _cleanup(model: ir.Model) -> tuple[bool, dict[str, Any]]:
 DEFAULT_PASSES: list[tuple[str, Callable[[ir.Model], tuple[bool, dict[str, Any]]]]] = [
     ("inline_foreign_functions", _inline_foreign_functions),
     ("shape_inference", _shape_inference),
+    ("check_sizes", _check_sizes),
     ("fold_constants", _fold),
     ("native_space_depth", _native_space_depth),
     ("fuse_bitlinear", _fuse_bitlinear),
@@ -154,13 +187,8 @@ def run_default_passes(model: ir.Model, *, until: str | None = None) -> PassRepo
                 break
             continue
         t0 = time.perf_counter()
-        try:
+        with stage(f"graph pass {name}"):
             modified, details = fn(model)
-        except InputError:
-            raise
-        except Exception as e:
-            done = ", ".join(p.name for p in report.passes) or "nothing"
-            raise RuntimeError(f"graph pass {name!r} failed (after: {done}): {e}") from e
         report.passes.append(PassRecord(name, modified, time.perf_counter() - t0, details))
         log.debug("pass %s: modified=%s %s", name, modified, details)
         if until == name:

@@ -1,6 +1,7 @@
 """What the runtime needs to know about a package before running it: input specs, outputs, weight size.
 
-Reads the package description with ``MLModel(skip_model_load=True)`` (works on every OS) and validates
+Reads the package description with :func:`bitnet_coreml.package.reader.read_package_spec` (every OS,
+never writes into the package) and validates
 prediction inputs against it, so bad input fails once, clearly, before any unit is tried.
 """
 
@@ -66,19 +67,10 @@ class PackageInfo:
 
 def read_package(path: str | os.PathLike[str]) -> PackageInfo:
     """Read a ``.mlpackage``'s description; raises :class:`ModelLoadError` if missing or corrupt."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"package {p} does not exist; give the path of a .mlpackage directory")
-    if not p.is_dir() or not (p / "Manifest.json").is_file():
-        raise ModelLoadError(f"package {p} is not an .mlpackage (no Manifest.json); give a package written by convert")
-    from bitnet_coreml._quiet import coremltools
+    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
 
-    ct = coremltools()
-    try:
-        model = ct.models.MLModel(str(p), skip_model_load=True)
-        spec = model.get_spec()
-    except Exception as e:  # coremltools raises bare Exception/RuntimeError/protobuf errors on corrupt files
-        raise ModelLoadError(f"package {p} is corrupt or unreadable: {type(e).__name__}: {' '.join(str(e).split())}") from e
+    p = Path(path)
+    spec = read_package_spec(p).spec  # read-only and contained (MLModel(path) rewrites Manifest.json)
     inputs: dict[str, InputSpec] = {}
     for feat in spec.description.input:
         if feat.type.WhichOneof("Type") != "multiArrayType":
