@@ -342,3 +342,26 @@ def test_workers_stop_on_close_and_when_dropped(tiny_package: Path, tiny_inputs:
     del dropped
     gc.collect()
     assert wait_dead(thread)
+
+
+class _BuggyUnit(ReferenceUnit):
+    """A unit whose prediction raises a programming error (as a bug in an op implementation would)."""
+
+    calls = 0
+
+    def _run(self, inputs: dict) -> dict:
+        type(self).calls += 1
+        raise TypeError("unsupported operand type(s) for +: 'NoneType' and 'int'")
+
+
+def test_a_bug_is_never_retried_nor_passed_to_the_next_unit(tiny_package: Path, tiny_inputs: dict) -> None:
+    _BuggyUnit.calls = 0
+    p = Predictor(tiny_package, FallbackStrategy(**FAST, max_retry_attempts=3),
+                  units=[_BuggyUnit("buggy"), ReferenceUnit("ref-b")])
+    with pytest.raises(E.InternalError) as info:
+        p.predict(tiny_inputs)
+    assert _BuggyUnit.calls == 1  # no retry, and ref-b was never asked to cover for it
+    assert info.value.one_line() == ("internal error in buggy predict: TypeError: unsupported operand type(s) for +: "
+                                     "'NoneType' and 'int' (rerun with --debug for the traceback)")
+    assert p.get_recovery_stats().units["buggy"].retries == 0
+    p.close()
