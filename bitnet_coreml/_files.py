@@ -200,7 +200,8 @@ def check_budget(nbytes: int, what: str, *, error: type[InputError] = InputError
 # --- .npz arrays ----------------------------------------------------------------------------------
 
 
-def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+def read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """(shape, fortran_order, dtype) from an open ``.npy`` stream positioned at its start; reads no data."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(f)  # type: ignore[no-any-return]
@@ -232,7 +233,7 @@ def npz_headers(path: str | os.PathLike[str], what: str = "input", *,
                 where = f"{p}: array {name!r}"
                 with zf.open(info) as f:
                     try:
-                        shape, _fortran, dtype = _npy_header(f)
+                        shape, _fortran, dtype = read_npy_header(f)
                     except (ValueError, SyntaxError, TypeError) as e:
                         raise InputError(f"{where}: not a valid .npy header ({' '.join(str(e).split())[:200]})") from None
                     header_len = f.tell()
@@ -249,7 +250,7 @@ def npz_headers(path: str | os.PathLike[str], what: str = "input", *,
                     check_budget(nbytes, f"{where} (shape {list(shape)})")
                 out[name] = (tuple(int(d) for d in shape), dtype)
     except zipfile.BadZipFile as e:
-        raise InputError(f"{p}: not an .npz (zip) file ({e})") from None
+        raise InputError(f"{p}: not a readable .npz file (not a zip archive: {e})") from None
     except (OSError, EOFError) as e:
         raise InputError(f"{p}: cannot read as .npz ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     return out

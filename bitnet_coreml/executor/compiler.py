@@ -18,6 +18,7 @@ import numpy as np
 from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.errors import (
     BitnetCoremlError,
+    InputError,
     InternalError,
     ModelError,
     OperationError,
@@ -386,6 +387,8 @@ def _call(step: Step, env: list[Any] | None) -> tuple[Any, ...]:
     a = _gather_args(step, env)
     try:
         out = step.fn(step.ctx, a, env) if step.needs_env else step.fn(step.ctx, a)
+    except InputError as e:  # the op found the inputs' values out of its domain: name the op
+        raise InputError(f"op {step.ctx.name!r} ({step.ctx.op_type}): {e}") from e
     except BitnetCoremlError:
         raise
     except Exception as e:  # noqa: BLE001 - name the op that failed, keep the cause chained
@@ -411,6 +414,8 @@ def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()
             a = _gather_args(step, env)
             try:
                 out = step.fn(step.ctx, a)
+            except InputError as e:  # the op found the inputs' values out of its domain: name the op
+                raise InputError(f"op {step.ctx.name!r} ({step.ctx.op_type}): {e}") from e
             except BitnetCoremlError:
                 raise
             except Exception as e:  # noqa: BLE001 - name the op that failed, keep the cause chained

@@ -30,7 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from bitnet_coreml._files import check_budget, load_npz, npz_headers, parse_json, refuse_special
+from bitnet_coreml._files import (
+    check_budget,
+    load_npz,
+    npz_headers,
+    parse_json,
+    read_npy_header,
+    refuse_special,
+)
 from bitnet_coreml.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -133,7 +140,7 @@ class NpzBatch(Dataset):
             streams = {c.name: zf.open(f"{c.name}.npy") for c in packed}
             try:
                 for s in streams.values():
-                    _read_npy_header(s)
+                    read_npy_header(s)
                 for i in range(self._rows):
                     inline = None
                     if packed:
@@ -142,15 +149,6 @@ class NpzBatch(Dataset):
             finally:
                 for s in streams.values():
                     s.close()
-
-
-def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    return shape, fortran, dtype
 
 
 def _read_row(f: Any, col: _Column) -> np.ndarray:
@@ -171,7 +169,7 @@ def _scan_npz(path: Path) -> tuple[list[_Column], int]:
                 continue
             name = info.filename[: -len(".npy")]
             with zf.open(info) as f:
-                shape, fortran, dtype = _read_npy_header(f)
+                shape, fortran, dtype = read_npy_header(f)
                 header_len = f.tell()
             if dtype.hasobject:
                 raise InputError(f"dataset {path}: array '{name}' holds Python objects; only numeric arrays are allowed")

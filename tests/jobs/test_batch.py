@@ -95,8 +95,10 @@ def test_failing_item_is_recorded_and_the_job_goes_on(tmp_path: Path) -> None:
     xs = make_inputs(5)
     xs[2][0, 0] = np.nan
     ids = write_folder(tmp_path / "ds", xs)
-    with open(tmp_path / "ds.jsonl", "w") as f:  # a malformed line is one failed item, not a dead job
-        f.write('{"id": "a", "x": [1.0, 2.0]}\n{"id": "b", "x": [1.0, \n{"id": "c", "x": [[1], [2, 3]]}\n')
+    with open(tmp_path / "ds.jsonl", "w") as f:  # a ragged array is one failed item, not a dead job
+        f.write('{"id": "a", "x": [1.0, 2.0]}\n{"id": "c", "x": [[1], [2, 3]]}\n')
+    with open(tmp_path / "broken.jsonl", "w") as f:  # a line that is not JSON: the dataset is refused whole (issue 12)
+        f.write('{"id": "a", "x": [1.0, 2.0]}\n{"id": "b", "x": [1.0, \n')
     s = run_batch(AffineFactory(), tmp_path / "ds", tmp_path / "out")
     assert (s["run"]["ok"], s["run"]["failed"], s["job"]["complete"]) == (4, 1, False)
     rec = {r["id"]: r for r in _manifest(tmp_path / "out")}
@@ -107,10 +109,11 @@ def test_failing_item_is_recorded_and_the_job_goes_on(tmp_path: Path) -> None:
     assert (s2["run"]["skipped_done"], s2["run"]["failed"]) == (4, 1)
     s3 = run_batch(AffineFactory(), tmp_path / "ds.jsonl", tmp_path / "out-jsonl")
     rec = {r["id"]: r for r in _manifest(tmp_path / "out-jsonl")}
-    assert rec["a"]["status"] == "ok" and s3["run"]["failed"] == 2
-    # The unparsable line keeps its place in the order as its id ("1"); the error names file and line.
-    assert rec["1"]["status"] == "error" and "ds.jsonl:2: not valid JSON" in rec["1"]["error"]
-    assert rec["c"]["status"] == "error" and "ds.jsonl:3" in rec["c"]["error"]
+    assert rec["a"]["status"] == "ok" and s3["run"]["failed"] == 1
+    assert rec["c"]["status"] == "error" and "ds.jsonl:2" in rec["c"]["error"]
+    with pytest.raises(InputError, match=r"broken\.jsonl:2: not valid JSON"):
+        run_batch(AffineFactory(), tmp_path / "broken.jsonl", tmp_path / "out-broken")
+    assert not (tmp_path / "out-broken").exists()
 
 
 def test_resume_redoes_missing_corrupt_and_torn(tmp_path: Path) -> None:

@@ -114,8 +114,8 @@ def test_bad_packages_and_files_exit_2(tmp_path: Path, npz: Path, tiny_package: 
     not_npz.write_text("not a zip")
     cases = [
         (["predict", str(tmp_path / "missing.mlpackage"), "--input", str(npz)], "does not exist"),
-        (["predict", str(corrupt), "--input", str(npz)], "corrupt or unreadable"),
-        (["predict", str(bad_spec), "--input", str(npz)], "corrupt or unreadable"),
+        (["predict", str(corrupt), "--input", str(npz)], "Manifest.json: not valid JSON"),
+        (["predict", str(bad_spec), "--input", str(npz)], "model.mlmodel: not a Core ML model specification"),
         (["predict", str(no_weights), "--input", str(npz), "--units", "reference"], "weight.bin"),
         (["predict", str(tiny_package), "--input", str(tmp_path / "none.npz")], "no such file"),
         (["predict", str(tiny_package), "--input", str(not_npz)], "not a readable .npz"),
