@@ -37,7 +37,9 @@ def _graphs(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
             oh.make_node("Det", ["x"], ["d"], name="det_a"), oh.make_node("Relu", ["x"], ["r"], name="relu"),
             oh.make_node("Det", ["r"], ["d2"], name="det_b"), oh.make_node("Unique", ["x"], ["u"], name="uniq"),
             oh.make_node("Hardmax", ["x"], ["h"], name="hm"),
-            oh.make_node("GridSample", ["x", "x"], ["gs"], name="grid")], [X], ["d", "d2", "u", "h", "gs"]),
+            oh.make_node("GridSample", ["x4", "g4"], ["gs"], name="grid")],  # a valid GridSample (load checks shapes)
+            [X, oh.make_tensor_value_info("x4", TensorProto.FLOAT, [1, 1, 3, 3]),
+             oh.make_tensor_value_info("g4", TensorProto.FLOAT, [1, 3, 3, 2])], ["d", "d2", "u", "h", "gs"]),
             ["3 unsupported op type(s)", "Det (nodes 'det_a', 'det_b')",
              "GridSample (node 'grid')", "Unique (node 'uniq')"]),
         # a graph input where a lowering needs a constant, and a weight a conv_transpose needs fixed

@@ -272,7 +272,7 @@ def test_missing_and_corrupt_packages(tmp_path: Path) -> None:
     bad = tmp_path / "bad.mlpackage"
     (bad / "Data" / "com.apple.CoreML").mkdir(parents=True)
     (bad / "Manifest.json").write_text("{not json")
-    with pytest.raises(E.ModelLoadError, match="corrupt or unreadable"):
+    with pytest.raises(E.ModelLoadError, match=r"Manifest\.json: not valid JSON"):
         Predictor(bad)
 
 
