@@ -189,7 +189,13 @@ def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None) -
                 h.update(block)
 
     if p.is_dir():
+        from bitnet_coreml._files import inside  # noqa: PLC0415
+
         for f in sorted(f for f in p.rglob("*") if f.is_file()):
+            try:
+                inside(p, f, "checkpoint file")
+            except InputError:
+                continue  # a link out of the folder is never read (a file the import needs is refused there)
             h.update(str(f.relative_to(p)).encode() + b"\0")
             feed(f)
         return h.hexdigest()

@@ -58,9 +58,21 @@ def _check_name(name: str) -> None:
 
 
 def checkpoint_assets(folder: str | os.PathLike[str]) -> dict[str, bytes]:
-    """The :data:`CHECKPOINT_ASSETS` present in a checkpoint folder (name -> bytes)."""
+    """The :data:`CHECKPOINT_ASSETS` present in a checkpoint folder (name -> bytes).
+
+    A symlink is followed only inside the folder (or a Hugging Face snapshot's ``blobs/``): a linked
+    ``tokenizer.json`` must not copy a file from elsewhere into the package.
+    """
+    from bitnet_coreml._files import inside, read_bytes  # noqa: PLC0415
+
     root = Path(folder)
-    return {name: (root / name).read_bytes() for name in CHECKPOINT_ASSETS if (root / name).is_file()}
+    found = {}
+    for name in CHECKPOINT_ASSETS:
+        p = root / name
+        if p.is_file():
+            inside(root, p, name)
+            found[name] = read_bytes(p, name)
+    return found
 
 
 def write_assets(package_dir: str | os.PathLike[str], assets: Mapping[str, bytes]) -> Path:

@@ -197,7 +197,14 @@ def _fifo_config(folder: Path, env: Env) -> None:
     os.mkfifo(folder / "config.json")
 
 
+def _symlink_tokenizer(folder: Path, env: Env) -> None:
+    target = env.outside / "tokenizer.json"
+    target.write_text('{"secret": true}')
+    os.symlink(target, folder / "tokenizer.json")
+
+
 _ckpt_case("ckpt_index_outside", _index_outside, "secret.safetensors")
+_ckpt_case("ckpt_symlinked_tokenizer", _symlink_tokenizer, "tokenizer.json")
 _ckpt_case("ckpt_symlinked_config", _symlink_config, "config.json")
 _ckpt_case("ckpt_symlinked_shard", _symlink_shard, "model.safetensors")
 _ckpt_case("ckpt_nested_index", _nested_index, "index.json")
