@@ -322,6 +322,9 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     model = load(source, seq_len=options.prefill if options.stateful else options.seq_len, embed_dtype=embed_dtype,
                  allow_dequant=options.allow_dequant)
     sha = source_sha256(source, model if Path(source).is_file() else None)
+    from bitnet_coreml.frontend import source_assets  # noqa: PLC0415
+
+    assets, asset_notes = source_assets(source)  # read now: a refused file fails before any work
     timed("load", t0)
 
     stage("graph passes")
@@ -431,9 +434,6 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
     stage("write package")
     t0 = time.perf_counter()
-    from bitnet_coreml.frontend import source_assets  # noqa: PLC0415
-
-    assets, asset_notes = source_assets(source)
     notes += asset_notes
     save_package(mlmodel, out, assets=assets)
     timed("write", t0)
