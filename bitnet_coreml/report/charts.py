@@ -1,8 +1,9 @@
 """The report's charts: matplotlib figures rendered to inline SVG (no scripts, no external fonts or files).
 
 matplotlib is imported here only, and this module only by the report, so other commands never pay
-for it. The backend is forced to Agg (no display) and text stays text (``svg.fonttype = none``) so
-the page's own font renders it; ids and metadata are fixed so identical data give identical SVG.
+for it. Figures are bare ``matplotlib.figure.Figure`` objects (no pyplot, no GUI backend; Agg is forced
+anyway) saved by the SVG writer; text stays text (``svg.fonttype = none``) so the page's own font
+renders it; ids and metadata are fixed so identical data give identical SVG.
 """
 
 from __future__ import annotations
@@ -18,24 +19,39 @@ KIND_COLORS = {"ternary_2bit": "#1565c0", "embeddings": "#6a1b9a", "other": "#9e
 _WIDTH = 7.2  # inches; the SVG scales to the page width
 
 
-def _plt() -> Any:
-    import matplotlib  # noqa: PLC0415
+class _Charts:
+    """``subplots`` like pyplot's, on a bare ``Figure`` (no pyplot, no GUI backend: only the SVG writer draws)."""
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    @staticmethod
+    def subplots(*args: Any, figsize: tuple[float, float], **kw: Any) -> tuple[Any, Any]:
+        import matplotlib  # noqa: PLC0415
 
-    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "bitnet-coreml-report",
-                         "font.family": "sans-serif", "font.size": 9, "axes.spines.top": False,
-                         "axes.spines.right": False})
-    return plt
+        matplotlib.use("Agg", force=True)
+        from matplotlib.figure import Figure  # noqa: PLC0415
+
+        matplotlib.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "bitnet-coreml-report",
+                                    "font.family": "sans-serif", "font.size": 9, "axes.spines.top": False,
+                                    "axes.spines.right": False})
+        fig = Figure(figsize=figsize, layout="constrained")
+        return fig, fig.subplots(*args, **kw)
+
+
+def _plt() -> _Charts:
+    return _Charts()
+
+
+def _no_minor(ax: Any) -> None:
+    """Log axes draw dozens of minor ticks per decade; the charts read fine without them (and draw faster)."""
+    from matplotlib.ticker import NullLocator  # noqa: PLC0415
+
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_locator(NullLocator())
 
 
 def to_svg(fig: Any, title: str) -> str:
     """The figure as an inline ``<svg>`` element (XML prolog and doctype dropped), with an accessible title."""
-    plt = _plt()
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
-    plt.close(fig)
+    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
     svg = buf.getvalue()
     svg = svg[svg.index("<svg"):]
     svg = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1', svg, count=1)
@@ -125,6 +141,7 @@ def headroom_chart(layers: Sequence[Mapping[str, Any]], fp16_max: float, limit: 
         if marks:
             ax.text(min(max(before[i], 1e-3), cap) * 1.15, i, ", ".join(marks), va="center", fontsize=8)
     ax.set_xscale("log")
+    _no_minor(ax)
     ax.set_yticks(y, [r["layer"] for r in layers])
     ax.invert_yaxis()
     ax.set_xlabel("largest |value| (log scale)")
@@ -146,11 +163,10 @@ def depth_chart(depth: Sequence[Mapping[str, Any]]) -> str:
     a2.set_yscale("log")
     a2.set_title("largest |difference| (lower is better)", fontsize=9)
     step = max(1, math.ceil(len(depth) / 12))
-    for ax in (a1, a2):
+    for ax in (a1, a2):  # minor ticks kept: the values often sit inside one decade
         ax.set_xticks(x[::step], [d["label"].replace(" attention", " attn") for d in depth][::step],
                       rotation=60, ha="right", fontsize=7)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     return to_svg(fig, "Parity by depth")
 
 
@@ -170,6 +186,7 @@ def memory_chart(size: Mapping[str, Any]) -> str:
     if limit:
         ax.axvline(limit, color="#c62828", linewidth=1.5, label=f"{size.get('device')} limit: {_human(limit)}")
         ax.set_xscale("log")
+        _no_minor(ax)
         ax.set_xlim(max(1, min(v for _, v, _ in parts if v) / 2), max(limit, left) * 1.5)
     ax.set_yticks([])
     ax.set_xlabel("bytes" + (" (log scale)" if limit else ""))
@@ -190,6 +207,7 @@ def kv_chart(state: Mapping[str, Any], limit: int | None, weights: int) -> str:
         ax.axhline(limit, color="#c62828", label=f"device limit {_human(limit)}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    _no_minor(ax)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("bytes")
     ax.legend(frameon=False, fontsize=8)
