@@ -291,7 +291,7 @@ def stack(outs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
            inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
            thresholds: Thresholds | None = None, *, raise_on_failure: bool = True,
-           seq_len: int | None = None, allow_dequant: bool = False) -> ParityReport:
+           seq_len: int | None = None, allow_dequant: bool = False, steps: int | None = None) -> ParityReport:
     """Compare ``package`` with ``source``; see the module docstring."""
     from bitnet_coreml.frontend import builds_graph, load  # noqa: PLC0415
     from bitnet_coreml.lower.fp16 import run_ort  # noqa: PLC0415
@@ -300,6 +300,13 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
     if not pkg.exists():
         raise ModelLoadError(f"{pkg}: no such package")
     meta, spec = package_meta(pkg)
+    from bitnet_coreml.package.stateful import META as STATEFUL_META  # noqa: PLC0415
+
+    if STATEFUL_META in meta:  # prefill + teacher-forced decode steps: see verify_stateful.py
+        from bitnet_coreml.verify_stateful import verify_stateful  # noqa: PLC0415
+
+        return verify_stateful(source, pkg, inputs, thresholds, raise_on_failure=raise_on_failure,
+                               allow_dequant=allow_dequant, **({"steps": steps} if steps else {}))
     precision = meta.get("bitnet_coreml.precision", "fp16")
     in_names = json.loads(meta.get("bitnet_coreml.input_names", "{}"))
     out_names = json.loads(meta.get("bitnet_coreml.output_names", "{}"))

@@ -76,11 +76,28 @@ def _human(result: Any, out: Path | None) -> None:
               show_default=True, help="How to order the unit chain.")
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Per-unit timeout in seconds (default 300).")
 @click.option("--no-validate", is_flag=True, help="Do not compare a unit's first outputs to the CPU reference.")
+@click.option("--function", "function", type=click.Choice(["prefill", "decode"]), default=None,
+              help="Stateful package: run every token through this function (default: chunks of P through "
+                   "prefill, the rest through decode).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def predict(package: Path, input_path: Path, output_path: Path | None, units: str, retries: int | None,
-            power_target: str, timeout_s: float | None, no_validate: bool, as_json: bool) -> None:
-    """One prediction of PACKAGE with fallback between compute units."""
+            power_target: str, timeout_s: float | None, no_validate: bool, function: str | None,
+            as_json: bool) -> None:
+    """One prediction of PACKAGE with fallback between compute units.
+
+    A stateful package (convert --stateful) takes input_ids [1, N] (and optionally position [1], the
+    first token's position, default 0): the tokens run call by call with one KV-cache state, in the
+    reference executor, and the output is the logits of every call concatenated.
+    """
+    from bitnet_coreml.package.stateful import stateful_info  # noqa: PLC0415
     from bitnet_coreml.runtime import FallbackStrategy, FaultPlan, Predictor  # noqa: PLC0415
+
+    info = stateful_info(package) if (package / "Manifest.json").is_file() else None
+    if info is not None:
+        _predict_stateful(package, _load_npz(input_path), function, output_path, as_json)
+        return
+    if function is not None:
+        raise InputError(f"--function {function}: {package} is not a stateful package (it has one function)")
 
     overrides: dict[str, Any] = {"units": tuple(u for u in units.split(",") if u.strip()),
                                  "power_target": power_target, "validate_first_use": not no_validate}
@@ -106,3 +123,36 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
         echo_json(doc)
     else:
         _human(result, output_path)
+
+
+def _predict_stateful(package: Path, inputs: dict[str, np.ndarray], function: str | None, output_path: Path | None,
+                      as_json: bool) -> None:
+    import time  # noqa: PLC0415
+
+    from bitnet_coreml.executor.stateful import StatefulRun  # noqa: PLC0415
+
+    extra = sorted(set(inputs) - {"input_ids", "position"})
+    if "input_ids" not in inputs or extra:
+        raise InputError(f"{package} (stateful) takes input_ids [1, N] and optionally position [1]; the .npz has "
+                         f"{', '.join(sorted(inputs)) or 'nothing'}")
+    pos = np.asarray(inputs.get("position", np.zeros(1, np.int32))).reshape(-1)
+    if pos.size != 1 or pos.dtype.kind not in "iu":
+        raise InputError(f"position must be one integer, got {pos.dtype} {list(pos.shape)}")
+    run = StatefulRun(package)
+    t0 = time.perf_counter()
+    logits = run.feed(inputs["input_ids"], position=int(pos[0]), function=function)
+    seconds = time.perf_counter() - t0
+    if output_path is not None:
+        _save_npz(output_path, {"logits": logits})
+    n = int(np.asarray(inputs["input_ids"]).size)
+    if as_json:
+        echo_json({"package": str(package), "unit": "reference", "stateful": run.info.to_dict(), "tokens": n,
+                   "position": int(pos[0]), "next_position": run.position, "function": function or "auto",
+                   "latency_s": seconds, "outputs": {"logits": list(logits.shape)},
+                   "output_file": str(output_path) if output_path else None})
+    else:
+        click.echo(f"{package}: {n} token(s) from position {int(pos[0])} through "
+                   f"{function or 'prefill chunks + decode'} in the reference executor ({seconds * 1e3:.1f} ms); "
+                   f"logits {list(logits.shape)}; next position {run.position}")
+        if output_path is not None:
+            click.echo(f"wrote {output_path}")

@@ -22,9 +22,12 @@ from bitnet_coreml.errors import EXIT_CHECK_FAILED
 @click.option("--seq-len", type=int, default=None, help="Sequence length for a checkpoint folder or GGUF file (default: the package's input_ids length).")
 @click.option("--allow-dequant", is_flag=True,
               help="GGUF: dequantise tensors of other ggml types (and block-scaled ternary layers) instead of refusing.")
+@click.option("--steps", type=int, default=None,
+              help="Stateful package: teacher-forced decode steps after the prefill (default 32).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify(source: str, package: str, inputs: str | None, min_cosine: float | None, min_top1: float | None,
            min_top5: float | None, max_rel_l2: float | None, seq_len: int | None, allow_dequant: bool,
+           steps: int | None,
            as_json: bool) -> None:
     """Compare PACKAGE with SOURCE: ONNX Runtime vs the reference executor (and Core ML on macOS)."""
     from dataclasses import replace  # noqa: PLC0415
@@ -39,7 +42,7 @@ def verify(source: str, package: str, inputs: str | None, min_cosine: float | No
                                  ("rel_l2", max_rel_l2)) if v is not None}
     t = replace(t, **changes)
     report = run_verify(source, package, inputs, t, raise_on_failure=False, seq_len=seq_len,
-                        allow_dequant=allow_dequant)
+                        allow_dequant=allow_dequant, steps=steps)
     if as_json:
         echo_json(report.to_dict())
     else:

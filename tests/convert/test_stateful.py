@@ -153,3 +153,47 @@ def test_bad_sizes_refused() -> None:
         ConvertOptions(stateful=True, context=64, prefill=128)
     with pytest.raises(InputError, match="--prefill-logits"):
         ConvertOptions(stateful=True, prefill_logits="first")
+
+
+def test_cli_convert_predict_verify(packages: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from bitnet_coreml.cli import main
+
+    out = tmp_path / "c.mlpackage"
+    r = CliRunner().invoke(main, ["convert", str(CKPT), "-o", str(out), "--stateful", "--context", "50", "--prefill",
+                                  "8", "--prefill-logits", "last", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["stateful"]["context"] == 64  # 50 rounded up to a multiple of 32
+    assert d["stateful"]["prefill_logits"] == "last" and any("rounded up to 64" in n for n in d["notes"])
+    ids = _ids(20, seed=5)
+    npz = tmp_path / "in.npz"
+    np.savez(npz, input_ids=ids, position=np.array([4], np.int32))
+    r = CliRunner().invoke(main, ["predict", str(out), "-i", str(npz), "-o", str(tmp_path / "o.npz"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["next_position"] == 24
+    with np.load(tmp_path / "o.npz") as z:
+        # two prefill chunks (last logits only) + 4 decode steps
+        assert z["logits"].shape == (1, 6, 512)
+    # the same tokens all through decode give, at the chunk ends and the decode steps, the same logits
+    r = CliRunner().invoke(main, ["predict", str(out), "-i", str(npz), "-o", str(tmp_path / "d.npz"),
+                                  "--function", "decode"])
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "o.npz") as a, np.load(tmp_path / "d.npz") as b:
+        rows = b["logits"][0, [7, 15, 16, 17, 18, 19]]
+        assert np.abs(a["logits"][0] - rows).max() <= 4 * 2.0 ** -10 * np.abs(rows).max()
+    np.savez(npz, input_ids=_ids(61), position=np.array([4], np.int32))
+    r = CliRunner().invoke(main, ["predict", str(out), "-i", str(npz)])
+    assert r.exit_code == 2 and "context is 64" in r.output
+    r = CliRunner().invoke(main, ["predict", str(packages["stateless"]), "-i", str(npz), "--function", "decode"])
+    assert r.exit_code == 2 and "not a stateful package" in r.output
+    r = CliRunner().invoke(main, ["verify", str(CKPT), str(packages["fp32"]), "--steps", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [c["output"] for c in json.loads(r.output)["comparisons"]] == [
+        f"logits[prefill {PREFILL}]", "logits[decode x8, worst step]"]
+    r = CliRunner().invoke(main, ["convert", str(CKPT), "-o", str(tmp_path / "x.mlpackage"), "--stateful",
+                                  "--context", "64", "--prefill", "128"])
+    assert r.exit_code == 2 and "--prefill 128 is larger than --context 64" in r.output
