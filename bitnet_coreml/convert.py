@@ -206,7 +206,7 @@ def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None) -
     return h.hexdigest()
 
 
-def _run_check(model: ir.Model, options: ConvertOptions, source: str, *, context: int = 0) -> dict[str, Any]:
+def _run_check(model: ir.Model, options: ConvertOptions, source: str) -> dict[str, Any]:
     """Run the pre-conversion check; violations stop the conversion (exit 1)."""
     from bitnet_coreml.check import Target, run_check  # noqa: PLC0415
 
@@ -217,7 +217,14 @@ def _run_check(model: ir.Model, options: ConvertOptions, source: str, *, context
         platform = name[0]
         min_os = _OS_NAMES[name[0]][name[1]].lower().removeprefix(name[0])
     target = Target(platform=platform, chip=options.chip, min_os=min_os)
-    report = run_check(model, target, embed_bits=options.embed_bits, precision=options.precision, source=source)
+    stateful = None
+    if options.stateful:
+        from bitnet_coreml.check.stateful import StatefulSpec  # noqa: PLC0415
+
+        stateful = StatefulSpec.from_checkpoint(source, options.context, options.prefill, options.exact_context,
+                                                allow_dequant=options.allow_dequant)
+    report = run_check(model, target, embed_bits=options.embed_bits, precision=options.precision, source=source,
+                       stateful=stateful)
     violations = list(report.violations)
     if violations:
         first = "; ".join(v.message for v in violations[:5])
@@ -339,7 +346,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     if options.check:
         stage("check")
         t0 = time.perf_counter()
-        check = _run_check(model, options, str(source), context=context)
+        check = _run_check(model, options, str(source))
         timed("check", t0)
 
     split_notes: list[str] = []

@@ -73,6 +73,9 @@ _LIMIT_SPECS: dict[str, dict[str, tuple[Any, bool]]] = {
     "int8_compute": {},
     "flexible_shapes": {"enumerated_max": (int, True)},
     "fp16_range": {"max": (_NUM, True), "min_subnormal": (_NUM, True)},
+    "state_dtype": {"value": (str, True)},
+    "state_dim_multiple": {"value": (int, True)},
+    "stateful_context": {},
 }
 _LIMIT_COMMON = {"severity": (str, True), "source": (str, True)}
 

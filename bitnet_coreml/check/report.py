@@ -147,20 +147,23 @@ def _fallback_plan(target: ResolvedTarget, counts: dict[str, int], precision: st
 
 
 def run_check(model: ir.Model, target: Target, *, db: CapabilityDatabase | None = None, embed_bits: int | None = None,
-              precision: str = "fp16", strict: bool = False, source: str = "") -> CheckReport:
+              precision: str = "fp16", strict: bool = False, source: str = "", stateful: Any = None) -> CheckReport:
     """Check ``model`` (after ``run_default_passes``) against ``target``; never raises on a failed check.
 
     Bad input (unknown chip, bad OS version, bad precision) raises :class:`InputError`.
     """
     t0 = time.perf_counter()
     db = db or default_database()
-    needed = max(db.feature(f).min_spec_version for f, _ in needed_features(model, embed_bits))
+    from bitnet_coreml.check import stateful as _stateful_rules  # noqa: F401, PLC0415  (registers its rules)
+
+    needed = max(db.feature(f).min_spec_version
+                 for f, _ in needed_features(model, embed_bits, stateful=stateful is not None))
     resolved = target.resolve(db, needed_spec=needed)
     size = estimate_weight_bytes(model, embed_bits=embed_bits, precision=precision,
                                  split_limit=int(db.limit("max_dimension")["value"]))
     splits = nodes_needing_split(model, db=db)
     overflow = (fp16_overflow_constants(model, float(db.limit("fp16_range")["max"])) if precision == "fp16" else [])
-    ctx = RuleContext(model, db, resolved, size, precision, embed_bits, splits, overflow)
+    ctx = RuleContext(model, db, resolved, size, precision, embed_bits, splits, overflow, stateful)
     findings = evaluate_rules(ctx)
     split_nodes = frozenset(s.node for s in splits)
     ane_flag = None if resolved.chip is None else resolved.chip.ane_generation is not None
@@ -189,6 +192,10 @@ def run_check(model: ir.Model, target: Target, *, db: CapabilityDatabase | None 
     notes = []
     if resolved.chip is None:
         notes.append("no --chip: per-generation budget, TOPS and int8 compute not evaluated")
+    if stateful is not None:
+        st = stateful.to_dict(precision)
+        notes.append(f"stateful: KV cache {st['states']} fp16 state(s) of {st['state_shape']}, "
+                     f"{st['kv_cache_bytes']:,} bytes, counted with the weights in the memory rules")
     report = CheckReport(
         model=source, target=resolved, violations=violations, warnings=warnings, fixed=fixed, units=units,
         size=size, splits=splits, score=score, score_components=comps, score_basis=basis,

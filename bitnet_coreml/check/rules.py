@@ -79,6 +79,20 @@ class RuleContext:
     embed_bits: int | None = None
     splits: list[SplitInfo] = field(default_factory=list)
     overflow: list[OverflowConst] = field(default_factory=list)
+    stateful: Any = None  # check.stateful.StatefulSpec of a --stateful conversion
+
+    @property
+    def state_bytes(self) -> int:
+        """KV-cache bytes of a stateful package (0 otherwise)."""
+        return self.stateful.cache_bytes(self.precision) if self.stateful is not None else 0
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the package holds in memory: weights plus KV-cache states."""
+        return self.size.total_bytes + self.state_bytes
+
+    def memory_label(self) -> str:
+        return "estimated weights + KV cache" if self.stateful is not None else "estimated weights"
 
 
 RuleFn = Callable[[RuleContext], Iterator[Finding]]
@@ -332,11 +346,11 @@ def _ane_budget(ctx: RuleContext) -> Iterator[Finding]:
         return
     lim = ctx.db.limit("ane_generation_budget")
     budget = int(ane.model_size_budget_mb * MIB)
-    if ctx.size.total_bytes > budget:
+    if ctx.memory_bytes > budget:
         yield Finding("ane_size_budget", lim.severity,
-                      f"estimated weights {ctx.size.total_bytes / MIB:.1f} MB exceed the {ane.label} budget of "
+                      f"{ctx.memory_label()} {ctx.memory_bytes / MIB:.1f} MB exceed the {ane.label} budget of "
                       f"{ane.model_size_budget_mb:g} MB (seed table; not Apple-documented)",
-                      None, ctx.size.total_bytes, budget, lim.source + "; " + ane.sources[-1])
+                      None, ctx.memory_bytes, budget, lim.source + "; " + ane.sources[-1])
 
 
 @rule("gpu_memory", "estimated weights vs the seed's device-matrix memory limit of the chip's GPU (soft)")
@@ -346,11 +360,11 @@ def _gpu_memory(ctx: RuleContext) -> Iterator[Finding]:
         return
     lim = ctx.db.limit("gpu_memory")
     limit = int(dev.memory_limit_mb * MIB)
-    if ctx.size.total_bytes > limit:
+    if ctx.memory_bytes > limit:
         yield Finding("gpu_memory", lim.severity,
-                      f"estimated weights {ctx.size.total_bytes / MIB:.1f} MB exceed the {dev.name} memory limit "
+                      f"{ctx.memory_label()} {ctx.memory_bytes / MIB:.1f} MB exceed the {dev.name} memory limit "
                       f"{dev.memory_limit_mb:g} MB of the seed's capability matrix (GPU fallback)",
-                      None, ctx.size.total_bytes, limit, dev.source)
+                      None, ctx.memory_bytes, limit, dev.source)
 
 
 @rule("dim_over_16384", "tensor dimensions > 16384: weights are split by the converter, anything else leaves the ANE")
@@ -499,9 +513,12 @@ def _fp16(ctx: RuleContext) -> Iterator[Finding]:
                               _nid(n), eps, fmin_sub, lim.source)
 
 
-def needed_features(model: ir.Model, embed_bits: int | None) -> list[tuple[str, str | None]]:
+def needed_features(model: ir.Model, embed_bits: int | None, *, stateful: bool = False
+                    ) -> list[tuple[str, str | None]]:
     """(feature, first node needing it) for the Core ML features the converted graph uses."""
     out: list[tuple[str, str | None]] = [("mlprogram", None)]
+    if stateful:  # a KV cache as state, in a package with prefill and decode functions
+        out += [("state_tensors", None), ("multifunction", None)]
     first = next((_nid(n) for n in model.graph if n.domain == OURS and n.op_type == "BitLinear"), None)
     if first is not None:
         out.append(("constexpr_lut_to_dense", first))
@@ -513,7 +530,7 @@ def needed_features(model: ir.Model, embed_bits: int | None) -> list[tuple[str, 
 @rule("min_os_features", "the minimum OS must have every Core ML feature the converted graph uses")
 def _min_os(ctx: RuleContext) -> Iterator[Finding]:
     os_row = ctx.target.os
-    for name, node in needed_features(ctx.model, ctx.embed_bits):
+    for name, node in needed_features(ctx.model, ctx.embed_bits, stateful=ctx.stateful is not None):
         f = ctx.db.feature(name)
         if os_row.spec_version < f.min_spec_version:
             need = ctx.db.lowest_os(ctx.target.platform, f.min_spec_version)

@@ -36,9 +36,14 @@ def _v(x: object) -> str:
 @click.option("--seq-len", type=int, default=None, help="Sequence length for a checkpoint folder or GGUF file.")
 @click.option("--allow-dequant", is_flag=True,
               help="GGUF: dequantise tensors of other ggml types (and block-scaled ternary layers) instead of refusing.")
+@click.option("--stateful", is_flag=True, help="Check the stateful package convert --stateful would write.")
+@click.option("--context", type=int, default=512, show_default=True, help="--stateful: KV cache positions.")
+@click.option("--prefill", type=int, default=64, show_default=True, help="--stateful: tokens per prefill call.")
+@click.option("--exact-context", is_flag=True, help="--stateful: keep a --context that is not a multiple of 32.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/schemas/check-report.schema.json).")
 def check(model: str, platform: str, chip: str | None, min_os: str | None, embed_bits: int | None, precision: str,
-          strict: bool, cap_files: tuple[str, ...], seq_len: int | None, allow_dequant: bool, as_json: bool) -> None:
+          strict: bool, cap_files: tuple[str, ...], seq_len: int | None, allow_dequant: bool, stateful: bool,
+          context: int, prefill: int, exact_context: bool, as_json: bool) -> None:
     """Check MODEL (.onnx file, checkpoint folder or .gguf file) against a target before converting it."""
     from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
     from bitnet_coreml.check.report import run_check  # noqa: PLC0415
@@ -52,9 +57,23 @@ def check(model: str, platform: str, chip: str | None, min_os: str | None, embed
     from bitnet_coreml.frontend import load  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
 
+    spec = None
+    if stateful:
+        from bitnet_coreml.check.stateful import StatefulSpec  # noqa: PLC0415
+        from bitnet_coreml.errors import InputError  # noqa: PLC0415
+        from bitnet_coreml.frontend import builds_graph  # noqa: PLC0415
+        from bitnet_coreml.package.stateful import validate_sizes  # noqa: PLC0415
+
+        if not builds_graph(model):
+            raise InputError(f"{model}: stateful conversion needs a Hugging Face BitNet checkpoint folder or a "
+                             "BitNet GGUF file")
+        validate_sizes(context, prefill, "all")
+        spec = StatefulSpec.from_checkpoint(model, context, prefill, exact_context, allow_dequant=allow_dequant)
+        seq_len = prefill
     m = load(model, seq_len=seq_len, allow_dequant=allow_dequant)
     run_default_passes(m)
-    report = run_check(m, target, db=db, embed_bits=embed_bits, precision=precision, strict=strict, source=model)
+    report = run_check(m, target, db=db, embed_bits=embed_bits, precision=precision, strict=strict, source=model,
+                       stateful=spec)
     if as_json:
         echo_json(report.to_dict())
     else:
