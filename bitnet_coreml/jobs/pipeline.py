@@ -238,10 +238,20 @@ def _check_only(entry: ModelEntry, target: Target) -> dict[str, Any]:
     from bitnet_coreml.frontend import load  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
 
-    model = load(entry.source, seq_len=entry.seq_len, allow_dequant=entry.allow_dequant)
+    stateful, seq_len = None, entry.seq_len
+    if entry.stateful:
+        from bitnet_coreml.check.stateful import StatefulSpec  # noqa: PLC0415
+        from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
+
+        opts = ConvertOptions(stateful=True, **entry.stateful)
+        stateful = StatefulSpec.from_checkpoint(entry.source, opts.context, opts.prefill, opts.exact_context,
+                                                allow_dequant=entry.allow_dequant)
+        seq_len = opts.prefill  # the stateless graph the check reads (as convert --stateful)
+    model = load(entry.source, seq_len=seq_len, allow_dequant=entry.allow_dequant)
     run_default_passes(model)
     report = run_check(model, CheckTarget(platform=target.os, chip=target.chip, min_os=target.min_os),
-                       embed_bits=entry.embed_bits, precision=entry.precision, source=str(entry.source))
+                       embed_bits=entry.embed_bits, precision=entry.precision, source=str(entry.source),
+                       stateful=stateful)
     violations = list(report.violations)
     if violations:
         log.warning("model %s target %s: %d check violation(s), converting anyway (check = \"warn\")",

@@ -203,3 +203,23 @@ def describe_functions(mlmodel: Any, info: StatefulInfo) -> None:
             kind = "keys" if feat.name.startswith("k_") else "values"
             lo = " (the part fp16 rounding lost, fp32 packages)" if feat.name.endswith("_lo") else ""
             feat.shortDescription = f"KV cache: {kind} of layer {feat.name.split('_')[2]}{lo}, fp16"
+
+
+def describe_package(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``inspect PKG.mlpackage`` shows of any package: spec version, functions (default first
+    marked) with their inputs, outputs and states (shape, dtype, bytes), weight bytes, state bytes,
+    and for a stateful package its :class:`StatefulInfo`. Raises InputError for a non-package."""
+    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+    from bitnet_coreml.package.writer import weight_bytes  # noqa: PLC0415
+
+    p = Path(path)
+    if not (p / "Manifest.json").is_file():
+        raise InputError(f"{p}: not an .mlpackage (no Manifest.json)")
+    spec = coremltools().models.MLModel(str(p), skip_model_load=True).get_spec()
+    fns = function_specs(spec)
+    info = stateful_info(spec)
+    states = {s["name"]: s["bytes"] for f in fns for s in f["states"]}
+    return {"package": str(p), "spec_version": int(spec.specificationVersion),
+            "default_function": next((f["name"] for f in fns if f["default"]), None), "functions": fns,
+            "weight_bytes": weight_bytes(p), "state_bytes": sum(states.values()),
+            "stateful": info.to_dict() if info is not None else None}

@@ -197,3 +197,17 @@ def test_cli_convert_predict_verify(packages: dict[str, Path], tmp_path: Path) -
     r = CliRunner().invoke(main, ["convert", str(CKPT), "-o", str(tmp_path / "x.mlpackage"), "--stateful",
                                   "--context", "64", "--prefill", "128"])
     assert r.exit_code == 2 and "--prefill 128 is larger than --context 64" in r.output
+
+
+def test_describe_package_for_inspect(packages: dict[str, Path]) -> None:
+    from bitnet_coreml.package.stateful import describe_package
+
+    d = describe_package(packages["fp16"])
+    assert d["spec_version"] >= 9 and d["default_function"] == "decode"
+    assert [f["name"] for f in d["functions"]] == ["prefill", "decode"] or \
+        sorted(f["name"] for f in d["functions"]) == ["decode", "prefill"]
+    assert d["state_bytes"] == 4 * 2 * CONTEXT * 16 * 2  # 4 states [1, 2, 64, 16] fp16
+    assert d["stateful"]["context"] == CONTEXT
+    plain = describe_package(packages["stateless"])
+    assert plain["stateful"] is None and plain["state_bytes"] == 0
+    assert [f["name"] for f in plain["functions"]] == ["main"]
