@@ -47,8 +47,8 @@ SHAPE = {"vocab_size": 128256, "hidden_size": 2560, "intermediate_size": 6912, "
 SHARDS = 2
 
 
-def config() -> dict[str, object]:
-    return {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet", **SHAPE, "hidden_act": "relu2",
+def config(shape: dict[str, int] | None = None) -> dict[str, object]:
+    return {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet", **(shape or SHAPE), "hidden_act": "relu2",
             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
             "tie_word_embeddings": True, "torch_dtype": "bfloat16", "attention_bias": False,
             "bos_token_id": 128000, "eos_token_id": 128001,
@@ -65,8 +65,9 @@ def _packed(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return out
 
 
-def write_checkpoint(folder: Path, seed: int = 0) -> None:
-    """Write the random 2B-shaped checkpoint (about 1.2 GB), shard by shard, atomically (temp dir + rename)."""
+def write_checkpoint(folder: Path, seed: int = 0, shape: dict[str, int] | None = None, shards: int = SHARDS) -> None:
+    """Write a random checkpoint of ``shape`` (default the 2B shape, about 1.2 GB), shard by shard, atomically
+    (temp dir + rename)."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
@@ -76,19 +77,20 @@ def write_checkpoint(folder: Path, seed: int = 0) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     bf16 = ml_dtypes.bfloat16
-    h, f, n_layers = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["num_hidden_layers"]
-    d = h // SHAPE["num_attention_heads"]
-    kv = SHAPE["num_key_value_heads"] * d
+    shape = shape or SHAPE
+    h, f, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    d = h // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * d
     shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, h), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
     weight_map: dict[str, str] = {}
     total = 0
-    per_shard = (n_layers + SHARDS - 1) // SHARDS
-    for s in range(SHARDS):
-        name = f"model-{s + 1:05d}-of-{SHARDS:05d}.safetensors"
+    per_shard = (n_layers + shards - 1) // shards
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         t: dict[str, np.ndarray] = {}
         if s == 0:
-            emb = np.empty((SHAPE["vocab_size"], h), dtype=bf16)
+            emb = np.empty((shape["vocab_size"], h), dtype=bf16)
             for r in range(0, emb.shape[0], 8192):
                 emb[r:r + 8192] = rng.normal(0, 0.02, size=(min(8192, emb.shape[0] - r), h)).astype(bf16)
             t["model.embed_tokens.weight"] = emb
@@ -100,13 +102,13 @@ def write_checkpoint(folder: Path, seed: int = 0) -> None:
             for proj, (n, k) in shapes.items():
                 t[f"{p}.{proj}.weight"] = _packed(rng, n, k)
                 t[f"{p}.{proj}.weight_scale"] = np.asarray([rng.uniform(0.5, 2.0)]).astype(bf16)
-        if s == SHARDS - 1:
+        if s == shards - 1:
             t["model.norm.weight"] = (1 + 0.1 * rng.standard_normal(h)).astype(bf16)
         save_file(t, str(tmp / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in t})
         total += sum(a.nbytes for a in t.values())
         del t
-    (tmp / "config.json").write_text(json.dumps(config(), indent=2))
+    (tmp / "config.json").write_text(json.dumps(config(shape), indent=2))
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if folder.exists():

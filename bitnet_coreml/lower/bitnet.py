@@ -122,13 +122,18 @@ def ternary_lut_weight(codes: np.ndarray, name: str, dtype: Any = np.float32, io
     )
 
 
-def _lut_weight_from_indices(indices: np.ndarray, shape: tuple[int, ...], name: str, dtype: Any, ios: int) -> Any:
+def _lut_weight_from_indices(indices: np.ndarray, shape: tuple[int, ...], name: str, dtype: Any, ios: int,
+                             shared: dict[Any, Any] | None = None) -> Any:
     """Like :func:`ternary_lut_weight`, from ready indices: packed bytes (iOS16/17) or uint8 ``[N, K]`` (iOS18)."""
     mb = _mb()
     if ios >= 18:
         from coremltools.converters.mil.mil import types  # noqa: PLC0415
 
-        idx = indices.reshape(shape).astype(types.np_uint2_dtype)
+        idx = shared.get(("uint2", id(indices))) if shared is not None else None
+        if idx is None:
+            idx = indices.reshape(shape).astype(types.np_uint2_dtype)
+            if shared is not None:
+                shared[("uint2", id(indices))] = idx
         return mb.constexpr_lut_to_dense(indices=idx, lut=TERNARY_LUT.astype(dtype).reshape(1, 1, 4, 1), name=name)
     return mb.constexpr_lut_to_dense(indices=indices, lut=TERNARY_LUT.astype(dtype),
                                      shape=np.array(shape, dtype=np.uint32), name=name)
@@ -198,7 +203,15 @@ def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         w = ternary_lut_weight(codes, f"{nm}_w", f, ios)
     else:
         assert lut_source is not None
-        w = _lut_weight_from_indices(lut_source(), shape, f"{nm}_w", f, ios)
+        # The functions of a multifunction build lower the same weights: unpack each once (lower/program.py)
+        shared = ctx.options.get("shared")
+        key = ("lut_indices", w_val.name, shape, ios)
+        indices = shared.get(key) if shared is not None else None
+        if indices is None:
+            indices = lut_source()
+            if shared is not None:
+                shared[key] = indices
+        w = _lut_weight_from_indices(indices, shape, f"{nm}_w", f, ios, shared)
     # matmul, not linear: linear always carries a bias, and a zero bias of N fp16 values per layer
     # would cost 8/K of the 2-bit weight bytes (0.8% at K=1024) for nothing.
     y = mb.matmul(x=xn, y=w, transpose_x=False, transpose_y=True, name=f"{nm}_mm")

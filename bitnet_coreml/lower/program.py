@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # Core ML deployment targets by OS version number: (iOS, macOS) names share one spec version.
 _TARGETS = {16: ("iOS16", "macOS13"), 17: ("iOS17", "macOS14"), 18: ("iOS18", "macOS15")}
 MIN_IOS = 16  # constexpr_lut_to_dense (2-bit ternary weights) needs iOS16 / macOS13
+_SHARE_MIN_ELEMENTS = 1024  # fp16 copies of initializers at least this big are shared between functions' builds
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,9 @@ def build_functions(models: dict[str, ir.Model], default: str, options: BuildOpt
     fp32_ops: set[str] = set()
     notes: list[str] = []
     first: BuiltProgram | None = None
+    shared: dict[Any, Any] = {}  # the graphs import the same checkpoint: convert each weight once
     for name, model in models.items():
-        built = build_program(model, options)
+        built = build_program(model, options, shared=shared)
         prog.add_function(name, built.program.functions["main"])
         ios = max(ios, built.ios)
         fp32_ops |= built.fp32_ops  # op names repeat across functions: keeping more in fp32 is the safe side
@@ -190,8 +192,13 @@ def _compact_names(ops: list[Any], idx: int) -> None:
             out.name = op.name if k == 0 else f"{op.name}_{k}"
 
 
-def build_program(model: ir.Model, options: BuildOptions | None = None) -> BuiltProgram:
-    """Lower ``model`` (after the default passes) to a MIL program; see the module docstring."""
+def build_program(model: ir.Model, options: BuildOptions | None = None, *,
+                  shared: dict[Any, Any] | None = None) -> BuiltProgram:
+    """Lower ``model`` (after the default passes) to a MIL program; see the module docstring.
+
+    ``shared`` is a cache that builds of several graphs of the same model (the functions of a
+    multifunction program) pass along: weights converted for one are reused by the next.
+    """
     coremltools()
     from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
     from coremltools.converters.mil.mil import Function, Program, types  # noqa: PLC0415
@@ -224,7 +231,8 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
 
     ctx = LoweringContext(compute_precision=options.precision, opset=target_for(options.ios),
                           fp32_nodes=set(options.fp32_nodes),
-                          options={"ios": options.ios, "rmsnorm_input_scale": dict(options.rmsnorm_input_scale)})
+                          options={"ios": options.ios, "rmsnorm_input_scale": dict(options.rmsnorm_input_scale),
+                                   "shared": shared})
     fp32_ops: set[str] = set()
     output_names: dict[str, str] = {}
     rank_limit = max_rank()
@@ -247,8 +255,14 @@ def build_program(model: ir.Model, options: BuildOptions | None = None) -> Built
             for init in graph.initializers.values():
                 if init.name and init.const_value is not None and init.dtype == ir.DataType.FLOAT and init.uses() \
                         and all(u.node.domain != "bitnet_coreml" or u.idx == 0 for u in init.uses()):
-                    with np.errstate(over="ignore"):  # attention masks hold finfo.min: -inf on purpose
-                        ctx.values[init.name] = init.const_value.numpy().astype(np.float16)
+                    key = ("fp16", init.name, tuple(init.shape or ()))
+                    half = shared.get(key) if shared is not None else None
+                    if half is None:
+                        with np.errstate(over="ignore"):  # attention masks hold finfo.min: -inf on purpose
+                            half = init.const_value.numpy().astype(np.float16)
+                        if shared is not None and half.size >= _SHARE_MIN_ELEMENTS:
+                            shared[key] = half
+                    ctx.values[init.name] = half
         for idx, node in enumerate(graph):
             fn = get_lowering(node)
             before = len(func.operations)

@@ -11,7 +11,8 @@ lowering is the in-place pattern Core ML recognises::
 
 ``share_weights_across_functions`` runs last in the pass pipeline of a multifunction program: it
 gives every constant that several functions hold the same ``weight_id``, so the package stores it
-once (coremltools' ``save_multifunction`` does the same through ``const_deduplication``).
+once (coremltools' ``save_multifunction`` does the same through ``const_deduplication``, comparing
+values pairwise; here they are hashed).
 """
 
 from __future__ import annotations
@@ -60,12 +61,48 @@ def lower_kv_cache_update(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     return [out if half else mb.cast(x=out, dtype="fp32", name=f"{nm}_y")]
 
 
+def share_weights(prog: Any) -> int:
+    """Give every ``const`` whose value (dtype, shape, bytes) appears in several functions one shared
+    ``weight_id``, so the package writes it once; returns the number of shared groups.
+
+    The same as coremltools' ``const_deduplication._deduplicate_const_across_functions`` (what
+    ``save_multifunction`` runs), keyed by a hash of the whole value instead of comparing every pair
+    of candidates with ``allclose``; an array object seen twice is hashed once.
+    """
+    import hashlib  # noqa: PLC0415
+
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    by_id: dict[int, str] = {}
+    for fname in sorted(prog.functions):
+        for op in prog.functions[fname].operations:
+            if op.op_type != "const" or op.weight_id is not None:
+                continue
+            val = op.outputs[0].val
+            if not isinstance(val, np.ndarray) or val.size < _INLINE_BELOW:
+                continue  # inlined in the program, not in weight.bin
+            digest = by_id.get(id(val))
+            if digest is None:
+                digest = hashlib.blake2b(np.ascontiguousarray(val).view(np.uint8).data, digest_size=20).hexdigest()
+                by_id[id(val)] = digest
+            # the MIL type too: uint2 indices live in uint8 numpy arrays
+            key = (op.outputs[0].sym_type.__type_info__(), val.dtype.str, val.shape, digest)
+            groups.setdefault(key, []).append(op)
+    shared = 0
+    for ops in groups.values():
+        if len({op.enclosing_block for op in ops}) > 1:
+            for op in ops:
+                op.weight_id = f"shared_{shared}"
+            shared += 1
+    return shared
+
+
+# coremltools writes consts with fewer elements inline (backend/mil/helper.py should_use_weight_file)
+_INLINE_BELOW = 10
+
+
 def register_share_pass() -> str:
     """Register the cross-function weight-sharing pass with coremltools (once); returns its name."""
     coremltools()
-    from coremltools.converters.mil.mil.passes.defs.cleanup.const_deduplication import (  # noqa: PLC0415
-        const_deduplication,
-    )
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass  # noqa: PLC0415
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass  # noqa: PLC0415
 
@@ -78,6 +115,6 @@ def register_share_pass() -> str:
 
         def apply(self, prog: Any) -> None:
             if len(prog.functions) > 1:
-                const_deduplication()._deduplicate_const_across_functions(prog)
+                share_weights(prog)
 
     return SHARE_PASS
