@@ -54,6 +54,9 @@ class BuildOptions:
     # (RMSNorm node name, factor its input was scaled by) from the fp16-safety analysis
     rmsnorm_input_scale: tuple[tuple[str, float], ...] = ()
     native_fp16: bool = False  # build every op in fp16 (no fp32 program + fp16 cast pass)
+    # with native_fp16: a Cast/CastLike to float32 inside the graph builds fp16 too, so the whole program
+    # stays fp16 (the checkpoint graphs cast their fp16 embedding rows up to float32 first)
+    native_casts: bool = False
     compact_names: bool = True  # short op names n<node index>_<j> (smaller model.mlmodel)
 
     def __post_init__(self) -> None:
@@ -232,7 +235,7 @@ def build_program(model: ir.Model, options: BuildOptions | None = None, *,
     ctx = LoweringContext(compute_precision=options.precision, opset=target_for(options.ios),
                           fp32_nodes=set(options.fp32_nodes),
                           options={"ios": options.ios, "rmsnorm_input_scale": dict(options.rmsnorm_input_scale),
-                                   "shared": shared})
+                                   "shared": shared, "float_is_fp16": options.native_fp16 and options.native_casts})
     fp32_ops: set[str] = set()
     output_names: dict[str, str] = {}
     rank_limit = max_rank()
@@ -410,10 +413,14 @@ def ct_pass_pipeline(name: str, *, stateful: bool = False, multifunction: bool =
                 pipe.append_pass(p)
     else:
         raise InputError(f"pass pipeline {name!r} is not known; allowed: {', '.join(PIPELINES)}")
-    if multifunction:
-        from bitnet_coreml.lower.state import register_share_pass  # noqa: PLC0415
+    if stateful or multifunction:
+        from bitnet_coreml.lower.state import NAME_PASS, register_share_pass  # noqa: PLC0415
 
-        pipe.append_pass(register_share_pass())
+        share = register_share_pass()  # registers both passes
+        if stateful:
+            pipe.append_pass(NAME_PASS)
+        if multifunction:
+            pipe.append_pass(share)
     return pipe
 
 
@@ -435,6 +442,13 @@ def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | Non
 
     bar = pass_pipeline.tqdm
     pass_pipeline.tqdm = lambda it, *a, **k: it
+    # apply_pipeline logs f"...{prog}" at debug level: the f-string prints the whole program (seconds on
+    # a 200M model, per pipeline and function) even when nothing is logged. Print nothing then.
+    from coremltools.converters.mil.mil import Program  # noqa: PLC0415
+
+    program_str = Program.__str__
+    if not pass_pipeline.logger.isEnabledFor(logging.DEBUG):
+        Program.__str__ = lambda self: "<MIL program (enable debug logging to print it)>"  # type: ignore[method-assign]
     try:
         with warnings.catch_warnings():
             # attention masks hold finfo.min, which the fp16 cast turns into -inf on purpose (see fp16.py)
@@ -447,3 +461,4 @@ def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | Non
                                                              multifunction=len(prog.functions) > 1))
     finally:
         pass_pipeline.tqdm = bar
+        Program.__str__ = program_str  # type: ignore[method-assign]

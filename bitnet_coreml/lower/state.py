@@ -29,6 +29,7 @@ from bitnet_coreml.lower.registry import LoweringContext, lowering
 
 DOMAIN = "bitnet_coreml"
 SHARE_PASS = "bitnet_coreml::share_weights_across_functions"
+NAME_PASS = "bitnet_coreml::name_state_writes_pass"
 
 
 @lowering("KVCacheUpdate", domain=DOMAIN)
@@ -100,6 +101,27 @@ def share_weights(prog: Any) -> int:
 _INLINE_BELOW = 10
 
 
+def name_state_writes(prog: Any) -> None:
+    """Name every ``coreml_update_state`` after the op whose value it writes (``<op>_write``).
+
+    coremltools' ``canonicalize_inplace_pattern`` re-creates these ops with names from a process-wide
+    counter, so a second conversion in the same process would write other names: this keeps the
+    package byte-identical however many conversions ran before.
+    """
+    for func in prog.functions.values():
+        taken = {op.name for op in func.operations}
+        for op in func.operations:
+            if op.op_type != "coreml_update_state" or op.inputs["value"].op is None:
+                continue
+            base = name = f"{op.inputs['value'].op.name}_write"
+            k = 1
+            while name in taken and name != op.name:
+                name, k = f"{base}_{k}", k + 1
+            taken.add(name)
+            op.name = name
+            op.outputs[0].name = name
+
+
 def register_share_pass() -> str:
     """Register the cross-function weight-sharing pass with coremltools (once); returns its name."""
     coremltools()
@@ -108,6 +130,13 @@ def register_share_pass() -> str:
 
     if SHARE_PASS in PASS_REGISTRY:
         return SHARE_PASS
+
+    @register_pass(namespace="bitnet_coreml")
+    class name_state_writes_pass(AbstractGraphPass):  # noqa: N801 - coremltools names passes in snake case
+        """Deterministic names for the state writes coremltools' state passes re-created."""
+
+        def apply(self, prog: Any) -> None:
+            name_state_writes(prog)
 
     @register_pass(namespace="bitnet_coreml")
     class share_weights_across_functions(AbstractGraphPass):  # noqa: N801 - coremltools names passes in snake case

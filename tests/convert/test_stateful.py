@@ -211,3 +211,15 @@ def test_describe_package_for_inspect(packages: dict[str, Path]) -> None:
     plain = describe_package(packages["stateless"])
     assert plain["stateful"] is None and plain["state_bytes"] == 0
     assert [f["name"] for f in plain["functions"]] == ["main"]
+
+
+def test_stateful_conversion_is_deterministic(packages: dict[str, Path], tmp_path: Path) -> None:
+    from bitnet_coreml.package.writer import package_files
+
+    again = tmp_path / "again.mlpackage"
+    convert(CKPT, again, ConvertOptions(stateful=True, context=CONTEXT, prefill=PREFILL, precision="fp16"))
+    first = packages["fp16"]
+    assert package_files(again) == package_files(first)
+    for rel in package_files(first):
+        if rel != "Manifest.json":  # coremltools rewrites the manifest whenever it opens a package
+            assert (again / rel).read_bytes() == (first / rel).read_bytes(), (rel, package_files(first))
