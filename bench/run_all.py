@@ -28,6 +28,7 @@ BENCHES: list[tuple[str, list[str], list[Path]]] = [
     ("batch job overhead", ["bench/bench_batch.py"], []),
     ("HF 2B checkpoint import/convert", ["bench/bench_hf_2b.py"], []),
     ("generate decode vs transformers (200M)", ["bench/bench_generate.py"], [WORK / "hf-200m"]),
+    ("stateful package vs stateless (200M shape)", ["bench/bench_stateful.py"], []),
 ]
 
 

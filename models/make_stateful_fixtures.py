@@ -20,26 +20,20 @@ Tests read these arrays; they never import torch. Run in the export venv:
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from make_hf_fixtures import _save_npz  # noqa: E402  (atomic .npz write)
+
 PREFILL = 16
 STEPS = 32
 SEED = 14
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def make_one(folder: Path, out: Path) -> dict[str, float]:
