@@ -16,7 +16,7 @@ import click
 import numpy as np
 
 from bitnet_coreml.commands._common import echo_json
-from bitnet_coreml.errors import InputError
+from bitnet_coreml.errors import InputError, ModelLoadError
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -92,7 +92,10 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
     from bitnet_coreml.package.stateful import stateful_info  # noqa: PLC0415
     from bitnet_coreml.runtime import FallbackStrategy, FaultPlan, Predictor  # noqa: PLC0415
 
-    info = stateful_info(package) if (package / "Manifest.json").is_file() else None
+    try:
+        info = stateful_info(package) if (package / "Manifest.json").is_file() else None
+    except ModelLoadError:
+        info = None  # an unreadable package: the predictor below says what is wrong with it
     if info is not None:
         _predict_stateful(package, _load_npz(input_path), function, output_path, as_json)
         return

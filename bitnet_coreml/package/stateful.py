@@ -128,14 +128,19 @@ def stateful_info(source: str | os.PathLike[str] | Any) -> StatefulInfo | None:
         raise InputError(f"{source}: metadata {META} is not valid: {e}") from e
 
 
+def _open_spec(path: str | os.PathLike[str]) -> Any:
+    """The spec of the package at ``path``, read-only (InputError: not a package; ModelLoadError: unreadable)."""
+    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
+
+    p = Path(path)
+    if not (p / "Manifest.json").is_file():
+        raise InputError(f"{p}: not an .mlpackage (no Manifest.json)")
+    return read_package_spec(p).spec  # (MLModel(path) would rewrite Manifest.json)
+
+
 def _metadata(source: Any) -> dict[str, str]:
     if isinstance(source, (str, os.PathLike)):
-        from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
-
-        path = Path(source)
-        if not (path / "Manifest.json").is_file():
-            raise InputError(f"{path}: not an .mlpackage (no Manifest.json)")
-        source = read_package_spec(path).spec  # read-only (MLModel(path) rewrites Manifest.json)
+        source = _open_spec(source)
     spec = source.get_spec() if hasattr(source, "get_spec") else source
     return {str(k): str(v) for k, v in spec.description.metadata.userDefined.items()}
 
@@ -209,13 +214,10 @@ def describe_package(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``inspect PKG.mlpackage`` shows of any package: spec version, functions (default first
     marked) with their inputs, outputs and states (shape, dtype, bytes), weight bytes, state bytes,
     and for a stateful package its :class:`StatefulInfo`. Raises InputError for a non-package."""
-    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
     from bitnet_coreml.package.writer import weight_bytes  # noqa: PLC0415
 
     p = Path(path)
-    if not (p / "Manifest.json").is_file():
-        raise InputError(f"{p}: not an .mlpackage (no Manifest.json)")
-    spec = coremltools().models.MLModel(str(p), skip_model_load=True).get_spec()
+    spec = _open_spec(p)
     fns = function_specs(spec)
     info = stateful_info(spec)
     states = {s["name"]: s["bytes"] for f in fns for s in f["states"]}
