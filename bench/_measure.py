@@ -14,6 +14,7 @@ class Measured:
     wall_s: float
     peak_rss_mb: float
     returncode: int
+    cpu_s: float = 0.0  # user + system CPU time of the process (a load-independent figure on a shared machine)
 
 
 def run_measured(argv: list[str], env: dict[str, str] | None = None, quiet: bool = True) -> Measured:
@@ -24,7 +25,7 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None, quiet: bool
     _, status, rusage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Measured(wall, rusage.ru_maxrss / 1024.0, proc.returncode)
+    return Measured(wall, rusage.ru_maxrss / 1024.0, proc.returncode, rusage.ru_utime + rusage.ru_stime)
 
 
 def python_snippet(code: str) -> list[str]:

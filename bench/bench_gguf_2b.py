@@ -150,7 +150,7 @@ def main() -> None:
     print(f"GGUF {GGUF.stat().st_size / 1e9:.2f} GB, checkpoint "
           f"{sum(p.stat().st_size for p in FOLDER.iterdir()) / 1e9:.2f} GB; shape {SHAPE}; seq_len {args.seq_len}; "
           f"{os.cpu_count()} cores")
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for _ in range(args.rounds):
         for st in [s for s in args.stages.split(",") if s]:
             for label, src in (("gguf", GGUF), ("checkpoint", FOLDER)):
@@ -167,15 +167,16 @@ def main() -> None:
                 if r.returncode != 0:
                     print(f"{st} {label}: FAILED (exit {r.returncode})")
                     continue
-                results.setdefault((st, label), []).append((r.wall_s, r.peak_rss_mb))
-                print(f"{st:>8} {label:>10}: wall {r.wall_s:7.1f} s   peak RSS {r.peak_rss_mb:8.0f} MB", flush=True)
+                results.setdefault((st, label), []).append((r.wall_s, r.peak_rss_mb, r.cpu_s))
+                print(f"{st:>8} {label:>10}: wall {r.wall_s:7.1f} s   CPU {r.cpu_s:7.1f} s   peak RSS "
+                      f"{r.peak_rss_mb:8.0f} MB", flush=True)
     for st in [s for s in args.stages.split(",") if s]:
         g, c = results.get((st, "gguf")), results.get((st, "checkpoint"))
         if g and c:
-            gw, gm = min(x[0] for x in g), max(x[1] for x in g)
-            cw, cm = min(x[0] for x in c), max(x[1] for x in c)
-            print(f"{st:>8} gguf / checkpoint: time {gw:.1f} / {cw:.1f} s = x{gw / cw:.2f}, "
-                  f"peak RSS {gm:.0f} / {cm:.0f} MB = x{gm / cm:.2f}")
+            gw, gm, gc = min(x[0] for x in g), max(x[1] for x in g), min(x[2] for x in g)
+            cw, cm, cc = min(x[0] for x in c), max(x[1] for x in c), min(x[2] for x in c)
+            print(f"{st:>8} gguf / checkpoint: wall {gw:.1f} / {cw:.1f} s = x{gw / cw:.2f}, CPU {gc:.1f} / {cc:.1f} s "
+                  f"= x{gc / cc:.2f}, peak RSS {gm:.0f} / {cm:.0f} MB = x{gm / cm:.2f}")
 
 
 if __name__ == "__main__":

@@ -26,55 +26,63 @@ still hold a non-zero code, :func:`analyse_scales` decides:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import onnx_ir as ir
 from gguf import GGMLQuantizationType
 
 from bitnet_coreml.errors import ModelLoadError
 from bitnet_coreml.frontend.gguf_file import GGUFFile
-from bitnet_coreml.frontend.hf_tensors import pack_indices_2bit
 
 BLOCK = 256
 TERNARY_TYPES = (GGMLQuantizationType.TQ1_0, GGMLQuantizationType.TQ2_0)
-_POW3 = (1, 3, 9, 27, 81)
 _ROWS_PER_STEP_BYTES = 16 << 20  # decode budget per step (uint8 indices)
 
 
-def _digits(b: np.ndarray, k: int) -> np.ndarray:
-    """Base-3 digit ``k`` of TQ1_0 bytes ``b`` (uint8), as ggml decodes it: ((b*3^k mod 256) * 3) >> 8."""
-    q = (b * np.uint8(_POW3[k])).astype(np.uint16)  # uint8 product wraps mod 256, as in ggml
-    return ((q * np.uint16(3)) >> np.uint16(8)).astype(np.uint8)
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _decode(blocks: np.ndarray, tq1: bool, flip: np.ndarray, out: np.ndarray, packed: bool) -> int:
+    """Decode ``blocks`` (uint8 ``[nb, block bytes]``) to LUT indices in one pass.
 
-
-def decode_tq2_0(blocks: np.ndarray) -> np.ndarray:
-    """uint8 ``[nb, 66]`` -> uint8 ``[nb, 256]`` values ``q + 1`` in 0..3 (3 is not ternary)."""
-    nb = blocks.shape[0]
-    qs = blocks[:, :64].reshape(nb, 2, 1, 32)
-    out = np.empty((nb, 2, 4, 32), dtype=np.uint8)
-    for lane in range(4):
-        np.right_shift(qs[:, :, 0, :], 2 * lane, out=out[:, :, lane, :])
-    np.bitwise_and(out, 3, out=out)
-    return out.reshape(nb, BLOCK)
-
-
-def decode_tq1_0(blocks: np.ndarray) -> np.ndarray:
-    """uint8 ``[nb, 54]`` -> uint8 ``[nb, 256]`` values ``q + 1`` in 0..2."""
-    nb = blocks.shape[0]
-    out = np.empty((nb, BLOCK), dtype=np.uint8)
-    qs0, qs1, qh = blocks[:, :32], blocks[:, 32:48], blocks[:, 48:52]
-    for k in range(5):
-        out[:, 32 * k:32 * (k + 1)] = _digits(qs0, k)
-        out[:, 160 + 16 * k:160 + 16 * (k + 1)] = _digits(qs1, k)
-    for k in range(4):
-        out[:, 240 + 4 * k:240 + 4 * (k + 1)] = _digits(qh, k)
-    return out
-
-
-_DECODERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
-    GGMLQuantizationType.TQ1_0: decode_tq1_0, GGMLQuantizationType.TQ2_0: decode_tq2_0}
+    ``flip[b]``: 0 keep, 1 zero the block (d == 0), 2 negate it (d < 0). ``packed``: write Core ML's
+    2-bit bytes (``out`` uint8 ``[nb, 64]``, element ``4j+i`` of the block in bits ``2i`` of byte ``j``);
+    otherwise one index per byte (``out`` ``[nb, 256]``). Returns the first block holding the 2-bit
+    value 3 (TQ2_0 only; not ternary), else -1.
+    """
+    bad = -1
+    for b in range(blocks.shape[0]):
+        f = flip[b]
+        for j in range(64):
+            acc = 0
+            for i in range(4):
+                e = 4 * j + i
+                if tq1:  # five (four for qh) base-3 digits per byte, stored as ceil(v * 256 / 243)
+                    if e < 160:
+                        byte, k = e & 31, e >> 5
+                    elif e < 240:
+                        byte, k = 32 + ((e - 160) & 15), (e - 160) >> 4
+                    else:
+                        byte, k = 48 + ((e - 240) & 3), (e - 240) >> 2
+                    p3 = 1
+                    for _ in range(k):
+                        p3 *= 3
+                    v = ((((np.int64(blocks[b, byte]) * p3) & 0xFF) * 3) >> 8) & 3
+                else:  # byte 32g + m, bits 2l: element 128g + 32l + m
+                    v = (np.int64(blocks[b, ((e >> 7) << 5) + (e & 31)]) >> (2 * ((e >> 5) & 3))) & 3
+                    if v == 3 and bad < 0:
+                        bad = b
+                if f == 1:
+                    v = 1
+                elif f == 2:
+                    v = 2 - v
+                if packed:
+                    acc |= v << (2 * i)
+                else:
+                    out[b, e] = v
+            if packed:
+                out[b, j] = acc
+    return bad
 
 
 def block_scales(gf: GGUFFile, name: str) -> np.ndarray:
@@ -145,47 +153,48 @@ class GGUFTernary(ir.LazyTensor):
     def _where(self) -> str:
         return f"{self.gf.path}: tensor {self.source_name!r}"
 
-    def _decode_rows(self, r0: int, r1: int) -> np.ndarray:
-        """uint8 ``[r1-r0, K]`` LUT indices with the block scales' signs and zeros applied."""
+    def _decode_rows(self, r0: int, r1: int, *, packed: bool) -> np.ndarray:
+        """Rows ``[r0, r1)`` as LUT indices (uint8 ``[rows, K]``) or Core ML 2-bit bytes (``[rows, K/4]``),
+        with the block scales' signs and zeros applied."""
         blocks = self.gf.blocks(self.source_name, (r0, r1))
         rows, per_row, size = blocks.shape
-        idx = _DECODERS[self.qtype](blocks.reshape(rows * per_row, size)).reshape(rows, per_row, BLOCK)
-        if self.qtype == GGMLQuantizationType.TQ2_0 and np.any(idx == 3):
-            r, g, _ = np.argwhere(idx == 3)[0]
-            raise ModelLoadError(f"{self._where()}: block {g} of row {r0 + r} holds the 2-bit value 3 (weight +2d), "
-                                 "which is not ternary; allowed 0, 1, 2 (= -d, 0, +d)")
-        d = self._d[r0:r1]
-        if np.any(d <= 0):
-            zero = d == 0
-            idx[zero] = 1
-            neg = d < 0
-            idx[neg] = np.uint8(2) - idx[neg]
-        return idx.reshape(rows, per_row * BLOCK)
+        d = self._d[r0:r1].reshape(-1)
+        flip = np.where(d == 0, 1, np.where(d < 0, 2, 0)).astype(np.int8)
+        out = np.empty((rows * per_row, BLOCK // 4 if packed else BLOCK), dtype=np.uint8)
+        bad = _decode(np.ascontiguousarray(blocks.reshape(rows * per_row, size)),
+                      self.qtype == GGMLQuantizationType.TQ1_0, flip, out, packed)
+        if bad >= 0:
+            raise ModelLoadError(f"{self._where()}: block {bad % per_row} of row {r0 + bad // per_row} holds the "
+                                 "2-bit value 3 (weight +2d), which is not ternary; allowed 0, 1, 2 (= -d, 0, +d)")
+        return out.reshape(rows, -1)
+
+    def _rows(self, packed: bool) -> np.ndarray:
+        n, k = (int(x) for x in self.shape.numpy())
+        out = np.empty((n, k // 4 if packed else k), dtype=np.uint8)
+        step = max(1, _ROWS_PER_STEP_BYTES // max(1, k))
+        for r in range(0, n, step):
+            out[r:r + step] = self._decode_rows(r, min(n, r + step), packed=packed)
+        return out
 
     def lut_indices(self) -> np.ndarray:
         """uint8 ``[N, K]`` in {0, 1, 2} = code + 1 (the 2-bit palette indices for LUT ``[-1, 0, 1, 0]``)."""
-        n, k = (int(x) for x in self.shape.numpy())
-        out = np.empty((n, k), dtype=np.uint8)
-        step = max(1, _ROWS_PER_STEP_BYTES // max(1, k))
-        for r in range(0, n, step):
-            out[r:r + step] = self._decode_rows(r, min(n, r + step))
-        return out
+        return self._rows(packed=False)
 
     def lut2_bytes(self) -> np.ndarray:
-        """The indices packed four to a byte in Core ML's ``constexpr_lut_to_dense`` order: uint8 ``[N*K/4]``."""
-        return pack_indices_2bit(self.lut_indices())
+        """The indices packed four to a byte in Core ML's ``constexpr_lut_to_dense`` order: uint8 ``[N*K/4]``,
+        decoded straight from the blocks (K is a multiple of 256, so rows end on whole bytes)."""
+        return self._rows(packed=True).reshape(-1)
 
     def packed_source(self) -> np.ndarray | None:
         """The indices in the checkpoint's packed layout, uint8 ``[N/4, K]`` (row block ``i`` of ``N/4`` rows
         in bits ``2i..2i+1``), or None when N is not a multiple of 4."""
-        n, k = (int(x) for x in self.shape.numpy())
+        n = int(self.shape.numpy()[0])
         if n % 4:
             return None
-        idx = self.lut_indices()
         r = n // 4
-        out = idx[:r].copy()
+        out = self._decode_rows(0, r, packed=False)
         for i in range(1, 4):
-            out |= idx[i * r:(i + 1) * r] << (2 * i)
+            out |= self._decode_rows(i * r, (i + 1) * r, packed=False) << np.uint8(2 * i)
         return out
 
     def codes(self) -> np.ndarray:

@@ -291,3 +291,13 @@ def test_stateful_gguf_package_prefill_matches_torch(tmp_path: Path) -> None:
     got = ex.function("prefill").predict({"input_ids": ids, "position": np.array([0], np.int32)}, ex.make_state())
     logits = np.asarray(got["logits"], dtype=np.float32)
     assert cosine(logits, ref) >= 0.999 and argmax_agreement(logits, ref) >= 0.98
+
+
+def test_tq2_0_value_3_is_not_ternary(tmp_path: Path) -> None:
+    p = write_bitnet_gguf(tmp_path / "m.gguf")
+    data = bytearray(p.read_bytes())
+    info = GGUFFile(p).tensors["blk.0.attn_v.weight"]
+    data[info.offset + 66 + 5] = 0xFF  # the one block of row 1 (hidden 256): four fields of 3
+    p.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="block 0 of row 1 holds the 2-bit value 3"):
+        GGUFTernary(GGUFFile(p), "blk.0.attn_v.weight").lut2_bytes()
