@@ -55,6 +55,7 @@ class ConvertOptions:
     split_limit: int = 16384
     check: bool = True
     verify: bool = False
+    verify_inputs: str | None = None  # .npz of test inputs for the verify step (default: random tokens)
     seq_len: int | None = None
     allow_dequant: bool = False  # GGUF: dequantise other ggml types instead of refusing (frontend.gguf_model)
     passes: str = "fast"  # coremltools pass pipeline: "fast" (what our programs need) or "full" (its default)
@@ -84,6 +85,10 @@ class ConvertOptions:
             from bitnet_coreml.package.stateful import validate_sizes  # noqa: PLC0415
 
             validate_sizes(self.context, self.prefill, self.prefill_logits)
+        if self.verify_inputs is not None and not self.verify:
+            raise InputError(f"--input {self.verify_inputs}: test inputs are for --verify; add --verify")
+        if self.verify_inputs is not None and not Path(self.verify_inputs).is_file():
+            raise InputError(f"--input {self.verify_inputs}: no such file")
 
 
 @dataclass
@@ -459,7 +464,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         t0 = time.perf_counter()
         from bitnet_coreml.verify import verify  # noqa: PLC0415
 
-        report = verify(source, out, raise_on_failure=False, seq_len=options.seq_len,
+        report = verify(source, out, options.verify_inputs, raise_on_failure=False, seq_len=options.seq_len,
                         allow_dequant=options.allow_dequant)
         result.parity = report.to_dict()
         timed("verify", t0)

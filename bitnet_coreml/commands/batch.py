@@ -1,8 +1,9 @@
-"""``bitnet-coreml batch PACKAGE DATASET -o OUTDIR``: a resumable batch prediction job."""
+"""``bitnet-coreml batch PACKAGE DATASET -o JOBDIR``: a resumable batch prediction job."""
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,20 +13,46 @@ from bitnet_coreml.commands._common import echo_json
 from bitnet_coreml.errors import EXIT_RUNTIME
 
 
-def _factory(package: Path, units: str | None) -> Any:
+def _factory(package: Path, units: str | None, strict: bool) -> Any:
     from bitnet_coreml.jobs.predictors import RuntimeFactory
 
     chain = tuple(u.strip() for u in units.split(",") if u.strip()) if units else None
-    return RuntimeFactory(package, units=chain)
+    return RuntimeFactory(package, units=chain, strict=strict)
+
+
+def _workers(value: str) -> int:
+    from bitnet_coreml._threads import available_cores
+
+    if value.strip().lower() == "auto":
+        return available_cores()
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"{value!r}; allowed: auto or an integer >= 1", param_hint="--workers")
+    return n
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (exit 143 instead of 130)."""
 
 
 @click.command("batch")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.argument("dataset", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", "outdir", required=True, metavar="JOBDIR", type=click.Path(path_type=Path),
               help="Job folder: outputs/, manifest.jsonl, summary.json. Rerun the same command to resume.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Worker processes (local) or predictor actors (ray); each loads the package once.")
+@click.option("--workers", default="auto", show_default=True, metavar="N|auto",
+              help="Worker processes (local) or predictor actors (ray); each loads the package once and gets "
+                   "cores/N BLAS threads. auto: one per core.")
+@click.option("--strict", is_flag=True, help="Fail items holding arrays the package does not take (default: ignore).")
+@click.option("--restart", is_flag=True, help="Discard the results already in JOBDIR and start the job afresh.")
+@click.option("--verbose", is_flag=True, help="Show Ray's own log lines (--engine ray).")
 @click.option("--units", default=None, metavar="LIST",
               help="Compute-unit fallback chain, comma-separated (ane,gpu,cpu,reference).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -33,36 +60,81 @@ def _factory(package: Path, units: str | None) -> Any:
 @click.option("--ray-address", default=None, help="Ray cluster address (default: start or join a local one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def batch(package: Path, dataset: Path, outdir: Path, workers: int, units: str | None, engine: str,
-          ray_address: str | None, as_json: bool, progress: bool | None) -> None:
-    """Run PACKAGE over every item of DATASET and write the outputs to OUTDIR.
+def batch(package: Path, dataset: Path, outdir: Path, workers: str, strict: bool, restart: bool, verbose: bool,
+          units: str | None, engine: str, ray_address: str | None, as_json: bool, progress: bool | None) -> None:
+    """Run PACKAGE over every item of DATASET and write the outputs to JOBDIR.
 
     DATASET is a folder of .npz files, one .npz whose arrays share a leading batch dimension, or a
     .jsonl file of named arrays. A failing item is recorded and the job goes on; rerunning the same
     command skips finished items (checksums verified). Exit 0 when every item succeeded, 3 when
-    some failed (listed in the summary and the manifest).
+    some failed (listed in the summary and the manifest); Ctrl-C exits 130, SIGTERM 143.
     """
+    import signal
+
     from bitnet_coreml.jobs import BatchOptions, open_dataset, run_batch
 
-    options = BatchOptions(workers=workers, engine=engine, ray_address=ray_address)
-    factory = _factory(package, units)
+    options = BatchOptions(workers=_workers(workers), engine=engine, ray_address=ray_address, restart=restart,
+                           verbose=verbose)
+    factory = _factory(package, units, strict)
     ds = open_dataset(dataset)
-    show = (not as_json and sys.stderr.isatty()) if progress is None else progress
+    tty = sys.stderr.isatty()
+    show = (not as_json and tty) if progress is None else progress
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if show:
+        if show and tty:
             summary = _run_with_bar(factory, ds, outdir, options)
+        elif show or (progress is None and not as_json):
+            summary = run_batch(factory, ds, outdir, options, progress=_LogLines())
         else:
             summary = run_batch(factory, ds, outdir, options)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: finished items are recorded in {outdir}/manifest.jsonl;"
+    except KeyboardInterrupt as e:
+        code, what = (143, "terminated (SIGTERM)") if isinstance(e, _Terminated) else (130, "interrupted")
+        click.echo(f"{what}: finished items are recorded in {outdir}/manifest.jsonl and {outdir}/summary.json;"
                    " rerun the same command to resume", err=True)
-        sys.exit(130)
+        sys.exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if as_json:
         echo_json(summary)
     else:
         _print_summary(summary)
     if not summary["job"]["complete"]:
         sys.exit(EXIT_RUNTIME)
+
+
+def _eta(ev: Any, elapsed: float) -> str:
+    """Time left, from the items predicted in this run (items done by an earlier run do not count)."""
+    done_now = ev.ok + ev.failed
+    if done_now == 0 or elapsed <= 0:
+        return "-"
+    left = max(ev.to_do - done_now, 0) / (done_now / elapsed)
+    m, sec = divmod(int(round(left)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}"
+
+
+class _LogLines:
+    """Progress as plain log lines every few seconds, for logs and CI (stderr is not a terminal)."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._t0 = self._clock()
+        self._every = every_s
+        self._next = self._t0 + every_s
+        self._last: Any = None
+
+    def __call__(self, ev: Any) -> None:
+        now = self._clock()
+        first = self._last is None
+        self._last = ev
+        if first or now >= self._next or ev.completed == ev.total:
+            self._next = now + self._every
+            elapsed = now - self._t0
+            rate = (ev.ok + ev.failed) / elapsed if elapsed > 0 else 0.0
+            click.echo(f"batch: {ev.completed}/{ev.total} done ({ev.skipped} from an earlier run), "
+                       f"{ev.failed} failed, {rate:.1f} items/s, ETA {_eta(ev, elapsed)}", err=True)
 
 
 def _run_with_bar(factory: Any, ds: Any, outdir: Path, options: Any) -> dict[str, Any]:
@@ -73,21 +145,22 @@ def _run_with_bar(factory: Any, ds: Any, outdir: Path, options: Any) -> dict[str
         Progress,
         TextColumn,
         TimeElapsedColumn,
-        TimeRemainingColumn,
     )
 
     from bitnet_coreml.jobs import run_batch
 
     columns = (TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} items/s"), TextColumn("failed {task.fields[failed]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+               TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"))
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task("batch", total=len(ds), rate="-", failed=0)
+        task = bar.add_task("batch", total=len(ds), rate="-", failed=0, eta="-")
+        t0 = time.monotonic()
 
         def on_event(ev: Any) -> None:
-            speed = bar.tasks[0].speed
+            elapsed = time.monotonic() - t0
+            rate = (ev.ok + ev.failed) / elapsed if elapsed > 0 and ev.ok + ev.failed else None
             bar.update(task, completed=ev.completed, failed=ev.failed,
-                       rate=f"{speed:.1f}" if speed else "-")
+                       rate=f"{rate:.1f}" if rate else "-", eta=_eta(ev, elapsed))
 
         return run_batch(factory, ds, outdir, options, progress=on_event)
 

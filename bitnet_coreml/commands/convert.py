@@ -45,6 +45,8 @@ def _mb(n: float) -> str:
 @click.option("--exact-context", is_flag=True, help="--stateful: keep a --context that is not a multiple of 32.")
 @click.option("--no-check", is_flag=True, help="Skip the pre-conversion check.")
 @click.option("--verify", "do_verify", is_flag=True, help="Verify the package against the source after converting.")
+@click.option("--input", "-i", "verify_inputs", type=click.Path(path_type=str), default=None,
+              help="With --verify: .npz of test inputs (arrays named like the model's inputs; default: random tokens).")
 @click.option("--report", "report_path", type=click.Path(path_type=str), default=None,
               help="Also write the HTML conversion report here (see `bitnet-coreml report`).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -52,7 +54,7 @@ def convert(model: str, out: str, target: str, chip: str | None, precision: str,
             calibration: str | None, min_os: str | None, split_limit: int, seq_len: int | None,
             allow_dequant: bool, passes: str,
             stateful: bool, context: int, prefill: int, prefill_logits: str, exact_context: bool, no_check: bool,
-            do_verify: bool, report_path: str | None, as_json: bool) -> None:
+            do_verify: bool, verify_inputs: str | None, report_path: str | None, as_json: bool) -> None:
     """Convert MODEL (.onnx file, checkpoint folder or .gguf file) to a Core ML package with 2-bit ternary weights."""
     from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
     from bitnet_coreml.convert import convert as run_convert  # noqa: PLC0415
@@ -64,8 +66,8 @@ def convert(model: str, out: str, target: str, chip: str | None, precision: str,
 
     options = ConvertOptions(precision=precision, embed_bits=int(embed_bits) if embed_bits else None,
                              calibration=calibration, target=target, chip=chip, min_os=min_os,
-                             split_limit=split_limit, check=not no_check, verify=do_verify, seq_len=seq_len,
-                             passes=passes, stateful=stateful, context=context, prefill=prefill,
+                             split_limit=split_limit, check=not no_check, verify=do_verify, verify_inputs=verify_inputs,
+                             seq_len=seq_len, passes=passes, stateful=stateful, context=context, prefill=prefill,
                              prefill_logits=prefill_logits, exact_context=exact_context,
                              allow_dequant=allow_dequant)
     if as_json:
@@ -110,5 +112,7 @@ def convert(model: str, out: str, target: str, chip: str | None, precision: str,
         if not as_json:
             click.echo(f"report: {report_path}")
     if result.parity is not None and not result.parity["passed"]:
-        click.echo("error: parity below threshold (the package was written; see the parity table)", err=True)
+        failed = [f"{c['runner']} vs {c['reference']} {c['output']}: {'; '.join(c['failures'])}"
+                  for c in result.parity["comparisons"] if not c["passed"]]
+        click.echo(f"error: parity failed: {'; '.join(failed)} (the package was written to {out})", err=True)
         sys.exit(EXIT_CHECK_FAILED)

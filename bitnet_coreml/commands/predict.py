@@ -7,6 +7,7 @@ unit was skipped or given up. ``BITNET_COREML_FAULTS`` (test-only, see
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -79,11 +80,16 @@ def _human(result: Any, out: Path | None) -> None:
 @click.option("--function", "function", type=click.Choice(["prefill", "decode"]), default=None,
               help="Stateful package: run every token through this function (default: chunks of P through "
                    "prefill, the rest through decode).")
+@click.option("--strict", is_flag=True, help="Refuse an --input file holding arrays the package does not take.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def predict(package: Path, input_path: Path, output_path: Path | None, units: str, retries: int | None,
-            power_target: str, timeout_s: float | None, no_validate: bool, function: str | None,
+            power_target: str, timeout_s: float | None, no_validate: bool, function: str | None, strict: bool,
             as_json: bool) -> None:
     """One prediction of PACKAGE with fallback between compute units.
+
+    The package's inputs are taken from the --input file by name; other arrays in it are ignored
+    with a note (--strict refuses them). Where the package's batch dimension is 1 and the file's
+    arrays hold N rows, each row is predicted and the outputs are stacked along the first axis.
 
     A stateful package (convert --stateful) takes input_ids [1, N] (and optionally position [1], the
     first token's position, default 0): the tokens run call by call with one KV-cache state, in the
@@ -111,11 +117,22 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
     strategy = FallbackStrategy(**overrides)
     faults = FaultPlan.from_env()
     predictor = Predictor(package, strategy, faults=faults)
-    inputs = _load_npz(input_path)
+    from bitnet_coreml.runtime.package_io import select_inputs, split_batch  # noqa: PLC0415
+
+    inputs, notes = select_inputs(predictor.info, _load_npz(input_path), strict=strict, source=str(input_path))
+    rows = split_batch(predictor.info, inputs)
     try:
-        result = predictor.predict(inputs, source=str(input_path))
+        results = [predictor.predict(row, source=str(input_path)) for row in rows]
     finally:
         predictor.close()
+    result = results[-1]
+    if len(rows) > 1:
+        notes.append(f"{input_path}: {len(rows)} rows predicted one at a time (the package's batch is 1); "
+                     "outputs stacked along the first axis")
+        stacked = {k: np.concatenate([r.outputs[k] for r in results]) for k in result.outputs}
+        result = dataclasses.replace(result, outputs=stacked, batch_size=len(rows),
+                                     latency_s=sum(r.latency_s for r in results))
+    result = dataclasses.replace(result, notes=(*notes, *result.notes))
     if output_path is not None:
         _save_npz(output_path, result.outputs)
     if as_json:

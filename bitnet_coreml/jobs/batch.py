@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from bitnet_coreml._threads import pool_initializer, pool_payload, threads_per_worker
 from bitnet_coreml.errors import BitnetCoremlError, ConfigError, InputError
 from bitnet_coreml.jobs._io import (
     atomic_write_bytes,
@@ -65,6 +66,8 @@ class BatchOptions:
     in_flight_per_worker: int = 2
     ray_address: str | None = None
     fsync_interval_s: float = 1.0  # see ManifestWriter: 0 = fsync every record
+    restart: bool = False  # discard an earlier job's results in the folder instead of resuming
+    verbose: bool = False  # let Ray's own INFO/WARNING log lines through (--engine ray)
 
     def __post_init__(self) -> None:
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
@@ -87,6 +90,7 @@ class BatchEvent:
     failed: int
     skipped: int
     record: ItemRecord | None = None
+    to_do: int = 0  # items this run has to predict (not done by an earlier run): the base of an ETA
 
 
 ProgressFn = Callable[[BatchEvent], None]
@@ -148,7 +152,7 @@ class Job:
     """One job's output folder, manifest, resume state and statistics (shared by both engines)."""
 
     def __init__(self, factory: PredictorFactory, dataset: Dataset, outdir: Path,
-                 progress: ProgressFn | None = None, fsync_interval_s: float = 1.0) -> None:
+                 progress: ProgressFn | None = None, fsync_interval_s: float = 1.0, restart: bool = False) -> None:
         self.factory = factory
         self.dataset = dataset
         self.outdir = outdir
@@ -157,7 +161,7 @@ class Job:
         self._lock_fd = lock_dir(outdir, "another batch job is running on this folder; wait for it or choose another -o")
         try:
             self.resumed = claim_outdir(outdir, {"predictor": factory.fingerprint(),
-                                                 "dataset": str(dataset.path.resolve())})
+                                                 "dataset": str(dataset.path.resolve())}, restart)
             self.done = verified_done(outdir, read_manifest(outdir)) if self.resumed else set()
             self.writer = ManifestWriter(outdir, fsync_interval_s)
         except BaseException:
@@ -188,7 +192,8 @@ class Job:
     def _emit(self, rec: ItemRecord | None) -> None:
         if self.progress is not None:
             s = self.stats
-            self.progress(BatchEvent(s.total, s.skipped + s.ok + s.failed, s.ok, s.failed, s.skipped, rec))
+            self.progress(BatchEvent(s.total, s.skipped + s.ok + s.failed, s.ok, s.failed, s.skipped, rec,
+                                     s.total - len(self.done)))
 
     def start(self) -> None:
         self._emit(None)
@@ -248,15 +253,19 @@ def run_batch(factory: PredictorFactory, dataset: str | os.PathLike[str] | Datas
     """Run (or resume) a batch job; returns the summary also written to ``OUTDIR/summary.json``."""
     options = options or BatchOptions()
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    job = Job(factory, ds, Path(outdir), progress, options.fsync_interval_s)
+    job = Job(factory, ds, Path(outdir), progress, options.fsync_interval_s, options.restart)
     try:
         job.start()
-        if options.engine == "ray":
-            from bitnet_coreml.jobs.ray_engine import run_ray  # noqa: PLC0415 - optional extra
+        try:
+            if options.engine == "ray":
+                from bitnet_coreml.jobs.ray_engine import run_ray  # noqa: PLC0415 - optional extra
 
-            extra = run_ray(job, options)
-        else:
-            extra = _run_local(job, options)
+                extra = run_ray(job, options)
+            else:
+                extra = _run_local(job, options)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what finished is recorded and summarised, then stop
+            job.finish(options.engine, options.workers, {"interrupted": True})
+            raise
         return job.finish(options.engine, options.workers, extra)
     finally:
         job.close()
@@ -305,8 +314,10 @@ def _work(ref: ItemRef, outdir: Path) -> ItemRecord:
 
 def _new_pool(job: Job, workers: int) -> cf.ProcessPoolExecutor:
     # spawn, not fork: the driver may hold threads (progress display, coremltools) that fork would copy mid-state.
+    # Each worker gets cores // workers BLAS/OpenMP/numba threads, set before it imports numpy (_threads).
     return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker, initargs=(job.factory,))
+                                  initializer=pool_initializer,
+                                  initargs=(threads_per_worker(workers), pool_payload(_init_worker, job.factory)))
 
 
 def _run_pool(job: Job, options: BatchOptions) -> None:

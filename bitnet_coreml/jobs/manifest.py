@@ -156,14 +156,20 @@ def compact(outdir: Path) -> dict[str, ItemRecord]:
     return records
 
 
-def claim_outdir(outdir: Path, job: dict[str, Any]) -> bool:
+def claim_outdir(outdir: Path, job: dict[str, Any], restart: bool = False) -> bool:
     """Create or reopen ``outdir`` for ``job``; returns True when resuming an earlier run.
 
     Refuses a folder that holds another job's results (a different predictor or dataset), because
-    mixing them would make the manifest lie.
+    mixing them would make the manifest lie. ``restart`` deliberately discards an earlier job's
+    results in a batch-job folder (one with ``job.json``; any other folder is never emptied).
     """
     job = {"format": FORMAT_VERSION, **job}
     path = outdir / JOB
+    if restart and path.exists():
+        from bitnet_coreml.jobs._io import remove_path  # noqa: PLC0415
+
+        for name in (SUMMARY, MANIFEST, OUTPUTS, JOB):  # job.json last: a crash midway still reads as a job
+            remove_path(outdir / name)
     if path.exists():
         try:
             old = json.loads(path.read_text())
@@ -172,7 +178,7 @@ def claim_outdir(outdir: Path, job: dict[str, Any]) -> bool:
         for key in ("format", "predictor", "dataset"):
             if old.get(key) != job.get(key):
                 raise InputError(f"{outdir}: holds results of a different job ({key} was {old.get(key)!r},"
-                                 f" now {job.get(key)!r}); choose another -o or remove the folder")
+                                 f" now {job.get(key)!r}); choose another -o, or --restart to discard them")
         (outdir / OUTPUTS).mkdir(exist_ok=True)
         _remove_stray_temps(outdir / OUTPUTS)
         return True

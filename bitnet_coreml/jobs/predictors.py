@@ -76,6 +76,23 @@ def coerce_inputs(inputs: Arrays, dtypes: dict[str, np.dtype[Any]]) -> Arrays:
     return out
 
 
+def fit_item(info: Any, inputs: Arrays, dtypes: dict[str, np.dtype[Any]], strict: bool = False) -> list[Arrays]:
+    """An item's inputs as the package takes them: its arrays only (others ignored unless ``strict``),
+    cast to the declared dtypes, one dict per row where the item carries a batch dimension the
+    package lacks (see :func:`bitnet_coreml.runtime.package_io.split_batch`)."""
+    from bitnet_coreml.runtime.package_io import select_inputs, split_batch  # noqa: PLC0415
+
+    chosen, _ = select_inputs(info, inputs, strict=strict, source="item")
+    return split_batch(info, coerce_inputs(chosen, dtypes))
+
+
+def stack_rows(outputs: list[Arrays]) -> Arrays:
+    """One item's outputs from its rows' outputs (stacked along the first axis)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+
+
 def _check_package(package: Path) -> None:
     if not package.exists():
         raise InputError(f"package {package}: no such file or folder")
@@ -86,6 +103,7 @@ class ReferenceFactory:
     """Predictors backed by :class:`bitnet_coreml.executor.ReferenceExecutor` (unit ``"reference"``)."""
 
     package: Path
+    strict: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "package", Path(self.package))
@@ -96,17 +114,22 @@ class ReferenceFactory:
 
     def __call__(self) -> ItemPredictor:
         from bitnet_coreml.executor import ReferenceExecutor  # noqa: PLC0415 - loaded per worker
+        from bitnet_coreml.runtime.package_io import read_package  # noqa: PLC0415
 
-        return _ReferencePredictor(ReferenceExecutor(str(self.package)), package_input_dtypes(self.package))
+        return _ReferencePredictor(ReferenceExecutor(str(self.package)), read_package(self.package),
+                                   package_input_dtypes(self.package), self.strict)
 
 
 class _ReferencePredictor:
-    def __init__(self, executor: Any, dtypes: dict[str, np.dtype[Any]]) -> None:
+    def __init__(self, executor: Any, info: Any, dtypes: dict[str, np.dtype[Any]], strict: bool) -> None:
         self._executor = executor
+        self._info = info
         self._dtypes = dtypes
+        self._strict = strict
 
     def predict(self, inputs: Arrays) -> tuple[Arrays, str]:
-        return dict(self._executor.predict(coerce_inputs(inputs, self._dtypes))), "reference"
+        rows = fit_item(self._info, inputs, self._dtypes, self._strict)
+        return stack_rows([dict(self._executor.predict(r)) for r in rows]), "reference"
 
 
 @dataclass(frozen=True)
@@ -119,6 +142,7 @@ class RuntimeFactory:
     package: Path
     units: tuple[str, ...] | None = None
     strategy_overrides: tuple[tuple[str, Any], ...] = field(default=())
+    strict: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "package", Path(self.package))
@@ -138,18 +162,22 @@ class RuntimeFactory:
         from bitnet_coreml.runtime import Predictor  # noqa: PLC0415 - loaded per worker
 
         return _RuntimePredictor(Predictor(str(self.package), strategy=self._strategy()),
-                                 package_input_dtypes(self.package))
+                                 package_input_dtypes(self.package), self.strict)
 
 
 class _RuntimePredictor:
-    def __init__(self, predictor: Any, dtypes: dict[str, np.dtype[Any]]) -> None:
+    def __init__(self, predictor: Any, dtypes: dict[str, np.dtype[Any]], strict: bool = False) -> None:
         self.predictor = predictor
         self._dtypes = dtypes
+        self._strict = strict
 
     def predict(self, inputs: Arrays) -> tuple[Arrays, str]:
-        res = self.predictor.predict(coerce_inputs(inputs, self._dtypes))
-        unit = res.unit.value if hasattr(res.unit, "value") else str(res.unit)
-        return dict(res.outputs), unit
+        outs, units = [], []
+        for row in fit_item(self.predictor.info, inputs, self._dtypes, self._strict):
+            res = self.predictor.predict(row)
+            outs.append(dict(res.outputs))
+            units.append(res.unit.value if hasattr(res.unit, "value") else str(res.unit))
+        return stack_rows(outs), ",".join(sorted(set(units)))
 
     def recovery_stats(self) -> dict[str, Any] | None:
         getter = getattr(self.predictor, "get_recovery_stats", None)

@@ -57,10 +57,13 @@ def _import_ray() -> Any:
 def run_ray(job: Job, options: BatchOptions) -> dict[str, Any]:
     """Run the job's pending items on Ray; joins a running Ray or starts a local one (and stops it)."""
     ray = _import_ray()
+    quiet = logging.INFO if options.verbose else logging.ERROR
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):  # Ray logs INFO/WARNING lines to stderr by default
+        logging.getLogger(name).setLevel(quiet)
     started = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                  "logging_level": logging.WARNING}
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": options.verbose,
+                                  "logging_level": quiet}
         if options.ray_address:
             kwargs["address"] = options.ray_address
         else:

@@ -5,8 +5,10 @@ into place, so a killed conversion never leaves a half-written package at the de
 stale temporary directory of a dead process is removed by the next save to the same destination).
 
 Deterministic: coremltools writes random UUIDs as item identifiers into ``Manifest.json``; they are
-replaced by UUIDs derived from each item's path, so converting the same input twice gives
-byte-identical packages. Metadata entries are inserted in sorted order.
+replaced by UUIDs derived from each item's path. The model spec is re-serialised with protobuf's
+deterministic (sorted) map order, since a plain ``SerializeToString`` writes the metadata map in
+hash order, which differs between processes; coremltools' conversion-date entry is dropped (it
+would differ between days). So converting the same input twice gives byte-identical packages.
 
 The ``author`` field stays empty: the package belongs to whoever converted it.
 """
@@ -54,6 +56,27 @@ def deterministic_manifest(package: Path) -> None:
         data["rootModelIdentifier"] = remap[data["rootModelIdentifier"]]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# coremltools stamps the conversion day into the metadata; identical input must give identical bytes.
+_VOLATILE_METADATA = ("com.github.apple.coremltools.conversion_date",)
+
+
+def deterministic_spec(package: Path) -> None:
+    """Rewrite ``package``'s model spec with sorted map entries and no conversion date."""
+    from coremltools.proto import Model_pb2  # noqa: PLC0415 - coremltools is already loaded by the caller
+
+    manifest = json.loads((package / "Manifest.json").read_text())
+    root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+    path = package / "Data" / root
+    spec = Model_pb2.Model()
+    spec.ParseFromString(path.read_bytes())
+    for key in _VOLATILE_METADATA:
+        if key in spec.description.metadata.userDefined:
+            del spec.description.metadata.userDefined[key]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(spec.SerializeToString(deterministic=True))
     os.replace(tmp, path)
 
 
@@ -111,6 +134,7 @@ def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool 
     try:
         mlmodel.save(str(tmp))
         deterministic_manifest(tmp)
+        deterministic_spec(tmp)
         if assets:
             from bitnet_coreml.package.assets import write_assets  # noqa: PLC0415
 

@@ -90,6 +90,48 @@ def read_package(path: str | os.PathLike[str]) -> PackageInfo:
     return PackageInfo(p, inputs, outputs, weight_bytes, int(spec.specificationVersion), metadata)
 
 
+def select_inputs(info: PackageInfo, arrays: Mapping[str, Any], *, strict: bool = False,
+                  source: str = "inputs") -> tuple[dict[str, Any], list[str]]:
+    """The arrays the package takes, and a note naming the ones ignored.
+
+    A file often carries more than the model's inputs (reference logits, an evaluation set): those are
+    left out with a one-line note, or refused when ``strict``. A missing input is always an error.
+    """
+    given, wanted = set(arrays), set(info.inputs)
+    missing, extra = sorted(wanted - given), sorted(given - wanted)
+    takes = f"{info.path.name} takes {', '.join(sorted(wanted))}"
+    if missing:
+        raise PredictionInputError(f"{source}: missing {', '.join(missing)}; {takes}"
+                                   + (f" (the file holds {', '.join(sorted(given))})" if given else ""))
+    if extra and strict:
+        raise PredictionInputError(f"{source}: unexpected {', '.join(extra)}; {takes} (--strict refuses other arrays)")
+    notes = [f"{source}: ignored {', '.join(extra)} ({takes})"] if extra else []
+    return {k: arrays[k] for k in sorted(wanted)}, notes
+
+
+def split_batch(info: PackageInfo, inputs: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
+    """One prediction's inputs per row, where the arrays carry a batch dimension the package lacks.
+
+    For a package whose inputs have a leading dimension of 1 (``[1, 16]``): an array of shape ``[16]``
+    gets that dimension added (a row of an ``(N, 16)`` token matrix), and arrays of shape ``[N, 16]``
+    (every input with the same ``N``) are sliced into ``N`` predictions. Anything else is returned
+    unchanged for :func:`validate_inputs` to judge.
+    """
+    arrays = {k: np.asarray(v) for k, v in inputs.items()}
+    specs = {k: info.inputs[k] for k in arrays if k in info.inputs}
+    if not specs or any(s.enumerated or s.ranges or not s.shape or s.shape[0] != 1 for s in specs.values()):
+        return [arrays]
+    if all(tuple(arrays[k].shape) == s.shape[1:] for k, s in specs.items()):
+        return [{k: (v[None] if k in specs else v) for k, v in arrays.items()}]
+    rows = {arrays[k].shape[0] for k in specs if arrays[k].ndim == len(specs[k].shape)}
+    if len(rows) == 1 and all(arrays[k].ndim == len(s.shape) and tuple(arrays[k].shape[1:]) == s.shape[1:]
+                              for k, s in specs.items()):
+        n = rows.pop()
+        if n > 1:
+            return [{k: (v[i:i + 1] if k in specs else v) for k, v in arrays.items()} for i in range(n)]
+    return [arrays]
+
+
 def validate_inputs(info: PackageInfo, inputs: Mapping[str, Any], *, source: str = "inputs") -> dict[str, np.ndarray]:
     """Check names, shapes, dtypes and finiteness; return arrays cast to the declared dtypes.
 

@@ -99,3 +99,23 @@ def read_outputs(outdir: Path) -> dict[str, dict[str, np.ndarray]]:
             with np.load(outdir / rec["file"]) as z:
                 out[rec["id"]] = {k: z[k] for k in z.files}
     return out
+
+
+class _ThreadProbe:
+    def predict(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+        from threadpoolctl import threadpool_info
+
+        blas = [int(p["num_threads"]) for p in threadpool_info() if p.get("user_api") == "blas"]
+        env = int(os.environ.get("OMP_NUM_THREADS", "0"))
+        return {"blas": np.asarray(blas, dtype=np.int64), "omp_env": np.asarray(env)}, "cpu"
+
+
+@dataclass(frozen=True)
+class ThreadProbeFactory:
+    """A predictor that reports the BLAS thread count and OMP_NUM_THREADS of the worker it runs in."""
+
+    def fingerprint(self) -> str:
+        return "thread-probe"
+
+    def __call__(self) -> _ThreadProbe:
+        return _ThreadProbe()

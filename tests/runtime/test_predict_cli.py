@@ -85,13 +85,21 @@ def _bad(tmp_path: Path, arrays: dict) -> Path:
 
 @pytest.mark.parametrize(("arrays", "match"), [
     ({"x": np.zeros((2, 3), np.float32)}, "missing y"),
-    ({"x": np.zeros((2, 3), np.float32), "y": np.zeros((2, 4), np.float32), "mask": np.ones(2)}, "unexpected mask"),
     ({"x": np.zeros((2, 5), np.float32), "y": np.zeros((2, 4), np.float32)}, "input 'x' has shape [2, 5]"),
     ({"x": np.zeros((2, 3), np.float32), "y": np.zeros((2, 4), np.int64)}, "input 'y' has dtype int64"),
     ({"x": np.array([[0, np.nan, 0]] * 2, np.float32), "y": np.zeros((2, 4), np.float32)}, "bad.npz: input 'x' contains 2 NaN/infinite"),
 ])
 def test_bad_inputs_exit_2_with_one_line(tiny_package: Path, tmp_path: Path, arrays: dict, match: str) -> None:
     r = run(["predict", str(tiny_package), "--input", str(_bad(tmp_path, arrays))])
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and match in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_strict_refuses_arrays_the_package_does_not_take(tiny_package: Path, tmp_path: Path) -> None:
+    arrays = {"x": np.zeros((2, 3), np.float32), "y": np.zeros((2, 4), np.float32), "mask": np.ones(2)}
+    r = run(["predict", str(tiny_package), "--input", str(_bad(tmp_path, arrays)), "--strict"])
+    match = "unexpected mask"
     assert r.exit_code == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and match in r.stderr
     assert "Traceback" not in r.stderr
