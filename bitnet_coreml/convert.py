@@ -22,36 +22,26 @@ import onnx_ir as ir
 
 from bitnet_coreml import __version__
 from bitnet_coreml.errors import CheckFailedError, InputError, set_stage
+from bitnet_coreml.vocab import MinOs, os_for_ios, parse_embed_bits, parse_os, resolve_target
 
 log = logging.getLogger(__name__)
-
-_OS_NAMES = {"ios": {16: "iOS16", 17: "iOS17", 18: "iOS18"}, "macos": {16: "macOS13", 17: "macOS14", 18: "macOS15"}}
-EMBED_BITS = (4, 6, 8)
 
 ProgressFn = Callable[[str], None]
 
 
-def parse_min_os(text: str) -> tuple[str, int]:
-    """``"iOS17"`` / ``"macOS14"`` -> (platform, iOS-equivalent version)."""
-    t = text.strip().lower()
-    for platform, table in _OS_NAMES.items():
-        for ios, name in table.items():
-            if t == name.lower():
-                return platform, ios
-    allowed = [n for table in _OS_NAMES.values() for n in table.values()]
-    raise InputError(f"minimum OS {text!r} is not supported; allowed: {', '.join(allowed)}")
-
-
 @dataclass(frozen=True)
 class ConvertOptions:
-    """How to convert. ``min_os`` (e.g. ``"iOS17"``) overrides the deployment target chosen from the program."""
+    """How to convert. ``min_os`` (``"iOS17"``, ``"macOS14.4"``, ``"17"``: :func:`bitnet_coreml.vocab.parse_os`)
+    overrides the deployment target chosen from the program; ``target`` defaults to the platform
+    ``min_os`` names, else ``ios``. ``capabilities`` are extra capability files for the check."""
 
     precision: str = "fp16"
     embed_bits: int | None = None
     calibration: str | None = None
-    target: str = "ios"
+    target: str | None = None
     chip: str | None = None
     min_os: str | None = None
+    capabilities: tuple[str, ...] = ()
     split_limit: int = 16384
     check: bool = True
     verify: bool = False
@@ -69,14 +59,13 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         if self.precision not in ("fp16", "fp32"):
             raise InputError(f"--precision must be fp16 or fp32, got {self.precision!r}")
-        if self.embed_bits is not None and self.embed_bits not in EMBED_BITS:
-            raise InputError(f"--embed-bits must be one of {', '.join(map(str, EMBED_BITS))}, got {self.embed_bits}")
-        if self.target not in ("ios", "macos"):
-            raise InputError(f"--target must be ios or macos, got {self.target!r}")
+        parse_embed_bits(self.embed_bits)
+        self.resolved_target()  # refuses an unknown target or OS and a conflicting pair (--target macos --min-os iOS17)
         if self.split_limit < 0:
             raise InputError(f"split limit must be >= 0 (0 disables splitting), got {self.split_limit}")
-        if self.min_os is not None:
-            parse_min_os(self.min_os)
+        for f in self.capabilities:
+            if not Path(f).is_file():
+                raise InputError(f"--capabilities {f}: no such file")
         if self.passes not in ("fast", "full"):
             raise InputError(f"--passes must be fast or full, got {self.passes!r}")
         if self.calibration is not None and not Path(self.calibration).is_file():
@@ -89,6 +78,14 @@ class ConvertOptions:
             raise InputError(f"--input {self.verify_inputs}: test inputs are for --verify; add --verify")
         if self.verify_inputs is not None and not Path(self.verify_inputs).is_file():
             raise InputError(f"--input {self.verify_inputs}: no such file")
+
+
+    def resolved_target(self) -> tuple[str, MinOs | None]:
+        """The platform and the parsed ``min_os`` (None: what the program needs)."""
+        platform, min_os = resolve_target(self.target, self.min_os)
+        if min_os is not None:
+            min_os = parse_os(self.min_os or "", platform, convertible=True)
+        return platform, min_os
 
 
 @dataclass
@@ -214,22 +211,19 @@ def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None) -
 def _run_check(model: ir.Model, options: ConvertOptions, source: str) -> dict[str, Any]:
     """Run the pre-conversion check; violations stop the conversion (exit 1)."""
     from bitnet_coreml.check import Target, run_check  # noqa: PLC0415
+    from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
 
-    min_os = None
-    platform = options.target
-    if options.min_os:
-        name = parse_min_os(options.min_os)
-        platform = name[0]
-        min_os = _OS_NAMES[name[0]][name[1]].lower().removeprefix(name[0])
-    target = Target(platform=platform, chip=options.chip, min_os=min_os)
+    platform, min_os = options.resolved_target()
+    target = Target(platform=platform, chip=options.chip, min_os=min_os.version if min_os else None)
+    db = load_capabilities(*options.capabilities) if options.capabilities else None
     stateful = None
     if options.stateful:
         from bitnet_coreml.check.stateful import StatefulSpec  # noqa: PLC0415
 
         stateful = StatefulSpec.from_checkpoint(source, options.context, options.prefill, options.exact_context,
                                                 allow_dequant=options.allow_dequant)
-    report = run_check(model, target, embed_bits=options.embed_bits, precision=options.precision, source=source,
-                       stateful=stateful)
+    report = run_check(model, target, db=db, embed_bits=options.embed_bits, precision=options.precision,
+                       source=source, stateful=stateful)
     violations = list(report.violations)
     if violations:
         first = "; ".join(v.message for v in violations[:5])
@@ -277,7 +271,7 @@ def _descriptions(model: ir.Model, built: Any) -> tuple[dict[str, str], dict[str
 def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options: ConvertOptions | None = None,
             *, progress: ProgressFn | None = None) -> ConvertResult:
     """Convert ``source`` (ONNX file or HF checkpoint folder) to the package ``out``; see the module docstring."""
-    from bitnet_coreml.frontend import load  # noqa: PLC0415
+    from bitnet_coreml.frontend import load, seq_len_note  # noqa: PLC0415
     from bitnet_coreml.lower.fp16 import load_calibration, make_fp16_safe, random_calibration  # noqa: PLC0415
     from bitnet_coreml.lower.palettize import palettize_program  # noqa: PLC0415
     from bitnet_coreml.lower.program import (  # noqa: PLC0415
@@ -354,6 +348,8 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         check = _run_check(model, options, str(source))
         timed("check", t0)
 
+    if not options.stateful:
+        notes += [n for n in [seq_len_note(source, options.seq_len)] if n]
     split_notes: list[str] = []
     # layer of every node as checked, and where the residual stream sits in the program (bitnet_coreml.report)
     layers: dict[str, Any] = {"groups": run_lengths(layer_groups(model.graph))}
@@ -386,7 +382,8 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         notes += plan.notes
         timed("fp16_safety", t0)
 
-    platform, want_ios = parse_min_os(options.min_os) if options.min_os else (options.target, MIN_IOS)
+    platform, min_os = options.resolved_target()
+    want_ios = min_os.target.ios if min_os else MIN_IOS
     stage("lower to MIL")
     t0 = time.perf_counter()
     # fp16 programs are built in fp16 directly unless some node must stay fp32 (then coremltools'
@@ -413,7 +410,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     t0 = time.perf_counter()
     mlmodel = convert_program(built, options.precision, platform=platform, pipeline=options.passes)
     timed("coremltools", t0)
-    target_name = _OS_NAMES[platform][max(built.ios, want_ios)]
+    target_name = os_for_ios(max(built.ios, want_ios), platform).name
 
     ins, outs = _descriptions(model, built) if stateful_info is None else ({}, {})
     meta = {

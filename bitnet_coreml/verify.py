@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from bitnet_coreml.errors import InputError, ModelLoadError, ParityError
+from bitnet_coreml.vocab import COREML_UNITS
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def _coreml_runs(package: Path, feeds: dict[str, np.ndarray]) -> dict[str, dict[
 
     ct = coremltools()
     runs: dict[str, dict[str, np.ndarray]] = {}
-    for unit in ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL"):
+    for unit in (*reversed(COREML_UNITS.values()), "ALL"):
         try:
             m = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, unit))
             runs[f"coreml:{unit}"] = {k: np.asarray(v) for k, v in m.predict(feeds).items()}

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,3 +26,51 @@ def test_readme_python_example_runs(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "out" / "bitnet.mlpackage").is_dir()
     assert "reference" in res.stdout
+
+
+def readme_commands() -> list[str]:
+    """Every ``bitnet-coreml ...`` line of the README's shell blocks, in order, comments removed."""
+    text = (ROOT / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            if line.strip().startswith("bitnet-coreml "):
+                lines.append(line.split("  #")[0].strip())
+    return lines
+
+
+# Commands that take more than a few seconds (a second conversion, worker start-up, a pipeline build)
+# run only in the slow suite; the rest run in `make test`.
+SLOW = ("bigvocab.mlpackage", " batch ", "pipeline run")
+
+
+def _run_readme(tmp_path: Path, commands: list[str]) -> None:
+    import shlex
+    import shutil
+
+    for name in ("models", "examples"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    (tmp_path / "out").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"}
+    for cmd in commands:
+        argv = [sys.executable, "-m", "bitnet_coreml.cli", *shlex.split(cmd)[1:]]
+        res = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+        assert res.returncode == 0, f"README command failed ({res.returncode}): {cmd}\n{res.stderr[-2000:]}"
+        assert "Traceback" not in res.stderr, cmd
+
+
+def test_readme_commands_are_found() -> None:
+    cmds = readme_commands()
+    assert len(cmds) >= 10 and all(c.startswith("bitnet-coreml ") for c in cmds)
+    for placeholder in ("MODEL", "DATASET", "OUT.mlpackage", "[", "..."):
+        assert not any(placeholder in c for c in cmds), f"README command with a placeholder: {placeholder}"
+
+
+def test_readme_commands_run_as_written_fast_part(tmp_path: Path) -> None:
+    _run_readme(tmp_path, [c for c in readme_commands() if not any(s in f" {c} " for s in SLOW)])
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written_all(tmp_path: Path) -> None:
+    _run_readme(tmp_path, readme_commands())

@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from bitnet_coreml.errors import ConfigError, InputError
+from bitnet_coreml.vocab import PLATFORM_NAMES
 
 try:
     import tomllib
@@ -137,7 +138,8 @@ class OsVersion:
 
     @property
     def label(self) -> str:
-        return f"{'iOS' if self.platform == 'ios' else 'macOS'} {self.version}"
+        """coremltools' spelling, as everywhere in the project (``bitnet_coreml.vocab``): ``"macOS14"``."""
+        return f"{PLATFORM_NAMES.get(self.platform, self.platform)}{self.version}"
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,10 @@ def run_check(model: ir.Model, target: Target, *, db: CapabilityDatabase | None 
         st = stateful.to_dict(precision)
         notes.append(f"stateful: KV cache {st['states']} fp16 state(s) of {st['state_shape']}, "
                      f"{st['kv_cache_bytes']:,} bytes, counted with the weights in the memory rules")
+    if embed_bits is not None and embed_bits < 8:
+        notes.append(f"--embed-bits {embed_bits} costs accuracy (a {2 ** embed_bits}-entry table per embedding / "
+                     "lm_head; on the bundled bigvocab model 4 bits drop top-1 agreement to 0.5-0.875); measure it: "
+                     f"bitnet-coreml convert MODEL -o OUT.mlpackage --embed-bits {embed_bits} --verify --input TEST.npz")
     report = CheckReport(
         model=source, target=resolved, violations=violations, warnings=warnings, fixed=fixed, units=units,
         size=size, splits=splits, score=score, score_components=comps, score_basis=basis,

@@ -42,7 +42,6 @@ BLOB_METADATA = 64
 BLOB_ALIGN = 64
 INLINE_BELOW_ELEMENTS = 10
 TERNARY_BITS = 2
-EMBED_BITS = (4, 6, 8)
 PALETTIZE_MIN_ELEMENTS = 1 << 16  # smaller consts stay fp16 (the converter's palettize min_size)
 PRECISIONS = {"fp16": 2, "fp32": 4}
 _FLOAT_DTYPES = {"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE"}

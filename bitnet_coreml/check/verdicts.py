@@ -14,8 +14,9 @@ from pathlib import Path
 from bitnet_coreml.check.capabilities import CapabilityDatabase, default_database
 from bitnet_coreml.check.platform import DeviceCompatibilityChecker, PlatformInfo
 from bitnet_coreml.errors import InputError, ModelLoadError
+from bitnet_coreml.vocab import HARDWARE_UNITS
 
-UNITS = ("ane", "gpu", "cpu")
+UNITS = HARDWARE_UNITS
 
 
 def _model_file(package: Path) -> Path:
@@ -61,7 +62,7 @@ def host_unit_verdicts(package: str | os.PathLike[str], *, platform_info: Platfo
         if host is not None and host.spec_version < spec:
             need = next((o.label for o in db.os_versions_for("macos") if o.spec_version >= spec), f"spec {spec}")
             why = (f"the package needs Core ML specification {spec} ({need} or newer); this host is "
-                   f"macOS {info.os_version} (specification {host.spec_version})")
+                   f"macOS{info.os_version} (specification {host.spec_version})")
             return {u: (False, why) for u in UNITS}
     out = {"gpu": (True, "Core ML available"), "cpu": (True, "Core ML available")}
     if info.ane_available is False:

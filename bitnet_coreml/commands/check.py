@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from bitnet_coreml.commands._common import echo_json
+from bitnet_coreml.commands._common import echo_json, target_options
 
 
 def _mb(n: int) -> str:
@@ -23,16 +23,10 @@ def _v(x: object) -> str:
 
 @click.command("check")
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--target", "platform", type=click.Choice(["ios", "macos"]), required=True,
-              help="Platform the package ships to.")
-@click.option("--chip", default=None, help="Chip to check against, e.g. A17Pro, A16, M1, 'M2 Max'.")
-@click.option("--min-os", default=None, help="Minimum OS version, e.g. 16 or 14.4 (default: lowest the graph needs).")
-@click.option("--embed-bits", type=int, default=None, help="Palettize embeddings / LM head at N bits (4, 6 or 8).")
+@target_options
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="Compute precision the converter will use.")
 @click.option("--strict", is_flag=True, help="Warnings fail the check too (exit 1).")
-@click.option("--capabilities", "cap_files", multiple=True, type=click.Path(path_type=str),
-              help="Extra capability TOML file(s) merged over the bundled database.")
 @click.option("--seq-len", type=int, default=None, help="Sequence length for a checkpoint folder or GGUF file.")
 @click.option("--allow-dequant", is_flag=True,
               help="GGUF: dequantise tensors of other ggml types (and block-scaled ternary layers) instead of refusing.")
@@ -41,20 +35,22 @@ def _v(x: object) -> str:
 @click.option("--prefill", type=int, default=64, show_default=True, help="--stateful: tokens per prefill call.")
 @click.option("--exact-context", is_flag=True, help="--stateful: keep a --context that is not a multiple of 32.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/schemas/check-report.schema.json).")
-def check(model: str, platform: str, chip: str | None, min_os: str | None, embed_bits: int | None, precision: str,
-          strict: bool, cap_files: tuple[str, ...], seq_len: int | None, allow_dequant: bool, stateful: bool,
-          context: int, prefill: int, exact_context: bool, as_json: bool) -> None:
+def check(model: str, target: str | None, chip: str | None, min_os: str | None, embed_bits: str | None,
+          cap_files: tuple[str, ...], precision: str, strict: bool, seq_len: int | None, allow_dequant: bool,
+          stateful: bool, context: int, prefill: int, exact_context: bool, as_json: bool) -> None:
     """Check MODEL (.onnx file, checkpoint folder or .gguf file) against a target before converting it."""
     from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
     from bitnet_coreml.check.report import run_check  # noqa: PLC0415
     from bitnet_coreml.check.target import Target  # noqa: PLC0415
+    from bitnet_coreml.vocab import resolve_target  # noqa: PLC0415
 
     # Validate the cheap inputs before loading a multi-GB model.
     db = load_capabilities(*cap_files)
-    target = Target(platform, chip, min_os)
-    target.resolve(db)
+    platform, parsed = resolve_target(target, min_os)
+    checked = Target(platform, chip, parsed.version if parsed else None)
+    checked.resolve(db)
 
-    from bitnet_coreml.frontend import load  # noqa: PLC0415
+    from bitnet_coreml.frontend import load, seq_len_note  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
 
     spec = None
@@ -70,10 +66,15 @@ def check(model: str, platform: str, chip: str | None, min_os: str | None, embed
         validate_sizes(context, prefill, "all")
         spec = StatefulSpec.from_checkpoint(model, context, prefill, exact_context, allow_dequant=allow_dequant)
         seq_len = prefill
+    note = None if stateful else seq_len_note(model, seq_len)
+    if note:
+        click.echo(f"note: {note}", err=True)
     m = load(model, seq_len=seq_len, allow_dequant=allow_dequant)
     run_default_passes(m)
-    report = run_check(m, target, db=db, embed_bits=embed_bits, precision=precision, strict=strict, source=model,
-                       stateful=spec)
+    report = run_check(m, checked, db=db, embed_bits=int(embed_bits) if embed_bits else None, precision=precision,
+                       strict=strict, source=model, stateful=spec)
+    if note:
+        report.notes.append(note)
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from bitnet_coreml.commands._common import echo_json
+from bitnet_coreml.commands._common import echo_json, target_options
 from bitnet_coreml.errors import EXIT_CHECK_FAILED
 
 
@@ -18,16 +18,11 @@ def _mb(n: float) -> str:
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
               help="Destination .mlpackage (written atomically).")
-@click.option("--target", type=click.Choice(["ios", "macos"]), default="ios", show_default=True,
-              help="Platform the package is for (check rules and deployment-target naming).")
-@click.option("--chip", default=None, help="Chip to check against (e.g. A17, M2); default: the target's baseline.")
+@target_options
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="Compute precision of the package.")
-@click.option("--embed-bits", type=click.Choice(["4", "6", "8"]), default=None,
-              help="Palettize the non-ternary weights (embedding, lm_head) to this many bits (default: fp16).")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
               help=".npz with the graph inputs for the fp16-safety analysis (default: a random input).")
-@click.option("--min-os", default=None, help="Minimum deployment target, e.g. iOS17 or macOS14 (default: what the program needs).")
 @click.option("--split-limit", type=int, default=16384, show_default=True,
               help="Split constant dimensions larger than this (ANE limit); 0 disables.")
 @click.option("--seq-len", type=int, default=None, help="Sequence length for a checkpoint folder or GGUF file.")
@@ -50,14 +45,15 @@ def _mb(n: float) -> str:
 @click.option("--report", "report_path", type=click.Path(path_type=str), default=None,
               help="Also write the HTML conversion report here (see `bitnet-coreml report`).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def convert(model: str, out: str, target: str, chip: str | None, precision: str, embed_bits: str | None,
-            calibration: str | None, min_os: str | None, split_limit: int, seq_len: int | None,
-            allow_dequant: bool, passes: str,
-            stateful: bool, context: int, prefill: int, prefill_logits: str, exact_context: bool, no_check: bool,
-            do_verify: bool, verify_inputs: str | None, report_path: str | None, as_json: bool) -> None:
+def convert(model: str, out: str, target: str | None, chip: str | None, min_os: str | None, embed_bits: str | None,
+            cap_files: tuple[str, ...], precision: str, calibration: str | None, split_limit: int, seq_len: int | None,
+            allow_dequant: bool, passes: str, stateful: bool, context: int, prefill: int, prefill_logits: str,
+            exact_context: bool, no_check: bool, do_verify: bool, verify_inputs: str | None, report_path: str | None,
+            as_json: bool) -> None:
     """Convert MODEL (.onnx file, checkpoint folder or .gguf file) to a Core ML package with 2-bit ternary weights."""
     from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
     from bitnet_coreml.convert import convert as run_convert  # noqa: PLC0415
+    from bitnet_coreml.frontend import seq_len_note  # noqa: PLC0415
 
     if report_path is not None:
         from bitnet_coreml.commands.report import check_output  # noqa: PLC0415
@@ -65,11 +61,14 @@ def convert(model: str, out: str, target: str, chip: str | None, precision: str,
         check_output(report_path)
 
     options = ConvertOptions(precision=precision, embed_bits=int(embed_bits) if embed_bits else None,
-                             calibration=calibration, target=target, chip=chip, min_os=min_os,
+                             calibration=calibration, target=target, chip=chip, min_os=min_os, capabilities=cap_files,
                              split_limit=split_limit, check=not no_check, verify=do_verify, verify_inputs=verify_inputs,
                              seq_len=seq_len, passes=passes, stateful=stateful, context=context, prefill=prefill,
                              prefill_logits=prefill_logits, exact_context=exact_context,
                              allow_dequant=allow_dequant)
+    note = None if stateful else seq_len_note(model, seq_len)
+    if note:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         result = run_convert(model, out, options)
         echo_json(result.to_dict())

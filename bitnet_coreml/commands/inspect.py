@@ -1,4 +1,4 @@
-"""``bitnet-coreml inspect MODEL``: graph summary after the BitNet passes."""
+"""``bitnet-coreml inspect MODEL|PACKAGE``: graph summary after the BitNet passes, or what a package holds."""
 
 from __future__ import annotations
 
@@ -34,7 +34,20 @@ def gguf_report(model: object) -> dict[str, Any]:
               help="GGUF: dequantise tensors of other ggml types (and block-scaled ternary layers) instead of refusing.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect_cmd(model: str, seq_len: int | None, allow_dequant: bool, as_json: bool) -> None:
-    """Summarise MODEL (.onnx, checkpoint folder or .gguf): I/O, ops, parameters, BitLinear layers, size."""
+    """Summarise MODEL (.onnx, checkpoint folder or .gguf): I/O, ops, parameters, BitLinear layers, size.
+
+    Given a .mlpackage: its inputs/outputs (dtypes, shapes), functions and states, metadata, weight
+    bytes by kind and deployment target.
+    """
+    from bitnet_coreml.package.inspect import inspect_package, is_package  # noqa: PLC0415
+
+    if is_package(model):
+        doc = inspect_package(model)
+        if as_json:
+            echo_json(doc)
+        else:
+            _print_package(doc)
+        return
     from bitnet_coreml.frontend import load  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
     from bitnet_coreml.passes.summary import op_histogram, summarize  # noqa: PLC0415
@@ -89,3 +102,40 @@ def inspect_cmd(model: str, seq_len: int | None, allow_dequant: bool, as_json: b
             con.print(f"[yellow]dequantised ({qtype}): {name}[/yellow]")
     con.print(f"estimated weights: {_mb(s.size_2bit_bytes)} at 2-bit ternary vs {_mb(s.size_fp16_bytes)} in fp16 "
               f"({s.size_fp16_bytes / max(s.size_2bit_bytes, 1):.1f}x smaller)")
+
+
+def _io_rows(table: object, where: str, io: dict) -> None:  # type: ignore[type-arg]
+    for direction in ("inputs", "outputs", "states"):
+        for f in io.get(direction, []):
+            shape = f.get("shape")
+            extra = f.get("enumerated_shapes") or f.get("shape_ranges")
+            shape_text = (str(shape) if shape is not None else "-") + (f" (also {extra})" if extra else "")
+            table.add_row(where, direction[:-1], f["name"], f.get("dtype", f["kind"]), shape_text)  # type: ignore[attr-defined]
+
+
+def _print_package(doc: dict) -> None:  # type: ignore[type-arg]
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    con = Console()
+    con.print(f"[bold]{doc['package']}[/bold]")
+    con.print(f"{doc['model_type']}, Core ML spec {doc['spec_version']}, deployment target {doc['deployment_target']}")
+    if doc.get("description"):
+        con.print(doc["description"], soft_wrap=False)
+    io = Table("function", "kind", "name", "dtype", "shape", title="Inputs, outputs and states")
+    _io_rows(io, "(main)" if not doc["functions"] else doc.get("default_function") or "-", doc)
+    for fn in doc["functions"]:
+        _io_rows(io, fn["name"], fn)
+    con.print(io)
+    if doc.get("program_functions"):
+        con.print(f"program functions: {', '.join(doc['program_functions'])}"
+                  + (f" (default {doc['default_function']})" if doc.get("default_function") else ""))
+    con.print(f"weights {doc['weight_bytes']:,} bytes; package {doc['package_bytes']:,} bytes")
+    w = Table("weights read by op", "bytes")
+    for kind, n in doc["weight_bytes_by_kind"].items():
+        w.add_row(kind, f"{n:,}")
+    con.print(w)
+    meta = Table("key", "value", title="Metadata")
+    for k, v in doc["metadata"].items():
+        meta.add_row(k, v if len(v) <= 200 else v[:200] + f"... ({len(v):,} chars; --json for all)")
+    con.print(meta)

@@ -11,7 +11,7 @@ from bitnet_coreml._files import regular_file
 from bitnet_coreml.errors import ModelLoadError
 from bitnet_coreml.frontend.onnx_import import load_onnx
 
-__all__ = ["load", "load_onnx", "is_checkpoint_dir", "is_gguf", "builds_graph", "source_assets"]
+__all__ = ["load", "load_onnx", "is_checkpoint_dir", "is_gguf", "builds_graph", "source_assets", "seq_len_note"]
 
 DEFAULT_SEQ_LEN = 64
 
@@ -30,6 +30,14 @@ def is_gguf(path: str | os.PathLike[str]) -> bool:
 def builds_graph(path: str | os.PathLike[str]) -> bool:
     """True for sources whose graph the importer builds at a chosen ``seq_len`` (checkpoint folder, GGUF file)."""
     return is_checkpoint_dir(path) or is_gguf(path)
+
+
+def seq_len_note(path: str | os.PathLike[str], seq_len: int | None) -> str | None:
+    """The note a command prints when a checkpoint or GGUF gets the default sequence length (None otherwise)."""
+    if seq_len is not None or not builds_graph(path):
+        return None
+    return (f"{Path(path).name}: no --seq-len given; the graph takes {DEFAULT_SEQ_LEN} tokens (the default; "
+            "Core ML needs a fixed length). Give --seq-len N for another length")
 
 
 def source_assets(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], list[str]]:

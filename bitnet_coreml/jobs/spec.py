@@ -19,18 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from bitnet_coreml.errors import ConfigError, InputError
+from bitnet_coreml.vocab import EMBED_BITS, PLATFORM_NAMES, parse_os
 
 FORMAT_VERSION = 1
 PRECISIONS = ("fp16", "fp32")
-EMBED_BITS = (4, 6, 8)  # bitnet_coreml.convert.EMBED_BITS (not imported: it pulls in onnx-ir, ~0.5 s)
 CHECK_POLICIES = ("strict", "warn")
 OUTPUT_FIELDS = ("name", "target", "os", "min_os", "chip")
 
-# The OS families a package can target (the capability database's platforms) and the oldest version
-# the converter emits (its fused ops need the iOS16 / macOS13 opset: ``bitnet_coreml.convert``).
-# Chips and OS versions are validated against the check stage's capability database, so a pipeline
-# accepts exactly the targets `bitnet-coreml check` knows.
-PLATFORMS: dict[str, tuple[str, int]] = {"macos": ("macOS", 13), "ios": ("iOS", 16)}
+# The OS families a package can target and their spelling; OS versions are parsed by the project's
+# vocabulary (``bitnet_coreml.vocab``: ``14``, ``"14.4"``, ``"macOS14"``) and limited to the targets
+# the converter emits. Chips are validated against the check stage's capability database.
+PLATFORMS: dict[str, str] = PLATFORM_NAMES
 _VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,2}$")
 
 
@@ -53,7 +52,7 @@ class Target:
     @property
     def convert_min_os(self) -> str | None:
         """The converter's spelling, e.g. ``"macOS14"``."""
-        return f"{PLATFORMS[self.os][0]}{self.min_os}" if self.min_os else None
+        return f"{PLATFORMS[self.os]}{self.min_os}" if self.min_os else None
 
 
 @dataclass(frozen=True)
@@ -288,14 +287,14 @@ def _targets(ctx: _Ctx, raw: Any, where: str) -> tuple[Target, ...]:
         os_raw = t["os"]
         if not isinstance(os_raw, str) or os_raw.lower() not in PLATFORMS:
             raise ctx.fail(f"{w}.os", f"{_show(os_raw)} is not allowed; allowed: "
-                                      + ", ".join(v[0] for v in PLATFORMS.values()))
+                                      + ", ".join(PLATFORMS.values()))
         if os_raw not in ("macOS", "iOS", "macos", "ios"):
             raise ctx.fail(f"{w}.os", f"{os_raw!r} is not allowed; allowed: macOS, iOS")
         platform = os_raw.lower()
-        os_name, floor = PLATFORMS[platform]
+        os_name = PLATFORMS[platform]
         min_os = t.get("min_os")
         if min_os is not None:
-            min_os = _check_min_os(ctx, min_os, platform, os_name, floor, f"{w}.min_os")
+            min_os = _check_min_os(ctx, min_os, platform, f"{w}.min_os")
         chip = t.get("chip")
         if chip is not None:
             ctx.typed(chip, (str,), f"{w}.chip", "a chip name such as \"M1\" or \"A17 Pro\"")
@@ -308,17 +307,15 @@ def _targets(ctx: _Ctx, raw: Any, where: str) -> tuple[Target, ...]:
     return tuple(out)
 
 
-def _check_min_os(ctx: _Ctx, min_os: Any, platform: str, os_name: str, floor: int, where: str) -> str:
-    if isinstance(min_os, int) and not isinstance(min_os, bool):
+def _check_min_os(ctx: _Ctx, min_os: Any, platform: str, where: str) -> str:
+    """The version as written (``"14"``, ``"14.4"``; a ``"macOS14"`` spelling is accepted too)."""
+    if isinstance(min_os, (int, float)) and not isinstance(min_os, bool):
         min_os = str(min_os)
     ctx.typed(min_os, (str,), where, "a version such as \"14\"")
-    from bitnet_coreml.check.capabilities import default_database  # noqa: PLC0415
-
-    known = [o.version for o in default_database().os_versions_for(platform)
-             if int(o.version.split(".")[0]) >= floor]
-    if min_os not in known:
-        raise ctx.fail(where, f"{os_name} {min_os!r} is not a deployment target; allowed: {', '.join(known)}")
-    return str(min_os)
+    try:
+        return parse_os(min_os, platform, what="min_os", convertible=True).version
+    except InputError as e:
+        raise ctx.fail(where, e.one_line()) from None
 
 
 def _check_chip(ctx: _Ctx, chip: str, platform: str, os_name: str, where: str) -> str:
@@ -331,7 +328,7 @@ def _check_chip(ctx: _Ctx, chip: str, platform: str, os_name: str, where: str) -
     except InputError as e:
         raise ctx.fail(where, e.one_line()) from None
     if platform not in row.platforms:
-        runs = ", ".join(PLATFORMS[p][0] for p in row.platforms if p in PLATFORMS)
+        runs = ", ".join(PLATFORMS[p] for p in row.platforms if p in PLATFORMS)
         raise ctx.fail(where, f"impossible target: {row.name} does not run {os_name} (it runs {runs});"
                               f" allowed chips for {os_name}: "
                               + ", ".join(c.name for c in db.chips.values() if platform in c.platforms))

@@ -32,15 +32,16 @@ from bitnet_coreml.lower.support import (
     rank_message,
     safe_name,
 )
+from bitnet_coreml.vocab import os_for_ios, os_names, os_versions
 
 __all__ = ["BuildOptions", "BuiltProgram", "assign_node_names", "build_program", "check_supported", "convert_program",
            "safe_name", "target_for"]
 
 log = logging.getLogger(__name__)
 
-# Core ML deployment targets by OS version number: (iOS, macOS) names share one spec version.
-_TARGETS = {16: ("iOS16", "macOS13"), 17: ("iOS17", "macOS14"), 18: ("iOS18", "macOS15")}
-MIN_IOS = 16  # constexpr_lut_to_dense (2-bit ternary weights) needs iOS16 / macOS13
+# Programs are built for an opset named by its iOS version (bitnet_coreml.vocab: iOS17 == macOS14).
+_IOS = tuple(o.major for o in os_versions("ios", convertible=True))
+MIN_IOS = _IOS[0]  # constexpr_lut_to_dense (2-bit ternary weights) needs iOS16 / macOS13
 _SHARE_MIN_ELEMENTS = 1024  # fp16 copies of initializers at least this big are shared between functions' builds
 
 
@@ -62,9 +63,9 @@ class BuildOptions:
     def __post_init__(self) -> None:
         if self.precision not in ("fp16", "fp32"):
             raise InputError(f"precision must be 'fp16' or 'fp32', got {self.precision!r}")
-        if self.ios not in _TARGETS:
-            raise InputError(f"deployment target iOS{self.ios} is not supported; allowed: "
-                             f"{', '.join(f'iOS{v}/{_TARGETS[v][1]}' for v in _TARGETS)}")
+        if self.ios not in _IOS:
+            os_for_ios(self.ios)  # raises, naming the supported targets
+            raise InputError(f"deployment target iOS{self.ios} is not supported; allowed: {os_names('ios')}")
 
 
 @dataclass
@@ -85,19 +86,18 @@ class BuiltProgram:
 def target_for(ios: int, platform: str = "ios") -> Any:
     """The ``ct.target`` member for iOS version ``ios`` (macOS name when ``platform == 'macos'``)."""
     ct = coremltools()
-    names = _TARGETS[ios]
-    return getattr(ct.target, names[1] if platform == "macos" else names[0])
+    return getattr(ct.target, os_for_ios(ios, platform).name)
 
 
 def ios_of_target(target: Any) -> int:
     """The iOS version number of a ``ct.target`` member (macOS members map to their iOS twin)."""
     ct = coremltools()
-    for v, (ios_name, _) in _TARGETS.items():
-        if getattr(ct.target, ios_name) == target:
+    for v in _IOS:
+        if getattr(ct.target, f"iOS{v}") == target:
             return v
     if target < ct.target.iOS16:
         return 15
-    return max(_TARGETS)
+    return max(_IOS)
 
 
 def _mil_dtype(v: ir.Value) -> Any:

@@ -15,11 +15,12 @@ from typing import Any
 from bitnet_coreml.errors import ConfigError
 from bitnet_coreml.runtime.monitor import PlatformSnapshot
 from bitnet_coreml.runtime.package_io import PackageInfo
+from bitnet_coreml.vocab import COREML_UNITS
 
 log = logging.getLogger(__name__)
 
 
-_PLAN_NAMES = {"ane": "CPU_AND_NE", "gpu": "CPU_AND_GPU", "cpu": "CPU_ONLY"}
+_PLAN_NAMES = COREML_UNITS
 CHECK_METADATA_KEY = "bitnet_coreml.check"
 
 

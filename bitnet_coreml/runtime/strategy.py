@@ -7,7 +7,8 @@ import enum
 import math
 from collections.abc import Iterable, Sequence
 
-from bitnet_coreml.errors import ConfigError
+from bitnet_coreml.errors import ConfigError, InputError
+from bitnet_coreml.vocab import COREML_UNITS, parse_unit
 
 
 class ComputeUnit(str, enum.Enum):
@@ -25,19 +26,15 @@ class ComputeUnit(str, enum.Enum):
 
     @classmethod
     def parse(cls, name: str) -> ComputeUnit:
-        """``"ane"`` -> ``ComputeUnit.ANE``; unknown names raise :class:`ConfigError` listing the valid ones."""
+        """``"ane"`` (or ``"ANE"``, ``"CPU_AND_NE"``) -> ``ComputeUnit.ANE``; unknown names raise
+        :class:`ConfigError` listing the valid ones (spellings: :mod:`bitnet_coreml.vocab`)."""
         try:
-            return cls(name.strip().lower())
-        except ValueError:
-            valid = ", ".join(u.value for u in cls)
-            raise ConfigError(f"unknown compute unit {name!r}; allowed: {valid}") from None
+            return cls(parse_unit(getattr(name, "value", name)))
+        except InputError as e:
+            raise ConfigError(str(e)) from None
 
 
-_COREML_NAMES = {
-    ComputeUnit.ANE: "CPU_AND_NE",
-    ComputeUnit.GPU: "CPU_AND_GPU",
-    ComputeUnit.CPU: "CPU_ONLY",
-}
+_COREML_NAMES = {ComputeUnit(k): v for k, v in COREML_UNITS.items()}
 
 UNIT_NAMES: tuple[str, ...] = tuple(u.value for u in ComputeUnit)
 DEFAULT_CHAIN: tuple[ComputeUnit, ...] = (ComputeUnit.ANE, ComputeUnit.GPU, ComputeUnit.CPU, ComputeUnit.REFERENCE)

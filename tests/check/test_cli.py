@@ -94,15 +94,17 @@ def test_check_violation_exit_1(mlp: str, tmp_path: Path) -> None:
     assert d["capability_files"][-1] == str(caps) and d["score"] == 0
     code, out, _ = _run("check", mlp, "--target", "ios", "--min-os", "15", "--json")
     assert code == 1 and _report(out)["violations"][0]["rule"] == "min_os_features"
-    code, out, _ = _run("check", mlp, "--target", "ios", "--embed-bits", "3", "--json")
-    assert code == 1 and _report(out)["violations"][0]["rule"] == "lut_bits"
+    # --embed-bits outside 4, 6, 8 is a usage error (exit 2), not a failed check
+    code, _, err = _run("check", mlp, "--target", "ios", "--embed-bits", "3", "--json")
+    assert code == 2 and "'3' is not one of '4', '6', '8'" in err
 
 
 @pytest.mark.parametrize("args, needle", [
     (["--chip", "Z80"], "unknown chip 'Z80'"),
     (["--chip", "M2"], "is a macos chip"),
-    (["--min-os", "12"], "older than every OS version"),
-    (["--min-os", "x"], "bad OS version"),
+    (["--min-os", "12"], "older than every supported target"),
+    (["--min-os", "x"], "is not an OS version"),
+    (["--min-os", "macOS14"], "names macOS but the target is ios"),
     (["--capabilities", "/nonexistent/caps.toml"], "capability file not found"),
 ])
 def test_check_bad_input_exit_2(mlp: str, args: list[str], needle: str) -> None:
@@ -117,7 +119,7 @@ def test_check_missing_model_exit_2(tmp_path: Path) -> None:
 
 def test_check_usage_error_exit_2(mlp: str) -> None:
     assert _run("check", mlp, "--target", "android")[0] == 2
-    assert _run("check", mlp)[0] == 2
+    assert _run("check", mlp, "--embed-bits", "2")[0] == 2
 
 
 # --- bundled models -----------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_host_os_older_than_the_package(package: Path, version: str, ok: bool) -
     v = host_unit_verdicts(package, platform_info=_mac(version, True))  # type: ignore[arg-type]
     assert all(r[0] is ok for r in v.values())
     if not ok:
-        assert "macOS 14 or newer" in v["cpu"][1]
+        assert "macOS14 or newer" in v["cpu"][1]
 
 
 def test_ane_absent_or_unknown(package: Path) -> None:

@@ -99,7 +99,7 @@ def test_no_check_report_rules_nothing_out(flexible: Path, tmp_path: Path) -> No
 def test_host_verdicts_rule_units_out(flexible: Path) -> None:
     # the package is Core ML specification 7 (macOS 13): a macOS 12 host (specification 6) cannot load it
     out = capability_verdicts(read_package(flexible), platform_info=_mac_host("12"))
-    assert set(out) == {"ane", "gpu", "cpu"} and all("specification 7" in r and "macOS 12" in r for r in out.values())
+    assert set(out) == {"ane", "gpu", "cpu"} and all("specification 7" in r and "macOS12" in r for r in out.values())
     assert set(capability_verdicts(read_package(flexible), platform_info=_mac_host(ane=False))) == {"ane"}
 
 
