@@ -119,3 +119,21 @@ class ThreadProbeFactory:
 
     def __call__(self) -> _ThreadProbe:
         return _ThreadProbe()
+
+
+def build_relu_package(path: Path, shape: tuple[int, ...]) -> Path:
+    """A real fp32 .mlpackage computing ``y = relu(x) * 3 + 0.5`` for one input ``x`` of ``shape``."""
+    from coremltools.converters.mil import Builder as mb
+
+    from bitnet_coreml._quiet import coremltools
+
+    ct = coremltools()
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=shape)], opset_version=ct.target.iOS16)
+    def prog(x):  # type: ignore[no-untyped-def]
+        return mb.add(x=mb.mul(x=mb.relu(x=x), y=np.float32(3.0)), y=np.float32(0.5), name="y")
+
+    model = ct.convert(prog, convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
+                       minimum_deployment_target=ct.target.iOS16)
+    model.save(str(path))
+    return path

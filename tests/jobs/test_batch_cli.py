@@ -21,25 +21,12 @@ from click.testing import CliRunner
 
 from bitnet_coreml.cli import main
 from bitnet_coreml.jobs._io import sha256_file
+from tests.jobs.helpers import build_relu_package
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from coremltools.converters.mil import Builder as mb
-
-    from bitnet_coreml._quiet import coremltools
-
-    ct = coremltools()
-
-    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 8))], opset_version=ct.target.iOS16)
-    def prog(x):  # type: ignore[no-untyped-def]
-        return mb.add(x=mb.mul(x=mb.relu(x=x), y=np.float32(3.0)), y=np.float32(0.5), name="y")
-
-    model = ct.convert(prog, convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
-                       minimum_deployment_target=ct.target.iOS16)
-    path = tmp_path_factory.mktemp("pkg") / "tiny.mlpackage"
-    model.save(str(path))
-    return path
+    return build_relu_package(tmp_path_factory.mktemp("pkg") / "tiny.mlpackage", (2, 8))
 
 
 def _oracle(x: np.ndarray) -> np.ndarray:
