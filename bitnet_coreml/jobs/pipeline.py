@@ -196,33 +196,45 @@ def _build(entry: ModelEntry, target: Target, key: str, package: Path, input_has
         report["package_sha256"] = package_hash
         res.seconds = round(time.perf_counter() - t0, 3)
         _write_report(report_path, report, res)
+        remove_path(_failed_report_path(package))
         state.entries[key] = BuildRecord(input_hash, package.name, package_hash, "ok", report_path.name,
                                          res.seconds, converter_version())
         say(key, f"built in {res.seconds:.1f} s")
     except BitnetCoremlError as e:
-        res.status = "failed" if isinstance(e, (CheckFailedError, ParityError)) else "error"
-        res.reason = e.one_line()
-        res.exit_code = e.exit_code if res.status == "error" else EXIT_CHECK_FAILED
-        res.seconds = round(time.perf_counter() - t0, 3)
-        # A package that failed is not installed, and a stale one from older inputs must not pass for it.
-        remove_path(package)
-        remove_path(html_report_path(package))
-        _write_report(report_path, report, res)
-        state.entries.pop(key, None)
+        status = "failed" if isinstance(e, (CheckFailedError, ParityError)) else "error"
+        _failed(res, status, e.one_line(), e.exit_code if status == "error" else EXIT_CHECK_FAILED, t0,
+                key, package, report, state)
         say(key, f"{res.status}: {res.reason}")
     except Exception as e:  # a converter bug in one model must not stop the others from building
         log.exception("model %s target %s: internal error (a bug; traceback follows)", entry.name, target.label)
-        res.status, res.exit_code = "error", EXIT_RUNTIME
-        res.reason = f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"[:500]
-        res.seconds = round(time.perf_counter() - t0, 3)
-        remove_path(package)
-        remove_path(html_report_path(package))
-        _write_report(report_path, report, res)
-        state.entries.pop(key, None)
+        _failed(res, "error", f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"[:500], EXIT_RUNTIME,
+                t0, key, package, report, state)
         say(key, f"error: {res.reason}")
     finally:
         remove_path(tmp)
     return res
+
+
+def _failed_report_path(package: Path) -> Path:
+    return package.with_name(package.name[: -len(".mlpackage")] + ".failed.report.json")
+
+
+def _failed(res: EntryResult, status: str, reason: str, exit_code: int, t0: float, key: str, package: Path,
+            report: dict[str, Any], state: BuildState) -> None:
+    """Record a failed build. A package from an earlier build that passed every gate stays installed,
+    with its report and manifest record (they describe it truthfully, and its input hash no longer
+    matches, so the next run rebuilds); this attempt's report goes beside it as ``*.failed.report.json``."""
+    res.status, res.reason, res.exit_code = status, reason, exit_code
+    res.seconds = round(time.perf_counter() - t0, 3)
+    rec = state.entries.get(key)
+    if rec is not None and package.exists() and sha256_tree(package, state.stat_cache) == rec.package_hash:
+        res.reason += f" (the previous {package.name}, which passed, is kept)"
+        res.report = str(_failed_report_path(package))
+    else:
+        remove_path(package)  # nothing vouches for it: it must not pass for this build
+        remove_path(html_report_path(package))
+        state.entries.pop(key, None)
+    _write_report(Path(res.report), report, res)
 
 
 def _write_report(path: Path, report: dict[str, Any], res: EntryResult) -> None:

@@ -199,3 +199,26 @@ targets = [{{ os = "macOS", min_os = "14" }}]
     assert [o.name for o in spec.description.output] == ["logits"]
     rep = json.loads((tmp_path / "out" / "tiny-macos14.report.json").read_text())
     assert rep["parity"]["passed"] and rep["parity"]["comparisons"]  # verified at the same length
+
+
+def test_a_failing_rebuild_keeps_the_last_good_package(tmp_path: Path) -> None:
+    p = _pipeline(tmp_path, with_failing=False)
+    assert _status(run_pipeline(p)) == {"a": "built", "b": "built"}
+    out = tmp_path / "out"
+    good = {f.relative_to(out).as_posix(): f.read_bytes() for f in (out / "a-macos14-m1.mlpackage").rglob("*")
+            if f.is_file()}
+    good_report = (out / "a-macos14-m1.report.json").read_text()
+    # Tighten a's gate beyond what fp16 can meet: the rebuild fails its parity.
+    p.write_text(p.read_text().replace('name = "a"\nsource = "a.onnx"',
+                                       'name = "a"\nsource = "a.onnx"\nverify = { inputs = "inputs.npz", min_cosine = 1.0 }'))
+    report = run_pipeline(p)
+    a = next(r for r in report.results if r.model == "a")
+    assert a.status == "failed" and report.exit_code == 1 and "is kept" in a.reason
+    kept = {f.relative_to(out).as_posix(): f.read_bytes() for f in (out / "a-macos14-m1.mlpackage").rglob("*")
+            if f.is_file()}
+    assert kept == good
+    assert (out / "a-macos14-m1.report.json").read_text() == good_report
+    assert json.loads((out / "a-macos14-m1.failed.report.json").read_text())["status"] == "failed"
+    # The manifest still vouches for the kept package, under its old inputs: the next run tries again.
+    assert "a@macos14-m1" in json.loads((out / MANIFEST_NAME).read_text())["entries"]
+    assert _status(run_pipeline(p))["a"] == "failed"
