@@ -8,7 +8,10 @@ Usage (from the repository root, after `make convert` built the default package)
    and through ``run_batch`` with one worker (load item, predict, write .npz, manifest line).
    Reported: steady-state time per item for both, the ratio (goal: < 5 % overhead), and the job's
    one-time cost (loading the package in the worker, hashing it, the final manifest rewrite).
-2. Throughput with 1 and 2 workers on the same package.
+2. Throughput with 1 and 2 workers on the same package (``--throughput-items``, default 2,000): whole
+   run (including each worker's start-up) and steady state (first to last finished item). Each worker
+   gets cores / workers BLAS/OpenMP/numba threads (``bitnet_coreml._threads``); goal: 2 workers >= 1.5x
+   one worker on 2 cores.
 3. Peak RSS of a fresh process running a job over 1k and 10k items of a tiny package (memory should
    be flat in the dataset size: the driver streams item references).
 Results go to stdout; docs/benchmarks/jobs.md records them.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bitnet_coreml._threads import available_cores  # noqa: E402
 from bitnet_coreml.jobs import BatchOptions, ReferenceFactory, run_batch  # noqa: E402
 
 DEFAULT_PACKAGE = ROOT / "out" / "bitnet_offline-macos14-m1.mlpackage"
@@ -102,13 +107,17 @@ def overhead(package: Path, n: int, work: Path) -> dict[str, float]:
             "fixed_s": best_wall - best_job * n}
 
 
-def throughput(package: Path, n: int, work: Path) -> dict[int, float]:
+def throughput(package: Path, n: int, work: Path) -> dict[int, dict[str, float]]:
     ds_path = work / "tp.npz"
     _token_dataset(ds_path, n, package)
     res = {}
     for workers in (1, 2):
-        s = run_batch(ReferenceFactory(package), ds_path, work / f"tp-{workers}", BatchOptions(workers=workers))
-        res[workers] = s["run"]["items_per_s"]
+        stamps: list[float] = []
+        s = run_batch(ReferenceFactory(package), ds_path, work / f"tp-{workers}", BatchOptions(workers=workers),
+                      progress=lambda ev, stamps=stamps: stamps.append(time.perf_counter()) if ev.record else None)
+        steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+        res[workers] = {"items_per_s": s["run"]["items_per_s"], "steady_items_per_s": steady,
+                        "p50_ms": s["run"]["latency_ms"]["p50"]}
     return res
 
 
@@ -123,11 +132,22 @@ def memory(package: Path, sizes: tuple[int, ...], work: Path) -> dict[int, dict[
     return res
 
 
+def _print_throughput(tp: dict[int, dict[str, float]], n: int) -> None:
+    one, two = tp[1], tp[2]
+    print(f"throughput (default model, {n} items): 1 worker {one['items_per_s']:.1f} items/s"
+          f" (steady {one['steady_items_per_s']:.1f}, p50 {one['p50_ms']:.2f} ms), 2 workers {two['items_per_s']:.1f}"
+          f" items/s (steady {two['steady_items_per_s']:.1f}, p50 {two['p50_ms']:.2f} ms): "
+          f"x{two['items_per_s'] / one['items_per_s']:.2f} whole run, "
+          f"x{two['steady_items_per_s'] / one['steady_items_per_s']:.2f} steady (goal >= 1.5x on 2 cores)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--package", type=Path, default=DEFAULT_PACKAGE)
     ap.add_argument("--items", type=int, default=40)
+    ap.add_argument("--throughput-items", type=int, default=2000)
     ap.add_argument("--memory-sizes", default="1000,10000")
+    ap.add_argument("--only", choices=("all", "throughput"), default="all")
     args = ap.parse_args()
     if not args.package.exists():
         sys.exit(f"{args.package}: not found; run `make convert` first or pass --package")
@@ -135,7 +155,10 @@ def main() -> None:
         work = Path(tmp)
         tiny = work / "tiny.mlpackage"
         _tiny_package(tiny)
-        print(f"package: {args.package}")
+        print(f"package: {args.package}; cores {available_cores()}; load average {os.getloadavg()[0]:.1f}")
+        if args.only == "throughput":
+            _print_throughput(throughput(args.package, args.throughput_items, work), args.throughput_items)
+            return
         ov = overhead(args.package, args.items, work)
         print(f"overhead (default model, {args.items} items, 1 worker): direct {ov['direct_ms_per_item']:.2f} ms/item,"
               f" batch job {ov['job_ms_per_item']:.2f} ms/item -> {ov['overhead_pct']:+.1f} % (goal < 5 %);"
@@ -144,9 +167,7 @@ def main() -> None:
         print(f"overhead (tiny 1x64 package, 500 items; fixed costs dominate): direct {ovt['direct_ms_per_item']:.3f}"
               f" ms/item, batch job {ovt['job_ms_per_item']:.3f} ms/item -> "
               f"+{ovt['job_ms_per_item'] - ovt['direct_ms_per_item']:.3f} ms/item absolute; one-time {ovt['fixed_s']:.2f} s")
-        tp = throughput(args.package, args.items, work)
-        print(f"throughput (default model): 1 worker {tp[1]:.2f} items/s, 2 workers {tp[2]:.2f} items/s"
-              f" (x{tp[2] / tp[1]:.2f})")
+        _print_throughput(throughput(args.package, args.throughput_items, work), args.throughput_items)
         sizes = tuple(int(s) for s in args.memory_sizes.split(","))
         mem = memory(tiny, sizes, work)
         for n, m in mem.items():

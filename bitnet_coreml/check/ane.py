@@ -109,7 +109,7 @@ class ANECapabilities:
                 out.append(f"data type {t.value}: not supported by {self.label} (supports {have})")
         if model_size_mb > 0 and self.model_size_budget_mb is not None and model_size_mb > self.model_size_budget_mb:
             out.append(f"model size: {model_size_mb:.1f} MB exceeds the {self.label} budget of "
-                       f"{self.model_size_budget_mb:g} MB (seed table; soft)")
+                       f"{self.model_size_budget_mb:g} MB (soft budget)")
         return out
 
     def meets_requirements(self, ops_per_second: float, data_types: Iterable[ANEDataType | str],

@@ -180,7 +180,7 @@ def run_check(model: ir.Model, target: Target, *, db: CapabilityDatabase | None 
     if resolved.ane is not None:
         comps: dict[str, float | None] = dict(resolved.ane.score_components(0, types, size_mb))
         ane_score = resolved.ane.compatibility_score(0, types, size_mb)
-        basis = f"{resolved.ane.label}: s_types * s_size * f_ane (seed per-generation budget)"
+        basis = f"{resolved.ane.label}: s_types * s_size * f_ane (per-generation budget)"
     else:
         comps = {"ops": None, "data_types": None, "size": None}
         ane_score = 1.0

@@ -349,7 +349,7 @@ def _ane_budget(ctx: RuleContext) -> Iterator[Finding]:
     if ctx.memory_bytes > budget:
         yield Finding("ane_size_budget", lim.severity,
                       f"{ctx.memory_label()} {ctx.memory_bytes / MIB:.1f} MB exceed the {ane.label} budget of "
-                      f"{ane.model_size_budget_mb:g} MB (seed table; not Apple-documented)",
+                      f"{ane.model_size_budget_mb:g} MB (a soft budget; not Apple-documented)",
                       None, ctx.memory_bytes, budget, lim.source + "; " + ane.sources[-1])
 
 
@@ -363,7 +363,7 @@ def _gpu_memory(ctx: RuleContext) -> Iterator[Finding]:
     if ctx.memory_bytes > limit:
         yield Finding("gpu_memory", lim.severity,
                       f"{ctx.memory_label()} {ctx.memory_bytes / MIB:.1f} MB exceed the {dev.name} memory limit "
-                      f"{dev.memory_limit_mb:g} MB of the seed's capability matrix (GPU fallback)",
+                      f"{dev.memory_limit_mb:g} MB of the capability database's GPU row (GPU fallback)",
                       None, ctx.memory_bytes, limit, dev.source)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -10,7 +11,7 @@ import click
 from bitnet_coreml._json import dump_json
 from bitnet_coreml.vocab import DEFAULT_TARGET, EMBED_BITS, TARGETS
 
-__all__ = ["dump_json", "echo_json", "target_options"]
+__all__ = ["dump_json", "echo_json", "parity_failures", "parity_table", "table", "target_options"]
 
 
 def echo_json(obj: Any) -> None:
@@ -37,3 +38,39 @@ def target_options(f: Any) -> Any:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def table(*headers: str, whole: Iterable[str] = (), **kwargs: Any) -> Any:
+    """A rich table that never cuts a value at any width: text folds onto more lines, and the columns in
+    ``whole`` (numbers, ids) are kept on one line while the others give up their width."""
+    from rich.table import Table  # noqa: PLC0415
+
+    keep = set(whole)
+    t = Table(**kwargs)
+    for h in headers:
+        t.add_column(h, overflow="fold", no_wrap=h in keep)
+    return t
+
+
+def _top1(c: dict[str, Any]) -> str:
+    top1, res = c.get("top1"), c.get("top1_resolvable")
+    if top1 is None:
+        return ""
+    return f"{top1:.4f}" if res is None else f"{top1:.4f} ({res:.4f})"
+
+
+def parity_table(comparisons: list[dict[str, Any]], title: str) -> Any:
+    """The parity comparisons (``ParityReport.to_dict()["comparisons"]``) in 80 columns, numbers whole."""
+    numbers = ("cosine", "rel L2", "max abs", "top-1", "top-5", "ok")
+    t = table("compared", *numbers, whole=numbers, title=title)
+    for c in comparisons:
+        t.add_row(f"{c['runner']} vs {c['reference']}: {c['output']}", f"{c['cosine']:.6f}", f"{c['rel_l2']:.4g}",
+                  f"{c['max_abs']:.4g}", _top1(c), "" if c.get("top5") is None else f"{c['top5']:.4f}",
+                  "yes" if c["passed"] else "NO")
+    return t
+
+
+def parity_failures(comparisons: list[dict[str, Any]]) -> str:
+    """The failing metrics and their thresholds, for the error line: ``cosine 0.998 < 0.999; ...``."""
+    return "; ".join(f"{c['runner']} vs {c['reference']} {c['output']}: {', '.join(c['failures'])}"
+                     for c in comparisons if not c["passed"]) or "no outputs compared"

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from bitnet_coreml.commands._common import echo_json, target_options
+from bitnet_coreml.commands._common import echo_json, table, target_options
 
 
 def _mb(n: int) -> str:
@@ -84,7 +84,6 @@ def check(model: str, target: str | None, chip: str | None, min_os: str | None, 
 
 def _print(report: object) -> None:
     from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
 
     from bitnet_coreml.check.report import CheckReport  # noqa: PLC0415
 
@@ -95,20 +94,21 @@ def _print(report: object) -> None:
     ane = f"ANE Gen {t.ane.generation}" if t.ane else "ANE generation not evaluated (no --chip)"
     con.print(f"[bold]{r.model}[/bold] -> {t.label} (Core ML spec {t.os.spec_version}, MIL {t.os.mil_opset}; "
               f"min OS {t.os_how}); {ane}")
-    size = Table("", "bytes", "", title="Weights (weight.bin estimate)", show_header=False)
+    size = table("", "bytes", "", whole=("bytes", ""), title="Weights (weight.bin estimate)", show_header=False)
     size.add_row("estimated (ternary 2-bit" + (f", embeddings {r.size.embed_bits}-bit" if r.size.embed_bits else "")
                  + f", {r.size.precision})", f"{r.size.total_bytes:,}", _mb(r.size.total_bytes))
     size.add_row("same model all fp16", f"{r.size.fp16_total_bytes:,}", _mb(r.size.fp16_total_bytes))
     size.add_row(f"{t.platform} package limit", f"{t.package_limit_bytes:,}", _mb(t.package_limit_bytes))
     if t.ane and t.ane.model_size_budget_mb:
         b = int(t.ane.model_size_budget_mb * (1 << 20))
-        size.add_row(f"Gen {t.ane.generation} budget (seed, soft)", f"{b:,}", _mb(b))
+        size.add_row(f"Gen {t.ane.generation} budget (soft)", f"{b:,}", _mb(b))
     con.print(size)
 
     def findings(title: str, items: list, style: str) -> None:  # type: ignore[type-arg]
         if not items:
             return
-        ft = Table("rule", "node", "actual", "limit", "message", title=title, title_style=style)
+        ft = table("rule", "node", "actual", "limit", "message", whole=("rule", "actual", "limit"), title=title,
+                   title_style=style)
         for f in items:
             ft.add_row(f.rule, f.node or "-", _v(f.actual), _v(f.limit), f.message)
         con.print(ft)
@@ -118,16 +118,16 @@ def _print(report: object) -> None:
     findings(f"Handled by the converter (fixed or harmless): {len(r.fixed)}", r.fixed, "green")
     off = [u for u in r.units if u.unit != "ANE"]
     counts = r.unit_counts
-    ut = Table("node", "op", "unit", "reason", "source",
+    ut = table("node", "op", "unit", "reason", whole=("op", "unit"),
                title=f"Expected compute units: ANE {counts['ANE']}, GPU {counts['GPU']}, CPU {counts['CPU']} "
                      "(ops not on the ANE listed)")
     for u in off:
-        ut.add_row(u.node, u.op_type, u.unit, u.reason, u.source)
+        ut.add_row(u.node, u.op_type, u.unit, u.reason)
     if off:
         con.print(ut)
     else:
         con.print(f"expected compute units: all {counts['ANE']} ops on the ANE")
-    plan = Table("#", "compute units", "when", title="Fallback plan")
+    plan = table("#", "compute units", "when", whole=("compute units",), title="Fallback plan")
     for i, step in enumerate(r.fallback_plan, 1):
         plan.add_row(str(i), step["compute_units"], step["reason"])
     con.print(plan)

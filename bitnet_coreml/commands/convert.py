@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from bitnet_coreml.commands._common import echo_json, target_options
+from bitnet_coreml.commands._common import echo_json, parity_failures, parity_table, table, target_options
 from bitnet_coreml.errors import EXIT_CHECK_FAILED
 
 
@@ -74,13 +74,12 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
         echo_json(result.to_dict())
     else:
         from rich.console import Console  # noqa: PLC0415
-        from rich.table import Table  # noqa: PLC0415
 
         err = Console(stderr=True)
         with err.status("converting ...") as status:
             result = run_convert(model, out, options, progress=lambda s: status.update(f"{s} ..."))
         con = Console()
-        t = Table("", "", title=f"{out}")
+        t = table("", "", title=f"{out}", show_header=False)
         t.add_row("source", f"{model} (sha256 {result.source_sha256[:12]}...)")
         t.add_row("precision / target", f"{result.precision} / {result.deployment_target}")
         t.add_row("BitLinear layers", str(result.bitlinear_layers))
@@ -97,13 +96,7 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
         for n in result.split + result.notes:
             con.print(f"- {n}")
         if result.parity is not None:
-            pt = Table("runner", "reference", "output", "cosine", "rel L2", "max abs", "top-1", "top-5", "ok",
-                       title="parity")
-            for c in result.parity["comparisons"]:
-                pt.add_row(c["runner"], c["reference"], c["output"], f"{c['cosine']:.6f}", f"{c['rel_l2']:.4g}",
-                           f"{c['max_abs']:.4g}", "" if c["top1"] is None else f"{c['top1']:.4f}",
-                           "" if c["top5"] is None else f"{c['top5']:.4f}", "yes" if c["passed"] else "NO")
-            con.print(pt)
+            con.print(parity_table(result.parity["comparisons"], "parity; top-1 (outside fp16 ties)"))
     if report_path is not None:
         from bitnet_coreml.report import collect, write_html  # noqa: PLC0415
 
@@ -111,7 +104,6 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
         if not as_json:
             click.echo(f"report: {report_path}")
     if result.parity is not None and not result.parity["passed"]:
-        failed = [f"{c['runner']} vs {c['reference']} {c['output']}: {'; '.join(c['failures'])}"
-                  for c in result.parity["comparisons"] if not c["passed"]]
-        click.echo(f"error: parity failed: {'; '.join(failed)} (the package was written to {out})", err=True)
+        click.echo(f"error: parity failed: {parity_failures(result.parity['comparisons'])} "
+                   f"(the package was written to {out})", err=True)
         sys.exit(EXIT_CHECK_FAILED)

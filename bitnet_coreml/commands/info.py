@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bitnet_coreml.commands._common import echo_json
+from bitnet_coreml.commands._common import echo_json, table
 
 
 def _u(v: object) -> str:
@@ -26,10 +26,8 @@ def info(cap_files: tuple[str, ...], as_json: bool) -> None:
         echo_json({"platform": p.to_dict(), "capabilities": db.to_dict()})
         return
     from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
-
     con = Console()
-    t = Table("", "", title="This host", show_header=False)
+    t = table("", "", title="This host", show_header=False)
     t.add_row("OS", f"{p.os_name} {p.os_version} ({p.machine})")
     t.add_row("chip", _u(p.chip) + ("" if p.chip_in_database or p.chip is None else "  (not in the capability database)"))
     t.add_row("Core ML", ("[green]available[/green]" if p.coreml_available else "[red]unavailable[/red]")
@@ -46,26 +44,25 @@ def info(cap_files: tuple[str, ...], as_json: bool) -> None:
         con.print(f"[yellow]Core ML is unavailable here: {p.coreml_reason}. Conversion, checks and the reference "
                   "executor still work; predictions fall back to the reference executor.[/yellow]")
 
-    chips = Table("chip", "targets", "ANE gen", "TOPS", "data types", "budget MB", "int8xint8", "GPU row",
-                  title="Chips (capability database)")
+    # One short table per kind of row, within 80 columns; --json has every field and every row's source.
+    chips = table("chip", "for", "ANE gen", "TOPS", "budget MB", "int8", "GPU", title="Chips (--chip)",
+                  whole=("chip", "ANE gen", "TOPS", "budget MB", "int8"))
     for c in db.chips.values():
         g = db.generations.get(c.ane_generation) if c.ane_generation is not None else None
         chips.add_row(c.name, ",".join(c.platforms), _u(c.ane_generation), _u(c.tops),
-                      ",".join(g.data_types) if g else "unknown",
                       _u(g.model_size_budget_mb if g else None), _u(c.int8_compute), _u(c.gpu))
     con.print(chips)
-    dev = Table("device", "neural networks", "matrix ops", "convolution", "graph API", "memory MB",
-                title="Device matrix (seed)")
-    for d in db.devices.values():
-        dev.add_row(d.name, d.neural_networks, d.matrix_ops, d.convolution, "yes" if d.graph_api else "no",
-                    _u(d.memory_limit_mb))
-    con.print(dev)
-    oses = Table("OS", "Core ML spec", "Core ML", "MIL opset", title="OS versions")
+    gens = table("ANE gen", "data types", title="ANE data types", whole=("ANE gen",))
+    for g in sorted(db.generations.values(), key=lambda g: g.id):
+        gens.add_row(str(g.id), ", ".join(g.data_types))
+    con.print(gens)
+    oses = table("--min-os", "Core ML spec", "MIL opset", title="OS versions", whole=("--min-os",))
     for o in sorted(db.os_versions, key=lambda o: (o.platform, o.spec_version)):
-        oses.add_row(o.label, str(o.spec_version), o.core_ml, o.mil_opset)
+        oses.add_row(o.label, f"{o.spec_version} ({o.core_ml})", o.mil_opset)
     con.print(oses)
-    lim = Table("limit", "value", "severity", "source", title="Limits")
+    lim = table("limit", "value", "severity", title="Limits", whole=("limit", "severity"))
     for name, lm in db.limits.items():
-        lim.add_row(name, ", ".join(f"{k}={v}" for k, v in lm.values.items()) or "-", lm.severity, lm.source)
+        lim.add_row(name, ", ".join(f"{k}={v}" for k, v in lm.values.items()) or "-", lm.severity)
     con.print(lim)
+    con.print(f"{len(db.devices)} GPU device rows and the source of every row: bitnet-coreml info --json")
     con.print(f"capability files: {', '.join(db.files)}")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from bitnet_coreml.commands._common import echo_json
+from bitnet_coreml.commands._common import echo_json, parity_failures, parity_table
 from bitnet_coreml.errors import EXIT_CHECK_FAILED
 
 
@@ -47,30 +47,13 @@ def verify(source: str, package: str, inputs: str | None, min_cosine: float | No
         echo_json(report.to_dict())
     else:
         from rich.console import Console  # noqa: PLC0415
-        from rich.table import Table  # noqa: PLC0415
 
         con = Console()
-        tab = Table("runner", "reference", "output", "cosine", "rel L2", "max abs", "top-1 (outside ties)", "top-5", "ok",
-                    title=f"{package} vs {source} ({report.precision})")
-        for c in report.comparisons:
-            tab.add_row(c.runner, c.reference, c.output, f"{c.cosine:.6f}", f"{c.rel_l2:.4g}", f"{c.max_abs:.4g}",
-                        _top1(c), "" if c.top5 is None else f"{c.top5:.4f}",
-                        "yes" if c.passed else "NO")
-        con.print(tab)
+        con.print(parity_table(report.to_dict()["comparisons"], f"{package} vs {source} ({report.precision}); "
+                                                                "top-1 (outside fp16 ties)"))
         for s in report.skipped:
             con.print(f"- skipped: {s}")
-        for c in report.comparisons:
-            for f in c.failures:
-                con.print(f"[red]{c.runner} vs {c.reference} on {c.output}: {f}[/red]")
     if not report.passed:
         if not as_json:
-            click.echo("error: parity below threshold", err=True)
+            click.echo(f"error: parity failed: {parity_failures(report.to_dict()['comparisons'])}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
-
-
-def _top1(c: object) -> str:
-    top1 = getattr(c, "top1", None)
-    res = getattr(c, "top1_resolvable", None)
-    if top1 is None:
-        return ""
-    return f"{top1:.4f}" if res is None else f"{top1:.4f} ({res:.4f})"

@@ -88,7 +88,7 @@ class BuildState:
         files = [entry.source]
         if entry.source.is_file() and entry.source.suffix.lower() == ".onnx":
             files += self._external_data(entry.source)
-        for extra in (entry.calibration, entry.verify.inputs):
+        for extra in (entry.calibration, entry.verify.inputs, *entry.capabilities):
             if extra is not None:
                 files.append(extra)
         return files

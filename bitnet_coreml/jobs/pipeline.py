@@ -132,7 +132,7 @@ def _convert_options(entry: ModelEntry, target: Target) -> Any:
                               calibration=str(entry.calibration) if entry.calibration else None,
                               target=target.os, chip=target.chip, min_os=target.convert_min_os,
                               check=entry.check == "strict", verify=False, seq_len=entry.seq_len,
-                              allow_dequant=entry.allow_dequant,
+                              allow_dequant=entry.allow_dequant, capabilities=tuple(map(str, entry.capabilities)),
                               **({"stateful": True, **entry.stateful} if entry.stateful else {}))
     except BitnetCoremlError as e:
         raise type(e)(f"model '{entry.name}' target {target.label}: {e.one_line()}") from e
@@ -247,6 +247,7 @@ def _check_only(entry: ModelEntry, target: Target) -> dict[str, Any]:
     """The check report without failing on violations (``check = "warn"``)."""
     from bitnet_coreml.check import Target as CheckTarget  # noqa: PLC0415
     from bitnet_coreml.check import run_check  # noqa: PLC0415
+    from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
     from bitnet_coreml.frontend import load  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
 
@@ -262,6 +263,7 @@ def _check_only(entry: ModelEntry, target: Target) -> dict[str, Any]:
     model = load(entry.source, seq_len=seq_len, allow_dequant=entry.allow_dequant)
     run_default_passes(model)
     report = run_check(model, CheckTarget(platform=target.os, chip=target.chip, min_os=target.min_os),
+                       db=load_capabilities(*map(str, entry.capabilities)) if entry.capabilities else None,
                        embed_bits=entry.embed_bits, precision=entry.precision, source=str(entry.source),
                        stateful=stateful)
     violations = list(report.violations)

@@ -88,6 +88,7 @@ class ModelEntry:
     # checkpoint / GGUF sources only: a stateful package (convert --stateful) with these settings
     # (context, prefill, prefill_logits); None: a stateless one
     stateful: dict[str, Any] | None = None
+    capabilities: tuple[Path, ...] = ()  # extra capability files (chips, limits) merged over the bundled database
 
     def output_name(self, target: Target) -> str:
         return self.output.format(name=self.name, target=target.label, os=target.os, min_os=target.min_os or "any",
@@ -103,6 +104,8 @@ class ModelEntry:
                 del d[key]  # entries without it keep the build keys they had before the key existed
         if not d["allow_dequant"]:
             del d["allow_dequant"]  # likewise
+        if not d["capabilities"]:
+            del d["capabilities"]  # likewise
 
         def rel(p: Any) -> Any:
             if isinstance(p, Path):
@@ -128,7 +131,7 @@ class Pipeline:
 
 _TOP_KEYS = ("version", "output_dir", "defaults", "model")
 _MODEL_KEYS = ("name", "source", "targets", "precision", "embed_bits", "calibration", "check", "verify", "output",
-               "seq_len", "allow_dequant", "stateful")
+               "seq_len", "allow_dequant", "stateful", "capabilities")
 _STATEFUL_KEYS = ("context", "prefill", "prefill_logits")
 _DEFAULT_KEYS = tuple(k for k in _MODEL_KEYS if k not in ("name", "source"))
 _VERIFY_KEYS = ("enabled", "inputs", "min_cosine", "min_top1", "min_top5", "max_rel_l2")
@@ -228,7 +231,10 @@ def _model(ctx: _Ctx, raw: Any, defaults: dict[str, Any], i: int) -> ModelEntry:
                                           " Hugging Face checkpoint folder")
     if "targets" not in merged:
         raise ctx.fail(where, "missing key 'targets' (e.g. targets = [{ os = \"macOS\", min_os = \"14\" }])")
-    targets = _targets(ctx, merged["targets"], f"{where}.targets")
+    caps_raw = merged.get("capabilities", [])
+    ctx.typed(caps_raw, (list,), f"{where}.capabilities", "a list of capability TOML files")
+    capabilities = tuple(ctx.path_of(c, f"{where}.capabilities") for c in caps_raw)
+    targets = _targets(ctx, merged["targets"], f"{where}.targets", capabilities)
     precision = ctx.choice(merged.get("precision", "fp16"), PRECISIONS, f"{where}.precision")
     embed_bits = merged.get("embed_bits")
     if embed_bits is not None:
@@ -251,7 +257,7 @@ def _model(ctx: _Ctx, raw: Any, defaults: dict[str, Any], i: int) -> ModelEntry:
     allow_dequant = ctx.typed(merged.get("allow_dequant", False), (bool,), f"{where}.allow_dequant", "true or false")
     stateful = _stateful(ctx, raw.get("stateful"), source, verify, f"{where}.stateful")
     return ModelEntry(name, source, targets, precision, embed_bits, cal_path, check, verify, output, seq_len,
-                      allow_dequant, stateful)
+                      allow_dequant, stateful, capabilities)
 
 
 def _stateful(ctx: _Ctx, raw: Any, source: Path, verify: VerifySpec, where: str) -> dict[str, Any] | None:
@@ -274,7 +280,7 @@ def _stateful(ctx: _Ctx, raw: Any, source: Path, verify: VerifySpec, where: str)
     return out
 
 
-def _targets(ctx: _Ctx, raw: Any, where: str) -> tuple[Target, ...]:
+def _targets(ctx: _Ctx, raw: Any, where: str, capabilities: tuple[Path, ...] = ()) -> tuple[Target, ...]:
     ctx.typed(raw, (list,), where, "a list of tables like { os = \"macOS\", min_os = \"14\", chip = \"M1\" }")
     if not raw:
         raise ctx.fail(where, "empty; give at least one target")
@@ -298,7 +304,7 @@ def _targets(ctx: _Ctx, raw: Any, where: str) -> tuple[Target, ...]:
         chip = t.get("chip")
         if chip is not None:
             ctx.typed(chip, (str,), f"{w}.chip", "a chip name such as \"M1\" or \"A17 Pro\"")
-            chip = _check_chip(ctx, chip, platform, os_name, f"{w}.chip")
+            chip = _check_chip(ctx, chip, platform, os_name, f"{w}.chip", capabilities)
         out.append(Target(platform, min_os, chip))
     labels = [t.label for t in out]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
@@ -318,15 +324,16 @@ def _check_min_os(ctx: _Ctx, min_os: Any, platform: str, where: str) -> str:
         raise ctx.fail(where, e.one_line()) from None
 
 
-def _check_chip(ctx: _Ctx, chip: str, platform: str, os_name: str, where: str) -> str:
+def _check_chip(ctx: _Ctx, chip: str, platform: str, os_name: str, where: str,
+                capabilities: tuple[Path, ...] = ()) -> str:
     """The chip's canonical name; refuses unknown chips and chips that never run ``platform``."""
-    from bitnet_coreml.check.capabilities import default_database  # noqa: PLC0415 - reads the bundled TOML
+    from bitnet_coreml.check.capabilities import default_database, load_capabilities  # noqa: PLC0415
 
-    db = default_database()
     try:
+        db = load_capabilities(*map(str, capabilities)) if capabilities else default_database()
         row = db.chip(chip)
-    except InputError as e:
-        raise ctx.fail(where, e.one_line()) from None
+    except InputError as e:  # in a pipeline file the database is extended with the model's `capabilities` key
+        raise ctx.fail(where, e.one_line().replace("--capabilities FILE", 'capabilities = ["FILE.toml"]')) from None
     if platform not in row.platforms:
         runs = ", ".join(PLATFORMS[p] for p in row.platforms if p in PLATFORMS)
         raise ctx.fail(where, f"impossible target: {row.name} does not run {os_name} (it runs {runs});"

@@ -250,7 +250,7 @@ def fuse_bitlinear(model: ir.Model) -> BitLinearReport:
         bl = make_node(model, "BitLinear", [aq.x, w_val, a_val],
                        {"act_bits": int(round(np.log2(aq.qp + 1))) + 1, "act_eps": float(aq.eps),
                         "convention": convention},
-                       name=f"{base}.bitlinear")
+                       name=f"{base}_bitlinear")
         m.replace_output(graph, node, bl, y)
         report.fused += 1
         del last

@@ -78,7 +78,7 @@ def fuse_rmsnorm(model: ir.Model) -> int:
             x, eps = core
             if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != g.shape[0]:
                 continue
-            new = make_node(model, "RMSNorm", [x, gamma], {"epsilon": float(eps)}, name=f"{node.name or 'rms'}.rmsnorm")
+            new = make_node(model, "RMSNorm", [x, gamma], {"epsilon": float(eps)}, name=f"{node.name or 'rms'}_rmsnorm")
             m.replace_output(graph, node, new, node.outputs[0])
             count += 1
             break
@@ -99,7 +99,7 @@ def fuse_relu2(model: ir.Model) -> int:
             r = m.op(node.inputs[0], "Relu")
             if r is None or not m.same(node.inputs[0], node.inputs[1]):
                 continue
-        new = make_node(model, "Relu2", [r.inputs[0]], {}, name=f"{node.name or 'relu2'}.relu2")
+        new = make_node(model, "Relu2", [r.inputs[0]], {}, name=f"{node.name or 'relu2'}_relu2")
         m.replace_output(graph, node, new, node.outputs[0])
         count += 1
     return count

@@ -148,3 +148,14 @@ def test_stateful_entries(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="stateful") as e:
             load_pipeline(_write(tmp_path, text))
         assert needle in str(e.value)
+
+
+def test_capabilities_key_adds_chips_a_pipeline_can_name(tmp_path: Path) -> None:
+    caps = tmp_path / "caps.toml"
+    caps.write_text('schema_version = 1\n[[chip]]\nname = "M9"\nplatforms = ["macos"]\nane_generation = 6\n'
+                    'source = "test row"\n')
+    text = MODEL.replace('chip = "M1"', 'chip = "M9"')
+    with pytest.raises(ConfigError, match=r'unknown chip .M9.*capabilities = \["FILE.toml"\]'):
+        load_pipeline(_write(tmp_path, text))
+    p = load_pipeline(_write(tmp_path, text.replace('[[model]]', '[[model]]\ncapabilities = ["caps.toml"]', 1)))
+    assert p.models[0].targets[0].chip == "M9" and p.models[0].capabilities == (caps.resolve(),)
