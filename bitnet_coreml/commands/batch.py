@@ -51,6 +51,10 @@ class _Terminated(KeyboardInterrupt):
               help="Worker processes (local) or predictor actors (ray); each loads the package once and gets "
                    "cores/N BLAS threads. auto: one per core.")
 @click.option("--strict", is_flag=True, help="Fail items holding arrays the package does not take (default: ignore).")
+@click.option("--output-format", type=click.Choice(["npz", "npz-shards", "parquet"]), default="npz",
+              show_default=True, help="One .npz per item, or combined files of --shard-size items (resumable).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Items per combined file (npz-shards, parquet).")
 @click.option("--restart", is_flag=True, help="Discard the results already in JOBDIR and start the job afresh.")
 @click.option("--verbose", is_flag=True, help="Show Ray's own log lines (--engine ray).")
 @click.option("--units", default=None, metavar="LIST",
@@ -60,7 +64,8 @@ class _Terminated(KeyboardInterrupt):
 @click.option("--ray-address", default=None, help="Ray cluster address (default: start or join a local one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def batch(package: Path, dataset: Path, outdir: Path, workers: str, strict: bool, restart: bool, verbose: bool,
+def batch(package: Path, dataset: Path, outdir: Path, workers: str, strict: bool, output_format: str,
+          shard_size: int, restart: bool, verbose: bool,
           units: str | None, engine: str, ray_address: str | None, as_json: bool, progress: bool | None) -> None:
     """Run PACKAGE over every item of DATASET and write the outputs to JOBDIR.
 
@@ -74,7 +79,7 @@ def batch(package: Path, dataset: Path, outdir: Path, workers: str, strict: bool
     from bitnet_coreml.jobs import BatchOptions, open_dataset, run_batch
 
     options = BatchOptions(workers=_workers(workers), engine=engine, ray_address=ray_address, restart=restart,
-                           verbose=verbose)
+                           verbose=verbose, output_format=output_format, shard_size=shard_size)
     factory = _factory(package, units, strict)
     ds = open_dataset(dataset)
     tty = sys.stderr.isatty()

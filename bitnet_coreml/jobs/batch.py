@@ -50,6 +50,7 @@ from bitnet_coreml.jobs.manifest import (
     verified_done,
 )
 from bitnet_coreml.jobs.predictors import ItemPredictor, PredictorFactory
+from bitnet_coreml.jobs.shards import check_format, combine
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class BatchOptions:
     fsync_interval_s: float = 1.0  # see ManifestWriter: 0 = fsync every record
     restart: bool = False  # discard an earlier job's results in the folder instead of resuming
     verbose: bool = False  # let Ray's own INFO/WARNING log lines through (--engine ray)
+    output_format: str = "npz"  # npz (one file per item), npz-shards or parquet (one per shard_size items)
+    shard_size: int = 1000
 
     def __post_init__(self) -> None:
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
@@ -78,6 +81,7 @@ class BatchOptions:
             raise ConfigError(f"fsync_interval_s={self.fsync_interval_s!r}; allowed: a number >= 0")
         if self.in_flight_per_worker < 1:
             raise ConfigError(f"in_flight_per_worker={self.in_flight_per_worker!r}; allowed: >= 1")
+        check_format(self.output_format, self.shard_size)
 
 
 @dataclass(frozen=True)
@@ -207,8 +211,13 @@ class Job:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def finish(self, engine: str, workers: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Compact the manifest, write ``summary.json`` and return the summary."""
+    def finish(self, engine: str, workers: int, extra: dict[str, Any] | None = None,
+               output_format: str = "npz", shard_size: int = 1000) -> dict[str, Any]:
+        """Combine complete shards (``npz-shards``/``parquet``), compact the manifest, write ``summary.json``."""
+        shards = 0
+        if output_format != "npz":
+            shards = combine(self.outdir, read_manifest(self.outdir), self.stats.total, output_format, shard_size,
+                             self.writer)
         self.writer.close()
         wall = time.perf_counter() - self.t0
         records = compact(self.outdir)
@@ -232,7 +241,11 @@ class Job:
             },
             "job": {"items": s.total, "ok": job_ok, "failed": len(records) - job_ok,
                     "complete": job_ok == s.total},
+            "output_format": output_format,
         }
+        if output_format != "npz":
+            summary["shards"] = {"size": shard_size, "written_now": shards,
+                                 "files": sorted({r.file for r in records.values() if r.file and "/shard-" in r.file})}
         if extra:
             summary.update(extra)
         atomic_write_json(self.outdir / SUMMARY, summary)
@@ -264,9 +277,10 @@ def run_batch(factory: PredictorFactory, dataset: str | os.PathLike[str] | Datas
             else:
                 extra = _run_local(job, options)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what finished is recorded and summarised, then stop
-            job.finish(options.engine, options.workers, {"interrupted": True})
+            job.finish(options.engine, options.workers, {"interrupted": True}, options.output_format,
+                       options.shard_size)
             raise
-        return job.finish(options.engine, options.workers, extra)
+        return job.finish(options.engine, options.workers, extra, options.output_format, options.shard_size)
     finally:
         job.close()
 

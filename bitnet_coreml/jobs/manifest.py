@@ -82,14 +82,17 @@ def read_manifest(outdir: Path) -> dict[str, ItemRecord]:
 def verified_done(outdir: Path, records: dict[str, ItemRecord]) -> set[str]:
     """Ids whose recorded output still exists with its recorded checksum."""
     done: set[str] = set()
+    hashes: dict[str, str | None] = {}  # a combined shard holds many items: hash it once
     for rec in records.values():
         if rec.status != "ok" or not rec.file or not rec.sha256:
             continue
         path = outdir / rec.file
-        try:
-            ok = sha256_file(path) == rec.sha256
-        except OSError:
-            ok = False
+        if rec.file not in hashes:
+            try:
+                hashes[rec.file] = sha256_file(path)
+            except OSError:
+                hashes[rec.file] = None
+        ok = hashes[rec.file] == rec.sha256
         if ok:
             done.add(rec.id)
         else:
@@ -122,6 +125,12 @@ class ManifestWriter:
         if now - self._last_sync >= self._interval:
             os.fsync(self._f.fileno())
             self._last_sync = now
+
+    def sync(self) -> None:
+        """Make every record appended so far durable now."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._last_sync = time.monotonic()
 
     def close(self) -> None:
         if not self._f.closed:

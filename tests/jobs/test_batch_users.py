@@ -122,3 +122,54 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path, row_package: Path) -> No
     assert "terminated" in err and "resume" in err and "Traceback" not in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and 0 < summary["job"]["ok"] < 4000
+
+
+@pytest.mark.parametrize("fmt", ["npz-shards", "parquet"])
+def test_combined_outputs_one_file_per_shard_and_still_resumable(tmp_path: Path, fmt: str) -> None:
+    from bitnet_coreml.jobs.shards import read_shard
+    from tests.jobs.helpers import AffineFactory, affine, write_batch_npz
+
+    xs = make_inputs(7, shape=(2, 3), seed=4)
+    xs[4] = np.full((2, 3), np.nan, np.float32)  # fails: its shard (items 3-5) stays per-item files
+    write_batch_npz(tmp_path / "ds.npz", xs)
+    opts = BatchOptions(workers=1, output_format=fmt, shard_size=3)
+    s = run_batch(AffineFactory(), tmp_path / "ds.npz", tmp_path / "o", opts)
+    suffix = ".npz" if fmt == "npz-shards" else ".parquet"
+    assert s["shards"]["files"] == [f"outputs/shard-00000{suffix}", f"outputs/shard-00002{suffix}"]
+    files = sorted(p.name for p in (tmp_path / "o" / "outputs").iterdir())
+    assert files == sorted([f"shard-00000{suffix}", f"shard-00002{suffix}", "3.npz", "5.npz"])
+    for name, rows in ((f"shard-00000{suffix}", [0, 1, 2]), (f"shard-00002{suffix}", [6])):
+        shard = read_shard(tmp_path / "o" / "outputs" / name)
+        assert shard["index"].tolist() == rows and shard["ids"].tolist() == [str(i) for i in rows]
+        np.testing.assert_allclose(shard["y"], np.stack([affine(xs[i], 2.0, 1.0)["y"] for i in rows]), rtol=1e-6)
+    # Resume: combined items are verified through their shard and skipped; the failed one is retried.
+    again = run_batch(AffineFactory(), tmp_path / "ds.npz", tmp_path / "o", opts)
+    assert (again["run"]["skipped_done"], again["run"]["processed"]) == (6, 1)
+    # A shard damaged on disk makes its items redo; the shard is rebuilt with the same bytes.
+    shard0 = tmp_path / "o" / "outputs" / f"shard-00000{suffix}"
+    good = shard0.read_bytes()
+    shard0.write_bytes(b"garbage")
+    fixed = run_batch(AffineFactory(), tmp_path / "ds.npz", tmp_path / "o", opts)
+    assert fixed["run"]["ok"] == 3 and shard0.read_bytes() == good
+
+
+def test_per_item_outputs_can_be_combined_later(tmp_path: Path) -> None:
+    from tests.jobs.helpers import AffineFactory, write_batch_npz
+
+    write_batch_npz(tmp_path / "ds.npz", make_inputs(4, shape=(2, 3)))
+    run_batch(AffineFactory(), tmp_path / "ds.npz", tmp_path / "o", BatchOptions(workers=1))
+    s = run_batch(AffineFactory(), tmp_path / "ds.npz", tmp_path / "o",
+                  BatchOptions(workers=1, output_format="npz-shards", shard_size=4))
+    assert s["run"]["processed"] == 0 and s["shards"]["written_now"] == 1
+    assert sorted(p.name for p in (tmp_path / "o" / "outputs").iterdir()) == ["shard-00000.npz"]
+
+
+def test_cli_output_format_npz_shards(tmp_path: Path, row_package: Path) -> None:
+    xs = np.random.default_rng(5).standard_normal((4, 8)).astype(np.float32)
+    np.savez(tmp_path / "ds.npz", x=xs)
+    r = _run(str(row_package), str(tmp_path / "ds.npz"), "-o", str(tmp_path / "o"), "--units", "reference",
+             "--workers", "1", "--output-format", "npz-shards", "--shard-size", "2", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["shards"]["files"] == ["outputs/shard-00000.npz", "outputs/shard-00001.npz"]
+    with np.load(tmp_path / "o" / "outputs" / "shard-00001.npz") as z:
+        np.testing.assert_allclose(z["y"], _oracle(xs[2:4])[:, None, :], rtol=1e-6)
