@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import warnings
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
@@ -58,8 +59,6 @@ def run_ray(job: Job, options: BatchOptions) -> dict[str, Any]:
     """Run the job's pending items on Ray; joins a running Ray or starts a local one (and stops it)."""
     ray = _import_ray()
     quiet = logging.INFO if options.verbose else logging.ERROR
-    for name in ("ray", "ray.data", "ray.train", "ray.tune"):  # Ray logs INFO/WARNING lines to stderr by default
-        logging.getLogger(name).setLevel(quiet)
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": options.verbose,
@@ -73,6 +72,10 @@ def run_ray(job: Job, options: BatchOptions) -> dict[str, Any]:
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the CLI has its own progress bar
+        # Ray (and Ray Data, which configures its loggers when imported, so this comes after) log INFO and
+        # WARNING lines to stderr; they are the user's only with --verbose.
+        for name in ("ray", "ray.data", "ray.data._internal.execution.streaming_executor"):
+            logging.getLogger(name).setLevel(quiet)
         pending = job.pending()
         while chunk := list(islice(pending, CHUNK)):
             _run_chunk(ray, job, options, chunk)
@@ -84,14 +87,24 @@ def run_ray(job: Job, options: BatchOptions) -> dict[str, Any]:
 
 def _run_chunk(ray: Any, job: Job, options: BatchOptions, chunk: list[Any]) -> None:
     ds = ray.data.from_items([{"ref": pickle.dumps(ref)} for ref in chunk])
-    out = ds.map_batches(
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates actor options as extra keywords (max_restarts below) and names no successor.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        out = _map(ds, ray, job, options)
+    for row in out.iter_rows():
+        d = json.loads(row["record"])
+        job.record(ItemRecord.from_dict(d))
+
+
+def _map(ds: Any, ray: Any, job: Job, options: BatchOptions) -> Any:
+    return ds.map_batches(
         _PredictActor,
         fn_constructor_args=(job.factory, str(job.outdir)),
         compute=ray.data.ActorPoolStrategy(size=options.workers),
         batch_size=1,  # one item per call: a record reaches the manifest as soon as its item is done
         batch_format="numpy",
         num_cpus=1,
+        # No actor restarts (a failed item is recorded and redone by a rerun); with restarts, Ray's core
+        # worker logs an error line on stderr for every actor whose arguments live in the object store.
+        max_restarts=0,
     )
-    for row in out.iter_rows():
-        d = json.loads(row["record"])
-        job.record(ItemRecord.from_dict(d))

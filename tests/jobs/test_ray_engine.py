@@ -55,3 +55,23 @@ def test_ray_resumes_a_partial_job(tmp_path: Path, local_ray: object) -> None:
     s = run_batch(AffineFactory(), tmp_path / "ds.npz", out, BatchOptions(workers=2, engine="ray"))
     assert (s["run"]["ok"], s["run"]["skipped_done"]) == (2, 8)
     assert {r["id"]: r["sha256"] for r in _manifest(out)} == before
+
+
+@pytest.mark.slow
+def test_ray_logs_stay_off_stderr_unless_verbose(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.jobs.helpers import build_relu_package
+
+    pkg = build_relu_package(tmp_path / "row.mlpackage", (1, 8))
+    import numpy as np
+
+    np.savez(tmp_path / "ds.npz", x=np.zeros((4, 8), np.float32))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "bitnet_coreml.cli", "batch", str(pkg), str(tmp_path / "ds.npz"),
+                        "-o", str(tmp_path / "o"), "--engine", "ray", "--workers", "1", "--units", "reference",
+                        "--no-progress", "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    noise = [line for line in r.stderr.splitlines() if line.strip()]
+    assert not noise, noise[:10]
