@@ -1,6 +1,6 @@
 """What is inside an ``.mlpackage``: I/O, functions, states, metadata, weight bytes by kind, target.
 
-Read from the package's spec alone (``MLModel(skip_model_load=True)``, works on every OS) and the
+Read from the package's spec alone (``package.reader.read_package_spec``, read-only, every OS) and the
 weight file's blob headers; nothing is executed and no weight is decoded. Functions and states come
 from the spec generically, so a multi-function or stateful package is described like any other.
 """
@@ -11,8 +11,6 @@ import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-from bitnet_coreml.errors import ModelLoadError
 
 # A weight blob in weight.bin starts with this header (coremltools' MIL blob storage format):
 # uint32 sentinel 0xDEADBEEF, uint32 data type, uint64 size in bytes, uint64 data offset, padding.
@@ -98,15 +96,12 @@ def _weights_by_kind(package: Path, program: Any) -> dict[str, int]:
 def inspect_package(path: str | Path) -> dict[str, Any]:
     """A JSON-ready description of the package at ``path``; :class:`ModelLoadError` if unreadable."""
     from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
     from bitnet_coreml.vocab import os_name_for_spec  # noqa: PLC0415
 
     p = Path(path)
     ct = coremltools()
-    try:
-        spec = ct.models.MLModel(str(p), skip_model_load=True).get_spec()
-    except Exception as e:  # coremltools raises bare Exceptions for bad packages
-        raise ModelLoadError(f"package {p} is corrupt or unreadable: {type(e).__name__}: {' '.join(str(e).split())}") \
-            from e
+    spec = read_package_spec(p).spec  # read-only and contained (MLModel(path) rewrites Manifest.json)
     enum = ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
     desc = spec.description
     meta = {str(k): str(v) for k, v in sorted(desc.metadata.userDefined.items())}
