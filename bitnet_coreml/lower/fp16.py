@@ -144,6 +144,15 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
         del graph.initializers[str(v.name)]
     gated, packed = _gate_weights(graph, set(big), model.opset_imports.get("", 0))
     fed = [v for v in big if v.uses()]  # a packed checkpoint weight is fed as its packed bytes instead
+    for v in fed:
+        # An initializer's tensor carries its type; a graph input must declare it on the value.
+        # Values made by passes or importers may leave it to the tensor: take it from there.
+        cv = v.const_value
+        assert cv is not None
+        if v.type is None:
+            v.type = ir.TensorType(cv.dtype)
+        if v.shape is None:
+            v.shape = ir.Shape(cv.shape)
     added_inputs = [*fed, *packed]
     graph.inputs.extend(added_inputs)
     # Small initializers may still reference the source file (memory-mapped); inline them.

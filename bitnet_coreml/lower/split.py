@@ -67,9 +67,7 @@ class _RowChunks:
 
 
 def _const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
-    v = ir.Value(name=name, const_value=ir.tensor(arr, name=name))
-    v.shape = ir.Shape(list(arr.shape))
-    v.dtype = ir.DataType.from_numpy(arr.dtype)
+    v = ir.val(name, const_value=ir.tensor(arr, name=name))
     graph.register_initializer(v)
     return v
 

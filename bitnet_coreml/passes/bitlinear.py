@@ -242,9 +242,11 @@ def fuse_bitlinear(model: ir.Model) -> BitLinearReport:
             report.ternary_unfused.append(node.name or "?")
             continue
         base = node.name or f"bitlinear_{report.fused}"
-        w_val = ir.Value(name=f"{base}.codes", const_value=ir.tensor(tern.codes, name=f"{base}.codes"))
+        # ir.val takes dtype and shape from the tensor: a value without them becomes an untyped graph
+        # input wherever an initializer is fed as an input (fp16 calibration feeds the large ones).
+        w_val = ir.val(f"{base}.codes", const_value=ir.tensor(tern.codes, name=f"{base}.codes"))
         a_arr = np.asarray(alpha, dtype=np.float32)
-        a_val = ir.Value(name=f"{base}.alpha", const_value=ir.tensor(a_arr, name=f"{base}.alpha"))
+        a_val = ir.val(f"{base}.alpha", const_value=ir.tensor(a_arr, name=f"{base}.alpha"))
         graph.register_initializer(w_val)
         graph.register_initializer(a_val)
         bl = make_node(model, "BitLinear", [aq.x, w_val, a_val],
