@@ -58,6 +58,32 @@ def op(v: ir.Value | None, *types: str) -> ir.Node | None:
     return None
 
 
+def clamp(v: ir.Value | None) -> tuple[ir.Value, float, float] | None:
+    """``v = clip(x, lo, hi)`` with constant bounds: ``Clip(x, lo, hi)``, or the ``Min(Max(x, lo), hi)`` /
+    ``Max(Min(x, hi), lo)`` that torch's exporter emits for ``clamp`` before its optimizer folds it."""
+    c = op(v, "Clip")
+    if c is not None:
+        if len(c.inputs) < 3 or c.inputs[0] is None:
+            return None
+        lo, hi = scalar(c.inputs[1]), scalar(c.inputs[2])
+        return (c.inputs[0], lo, hi) if lo is not None and hi is not None and lo <= hi else None
+    bounds: dict[str, float] = {}
+    x = v
+    for _ in range(2):
+        n = op(x, "Min", "Max")
+        if n is None or len(n.inputs) != 2 or n.op_type in bounds:
+            return None
+        for i in (0, 1):
+            b = scalar(n.inputs[1 - i])
+            if b is not None and n.inputs[i] is not None and const(n.inputs[i]) is None:
+                bounds[n.op_type], x = b, n.inputs[i]
+                break
+        else:
+            return None
+    lo, hi = bounds["Max"], bounds["Min"]
+    return (x, lo, hi) if x is not None and lo <= hi else None
+
+
 def reduce_axes(node: ir.Node) -> list[int] | None:
     """Axes of a Reduce* node (attribute before opset 18, input from 18)."""
     if "axes" in node.attributes:

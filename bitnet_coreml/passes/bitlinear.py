@@ -4,7 +4,7 @@ Before (one of the shapes transformers exports, after constant folding)::
 
     m  = Clip(ReduceMax(Abs(x), axes=[-1], keepdims=1), min=eps)    # or Max(., eps)
     s  = Div(127, m)
-    q  = Clip(Round(Mul(x, s)), -128, 127)
+    q  = Clip(Round(Mul(x, s)), -128, 127)  # or Min(Max(., -128), 127): the unoptimised export
     xd = Div(q, s)                       # dequantised form (AutoBitLinear) ...
     y  = MatMul(xd, Wt) * weight_scale   # Wt constant with values {-a, 0, a}
     # ... or quantised form (packed BitLinear):  y = MatMul(Cast(q), Wt) / Mul(s, weight_scale)
@@ -108,12 +108,12 @@ def match_act_quant(a_in: ir.Value) -> ActQuant | None:
             r = m.op(p.inputs[1 - i], "Reciprocal")
             if r is not None:
                 q, s_expected, dequantized = p.inputs[i], r.inputs[0], True
-    clip = m.op(q, "Clip")
-    if clip is None or len(clip.inputs) < 3:
+    clamped = m.clamp(q)
+    if clamped is None:
         return None
-    qn, qp_c = m.scalar(clip.inputs[1]), m.scalar(clip.inputs[2])
-    rnd = m.op(clip.inputs[0], "Round")
-    if rnd is None or qn is None or qp_c is None:
+    rounded, qn, qp_c = clamped
+    rnd = m.op(rounded, "Round")
+    if rnd is None:
         return None
     mul = m.op(rnd.inputs[0], "Mul")
     if mul is None:

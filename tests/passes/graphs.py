@@ -16,7 +16,8 @@ F = onnx.TensorProto.FLOAT
 class G:
     """A tiny graph-building helper: named nodes, constants, deterministic names."""
 
-    def __init__(self, opset: int = 18) -> None:
+    def __init__(self, opset: int = 18, clamp: str = "clip") -> None:
+        self.clamp = clamp  # how the activation quantisation clamps: clip | minmax | maxmin
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.n = 0
@@ -54,7 +55,14 @@ class G:
         eps = self.const(np.float32(1e-5), "eps")
         m = self.op("Max", mx, eps) if use_max else self.op("Clip", mx, eps)
         s = self.op("Div", self.const(np.float32(127.0), "qp"), m)
-        q = self.op("Clip", self.op("Round", self.op("Mul", x, s)), self.const(np.float32(-128.0)), self.const(np.float32(127.0)))
+        r = self.op("Round", self.op("Mul", x, s))
+        lo, hi = self.const(np.float32(-128.0)), self.const(np.float32(127.0))
+        if self.clamp == "minmax":  # torch's unoptimised export of clamp(lo, hi)
+            q = self.op("Min", self.op("Max", r, lo), hi)
+        elif self.clamp == "maxmin":
+            q = self.op("Max", self.op("Min", hi, r), lo)
+        else:
+            q = self.op("Clip", r, lo, hi)
         return (self.op("Div", q, s) if dequantize else q), s
 
     def offline_linear(self, x: str, w_ternary: np.ndarray, weight_scale: float) -> str:
@@ -107,10 +115,11 @@ def ternary(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return rng.integers(-1, 2, (n, k)).astype(np.int8)
 
 
-def mlp_block(seed: int = 0, d: int = 32, hidden: int = 64, form: str = "offline") -> onnx.ModelProto:
+def mlp_block(seed: int = 0, d: int = 32, hidden: int = 64, form: str = "offline", clamp: str = "clip"
+              ) -> onnx.ModelProto:
     """x -> RMSNorm -> gate/up BitLinear -> relu2(gate)*up -> RMSNorm -> down BitLinear -> + x."""
     rng = np.random.default_rng(seed)
-    g = G()
+    g = G(clamp=clamp)
     x = "x"
     n = g.rmsnorm(x, rng.uniform(0.5, 1.5, d))
 

@@ -31,9 +31,10 @@ def _ops(model: ir.Model) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("form", ["offline", "online", "packed"])
-def test_mlp_block_fuses_and_matches_ort(form: str) -> None:
-    proto = mlp_block(form=form)
+@pytest.mark.parametrize(("form", "clamp"), [("offline", "clip"), ("online", "clip"), ("packed", "clip"),
+                                             ("offline", "minmax"), ("packed", "maxmin")])
+def test_mlp_block_fuses_and_matches_ort(form: str, clamp: str) -> None:
+    proto = mlp_block(form=form, clamp=clamp)
     x = np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)
     before = _run(proto, {"x": x})[0]
     model, after_proto = _passed(proto)
