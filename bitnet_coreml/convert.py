@@ -271,7 +271,8 @@ def _descriptions(model: ir.Model, built: Any) -> tuple[dict[str, str], dict[str
 def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options: ConvertOptions | None = None,
             *, progress: ProgressFn | None = None) -> ConvertResult:
     """Convert ``source`` (ONNX file or HF checkpoint folder) to the package ``out``; see the module docstring."""
-    from bitnet_coreml.frontend import load, seq_len_note  # noqa: PLC0415
+    from bitnet_coreml.frontend import builds_graph, load, seq_len_note  # noqa: PLC0415
+    from bitnet_coreml.frontend.convertible import describe_input, dynamic_inputs, refuse_bfloat16  # noqa: PLC0415
     from bitnet_coreml.lower.fp16 import load_calibration, make_fp16_safe, random_calibration  # noqa: PLC0415
     from bitnet_coreml.lower.palettize import palettize_program  # noqa: PLC0415
     from bitnet_coreml.lower.program import (  # noqa: PLC0415
@@ -298,7 +299,6 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     context = 0
     notes: list[str] = []
     if options.stateful:
-        from bitnet_coreml.frontend import builds_graph  # noqa: PLC0415
         from bitnet_coreml.package.stateful import round_context  # noqa: PLC0415
 
         if not builds_graph(source):
@@ -327,6 +327,11 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     # A stateful package is checked and fp16-analysed on the stateless graph of its prefill length.
     model = load(source, seq_len=options.prefill if options.stateful else options.seq_len, embed_dtype=embed_dtype,
                  allow_dequant=options.allow_dequant)
+    if not builds_graph(source):  # an ONNX file: the graph is the user's, not our importer's
+        refuse_bfloat16(model, str(source))
+    if dynamic := dynamic_inputs(model):
+        raise InputError(f"{source}: graph input {describe_input(dynamic[0])} has dynamic dimensions; pass --seq-len N to "
+                         "convert it for N tokens (a dynamic batch becomes 1)")
     sha = source_sha256(source, model if Path(source).is_file() else None)
     from bitnet_coreml.frontend import source_assets  # noqa: PLC0415
 

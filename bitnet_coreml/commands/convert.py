@@ -25,7 +25,9 @@ def _mb(n: float) -> str:
               help=".npz with the graph inputs for the fp16-safety analysis (default: a random input).")
 @click.option("--split-limit", type=int, default=16384, show_default=True,
               help="Split constant dimensions larger than this (ANE limit); 0 disables.")
-@click.option("--seq-len", type=int, default=None, help="Sequence length for a checkpoint folder or GGUF file.")
+@click.option("--seq-len", type=int, default=None,
+              help="Sequence length for a checkpoint folder or GGUF file, or for an ONNX graph with dynamic axes "
+                   "(a dynamic batch becomes 1).")
 @click.option("--allow-dequant", is_flag=True,
               help="GGUF: dequantise tensors of other ggml types (and block-scaled ternary layers) instead of refusing.")
 @click.option("--passes", type=click.Choice(["fast", "full"]), default="fast", show_default=True,

@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from bitnet_coreml._files import regular_file
 from bitnet_coreml.errors import ModelLoadError
+from bitnet_coreml.frontend.convertible import dynamic_inputs, fix_dynamic_inputs
 from bitnet_coreml.frontend.onnx_import import load_onnx
 
 __all__ = ["load", "load_onnx", "is_checkpoint_dir", "is_gguf", "builds_graph", "source_assets", "seq_len_note"]
@@ -72,10 +73,11 @@ def load(path: str | os.PathLike[str], *, seq_len: int | None = None, embed_dtyp
          allow_dequant: bool = False) -> ir.Model:
     """Load a model from an ``.onnx`` file, a Hugging Face BitNet checkpoint folder or a BitNet ``.gguf`` file.
 
-    ``seq_len`` fixes the sequence length of a checkpoint's graph (Core ML wants fixed shapes);
-    ``embed_dtype`` (``"float32"`` or ``"float16"``) is the dtype a checkpoint's bf16 embedding and
-    lm_head are declared in (fp16 halves the memory of an fp16 build and is exact for bf16 values in
-    fp16's range). ONNX files carry their own shapes and dtypes and ignore both. ``allow_dequant``
+    ``seq_len`` fixes the sequence length of a checkpoint's graph (Core ML wants fixed shapes), and
+    of an ONNX graph exported with dynamic axes (``frontend.convertible``: a dynamic batch becomes 1;
+    an ONNX file with fixed shapes ignores it); ``embed_dtype`` (``"float32"`` or ``"float16"``) is
+    the dtype a checkpoint's bf16 embedding and lm_head are declared in (fp16 halves the memory of an
+    fp16 build and is exact for bf16 values in fp16's range); ONNX files ignore it. ``allow_dequant``
     lets a GGUF file's tensors of other ggml types (and ternary layers whose block scales vary within
     a row) be dequantised instead of refused (see ``frontend.gguf_model``).
     """
@@ -96,4 +98,7 @@ def load(path: str | os.PathLike[str], *, seq_len: int | None = None, embed_dtyp
         from bitnet_coreml.frontend.hf_checkpoint import load_checkpoint  # noqa: PLC0415
 
         return load_checkpoint(p, seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, embed_dtype=embed_dtype)
-    return load_onnx(p)
+    model = load_onnx(p)
+    if seq_len is not None and dynamic_inputs(model):
+        fix_dynamic_inputs(model, seq_len, str(p))
+    return model
