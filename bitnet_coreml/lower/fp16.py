@@ -152,7 +152,7 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
         if v.type is None:
             v.type = ir.TensorType(cv.dtype)
         if v.shape is None:
-            v.shape = ir.Shape(cv.shape)
+            v.shape = ir.Shape(cv.shape.numpy())
     added_inputs = [*fed, *packed]
     graph.inputs.extend(added_inputs)
     # Small initializers may still reference the source file (memory-mapped); inline them.
