@@ -22,7 +22,9 @@ import onnx.helper as oh
 import onnx_ir as ir
 
 DOMAIN = "bitnet_coreml"
-FUNCTION_OPSET = 18  # bodies use ReduceMax/ReduceMean with axes as an input (opset 18)
+FUNCTION_OPSET = 18  # bodies use ReduceMax/ReduceMean with axes as an input (opset 18) ...
+# ... except in a model of an older opset (the TorchScript exporter's 17): ONNX Runtime checks the
+# inlined body against the model's opset, so there the bodies are written for it (axes attribute).
 FUSED_OPS = ("BitLinear", "RMSNorm", "Relu2")
 # Ops of stateful graphs (frontend/hf_stateful.py); not produced by the passes.
 STATE_OPS = ("KVCacheUpdate",)
@@ -42,17 +44,24 @@ def _axes() -> onnx.NodeProto:
     return oh.make_node("Constant", [], ["axes"], value=oh.make_tensor("axes", onnx.TensorProto.INT64, [1], [-1]))
 
 
-def bitlinear_body(act_bits: int, act_eps: float) -> list[onnx.NodeProto]:
+def _reduce(op: str, x: str, y: str, opset: int) -> list[onnx.NodeProto]:
+    """``op`` over the last axis, keepdims: axes as an input from opset 18, as an attribute before."""
+    if opset >= 18:
+        return [_axes(), oh.make_node(op, [x, "axes"], [y], keepdims=1)]
+    return [oh.make_node(op, [x], [y], axes=[-1], keepdims=1)]
+
+
+def bitlinear_body(act_bits: int, act_eps: float, opset: int = FUNCTION_OPSET) -> list[onnx.NodeProto]:
     n = oh.make_node
     qp = 2.0 ** (act_bits - 1) - 1
     qn = -(2.0 ** (act_bits - 1))
     return [
-        _axes(), _c("qp_f", qp), _c("qn_f", qn), _c("eps", act_eps),
+        _c("qp_f", qp), _c("qn_f", qn), _c("eps", act_eps),
         n("CastLike", ["qp_f", "X"], ["qp"]),
         n("CastLike", ["qn_f", "X"], ["qn"]),
         n("CastLike", ["eps", "X"], ["eps_x"]),
         n("Abs", ["X"], ["ax"]),
-        n("ReduceMax", ["ax", "axes"], ["mx"], keepdims=1),
+        *_reduce("ReduceMax", "ax", "mx", opset),
         n("Max", ["mx", "eps_x"], ["m"]),
         n("Div", ["qp", "m"], ["sx"]),
         n("Mul", ["X", "sx"], ["xs"]),
@@ -67,13 +76,13 @@ def bitlinear_body(act_bits: int, act_eps: float) -> list[onnx.NodeProto]:
     ]
 
 
-def rmsnorm_body(epsilon: float) -> list[onnx.NodeProto]:
+def rmsnorm_body(epsilon: float, opset: int = FUNCTION_OPSET) -> list[onnx.NodeProto]:
     n = oh.make_node
     return [
-        _axes(), _c("eps", epsilon),
+        _c("eps", epsilon),
         n("CastLike", ["eps", "X"], ["eps_x"]),
         n("Mul", ["X", "X"], ["x2"]),
-        n("ReduceMean", ["x2", "axes"], ["ms"], keepdims=1),
+        *_reduce("ReduceMean", "x2", "ms", opset),
         n("Add", ["ms", "eps_x"], ["v"]),
         n("Sqrt", ["v"], ["d"]),
         n("Div", ["X", "d"], ["xn"]),
@@ -120,13 +129,14 @@ def overload_name(op_type: str, attrs: dict[str, object]) -> str:
     return ""
 
 
-def function_proto(op_type: str, attrs: dict[str, object]) -> onnx.FunctionProto:
-    """The function (overload) defining ``op_type`` with these attribute values."""
+def function_proto(op_type: str, attrs: dict[str, object], model_opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
+    """The function (overload) defining ``op_type`` with these attribute values, for a model of ``model_opset``."""
+    opset = min(FUNCTION_OPSET, model_opset)
     if op_type == "BitLinear":
-        body = bitlinear_body(int(attrs["act_bits"]), float(attrs["act_eps"]))  # type: ignore[call-overload,arg-type]
+        body = bitlinear_body(int(attrs["act_bits"]), float(attrs["act_eps"]), opset)  # type: ignore[call-overload,arg-type]
         ins = ["X", "W", "Alpha"]
     elif op_type == "RMSNorm":
-        body = rmsnorm_body(float(attrs["epsilon"]))  # type: ignore[arg-type]
+        body = rmsnorm_body(float(attrs["epsilon"]), opset)  # type: ignore[arg-type]
         ins = ["X", "Gamma"]
     elif op_type == "Relu2":
         body = relu2_body()
@@ -136,7 +146,7 @@ def function_proto(op_type: str, attrs: dict[str, object]) -> onnx.FunctionProto
         ins = ["Cache", "New", "Position"]
     else:
         raise KeyError(f"unknown fused op {op_type!r}; known: {', '.join(FUSED_OPS + STATE_OPS)}")
-    f = oh.make_function(DOMAIN, op_type, ins, ["Y"], body, [oh.make_opsetid("", FUNCTION_OPSET)],
+    f = oh.make_function(DOMAIN, op_type, ins, ["Y"], body, [oh.make_opsetid("", opset)],
                          attributes=_ATTRS[op_type])
     f.overload = overload_name(op_type, attrs)
     return f
@@ -147,7 +157,8 @@ def ensure_function(model: ir.Model, op_type: str, attrs: dict[str, object]) -> 
     overload = overload_name(op_type, attrs)
     key = (DOMAIN, op_type, overload)
     if key not in model.functions:
-        model.functions[key] = ir.serde.deserialize_function(function_proto(op_type, attrs))
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", FUNCTION_OPSET))
+        model.functions[key] = ir.serde.deserialize_function(function_proto(op_type, attrs, opset))
     model.opset_imports.setdefault(DOMAIN, 1)
     return overload
 

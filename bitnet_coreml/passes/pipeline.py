@@ -108,12 +108,17 @@ def _inline_foreign_functions(model: ir.Model) -> tuple[bool, dict[str, Any]]:
     return True, {"inlined_functions": foreign}
 
 
+def _constant_node(node: ir.Node | None) -> bool:
+    return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+
+
 def _has_foldable(model: ir.Model) -> bool:
     """True when some node computes only from constants (cheap scan; exporters often pre-fold)."""
     for node in model.graph:
         if node.op_type == "Constant" or not node.inputs:
             continue
-        if all(v is None or v.const_value is not None for v in node.inputs):
+        # Constant *nodes* count too: the TorchScript exporter writes its constants that way.
+        if all(v is None or v.const_value is not None or _constant_node(v.producer()) for v in node.inputs):
             return True
         if node.op_type in ("Shape", "Size"):
             return True
