@@ -4,11 +4,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 PIPELINE ?= pipelines/default.toml
+# torch + transformers live in their own venv (models, export matrix, benchmark exports) so the runtime
+# venv never carries them; versions pinned in models/requirements-export.txt. Defined before any
+# rule uses them: make expands a prerequisite when it reads the rule.
+EXPORT_VENV ?= .venv-export
+EXPORT_STAMP := $(EXPORT_VENV)/.installed-export
 # Tests never touch the network.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test lint convert conformance bench bench-models models report-screenshot clean
+.PHONY: setup test lint convert conformance bench bench-models models export-matrix report-screenshot clean
 
 setup: $(STAMP)
 
@@ -44,11 +49,7 @@ bench-models: $(EXPORT_STAMP)
 bench: setup bench-models convert
 	$(BIN)/python bench/run_all.py
 
-# Regenerate the bundled example models (models/README.md). torch + transformers live in their own
-# venv so the runtime venv never carries them; versions pinned in models/requirements-export.txt.
-EXPORT_VENV ?= .venv-export
-EXPORT_STAMP := $(EXPORT_VENV)/.installed-export
-
+# Regenerate the bundled example models (models/README.md).
 $(EXPORT_STAMP): models/requirements-export.txt
 	test -x $(EXPORT_VENV)/bin/python || $(PYTHON) -m venv $(EXPORT_VENV)
 	$(EXPORT_VENV)/bin/python -m pip install --quiet --upgrade pip
@@ -57,6 +58,11 @@ $(EXPORT_STAMP): models/requirements-export.txt
 
 models: $(EXPORT_STAMP)
 	$(EXPORT_VENV)/bin/python models/make_models.py
+	$(EXPORT_VENV)/bin/python models/make_export_matrix.py
+
+# The export-recipe matrix alone (models/exports/, models/README.md "Export-recipe matrix").
+export-matrix: $(EXPORT_STAMP)
+	$(EXPORT_VENV)/bin/python models/make_export_matrix.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache out

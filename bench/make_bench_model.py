@@ -1,7 +1,8 @@
 """Generate the large BitNet ONNX exports the benchmarks run on (into bench/_work/, never committed).
 
 Same code path as the bundled models (models/bitnet_export.py: transformers' BitNetForCausalLM,
-random init, ternarised, dynamo export). Needs the export venv (``make models`` creates it):
+random init, ternarised), exported with ``torch.onnx.export(..., dynamo=True)``'s defaults (the
+``default`` recipe: the exporter's optimizer on), i.e. the graph a user brings. Needs the export venv (``make models`` creates it):
 
     .venv-export/bin/python bench/make_bench_model.py --size 200m [--form offline|online|packed] [--verify]
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     _write_atomic(out_dir / f"{spec.name}.npz",
                   lambda fh: np.savez(fh, input_ids=ids, logits=logits.astype(np.float32)))
     t = time.perf_counter()
-    names = export_onnx(model, ids, path, external_data=spec.external_data, output_name="logits")
+    names = export_onnx(model, ids, path, external_data=spec.external_data, output_name="logits", recipe=spec.recipe)
     timings["export_s"] = time.perf_counter() - t
     del model
 

@@ -52,6 +52,10 @@ import torch
 log = logging.getLogger("bitnet_export")
 
 FORMS = ("offline", "online", "packed")
+# How export_onnx makes the graph: "default" = the exporter's defaults (dynamo, optimize=True), what
+# a user gets; "form" = unoptimised export + the same optimizer with a lowered folding limit, which
+# keeps every linear in the weight form the model is meant to show (see export_onnx).
+RECIPES = ("default", "form")
 # onnxscript's default constant-folding input limit (elements); export_onnx lowers it below the
 # smallest BitNet weight of the model so no WeightQuant / unpack subgraph is folded away.
 DEFAULT_FOLD_INPUT_LIMIT = 8192
@@ -74,12 +78,15 @@ class ModelSpec:
     seed: int = 0
     external_data: bool = False
     output_name: str | None = "logits"  # None: keep the exporter's own name
+    recipe: str = "default"  # RECIPES: the exporter's defaults, or the form-preserving recipe
     rope_theta: float = 500000.0
     rms_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
             raise ValueError(f"ModelSpec {self.name}: form {self.form!r} not in {FORMS}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"ModelSpec {self.name}: recipe {self.recipe!r} not in {RECIPES}")
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ValueError(f"ModelSpec {self.name}: hidden/heads/kv_heads must divide evenly")
         head_dim = self.hidden // self.heads
@@ -472,45 +479,44 @@ def torch_logits(model: Any, ids: np.ndarray) -> np.ndarray:
 # --- export ----------------------------------------------------------------------------------
 
 
-def export_onnx(model: Any, ids: np.ndarray, path: Path, *, external_data: bool = False,
-                output_name: str | None = "logits") -> dict[str, Any]:
-    """Export with the dynamo exporter, optimise, save atomically. Returns what the exporter named."""
-    import onnxscript.optimizer
-    from onnxscript import ir
-    from transformers.integrations.bitnet import AutoBitLinear, BitLinear
+def export_program(model: Any, ids: np.ndarray, *, output_name: str | None = "logits", **torch_kwargs: Any) -> Any:
+    """``torch.onnx.export(wrapper, (ids,), dynamo=True, **torch_kwargs)`` -> the ``ONNXProgram``.
 
-    weight_sizes = [m.weight.numel() for m in model.modules() if isinstance(m, (AutoBitLinear, BitLinear))]
-    fold_limit = min([DEFAULT_FOLD_INPUT_LIMIT, *[n - 1 for n in weight_sizes]])
+    Only the settings passed in differ from the exporter's defaults (``optimize=True``, the
+    exporter's opset); ``BitLinear``'s compiled helpers are swapped for eager ones meanwhile.
+    """
     wrapper = LogitsWrapper(model).eval()
     with eager_bitlinear_helpers(), torch.no_grad():
         program = torch.onnx.export(
             wrapper,
             (torch.from_numpy(ids),),
             dynamo=True,
-            optimize=False,
+            input_names=["input_ids"],
             output_names=[output_name] if output_name else None,
             verbose=False,
+            **torch_kwargs,
         )
     assert program is not None
-    onnxscript.optimizer.optimize(program.model, input_size_limit=fold_limit)
-    ir_model = program.model
-    # The exporter annotates every node with its Python stack trace and FX node (absolute paths of
-    # this machine: not reproducible, and 2/3 of a small model's bytes). Keep only "namespace",
-    # the module path + class that produced the node, for humans reading the graph.
+    return program
+
+
+def strip_metadata(ir_model: Any, keep: tuple[str, ...] = ("namespace",)) -> None:
+    """Drop the exporter's per-node stack traces / FX node names (absolute paths of this machine:
+    not reproducible, and 2/3 of a small model's bytes); keep ``namespace`` (by default), the module
+    path and class that produced the node, for humans reading the graph."""
     for node in ir_model.graph.all_nodes():
-        for key in [k for k in node.metadata_props if k != "namespace"]:
+        for key in [k for k in node.metadata_props if k not in keep]:
             del node.metadata_props[key]
-    names = {
-        "inputs": [v.name for v in ir_model.graph.inputs],
-        "outputs": [v.name for v in ir_model.graph.outputs],
-        "opset": ir_model.opset_imports.get("", None),
-        "fold_input_limit": fold_limit,
-    }
+
+
+def save_atomic(ir_model: Any, path: Path, *, external_data: bool = False) -> None:
+    """Save with onnx-ir into a scratch folder next to the target, then rename; external data (if
+    any) is one file ``<name>.data`` whose location is the bare file name, relative to the model."""
+    from onnxscript import ir
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
-    # Save into a scratch folder next to the target, then rename: the external data location is
-    # the bare file name (relative to the model's folder), so both files move together.
     tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=path.parent))
     try:
         tmp_model = tmp_dir / path.name
@@ -525,6 +531,40 @@ def export_onnx(model: Any, ids: np.ndarray, path: Path, *, external_data: bool 
         os.replace(tmp_model, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def export_onnx(model: Any, ids: np.ndarray, path: Path, *, external_data: bool = False,
+                output_name: str | None = "logits", recipe: str = "default") -> dict[str, Any]:
+    """Export with the dynamo exporter, save atomically. Returns what the exporter named.
+
+    ``recipe`` (see RECIPES): ``default`` is ``torch.onnx.export(..., dynamo=True)`` with the
+    exporter's own optimisation (what users get); ``form`` exports unoptimised and runs the same
+    optimizer with its constant-folding input limit lowered below the smallest BitNet weight, so
+    every linear keeps the weight form the model is meant to show.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; supported: {RECIPES}")
+    fold_limit: int | None = None
+    if recipe == "default":
+        program = export_program(model, ids, output_name=output_name)
+    else:
+        import onnxscript.optimizer
+        from transformers.integrations.bitnet import AutoBitLinear, BitLinear
+
+        weight_sizes = [m.weight.numel() for m in model.modules() if isinstance(m, (AutoBitLinear, BitLinear))]
+        fold_limit = min([DEFAULT_FOLD_INPUT_LIMIT, *[n - 1 for n in weight_sizes]])
+        program = export_program(model, ids, output_name=output_name, optimize=False)
+        onnxscript.optimizer.optimize(program.model, input_size_limit=fold_limit)
+    ir_model = program.model
+    strip_metadata(ir_model)
+    names = {
+        "inputs": [v.name for v in ir_model.graph.inputs],
+        "outputs": [v.name for v in ir_model.graph.outputs],
+        "opset": ir_model.opset_imports.get("", None),
+        "recipe": recipe,
+        "fold_input_limit": fold_limit,
+    }
+    save_atomic(ir_model, Path(path), external_data=external_data)
     return names
 
 
@@ -534,7 +574,8 @@ def export_spec(spec: ModelSpec, out_dir: Path) -> tuple[Path, np.ndarray, np.nd
     ids = make_input_ids(spec)
     logits = torch_logits(model, ids)
     path = Path(out_dir) / f"{spec.name}.onnx"
-    export_onnx(model, ids, path, external_data=spec.external_data, output_name=spec.output_name)
+    export_onnx(model, ids, path, external_data=spec.external_data, output_name=spec.output_name,
+                recipe=spec.recipe)
     return path, ids, logits
 
 

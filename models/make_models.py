@@ -62,10 +62,12 @@ DEFAULT_MODEL = "bitnet_offline"
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(name="bitnet_offline", form="offline", vocab=1024, hidden=128, layers=2, heads=4, kv_heads=2,
               intermediate=344, seed=0),
+    # online / packed keep every linear in their weight form ("form" recipe); their default-export
+    # twins (small weights folded by the exporter) are in the export-recipe matrix (make_export_matrix.py).
     ModelSpec(name="bitnet_online", form="online", vocab=512, hidden=64, layers=2, heads=4, kv_heads=2,
-              intermediate=172, seed=1),
+              intermediate=172, seed=1, recipe="form"),
     ModelSpec(name="bitnet_packed", form="packed", vocab=512, hidden=64, layers=2, heads=4, kv_heads=2,
-              intermediate=172, seed=2),
+              intermediate=172, seed=2, recipe="form"),
     ModelSpec(name="bitnet_external", form="offline", vocab=512, hidden=64, layers=1, heads=4, kv_heads=2,
               intermediate=172, seed=3, external_data=True),
     # vocab > 16384: the converter must split the lm_head / gather (ANE dimension limit).
@@ -122,7 +124,8 @@ def make_one(spec: ModelSpec, out_dir: Path) -> tuple[dict[str, Any], dict[str, 
     eval_logits = np.stack([torch_logits(model, x) for x in eval_ids])
     path = out_dir / f"{spec.name}.onnx"
     t1 = time.perf_counter()
-    export_onnx(model, ids, path, external_data=spec.external_data, output_name=spec.output_name)
+    export_onnx(model, ids, path, external_data=spec.external_data, output_name=spec.output_name,
+                recipe=spec.recipe)
     t_export = time.perf_counter() - t1
     _save_npz(out_dir / f"{spec.name}.npz", input_ids=ids, logits=logits.astype(np.float32),
               eval_input_ids=eval_ids, eval_logits=eval_logits.astype(np.float32))
