@@ -330,7 +330,7 @@ def rows(top: int) -> list[Row]:
         Row("torchscript_packed", "tiny_packed", "dynamo=False (its default opset), packed", _torchscript(None)),
         Row("fp16", "tiny_offline", "m.half(); dynamo=True (defaults)", _dynamo(), dtype="float16"),
         Row("bf16", "tiny_offline", "m.to(torch.bfloat16); dynamo=True (defaults)", _dynamo(), dtype="bfloat16",
-            expect="refuse", refusal="bfloat16",
+            expect="refuse", refusal="reads the bfloat16 initializer",
             notes=["Core ML has no bfloat16 tensors and ONNX Runtime's CPU kernels cannot run the graph"]),
         Row("external_many_files", "tiny_offline", "default graph, one external file per tensor under weights/",
             _many_files),

@@ -15,9 +15,9 @@ Intermediate shapes the exporter recorded with those names are forgotten, so sha
 constant folding (the default passes) recompute them from the fixed inputs. Without ``seq_len`` the
 converter refuses such a graph with one line naming the input and its dynamic dimensions.
 
-**bfloat16 graphs** (``torch.onnx.export`` of a model in ``torch.bfloat16``) are refused: Core ML has
-no bfloat16 tensors, and ONNX Runtime's CPU kernels (the calibration and ``verify`` oracle) cannot
-run them. Upcasting would compute something else than the source; export in float32 or float16.
+**bfloat16 graphs** (``torch.onnx.export`` of a model in ``torch.bfloat16``: bfloat16 weights or
+inputs) are refused: Core ML has no bfloat16 tensors, and ONNX Runtime's CPU kernels (the calibration
+and ``verify`` oracle) cannot run them. Upcasting would compute something else than the source; export in float32 or float16.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ BATCH = 1
 def dynamic_inputs(model: ir.Model) -> list[ir.Value]:
     """Graph inputs (not initializers) whose shape is unknown or has a non-integer dimension."""
     inits = model.graph.initializers
+    # Sequence / optional inputs are not tensors at all: the lowering's refusals name those.
     return [v for v in model.graph.inputs
-            if v.name not in inits and (v.shape is None or not all(isinstance(d, int) for d in v.shape))]
+            if v.name not in inits and (v.type is None or isinstance(v.type, ir.TensorType))
+            and (v.shape is None or not all(isinstance(d, int) for d in v.shape))]
 
 
 def describe_input(v: ir.Value) -> str:
@@ -81,13 +83,31 @@ def fix_dynamic_inputs(model: ir.Model, seq_len: int, where: str) -> dict[str, i
     return values
 
 
+def _bfloat16_culprit(model: ir.Model) -> str | None:
+    """The first bfloat16 graph input or initializer, named for a message (None: there is none).
+
+    A float graph that only casts to bfloat16 somewhere is left to the lowering, which refuses the
+    Cast node itself (``lower/ops/cast.py``); ONNX Runtime can still calibrate such a graph."""
+    g = model.graph
+    bf16 = ir.DataType.BFLOAT16
+
+    def node_name(n: ir.Node) -> str:
+        return f"node {(n.name or n.op_type)!r}"
+
+    for v in g.inputs:
+        if v.dtype == bf16:
+            return f"graph input {v.name!r} is bfloat16"
+    for v in g.initializers.values():
+        if v.dtype == bf16 or (v.const_value is not None and v.const_value.dtype == bf16):
+            users = [u.node for u in v.uses()]
+            return (f"{node_name(users[0])} reads the bfloat16 initializer {v.name!r}" if users
+                    else f"initializer {v.name!r} is bfloat16")
+    return None
+
+
 def refuse_bfloat16(model: ir.Model, where: str) -> None:
     """One InputError if the graph stores or computes values in bfloat16 (see the module docstring)."""
-    g = model.graph
-    named = [v.name for v in (*g.initializers.values(), *g.inputs, *g.outputs) if v.dtype == ir.DataType.BFLOAT16]
-    casts = [n.name for n in g if n.op_type == "Cast" and n.domain in ("", "ai.onnx") and "to" in n.attributes
-             and n.attributes["to"].as_int() == ir.DataType.BFLOAT16]
-    if named or casts:
-        what = f"{len(named)} bfloat16 tensor(s), e.g. {named[0]!r}" if named else f"Cast to bfloat16 in node {casts[0]!r}"
-        raise InputError(f"{where}: the graph computes in bfloat16 ({what}); Core ML has no bfloat16 tensors: "
-                         "export the model in float32 (or float16, .half())")
+    culprit = _bfloat16_culprit(model)
+    if culprit is not None:
+        raise InputError(f"{where}: {culprit}; Core ML has no bfloat16 tensors: export the model in float32 "
+                         "(or float16, .half())")
