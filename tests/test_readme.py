@@ -33,7 +33,8 @@ def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     lines = []
     for block in re.findall(r"```sh\n(.*?)```", text, re.S):
-        for line in block.splitlines():
+        # a command continued with a trailing backslash is one command
+        for line in block.replace("\\\n", " ").splitlines():
             if line.strip().startswith("bitnet-coreml "):
                 lines.append(line.split("  #")[0].strip())
     return lines

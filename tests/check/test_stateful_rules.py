@@ -35,8 +35,8 @@ def test_stateful_needs_ios18(model) -> None:  # type: ignore[no-untyped-def]
     spec = StatefulSpec.from_checkpoint(CKPT, 64, 16)
     r = run_check(model, Target("ios", None, "17"), stateful=spec)
     assert {"min_os_features"} <= _rules(r, "error")
-    assert any("state_tensors needs iOS 18" in f.message for f in r.violations)
-    assert any("multifunction needs iOS 18" in f.message for f in r.violations)
+    assert any("state_tensors needs iOS18" in f.message for f in r.violations)
+    assert any("multifunction needs iOS18" in f.message for f in r.violations)
     ok = run_check(model, Target("ios", None, None), stateful=spec)  # lowest OS chosen: iOS18
     assert not ok.violations and ok.target.os.spec_version >= 9
     plain = run_check(model, Target("ios", None, "17"))
