@@ -66,10 +66,11 @@ def check(model: str, target: str | None, chip: str | None, min_os: str | None, 
         validate_sizes(context, prefill, "all")
         spec = StatefulSpec.from_checkpoint(model, context, prefill, exact_context, allow_dequant=allow_dequant)
         seq_len = prefill
+    m = load(model, seq_len=seq_len, allow_dequant=allow_dequant)
+    # stated only once the source loaded: a refused model gets its one error line and nothing else
     note = None if stateful else seq_len_note(model, seq_len)
     if note:
         click.echo(f"note: {note}", err=True)
-    m = load(model, seq_len=seq_len, allow_dequant=allow_dequant)
     run_default_passes(m)
     report = run_check(m, checked, db=db, embed_bits=int(embed_bits) if embed_bits else None, precision=precision,
                        strict=strict, source=model, stateful=spec)

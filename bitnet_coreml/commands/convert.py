@@ -55,7 +55,6 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
     """Convert MODEL (.onnx file, checkpoint folder or .gguf file) to a Core ML package with 2-bit ternary weights."""
     from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
     from bitnet_coreml.convert import convert as run_convert  # noqa: PLC0415
-    from bitnet_coreml.frontend import seq_len_note  # noqa: PLC0415
 
     if report_path is not None:
         from bitnet_coreml.commands.report import check_output  # noqa: PLC0415
@@ -68,9 +67,6 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
                              seq_len=seq_len, passes=passes, stateful=stateful, context=context, prefill=prefill,
                              prefill_logits=prefill_logits, exact_context=exact_context,
                              allow_dequant=allow_dequant)
-    note = None if stateful else seq_len_note(model, seq_len)
-    if note:
-        click.echo(f"note: {note}", err=True)
     if as_json:
         result = run_convert(model, out, options)
         echo_json(result.to_dict())

@@ -13,6 +13,7 @@ state; the session rebuilds it by replaying the calls made so far.
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from bitnet_coreml.runtime.strategy import ComputeUnit
 INPUT_IDS, POSITION, LOGITS = "input_ids", "position", "logits"
 
 
-class Engine:
+class Engine(abc.ABC):
     """Base: a loaded unit with a state."""
 
     name: str
@@ -43,8 +44,9 @@ class Engine:
         arr = np.asarray(logits, dtype=np.float32)
         return arr.reshape(-1, arr.shape[-1])
 
+    @abc.abstractmethod
     def _predict(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        raise NotImplementedError
+        """Run one call of ``function`` on this engine's unit and return its outputs."""
 
 
 class ReferenceEngine(Engine):
