@@ -42,7 +42,7 @@ class ConvertOptions:
     chip: str | None = None
     min_os: str | None = None
     capabilities: tuple[str, ...] = ()
-    split_limit: int = 16384
+    split_limit: int | None = None  # None: the capability database's max_dimension (bitnet_coreml.opsupport)
     check: bool = True
     verify: bool = False
     verify_inputs: str | None = None  # .npz of test inputs for the verify step (default: random tokens)
@@ -56,12 +56,22 @@ class ConvertOptions:
     prefill_logits: str = "all"
     exact_context: bool = False  # keep a --context that is not a multiple of 32 (ANE: coremltools issue 2631)
 
+    def resolved_split_limit(self) -> int:
+        """The largest constant dimension kept whole: ``split_limit``, or the capability database's
+        ``max_dimension`` (the bundled one merged with ``capabilities``, as the check reads it)."""
+        if self.split_limit is not None:
+            return self.split_limit
+        from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
+        from bitnet_coreml.opsupport import max_dimension  # noqa: PLC0415
+
+        return max_dimension(load_capabilities(*self.capabilities) if self.capabilities else None)
+
     def __post_init__(self) -> None:
         if self.precision not in ("fp16", "fp32"):
             raise InputError(f"--precision must be fp16 or fp32, got {self.precision!r}")
         parse_embed_bits(self.embed_bits)
         self.resolved_target()  # refuses an unknown target or OS and a conflicting pair (--target macos --min-os iOS17)
-        if self.split_limit < 0:
+        if self.split_limit is not None and self.split_limit < 0:
             raise InputError(f"split limit must be >= 0 (0 disables splitting), got {self.split_limit}")
         for f in self.capabilities:
             if not Path(f).is_file():
@@ -358,9 +368,10 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     split_notes: list[str] = []
     # layer of every node as checked, and where the residual stream sits in the program (bitnet_coreml.report)
     layers: dict[str, Any] = {"groups": run_lengths(layer_groups(model.graph))}
-    if options.split_limit:
+    split_limit = options.resolved_split_limit()
+    if split_limit:
         t0 = time.perf_counter()
-        split_notes = split_large_dims(model, options.split_limit)
+        split_notes = split_large_dims(model, split_limit)
         assign_node_names(model.graph)
         check_supported(model)
         timed("split", t0)

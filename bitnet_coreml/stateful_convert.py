@@ -60,7 +60,7 @@ def build_stateful(source: str | os.PathLike[str], options: Any, context: int, e
     # state per tensor holding what rounding to fp16 lost.
     cache = "fp16x2" if options.precision == "fp32" else "fp16"
     models = function_models(source, prefill=options.prefill, context=context, prefill_logits=options.prefill_logits,
-                             embed_dtype=embed_dtype, cache=cache, split_limit=options.split_limit,
+                             embed_dtype=embed_dtype, cache=cache, split_limit=options.resolved_split_limit(),
                              allow_dequant=options.allow_dequant)
     if plan is not None:
         for name, m in models.items():

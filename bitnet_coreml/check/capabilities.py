@@ -56,9 +56,11 @@ _ROW_SPECS: dict[str, tuple[tuple[str, ...], dict[str, tuple[Any, bool]]]] = {
         "platform": (str, True), "version": (str, True), "spec_version": (int, True), "core_ml": (str, False),
         "mil_opset": (str, True), "source": (str, True)}),
     "feature": (("name",), {"name": (str, True), "min_spec_version": (int, True), "source": (str, True)}),
+    # what each field does: bitnet_coreml.opsupport (the matcher vocabulary) and docs/check.md
     "unit_rule": (("id",), {
-        "id": (str, True), "ops": (_STR_LIST, True), "unit": (str, True), "reason": (str, True),
-        "source": (str, True)}),
+        "id": (str, True), "match": (str, True), "ops": (_STR_LIST, False), "excludes": (_STR_LIST, False),
+        "unit": (str, False), "reason": (str, True), "source": (str, True), "attribute": (str, False),
+        "above": (_NUM, False), "dtypes": (_STR_LIST, False)}),
 }
 
 # limit name -> {field: (type, required)}; every limit also has severity and source.
@@ -151,11 +153,19 @@ class Feature:
 
 @dataclass(frozen=True)
 class UnitRule:
+    """A ``[[unit_rule]]`` row: where ``match`` (a :data:`bitnet_coreml.opsupport.MATCHERS` name) holds for a
+    node of one of ``ops`` (empty: any op), the node cannot run on ``excludes``; ``unit`` is where it lands."""
+
     id: str
+    match: str
     ops: tuple[str, ...]
+    excludes: tuple[str, ...]
     unit: str
     reason: str
     source: str
+    attribute: str | None = None
+    above: float | None = None
+    dtypes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -304,7 +314,10 @@ def _merge(state: dict[str, Any], doc: Mapping[str, Any], name: str) -> None:
                 state["limits"].setdefault(lname, {}).update(lval)
             continue
         if section not in _ROW_SPECS:
-            raise ConfigError(f"{name}: unknown section {section!r}; known: {', '.join([*_ROW_SPECS, 'limits'])}")
+            what = (f"[[{section}]] row 0" if isinstance(value, list) and value
+                    else f"[{section}]" if isinstance(value, dict) else f"key {section!r}")
+            raise ConfigError(f"{name}: {what}: unknown section {section!r} (no such kind of row); known: "
+                              f"{', '.join([*_ROW_SPECS, 'limits'])}")
         keys, spec = _ROW_SPECS[section]
         if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
             raise ConfigError(f"{name}: {section} must be an array of tables ([[{section}]])")
@@ -320,6 +333,7 @@ def _merge(state: dict[str, Any], doc: Mapping[str, Any], name: str) -> None:
                 raise ConfigError(f"{where}: duplicate {section} {'/'.join(map(str, key))} in the same file")
             seen.add(key)
             state[section].setdefault(key, {}).update(row)
+            state["origin"][(section, key)] = f"{name}: {section} {'/'.join(map(str, key))!r}"
 
 
 def _build(state: dict[str, Any], files: tuple[str, ...]) -> CapabilityDatabase:
@@ -370,12 +384,7 @@ def _build(state: dict[str, Any], files: tuple[str, ...]) -> CapabilityDatabase:
     for row in state["feature"].values():
         require("feature", row)
         features[row["name"]] = Feature(**row)
-    rules: dict[str, UnitRule] = {}
-    for row in state["unit_rule"].values():
-        require("unit_rule", row)
-        if row["unit"] not in UNITS:
-            raise ConfigError(f"unit_rule {row['id']!r}.unit: {row['unit']!r} not one of {', '.join(UNITS)}")
-        rules[row["id"]] = UnitRule(**{**row, "ops": tuple(row["ops"])})
+    rules = {key[0]: _unit_rule(row, state["origin"][("unit_rule", key)]) for key, row in state["unit_rule"].items()}
     limits: dict[str, Limit] = {}
     for lname, spec in _LIMIT_SPECS.items():
         row = state["limits"].get(lname)
@@ -396,7 +405,41 @@ def _build(state: dict[str, Any], files: tuple[str, ...]) -> CapabilityDatabase:
 
 
 def _empty_state() -> dict[str, Any]:
-    return {s: {} for s in [*_ROW_SPECS, "limits"]}
+    return {s: {} for s in [*_ROW_SPECS, "limits", "origin"]}
+
+
+def _unit_rule(row: Mapping[str, Any], where: str) -> UnitRule:
+    """Validate a merged ``[[unit_rule]]`` row (``where``: the file and row that last set it)."""
+    from bitnet_coreml.opsupport import MATCHERS, UNIT_ORDER  # noqa: PLC0415  (the matcher vocabulary)
+
+    for k in ("match", "reason", "source"):
+        if k not in row:
+            raise ConfigError(f"{where}: missing required key {k!r}")
+    m = MATCHERS.get(row["match"])
+    if m is None:
+        raise ConfigError(f"{where}: unknown matcher match = {row['match']!r}; known: {', '.join(MATCHERS)}")
+    missing = [p for p in m.params if not row.get(p)]
+    if missing:
+        raise ConfigError(f"{where}: matcher {row['match']!r} needs {' and '.join(repr(p) for p in missing)}")
+    if "excludes" in row:
+        excludes = tuple(row["excludes"])
+        bad = [u for u in excludes if u not in UNIT_ORDER[:-1]]
+        if bad or not excludes:
+            raise ConfigError(f"{where}: excludes = {list(excludes)!r}; give one or more of "
+                              f"{', '.join(UNIT_ORDER[:-1])} (CPU runs every op)")
+        unit = next(u for u in UNIT_ORDER if u not in excludes)
+        if row.get("unit", unit) != unit:
+            raise ConfigError(f"{where}: unit = {row['unit']!r} contradicts excludes = {list(excludes)!r} "
+                              f"(an op lands on the first unit not excluded: {unit})")
+    elif "unit" in row:
+        unit = row["unit"]
+        if unit not in UNIT_ORDER[1:]:
+            raise ConfigError(f"{where}: unit = {unit!r} not one of {', '.join(UNIT_ORDER[1:])}")
+        excludes = UNIT_ORDER[:UNIT_ORDER.index(unit)]
+    else:
+        raise ConfigError(f"{where}: give excludes (the units the matched ops cannot run on) or unit")
+    return UnitRule(row["id"], row["match"], tuple(row.get("ops", ())), excludes, unit, row["reason"], row["source"],
+                    row.get("attribute"), row.get("above"), tuple(row.get("dtypes", ())))
 
 
 @functools.lru_cache(maxsize=1)

@@ -5,8 +5,9 @@ yields :class:`Finding` records (rule id, severity, node, actual value, limit, s
 and their sources come from the capability database, never from constants here. Besides the
 findings, this module answers two questions other stages ask:
 
-* :func:`nodes_needing_split`: which weight dimensions > 16384 the converter splits;
-* :func:`expected_units`: the compute unit (ANE, GPU or CPU) each op is expected to run on, and why.
+* :func:`nodes_needing_split`: which weight dimensions > ``limits.max_dimension`` the converter splits;
+* :func:`expected_units`: the compute unit (ANE, GPU or CPU) each op is expected to run on, and why
+  (the ``[[unit_rule]]`` rows, evaluated by the op-support table :mod:`bitnet_coreml.opsupport`).
 
 Rules register with :func:`rule`; the registry refuses duplicates. onnx-ir is only used through the
 objects passed in, so importing this module stays cheap.
@@ -22,18 +23,31 @@ from typing import TYPE_CHECKING, Any
 from bitnet_coreml.check.capabilities import MIB, CapabilityDatabase, default_database
 from bitnet_coreml.check.size import SizeEstimate
 from bitnet_coreml.check.split import SplitInfo, gemm_bias_of, split_of
-from bitnet_coreml.check.split import node_id as _nid
 from bitnet_coreml.check.split import nodes_needing_split as _split_nodes
+from bitnet_coreml.opsupport import (
+    CONV_OPS,
+    OURS,
+    STD_DOMAINS,
+    OpUnit,
+    conv_weight,
+    expected_unit,
+    mask_constant,
+)
+from bitnet_coreml.opsupport import dims as _dims
+from bitnet_coreml.opsupport import fp16_max as _fp16_max
+from bitnet_coreml.opsupport import max_dimension as _max_dimension
+from bitnet_coreml.opsupport import node_id as _nid
+from bitnet_coreml.opsupport import non_channel_dims as _non_channel_dims
+from bitnet_coreml.opsupport import op_label as _op
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
     from bitnet_coreml.check.target import ResolvedTarget
 
-OURS = "bitnet_coreml"
-_STD = ("", "ai.onnx")
+_STD = STD_DOMAINS
+__all__ = ["OURS", "OpUnit", "expected_unit", "expected_units", "nodes_needing_split"]
 _INT8_COMPUTE_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv")
-_CONV_OPS = ("Conv", "ConvTranspose")
 _FLOAT_DTYPES = {"FLOAT", "DOUBLE", "BFLOAT16"}
 
 
@@ -53,20 +67,6 @@ class Finding:
     def to_dict(self) -> dict[str, Any]:
         return {"rule": self.rule, "severity": self.severity, "message": self.message, "node": self.node,
                 "actual": self.actual, "limit": self.limit, "source": self.source, "fixed_by": self.fixed_by}
-
-
-@dataclass(frozen=True)
-class OpUnit:
-    node: str
-    op_type: str
-    unit: str
-    reason: str
-    source: str = ""
-    rule: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "op_type": self.op_type, "unit": self.unit, "reason": self.reason,
-                "source": self.source, "rule": self.rule}
 
 
 @dataclass
@@ -114,35 +114,9 @@ def rule(rule_id: str, doc: str) -> Callable[[RuleFn], RuleFn]:
 # --- graph helpers --------------------------------------------------------------------------------
 
 
-def _dims(v: ir.Value) -> list[int | str] | None:
-    if v.shape is not None:
-        dims = v.shape.dims
-        if all(type(d) is int for d in dims):
-            return list(dims)  # type: ignore[arg-type]
-        return [d if isinstance(d, int) else str(d) for d in dims]
-    if v.const_value is not None:
-        return list(_tshape(v.const_value))
-    return None
-
-
 def _tshape(t: ir.TensorProtocol) -> list[int]:
     """A tensor's (always static) shape as ints."""
     return [d if isinstance(d, int) else int(str(d)) for d in t.shape]
-
-
-def _dtype(v: ir.Value) -> str:
-    if v.const_value is not None:
-        return v.const_value.dtype.name
-    return v.dtype.name if v.dtype is not None else ""
-
-
-def _op(node: ir.Node) -> str:
-    return node.op_type if node.domain in _STD else f"{node.domain}::{node.op_type}"
-
-
-def _ints(node: ir.Node, name: str) -> list[int]:
-    a = node.attributes.get(name)
-    return list(a.as_ints()) if a is not None else []
 
 
 def _all_values(model: ir.Model) -> Iterator[tuple[ir.Value, ir.Node | None]]:
@@ -166,9 +140,7 @@ def nodes_needing_split(model: ir.Model, limit: int | None = None,
                         db: CapabilityDatabase | None = None) -> list[SplitInfo]:
     """The weights the converter splits (vocabulary embedding, LM head): dims > ``limit`` (default: the
     database's max_dimension, 16384). The rule is :mod:`bitnet_coreml.check.split`, shared with the converter."""
-    if limit is None:
-        limit = int((db or default_database()).limit("max_dimension")["value"])
-    return _split_nodes(model, limit)
+    return _split_nodes(model, _max_dimension(db) if limit is None else limit)
 
 
 def _split_outputs(model: ir.Model, splits: list[SplitInfo]) -> set[int]:
@@ -185,11 +157,6 @@ class OverflowConst:
     peak: float
     mask: bool
     consumers: tuple[str, ...]
-
-
-def _softmax_only(v: ir.Value) -> bool:
-    uses = [u[0] for u in v.uses()]
-    return bool(uses) and all(n.domain in _STD and n.op_type == "Softmax" for n in uses)
 
 
 _SCAN_CHUNK = 1 << 16  # 256 KB of fp32: the abs() and max() passes stay in cache
@@ -238,9 +205,7 @@ def fp16_overflow_constants(model: ir.Model, fmax: float) -> list[OverflowConst]
             continue
         peak = max(hi, -lo)
         users = [u[0] for u in v.uses()]
-        mask = (hi <= fmax and bool(users)
-                and all(n.domain in _STD and n.op_type in ("Add", "Sub", "Where") and all(_softmax_only(o) for o in n.outputs)
-                        for n in users))
+        mask = mask_constant(v, hi, fmax)
         out.append(OverflowConst(v.name or "", peak, mask, tuple(_nid(n) for n in users)))
     return out
 
@@ -253,72 +218,12 @@ def fp32_consumers(overflow: list[OverflowConst]) -> dict[str, str]:
 # --- compute units --------------------------------------------------------------------------------
 
 
-def expected_unit(node: ir.Node, db: CapabilityDatabase, *, precision: str = "fp16",
-                  split_nodes: frozenset[str] = frozenset(), ane: bool | None = True,
-                  fp32_nodes: dict[str, str] | None = None) -> OpUnit:
-    """The compute unit ``node`` is expected to run on and why (first matching unit rule wins)."""
-    ur = db.unit_rules
-    nid, op = _nid(node), _op(node)
-
-    def off(rule_id: str, extra: str = "") -> OpUnit:
-        r = ur[rule_id]
-        return OpUnit(nid, op, r.unit, r.reason + (f" ({extra})" if extra else ""), r.source, rule_id)
-
-    if ane is False:
-        return OpUnit(nid, op, "GPU", "the target has no Neural Engine", "capability database chip row", "no_ane")
-    std = node.domain in _STD
-    if not std and node.domain != OURS and "custom_layer_cpu" in ur:
-        return off("custom_layer_cpu", f"domain {node.domain}")
-    for rid in ("gather_cpu", "recurrent_cpu"):
-        if std and rid in ur and node.op_type in ur[rid].ops:
-            return off(rid)
-    if std and node.op_type in _CONV_OPS:
-        if "dilated_conv_gpu" in ur and any(d > 1 for d in _ints(node, "dilations")):
-            return off("dilated_conv_gpu", f"dilations {_ints(node, 'dilations')}")
-        w = node.inputs[1] if len(node.inputs) > 1 else None
-        wd = _dims(w) if w is not None else None
-        if wd and "large_channels_gpu" in ur and all(isinstance(d, int) for d in wd):
-            ch_lim = int(db.limit("max_channels")["value"])
-            k_lim = int(db.limit("max_conv_kernel_width")["value"])
-            chans = [int(wd[0]), int(wd[1]) * max(1, (node.attributes["group"].as_int() if "group" in node.attributes else 1))]
-            if max(chans) > ch_lim or (len(wd) > 2 and int(wd[-1]) > k_lim):
-                return off("large_channels_gpu", f"weight {wd}")
-    vals = [(v, _dims(v)) for v in (*node.inputs, *node.outputs) if v is not None]
-    if "dynamic_shape_gpu" in ur:
-        for v, d in vals:
-            if d is None or any(not isinstance(x, int) for x in d):
-                return off("dynamic_shape_gpu", f"value {v.name} shape {d}")
-    if precision == "fp32" and "fp32_gpu" in ur:
-        return off("fp32_gpu", "conversion precision fp32")
-    if fp32_nodes and nid in fp32_nodes and "fp32_gpu" in ur:
-        return off("fp32_gpu", f"kept in fp32: constant {fp32_nodes[nid]!r} overflows fp16")
-    if nid not in split_nodes and "large_dim_gpu" in ur:
-        lim = int(db.limit("max_dimension")["value"])
-        for v, d in vals:
-            if d and any(isinstance(x, int) and x > lim for x in _non_channel_dims(node, v, d)):
-                return off("large_dim_gpu", f"value {v.name} shape {d}")
-    reason = "no rule moves it off the ANE"
-    if nid in split_nodes:
-        reason += " (after the converter splits its weight into chunks <= 16384)"
-    return OpUnit(nid, op, "ANE", reason, "", "ane_default")
-
-
-def _non_channel_dims(node: ir.Node, v: ir.Value, d: list[int | str]) -> list[int | str]:
-    """Dims the 16384 rule applies to: conv channel axes have their own 65536 limit."""
-    if node.domain in _STD and node.op_type in _CONV_OPS:
-        if v.const_value is not None:
-            return d[2:]
-        return d[:1] + d[2:]
-    return d
-
-
 def expected_units(model: ir.Model, db: CapabilityDatabase | None = None, *, precision: str = "fp16",
                    ane: bool | None = True) -> list[OpUnit]:
     """:func:`expected_unit` for every node of the graph, in graph order."""
     db = db or default_database()
     split_nodes = frozenset(s.node for s in nodes_needing_split(model, db=db))
-    fp32 = (fp32_consumers(fp16_overflow_constants(model, float(db.limit("fp16_range")["max"])))
-            if precision == "fp16" else {})
+    fp32 = fp32_consumers(fp16_overflow_constants(model, _fp16_max(db))) if precision == "fp16" else {}
     return [expected_unit(n, db, precision=precision, split_nodes=split_nodes, ane=ane, fp32_nodes=fp32)
             for n in model.graph]
 
@@ -427,13 +332,10 @@ def _conv(ctx: RuleContext) -> Iterator[Finding]:
     ch = ctx.db.limit("max_channels")
     kw = ctx.db.limit("max_conv_kernel_width")
     for n in ctx.model.graph:
-        if n.domain not in _STD or n.op_type not in _CONV_OPS or len(n.inputs) < 2 or n.inputs[1] is None:
+        cw = conv_weight(n) if n.domain in _STD and n.op_type in CONV_OPS else None
+        if cw is None:
             continue
-        wd = _dims(n.inputs[1])
-        if not wd or not all(isinstance(x, int) for x in wd):
-            continue
-        group = n.attributes["group"].as_int() if "group" in n.attributes else 1
-        chans = max(int(wd[0]), int(wd[1]) * group)
+        wd, chans, _ = cw
         if chans > int(ch["value"]):
             yield Finding("channels_over_65536", ch.severity, f"{_nid(n)}: {chans} channels > {ch['value']}; off the ANE",
                           _nid(n), chans, int(ch["value"]), ch.source)

@@ -161,7 +161,7 @@ def palettizable_inputs(node: ir.Node) -> tuple[int, ...]:
 
 
 def estimate_weight_bytes(model: ir.Model, embed_bits: int | None = None, precision: str = "fp16",
-                          *, split_limit: int = 16384) -> SizeEstimate:
+                          *, split_limit: int | None = None) -> SizeEstimate:
     """Predict the converted package's ``weights/weight.bin`` size (see the module docstring).
 
     Reads shapes and dtypes only (never the weight data), so it is cheap on multi-GB models.
@@ -173,6 +173,10 @@ def estimate_weight_bytes(model: ir.Model, embed_bits: int | None = None, precis
         raise InputError(f"precision {precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
     if embed_bits is not None and not (1 <= embed_bits <= 8):
         raise InputError(f"embed_bits {embed_bits} is out of range; palettization uses 1..8 bits (ANE: 1, 2, 4, 6, 8)")
+    if split_limit is None:
+        from bitnet_coreml.opsupport import max_dimension  # noqa: PLC0415
+
+        split_limit = max_dimension()
     fbytes = PRECISIONS[precision]
     tensors: list[TensorBytes] = []
     tern = other = scales = 0

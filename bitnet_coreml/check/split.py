@@ -1,4 +1,4 @@
-"""Which weight dimensions over 16384 the converter splits, and into which chunks.
+"""Which weight dimensions over the ANE's limit (``limits.max_dimension``, 16384) the converter splits, and how.
 
 The one definition shared by the check (it reports these as fixed), the size estimate (each chunk
 is its own blob) and the converter (``bitnet_coreml.lower.split`` rewrites exactly these):
@@ -22,10 +22,15 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from bitnet_coreml.opsupport import STD_DOMAINS, max_dimension, node_id
+
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-_STD = ("", "ai.onnx")
+    from bitnet_coreml.check.capabilities import CapabilityDatabase
+
+_STD = STD_DOMAINS
+__all__ = ["SplitInfo", "gemm_bias_of", "node_id", "nodes_needing_split", "split_chunks", "split_of"]
 
 
 def split_chunks(dim: int, limit: int) -> list[int]:
@@ -52,26 +57,23 @@ class SplitInfo:
         return {**asdict(self), "chunks": list(self.chunks)}
 
 
-def node_id(node: ir.Node) -> str:
-    return node.name or f"{node.op_type}->{node.outputs[0].name if node.outputs else '?'}"
-
-
 def _shape(v: ir.Value | None) -> list[int] | None:
     if v is None or v.const_value is None:
         return None
     return [d if isinstance(d, int) else int(str(d)) for d in v.const_value.shape]
 
 
-def _attr_f(node: ir.Node, key: str, default: float) -> float:
+def attr_f(node: ir.Node, key: str, default: float) -> float:
+    """A numeric attribute as float (``default`` when absent)."""
     a = node.attributes.get(key)
     return default if a is None else float(a.value)
 
 
 def _gemm_ok(node: ir.Node) -> bool:
-    """The Gemm forms the converter splits (``bitnet_coreml.lower.split._gemm_splittable``)."""
+    """The Gemm forms the converter splits."""
     if len(node.inputs) < 2:
         return False
-    if _attr_f(node, "transB", 0) != 1 or _attr_f(node, "transA", 0) != 0 or _attr_f(node, "alpha", 1.0) != 1.0:
+    if attr_f(node, "transB", 0) != 1 or attr_f(node, "transA", 0) != 0 or attr_f(node, "alpha", 1.0) != 1.0:
         return False
     c = node.inputs[2] if len(node.inputs) > 2 else None
     if c is not None and c.const_value is None:
@@ -113,6 +115,9 @@ def split_of(node: ir.Node, limit: int) -> SplitInfo | None:
                      tuple(split_chunks(shape[axis], limit)))
 
 
-def nodes_needing_split(model: ir.Model, limit: int = 16384) -> list[SplitInfo]:
-    """Every weight the converter splits (vocabulary embedding, LM head), in graph order."""
+def nodes_needing_split(model: ir.Model, limit: int | None = None, db: CapabilityDatabase | None = None
+                        ) -> list[SplitInfo]:
+    """Every weight the converter splits (vocabulary embedding, LM head), in graph order; ``limit`` defaults
+    to the capability database's ``max_dimension``."""
+    limit = max_dimension(db) if limit is None else limit
     return [s for n in model.graph if (s := split_of(n, limit)) is not None]

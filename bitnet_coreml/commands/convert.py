@@ -23,8 +23,9 @@ def _mb(n: float) -> str:
               help="Compute precision of the package.")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
               help=".npz with the graph inputs for the fp16-safety analysis (default: a random input).")
-@click.option("--split-limit", type=int, default=16384, show_default=True,
-              help="Split constant dimensions larger than this (ANE limit); 0 disables.")
+@click.option("--split-limit", type=int, default=None,
+              help="Split constant dimensions larger than this; 0 disables. [default: the capability database's "
+                   "max_dimension, the ANE limit]")
 @click.option("--seq-len", type=int, default=None,
               help="Sequence length for a checkpoint folder or GGUF file, or for an ONNX graph with dynamic axes "
                    "(a dynamic batch becomes 1).")
@@ -48,7 +49,7 @@ def _mb(n: float) -> str:
               help="Also write the HTML conversion report here (see `bitnet-coreml report`).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def convert(model: str, out: str, target: str | None, chip: str | None, min_os: str | None, embed_bits: str | None,
-            cap_files: tuple[str, ...], precision: str, calibration: str | None, split_limit: int, seq_len: int | None,
+            cap_files: tuple[str, ...], precision: str, calibration: str | None, split_limit: int | None, seq_len: int | None,
             allow_dequant: bool, passes: str, stateful: bool, context: int, prefill: int, prefill_logits: str,
             exact_context: bool, no_check: bool, do_verify: bool, verify_inputs: str | None, report_path: str | None,
             as_json: bool) -> None:

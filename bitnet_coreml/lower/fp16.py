@@ -30,10 +30,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from bitnet_coreml.errors import InputError
+from bitnet_coreml.opsupport import fp16_max, mask_value
 
 log = logging.getLogger(__name__)
 
-FP16_MAX = 65504.0
+FP16_MAX = fp16_max()  # the capability database's limits.fp16_range.max (65504)
 HEADROOM = 8.0  # a calibration input is one sample: leave 8x (3 binades) of room above what it shows
 TARGET_MAX = 2048.0  # after rescaling, the MLP's largest value aims to sit at or below this
 DOMAIN = "bitnet_coreml"
@@ -306,18 +307,6 @@ def measure(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple
     return stats
 
 
-def _mask_only(v: ir.Value, hi: float, lo: float, limit: float) -> bool:
-    """True for an attention-mask value: only its *negative* side is huge and only softmax reads it.
-
-    A mask adds finfo.min (or -inf) to scores; in fp16 that becomes -inf, and softmax maps it to
-    exactly 0, as intended. Keeping such values in fp32 would only push attention off the ANE.
-    """
-    if hi > limit or lo >= -limit:
-        return False
-    users = [u.node for u in v.uses()]
-    return bool(users) and all(n.op_type == "Softmax" for n in users)
-
-
 def _single_use(v: ir.Value | None) -> ir.Node | None:
     if v is None:
         return None
@@ -388,7 +377,7 @@ def _layer_maxima(model: ir.Model, before: Mapping[str, float], after: Mapping[s
     """Per layer: the largest |value| on the calibration input (and which value), before and after rescaling.
 
     ``after`` is what the package computes (rescaled MLPs); values kept in fp32 and rescaled relu2
-    nodes are listed by node name. Attention masks count as 0 (see ``_mask_only``).
+    nodes are listed by node name. Attention masks count as 0 (``bitnet_coreml.opsupport.mask_value``).
     """
     from bitnet_coreml.passes.layers import group_order, layer_groups  # noqa: PLC0415
 
@@ -420,7 +409,7 @@ def make_fp16_safe(model: ir.Model, feeds: Mapping[str, np.ndarray], *, headroom
     masks = set()
     for node in model.graph:
         for o in node.outputs:
-            if o.name in ranges and _mask_only(o, *ranges[o.name], limit):
+            if o.name in ranges and mask_value(o, *ranges[o.name], limit):
                 masks.add(o.name)
     stats = {k: (0.0 if k in masks else max(abs(hi), abs(lo))) for k, (hi, lo) in ranges.items()}
     before = dict(stats)

@@ -14,6 +14,10 @@ inputs it can only take as compile-time constants (``const_inputs``): the static
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +105,70 @@ def static_refusal(node: ir.Node) -> str | None:
     _load_all()
     fn = _REFUSES.get((_norm_domain(node.domain), node.op_type))
     return fn(node) if fn is not None else None
+
+
+def mil_ops(domain: str, op_type: str) -> tuple[str, ...]:
+    """The MIL ops the lowering of ``domain::op_type`` builds, read from its source (sorted).
+
+    Every name the lowering function (and the functions of ``bitnet_coreml.lower`` it calls, transitively)
+    writes as an attribute (``mb().matmul``) or a string (``binary(..., "add")``), or holds in a variable
+    it closes over (the lowerings registered in a loop), that is a core MIL op of coremltools' registry. Read from the code that builds the program, so it cannot drift from it;
+    a branch that only folds constants in numpy builds none of them.
+    """
+    _load_all()
+    fn = _REGISTRY.get((_norm_domain(domain), op_type))
+    return _mil_ops_of(fn) if fn is not None else ()
+
+
+@functools.cache
+def _mil_op_names() -> frozenset[str]:
+    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+
+    coremltools()
+    import coremltools.converters.mil.mil.ops.defs  # noqa: F401, PLC0415  (registers the ops)
+    from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry  # noqa: PLC0415
+
+    return frozenset(SSAOpRegistry.core_ops)
+
+
+def _parsed(fn: Callable[..., Any]) -> ast.AST:
+    src = textwrap.dedent(inspect.getsource(fn)).strip()
+    try:
+        return ast.parse(src)
+    except SyntaxError:
+        pass
+    # a lambda's source is the whole lines it stands on: keep from "lambda" on, and drop the end of the
+    # call around it until the rest parses
+    body = src[src.find("lambda"):]
+    while body:
+        try:
+            return ast.parse(body)
+        except SyntaxError:
+            body = body[:-1]
+    return ast.parse("")
+
+
+def _mil_ops_of(fn: LoweringFn) -> tuple[str, ...]:
+    # a lowering made by a registering loop names its MIL op (or a builder function) through a variable it
+    # closes over
+    cells = [c.cell_contents for c in fn.__closure__ or ()]
+    names: set[str] = {x for c in cells for x in (c if isinstance(c, tuple) else (c,)) if isinstance(x, str)}
+    todo = [f for f in (fn, *cells) if inspect.isfunction(f)]
+    seen = {id(f) for f in todo}
+    while todo:
+        f = todo.pop()
+        for n in ast.walk(_parsed(f)):
+            if isinstance(n, ast.Attribute):
+                names.add(n.attr)
+            elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+                names.add(n.value)
+            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Name):
+                callee = f.__globals__.get(n.func.id)
+                if inspect.isfunction(callee) and callee.__module__.startswith(__package__) \
+                        and id(callee) not in seen:
+                    seen.add(id(callee))
+                    todo.append(callee)
+    return tuple(sorted(names & _mil_op_names()))
 
 
 def must_be_constant(node: ir.Node, i: int, node_name: str | None = None) -> str:

@@ -11,10 +11,10 @@ and before lowering, so ONNX Runtime can still check the result against the orig
   ``Where(ids in [a, b), Gather(E[a:b], clip(ids - a, 0, b-a-1)), 0)``: exactly one chunk holds each
   id, so the sum adds only zeros to the selected row and is exact.
 
-Which nodes (MatMul, Gather) and which chunks come from ``bitnet_coreml.check.split`` (``split_of`` /
-``split_chunks``), the one rule the check's report and size estimate use too: chunks have equal size
-``ceil(N / ceil(N / limit))`` (the last one may be smaller). Gemm(transB) lm_heads use the same chunks;
-the check does not list them yet.
+Which nodes (MatMul, Gemm, Gather) and which chunks come from ``bitnet_coreml.check.split``
+(``split_of`` / ``split_chunks``), the one rule the check's report and size estimate use too: chunks have
+equal size ``ceil(N / ceil(N / limit))`` (the last one may be smaller). The limit is the capability
+database's ``max_dimension`` (``bitnet_coreml.opsupport.max_dimension``) unless the caller gives one.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from bitnet_coreml.check.split import split_chunks, split_of
+from bitnet_coreml.check.split import attr_f, split_chunks, split_of
+from bitnet_coreml.opsupport import max_dimension
 
 log = logging.getLogger(__name__)
-
-ANE_DIM_LIMIT = 16384
 
 
 def _dims(shape: Any) -> list[int] | None:
@@ -177,7 +176,7 @@ def _split_gemm(graph: ir.Graph, node: ir.Node, w: np.ndarray, limit: int, rows:
         ins = [a_in, rows.get(b_in, w, a, b, b_in.name or base)]
         if c is not None:
             ins.append(_const(graph, f"{base}.c{i}", np.ascontiguousarray(np.broadcast_to(c, (w.shape[0],))[a:b])))
-        gm = ir.node("Gemm", ins, attributes={"transB": 1, "beta": float(_attr_f(node, "beta", 1.0))},
+        gm = ir.node("Gemm", ins, attributes={"transB": 1, "beta": float(attr_f(node, "beta", 1.0))},
                      name=f"{base}.part{i}")
         outs.append(_out(gm, y.dtype, None if ydims is None else [*ydims[:-1], b - a]))
         new_nodes.append(gm)
@@ -189,29 +188,12 @@ def _split_gemm(graph: ir.Graph, node: ir.Node, w: np.ndarray, limit: int, rows:
     return f"{base}: Gemm weight [{w.shape[0]}, {w.shape[1]}] (transB) split into {len(outs)} row chunks + Concat"
 
 
-def _attr_f(node: ir.Node, key: str, default: float) -> float:
-    a = node.attributes.get(key)
-    return default if a is None else float(a.value)
+def split_large_dims(model: ir.Model, limit: int | None = None) -> list[str]:
+    """Rewrite ``model`` in place (see the module docstring); returns one note per rewritten node.
 
-
-def _gemm_splittable(node: ir.Node, limit: int) -> np.ndarray | None:
-    if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
-        return None
-    if _attr_f(node, "transB", 0) != 1 or _attr_f(node, "transA", 0) != 0 or _attr_f(node, "alpha", 1.0) != 1.0:
-        return None
-    c = node.inputs[2] if len(node.inputs) > 2 else None
-    if c is not None and c.const_value is None:
-        return None
-    shape = _dims(node.inputs[1].const_value.shape)
-    if shape is None or len(shape) != 2 or shape[0] <= limit:
-        return None
-    if c is not None and c.const_value is not None and c.const_value.numpy().size not in (1, shape[0]):
-        return None
-    return node.inputs[1].const_value.numpy()
-
-
-def split_large_dims(model: ir.Model, limit: int = ANE_DIM_LIMIT) -> list[str]:
-    """Rewrite ``model`` in place (see the module docstring); returns one note per rewritten node."""
+    ``limit``: the largest dimension kept whole (default: the capability database's ``max_dimension``;
+    0 disables splitting)."""
+    limit = max_dimension() if limit is None else limit
     if limit <= 0:
         return []
     graph = model.graph
@@ -219,23 +201,19 @@ def split_large_dims(model: ir.Model, limit: int = ANE_DIM_LIMIT) -> list[str]:
     notes = []
     rows = _RowChunks(graph)
     for node in list(graph):
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        if node.op_type == "Gemm":
-            w_arr = _gemm_splittable(node, limit)
-            if w_arr is not None:
-                notes.append(_split_gemm(graph, node, w_arr, limit, rows))
-            continue
-        # MatMul / Gather: exactly the splits the check reports as fixed by the converter
+        # exactly the splits the check reports as fixed by the converter
         info = split_of(node, limit)
         if info is None:
             continue
         table = node.inputs[info.input_index]
         assert table is not None and table.const_value is not None
+        arr = table.const_value.numpy()
         if info.op_type == "MatMul":
-            notes.append(_split_matmul(graph, node, table.const_value.numpy(), limit))
-        elif info.op_type == "Gather":
-            notes.append(_split_gather(graph, node, table.const_value.numpy(), limit, opset, rows))
+            notes.append(_split_matmul(graph, node, arr, limit))
+        elif info.op_type == "Gemm":
+            notes.append(_split_gemm(graph, node, arr, limit, rows))
+        else:
+            notes.append(_split_gather(graph, node, arr, limit, opset, rows))
     for n in notes:
         log.info("split: %s", n)
     return notes

@@ -29,6 +29,9 @@ import onnx_ir as ir
 
 from bitnet_coreml.errors import InputError, UnsupportedOpError
 from bitnet_coreml.lower import registry
+from bitnet_coreml.opsupport import dims as _dims
+from bitnet_coreml.opsupport import max_rank
+from bitnet_coreml.opsupport import op_label as _op
 
 # Graph input element types a Core ML model can declare (int64 is declared int32, bool as int32 0/1).
 INPUT_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.INT32: "int32",
@@ -82,10 +85,6 @@ def assign_node_names(graph: ir.Graph) -> None:
         node.name = names[id(node)]
 
 
-def _op(node: ir.Node) -> str:
-    return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
-
-
 def _kind(v: ir.Value) -> str | None:
     """'sequence' / 'optional' / 'map' ... for a non-tensor value, None for a tensor (or an untyped value)."""
     t = v.type
@@ -106,21 +105,6 @@ def rank_message(where: str, v: ir.Value | str, dims: list[Any], limit: int) -> 
     """The one wording of the rank rule (``where``: "node 'n' (Op): output" or "graph input")."""
     name = v if isinstance(v, str) else v.name
     return f"{where} {name!r} has rank {len(dims)} > {limit} (shape {dims}); Core ML tensors have rank <= {limit}"
-
-
-def max_rank() -> int:
-    """The capability database's tensor rank limit."""
-    from bitnet_coreml.check.capabilities import default_database  # noqa: PLC0415
-
-    return int(default_database().limit("max_rank")["value"])
-
-
-def _dims(v: ir.Value) -> list[Any] | None:
-    if v.shape is not None:
-        return [d if isinstance(d, int) else str(d) for d in v.shape]
-    if v.const_value is not None:
-        return [d if isinstance(d, int) else str(d) for d in v.const_value.shape]
-    return None
 
 
 def _is_model_input(v: ir.Value, graph: ir.Graph) -> bool:

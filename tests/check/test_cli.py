@@ -7,12 +7,10 @@ import platform
 from pathlib import Path
 
 import jsonschema
-import onnx
 import pytest
 from click.testing import CliRunner
 
 from bitnet_coreml.cli import main
-from tests.passes.graphs import mlp_block
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "docs" / "schemas" / "check-report.schema.json").read_text())
@@ -24,13 +22,6 @@ BUNDLED = sorted(MODELS.glob("*.onnx")) + sorted(
 def _run(*args: str) -> tuple[int, str, str]:
     r = CliRunner().invoke(main, list(args), catch_exceptions=False)
     return r.exit_code, r.stdout, r.stderr
-
-
-@pytest.fixture(scope="module")
-def mlp(tmp_path_factory: pytest.TempPathFactory) -> str:
-    p = tmp_path_factory.mktemp("m") / "mlp.onnx"
-    onnx.save(mlp_block(), p)
-    return str(p)
 
 
 def _report(out: str) -> dict:  # type: ignore[type-arg]
