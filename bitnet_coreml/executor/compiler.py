@@ -26,11 +26,12 @@ from bitnet_coreml.errors import (
     UnsupportedOpError,
     is_bug,
 )
-from bitnet_coreml.executor import registry
+from bitnet_coreml.executor import half, registry
 from bitnet_coreml.executor._fp16 import round_to_fp16
 from bitnet_coreml.executor._types import np_dtype, static_shape
+from bitnet_coreml.executor.blobs import PackedBits
+from bitnet_coreml.executor.packed import PACKED, keeps_packed
 from bitnet_coreml.executor.registry import OpContext
-from bitnet_coreml.executor.ternary import TernaryWeight, keeps_packed
 
 __all__ = ["CompiledBlock", "Step", "compile_function", "run_block", "StateCell", "finish", "plan_frees"]
 
@@ -153,10 +154,19 @@ class _Compiler:
     shared: dict[tuple[Any, ...], Any] | None = None
     keys: dict[int, tuple[Any, ...] | None] = field(default_factory=dict)
     reused: int = 0
+    # weights the loader left in the package file (executor/blobs.py), read here as they are met
+    blobs: Any = None
+
+    def blob_key(self, var: Any) -> tuple[Any, ...] | None:
+        """The blob entry a constant comes from, when known (by its name, or as a lazy weight)."""
+        k = self.blob_keys.get(var.name)
+        if k is None and self.blobs is not None:
+            k = self.blobs.key(var.val)
+        return k
 
     def const_key(self, var: Any, value: Any) -> tuple[Any, ...] | None:
         """What identifies a constant across functions: its blob entry, or its value when small."""
-        k = self.blob_keys.get(var.name)
+        k = self.blob_key(var)
         if k is not None:
             return k
         if isinstance(value, str):
@@ -168,8 +178,15 @@ class _Compiler:
         return None
 
     def new_const(self, var: Any) -> Any:
+        key = self.blob_key(var)
+        if key is not None and self.shared is not None and ("const", self.fp32, key) in self.shared:
+            value = self.shared[("const", self.fp32, key)]  # another function read this weight already
+            self.reused += 1
+            self.consts[id(var)] = value
+            self.keys[id(var)] = key
+            return value
         value = self.const_value(var)
-        key = self.const_key(var, value)
+        key = key or self.const_key(var, value)
         if key is not None and self.shared is not None:
             held = self.shared.setdefault(("const", self.fp32, key), value)
             if held is not value:
@@ -207,13 +224,20 @@ class _Compiler:
         return slot
 
     def const_value(self, var: Any) -> Any:
-        """A const var's value in compute form: str stays str, fp16 arrays become fp32 (exact)."""
+        """A const var's value in compute form: str stays str, fp16 arrays become fp32 (exact), except
+        large 2-D fp16 weights, kept as :class:`~bitnet_coreml.executor.half.HalfWeight`."""
         val = var.val
+        if self.blobs is not None and self.blobs.is_lazy(val):  # a weight still in the package file
+            val = self.blobs.materialize(val, packed=_reads_packed(var))
+            if val.__class__ is PackedBits:
+                return val
         if isinstance(val, str):
             return val
         if isinstance(val, (list, tuple)) and val and isinstance(val[0], str):
             return val
         arr = np.asarray(val)
+        if arr.dtype == F16 and arr.ndim == 2 and arr.nbytes >= half.MIN_BYTES:
+            return half.HalfWeight(arr)  # kept at 2 bytes (an embedding / lm_head): executor/half.py
         dt = self.dtype_of(var)
         if dt is not None and arr.dtype != dt and arr.dtype.kind != "U":
             arr = arr.astype(dt)
@@ -264,8 +288,10 @@ class _Compiler:
             else:
                 slot, const = self.ref(var)
                 all_const &= slot < 0
-                if const.__class__ is TernaryWeight and not keeps_packed(op, name):
-                    const = const.dense()  # a 2-bit ternary weight read by anything but a matmul
+                if const.__class__ in PACKED and not keeps_packed(op, name, const):
+                    const = const.dense()  # a packed weight read by an op that does not compute with it
+                elif const.__class__ is PackedBits and not (op.op_type == "constexpr_lut_to_dense" and name == "indices"):
+                    const = const.unpack()
                 args.append((name, slot, const))
         ctx = OpContext(
             name=op.name,
@@ -314,6 +340,13 @@ class _Compiler:
         steps.append(step)
 
 
+def _reads_packed(var: Any) -> bool:
+    """True when every reader of ``var`` is a LUT decompression taking it as its (sub-byte) indices."""
+    readers = list(getattr(var, "child_ops", ()) or ())
+    return bool(readers) and all(op.op_type == "constexpr_lut_to_dense" and op.inputs.get("indices") is var
+                                 for op in readers)
+
+
 def _fp16_exact(op: Any) -> bool:
     """True when ``op``'s fp16 outputs are exact without rounding (see _VALUE_PRESERVING)."""
     if op.op_type == "cast":
@@ -345,7 +378,7 @@ def finish(value: Any, dt: np.dtype | None, *, inplace: bool = False) -> Any:
     fp32 anyway, and numpy's float16 conversions cost a hundred times an add. ``inplace``: the
     value is an array the op made itself, whose memory the rounding may reuse.
     """
-    if dt is None or value.__class__ is TernaryWeight:  # a 2-bit weight stays packed (executor/ternary.py)
+    if dt is None or value.__class__ in PACKED:  # a packed weight stays packed (executor/packed.py)
         return value
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     if dt == F16:
@@ -442,14 +475,16 @@ def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()
 
 
 def compile_function(func: Any, *, fp32: bool, blob_keys: dict[str, tuple[Any, ...]] | None = None,
-                     shared: dict[tuple[Any, ...], Any] | None = None) -> tuple[CompiledBlock, int, int]:
+                     shared: dict[tuple[Any, ...], Any] | None = None,
+                     blobs: Any = None) -> tuple[CompiledBlock, int, int]:
     """Compile a MIL function; returns ``(block, number of env slots, number of ops folded at load)``.
 
     ``shared`` (with the function's ``blob_keys``) holds constants and folded values by key across
     the functions of one package: what another function computed from the same weights is reused.
+    ``blobs``: the package's weights the loader left in its file (``executor/blobs.py``).
     """
     coremltools()
-    comp = _Compiler(fp32=fp32, blob_keys=dict(blob_keys or {}), shared=shared)
+    comp = _Compiler(fp32=fp32, blob_keys=dict(blob_keys or {}), shared=shared, blobs=blobs)
     input_vars = list(func.inputs.values())
     block = comp.compile_block(func, input_vars)
     plan_frees(block)

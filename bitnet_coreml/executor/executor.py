@@ -84,23 +84,27 @@ class InputSpec(NamedTuple):
 class ExecutorState:
     """The values of a stateful program's state tensors, carried across ``predict`` calls.
 
-    Starts zero-filled. ``read_state`` / ``write_state`` mirror coremltools' ``MLState`` names.
+    Starts zero-filled. ``read_state`` / ``write_state`` mirror coremltools' ``MLState`` names and
+    give / take the declared dtype. Between calls an fp16 state is held in the executor's compute
+    form (its fp16 values in a float32 array), so a call neither widens the whole cache on entry nor
+    narrows it on exit.
     """
 
     def __init__(self, specs: Mapping[str, InputSpec], owner: int) -> None:
         self._owner = owner
         self._specs = dict(specs)
-        self._values = {n: np.zeros(tuple(int(d or 0) for d in s.shape), dtype=s.dtype) for n, s in specs.items()}
+        self._values = {n: np.zeros(tuple(int(d or 0) for d in s.shape), dtype=_held_dtype(s.dtype))
+                        for n, s in specs.items()}
 
     @property
     def names(self) -> list[str]:
         return list(self._values)
 
     def read_state(self, name: str) -> np.ndarray:
-        """A copy of state ``name``."""
+        """A copy of state ``name`` in its declared dtype."""
         if name not in self._values:
             raise StateError(f"state {name!r} does not exist; states: {', '.join(self._values) or 'none'}")
-        return self._values[name].copy()
+        return self._values[name].astype(self._specs[name].dtype)
 
     def write_state(self, name: str, value: np.ndarray) -> None:
         """Overwrite state ``name``; shape must match, value is cast to the state's dtype."""
@@ -110,10 +114,15 @@ class ExecutorState:
         spec = self._specs[name]
         if value.shape != spec.shape:
             raise InputShapeError(f"state {name!r}: shape {value.shape}, the package declares {spec.shape}")
-        self._values[name] = value.astype(spec.dtype, copy=True)
+        self._values[name] = value.astype(spec.dtype).astype(_held_dtype(spec.dtype))
 
     read = read_state
     write = write_state
+
+
+def _held_dtype(dt: np.dtype) -> np.dtype:
+    """How a state of dtype ``dt`` is held between calls (fp16: its values in float32)."""
+    return F32 if dt == F16 else dt
 
 
 class ReferenceExecutor:
@@ -148,7 +157,8 @@ class ReferenceExecutor:
         self._shared = pkg
         with pkg.lock:
             self._block, self._n_slots, self.folded_ops = compile_function(
-                func, fp32=fp32, blob_keys=pkg.keys.get(fn_name), shared=pkg.values(fp32))
+                func, fp32=fp32, blob_keys=pkg.keys.get(fn_name), shared=pkg.values(fp32),
+                blobs=pkg.blobs)
 
         from coremltools.converters.mil.mil import types  # noqa: PLC0415
 
@@ -296,9 +306,7 @@ class ReferenceExecutor:
         for name, slot, is_state in self._input_slots:
             if is_state:
                 assert state is not None
-                held = state._values[name]
-                cell = StateCell(name, held.astype(F32) if held.dtype == F16 else held,
-                                 self._state_compute[name].dtype)
+                cell = StateCell(name, state._values[name], self._state_compute[name].dtype)
                 cells.append(cell)
                 env[slot] = cell
             else:
@@ -310,9 +318,9 @@ class ReferenceExecutor:
                 env[slot] = value
         with np.errstate(all="ignore"):
             outs = run_block(block, env)
-        for cell in cells:
+        for cell in cells:  # the state ops never write into a held array, so a failed call changes nothing
             assert state is not None
-            held_dtype = self._state_compute[cell.name].dtype
+            held_dtype = _held_dtype(self._state_compute[cell.name].dtype)
             state._values[cell.name] = cell.value.astype(held_dtype) if cell.value.dtype != held_dtype else cell.value
         return outs
 

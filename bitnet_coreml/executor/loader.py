@@ -8,7 +8,8 @@ from typing import Any
 
 from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.errors import ModelLoadError
-from bitnet_coreml.executor.shared import SharedPackage, shared_package
+from bitnet_coreml.executor.blobs import LOAD_LOCK, load_lazily
+from bitnet_coreml.executor.shared import SharedPackage, blob_keys, shared_package
 
 __all__ = ["load_program", "load_shared"]
 
@@ -37,13 +38,12 @@ def _program_from_mlmodel(model: Any, where: str, keys: dict[str, Any] | None = 
         )
     weights_dir = getattr(model, "weights_dir", None)
     if keys is not None:
-        from bitnet_coreml.executor.shared import blob_keys  # noqa: PLC0415
-
         keys.update(blob_keys(spec))
     try:
-        prog = milproto_load.load(
-            model_spec=spec, specification_version=spec.specificationVersion, file_weights_dir=weights_dir or ""
-        )
+        with LOAD_LOCK:  # (a lazy load elsewhere patches the proto loader while it runs: executor/blobs.py)
+            prog = milproto_load.load(
+                model_spec=spec, specification_version=spec.specificationVersion, file_weights_dir=weights_dir or ""
+            )
     except Exception as e:  # noqa: BLE001 - the proto loader raises anything from KeyError to ValueError
         # An MLModel fresh from ct.convert still holds the program it was serialised from; the proto
         # reader cannot express everything (variadic shapes), so use that program when there is one.
@@ -68,6 +68,22 @@ def load_shared(source: Any) -> SharedPackage:
 
 def _load_new(source: Any) -> SharedPackage:
     keys: dict[str, Any] = {}
+    if isinstance(source, (str, Path)) and Path(source).suffix == ".mlpackage" and Path(source).is_dir():
+        from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
+
+        ps = read_package_spec(source)  # read-only: MLModel(path) would rewrite the package's Manifest.json
+        if ps.spec.WhichOneof("Type") == "mlProgram":
+            coremltools()
+            try:
+                lazy = load_lazily(ps.spec, ps.weights_dir)
+            except Exception as e:  # noqa: BLE001 - anything the proto loader raises: the plain load reports it
+                log.debug("%s: lazy load failed (%s); loading every weight", source, e)
+                lazy = None
+            if lazy is not None:
+                prog, blobs = lazy
+                keys.update(blob_keys(ps.spec))
+                fn = ps.spec.description.defaultFunctionName or None
+                return SharedPackage(prog, fn, str(source), keys, blobs=blobs)
     prog, fn, where = load_program(source, keys=keys)
     return SharedPackage(prog, fn, where, keys)
 

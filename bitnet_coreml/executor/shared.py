@@ -28,8 +28,9 @@ class SharedPackage:
     """A loaded program plus the constants its functions' executors have already computed."""
 
     def __init__(self, program: Any, default_function: str | None, where: str,
-                 keys: dict[str, dict[str, ConstKey]] | None = None) -> None:
+                 keys: dict[str, dict[str, ConstKey]] | None = None, *, blobs: Any = None) -> None:
         self.program = program
+        self.blobs = blobs  # executor.blobs.LazyBlobs: weights still in the package file, or None
         self.default_function = default_function
         self.where = where
         self.keys = keys or {}  # function -> MIL name (const output / "op:param") -> blob key

@@ -5,7 +5,8 @@ A BitNet layer's weight arrives as ``constexpr_lut_to_dense`` with the LUT ``[-1
 memory and, per decoded token, 16x the bytes read. Instead the load keeps a :class:`TernaryWeight`:
 the 2-bit codes, four to a byte, in Core ML's own layout (element ``4j+i`` of the row-major weight in
 bits ``2i..2i+1`` of byte ``j``): the iOS16/17 form's packed indices as they are, the iOS18 form's
-one-index-per-byte array packed once.
+packed indices as the weight file stores them (read by ``executor/blobs.py``), or its
+one-index-per-byte array (a program built in memory) packed once.
 
 ``matmul(x, W^T)`` with such a weight:
 
@@ -28,6 +29,8 @@ from typing import Any
 
 import numba
 import numpy as np
+
+from bitnet_coreml.executor.blobs import PackedBits
 
 __all__ = ["TernaryWeight", "from_lut", "keeps_packed", "dense_for", "matmul_t", "INT_PATH_MAX_ROWS"]
 
@@ -90,7 +93,15 @@ def from_lut(args: dict[str, Any]) -> TernaryWeight | None:
     flat = lut.reshape(-1).astype(np.float64)
     if not np.array_equal(flat[:3], _LUT):
         return None
-    idx = np.asarray(args.get("indices"))
+    raw = args.get("indices")
+    if raw.__class__ is PackedBits:  # iOS18 indices read packed from the weight file (executor/blobs.py)
+        n_k = raw.shape
+        if (raw.nbits != 2 or len(n_k) != 2 or n_k[1] % 4 or lut.shape != (1, 1, 4, 1)
+                or raw.packed.size * 4 < n_k[0] * n_k[1]):
+            return None
+        codes = raw.packed[: n_k[0] * n_k[1] // 4].reshape(n_k[0], n_k[1] // 4)  # Core ML's layout already
+        return TernaryWeight(codes, (int(n_k[0]), int(n_k[1]))) if _no_index_3(codes) else None
+    idx = np.asarray(raw)
     if "shape" in args:  # iOS16/17: packed bytes + explicit shape
         shape = tuple(int(s) for s in np.asarray(args["shape"]).reshape(-1))
         if len(shape) != 2 or shape[1] % 4 or idx.dtype != np.uint8 or idx.size * 4 < shape[0] * shape[1]:

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from bitnet_coreml._quiet import coremltools
-from bitnet_coreml.errors import ExhaustedError, InputError, ModelError, ModelLoadError
+from bitnet_coreml.errors import ExhaustedError, InputError, ModelError
 from bitnet_coreml.generation.engines import CoreMLEngine, Engine, ReferenceEngine
 from bitnet_coreml.generation.sampling import Sampler, SamplingConfig
 from bitnet_coreml.generation.tokenizer import TextTokenizer
+from bitnet_coreml.package.reader import read_package_spec
 from bitnet_coreml.package.stateful import DECODE, PREFILL, StatefulInfo, function_specs, stateful_info
 from bitnet_coreml.runtime.faults import FaultPlan
 from bitnet_coreml.runtime.monitor import read_platform
@@ -103,18 +103,15 @@ class GenerationSession:
         self.package = Path(package)
         if not (self.package / "Manifest.json").is_file():
             raise InputError(f"{self.package}: not an .mlpackage (no Manifest.json)")
-        ct = coremltools()
-        try:
-            desc = ct.models.MLModel(str(self.package), skip_model_load=True)
-        except Exception as e:  # noqa: BLE001 - coremltools raises bare Exceptions on corrupt packages
-            raise ModelLoadError(f"{self.package}: cannot open package: {type(e).__name__}: {e}") from e
-        info = stateful_info(desc)
+        # read-only (MLModel(path) would rewrite Manifest.json); refuses a corrupt package naming the file
+        spec = read_package_spec(self.package).spec
+        info = stateful_info(spec)
         if info is None:
             raise InputError(not_stateful_message(self.package))
         self.info: StatefulInfo = info
         # the vocabulary: the last dimension of decode's logits (ids are checked before any call)
         self.vocab_size: int | None = None
-        for fn in function_specs(desc.get_spec()):
+        for fn in function_specs(spec):
             if fn["name"] == DECODE:
                 shapes = [o.get("shape") for o in fn["outputs"] if o.get("shape")]
                 self.vocab_size = int(shapes[0][-1]) if shapes else None

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bitnet_coreml._files import inside, load_json, read_bytes, regular_file
 from bitnet_coreml.errors import ModelLoadError
 
@@ -128,7 +130,20 @@ def check_blob_references(spec: Any, model_dir: Path, pkg: Path) -> None:
                 _check_record(fh, f, off, size)
 
 
-def _check_record(fh: Any, f: Path, off: int, size: int) -> None:
+def read_blob(f: Path, off: int) -> np.ndarray:
+    """The data bytes (uint8) of the weight record at offset ``off`` of weight file ``f`` (header checked)."""
+    size = regular_file(f, "weight file", error=ModelLoadError).st_size
+    with open(f, "rb") as fh:
+        nbytes, data_off = _check_record(fh, f, off, size)
+        out = np.empty(nbytes, dtype=np.uint8)
+        fh.seek(data_off)
+        if fh.readinto(memoryview(out)) != nbytes:
+            raise ModelLoadError(f"{f}: weight at offset {off} is shorter than its record says (truncated package?)")
+    return out
+
+
+def _check_record(fh: Any, f: Path, off: int, size: int) -> tuple[int, int]:
+    """Validate the record at ``off``; returns ``(data bytes, data offset)``."""
     if off + _BLOB_HEADER.size > size:
         raise ModelLoadError(f"{f}: weight record at offset {off} is past the end of the {size}-byte file "
                              "(truncated package?)")
@@ -139,3 +154,4 @@ def _check_record(fh: Any, f: Path, off: int, size: int) -> None:
     if data_off + nbytes > size:
         raise ModelLoadError(f"{f}: weight at offset {off} needs bytes {data_off}..{data_off + nbytes} but the file "
                              f"has {size} (truncated package?)")
+    return int(nbytes), int(data_off)

@@ -12,6 +12,7 @@ import numba
 import numpy as np
 
 from bitnet_coreml.errors import ModelError
+from bitnet_coreml.executor.blobs import PackedBits
 from bitnet_coreml.executor.ops._util import scalar
 from bitnet_coreml.executor.registry import OpContext, register
 from bitnet_coreml.executor.ternary import from_lut
@@ -98,6 +99,8 @@ def op_constexpr_lut_to_dense(ctx: OpContext, a: dict[str, Any]) -> Any:
     ternary = from_lut(a)  # a BitNet weight stays at 2 bits; matmuls read it directly
     if ternary is not None:
         return ternary
+    if a["indices"].__class__ is PackedBits:  # iOS18 indices as stored (executor/blobs.py)
+        a = {**a, "indices": a["indices"].unpack()}
     lut = np.asarray(a["lut"])
     if "shape" in a:  # iOS16: packed uint8 indices, flat LUT, explicit shape
         shape = [int(s) for s in np.asarray(a["shape"]).reshape(-1)]

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from bitnet_coreml.errors import InputError
+from bitnet_coreml.executor.half import HalfWeight
 from bitnet_coreml.executor.ops._util import axis_of, scalar
 from bitnet_coreml.executor.registry import OpContext, register
 
@@ -34,6 +35,9 @@ def _validate(a: dict[str, Any]) -> bool:
 
 @register("gather")
 def op_gather(ctx: OpContext, a: dict[str, Any]) -> Any:
+    if a["x"].__class__ is HalfWeight:  # rows of an fp16 table (the compiler checked axis 0, batch_dims 0)
+        table = a["x"]
+        return table.rows(_wrap(a["indices"], table.shape[0], _validate(a)))
     x = np.asarray(a["x"])
     axis = axis_of(a.get("axis", 0), x.ndim)
     b = int(scalar(a.get("batch_dims", 0)))

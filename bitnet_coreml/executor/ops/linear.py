@@ -2,7 +2,9 @@
 
 A 2-bit ternary weight (a BitNet layer's ``constexpr_lut_to_dense``) arrives as a
 :class:`~bitnet_coreml.executor.ternary.TernaryWeight` and is multiplied from its codes
-(``ternary.matmul_t``, bit-identical to the dense product); every other weight is a dense array.
+(``ternary.matmul_t``, bit-identical to the dense product), a large fp16 weight as a
+:class:`~bitnet_coreml.executor.half.HalfWeight` multiplied from its fp16 bits (``half.matmul_t``);
+every other weight is a dense array (see ``executor/packed.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from bitnet_coreml.executor.ops._util import scalar
+from bitnet_coreml.executor.packed import PACKED, matmul_t
 from bitnet_coreml.executor.registry import OpContext, register
-from bitnet_coreml.executor.ternary import TernaryWeight, matmul_t
 
 
 def _blasable(a: np.ndarray) -> np.ndarray:
@@ -52,7 +54,7 @@ def _mm_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 @register("linear")
 def op_linear(ctx: OpContext, a: dict[str, Any]) -> Any:
     x, w = np.asarray(a["x"]), a["weight"]
-    if w.__class__ is TernaryWeight:
+    if w.__class__ in PACKED:
         y = matmul_t(x, w)
         b = a.get("bias")
         return y + b if b is not None else y
@@ -68,7 +70,7 @@ def op_matmul(ctx: OpContext, a: dict[str, Any]) -> Any:
     x, y = np.asarray(a["x"]), a["y"]
     if bool(scalar(a.get("transpose_x", False))) and x.ndim >= 2:
         x = np.swapaxes(x, -1, -2)
-    if y.__class__ is TernaryWeight:  # transpose_y is set: the compiler only keeps it packed then
+    if y.__class__ in PACKED:  # transpose_y is set: the compiler only keeps it packed then
         return matmul_t(x, y)
     y = np.asarray(y)
     if bool(scalar(a.get("transpose_y", False))) and y.ndim >= 2:
