@@ -55,6 +55,7 @@ class ConvertOptions:
     prefill: int = 64
     prefill_logits: str = "all"
     exact_context: bool = False  # keep a --context that is not a multiple of 32 (ANE: coremltools issue 2631)
+    chunks: int | str | None = None  # a chunked model folder of N pieces, or "auto" (bitnet_coreml.chunking)
 
     def resolved_split_limit(self) -> int:
         """The largest constant dimension kept whole: ``split_limit``, or the capability database's
@@ -76,6 +77,9 @@ class ConvertOptions:
         for f in self.capabilities:
             if not Path(f).is_file():
                 raise InputError(f"--capabilities {f}: no such file")
+        from bitnet_coreml.chunking import parse_chunks  # noqa: PLC0415
+
+        object.__setattr__(self, "chunks", parse_chunks(self.chunks))
         if self.passes not in ("fast", "full"):
             raise InputError(f"--passes must be fast or full, got {self.passes!r}")
         if self.calibration is not None and not Path(self.calibration).is_file():
@@ -219,7 +223,8 @@ def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None) -
 
 
 def _run_check(model: ir.Model, options: ConvertOptions, source: str) -> dict[str, Any]:
-    """Run the pre-conversion check; violations stop the conversion (exit 1)."""
+    """Run the pre-conversion check; violations stop the conversion (exit 1). A chunked conversion checks the
+    per-file limit on every piece instead (``chunked_convert``), the other rules on the whole model."""
     from bitnet_coreml.check import Target, run_check  # noqa: PLC0415
     from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
 
@@ -234,7 +239,7 @@ def _run_check(model: ir.Model, options: ConvertOptions, source: str) -> dict[st
                                                 allow_dequant=options.allow_dequant)
     report = run_check(model, target, db=db, embed_bits=options.embed_bits, precision=options.precision,
                        source=source, stateful=stateful)
-    violations = list(report.violations)
+    violations = [v for v in report.violations if options.chunks is None or v.rule != "package_size"]
     if violations:
         first = "; ".join(v.message for v in violations[:5])
         raise CheckFailedError(f"the check found {len(violations)} violation(s) for {platform}"
@@ -302,7 +307,11 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
     options = options or ConvertOptions()
     out = Path(out)
-    if out.suffix != ".mlpackage":
+    if options.chunks is not None:
+        from bitnet_coreml.chunked_convert import check_output  # noqa: PLC0415
+
+        check_output(out)
+    elif out.suffix != ".mlpackage":
         raise InputError(f"{out}: the output must end in .mlpackage")
     if not out.parent.is_dir():
         raise InputError(f"{out}: the folder {out.parent} does not exist")
@@ -400,13 +409,21 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
     platform, min_os = options.resolved_target()
     want_ios = min_os.target.ios if min_os else MIN_IOS
+    native = options.precision == "fp16" and not fp32_nodes
+    build = BuildOptions(precision=options.precision, ios=max(want_ios, 18) if options.stateful else want_ios,
+                         fp32_nodes=fp32_nodes, rmsnorm_input_scale=rms_scale, native_fp16=native)
+    if options.chunks is not None:
+        from bitnet_coreml.chunked_convert import Prepared, convert_chunked  # noqa: PLC0415
+
+        return convert_chunked(Prepared(
+            source=str(source), out=out, options=options, model=model, plan=plan, build=build, platform=platform,
+            want_ios=want_ios, context=context, embed_dtype=embed_dtype, sha=sha, assets=assets, summary=summary,
+            check=check, notes=notes + asset_notes, split_notes=split_notes, fp16_info=fp16_info, times=times,
+            t_all=t_all, stage=stage))
     stage("lower to MIL")
     t0 = time.perf_counter()
     # fp16 programs are built in fp16 directly unless some node must stay fp32 (then coremltools'
     # fp16 cast pass, which can leave chosen ops in fp32, does the conversion).
-    native = options.precision == "fp16" and not fp32_nodes
-    build = BuildOptions(precision=options.precision, ios=max(want_ios, 18) if options.stateful else want_ios,
-                         fp32_nodes=fp32_nodes, rmsnorm_input_scale=rms_scale, native_fp16=native)
     stateful_info = None
     if options.stateful:
         from bitnet_coreml.stateful_convert import build_stateful  # noqa: PLC0415
@@ -429,23 +446,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     target_name = os_for_ios(max(built.ios, want_ios), platform).name
 
     ins, outs = _descriptions(model, built) if stateful_info is None else ({}, {})
-    meta = {
-        "bitnet_coreml.version": __version__,
-        "bitnet_coreml.source": Path(source).name,
-        "bitnet_coreml.source_sha256": sha,
-        "bitnet_coreml.precision": options.precision,
-        "bitnet_coreml.deployment_target": target_name,
-        "bitnet_coreml.bitlinear_layers": str(len(summary.bitlinear)),
-        "bitnet_coreml.params_ternary": str(summary.params_ternary),
-        "bitnet_coreml.params_other": str(summary.params_other),
-        "bitnet_coreml.fp16_safety": json.dumps(fp16_info, sort_keys=True, default=str),
-        "bitnet_coreml.check": json.dumps(check, sort_keys=True, default=str),
-        "bitnet_coreml.layers": json.dumps(layers, sort_keys=True),
-        "bitnet_coreml.split": json.dumps(split_notes),
-        "bitnet_coreml.embed_bits": str(options.embed_bits or 16),
-        "bitnet_coreml.input_names": json.dumps(built.input_names, sort_keys=True),
-        "bitnet_coreml.output_names": json.dumps(built.output_names, sort_keys=True),
-    }
+    meta = package_metadata(source, sha, options, summary, fp16_info, check, layers, split_notes, built, target_name)
     desc = (f"BitNet model {Path(source).name}: {len(summary.bitlinear)} ternary BitLinear layers at 2 bits "
             f"({summary.params_ternary:,} ternary + {summary.params_other:,} other parameters), {options.precision}")
     if stateful_info is not None:
@@ -472,6 +473,35 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         check=check, inputs=dict(built.input_names), outputs=dict(built.output_names),
         stateful=stateful_info.to_dict() if stateful_info is not None else None,
     )
+    return finish(result, source, out, options, times, t_all, stage)
+
+
+def package_metadata(source: str | os.PathLike[str], sha: str, options: ConvertOptions, summary: Any,
+                     fp16_info: dict[str, Any], check: dict[str, Any], layers: dict[str, Any], split_notes: list[str],
+                     built: Any, target_name: str) -> dict[str, str]:
+    """The ``bitnet_coreml.*`` metadata every converted package carries (docs/ARCHITECTURE.md)."""
+    return {
+        "bitnet_coreml.version": __version__,
+        "bitnet_coreml.source": Path(source).name,
+        "bitnet_coreml.source_sha256": sha,
+        "bitnet_coreml.precision": options.precision,
+        "bitnet_coreml.deployment_target": target_name,
+        "bitnet_coreml.bitlinear_layers": str(len(summary.bitlinear)),
+        "bitnet_coreml.params_ternary": str(summary.params_ternary),
+        "bitnet_coreml.params_other": str(summary.params_other),
+        "bitnet_coreml.fp16_safety": json.dumps(fp16_info, sort_keys=True, default=str),
+        "bitnet_coreml.check": json.dumps(check, sort_keys=True, default=str),
+        "bitnet_coreml.layers": json.dumps(layers, sort_keys=True),
+        "bitnet_coreml.split": json.dumps(split_notes),
+        "bitnet_coreml.embed_bits": str(options.embed_bits or 16),
+        "bitnet_coreml.input_names": json.dumps(built.input_names, sort_keys=True),
+        "bitnet_coreml.output_names": json.dumps(built.output_names, sort_keys=True),
+    }
+
+
+def finish(result: ConvertResult, source: str | os.PathLike[str], out: Path, options: ConvertOptions,
+           times: dict[str, float], t_all: float, stage: Callable[[str], None]) -> ConvertResult:
+    """The optional verify step and the total time of a conversion."""
     if options.verify:
         stage("verify")
         t0 = time.perf_counter()
@@ -480,7 +510,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         report = verify(source, out, options.verify_inputs, raise_on_failure=False, seq_len=options.seq_len,
                         allow_dequant=options.allow_dequant)
         result.parity = report.to_dict()
-        timed("verify", t0)
+        times["verify"] = round(time.perf_counter() - t0, 3)
     times["total"] = round(time.perf_counter() - t_all, 3)
     result.seconds = times
     return result

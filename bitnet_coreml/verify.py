@@ -158,9 +158,16 @@ def _judge(c: Comparison, t: Thresholds) -> None:
 
 
 def package_meta(package: Path) -> tuple[dict[str, str], Any]:
-    """(user metadata, model spec) of ``package``, without loading it for prediction."""
+    """(user metadata, model spec) of ``package``, without loading it for prediction. A chunked model folder:
+    its first piece's (which takes the model's inputs), with the last piece's output names."""
+    from bitnet_coreml.package.chunked import is_chunked, open_chunked  # noqa: PLC0415
     from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
 
+    if is_chunked(package):
+        pieces = open_chunked(package).pieces
+        meta, spec = package_meta(pieces[0])
+        meta["bitnet_coreml.output_names"] = package_meta(pieces[-1])[0].get("bitnet_coreml.output_names", "{}")
+        return meta, spec
     spec = read_package_spec(package).spec  # read-only (MLModel(path) rewrites Manifest.json)
     return {str(k): str(v) for k, v in spec.description.metadata.userDefined.items()}, spec
 
@@ -206,11 +213,9 @@ def _load_inputs(inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | Non
 
 
 def _executor(package: Path) -> Any:
-    try:
-        from bitnet_coreml.executor import ReferenceExecutor  # type: ignore[attr-defined]  # noqa: PLC0415
-    except ImportError:
-        from bitnet_coreml.executor.executor import ReferenceExecutor  # noqa: PLC0415
-    return ReferenceExecutor(str(package))
+    from bitnet_coreml.executor.chunked import open_executor  # noqa: PLC0415
+
+    return open_executor(str(package))
 
 
 def package_feeds(feeds: Mapping[str, np.ndarray], in_names: Mapping[str, str], specs: Any) -> dict[str, np.ndarray]:
@@ -230,7 +235,9 @@ def package_feeds(feeds: Mapping[str, np.ndarray], in_names: Mapping[str, str], 
 
 def _coreml_runs(package: Path, feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     """Core ML predictions per compute unit (macOS only)."""
-    if sys.platform != "darwin":
+    from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
+
+    if sys.platform != "darwin" or is_chunked(package):  # (a chunked model: the reference executor chains it)
         return {}
     from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
 

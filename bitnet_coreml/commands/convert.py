@@ -17,7 +17,7 @@ def _mb(n: float) -> str:
 @click.command("convert")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
-              help="Destination .mlpackage (written atomically).")
+              help="Destination .mlpackage, or folder with --chunks (written atomically).")
 @target_options
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="Compute precision of the package.")
@@ -41,6 +41,9 @@ def _mb(n: float) -> str:
 @click.option("--prefill-logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
               help="--stateful: prefill returns the logits of every token or of the last one.")
 @click.option("--exact-context", is_flag=True, help="--stateful: keep a --context that is not a multiple of 32.")
+@click.option("--chunks", default=None, metavar="auto|N",
+              help="Write a folder of N consecutive packages (auto: the fewest that fit the target's per-file limit) "
+                   "and model.json instead of one .mlpackage.")
 @click.option("--no-check", is_flag=True, help="Skip the pre-conversion check.")
 @click.option("--verify", "do_verify", is_flag=True, help="Verify the package against the source after converting.")
 @click.option("--input", "-i", "verify_inputs", type=click.Path(path_type=str), default=None,
@@ -51,7 +54,7 @@ def _mb(n: float) -> str:
 def convert(model: str, out: str, target: str | None, chip: str | None, min_os: str | None, embed_bits: str | None,
             cap_files: tuple[str, ...], precision: str, calibration: str | None, split_limit: int | None, seq_len: int | None,
             allow_dequant: bool, passes: str, stateful: bool, context: int, prefill: int, prefill_logits: str,
-            exact_context: bool, no_check: bool, do_verify: bool, verify_inputs: str | None, report_path: str | None,
+            exact_context: bool, chunks: str | None, no_check: bool, do_verify: bool, verify_inputs: str | None, report_path: str | None,
             as_json: bool) -> None:
     """Convert MODEL (.onnx file, checkpoint folder or .gguf file) to a Core ML package with 2-bit ternary weights."""
     from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
@@ -67,7 +70,7 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
                              split_limit=split_limit, check=not no_check, verify=do_verify, verify_inputs=verify_inputs,
                              seq_len=seq_len, passes=passes, stateful=stateful, context=context, prefill=prefill,
                              prefill_logits=prefill_logits, exact_context=exact_context,
-                             allow_dequant=allow_dequant)
+                             allow_dequant=allow_dequant, chunks=chunks)
     if as_json:
         result = run_convert(model, out, options)
         echo_json(result.to_dict())

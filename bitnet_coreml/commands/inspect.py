@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from bitnet_coreml.commands._common import echo_json
+from bitnet_coreml.commands._common import echo_json, table
 
 
 def _mb(n: int) -> str:
@@ -39,8 +39,12 @@ def inspect_cmd(model: str, seq_len: int | None, allow_dequant: bool, as_json: b
     Given a .mlpackage: its inputs/outputs (dtypes, shapes), functions and states, metadata, weight
     bytes by kind and deployment target.
     """
+    from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
     from bitnet_coreml.package.inspect import inspect_package, is_package  # noqa: PLC0415
 
+    if is_chunked(model):
+        _chunked(model, as_json)
+        return
     if is_package(model):
         doc = inspect_package(model)
         if as_json:
@@ -139,3 +143,32 @@ def _print_package(doc: dict) -> None:  # type: ignore[type-arg]
     for k, v in doc["metadata"].items():
         meta.add_row(k, v if len(v) <= 200 else v[:200] + f"... ({len(v):,} chars; --json for all)")
     con.print(meta)
+
+
+def _chunked(folder: str, as_json: bool) -> None:
+    """A chunked model folder (convert --chunks): the manifest checked, then every piece as for a package."""
+    from bitnet_coreml.package.chunked import open_chunked  # noqa: PLC0415
+    from bitnet_coreml.package.inspect import inspect_package  # noqa: PLC0415
+
+    cm = open_chunked(folder)
+    m = cm.manifest
+    doc = {"chunked": {k: v for k, v in m.items() if k != "pieces"}, "folder": folder,
+           "pieces": [{**{k: v for k, v in e.items() if k != "functions"}, "package": inspect_package(p)}
+                      for e, p in zip(m["pieces"], cm.pieces, strict=True)]}
+    if as_json:
+        echo_json(doc)
+        return
+    from rich.console import Console  # noqa: PLC0415
+
+    con = Console()
+    con.print(f"[bold]{folder}[/bold]: chunked model of {len(cm.pieces)} piece(s) from {m['source']} "
+              f"({m['precision']}, {m['deployment_target']}); functions {', '.join(m['functions'])}; "
+              f"every piece's sha256 and boundary checked")
+    t = table("#", "holds", "weights", "inputs -> outputs", "states", whole=("#", "weights", "states"),
+              title="Pieces chunk_NN.mlpackage (called in order)")
+    fn = cm.default_function
+    for k, e in enumerate(m["pieces"]):
+        f = e["functions"][fn]
+        io = " -> ".join(", ".join(f"{x['name']} {x['shape']} {x['dtype']}" for x in f[key]) for key in ("inputs", "outputs"))
+        t.add_row(str(k), e["label"], _mb(e["weight_bytes"]), io, str(len(e["states"])))
+    con.print(t)

@@ -98,7 +98,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_temps(dest: Path) -> None:
+def remove_stale_temps(dest: Path) -> None:
+    """Remove what killed writers of ``dest`` left beside it (hidden temporary folders of dead processes)."""
     prefix = f".{dest.name}{_TMP_MARK}"
     for p in dest.parent.glob(prefix + "*"):
         try:
@@ -115,6 +116,17 @@ def temp_path_for(dest: Path) -> Path:
     return dest.parent / f".{dest.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}.mlpackage"
 
 
+def replace_with(tmp: Path, dest: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``dest``; an existing ``dest`` is moved aside first, removed last."""
+    if dest.exists():
+        old = dest.parent / f".{dest.name}{_TMP_MARK}{os.getpid()}-old{dest.suffix}"
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
 def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool = True,
                  assets: Mapping[str, bytes] | None = None) -> Path:
     """Save ``mlmodel`` to ``dest`` (.mlpackage) atomically and deterministically; returns ``dest``.
@@ -129,7 +141,7 @@ def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool 
         raise InputError(f"{dest}: the folder {dest.parent} does not exist")
     if dest.exists() and not overwrite:
         raise InputError(f"{dest}: already exists (pass overwrite to replace it)")
-    _remove_stale_temps(dest)
+    remove_stale_temps(dest)
     tmp = temp_path_for(dest)
     try:
         mlmodel.save(str(tmp))
@@ -140,13 +152,7 @@ def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool 
 
             write_assets(tmp, assets)
         _normalise_modes(tmp)
-        if dest.exists():
-            old = dest.parent / f".{dest.name}{_TMP_MARK}{os.getpid()}-old.mlpackage"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        replace_with(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,80 @@
+"""``convert --chunks``: the chained pieces compute the unchunked package's outputs bit for bit.
+
+The oracle is the unchunked package run by the reference executor (same fp16 arithmetic, same order): a
+chunked model is only right if every piece computes exactly its share, the boundary tensors carry the
+residual stream without rounding, and the pieces are called in order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitnet_coreml.executor import ReferenceExecutor
+from bitnet_coreml.executor.chunked import ChunkedExecutor, open_executor
+from bitnet_coreml.package.chunked import MANIFEST, open_chunked, piece_sha256
+from tests.chunks.conftest import LM, ONNX, convert
+
+
+def _ids(vocab: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(1, 16)).astype(np.int32)
+
+
+@pytest.mark.parametrize("n", ["2", "3", "auto"])
+def test_tiny_chunks_equal_unchunked(tiny: dict[str, Path], n: str) -> None:
+    full = ReferenceExecutor(str(tiny["full"]))
+    chunked = open_executor(str(tiny[n]))
+    assert isinstance(chunked, ChunkedExecutor)
+    assert len(chunked.pieces) == {"2": 2, "3": 3, "auto": 1}[n]  # auto: the tiny model fits one file
+    for seed in range(3):
+        x = {"input_ids": _ids(512, seed)}
+        a, b = full.predict(x)["logits"], chunked.predict(x)["logits"]
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(a, b), f"{n} chunks: max |diff| {np.abs(a - b).max()}"
+
+
+def test_manifest_records_pieces_boundaries_and_hashes(tiny: dict[str, Path]) -> None:
+    folder = tiny["3"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "chunk_00.mlpackage", "chunk_01.mlpackage", "chunk_02.mlpackage", MANIFEST]
+    assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]  # nothing half-written left beside it
+    m = json.loads((folder / MANIFEST).read_text())
+    assert [p["path"] for p in m["pieces"]] == ["chunk_00.mlpackage", "chunk_01.mlpackage", "chunk_02.mlpackage"]
+    for p in m["pieces"]:
+        assert p["sha256"] == piece_sha256(folder / p["path"])
+    # 2 layers, tied embedding, 3 pieces balanced by bytes: embedding | layers | lm_head
+    assert [p["label"] for p in m["pieces"]] == ["embedding", "layers 0-1", "lm_head"]
+    assert [b["name"] for b in m["boundaries"]] == ["hidden_states_0", "hidden_states_2"]
+    for b in m["boundaries"]:
+        assert b["dtype"] == "float16" and b["shape"] == {"main": [1, 16, 64]}
+    assert m["functions"] == ["main"] and m["stateful"] is None
+    assert m["pieces"][0]["functions"]["main"]["inputs"] == [{"name": "input_ids", "shape": [1, 16], "dtype": "int32"}]
+    assert open_chunked(folder).pieces[0].name == "chunk_00.mlpackage"
+
+
+@pytest.mark.parametrize(("src", "vocab", "n"), [(LM, 2048, "3"), (ONNX, 1024, "2")])
+def test_other_bundled_models(tmp_path: Path, src: Path, vocab: int, n: str) -> None:
+    full = convert(src, tmp_path / "full.mlpackage")
+    folder = convert(src, tmp_path / "chunked", "--chunks", n)
+    x = {"input_ids": _ids(vocab, 7)}
+    a = ReferenceExecutor(str(full)).predict(x)["logits"]
+    b = ChunkedExecutor(folder).predict(x)["logits"]
+    assert np.array_equal(a, b)
+
+
+def test_auto_follows_the_per_file_limit(tmp_path: Path) -> None:
+    """With a per-file limit below the whole model, auto picks the fewest pieces that each fit it."""
+    caps = tmp_path / "small.toml"
+    caps.write_text("[limits.package_bytes]\nios = 1200000\nmacos = 1200000\nseverity = \"error\"\n"
+                    "source = \"test: a small per-file limit\"\n")
+    folder = convert(LM, tmp_path / "lm", "--chunks", "auto", "--target", "ios", "--capabilities", caps)
+    m = json.loads((folder / MANIFEST).read_text())
+    # example-lm: a 2048 x 256 fp16 tied table (1 MB) read by the embedding and the lm_head, 0.7 MB of layers:
+    # one piece is 1.76 MB, two are 1.4 MB each, three (embedding | layers | lm_head) fit
+    assert m["chunks"]["count"] == 3
+    assert [p["label"] for p in m["pieces"]] == ["embedding", "layers 0-3", "lm_head"]
+    for p in m["pieces"]:
+        assert p["weight_bytes"] <= 1200000, p
