@@ -9,6 +9,7 @@
 * Compute units: one spelling (``ane``, ``gpu``, ``cpu``, ``reference``) and coremltools' names
   (``ct.ComputeUnit``: ``CPU_AND_NE``, ``CPU_AND_GPU``, ``CPU_ONLY``, ``ALL``).
 * Embedding palettization bits.
+* Deployment targets (:class:`Target`) and model input specs (:class:`InputSpec`).
 
 Every parser here accepts the forms users type (``iOS17``, ``ios17``, ``iOS 17``, ``17``,
 ``macOS14.4``, ``CPU_AND_NE``) and every printer emits one form. Nothing here imports numpy,
@@ -18,7 +19,9 @@ coremltools or onnx, so the CLI can validate flags before loading anything heavy
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from bitnet_coreml.errors import InputError
 
@@ -134,6 +137,85 @@ def os_name_for_spec(spec_version: int) -> str:
     """``"iOS17 / macOS14"`` for spec 8; ``"Core ML spec N"`` when no target has it."""
     names = [o.name for o in OS_VERSIONS if o.spec_version == spec_version]
     return " / ".join(names) if names else f"Core ML spec {spec_version}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a package must run: ``platform`` (``ios``/``macos``), optionally a chip (``"A17 Pro"``, ``"M1"``)
+    and a minimum OS version as written (``"16"``, ``"14.4"``). The one target of ``check``, ``convert`` and
+    pipelines; ``bitnet_coreml.check.target.resolve`` looks it up in the capability database.
+
+    Without ``min_os`` the converter picks the oldest deployment target the program needs.
+    """
+
+    platform: str
+    chip: str | None = None
+    min_os: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.platform not in TARGETS:
+            raise InputError(f"target platform {self.platform!r} is not supported; allowed: {', '.join(TARGETS)}")
+
+    @property
+    def label(self) -> str:
+        """``macos14-m1``: the platform, the minimum OS and the chip (lower case, no spaces)."""
+        base = f"{self.platform}{self.min_os or ''}"
+        return f"{base}-{self.chip.lower().replace(' ', '')}" if self.chip else base
+
+    @property
+    def convert_min_os(self) -> str | None:
+        """The minimum OS in coremltools' spelling, e.g. ``"macOS14"``."""
+        return f"{PLATFORM_NAMES[self.platform]}{self.min_os}" if self.min_os else None
+
+
+@dataclass(frozen=True, eq=False)
+class InputSpec:
+    """A declared input (or state) of a model: the one spec of the executor, the runtime and the jobs.
+
+    ``shape``: the default shape (``None`` for a flexible dimension); ``dtype``: a numpy dtype. A flexible
+    Core ML input lists the shapes it allows (``enumerated``) or each dimension's range (``ranges``:
+    ``(lower, upper)``, upper -1 = unbounded). Unpacks and compares as ``(shape, dtype)``
+    (``shape, dtype = spec``), as the executor's specs always have.
+    """
+
+    shape: tuple[int | None, ...]
+    dtype: Any
+    enumerated: tuple[tuple[int, ...], ...] = ()
+    ranges: tuple[tuple[int, int], ...] = ()
+    name: str = ""
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.shape, self.dtype, self.enumerated, self.ranges, self.name)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.shape, self.dtype))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, InputSpec):
+            return self._key() == other._key()
+        if isinstance(other, tuple):
+            return (self.shape, self.dtype) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def shape_ok(self, shape: tuple[int, ...]) -> bool:
+        """Whether an array of ``shape`` fits this input."""
+        if self.enumerated:
+            return shape in self.enumerated
+        if self.ranges:
+            return len(shape) == len(self.ranges) and all(
+                lo <= d and (hi < 0 or d <= hi) for d, (lo, hi) in zip(shape, self.ranges, strict=True))
+        return shape == self.shape
+
+    def allowed_shapes(self) -> str:
+        """The shapes it takes, for error messages: ``[1, 16]``, ``[1, 8] or [1, 16]``, ``[1..4, 16]``."""
+        if self.enumerated:
+            return " or ".join(str(list(s)) for s in self.enumerated)
+        if self.ranges:
+            return "[" + ", ".join(f"{lo}..{'inf' if hi < 0 else hi}" for lo, hi in self.ranges) + "]"
+        return str(list(self.shape))
 
 
 def resolve_target(target: str | None, min_os: str | None) -> tuple[str, MinOs | None]:

@@ -157,8 +157,8 @@ class UnitRule:
     node of one of ``ops`` (empty: any op), the node cannot run on ``excludes``; ``unit`` is where it lands."""
 
     id: str
-    match: str
     ops: tuple[str, ...]
+    match: str
     excludes: tuple[str, ...]
     unit: str
     reason: str
@@ -438,8 +438,9 @@ def _unit_rule(row: Mapping[str, Any], where: str) -> UnitRule:
         excludes = UNIT_ORDER[:UNIT_ORDER.index(unit)]
     else:
         raise ConfigError(f"{where}: give excludes (the units the matched ops cannot run on) or unit")
-    return UnitRule(row["id"], row["match"], tuple(row.get("ops", ())), excludes, unit, row["reason"], row["source"],
-                    row.get("attribute"), row.get("above"), tuple(row.get("dtypes", ())))
+    return UnitRule(id=row["id"], ops=tuple(row.get("ops", ())), match=row["match"], excludes=excludes, unit=unit,
+                    reason=row["reason"], source=row["source"], attribute=row.get("attribute"),
+                    above=row.get("above"), dtypes=tuple(row.get("dtypes", ())))
 
 
 @functools.lru_cache(maxsize=1)

@@ -55,6 +55,14 @@ class PlatformInfo:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def undetected(cls, reason: str) -> PlatformInfo:
+        """This host when detection failed: OS family and machine only, Core ML not trusted, the rest unknown."""
+        return cls(os_name=_platform.system(), os_version="", machine=_platform.machine(), chip=None,
+                   chip_in_database=False, coreml_available=False, coreml_reason=reason, ane_present=None,
+                   ane_available=None, ane_generation=None, ane_reason=reason, gpu=None, gpu_device=None,
+                   memory_total_mb=None, memory_available_mb=None, thermal_state=None, thermal_source=reason)
+
     def __str__(self) -> str:
         def u(v: object) -> str:
             return "unknown" if v is None else str(v)

@@ -35,7 +35,7 @@ from bitnet_coreml.check.rules import (
     nodes_needing_split,
 )
 from bitnet_coreml.check.size import SizeEstimate, estimate_weight_bytes
-from bitnet_coreml.check.target import ResolvedTarget, Target
+from bitnet_coreml.check.target import ResolvedTarget, Target, resolve
 from bitnet_coreml.errors import CheckFailedError
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ def run_check(model: ir.Model, target: Target, *, db: CapabilityDatabase | None 
 
     needed = max(db.feature(f).min_spec_version
                  for f, _ in needed_features(model, embed_bits, stateful=stateful is not None))
-    resolved = target.resolve(db, needed_spec=needed)
+    resolved = resolve(target, db, needed_spec=needed)
     size = estimate_weight_bytes(model, embed_bits=embed_bits, precision=precision,
                                  split_limit=int(db.limit("max_dimension")["value"]))
     splits = nodes_needing_split(model, db=db)

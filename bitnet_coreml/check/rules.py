@@ -244,32 +244,33 @@ def _package_size(ctx: RuleContext) -> Iterator[Finding]:
                       None, got, limit, lim.source)
 
 
+def _memory_over(ctx: RuleContext, rule_id: str, limit_name: str, limit_mb: float, what: str, source: str
+                 ) -> Iterator[Finding]:
+    """A finding when the package's memory (weights + KV cache) exceeds ``limit_mb`` (``what``: the limit, worded)."""
+    limit = int(limit_mb * MIB)
+    if ctx.memory_bytes > limit:
+        yield Finding(rule_id, ctx.db.limit(limit_name).severity,
+                      f"{ctx.memory_label()} {ctx.memory_bytes / MIB:.1f} MB exceed the {what}",
+                      None, ctx.memory_bytes, limit, source)
+
+
 @rule("ane_size_budget", "estimated weights vs the seed's per-generation budget (soft)")
 def _ane_budget(ctx: RuleContext) -> Iterator[Finding]:
     ane = ctx.target.ane
-    if ane is None or ane.model_size_budget_mb is None:
-        return
-    lim = ctx.db.limit("ane_generation_budget")
-    budget = int(ane.model_size_budget_mb * MIB)
-    if ctx.memory_bytes > budget:
-        yield Finding("ane_size_budget", lim.severity,
-                      f"{ctx.memory_label()} {ctx.memory_bytes / MIB:.1f} MB exceed the {ane.label} budget of "
-                      f"{ane.model_size_budget_mb:g} MB (a soft budget; not Apple-documented)",
-                      None, ctx.memory_bytes, budget, lim.source + "; " + ane.sources[-1])
+    if ane is not None and ane.model_size_budget_mb is not None:
+        lim = ctx.db.limit("ane_generation_budget")
+        yield from _memory_over(ctx, "ane_size_budget", lim.name, ane.model_size_budget_mb,
+                                f"{ane.label} budget of {ane.model_size_budget_mb:g} MB (a soft budget; not "
+                                "Apple-documented)", lim.source + "; " + ane.sources[-1])
 
 
 @rule("gpu_memory", "estimated weights vs the seed's device-matrix memory limit of the chip's GPU (soft)")
 def _gpu_memory(ctx: RuleContext) -> Iterator[Finding]:
     dev = ctx.target.device
-    if dev is None or dev.memory_limit_mb is None:
-        return
-    lim = ctx.db.limit("gpu_memory")
-    limit = int(dev.memory_limit_mb * MIB)
-    if ctx.memory_bytes > limit:
-        yield Finding("gpu_memory", lim.severity,
-                      f"{ctx.memory_label()} {ctx.memory_bytes / MIB:.1f} MB exceed the {dev.name} memory limit "
-                      f"{dev.memory_limit_mb:g} MB of the capability database's GPU row (GPU fallback)",
-                      None, ctx.memory_bytes, limit, dev.source)
+    if dev is not None and dev.memory_limit_mb is not None:
+        yield from _memory_over(ctx, "gpu_memory", "gpu_memory", dev.memory_limit_mb,
+                                f"{dev.name} memory limit {dev.memory_limit_mb:g} MB of the capability database's "
+                                "GPU row (GPU fallback)", dev.source)
 
 
 @rule("dim_over_16384", "tensor dimensions > 16384: weights are split by the converter, anything else leaves the ANE")

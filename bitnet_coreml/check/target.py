@@ -1,4 +1,4 @@
-"""The deployment target of a check: platform, optional chip, optional minimum OS."""
+"""A deployment target (:class:`bitnet_coreml.vocab.Target`) resolved against the capability database."""
 
 from __future__ import annotations
 
@@ -6,47 +6,38 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitnet_coreml.check.ane import ANECapabilities
-from bitnet_coreml.check.capabilities import PLATFORMS, CapabilityDatabase, Chip, Device, OsVersion
+from bitnet_coreml.check.capabilities import CapabilityDatabase, Chip, Device, OsVersion
 from bitnet_coreml.errors import InputError
+from bitnet_coreml.vocab import Target
+
+__all__ = ["ResolvedTarget", "Target", "resolve"]
 
 
-@dataclass(frozen=True)
-class Target:
-    """What the user ships to: ``platform`` ("ios" | "macos"), ``chip`` (e.g. "A17Pro", "M1"), ``min_os`` ("16", "14.4")."""
-
-    platform: str
-    chip: str | None = None
-    min_os: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.platform not in PLATFORMS:
-            raise InputError(f"target platform {self.platform!r} is not supported; allowed: {', '.join(PLATFORMS)}")
-
-    def resolve(self, db: CapabilityDatabase, needed_spec: int = 6) -> ResolvedTarget:
-        """Look the chip and OS up; without ``min_os`` the lowest OS with spec >= ``needed_spec`` is used."""
-        chip: Chip | None = None
-        ane: ANECapabilities | None = None
-        device: Device | None = None
-        if self.chip is not None:
-            chip = db.chip(self.chip)
-            if self.platform not in chip.platforms:
-                raise InputError(f"chip {chip.name!r} is a {'/'.join(chip.platforms)} chip in the capability database, "
-                                 f"not {self.platform}; use --target {chip.platforms[0]} or add a row with --capabilities")
-            if chip.ane_generation is not None:
-                ane = ANECapabilities.for_chip(chip, db)
-            if chip.gpu is not None:
-                device = db.device(chip.gpu)
-        if self.min_os is not None:
-            os_row = db.os_version(self.platform, self.min_os)
-            os_how = "given"
-        else:
-            found = db.lowest_os(self.platform, needed_spec)
-            if found is None:
-                raise InputError(f"no {self.platform} version in the capability database has Core ML specification "
-                                 f">= {needed_spec}")
-            os_row, os_how = found, "derived: the lowest OS with every feature the graph needs"
-        limit = int(db.limit("package_bytes")[self.platform])
-        return ResolvedTarget(self, chip, ane, device, os_row, os_how, limit)
+def resolve(target: Target, db: CapabilityDatabase, needed_spec: int = 6) -> ResolvedTarget:
+    """Look ``target``'s chip and OS up; without ``min_os`` the lowest OS with spec >= ``needed_spec`` is used."""
+    chip: Chip | None = None
+    ane: ANECapabilities | None = None
+    device: Device | None = None
+    if target.chip is not None:
+        chip = db.chip(target.chip)
+        if target.platform not in chip.platforms:
+            raise InputError(f"chip {chip.name!r} is a {'/'.join(chip.platforms)} chip in the capability database, "
+                             f"not {target.platform}; use --target {chip.platforms[0]} or add a row with --capabilities")
+        if chip.ane_generation is not None:
+            ane = ANECapabilities.for_chip(chip, db)
+        if chip.gpu is not None:
+            device = db.device(chip.gpu)
+    if target.min_os is not None:
+        os_row = db.os_version(target.platform, target.min_os)
+        os_how = "given"
+    else:
+        found = db.lowest_os(target.platform, needed_spec)
+        if found is None:
+            raise InputError(f"no {target.platform} version in the capability database has Core ML specification "
+                             f">= {needed_spec}")
+        os_row, os_how = found, "derived: the lowest OS with every feature the graph needs"
+    limit = int(db.limit("package_bytes")[target.platform])
+    return ResolvedTarget(target, chip, ane, device, os_row, os_how, limit)
 
 
 @dataclass(frozen=True)

@@ -2,48 +2,23 @@
 
 :func:`host_unit_verdicts` combines the platform detection (Core ML present, ANE present) with the
 package's Core ML specification version against the host OS's (from the capability database's OS
-rows): a macOS 13 host cannot load a spec-8 (macOS 14) package on any unit. The spec version is read
-straight from the protobuf's first field, so this needs neither coremltools nor onnx.
+rows): a macOS 13 host cannot load a spec-8 (macOS 14) package on any unit. The spec version comes from
+:func:`bitnet_coreml.package.reader.package_spec_version` (the protobuf's first field: neither coremltools
+nor onnx needed).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from bitnet_coreml.check.capabilities import CapabilityDatabase, default_database
 from bitnet_coreml.check.platform import DeviceCompatibilityChecker, PlatformInfo
-from bitnet_coreml.errors import InputError, ModelLoadError
+from bitnet_coreml.errors import InputError
+from bitnet_coreml.package.reader import package_spec_version
 from bitnet_coreml.vocab import HARDWARE_UNITS
 
 UNITS = HARDWARE_UNITS
-
-
-def _model_file(package: Path) -> Path:
-    if package.is_file():
-        return package  # a bare .mlmodel
-    from bitnet_coreml.package.reader import root_spec_path  # noqa: PLC0415
-
-    return root_spec_path(package)  # manifest validated: its paths stay inside the package
-
-
-def package_spec_version(package: str | os.PathLike[str]) -> int:
-    """The Core ML specification version of a ``.mlpackage`` (or ``.mlmodel``): protobuf field 1 (varint)."""
-    f = _model_file(Path(package))
-    try:
-        with open(f, "rb") as fh:
-            head = fh.read(16)
-    except OSError as e:
-        raise ModelLoadError(f"{f}: cannot read the model spec: {e}") from e
-    if not head or head[0] != 0x08:  # field 1, wire type 0
-        raise ModelLoadError(f"{f}: does not start with a Core ML specificationVersion field")
-    value, shift = 0, 0
-    for b in head[1:]:
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value
-        shift += 7
-    raise ModelLoadError(f"{f}: truncated specificationVersion")
+__all__ = ["host_unit_verdicts", "package_spec_version"]
 
 
 def host_unit_verdicts(package: str | os.PathLike[str], *, platform_info: PlatformInfo | None = None,

@@ -41,14 +41,14 @@ def check(model: str, target: str | None, chip: str | None, min_os: str | None, 
     """Check MODEL (.onnx file, checkpoint folder or .gguf file) against a target before converting it."""
     from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
     from bitnet_coreml.check.report import run_check  # noqa: PLC0415
-    from bitnet_coreml.check.target import Target  # noqa: PLC0415
-    from bitnet_coreml.vocab import resolve_target  # noqa: PLC0415
+    from bitnet_coreml.check.target import resolve  # noqa: PLC0415
+    from bitnet_coreml.vocab import Target, resolve_target  # noqa: PLC0415
 
     # Validate the cheap inputs before loading a multi-GB model.
     db = load_capabilities(*cap_files)
     platform, parsed = resolve_target(target, min_os)
     checked = Target(platform, chip, parsed.version if parsed else None)
-    checked.resolve(db)
+    resolve(checked, db)
 
     from bitnet_coreml.frontend import load, seq_len_note  # noqa: PLC0415
     from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415

@@ -41,12 +41,11 @@ from bitnet_coreml.executor.errors import (
 )
 from bitnet_coreml.executor.loader import load_shared
 from bitnet_coreml.executor.shared import SharedPackage
+from bitnet_coreml.vocab import InputSpec
 
 __all__ = ["ReferenceExecutor", "ExecutorState", "InputSpec", "Trace"]
 
 log = logging.getLogger(__name__)
-
-Shape = tuple[int | None, ...]
 
 
 class Trace(NamedTuple):
@@ -69,16 +68,6 @@ def _timed(fn: Any, family: str, seconds: dict[str, float], calls: dict[str, int
             calls[family] = calls.get(family, 0) + 1
 
     return run
-
-
-class InputSpec(NamedTuple):
-    """A declared input (or state): shape with None for a flexible dimension, numpy dtype.
-
-    A named tuple, so ``shape, dtype = spec`` and comparison with a plain tuple both work.
-    """
-
-    shape: Shape
-    dtype: np.dtype
 
 
 class ExecutorState:

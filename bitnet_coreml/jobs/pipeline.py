@@ -130,7 +130,7 @@ def _convert_options(entry: ModelEntry, target: Target) -> Any:
     try:
         return ConvertOptions(precision=entry.precision, embed_bits=entry.embed_bits,
                               calibration=str(entry.calibration) if entry.calibration else None,
-                              target=target.os, chip=target.chip, min_os=target.convert_min_os,
+                              target=target.platform, chip=target.chip, min_os=target.convert_min_os,
                               check=entry.check == "strict", verify=False, seq_len=entry.seq_len,
                               allow_dequant=entry.allow_dequant, capabilities=tuple(map(str, entry.capabilities)),
                               **({"stateful": True, **entry.stateful} if entry.stateful else {}))
@@ -154,11 +154,8 @@ def _html_report(entry: ModelEntry, target: Target, package: Path, key: str, say
     say(key, "report")
     page = html_report_path(package)
     try:
-        from bitnet_coreml.check import Target as CheckTarget  # noqa: PLC0415
-
         inputs = str(entry.verify.inputs) if entry.verify.inputs else None
-        check_target = CheckTarget(platform=target.os, chip=target.chip, min_os=target.min_os)
-        write_html(collect(package, entry.source, inputs, seq_len=entry.seq_len, target=check_target), page)
+        write_html(collect(package, entry.source, inputs, seq_len=entry.seq_len, target=target), page)
     except BitnetCoremlError as e:
         say(key, f"report not written: {e.one_line()}")
         return ""
@@ -245,7 +242,6 @@ def _write_report(path: Path, report: dict[str, Any], res: EntryResult) -> None:
 
 def _check_only(entry: ModelEntry, target: Target) -> dict[str, Any]:
     """The check report without failing on violations (``check = "warn"``)."""
-    from bitnet_coreml.check import Target as CheckTarget  # noqa: PLC0415
     from bitnet_coreml.check import run_check  # noqa: PLC0415
     from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
     from bitnet_coreml.frontend import load  # noqa: PLC0415
@@ -262,7 +258,7 @@ def _check_only(entry: ModelEntry, target: Target) -> dict[str, Any]:
         seq_len = opts.prefill  # the stateless graph the check reads (as convert --stateful)
     model = load(entry.source, seq_len=seq_len, allow_dequant=entry.allow_dequant)
     run_default_passes(model)
-    report = run_check(model, CheckTarget(platform=target.os, chip=target.chip, min_os=target.min_os),
+    report = run_check(model, target,
                        db=load_capabilities(*map(str, entry.capabilities)) if entry.capabilities else None,
                        embed_bits=entry.embed_bits, precision=entry.precision, source=str(entry.source),
                        stateful=stateful)

@@ -41,26 +41,11 @@ class PredictorFactory(Protocol):
         """Identifies what predicts (e.g. the package's content hash); a job folder is tied to it."""
 
 
-_ML_DTYPES = {"FLOAT32": np.float32, "FLOAT16": np.float16, "DOUBLE": np.float64, "INT32": np.int32,
-              "INT8": np.int8, "UINT8": np.uint8}
-
-
 def package_input_dtypes(package: str | Path) -> dict[str, np.dtype[Any]]:
     """Declared input dtypes of a package, so dataset arrays (e.g. JSON numbers) can be cast to them."""
-    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415 - heavy, only in workers
+    from bitnet_coreml.runtime.package_io import read_package  # noqa: PLC0415
 
-    ct = coremltools()
-    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
-
-    spec = read_package_spec(package).spec  # read-only (MLModel(path) rewrites Manifest.json)
-    enum = ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
-    out: dict[str, np.dtype[Any]] = {}
-    for inp in spec.description.input:
-        if inp.type.WhichOneof("Type") == "multiArrayType":
-            name = enum.Name(inp.type.multiArrayType.dataType)
-            if name in _ML_DTYPES:
-                out[inp.name] = np.dtype(_ML_DTYPES[name])
-    return out
+    return {name: spec.dtype for name, spec in read_package(package).inputs.items()}
 
 
 def coerce_inputs(inputs: Arrays, dtypes: dict[str, np.dtype[Any]]) -> Arrays:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bitnet_coreml.errors import ConfigError, InputError
-from bitnet_coreml.vocab import EMBED_BITS, PLATFORM_NAMES, parse_os
+from bitnet_coreml.vocab import EMBED_BITS, PLATFORM_NAMES, Target, parse_os
 
 FORMAT_VERSION = 1
 PRECISIONS = ("fp16", "fp32")
@@ -31,28 +31,6 @@ OUTPUT_FIELDS = ("name", "target", "os", "min_os", "chip")
 # the converter emits. Chips are validated against the check stage's capability database.
 PLATFORMS: dict[str, str] = PLATFORM_NAMES
 _VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,2}$")
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a package must run: an OS family (``macos``/``ios``), optionally a minimum version and a chip.
-
-    Without ``min_os`` the converter picks the oldest deployment target the program needs.
-    """
-
-    os: str
-    min_os: str | None = None
-    chip: str | None = None
-
-    @property
-    def label(self) -> str:
-        base = f"{self.os}{self.min_os or ''}"
-        return f"{base}-{self.chip.lower().replace(' ', '')}" if self.chip else base
-
-    @property
-    def convert_min_os(self) -> str | None:
-        """The converter's spelling, e.g. ``"macOS14"``."""
-        return f"{PLATFORMS[self.os]}{self.min_os}" if self.min_os else None
 
 
 @dataclass(frozen=True)
@@ -91,14 +69,15 @@ class ModelEntry:
     capabilities: tuple[Path, ...] = ()  # extra capability files (chips, limits) merged over the bundled database
 
     def output_name(self, target: Target) -> str:
-        return self.output.format(name=self.name, target=target.label, os=target.os, min_os=target.min_os or "any",
+        return self.output.format(name=self.name, target=target.label, os=target.platform, min_os=target.min_os or "any",
                                   chip=target.chip or "any")
 
     def canonical(self, target: Target, base: Path) -> dict[str, Any]:
         """This entry for one target as plain data (paths relative to ``base``): part of the build key."""
         d = asdict(self)
         d["targets"] = None
-        d["target"] = asdict(target)
+        # the key names of the pipeline file (``os``), in the order build keys have always had
+        d["target"] = {"os": target.platform, "min_os": target.min_os, "chip": target.chip}
         for key in ("seq_len", "stateful"):
             if d[key] is None:
                 del d[key]  # entries without it keep the build keys they had before the key existed
@@ -305,7 +284,7 @@ def _targets(ctx: _Ctx, raw: Any, where: str, capabilities: tuple[Path, ...] = (
         if chip is not None:
             ctx.typed(chip, (str,), f"{w}.chip", "a chip name such as \"M1\" or \"A17 Pro\"")
             chip = _check_chip(ctx, chip, platform, os_name, f"{w}.chip", capabilities)
-        out.append(Target(platform, min_os, chip))
+        out.append(Target(platform, chip=chip, min_os=min_os))
     labels = [t.label for t in out]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:

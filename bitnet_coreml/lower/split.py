@@ -20,6 +20,7 @@ database's ``max_dimension`` (``bitnet_coreml.opsupport.max_dimension``) unless 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -94,26 +95,36 @@ def _replace(graph: ir.Graph, old: ir.Node, new_out: ir.Value) -> None:
         del graph.initializers[big.name]
 
 
-def _split_matmul(graph: ir.Graph, node: ir.Node, w: np.ndarray, limit: int) -> str:
-    x = node.inputs[0]
-    assert x is not None
+def _concat_parts(graph: ir.Graph, node: ir.Node, n: int, limit: int,
+                  part: Callable[[int, int, int], ir.Node]) -> int:
+    """Replace ``node`` by ``Concat(part(i, a, b) for each [a, b) chunk of n, axis=-1)``; returns the chunk count."""
     y = node.outputs[0]
-    base = node.name or "matmul"
+    base = node.name or node.op_type.lower()
     ydims = _dims(y.shape)
-    lead = ydims[:-1] if ydims is not None else None
-    outs = []
-    new_nodes = []
-    for i, (a, b) in enumerate(_chunks(w.shape[1], limit)):
-        wc = _const(graph, f"{base}.w{i}", np.ascontiguousarray(w[:, a:b]))
-        mm = ir.node("MatMul", [x, wc], name=f"{base}.part{i}")
-        outs.append(_out(mm, y.dtype, None if lead is None else [*lead, b - a]))
-        new_nodes.append(mm)
+    outs, new_nodes = [], []
+    for i, (a, b) in enumerate(_chunks(n, limit)):
+        p = part(i, a, b)
+        outs.append(_out(p, y.dtype, None if ydims is None else [*ydims[:-1], b - a]))
+        new_nodes.append(p)
     cat = ir.node("Concat", outs, attributes={"axis": -1}, name=f"{base}.concat")
     new_nodes.append(cat)
     graph.insert_before(node, new_nodes)
     _out(cat, y.dtype, ydims)
     _replace(graph, node, cat.outputs[0])
-    return f"{base}: MatMul weight [{w.shape[0]}, {w.shape[1]}] split into {len(outs)} chunks + Concat"
+    return len(outs)
+
+
+def _split_matmul(graph: ir.Graph, node: ir.Node, w: np.ndarray, limit: int) -> str:
+    x = node.inputs[0]
+    assert x is not None
+    base = node.name or "matmul"
+
+    def part(i: int, a: int, b: int) -> ir.Node:
+        wc = _const(graph, f"{base}.w{i}", np.ascontiguousarray(w[:, a:b]))
+        return ir.node("MatMul", [x, wc], name=f"{base}.part{i}")
+
+    n = _concat_parts(graph, node, w.shape[1], limit, part)
+    return f"{base}: MatMul weight [{w.shape[0]}, {w.shape[1]}] split into {n} chunks + Concat"
 
 
 def _split_gather(graph: ir.Graph, node: ir.Node, e: np.ndarray, limit: int, opset: int, rows: _RowChunks) -> str:
@@ -168,24 +179,17 @@ def _split_gemm(graph: ir.Graph, node: ir.Node, w: np.ndarray, limit: int, rows:
     assert a_in is not None and b_in is not None
     c_in = node.inputs[2] if len(node.inputs) > 2 else None
     c = c_in.const_value.numpy() if c_in is not None and c_in.const_value is not None else None
-    y = node.outputs[0]
     base = node.name or "gemm"
-    ydims = _dims(y.shape)
-    outs, new_nodes = [], []
-    for i, (a, b) in enumerate(_chunks(w.shape[0], limit)):
+    beta = float(attr_f(node, "beta", 1.0))
+
+    def part(i: int, a: int, b: int) -> ir.Node:
         ins = [a_in, rows.get(b_in, w, a, b, b_in.name or base)]
         if c is not None:
             ins.append(_const(graph, f"{base}.c{i}", np.ascontiguousarray(np.broadcast_to(c, (w.shape[0],))[a:b])))
-        gm = ir.node("Gemm", ins, attributes={"transB": 1, "beta": float(attr_f(node, "beta", 1.0))},
-                     name=f"{base}.part{i}")
-        outs.append(_out(gm, y.dtype, None if ydims is None else [*ydims[:-1], b - a]))
-        new_nodes.append(gm)
-    cat = ir.node("Concat", outs, attributes={"axis": -1}, name=f"{base}.concat")
-    new_nodes.append(cat)
-    graph.insert_before(node, new_nodes)
-    _out(cat, y.dtype, ydims)
-    _replace(graph, node, cat.outputs[0])
-    return f"{base}: Gemm weight [{w.shape[0]}, {w.shape[1]}] (transB) split into {len(outs)} row chunks + Concat"
+        return ir.node("Gemm", ins, attributes={"transB": 1, "beta": beta}, name=f"{base}.part{i}")
+
+    n = _concat_parts(graph, node, w.shape[0], limit, part)
+    return f"{base}: Gemm weight [{w.shape[0]}, {w.shape[1]}] (transB) split into {n} row chunks + Concat"
 
 
 def split_large_dims(model: ir.Model, limit: int | None = None) -> list[str]:

@@ -12,6 +12,9 @@ reader in the project goes through :func:`read_package_spec` instead:
   package, and its blob header (sentinel, size, data offset) must lie within that file, so a truncated
   ``weight.bin`` is refused here, before any weight is read.
 
+:func:`package_spec_version` reads only the specification version (the protobuf's first field) of a
+package (its manifest validated) or a bare ``.mlmodel``: the host checks need no more.
+
 Nothing is ever written.
 """
 
@@ -74,6 +77,31 @@ def root_spec_path(path: str | os.PathLike[str]) -> Path:
     data = pkg / "Data"
     paths = {k: _item_path(pkg, data, v, manifest) for k, v in items.items()}
     return paths[root_id]
+
+
+def _model_file(package: Path) -> Path:
+    if package.is_file():
+        return package  # a bare .mlmodel
+    return root_spec_path(package)  # manifest validated: its paths stay inside the package
+
+
+def package_spec_version(package: str | os.PathLike[str]) -> int:
+    """The Core ML specification version of a ``.mlpackage`` (or ``.mlmodel``): protobuf field 1 (varint)."""
+    f = _model_file(Path(package))
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(16)
+    except OSError as e:
+        raise ModelLoadError(f"{f}: cannot read the model spec: {e}") from e
+    if not head or head[0] != 0x08:  # field 1, wire type 0
+        raise ModelLoadError(f"{f}: does not start with a Core ML specificationVersion field")
+    value, shift = 0, 0
+    for b in head[1:]:
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value
+        shift += 7
+    raise ModelLoadError(f"{f}: truncated specificationVersion")
 
 
 def read_package_spec(path: str | os.PathLike[str]) -> PackageSpec:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import platform
 import time
 from typing import Any
+
+from bitnet_coreml.check.platform import PlatformInfo
 
 log = logging.getLogger(__name__)
 
@@ -22,22 +23,56 @@ THERMAL_INTERVAL_S = 5.0
 
 @dataclasses.dataclass(frozen=True)
 class PlatformSnapshot:
-    """One reading of the platform."""
+    """One reading of the platform for the predictor.
 
-    os: str
-    machine: str
-    chip: str | None
-    coreml_available: bool
-    coreml_reason: str
-    ane_present: bool | None  # None = unknown
-    ane_generation: str | None
-    memory_total_bytes: int | None
+    The host facts are the check stage's :class:`~bitnet_coreml.check.platform.PlatformInfo` (the one
+    platform model); the snapshot adds only what the runtime refreshes between full readings (available
+    memory, thermal state) and presents the facts in the units the predictor compares (bytes).
+    """
+
+    info: PlatformInfo
     memory_available_bytes: int | None
     thermal_state: str  # nominal | fair | serious | critical | unknown
     source: str  # "check", or "fallback" when detection failed
 
+    @property
+    def os(self) -> str:
+        return f"{self.info.os_name} {self.info.os_version}".strip()
+
+    @property
+    def machine(self) -> str:
+        return self.info.machine
+
+    @property
+    def chip(self) -> str | None:
+        return self.info.chip
+
+    @property
+    def coreml_available(self) -> bool:
+        return bool(self.info.coreml_available)
+
+    @property
+    def coreml_reason(self) -> str:
+        return self.info.coreml_reason
+
+    @property
+    def ane_present(self) -> bool | None:
+        """ANE usable: ``ane_available`` folds in "Core ML can reach it"; ``ane_present`` is the hardware alone."""
+        i = self.info
+        return i.ane_present if i.ane_available is None else (i.ane_available or i.ane_present)
+
+    @property
+    def ane_generation(self) -> str | None:
+        return None if self.info.ane_generation is None else f"Gen {self.info.ane_generation}"
+
+    @property
+    def memory_total_bytes(self) -> int | None:
+        return _mb_to_bytes(self.info.memory_total_mb)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        keys = ("os", "machine", "chip", "coreml_available", "coreml_reason", "ane_present", "ane_generation",
+                "memory_total_bytes", "memory_available_bytes", "thermal_state", "source")
+        return {k: getattr(self, k) for k in keys}
 
     @property
     def hot(self) -> bool:
@@ -55,22 +90,10 @@ def _from_check() -> PlatformSnapshot:
         info = DeviceCompatibilityChecker.get_platform_info()
     except Exception as e:  # a broken detector must not take the reference executor down with it
         log.warning("platform detection failed (%s: %s); Core ML units treated as unavailable", type(e).__name__, e)
-        return PlatformSnapshot(
-            os=platform.system(), machine=platform.machine(), chip=None, coreml_available=False,
-            coreml_reason=f"platform detection failed ({type(e).__name__}: {e}); Core ML units are not trusted",
-            ane_present=None, ane_generation=None, memory_total_bytes=None, memory_available_bytes=None,
-            thermal_state="unknown", source="fallback",
-        )
-    # ane_available folds in "Core ML can reach it"; ane_present is the hardware alone.
-    ane = info.ane_present if info.ane_available is None else (info.ane_available or info.ane_present)
-    return PlatformSnapshot(
-        os=f"{info.os_name} {info.os_version}".strip(), machine=info.machine, chip=info.chip,
-        coreml_available=bool(info.coreml_available), coreml_reason=info.coreml_reason,
-        ane_present=ane, ane_generation=None if info.ane_generation is None else f"Gen {info.ane_generation}",
-        memory_total_bytes=_mb_to_bytes(info.memory_total_mb),
-        memory_available_bytes=_mb_to_bytes(info.memory_available_mb),
-        thermal_state=(info.thermal_state or "unknown").lower(), source="check",
-    )
+        why = f"platform detection failed ({type(e).__name__}: {e}); Core ML units are not trusted"
+        return PlatformSnapshot(PlatformInfo.undetected(why), None, "unknown", "fallback")
+    return PlatformSnapshot(info, _mb_to_bytes(info.memory_available_mb),
+                            (info.thermal_state or "unknown").lower(), "check")
 
 
 def _read_thermal() -> str | None:

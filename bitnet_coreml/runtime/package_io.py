@@ -17,6 +17,10 @@ import numpy as np
 
 from bitnet_coreml.errors import InputError, ModelLoadError
 from bitnet_coreml.executor._types import scalar_for_one
+from bitnet_coreml.vocab import InputSpec
+
+__all__ = ["InputSpec", "PackageInfo", "PredictionInputError", "read_package", "select_inputs", "split_batch",
+           "validate_inputs", "zeros_for"]
 
 
 class PredictionInputError(InputError):
@@ -25,32 +29,6 @@ class PredictionInputError(InputError):
 
 # Core ML multi-array data types (ArrayFeatureType.ArrayDataType) -> numpy.
 _ARRAY_DTYPES = {65552: np.float16, 65568: np.float32, 65600: np.float64, 131104: np.int32, 131080: np.int8}
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """One model input: default shape, allowed shapes (``None`` = the default only) or ranges, dtype."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-    enumerated: tuple[tuple[int, ...], ...] = ()
-    ranges: tuple[tuple[int, int], ...] = ()  # (lower, upper); upper -1 = unbounded
-
-    def shape_ok(self, shape: tuple[int, ...]) -> bool:
-        if self.enumerated:
-            return shape in self.enumerated
-        if self.ranges:
-            return len(shape) == len(self.ranges) and all(
-                lo <= d and (hi < 0 or d <= hi) for d, (lo, hi) in zip(shape, self.ranges, strict=True))
-        return shape == self.shape
-
-    def allowed_shapes(self) -> str:
-        if self.enumerated:
-            return " or ".join(str(list(s)) for s in self.enumerated)
-        if self.ranges:
-            return "[" + ", ".join(f"{lo}..{'inf' if hi < 0 else hi}" for lo, hi in self.ranges) + "]"
-        return str(list(self.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +60,7 @@ def read_package(path: str | os.PathLike[str]) -> PackageInfo:
             raise ModelLoadError(f"package {p}: input {feat.name!r} has unsupported data type {arr.dataType}")
         enumerated = tuple(tuple(int(d) for d in s.shape) for s in arr.enumeratedShapes.shapes)
         ranges = tuple((int(r.lowerBound), int(r.upperBound)) for r in arr.shapeRange.sizeRanges)
-        inputs[feat.name] = InputSpec(feat.name, tuple(int(d) for d in arr.shape), np.dtype(dtype), enumerated, ranges)
+        inputs[feat.name] = InputSpec(tuple(int(d) for d in arr.shape), np.dtype(dtype), enumerated, ranges, feat.name)
     outputs = tuple(o.name for o in spec.description.output)
     weights = p / "Data" / "com.apple.CoreML" / "weights"
     weight_bytes = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) if weights.is_dir() else 0

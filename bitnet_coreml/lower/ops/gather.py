@@ -46,14 +46,19 @@ def _norm_var_indices(idx: Any, dim: int | Any, name: str) -> Any:
     return m.select(cond=neg, a=wrapped, b=idx, name=f"{name}_idx")
 
 
-@lowering("Gather")
-def gather(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+def _gather_inputs(ctx: LoweringContext, node: ir.Node) -> tuple[Any, Any, Any, int, str, np.ndarray | None]:
+    """(data, indices, data shape, axis, op name, the indices normalised when they are constant) of a gather."""
     x, idx = req(ctx, node, 0), req(ctx, node, 1)
     s = static_shape(node, x)
     axis = normalize_axis(node, int(attr(node, "axis", 0)), len(s))
-    nm = ctx.name(node)
-    if is_const(idx):
-        ci = _norm_const_indices(node, idx, s[axis])
+    ci = _norm_const_indices(node, idx, s[axis]) if is_const(idx) else None
+    return x, idx, s, axis, ctx.name(node), ci
+
+
+@lowering("Gather")
+def gather(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
+    x, idx, s, axis, nm, ci = _gather_inputs(ctx, node)
+    if ci is not None:
         if is_const(x):
             return [np.asarray(np.take(np.asarray(x), ci, axis=axis))]
         if ci.ndim == 0:
@@ -73,12 +78,8 @@ def gather(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
 
 @lowering("GatherElements")
 def gather_elements(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
-    x, idx = req(ctx, node, 0), req(ctx, node, 1)
-    s = static_shape(node, x)
-    axis = normalize_axis(node, int(attr(node, "axis", 0)), len(s))
-    nm = ctx.name(node)
-    if is_const(idx):
-        ci = _norm_const_indices(node, idx, s[axis])
+    x, idx, s, axis, nm, ci = _gather_inputs(ctx, node)
+    if ci is not None:
         if is_const(x):
             return [np.take_along_axis(np.asarray(x), ci, axis=axis)]
         iv: Any = mil_array(ci)
