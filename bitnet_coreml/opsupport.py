@@ -27,13 +27,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bitnet_coreml.vocab import DOMAIN, ONNX_DOMAINS
+
 if TYPE_CHECKING:
     import onnx_ir as ir
 
     from bitnet_coreml.check.capabilities import CapabilityDatabase, UnitRule
 
-STD_DOMAINS = ("", "ai.onnx")
-OURS = "bitnet_coreml"
 CONV_OPS = ("Conv", "ConvTranspose")
 UNIT_ORDER = ("ANE", "GPU", "CPU")  # preference: an op runs on the first unit no matching rule excludes
 
@@ -80,7 +80,7 @@ def node_id(node: ir.Node) -> str:
 
 def op_label(node: ir.Node) -> str:
     """``Op`` for the ONNX domain, ``domain::Op`` otherwise: how rows name op types."""
-    return node.op_type if node.domain in STD_DOMAINS else f"{node.domain}::{node.op_type}"
+    return node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}::{node.op_type}"
 
 
 def dims(v: ir.Value) -> list[int | str] | None:
@@ -110,7 +110,7 @@ def int_attr(node: ir.Node, name: str) -> list[int]:
 
 def non_channel_dims(node: ir.Node, v: ir.Value, d: list[int | str]) -> list[int | str]:
     """Dims the max_dimension rule applies to: conv channel axes have their own (max_channels) limit."""
-    if node.domain in STD_DOMAINS and node.op_type in CONV_OPS:
+    if node.domain in ONNX_DOMAINS and node.op_type in CONV_OPS:
         if v.const_value is not None:
             return d[2:]
         return d[:1] + d[2:]
@@ -165,7 +165,7 @@ def _m_op(node: ir.Node, r: UnitRule, q: UnitQuery) -> str | None:
 
 @_matcher("foreign_domain", "the node's domain is neither ONNX nor bitnet_coreml (a custom layer)")
 def _m_foreign(node: ir.Node, r: UnitRule, q: UnitQuery) -> str | None:
-    return None if node.domain in STD_DOMAINS or node.domain == OURS else f"domain {node.domain}"
+    return None if node.domain in ONNX_DOMAINS or node.domain == DOMAIN else f"domain {node.domain}"
 
 
 @_matcher("attribute_above", "an int attribute `attribute` has a value above `above` (e.g. dilations > 1)",
@@ -295,10 +295,10 @@ def expected_unit(node: ir.Node, db: CapabilityDatabase, *, precision: str = "fp
 
 # fused / ONNX op -> what overflows or flushes in fp16, and what the converter does about it.
 FP16_HAZARDS: dict[str, str] = {
-    f"{OURS}::Relu2": "relu(x)^2 overflows fp16 for |x| > sqrt(fp16 max); the fp16 planner rescales the MLP by an "
+    f"{DOMAIN}::Relu2": "relu(x)^2 overflows fp16 for |x| > sqrt(fp16 max); the fp16 planner rescales the MLP by an "
                       "exact power of two before its scale-invariant RMSNorm, or keeps it in fp32",
-    f"{OURS}::RMSNorm": "an epsilon below half of fp16's smallest subnormal rounds to 0",
-    f"{OURS}::BitLinear": "the activation scale Qp / max|x| is not representable once max|x| < Qp / fp16 max; the "
+    f"{DOMAIN}::RMSNorm": "an epsilon below half of fp16's smallest subnormal rounds to 0",
+    f"{DOMAIN}::BitLinear": "the activation scale Qp / max|x| is not representable once max|x| < Qp / fp16 max; the "
                           "lowering divides by max|x| first",
     "Softmax": "an attention mask (-FLT_MAX) becomes -inf in fp16; softmax maps it to exactly 0 (kept in fp16)",
 }
@@ -307,7 +307,7 @@ FP16_HAZARDS: dict[str, str] = {
 def feeds_softmax_only(v: ir.Value) -> bool:
     """True when ``v`` has readers and every one is a Softmax."""
     uses = [u.node for u in v.uses()]
-    return bool(uses) and all(n.domain in STD_DOMAINS and n.op_type == "Softmax" for n in uses)
+    return bool(uses) and all(n.domain in ONNX_DOMAINS and n.op_type == "Softmax" for n in uses)
 
 
 def mask_value(v: ir.Value, hi: float, lo: float, fmax: float) -> bool:
@@ -324,11 +324,14 @@ def mask_constant(v: ir.Value, hi: float, fmax: float) -> bool:
     values only Softmax reads (the check's static test, one step before :func:`mask_value`)."""
     users = [u.node for u in v.uses()]
     return (hi <= fmax and bool(users)
-            and all(n.domain in STD_DOMAINS and n.op_type in ("Add", "Sub", "Where")
+            and all(n.domain in ONNX_DOMAINS and n.op_type in ("Add", "Sub", "Where")
                     and all(feeds_softmax_only(o) for o in n.outputs) for n in users))
 
 
 # --- the table -------------------------------------------------------------------------------------
+
+
+SPLIT_OPS = {"MatMul": "weight B columns", "Gemm": "weight B rows (transB=1)", "Gather": "table rows (axis 0)"}
 
 
 @dataclass(frozen=True)
@@ -340,13 +343,15 @@ class OpSupport:
     mil_ops: tuple[str, ...]
     const_inputs: tuple[int, ...]
     units: tuple[str, ...]  # the units no op-wide rule excludes (attribute/shape rules may exclude more)
-    unit_rules: tuple[str, ...]  # the rows that may move this op off a unit
+    why: dict[str, str]  # excluded unit -> the reason of the op-wide row excluding it
+    unit_rules: tuple[str, ...]  # the rows that may move this op off a unit (op-wide or per node)
+    limits: dict[str, Any]  # shape and dtype limits that apply to it, from the capability database
     fp16_hazard: str | None
 
     def to_dict(self) -> dict[str, Any]:
         return {"op": self.op, "lowers": self.lowers, "mil_ops": list(self.mil_ops),
-                "const_inputs": list(self.const_inputs), "units": list(self.units),
-                "unit_rules": list(self.unit_rules), "fp16_hazard": self.fp16_hazard}
+                "const_inputs": list(self.const_inputs), "units": list(self.units), "why": dict(self.why),
+                "unit_rules": list(self.unit_rules), "limits": dict(self.limits), "fp16_hazard": self.fp16_hazard}
 
 
 def _split_op(op: str) -> tuple[str, str]:
@@ -361,21 +366,28 @@ def op_support(op: str, db: CapabilityDatabase | None = None) -> OpSupport:
     db = database(db)
     domain, op_type = _split_op(op)
     lowers = registry.lowers(domain, op_type)
-    excluded: set[str] = set()
+    why: dict[str, str] = {}
     rules: list[str] = []
-    foreign = domain not in STD_DOMAINS and domain != OURS
+    limits: dict[str, Any] = {"max_rank": max_rank(db), "max_dimension": max_dimension(db)}
+    if op in SPLIT_OPS:
+        limits["split_by_converter"] = SPLIT_OPS[op]
+    foreign = domain not in ONNX_DOMAINS and domain != DOMAIN
     for r in db.unit_rules.values():
-        if r.ops and op not in r.ops:
+        if (r.ops and op not in r.ops) or (r.match == "foreign_domain" and not foreign):
             continue
-        always = (r.match == "op" and op in r.ops) or (r.match == "foreign_domain" and foreign)
-        if always:
-            excluded |= set(r.excludes)
-            rules.append(r.id)
-        elif r.match != "foreign_domain":
-            rules.append(r.id)  # decided per node (attributes, shapes, precision)
+        rules.append(r.id)
+        if r.match in ("op", "foreign_domain"):  # every node of the op
+            for u in r.excludes:
+                why.setdefault(u, r.reason)
+        elif r.match == "conv_weight_above_limit":
+            limits["max_channels"] = int(limit("max_channels", db=db))
+            limits["max_conv_kernel_width"] = int(limit("max_conv_kernel_width", db=db))
+        elif r.match == "dtype":
+            for u in r.excludes:  # element types that keep the op off a unit
+                limits.setdefault("dtypes_off", {}).setdefault(u, []).extend(r.dtypes)
     return OpSupport(op, lowers, registry.mil_ops(domain, op_type) if lowers else (),
                      registry.const_inputs(domain, op_type) if lowers else (),
-                     tuple(u for u in UNIT_ORDER if u not in excluded), tuple(rules), FP16_HAZARDS.get(op))
+                     tuple(u for u in UNIT_ORDER if u not in why), why, tuple(rules), limits, FP16_HAZARDS.get(op))
 
 
 def support_table(db: CapabilityDatabase | None = None) -> list[OpSupport]:

@@ -10,6 +10,7 @@
   (``ct.ComputeUnit``: ``CPU_AND_NE``, ``CPU_AND_GPU``, ``CPU_ONLY``, ``ALL``).
 * Embedding palettization bits.
 * Deployment targets (:class:`Target`) and model input specs (:class:`InputSpec`).
+* Op domains: ONNX's default domain spellings and the fused ops' domain.
 
 Every parser here accepts the forms users type (``iOS17``, ``ios17``, ``iOS 17``, ``17``,
 ``macOS14.4``, ``CPU_AND_NE``) and every printer emits one form. Nothing here imports numpy,
@@ -24,6 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitnet_coreml.errors import InputError
+
+# --- op domains -------------------------------------------------------------------------------------
+
+ONNX_DOMAINS = ("", "ai.onnx")  # how a node of the default ONNX domain spells it
+DOMAIN = "bitnet_coreml"  # the fused ops' domain (BitLinear, RMSNorm, Relu2, KVCacheUpdate)
 
 # --- targets and OS versions -------------------------------------------------------------------------
 

@@ -26,8 +26,6 @@ from bitnet_coreml.check.split import SplitInfo, gemm_bias_of, split_of
 from bitnet_coreml.check.split import nodes_needing_split as _split_nodes
 from bitnet_coreml.opsupport import (
     CONV_OPS,
-    OURS,
-    STD_DOMAINS,
     OpUnit,
     conv_weight,
     expected_unit,
@@ -39,14 +37,14 @@ from bitnet_coreml.opsupport import max_dimension as _max_dimension
 from bitnet_coreml.opsupport import node_id as _nid
 from bitnet_coreml.opsupport import non_channel_dims as _non_channel_dims
 from bitnet_coreml.opsupport import op_label as _op
+from bitnet_coreml.vocab import DOMAIN, ONNX_DOMAINS
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
     from bitnet_coreml.check.target import ResolvedTarget
 
-_STD = STD_DOMAINS
-__all__ = ["OURS", "OpUnit", "expected_unit", "expected_units", "nodes_needing_split"]
+__all__ = ["OpUnit", "expected_unit", "expected_units", "nodes_needing_split"]
 _INT8_COMPUTE_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv")
 _FLOAT_DTYPES = {"FLOAT", "DOUBLE", "BFLOAT16"}
 
@@ -333,7 +331,7 @@ def _conv(ctx: RuleContext) -> Iterator[Finding]:
     ch = ctx.db.limit("max_channels")
     kw = ctx.db.limit("max_conv_kernel_width")
     for n in ctx.model.graph:
-        cw = conv_weight(n) if n.domain in _STD and n.op_type in CONV_OPS else None
+        cw = conv_weight(n) if n.domain in ONNX_DOMAINS and n.op_type in CONV_OPS else None
         if cw is None:
             continue
         wd, chans, _ = cw
@@ -364,7 +362,7 @@ def _int8(ctx: RuleContext) -> Iterator[Finding]:
     lim = ctx.db.limit("int8_compute")
     chip = ctx.target.chip
     for n in ctx.model.graph:
-        if n.domain in _STD and n.op_type in _INT8_COMPUTE_OPS:
+        if n.domain in ONNX_DOMAINS and n.op_type in _INT8_COMPUTE_OPS:
             if chip is not None and chip.int8_compute:
                 continue
             who = (f"{chip.name} has no int8 x int8 compute" if chip is not None and chip.int8_compute is False
@@ -401,13 +399,13 @@ def _fp16(ctx: RuleContext) -> Iterator[Finding]:
                               f"its consumers ({', '.join(o.consumers) or 'none'}) in fp32, off the ANE",
                               o.value, o.peak, fmax, lim.source)
     for n in ctx.model.graph:
-        if n.domain == OURS and n.op_type == "Relu2":
+        if n.domain == DOMAIN and n.op_type == "Relu2":
             yield Finding("fp16_relu2_overflow", "info",
                           f"Relu2 {_nid(n)}: relu(x)^2 overflows fp16 for |x| > {math.sqrt(fmax):.1f}",
                           _nid(n), None, fmax, lim.source,
                           fixed_by="the converter's fp16-safety pass measures the MLP on a calibration input and "
                                    "rescales it by an exact power of two, or keeps it in fp32")
-        if n.domain == OURS and n.op_type == "RMSNorm" and "epsilon" in n.attributes:
+        if n.domain == DOMAIN and n.op_type == "RMSNorm" and "epsilon" in n.attributes:
             eps = n.attributes["epsilon"].as_float()
             if 0 < eps < fmin_sub / 2:
                 yield Finding("fp16_epsilon", "warning",
@@ -422,7 +420,7 @@ def needed_features(model: ir.Model, embed_bits: int | None, *, stateful: bool =
     out: list[tuple[str, str | None]] = [("mlprogram", None)]
     if stateful:  # a KV cache as state, in a package with prefill and decode functions
         out += [("state_tensors", None), ("multifunction", None)]
-    first = next((_nid(n) for n in model.graph if n.domain == OURS and n.op_type == "BitLinear"), None)
+    first = next((_nid(n) for n in model.graph if n.domain == DOMAIN and n.op_type == "BitLinear"), None)
     if first is not None:
         out.append(("constexpr_lut_to_dense", first))
     elif embed_bits is not None:

@@ -22,14 +22,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from bitnet_coreml.opsupport import STD_DOMAINS, max_dimension, node_id
+from bitnet_coreml.opsupport import max_dimension, node_id
+from bitnet_coreml.vocab import ONNX_DOMAINS
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
     from bitnet_coreml.check.capabilities import CapabilityDatabase
 
-_STD = STD_DOMAINS
 __all__ = ["SplitInfo", "gemm_bias_of", "node_id", "nodes_needing_split", "split_chunks", "split_of"]
 
 
@@ -94,7 +94,7 @@ def gemm_bias_of(node: ir.Node, limit: int) -> ir.Value | None:
 
 def split_of(node: ir.Node, limit: int) -> SplitInfo | None:
     """The split the converter applies to ``node``, or None."""
-    if node.domain not in _STD or limit <= 0:
+    if node.domain not in ONNX_DOMAINS or limit <= 0:
         return None
     if node.op_type == "MatMul" and len(node.inputs) == 2:
         idx, axis = 1, 1

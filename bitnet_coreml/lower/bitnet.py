@@ -35,8 +35,7 @@ from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.errors import InputError, UnsupportedOpError
 from bitnet_coreml.lower.ops.elementwise import round_half_even  # the one exact ties-to-even helper
 from bitnet_coreml.lower.registry import LoweringContext, lowering
-
-DOMAIN = "bitnet_coreml"
+from bitnet_coreml.vocab import DOMAIN
 
 # LUT of the 2-bit ternary weights: index = code + 1; index 3 is unused padding.
 TERNARY_LUT = np.array([-1.0, 0.0, 1.0, 0.0], dtype=np.float32)

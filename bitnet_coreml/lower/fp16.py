@@ -31,13 +31,13 @@ import onnxruntime as ort
 
 from bitnet_coreml.errors import InputError
 from bitnet_coreml.opsupport import fp16_max, mask_value
+from bitnet_coreml.vocab import DOMAIN
 
 log = logging.getLogger(__name__)
 
 FP16_MAX = fp16_max()  # the capability database's limits.fp16_range.max (65504)
 HEADROOM = 8.0  # a calibration input is one sample: leave 8x (3 binades) of room above what it shows
 TARGET_MAX = 2048.0  # after rescaling, the MLP's largest value aims to sit at or below this
-DOMAIN = "bitnet_coreml"
 _FEED_BYTES = 1 << 16  # initializers at least this large are fed to ORT as inputs
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 

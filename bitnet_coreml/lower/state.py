@@ -26,8 +26,8 @@ import onnx_ir as ir
 from bitnet_coreml._quiet import coremltools
 from bitnet_coreml.errors import UnsupportedOpError
 from bitnet_coreml.lower.registry import LoweringContext, lowering
+from bitnet_coreml.vocab import DOMAIN
 
-DOMAIN = "bitnet_coreml"
 SHARE_PASS = "bitnet_coreml::share_weights_across_functions"
 NAME_PASS = "bitnet_coreml::name_state_writes_pass"
 

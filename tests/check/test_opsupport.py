@@ -77,6 +77,9 @@ def test_a_user_row_overrides_a_bundled_row_by_id(tmp_path: Path) -> None:
     r = db.unit_rules["gather_cpu"]
     assert r.unit == "GPU" and r.match == "op" and "Gather" in r.ops  # the other fields are the bundled row's
     assert op_support("Gather", db).units == ("GPU", "CPU")
+    db2 = load_capabilities(_caps(tmp_path, "[[unit_rule]]\nid = 'f64'\nmatch = 'dtype'\ndtypes = ['DOUBLE']\n"
+                                  "excludes = ['ANE', 'GPU']\nreason = 'r'\nsource = 's'\n"))
+    assert op_support("Add", db2).limits["dtypes_off"] == {"ANE": ["DOUBLE"], "GPU": ["DOUBLE"]}
     assert op_support("Gather").units == ("CPU",)
 
 
@@ -86,6 +89,13 @@ def test_the_table_names_what_does_not_lower() -> None:
     bl = op_support("bitnet_coreml::BitLinear")
     assert bl.lowers and "constexpr_lut_to_dense" in bl.mil_ops and bl.const_inputs == (1, 2)
     assert bl.fp16_hazard and op_support("bitnet_coreml::Relu2").fp16_hazard
+    gather = op_support("Gather")
+    assert gather.units == ("CPU",) and gather.why["ANE"] == "gather/embedding lookups fall off the ANE"
+    assert gather.limits["max_dimension"] == 16384 and "split_by_converter" in gather.limits
+    conv = op_support("Conv")
+    assert conv.units == ("ANE", "GPU", "CPU") and {"dilated_conv_gpu", "large_channels_gpu"} <= set(conv.unit_rules)
+    assert (conv.limits["max_channels"], conv.limits["max_conv_kernel_width"], conv.limits["max_rank"]) == (65536, 13, 5)
+    assert op_support("com.example::MyOp").units == ("CPU",)  # a custom layer
 
 
 @pytest.mark.parametrize("name", ["bitnet_packed", "bitnet_bigvocab"])
