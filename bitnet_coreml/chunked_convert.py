@@ -71,23 +71,25 @@ class Prepared:
 
 
 def _limit_and_db(options: Any) -> tuple[int, Any]:
-    from bitnet_coreml.check import Target  # noqa: PLC0415
     from bitnet_coreml.check.capabilities import default_database, load_capabilities  # noqa: PLC0415
+    from bitnet_coreml.check.target import resolve  # noqa: PLC0415
+    from bitnet_coreml.vocab import Target  # noqa: PLC0415
 
     platform, min_os = options.resolved_target()
     db = load_capabilities(*options.capabilities) if options.capabilities else default_database()
-    target = Target(platform=platform, chip=options.chip, min_os=min_os.version if min_os else None).resolve(db)
+    target = resolve(Target(platform=platform, chip=options.chip, min_os=min_os.version if min_os else None), db)
     return int(target.package_limit_bytes), db
 
 
 def plan_for_model(model: ir.Model, requested: int | str, *, embed_bits: int | None, precision: str, limit: int,
-                   split_limit: int = 16384, what: str = "model") -> Any:
+                   split_limit: int | None = None, what: str = "model") -> Any:
     """The :class:`~bitnet_coreml.chunking.ChunkPlan` for ``model`` (after the default passes, before or
-    after the split): what ``convert --chunks`` cuts and what ``check`` suggests."""
+    after the split): what ``convert --chunks`` cuts and what ``check`` suggests. The size estimate splits at
+    ``split_limit`` (0 or None: the capability database's ``max_dimension``)."""
     from bitnet_coreml.chunking import graph_units, plan_chunks, size_of_tensors  # noqa: PLC0415
 
     units = graph_units(model.graph, what)
-    sizes = size_of_tensors(model, embed_bits=embed_bits, precision=precision, split_limit=split_limit or 16384)
+    sizes = size_of_tensors(model, embed_bits=embed_bits, precision=precision, split_limit=split_limit or None)
     return plan_chunks(model, requested, limit=limit, tensor_bytes=sizes, what=what, units=units)
 
 
@@ -114,7 +116,7 @@ def _stateful_pieces(p: Prepared, ranges: tuple[tuple[int, int], ...]) -> tuple[
     o = p.options
     cache = "fp16x2" if o.precision == "fp32" else "fp16"
     models = function_models(p.source, prefill=o.prefill, context=p.context, prefill_logits=o.prefill_logits,
-                             embed_dtype=p.embed_dtype, cache=cache, split_limit=o.split_limit,
+                             embed_dtype=p.embed_dtype, cache=cache, split_limit=o.resolved_split_limit(),
                              allow_dequant=o.allow_dequant)
     if p.plan is not None:
         for name, m in models.items():
@@ -139,7 +141,7 @@ def convert_chunked(p: Prepared) -> Any:
     limit, _db = _limit_and_db(o)
     units = graph_units(p.model.graph, p.source)
     plan = plan_for_model(p.model, o.chunks, embed_bits=o.embed_bits, precision=o.precision, limit=limit,
-                          split_limit=o.split_limit, what=p.source)
+                          split_limit=o.resolved_split_limit(), what=p.source)
     pieces = cut_model(p.model, units, plan.ranges, boundary=_boundary_dtype(o.precision), what=p.source)
     p.notes.append(f"chunks: {plan.count} piece(s) ({o.chunks}): "
                    + "; ".join(f"{k}: {plan.describe(k)}, ~{b / 1e6:.1f} MB" for k, b in enumerate(plan.piece_bytes))

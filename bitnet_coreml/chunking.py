@@ -342,9 +342,10 @@ def dataclass_replace(plan: ChunkPlan, **changes: Any) -> ChunkPlan:
 
 
 def size_of_tensors(model: ir.Model, *, embed_bits: int | None, precision: str,
-                    split_limit: int = 16384) -> Callable[[set[str]], int]:
+                    split_limit: int | None = None) -> Callable[[set[str]], int]:
     """``tensor_bytes`` for :func:`plan_chunks`: the weight-file bytes of a piece holding the named initializers,
-    from the converter's size estimate of the whole model (``check.size``)."""
+    from the converter's size estimate of the whole model (``check.size``; ``split_limit`` defaults to the
+    capability database's ``max_dimension``)."""
     from bitnet_coreml.check.size import blob_file_bytes, estimate_weight_bytes  # noqa: PLC0415
 
     est = estimate_weight_bytes(model, embed_bits=embed_bits, precision=precision, split_limit=split_limit)
