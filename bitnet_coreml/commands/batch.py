@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from bitnet_coreml.commands._common import echo_json
-from bitnet_coreml.errors import EXIT_RUNTIME
+from bitnet_coreml.errors import EXIT_RUNTIME, InputError
 
 
 def _factory(package: Path, units: str | None, strict: bool) -> Any:
@@ -18,6 +18,25 @@ def _factory(package: Path, units: str | None, strict: bool) -> Any:
 
     chain = tuple(u.strip() for u in units.split(",") if u.strip()) if units else None
     return RuntimeFactory(package, units=chain, strict=strict)
+
+
+def _generation_job(package: Path, dataset: Path, units: str | None, max_new_tokens: int,
+                    options: Any) -> tuple[Any, Any] | None:
+    """``(factory, prompts)`` when PACKAGE is stateful (a generation batch), else None."""
+    if not (package / "Manifest.json").is_file():
+        return None
+    from bitnet_coreml.package.stateful import stateful_info
+
+    if stateful_info(package) is None:
+        return None
+    from bitnet_coreml.jobs.generation import GenerationFactory, PromptLines
+
+    if options.output_format != "npz":
+        raise InputError(f"--output-format {options.output_format}: a generation batch (stateful package) writes "
+                         "one JSON document per prompt and generations.jsonl")
+    prompts = PromptLines(dataset, max_new_tokens)
+    chain = tuple(u.strip() for u in units.split(",") if u.strip()) if units else None
+    return GenerationFactory(package, prompts, chain), prompts
 
 
 def _workers(value: str) -> int:
@@ -62,17 +81,23 @@ class _Terminated(KeyboardInterrupt):
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where to run: this machine, or a Ray cluster (needs the `ray` extra).")
 @click.option("--ray-address", default=None, help="Ray cluster address (default: start or join a local one).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Generation batches: new tokens per prompt unless its line says otherwise.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def batch(package: Path, dataset: Path, outdir: Path, workers: str, strict: bool, output_format: str,
-          shard_size: int, restart: bool, verbose: bool,
-          units: str | None, engine: str, ray_address: str | None, as_json: bool, progress: bool | None) -> None:
+          shard_size: int, restart: bool, verbose: bool, units: str | None, engine: str, ray_address: str | None,
+          max_new_tokens: int, as_json: bool, progress: bool | None) -> None:
     """Run PACKAGE over every item of DATASET and write the outputs to JOBDIR.
 
     DATASET is a folder of .npz files, one .npz whose arrays share a leading batch dimension, or a
-    .jsonl file of named arrays. A failing item is recorded and the job goes on; rerunning the same
-    command skips finished items (checksums verified). Exit 0 when every item succeeded, 3 when
-    some failed (listed in the summary and the manifest); Ctrl-C exits 130, SIGTERM 143.
+    .jsonl file of named arrays. For a stateful PACKAGE (convert --stateful) it is a .jsonl file of
+    prompts, one JSON object per line with "prompt" or "ids" (and optional "id", "max_new_tokens",
+    "stop", "temperature", "top_k", "top_p", "repetition_penalty", "seed"); JOBDIR then gets
+    generations.jsonl (text, ids, timings, unit per prompt). A failing item is recorded and the job
+    goes on; rerunning the same command skips finished items (checksums verified). Exit 0 when every
+    item succeeded, 3 when some failed (listed in the summary and the manifest); Ctrl-C exits 130,
+    SIGTERM 143.
     """
     import signal
 
@@ -80,8 +105,12 @@ def batch(package: Path, dataset: Path, outdir: Path, workers: str, strict: bool
 
     options = BatchOptions(workers=_workers(workers), engine=engine, ray_address=ray_address, restart=restart,
                            verbose=verbose, output_format=output_format, shard_size=shard_size)
-    factory = _factory(package, units, strict)
-    ds = open_dataset(dataset)
+    generation = _generation_job(package, dataset, units, max_new_tokens, options)
+    if generation is not None:
+        factory, ds = generation
+    else:
+        factory = _factory(package, units, strict)
+        ds = open_dataset(dataset)
     tty = sys.stderr.isatty()
     show = (not as_json and tty) if progress is None else progress
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -99,6 +128,10 @@ def batch(package: Path, dataset: Path, outdir: Path, workers: str, strict: bool
         sys.exit(code)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if generation is not None:
+        from bitnet_coreml.jobs.generation import finish_generations
+
+        summary = finish_generations(summary, outdir, ds)
     if as_json:
         echo_json(summary)
     else:
@@ -190,6 +223,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     if run["units"]:
         t.add_row("compute units", ", ".join(f"{k}: {v}" for k, v in sorted(run["units"].items())))
     t.add_row("job complete", f"{job['ok']}/{job['items']} ok" + ("" if job["complete"] else f", {job['failed']} failed"))
+    if "generations" in s:
+        t.add_row("generations", f"{s['generations']['items']} in {s['generations']['file']}")
     console = Console()
     console.print(t)
     for f in run["failures"][:5]:

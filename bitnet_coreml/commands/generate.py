@@ -74,6 +74,7 @@ def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: s
              stop: tuple[str, ...], units: str, tokenizer_dir: Path | None, fp32: bool, as_json: bool) -> None:
     """Generate text from a stateful PACKAGE (`convert --stateful`), streaming it to stdout."""
     from bitnet_coreml.generation import GenerationSession, SamplingConfig, TextStream  # noqa: PLC0415
+    from bitnet_coreml.generation.tokenizer import cut_at_stop  # noqa: PLC0415
     from bitnet_coreml.runtime import FallbackStrategy, FaultPlan  # noqa: PLC0415
 
     source = _prompt(prompt, prompt_file, ids)
@@ -99,14 +100,14 @@ def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: s
             continue
         stream.push(tok)
         full = stream.text
-        cut = min((full.find(s) for s in stops if s in full), default=-1)
-        end = cut if cut >= 0 else len(full) - hold
+        kept, found = cut_at_stop(full, stops)
+        end = len(kept) if found else len(full) - hold
         if end > len(text):
             if not as_json:
                 click.echo(full[len(text):end], nl=False)
                 sys.stdout.flush()
             text = full[:end]
-        if cut >= 0:
+        if found:
             stopped = True
             break
     if stream is not None and not stopped:

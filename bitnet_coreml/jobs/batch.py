@@ -101,7 +101,14 @@ ProgressFn = Callable[[BatchEvent], None]
 
 
 def process_item(predictor: ItemPredictor, ref: ItemRef, outdir: Path) -> ItemRecord:
-    """Load, predict and write one item; a failure of this item is returned as an error record."""
+    """Load, predict and write one item; a failure of this item is returned as an error record.
+
+    A predictor with its own ``process_item(ref, outdir)`` (a generation worker, ``jobs/generation.py``)
+    handles its items itself, with the same contract.
+    """
+    own = getattr(predictor, "process_item", None)
+    if own is not None:
+        return own(ref, outdir)  # type: ignore[no-any-return]
     rel = f"{OUTPUTS}/{safe_name(ref.id)}.npz"
     try:
         inputs = load_item(ref)
