@@ -168,10 +168,18 @@ def _m_foreign(node: ir.Node, r: UnitRule, q: UnitQuery) -> str | None:
     return None if node.domain in ONNX_DOMAINS or node.domain == DOMAIN else f"domain {node.domain}"
 
 
-@_matcher("attribute_above", "an int attribute `attribute` has a value above `above` (e.g. dilations > 1)",
+def number_attr(node: ir.Node, name: str) -> list[int | float]:
+    """The numbers of an int, float, ints or floats attribute ([] when absent or of another kind)."""
+    a = node.attributes.get(name)
+    v = a.value if a is not None else None
+    vals = list(v) if isinstance(v, (list, tuple)) else [v]
+    return [x for x in vals if isinstance(x, (int, float)) and not isinstance(x, bool)]
+
+
+@_matcher("attribute_above", "a numeric attribute `attribute` has a value above `above` (e.g. dilations > 1)",
           ("attribute", "above"))
 def _m_attr(node: ir.Node, r: UnitRule, q: UnitQuery) -> str | None:
-    vals = int_attr(node, str(r.attribute))
+    vals = number_attr(node, str(r.attribute))
     return f"{r.attribute} {vals}" if any(x > float(r.above or 0) for x in vals) else None
 
 

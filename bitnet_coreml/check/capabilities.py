@@ -418,7 +418,7 @@ def _unit_rule(row: Mapping[str, Any], where: str) -> UnitRule:
     m = MATCHERS.get(row["match"])
     if m is None:
         raise ConfigError(f"{where}: unknown matcher match = {row['match']!r}; known: {', '.join(MATCHERS)}")
-    missing = [p for p in m.params if not row.get(p)]
+    missing = [p for p in m.params if row.get(p) in (None, "", [])]
     if missing:
         raise ConfigError(f"{where}: matcher {row['match']!r} needs {' and '.join(repr(p) for p in missing)}")
     if "excludes" in row:

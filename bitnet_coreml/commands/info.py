@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from bitnet_coreml.commands._common import echo_json, table
@@ -14,13 +16,19 @@ def _u(v: object) -> str:
 @click.command("info")
 @click.option("--capabilities", "cap_files", multiple=True, type=click.Path(path_type=str),
               help="Extra capability TOML file(s) merged over the bundled database.")
+@click.option("--ops", "show_ops", is_flag=True,
+              help="Show the op-support table instead: the placement rules, then every op the converter lowers "
+                   "with its MIL ops and the units it can run on.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(cap_files: tuple[str, ...], as_json: bool) -> None:
+def info(cap_files: tuple[str, ...], show_ops: bool, as_json: bool) -> None:
     """Show what this machine can run and the capability database (chips, ANE generations, limits)."""
     from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
     from bitnet_coreml.check.platform import DeviceCompatibilityChecker  # noqa: PLC0415
 
     db = load_capabilities(*cap_files)
+    if show_ops:
+        _ops(db, as_json)
+        return
     p = DeviceCompatibilityChecker.get_platform_info(db=db)
     if as_json:
         echo_json({"platform": p.to_dict(), "capabilities": db.to_dict()})
@@ -66,3 +74,29 @@ def info(cap_files: tuple[str, ...], as_json: bool) -> None:
     con.print(lim)
     con.print(f"{len(db.devices)} GPU device rows and the source of every row: bitnet-coreml info --json")
     con.print(f"capability files: {', '.join(db.files)}")
+
+
+def _ops(db: Any, as_json: bool) -> None:
+    """``info --ops``: the ``[[unit_rule]]`` rows and the op-support table (``bitnet_coreml.opsupport``)."""
+    from dataclasses import asdict  # noqa: PLC0415
+
+    from bitnet_coreml.opsupport import support_table  # noqa: PLC0415
+
+    rows = support_table(db)
+    if as_json:
+        echo_json({"unit_rules": [asdict(r) for r in db.unit_rules.values()], "ops": [r.to_dict() for r in rows]})
+        return
+    from rich.console import Console  # noqa: PLC0415
+
+    con = Console()
+    rules = table("rule", "matches", "off", "reason", title="Placement rules (unit_rule rows, in order)",
+                  whole=("rule", "off"))
+    for r in db.unit_rules.values():
+        rules.add_row(r.id, r.match + (f" {', '.join(r.ops)}" if r.ops else ""), ",".join(r.excludes), r.reason)
+    con.print(rules)
+    ops = table("op", "runs on", "MIL ops", title=f"Ops the converter lowers ({len(rows)})", whole=("op", "runs on"))
+    for o in rows:
+        ops.add_row(o.op, ",".join(o.units), " ".join(o.mil_ops) or "(folded to constants)")
+    con.print(ops)
+    con.print("every op may also leave the ANE per node (shapes, attributes, precision): the rules above; "
+              "each op's limits and reasons: bitnet-coreml info --ops --json")

@@ -83,6 +83,26 @@ def test_a_user_row_overrides_a_bundled_row_by_id(tmp_path: Path) -> None:
     assert op_support("Gather").units == ("CPU",)
 
 
+def test_an_attribute_row_reads_float_attributes_and_a_zero_threshold(tmp_path: Path) -> None:
+    import onnx_ir as ir  # noqa: PLC0415
+
+    from bitnet_coreml.opsupport import expected_unit  # noqa: PLC0415
+
+    db = load_capabilities(_caps(tmp_path, "[[unit_rule]]\nid = 'leaky'\nmatch = 'attribute_above'\n"
+                                 "ops = ['LeakyRelu']\nattribute = 'alpha'\nabove = 0\nexcludes = ['ANE']\n"
+                                 "reason = 'r'\nsource = 's'\n"))
+    x = ir.val("x", ir.DataType.FLOAT16, ir.Shape([1, 4]))
+
+    def unit(alpha: float) -> tuple[str, str]:
+        n = ir.node("LeakyRelu", [x], attributes={"alpha": alpha}, name="l")
+        n.outputs[0].shape, n.outputs[0].dtype = ir.Shape([1, 4]), ir.DataType.FLOAT16
+        u = expected_unit(n, db)
+        return u.unit, u.reason
+
+    assert unit(0.01) == ("GPU", "r (alpha [0.01])")  # 0.01 > 0: float attribute, threshold 0 is a value
+    assert unit(-0.5)[0] == "ANE"
+
+
 def test_the_table_names_what_does_not_lower() -> None:
     det = op_support("Det")
     assert not det.lowers and det.mil_ops == ()
@@ -149,3 +169,17 @@ def test_limits_come_from_the_database(tmp_path: Path) -> None:
     assert ConvertOptions().resolved_split_limit() == 16384  # the bundled limits.max_dimension
     assert ConvertOptions(capabilities=(caps,)).resolved_split_limit() == 4096
     assert ConvertOptions(capabilities=(caps,), split_limit=0).resolved_split_limit() == 0
+
+
+def test_info_ops_prints_the_table_with_user_rows(tmp_path: Path) -> None:
+    caps = _caps(tmp_path, "[[unit_rule]]\nid = 'softmax_gpu'\nmatch = 'op'\nops = ['Softmax']\nexcludes = ['ANE']\n"
+                           "reason = 'ours'\nsource = 's'\n")
+    code, out, _ = _run("info", "--ops", "--json", "--capabilities", caps)
+    d = json.loads(out)
+    assert code == 0 and [r["id"] for r in d["unit_rules"]][-1] == "softmax_gpu"
+    ops = {o["op"]: o for o in d["ops"]}
+    assert "Det" not in ops and ops["bitnet_coreml::BitLinear"]["lowers"]  # the ops the converter lowers
+    assert ops["Softmax"]["units"] == ["GPU", "CPU"] and ops["Softmax"]["why"] == {"ANE": "ours"}
+    assert ops["Gather"]["units"] == ["CPU"] and ops["Add"]["units"] == ["ANE", "GPU", "CPU"]
+    code, out, _ = _run("info", "--ops")
+    assert code == 0 and "softmax_gpu" not in out and "gather_cpu" in out and "constexpr_lut_to_dense" in out
