@@ -53,6 +53,7 @@ class Prepared:
     options: Any  # ConvertOptions
     model: ir.Model  # after passes, split and the fp16 plan
     plan: Any  # lower.fp16.Fp16Plan or None
+    chunk_plan: Any  # chunking.ChunkPlan (plan_for_options, before the split)
     build: Any  # lower.program.BuildOptions
     platform: str
     want_ios: int
@@ -70,7 +71,7 @@ class Prepared:
     stage: Callable[[str], None]
 
 
-def _limit_and_db(options: Any) -> tuple[int, Any]:
+def _limit(options: Any) -> int:
     from bitnet_coreml.check.capabilities import default_database, load_capabilities  # noqa: PLC0415
     from bitnet_coreml.check.target import resolve  # noqa: PLC0415
     from bitnet_coreml.vocab import Target  # noqa: PLC0415
@@ -78,7 +79,7 @@ def _limit_and_db(options: Any) -> tuple[int, Any]:
     platform, min_os = options.resolved_target()
     db = load_capabilities(*options.capabilities) if options.capabilities else default_database()
     target = resolve(Target(platform=platform, chip=options.chip, min_os=min_os.version if min_os else None), db)
-    return int(target.package_limit_bytes), db
+    return int(target.package_limit_bytes)
 
 
 def plan_for_model(model: ir.Model, requested: int | str, *, embed_bits: int | None, precision: str, limit: int,
@@ -93,8 +94,24 @@ def plan_for_model(model: ir.Model, requested: int | str, *, embed_bits: int | N
     return plan_chunks(model, requested, limit=limit, tensor_bytes=sizes, what=what, units=units)
 
 
+def plan_for_options(model: ir.Model, options: Any, source: str) -> Any:
+    """``convert``'s chunk plan: ``options.chunks`` against the target's per-file limit."""
+    limit = _limit(options)
+    return plan_for_model(model, options.chunks, embed_bits=options.embed_bits, precision=options.precision,
+                          limit=limit, split_limit=options.resolved_split_limit(), what=source)
+
+
 def _boundary_dtype(precision: str) -> ir.DataType:
     return ir.DataType.FLOAT16 if precision == "fp16" else ir.DataType.FLOAT
+
+
+def _direct(build: Any) -> Any:
+    """Which residual stream values the unchunked program builds in fp16 itself (``chunking.cut_model``)."""
+    from bitnet_coreml.chunking import casts_up  # noqa: PLC0415
+
+    if not build.native_fp16:
+        return None  # built fp32, made fp16 by coremltools' pass: the pieces cast in and out the same way
+    return (lambda _v: True) if build.native_casts else (lambda v: not casts_up(v))
 
 
 def _check_piece(piece: ir.Model, k: int, label: str, options: Any, source: str) -> dict[str, Any]:
@@ -123,8 +140,9 @@ def _stateful_pieces(p: Prepared, ranges: tuple[tuple[int, int], ...]) -> tuple[
             missing = apply_fp16_plan(m, p.plan)
             if missing:
                 p.notes.append(f"{name}: fp32 node(s) of the stateless graph not found by name: {', '.join(missing)}")
+    build = dataclasses.replace(p.build, native_casts=True) if p.build.native_fp16 else p.build
     cut = {name: cut_model(m, graph_units(m.graph, f"{p.source} ({name})"), ranges,
-                           boundary=_boundary_dtype(o.precision), what=f"{p.source} ({name})")
+                           boundary=_boundary_dtype(o.precision), what=f"{p.source} ({name})", direct=_direct(build))
            for name, m in models.items()}
     return [{name: cut[name][k] for name in cut} for k in range(len(ranges))], cache
 
@@ -138,11 +156,11 @@ def convert_chunked(p: Prepared) -> Any:
     o = p.options
     p.stage("plan chunks")
     t0 = time.perf_counter()
-    limit, _db = _limit_and_db(o)
+    plan = p.chunk_plan
+    limit = plan.limit
     units = graph_units(p.model.graph, p.source)
-    plan = plan_for_model(p.model, o.chunks, embed_bits=o.embed_bits, precision=o.precision, limit=limit,
-                          split_limit=o.resolved_split_limit(), what=p.source)
-    pieces = cut_model(p.model, units, plan.ranges, boundary=_boundary_dtype(o.precision), what=p.source)
+    pieces = cut_model(p.model, units, plan.ranges, boundary=_boundary_dtype(o.precision), what=p.source,
+                       direct=_direct(p.build))
     p.notes.append(f"chunks: {plan.count} piece(s) ({o.chunks}): "
                    + "; ".join(f"{k}: {plan.describe(k)}, ~{b / 1e6:.1f} MB" for k, b in enumerate(plan.piece_bytes))
                    + f" (per-file limit {limit / 1e6:.0f} MB)")

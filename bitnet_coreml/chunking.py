@@ -127,12 +127,31 @@ def _piece_nodes(graph: ir.Graph, units: Units, start: int, stop: int, what: str
     return sorted([*own, *extra.values()], key=lambda n: units.order[id(n)])
 
 
+def casts_up(value: ir.Value) -> bool:
+    """True when ``value`` is computed from a Cast to float32 (a checkpoint graph casts its fp16 embedding rows up):
+    a native fp16 build (``lower/program.py``) then holds it as fp32 until coremltools' fp16 pass, else as fp16."""
+    seen: set[int] = set()
+    todo = [value.producer()]
+    while todo:
+        n = todo.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.op_type in ("Cast", "CastLike") and n.outputs[0].dtype == ir.DataType.FLOAT:
+            return True
+        todo += [v.producer() for v in n.inputs if v is not None]
+    return False
+
+
 def cut_model(model: ir.Model, units: Units, ranges: Sequence[tuple[int, int]], *, boundary: ir.DataType,
-              what: str = "model") -> list[ir.Model]:
+              what: str = "model", direct: Callable[[ir.Value], bool] | None = None) -> list[ir.Model]:
     """One model per unit range (consecutive, covering every unit); see the module docstring.
 
+    ``direct(stream)``: the program builds that residual stream value in the boundary's dtype itself, so the
+    piece takes and returns it as it is (no Cast in between: a Cast would change how the piece is built).
     The graph is not changed: nodes are cloned, constants share their (lazy) tensors.
     """
+    direct = direct or (lambda _v: False)
     from onnx_ir._cloner import Cloner  # noqa: PLC0415
 
     if not ranges or ranges[0][0] != 0 or ranges[-1][1] != units.count or any(
@@ -150,7 +169,7 @@ def cut_model(model: ir.Model, units: Units, ranges: Sequence[tuple[int, int]], 
             hidden = ir.Value(name=boundary_name(start - 1), type=ir.TensorType(boundary),
                               shape=ir.Shape(list(src.shape or [])))
             g.inputs.append(hidden)
-            if boundary != src.dtype:
+            if boundary != src.dtype and not direct(src):
                 cast = ir.node("Cast", [hidden], {"to": src.dtype}, name=f"{boundary_name(start - 1)}.cast_in")
                 cast.outputs[0].name, cast.outputs[0].type = f"{hidden.name}_in", ir.TensorType(src.dtype)  # type: ignore[arg-type]
                 cast.outputs[0].shape = ir.Shape(list(src.shape or []))
@@ -179,7 +198,7 @@ def cut_model(model: ir.Model, units: Units, ranges: Sequence[tuple[int, int]], 
             out = vmap[units.stream[stop]]
             assert out is not None
             name = boundary_name(stop - 1)
-            if boundary != out.dtype:
+            if boundary != out.dtype and not direct(units.stream[stop]):
                 cast = ir.node("Cast", [out], {"to": boundary}, name=f"{name}.cast_out")
                 g.append(cast)
                 out = cast.outputs[0]

@@ -372,6 +372,11 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         check = _run_check(model, options, str(source))
         timed("check", t0)
 
+    chunk_plan = None
+    if options.chunks is not None:  # planned on the graph `check` sees (before the split), so both agree
+        from bitnet_coreml.chunked_convert import plan_for_options  # noqa: PLC0415
+
+        chunk_plan = plan_for_options(model, options, str(source))
     if not options.stateful:
         notes += [n for n in [seq_len_note(source, options.seq_len)] if n]
     split_notes: list[str] = []
@@ -417,7 +422,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
         return convert_chunked(Prepared(
             source=str(source), out=out, options=options, model=model, plan=plan, build=build, platform=platform,
-            want_ios=want_ios, context=context, embed_dtype=embed_dtype, sha=sha, assets=assets, summary=summary,
+            chunk_plan=chunk_plan, want_ios=want_ios, context=context, embed_dtype=embed_dtype, sha=sha, assets=assets, summary=summary,
             check=check, notes=notes + asset_notes, split_notes=split_notes, fp16_info=fp16_info, times=times,
             t_all=t_all, stage=stage))
     stage("lower to MIL")

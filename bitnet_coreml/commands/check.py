@@ -34,17 +34,21 @@ def _v(x: object) -> str:
 @click.option("--context", type=int, default=512, show_default=True, help="--stateful: KV cache positions.")
 @click.option("--prefill", type=int, default=64, show_default=True, help="--stateful: tokens per prefill call.")
 @click.option("--exact-context", is_flag=True, help="--stateful: keep a --context that is not a multiple of 32.")
+@click.option("--chunks", default=None, metavar="auto|N",
+              help="Check the pieces `convert --chunks` would write: each piece on its own, and the whole.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/schemas/check-report.schema.json).")
 def check(model: str, target: str | None, chip: str | None, min_os: str | None, embed_bits: str | None,
           cap_files: tuple[str, ...], precision: str, strict: bool, seq_len: int | None, allow_dequant: bool,
-          stateful: bool, context: int, prefill: int, exact_context: bool, as_json: bool) -> None:
+          stateful: bool, context: int, prefill: int, exact_context: bool, chunks: str | None, as_json: bool) -> None:
     """Check MODEL (.onnx file, checkpoint folder or .gguf file) against a target before converting it."""
     from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
     from bitnet_coreml.check.report import run_check  # noqa: PLC0415
     from bitnet_coreml.check.target import resolve  # noqa: PLC0415
+    from bitnet_coreml.chunking import parse_chunks  # noqa: PLC0415
     from bitnet_coreml.vocab import Target, resolve_target  # noqa: PLC0415
 
     # Validate the cheap inputs before loading a multi-GB model.
+    requested = parse_chunks(chunks)
     db = load_capabilities(*cap_files)
     platform, parsed = resolve_target(target, min_os)
     checked = Target(platform, chip, parsed.version if parsed else None)
@@ -76,14 +80,58 @@ def check(model: str, target: str | None, chip: str | None, min_os: str | None, 
                        strict=strict, source=model, stateful=spec)
     if note:
         report.notes.append(note)
+    bits = int(embed_bits) if embed_bits else None
+    if requested is not None:
+        from bitnet_coreml.check.chunked import check_chunks  # noqa: PLC0415
+
+        cc = check_chunks(m, report, requested, lambda piece, k: run_check(
+            piece, checked, db=db, embed_bits=bits, precision=precision, strict=strict, source=f"{model} piece {k}"),
+            embed_bits=bits, precision=precision)
+        if as_json:
+            echo_json(cc.to_dict())
+        else:
+            _print(report, skip_rules=("package_size",))
+            _print_chunks(cc)
+        sys.exit(cc.exit_code)
+    from bitnet_coreml.check.chunked import suggestion  # noqa: PLC0415
+
+    suggested = suggestion(m, report, embed_bits=bits, precision=precision)
+    if suggested is not None:
+        report.notes.append(f"does not fit one file: `convert --chunks auto` writes {suggested['count']} pieces "
+                            f"({'; '.join(suggested['pieces'])}), each under the per-file limit; check them with "
+                            f"--chunks auto" if suggested["count"] else f"no chunk count fits: {suggested['reason']}")
     if as_json:
-        echo_json(report.to_dict())
+        doc = report.to_dict()
+        if suggested is not None:
+            doc["suggested_chunks"] = suggested
+        echo_json(doc)
     else:
         _print(report)
     sys.exit(report.exit_code)
 
 
-def _print(report: object) -> None:
+def _print_chunks(cc: object) -> None:
+    from rich.console import Console  # noqa: PLC0415
+
+    from bitnet_coreml.check.chunked import ChunkedCheck  # noqa: PLC0415
+
+    assert isinstance(cc, ChunkedCheck)
+    con = Console()
+    limit = cc.whole.target.package_limit_bytes
+    t = table("#", "holds", "weights", "violations", "warnings", "score", whole=("#", "weights", "score"),
+              title=f"Pieces of --chunks {cc.plan.requested}: {cc.plan.count} (per-file limit {_mb(limit)})")
+    for k, r in enumerate(cc.pieces):
+        t.add_row(str(k), cc.plan.describe(k), _mb(r.size.total_bytes),
+                  "; ".join(f"[{v.rule}] {v.message}" for v in r.violations) or "0", str(len(r.warnings)),
+                  f"{r.score:.3f}")
+    con.print(t)
+    total = sum(r.size.total_bytes for r in cc.pieces)
+    verdict = "[bold green]every piece fits[/bold green]" if cc.ok else "[bold red]does not fit[/bold red]"
+    con.print(f"whole: {_mb(total)} of weights in {cc.plan.count} file(s) (one file: {_mb(cc.whole.size.total_bytes)}); "
+              f"{verdict}")
+
+
+def _print(report: object, skip_rules: tuple[str, ...] = ()) -> None:
     from rich.console import Console  # noqa: PLC0415
 
     from bitnet_coreml.check.report import CheckReport  # noqa: PLC0415
@@ -114,7 +162,8 @@ def _print(report: object) -> None:
             ft.add_row(f.rule, f.node or "-", _v(f.actual), _v(f.limit), f.message)
         con.print(ft)
 
-    findings(f"Violations: {len(r.violations)}", r.violations, "bold red")
+    violations = [v for v in r.violations if v.rule not in skip_rules]
+    findings(f"Violations: {len(violations)}", violations, "bold red")
     findings(f"Warnings: {len(r.warnings)}", r.warnings, "yellow")
     findings(f"Handled by the converter (fixed or harmless): {len(r.fixed)}", r.fixed, "green")
     off = [u for u in r.units if u.unit != "ANE"]
@@ -134,6 +183,10 @@ def _print(report: object) -> None:
     con.print(plan)
     for n in r.notes:
         con.print(f"note: {n}")
-    verdict = "[bold green]fits[/bold green]" if r.ok else "[bold red]does not fit[/bold red]"
+    ok = not violations and not (r.strict and r.warnings)
+    verdict = "[bold green]fits[/bold green]" if ok else "[bold red]does not fit[/bold red]"
+    if skip_rules:
+        con.print(f"whole model, every rule but the per-file size: {verdict}")
+        return
     con.print(f"compatibility score {r.score:.3f} ({r.score_basis}); {verdict}"
               + (" (strict: warnings count)" if r.strict and r.warnings else ""))

@@ -95,11 +95,13 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
     first token's position, default 0): the tokens run call by call with one KV-cache state, in the
     reference executor, and the output is the logits of every call concatenated.
     """
+    from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
     from bitnet_coreml.package.stateful import stateful_info  # noqa: PLC0415
-    from bitnet_coreml.runtime import FallbackStrategy, FaultPlan, Predictor  # noqa: PLC0415
+    from bitnet_coreml.runtime import FallbackStrategy, FaultPlan  # noqa: PLC0415
+    from bitnet_coreml.runtime.chunked import open_predictor  # noqa: PLC0415
 
     try:
-        info = stateful_info(package) if (package / "Manifest.json").is_file() else None
+        info = stateful_info(package) if (package / "Manifest.json").is_file() or is_chunked(package) else None
     except ModelLoadError:
         info = None  # an unreadable package: the predictor below says what is wrong with it
     if info is not None:
@@ -116,7 +118,7 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
         overrides["unit_timeout_s"] = timeout_s
     strategy = FallbackStrategy(**overrides)
     faults = FaultPlan.from_env()
-    predictor = Predictor(package, strategy, faults=faults)
+    predictor = open_predictor(package, strategy, faults=faults)  # a package, or a chunked folder piece by piece
     from bitnet_coreml.runtime.package_io import select_inputs, split_batch  # noqa: PLC0415
 
     inputs, notes = select_inputs(predictor.info, _load_npz(input_path), strict=strict, source=str(input_path))

@@ -148,7 +148,7 @@ class ChunkedExecutor:
             feed = {n: values[n] if n not in self._boundaries or values[n].dtype == spec.dtype
                     else values[n].astype(spec.dtype)  # fp32 mode returns fp16 outputs as fp32
                     for n, spec in p.input_specs.items() if n in values}
-            out = p.predict(feed, state.pieces[k] if state is not None else None)
+            out = p.predict(feed, state.pieces[k] if state is not None and p.is_stateful else None)
             values.update(out)
         return out
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from bitnet_coreml.errors import InputError
+from bitnet_coreml.executor.chunked import open_executor
 from bitnet_coreml.executor.executor import ExecutorState, ReferenceExecutor
 from bitnet_coreml.package.stateful import DECODE, PREFILL, StatefulInfo, check_position, stateful_info
 
@@ -31,7 +32,7 @@ class StatefulRun:
             raise InputError(f"{package}: not a stateful package (no prefill/decode functions); convert with --stateful")
         self.info: StatefulInfo = info
         self.package = str(package)
-        decode = ReferenceExecutor(self.package, fp32=fp32, function_name=DECODE)
+        decode = open_executor(self.package, fp32=fp32, function_name=DECODE)  # a package or a chunked folder
         self.executors: dict[str, ReferenceExecutor] = {DECODE: decode, PREFILL: decode.function(PREFILL)}
         self.state: ExecutorState = decode.make_state()
         self.position = 0  # the next free cache slot

@@ -53,10 +53,10 @@ class ReferenceEngine(Engine):
     """The reference executor running both functions on one :class:`ExecutorState`."""
 
     def __init__(self, package: str | os.PathLike[str], name: str = "reference", *, fp32: bool = False) -> None:
-        from bitnet_coreml.executor import ReferenceExecutor  # noqa: PLC0415
+        from bitnet_coreml.executor.chunked import open_executor  # noqa: PLC0415
 
         self.name = name
-        decode = ReferenceExecutor(package, fp32=fp32, function_name=DECODE)
+        decode = open_executor(package, fp32=fp32, function_name=DECODE)  # a package or a chunked model folder
         self._fns = {DECODE: decode, PREFILL: decode.function(PREFILL)}
         self._state = decode.make_state()
 
@@ -65,21 +65,38 @@ class ReferenceEngine(Engine):
 
 
 class CoreMLEngine(Engine):  # pragma: no cover - needs Core ML (macOS); tests/runtime/test_macos.py
-    """Core ML for one compute unit: a model per function, one ``MLState`` shared by both."""
+    """Core ML for one compute unit: a model per function, one ``MLState`` shared by both. A chunked model folder
+    (``package/chunked.py``): that per piece, the pieces called in order with the boundary tensors between them."""
 
     def __init__(self, package: str | os.PathLike[str], kind: ComputeUnit) -> None:
         from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+        from bitnet_coreml.package.chunked import is_chunked, open_chunked  # noqa: PLC0415
 
         ct = coremltools()
         self.name = kind.value
         cu = getattr(ct.ComputeUnit, kind.coreml_name or "CPU_ONLY")
+        if is_chunked(package):
+            cm = open_chunked(package)
+            pieces = [(p, e) for p, e in zip(cm.pieces, cm.manifest["pieces"], strict=True)]
+        else:
+            pieces = [(Path(package), None)]
+        self._pieces: list[tuple[dict[str, Any], Any, dict[str, list[str]] | None]] = []
         try:
-            self._fns = {fn: ct.models.MLModel(str(Path(package)), compute_units=cu, function_name=fn)
-                         for fn in (DECODE, PREFILL)}
-            self._state = self._fns[DECODE].make_state()
+            for path, entry in pieces:
+                fns = {fn: ct.models.MLModel(str(path), compute_units=cu, function_name=fn) for fn in (DECODE, PREFILL)}
+                state = fns[DECODE].make_state() if entry is None or entry["states"] else None
+                names = None if entry is None else {fn: [x["name"] for x in entry["functions"][fn]["inputs"]]
+                                                   for fn in (DECODE, PREFILL)}
+                self._pieces.append((fns, state, names))
         except Exception as e:  # Core ML raises bare Exceptions on compile/load failures
             raise DeviceInitError(f"{self.name}: loading {Path(package).name} with {kind.coreml_name} failed: "
                                   f"{type(e).__name__}: {' '.join(str(e).split())}") from e
 
     def _predict(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        return dict(self._fns[function].predict(inputs, state=self._state))
+        values: dict[str, Any] = dict(inputs)
+        out: dict[str, Any] = {}
+        for fns, state, names in self._pieces:
+            feed = values if names is None else {n: values[n] for n in names[function]}
+            out = dict(fns[function].predict(feed, state=state) if state is not None else fns[function].predict(feed))
+            values.update(out)
+        return out

@@ -101,10 +101,13 @@ class GenerationSession:
                  tokenizer: TextTokenizer | str | os.PathLike[str] | None = None, fp32: bool = False,
                  strategy: FallbackStrategy | None = None, faults: FaultPlan | None = None) -> None:
         self.package = Path(package)
-        if not (self.package / "Manifest.json").is_file():
+        from bitnet_coreml.package.chunked import stateful_parts  # noqa: PLC0415
+
+        described, assets = stateful_parts(self.package)  # a chunked model folder: its last / first piece
+        if not (described / "Manifest.json").is_file():
             raise InputError(f"{self.package}: not an .mlpackage (no Manifest.json)")
         # read-only (MLModel(path) would rewrite Manifest.json); refuses a corrupt package naming the file
-        spec = read_package_spec(self.package).spec
+        spec = read_package_spec(described).spec
         info = stateful_info(spec)
         if info is None:
             raise InputError(not_stateful_message(self.package))
@@ -119,7 +122,7 @@ class GenerationSession:
         self.faults = faults
         self.fp32 = fp32
         if isinstance(tokenizer, TextTokenizer) or tokenizer is None:
-            self.tokenizer = tokenizer if tokenizer is not None else TextTokenizer.from_package(self.package)
+            self.tokenizer = tokenizer if tokenizer is not None else TextTokenizer.from_package(assets)
         else:
             self.tokenizer = TextTokenizer.from_dir(tokenizer)
         chain = units if units is not None else self.strategy.enabled_units()

@@ -43,9 +43,9 @@ class PredictorFactory(Protocol):
 
 def package_input_dtypes(package: str | Path) -> dict[str, np.dtype[Any]]:
     """Declared input dtypes of a package, so dataset arrays (e.g. JSON numbers) can be cast to them."""
-    from bitnet_coreml.runtime.package_io import read_package  # noqa: PLC0415
+    from bitnet_coreml.runtime.chunked import read_info  # noqa: PLC0415
 
-    return {name: spec.dtype for name, spec in read_package(package).inputs.items()}
+    return {name: spec.dtype for name, spec in read_info(package).inputs.items()}  # a package or a chunked folder
 
 
 def coerce_inputs(inputs: Arrays, dtypes: dict[str, np.dtype[Any]]) -> Arrays:
@@ -98,10 +98,10 @@ class ReferenceFactory:
         return "package:" + sha256_tree(self.package)
 
     def __call__(self) -> ItemPredictor:
-        from bitnet_coreml.executor import ReferenceExecutor  # noqa: PLC0415 - loaded per worker
-        from bitnet_coreml.runtime.package_io import read_package  # noqa: PLC0415
+        from bitnet_coreml.executor.chunked import open_executor  # noqa: PLC0415 - loaded per worker
+        from bitnet_coreml.runtime.chunked import read_info  # noqa: PLC0415
 
-        return _ReferencePredictor(ReferenceExecutor(str(self.package)), read_package(self.package),
+        return _ReferencePredictor(open_executor(str(self.package)), read_info(self.package),
                                    package_input_dtypes(self.package), self.strict)
 
 
@@ -144,9 +144,9 @@ class RuntimeFactory:
         return "package:" + sha256_tree(self.package)
 
     def __call__(self) -> ItemPredictor:
-        from bitnet_coreml.runtime import Predictor  # noqa: PLC0415 - loaded per worker
+        from bitnet_coreml.runtime.chunked import open_predictor  # noqa: PLC0415 - loaded per worker
 
-        return _RuntimePredictor(Predictor(str(self.package), strategy=self._strategy()),
+        return _RuntimePredictor(open_predictor(str(self.package), strategy=self._strategy()),
                                  package_input_dtypes(self.package), self.strict)
 
 

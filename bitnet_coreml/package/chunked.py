@@ -30,7 +30,7 @@ from typing import Any
 from bitnet_coreml.errors import InputError
 
 __all__ = ["FORMAT", "MANIFEST", "VERSION", "ChunkedModel", "is_chunked", "open_chunked", "piece_name",
-           "piece_sha256", "write_manifest"]
+           "piece_sha256", "stateful_parts", "write_manifest"]
 
 MANIFEST = "model.json"
 FORMAT = "bitnet-coreml/chunked"
@@ -102,6 +102,16 @@ class ChunkedModel:
     def outputs(self, function: str | None = None) -> list[dict[str, Any]]:
         fn = function or self.default_function
         return list(self.manifest["pieces"][-1]["functions"][fn]["outputs"])
+
+
+def stateful_parts(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(the package whose spec describes the logits and the stateful facts, the package holding the assets) of a
+    package (itself twice) or of a chunked model folder (its last piece, its first piece)."""
+    p = Path(path)
+    if not is_chunked(p):
+        return p, p
+    cm = open_chunked(p)
+    return cm.pieces[-1], cm.pieces[0]
 
 
 def _bad(folder: Path, msg: str) -> InputError:

@@ -117,7 +117,14 @@ def metadata_entries(info: StatefulInfo) -> dict[str, str]:
 
 
 def stateful_info(source: str | os.PathLike[str] | Any) -> StatefulInfo | None:
-    """The :class:`StatefulInfo` of a package (path or loaded ``MLModel``), or None for a stateless one."""
+    """The :class:`StatefulInfo` of a package (path or loaded ``MLModel``) or of a chunked model folder
+    (``package/chunked.py``), or None for a stateless one."""
+    if isinstance(source, (str, os.PathLike)):
+        from bitnet_coreml.package.chunked import is_chunked, open_chunked  # noqa: PLC0415
+
+        if is_chunked(source):
+            whole = open_chunked(source).stateful
+            return StatefulInfo.from_dict(whole) if whole else None
     meta = _metadata(source)
     raw = meta.get(META)
     if not raw:
