@@ -286,9 +286,14 @@ def _verify(entry: ModelEntry, package: Path) -> dict[str, Any]:
     from bitnet_coreml.verify import Thresholds, verify  # noqa: PLC0415
 
     thresholds = dataclasses.replace(Thresholds.for_precision(entry.precision), **entry.verify.thresholds())
+    steps = None
+    if entry.stateful:  # prefill + teacher-forced decode steps (verify_stateful.py), as many as the context holds
+        from bitnet_coreml.verify_stateful import DEFAULT_STEPS  # noqa: PLC0415
+
+        steps = max(1, min(DEFAULT_STEPS, entry.stateful["context"] - entry.stateful["prefill"]))
     report = verify(entry.source, package, str(entry.verify.inputs) if entry.verify.inputs else None,
                     thresholds, raise_on_failure=False, seq_len=entry.seq_len,
-                    allow_dequant=entry.allow_dequant)
+                    allow_dequant=entry.allow_dequant, steps=steps)
     d: dict[str, Any] = report.to_dict()
     d["passed"] = bool(report.passed)
     return d

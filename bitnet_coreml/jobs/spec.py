@@ -245,8 +245,6 @@ def _stateful(ctx: _Ctx, raw: Any, source: Path, verify: VerifySpec, where: str)
     raw = ctx.keys(raw, _STATEFUL_KEYS, where)
     if not (source.is_dir() or source.suffix.lower() == ".gguf"):
         raise ctx.fail(where, "needs a Hugging Face checkpoint folder or a .gguf file as source (convert --stateful)")
-    if verify.enabled:
-        raise ctx.fail(where, "cannot be verified against ONNX Runtime; set verify = { enabled = false }")
     out: dict[str, Any] = {"context": 512, "prefill": 64, "prefill_logits": "all"}
     for key in ("context", "prefill"):
         if key in raw:

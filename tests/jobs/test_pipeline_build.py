@@ -201,6 +201,30 @@ targets = [{{ os = "macOS", min_os = "14" }}]
     assert rep["parity"]["passed"] and rep["parity"]["comparisons"]  # verified at the same length
 
 
+def test_stateful_entry_is_built_and_verified(tmp_path: Path) -> None:
+    """A stateful entry with verify on: prefill + teacher-forced decode steps against the checkpoint."""
+    ckpt = MODELS / "hf" / "bitnet-tiny-packed"
+    if not ckpt.is_dir():
+        pytest.skip("bundled checkpoint models/hf/bitnet-tiny-packed missing")
+    p = tmp_path / "p.toml"
+    p.write_text(f'''
+output_dir = "out"
+[[model]]
+name = "lm"
+source = "{ckpt.as_posix()}"
+precision = "fp32"
+check = "warn"
+stateful = {{ context = 32, prefill = 8 }}
+targets = [{{ os = "macOS", min_os = "15" }}]
+''')
+    report = run_pipeline(p)
+    assert _status(report) == {"lm": "built"}, [(r.model, r.reason) for r in report.results]
+    rep = json.loads((tmp_path / "out" / "lm-macos15.report.json").read_text())
+    parity = rep["parity"]
+    assert parity["passed"] and parity["comparisons"]
+    assert any("decode" in json.dumps(c) for c in parity["comparisons"])  # the decode steps were compared
+
+
 def test_a_failing_rebuild_keeps_the_last_good_package(tmp_path: Path) -> None:
     p = _pipeline(tmp_path, with_failing=False)
     assert _status(run_pipeline(p)) == {"a": "built", "b": "built"}

@@ -139,9 +139,10 @@ def test_stateful_entries(tmp_path: Path) -> None:
     opts = _convert_options(entry, entry.targets[0])
     assert (opts.stateful, opts.context, opts.prefill, opts.prefill_logits) == (True, 256, 32, "all")
     assert entry.canonical(entry.targets[0], tmp_path)["stateful"]["context"] == 256
+    (verified,) = load_pipeline(_write(tmp_path, lm + "stateful = { context = 256 }\n")).models
+    assert verified.stateful is not None and verified.verify.enabled  # verify: prefill + decode steps
     for text, needle in [
         (MODEL + "stateful = { context = 256 }\nverify = { enabled = false }\n", "needs a Hugging Face checkpoint"),
-        (lm + "stateful = { context = 256 }\n", "set verify = { enabled = false }"),
         (lm + "stateful = { contxt = 256 }\nverify = { enabled = false }\n", "unknown key 'contxt'"),
         (lm + "stateful = { prefill = 0 }\nverify = { enabled = false }\n", "0 is out of range"),
     ]:
