@@ -7,8 +7,9 @@ model's own run, under 5 ms after the first probe. Baseline in the same run: the
     python bench/bench_fallback.py [PACKAGE.mlpackage --inputs X.npz] [--repeat 200]
 
 Without a package, the bundled ``models/bitnet_offline.onnx`` is converted to a temporary package
-and run on ``models/bitnet_offline.npz``. Failures are injected with the runtime's FaultPlan, so every
-scenario runs the real predictor and real reference units.
+and run on ``models/bitnet_offline.npz``. Failures are injected with the tests' fault wrappers
+(``tests/support/faults.py``: faulty units handed to the real predictor), so every scenario runs
+the real predictor and real reference units.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bitnet_coreml.executor import ReferenceExecutor  # noqa: E402
-from bitnet_coreml.runtime import FallbackStrategy, Fault, FaultPlan, Predictor, ReferenceUnit  # noqa: E402
+from bitnet_coreml.runtime import FallbackStrategy, Predictor, ReferenceUnit  # noqa: E402
+from tests.support.faults import Fault, FaultPlan, make_predictor  # noqa: E402
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -113,19 +115,19 @@ def run_suite(pkg: Path, x: dict[str, np.ndarray], repeat: int) -> float:
     rows: list[tuple[str, tuple[list[float], list[float]]]] = []
     transient = FaultPlan([Fault("ref-a", "raise", error="OperationError")])
     for timeout, label in ((300.0, "worker thread + timeout"), (None, "no timeout")):
-        p = Predictor(pkg, FallbackStrategy(**fast, unit_timeout_s=timeout),
-                      units=[ReferenceUnit("ref-a"), ReferenceUnit("ref-b")], faults=transient)
+        p = make_predictor(transient, pkg, FallbackStrategy(**fast, unit_timeout_s=timeout),
+                           units=[ReferenceUnit("ref-a"), ReferenceUnit("ref-b")])
         rows.append((f"transient failure -> next unit ({label})",
                      _scenario(p, x, repeat, "ref-b", fallback_overhead, ex)))
         p.close()
-    p = Predictor(pkg, FallbackStrategy(**fast), units=[ReferenceUnit("ref-a"), ReferenceUnit("ref-b")],
-                  faults=FaultPlan([Fault("ref-a", "raise", error="DeviceInitError")]))
+    p = make_predictor(FaultPlan([Fault("ref-a", "raise", error="DeviceInitError")]), pkg, FallbackStrategy(**fast),
+                       units=[ReferenceUnit("ref-a"), ReferenceUnit("ref-b")])
     rows.append(("failed-for-good unit skipped -> next unit",
                  _scenario(p, x, repeat, "ref-b", fallback_overhead_or_predictor(p), ex)))
     p.close()
     t0 = time.perf_counter()
-    p = Predictor(pkg, FallbackStrategy(**fast), units=[ReferenceUnit("ref-a", probe=True), ReferenceUnit("ref-b")],
-                  faults=FaultPlan([Fault("ref-a", "kill_probe")]))
+    p = make_predictor(FaultPlan([Fault("ref-a", "kill_probe")]), pkg, FallbackStrategy(**fast),
+                       units=[ReferenceUnit("ref-a", probe=True), ReferenceUnit("ref-b")])
     first = p.predict(x)
     first_probe_s = time.perf_counter() - t0
     assert first.unit == "ref-b" and "SIGKILL" in first.skipped["ref-a"]

@@ -2,8 +2,8 @@
 
 Text goes to stdout as it is produced; time to first token, prefill and decode rates and the unit
 that answered go to stderr (``--json``: one JSON document on stdout with all of it and the token
-ids). ``BITNET_COREML_FAULTS`` (test-only, ``bitnet_coreml.runtime.faults``) injects unit faults on
-the real code path; the session rebuilds the state on the next unit and the text does not change.
+ids). When a unit fails mid-sequence the session rebuilds the state on the next unit of ``--units``
+and the text does not change.
 """
 
 from __future__ import annotations
@@ -75,14 +75,13 @@ def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: s
     """Generate text from a stateful PACKAGE (`convert --stateful`), streaming it to stdout."""
     from bitnet_coreml.generation import GenerationSession, SamplingConfig, TextStream  # noqa: PLC0415
     from bitnet_coreml.generation.tokenizer import cut_at_stop  # noqa: PLC0415
-    from bitnet_coreml.runtime import FallbackStrategy, FaultPlan  # noqa: PLC0415
+    from bitnet_coreml.runtime import FallbackStrategy  # noqa: PLC0415
 
     source = _prompt(prompt, prompt_file, ids)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed)
     strategy = FallbackStrategy(units=tuple(u.strip() for u in units.split(",") if u.strip()))  # type: ignore[arg-type]
-    session = GenerationSession(package, tokenizer=tokenizer_dir, fp32=fp32, strategy=strategy,
-                                faults=FaultPlan.from_env())
+    session = GenerationSession(package, tokenizer=tokenizer_dir, fp32=fp32, strategy=strategy)
     if isinstance(source, str) and session.tokenizer is None:
         raise InputError(f"{package}: carries no tokenizer; give --tokenizer DIR (a folder with tokenizer.json) "
                          "or the prompt as token ids with --ids")

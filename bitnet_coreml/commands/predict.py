@@ -1,8 +1,7 @@
 """``bitnet-coreml predict PACKAGE --input X.npz``: one prediction with compute-unit fallback.
 
 Writes the outputs (``-o Y.npz``, atomically), and reports which unit answered and why every other
-unit was skipped or given up. ``BITNET_COREML_FAULTS`` (test-only, see
-``bitnet_coreml.runtime.faults``) injects unit faults on the real code path.
+unit was skipped or given up.
 """
 
 from __future__ import annotations
@@ -97,7 +96,7 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
     """
     from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
     from bitnet_coreml.package.stateful import stateful_info  # noqa: PLC0415
-    from bitnet_coreml.runtime import FallbackStrategy, FaultPlan  # noqa: PLC0415
+    from bitnet_coreml.runtime import FallbackStrategy  # noqa: PLC0415
     from bitnet_coreml.runtime.chunked import open_predictor  # noqa: PLC0415
 
     try:
@@ -117,8 +116,7 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
     if timeout_s is not None:
         overrides["unit_timeout_s"] = timeout_s
     strategy = FallbackStrategy(**overrides)
-    faults = FaultPlan.from_env()
-    predictor = open_predictor(package, strategy, faults=faults)  # a package, or a chunked folder piece by piece
+    predictor = open_predictor(package, strategy)  # a package, or a chunked folder piece by piece
     from bitnet_coreml.runtime.package_io import select_inputs, split_batch  # noqa: PLC0415
 
     inputs, notes = select_inputs(predictor.info, _load_npz(input_path), strict=strict, source=str(input_path))

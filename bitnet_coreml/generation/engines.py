@@ -9,6 +9,9 @@ state; the session rebuilds it by replaying the calls made so far.
   program, the decoded weights and the state (``executor/shared.py``).
 * :class:`CoreMLEngine`: Core ML on macOS, one ``MLModel`` per function for the unit's
   ``compute_units`` and one ``MLState`` (``make_state``) that both functions update.
+
+:func:`open_engine` picks the engine for a unit; a session takes another opener as its
+``open_engine`` argument (the tests wrap engines with faulty ones that way).
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ from __future__ import annotations
 import abc
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bitnet_coreml.errors import DeviceInitError, ModelError
 from bitnet_coreml.package.stateful import DECODE, PREFILL
 from bitnet_coreml.runtime.strategy import ComputeUnit
+
+if TYPE_CHECKING:
+    from bitnet_coreml.runtime.units import Unit
 
 INPUT_IDS, POSITION, LOGITS = "input_ids", "position", "logits"
 
@@ -100,3 +106,12 @@ class CoreMLEngine(Engine):  # pragma: no cover - needs Core ML (macOS); tests/r
             out = dict(fns[function].predict(feed, state=state) if state is not None else fns[function].predict(feed))
             values.update(out)
         return out
+
+
+def open_engine(unit: Unit, package: str | os.PathLike[str], *, fp32: bool = False) -> Engine:
+    """The engine that runs ``package`` on ``unit``: the reference executor or Core ML for its compute unit."""
+    from bitnet_coreml.runtime.units import ReferenceUnit  # noqa: PLC0415
+
+    if isinstance(unit, ReferenceUnit):
+        return ReferenceEngine(package, unit.name, fp32=fp32 or unit.fp32)
+    return CoreMLEngine(package, unit.kind)  # pragma: no cover - macOS only

@@ -12,7 +12,9 @@ harmless), a unit that fails for good is replaced by the next unit of the chain,
 is rebuilt by **replaying the calls made so far** (same functions, same chunks, same positions), so
 its state, and every later logit, is what the failed unit's would have been on the same engine
 kind: the text does not change. ``recoveries`` and :meth:`get_recovery_stats` record each switch.
-Fault injection (``runtime/faults.py``) hooks every call, replays included.
+Engines come from ``open_engine`` (default :func:`~.engines.open_engine`); the tests pass an opener that
+wraps each engine with a faulty one (``tests/support/faults.py``), so injected faults hit every call,
+replays included.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,18 +30,17 @@ from typing import Any
 import numpy as np
 
 from bitnet_coreml.errors import ExhaustedError, InputError, ModelError
-from bitnet_coreml.generation.engines import CoreMLEngine, Engine, ReferenceEngine
+from bitnet_coreml.generation.engines import Engine, open_engine
 from bitnet_coreml.generation.sampling import Sampler, SamplingConfig
 from bitnet_coreml.generation.tokenizer import TextTokenizer
 from bitnet_coreml.package.reader import read_package_spec
 from bitnet_coreml.package.stateful import DECODE, PREFILL, StatefulInfo, function_specs, stateful_info
-from bitnet_coreml.runtime.faults import FaultPlan
 from bitnet_coreml.runtime.monitor import read_platform
 from bitnet_coreml.runtime.package_io import PackageInfo
 from bitnet_coreml.runtime.recovery import RecoveryAction, classify_exception, handle_error
 from bitnet_coreml.runtime.stats import ErrorRecovery
 from bitnet_coreml.runtime.strategy import ComputeUnit, FallbackStrategy
-from bitnet_coreml.runtime.units import ReferenceUnit, Unit, make_unit
+from bitnet_coreml.runtime.units import Unit, make_units
 
 __all__ = ["GenerationSession", "GenerationStats", "SamplingConfig", "not_stateful_message"]
 
@@ -94,12 +95,14 @@ class GenerationSession:
     :class:`~bitnet_coreml.runtime.units.Unit` objects (several named ``ReferenceUnit`` s make a
     chain that falls back on any OS); default: the strategy's chain. ``tokenizer``: a
     :class:`TextTokenizer`, a folder with ``tokenizer.json``, or None for the package's own assets
-    (ids only when it has none). ``faults``: the test-only :class:`FaultPlan`.
+    (ids only when it has none). ``open_engine(unit, package, fp32=...)`` makes a unit's
+    :class:`~.engines.Engine` (default :func:`~.engines.open_engine`).
     """
 
     def __init__(self, package: str | os.PathLike[str], *, units: Sequence[str | ComputeUnit | Unit] | None = None,
                  tokenizer: TextTokenizer | str | os.PathLike[str] | None = None, fp32: bool = False,
-                 strategy: FallbackStrategy | None = None, faults: FaultPlan | None = None) -> None:
+                 strategy: FallbackStrategy | None = None,
+                 open_engine: Callable[..., Engine] = open_engine) -> None:
         self.package = Path(package)
         from bitnet_coreml.package.chunked import stateful_parts  # noqa: PLC0415
 
@@ -119,16 +122,14 @@ class GenerationSession:
                 shapes = [o.get("shape") for o in fn["outputs"] if o.get("shape")]
                 self.vocab_size = int(shapes[0][-1]) if shapes else None
         self.strategy = strategy or FallbackStrategy()
-        self.faults = faults
+        self._open_engine = open_engine
         self.fp32 = fp32
         if isinstance(tokenizer, TextTokenizer) or tokenizer is None:
             self.tokenizer = tokenizer if tokenizer is not None else TextTokenizer.from_package(assets)
         else:
             self.tokenizer = TextTokenizer.from_dir(tokenizer)
         chain = units if units is not None else self.strategy.enabled_units()
-        self._units: list[Unit] = [u if isinstance(u, Unit) else
-                                   make_unit(ComputeUnit.parse(u) if isinstance(u, str) else u, probe_coreml=False)
-                                   for u in chain]
+        self._units: list[Unit] = make_units(chain, probe_coreml=False)
         if not self._units:
             raise InputError("--units: give at least one unit")
         self._recovery = ErrorRecovery(recent_error_window_s=self.strategy.recent_error_window_s,
@@ -304,7 +305,7 @@ class GenerationSession:
                 self._recovery.record_skip(unit.name)
                 continue
             try:
-                engine = self._load(unit)
+                engine = self._open_engine(unit, self.package, fp32=self.fp32)
                 self._replay(engine)
             except Exception as e:
                 err = classify_exception(e, context=unit.name)
@@ -322,11 +323,6 @@ class GenerationSession:
         err = unit.unavailable(read_platform(), info)
         return err.one_line() if err is not None else None
 
-    def _load(self, unit: Unit) -> Engine:
-        if isinstance(unit, ReferenceUnit):
-            return ReferenceEngine(self.package, unit.name, fp32=self.fp32 or unit.fp32)
-        return CoreMLEngine(self.package, unit.kind)  # pragma: no cover - macOS only
-
     def _replay(self, engine: Engine) -> None:
         """Rebuild ``engine``'s fresh state: the calls made so far, in order, on the same tokens."""
         if not self._calls:
@@ -342,11 +338,7 @@ class GenerationSession:
         if call.function == PREFILL and len(padded) < self.info.prefill:
             pad = self.tokenizer.eos_ids[0] if self.tokenizer is not None and self.tokenizer.eos_ids else 0
             padded += [pad] * (self.info.prefill - len(padded))
-        fault = self.faults.take_call_fault(engine.name) if self.faults is not None else None
-        FaultPlan.before_call(fault, engine.name)
         logits = engine.call(call.function, np.asarray(padded), call.start)
-        if fault is not None:
-            logits = FaultPlan.after_call(fault, {"logits": logits})["logits"]
         row = logits[call.count - 1] if logits.shape[0] > 1 else logits[-1]
         if not np.all(np.isfinite(row)):
             raise ModelError(f"{engine.name}: {call.function} at position {call.start} returned non-finite logits")

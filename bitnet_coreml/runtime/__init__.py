@@ -2,18 +2,18 @@
 
 The seed's manager (:class:`Predictor`), its :class:`FallbackStrategy`, the error-to-recovery table
 (:func:`handle_error` -> :class:`RecoveryAction`), recovery statistics (:class:`RecoveryStats`),
-subprocess probes of Core ML units and the test-only fault injection (:class:`FaultPlan`).
+subprocess probes of Core ML units and the platform :class:`Monitor` it adapts to.
 """
 
 from __future__ import annotations
 
-from bitnet_coreml.runtime.faults import Fault, FaultPlan
+from bitnet_coreml.runtime.monitor import Monitor, PlatformSnapshot
 from bitnet_coreml.runtime.predictor import Predictor
 from bitnet_coreml.runtime.recovery import RecoveryAction, backoff_delay, classify_exception, handle_error
 from bitnet_coreml.runtime.result import Attempt, PredictionResult
 from bitnet_coreml.runtime.stats import ErrorRecovery, RecoveryStats, UnitStats
 from bitnet_coreml.runtime.strategy import UNIT_NAMES, ComputeUnit, FallbackStrategy, PowerTarget
-from bitnet_coreml.runtime.units import CoreMLUnit, ReferenceUnit, Unit
+from bitnet_coreml.runtime.units import CoreMLUnit, ReferenceUnit, Unit, make_units
 
 __all__ = [
     "Attempt",
@@ -21,8 +21,8 @@ __all__ = [
     "CoreMLUnit",
     "ErrorRecovery",
     "FallbackStrategy",
-    "Fault",
-    "FaultPlan",
+    "Monitor",
+    "PlatformSnapshot",
     "PowerTarget",
     "PredictionResult",
     "Predictor",
@@ -35,4 +35,5 @@ __all__ = [
     "backoff_delay",
     "classify_exception",
     "handle_error",
+    "make_units",
 ]

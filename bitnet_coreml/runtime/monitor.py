@@ -2,8 +2,9 @@
 
 Readings come from the capability stage's platform detection
 (``bitnet_coreml.check.DeviceCompatibilityChecker.get_platform_info()``); between full readings only
-available memory (psutil) and, less often, the thermal state are refreshed.
-A :class:`~bitnet_coreml.runtime.faults.FaultPlan` may override memory and thermal readings (tests only).
+available memory (psutil) and, less often, the thermal state are refreshed. A
+:class:`~bitnet_coreml.runtime.predictor.Predictor` takes a :class:`Monitor` (or a subclass: the tests'
+hot or memory-starved machine, ``tests/support/faults.py``) as its ``monitor`` argument.
 """
 
 from __future__ import annotations
@@ -127,29 +128,17 @@ def refresh(snapshot: PlatformSnapshot, *, thermal: bool) -> PlatformSnapshot:
 
 
 class Monitor:
-    """Throttled memory/thermal readings, with optional test overrides."""
+    """Throttled memory/thermal readings."""
 
-    def __init__(self, interval_s: float, *, thermal_override: str | None = None,
-                 memory_override: int | None = None) -> None:
+    def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
-        self.thermal_override = thermal_override
-        self.memory_override = memory_override
         self._snap = read_platform()
         self._at = self._thermal_at = time.monotonic()
 
     @property
     def platform(self) -> PlatformSnapshot:
-        return self._apply(self._snap)
-
-    def _apply(self, s: PlatformSnapshot) -> PlatformSnapshot:
-        if self.thermal_override is None and self.memory_override is None:
-            return s
-        return dataclasses.replace(
-            s,
-            thermal_state=self.thermal_override if self.thermal_override is not None else s.thermal_state,
-            memory_available_bytes=self.memory_override if self.memory_override is not None
-            else s.memory_available_bytes,
-        )
+        """The last reading, not refreshed."""
+        return self._snap
 
     def reading(self, *, force: bool = False) -> PlatformSnapshot:
         """The current reading, refreshed at most every ``interval_s`` unless ``force``."""
@@ -161,4 +150,4 @@ class Monitor:
             self._at = now
             if thermal:
                 self._thermal_at = now
-        return self._apply(self._snap)
+        return self._snap

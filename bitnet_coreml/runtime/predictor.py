@@ -34,7 +34,6 @@ from bitnet_coreml.errors import (
 )
 from bitnet_coreml.runtime._worker import Worker
 from bitnet_coreml.runtime.capability import capability_verdicts, validate_requirements
-from bitnet_coreml.runtime.faults import FaultPlan
 from bitnet_coreml.runtime.monitor import Monitor, PlatformSnapshot
 from bitnet_coreml.runtime.package_io import PackageInfo, read_package, validate_inputs
 from bitnet_coreml.runtime.probe import ProbeResult, run_probe
@@ -42,7 +41,7 @@ from bitnet_coreml.runtime.recovery import RecoveryAction, backoff_delay, classi
 from bitnet_coreml.runtime.result import Attempt, PredictionResult
 from bitnet_coreml.runtime.stats import ErrorRecovery
 from bitnet_coreml.runtime.strategy import ComputeUnit, FallbackStrategy, PowerTarget, order_for_power
-from bitnet_coreml.runtime.units import ReferenceUnit, Unit, make_unit
+from bitnet_coreml.runtime.units import ReferenceUnit, Unit, make_units
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,7 +56,7 @@ _PERMANENT = (PlatformUnavailableError, ANEUnavailableError, CapabilityMismatchE
 # thread): a package + unit is probed once per process, not once per predictor. Keyed by the package's
 # path and the size and mtime of its model and weight files (not Manifest.json: coremltools rewrites it
 # on every open), so a rewritten package is probed again.
-_ProbeKey = tuple[str, tuple[tuple[str, int, int], ...], tuple[str, ...]]
+_ProbeKey = tuple[str, tuple[tuple[str, int, int], ...], tuple[str, ...], tuple[str, ...]]
 _PROBE_CACHE: dict[_ProbeKey, ProbeResult] = {}
 _PROBE_LOCKS: dict[_ProbeKey, threading.Lock] = {}
 _PROBE_LOCK = threading.Lock()
@@ -73,28 +72,23 @@ class Predictor:
     """Predict with compute-unit fallback. One instance per worker; thread safe for stats, not for calls.
 
     ``units`` overrides the strategy's chain with unit names and/or :class:`Unit` objects (e.g. several
-    :class:`ReferenceUnit` instances). ``faults`` is the test-only :class:`FaultPlan`.
+    :class:`ReferenceUnit` instances, or units wrapped by a caller). ``monitor`` is the platform
+    reader the predictor adapts to (default: a :class:`Monitor` refreshed every
+    ``strategy.monitor_interval_s``).
     """
 
     def __init__(self, package: str | os.PathLike[str], strategy: FallbackStrategy | None = None, *,
-                 units: Sequence[str | ComputeUnit | Unit] | None = None, faults: FaultPlan | None = None) -> None:
+                 units: Sequence[str | ComputeUnit | Unit] | None = None, monitor: Monitor | None = None) -> None:
         self.strategy = strategy or FallbackStrategy()
         self.info: PackageInfo = read_package(package)
-        self.faults = faults
         s = self.strategy
-        if units is None:
-            self.units: list[Unit] = [make_unit(k, probe_coreml=s.probe_coreml_units) for k in s.enabled_units()]
-        else:
-            self.units = [u if isinstance(u, Unit) else
-                          make_unit(ComputeUnit.parse(u) if isinstance(u, str) else u, probe_coreml=s.probe_coreml_units)
-                          for u in units]
+        self.units: list[Unit] = make_units(s.enabled_units() if units is None else units,
+                                            probe_coreml=s.probe_coreml_units)
         names = [u.name for u in self.units]
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"unit names must be unique and the chain non-empty, got {names}")
         self._recovery = ErrorRecovery(recent_error_window_s=s.recent_error_window_s, latency_window=s.latency_window)
-        self._monitor = Monitor(s.monitor_interval_s,
-                                thermal_override=faults.thermal_state if faults else None,
-                                memory_override=faults.available_memory_bytes if faults else None)
+        self._monitor = monitor if monitor is not None else Monitor(s.monitor_interval_s)
         self._failed: dict[str, BitnetCoremlError] = {}
         self._probes: dict[str, ProbeResult] = {}
         self._validated: set[str] = set()
@@ -314,22 +308,18 @@ class Predictor:
         unit.load(self.info)
 
     def _probe(self, unit: Unit) -> ProbeResult:
-        def spawn(env: Mapping[str, str]) -> ProbeResult:
-            return run_probe(self.info.path, unit.name, unit.probe_args(), timeout_s=self.strategy.probe_timeout_s,
-                             extra_env=env)
-
-        if self.faults is not None:  # injected probe faults are per predictor: never share their results
-            return spawn(self.faults.probe_env(unit.name))
+        entry, args = tuple(unit.probe_entry()), tuple(unit.probe_args())
         root = self.info.path / "Data"
         files = tuple(sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
                              for f in root.rglob("*") if f.is_file()))
-        key: _ProbeKey = (str(self.info.path.resolve()), files, tuple(unit.probe_args()))
+        key: _ProbeKey = (str(self.info.path.resolve()), files, entry, args)
         with _PROBE_LOCK:
             key_lock = _PROBE_LOCKS.setdefault(key, threading.Lock())
         with key_lock:  # concurrent predictors wait for one probe of the same package + unit
             cached = _PROBE_CACHE.get(key)
             if cached is None:
-                cached = _PROBE_CACHE[key] = spawn({})
+                cached = _PROBE_CACHE[key] = run_probe(self.info.path, unit.name, args, entry=entry,
+                                                       timeout_s=self.strategy.probe_timeout_s)
         return cached
 
     def _fail(self, unit: Unit, err: BitnetCoremlError) -> None:
@@ -392,24 +382,16 @@ class Predictor:
             return outputs, call_s, chunk
 
     def _call(self, unit: Unit, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fault = self.faults.take_call_fault(unit.name) if self.faults else None
         timeout = self.strategy.unit_timeout_s
         if timeout is None:
-            return self._faulty_call(unit, x, fault)
+            return unit.predict(x)
         worker = self._workers.get(unit.name)
         if worker is None:
             worker = self._workers[unit.name] = Worker(unit.name)
-        finished, out = worker.call(timeout, self._faulty_call, unit, x, fault)
+        finished, out = worker.call(timeout, unit.predict, x)
         if not finished:
             raise TimeoutFailure(f"{unit.name}: no answer within {timeout:g} s (unit_timeout_s); the unit is abandoned")
         return out  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _faulty_call(unit: Unit, x: dict[str, np.ndarray], fault: Any) -> dict[str, np.ndarray]:
-        if fault is None:
-            return unit.predict(x)
-        FaultPlan.before_call(fault, unit.name)
-        return FaultPlan.after_call(fault, unit.predict(x))
 
     def _call_chunked(self, unit: Unit, x: dict[str, np.ndarray], chunk: int | None) -> dict[str, np.ndarray]:
         batch = _leading_batch(x)

@@ -6,8 +6,10 @@ Core ML can SIGKILL the process on the first prediction after a failed ANE compi
 (coremltools #2758), so the parent (:func:`run_probe`) treats death by signal or a hang past the
 timeout as a failed unit, and only then loads the unit in its own process.
 
-Test-only: ``BITNET_COREML_PROBE_FAULT=kill`` makes the child SIGKILL itself where the real failure
-happens (at the first prediction); ``hang:SECONDS`` makes it sleep there (see ``faults``).
+The child is started as ``python *entry PACKAGE *args`` with the unit's
+:meth:`~bitnet_coreml.runtime.units.Unit.probe_entry` (``-m`` and this module) and
+:meth:`~bitnet_coreml.runtime.units.Unit.probe_args`; nothing here reads a test switch (the tests'
+faulty probe is an entry of their own, ``tests/support/faulty_probe.py``).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bitnet_coreml import errors as _errors
 from bitnet_coreml.errors import DeviceInitError, ModelError, RuntimeFailure, TimeoutFailure
-from bitnet_coreml.runtime.faults import PROBE_ENV_VAR
+
+# ``python`` arguments that start the probe child before PACKAGE and the unit's arguments.
+PROBE_ENTRY: tuple[str, ...] = ("-m", "bitnet_coreml.runtime.probe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +56,14 @@ def _signal_name(num: int) -> str:
         return f"signal {num}"
 
 
-def run_probe(package: str | os.PathLike[str], unit_name: str, unit_args: list[str], *, timeout_s: float,
-              extra_env: Mapping[str, str] | None = None) -> ProbeResult:
-    """Spawn the probe for one unit and classify what happened."""
+def run_probe(package: str | os.PathLike[str], unit_name: str, unit_args: Sequence[str], *, timeout_s: float,
+              entry: Sequence[str] = PROBE_ENTRY) -> ProbeResult:
+    """Spawn the probe for one unit (``python *entry PACKAGE *unit_args``) and classify what happened."""
     env = dict(os.environ)
-    env.pop(PROBE_ENV_VAR, None)  # only a FaultPlan decides whether this probe misbehaves
-    env.update(extra_env or {})
     # The child must import this very package even when it is not installed (e.g. run from a checkout).
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "bitnet_coreml.runtime.probe", str(package), *unit_args]
+    cmd = [sys.executable, *entry, str(package), *unit_args]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     try:
@@ -100,14 +102,6 @@ def _last_json(text: str) -> dict[str, Any]:
     return {}
 
 
-def _apply_probe_fault() -> None:
-    fault = os.environ.get(PROBE_ENV_VAR, "")
-    if fault == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif fault.startswith("hang:"):
-        time.sleep(float(fault.split(":", 1)[1]))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Child entry point; prints one JSON line."""
     import argparse  # noqa: PLC0415
@@ -133,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         unit.load(info)
         t1 = time.perf_counter()
-        _apply_probe_fault()
         outputs = unit.predict(zeros_for(info))
         t2 = time.perf_counter()
         report = {"ok": True, "unit": unit.name, "load_s": t1 - t0, "predict_s": t2 - t1,

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from bitnet_coreml.errors import (
 )
 from bitnet_coreml.runtime.monitor import PlatformSnapshot
 from bitnet_coreml.runtime.package_io import PackageInfo
+from bitnet_coreml.runtime.probe import PROBE_ENTRY
 from bitnet_coreml.runtime.recovery import classify_exception
 from bitnet_coreml.runtime.strategy import ComputeUnit
 
@@ -93,6 +95,10 @@ class Unit(ABC):
     def probe_args(self) -> list[str]:
         """Arguments after PACKAGE for ``python -m bitnet_coreml.runtime.probe``."""
         return [self.kind.value]
+
+    def probe_entry(self) -> tuple[str, ...]:
+        """The ``python`` arguments that start this unit's probe child, before PACKAGE and :meth:`probe_args`."""
+        return PROBE_ENTRY
 
     @abstractmethod
     def _load(self, info: PackageInfo) -> None:
@@ -222,3 +228,9 @@ def make_unit(kind: ComputeUnit, *, probe_coreml: bool = True) -> Unit:
     if kind is ComputeUnit.REFERENCE:
         return ReferenceUnit()
     return CoreMLUnit(kind, probe=probe_coreml)
+
+
+def make_units(chain: Sequence[str | ComputeUnit | Unit], *, probe_coreml: bool = True) -> list[Unit]:
+    """Units for a chain of unit names, :class:`ComputeUnit` values and/or :class:`Unit` objects (kept as given)."""
+    return [u if isinstance(u, Unit) else make_unit(ComputeUnit.parse(u) if isinstance(u, str) else u,
+                                                    probe_coreml=probe_coreml) for u in chain]

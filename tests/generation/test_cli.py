@@ -1,4 +1,4 @@
-"""``bitnet-coreml generate``: streaming, JSON, faults through the environment, bad input (exit 2)."""
+"""``bitnet-coreml generate``: streaming, JSON, injected faults (in-process CLI), bad input (exit 2)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,17 @@ from bitnet_coreml.cli import main
 from bitnet_coreml.generation import GenerationSession
 from bitnet_coreml.package.assets import write_assets
 from tests.generation.conftest import TINY
+from tests.support.faults import installed
 
 IDS = "5,17,301,44,9"
 
 
-def run(args: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    return CliRunner().invoke(main, ["generate", *args], env={"BITNET_COREML_FAULTS": "", **(env or {})})
+def run(args: list[str], faults: str | None = None):  # type: ignore[no-untyped-def]
+    """``generate`` in-process; ``faults`` (the tests' plan syntax) installs faulty engines first."""
+    if faults is None:
+        return CliRunner().invoke(main, ["generate", *args])
+    with installed(faults):
+        return CliRunner().invoke(main, ["generate", *args])
 
 
 def _oracle(pkg: Path, n: int) -> list[int]:
@@ -26,7 +31,7 @@ def _oracle(pkg: Path, n: int) -> list[int]:
     return list(s.generate([int(i) for i in IDS.split(",")], max_new_tokens=n))
 
 
-def test_ids_json_and_fault_through_the_environment(tiny_packages: dict[str, Path]) -> None:
+def test_ids_json_and_an_injected_fault(tiny_packages: dict[str, Path]) -> None:
     pkg = tiny_packages["fp16"]
     want = _oracle(pkg, 6)
     r = run([str(pkg), "--ids", IDS, "-n", "6", "--units", "reference", "--json"])
@@ -36,7 +41,7 @@ def test_ids_json_and_fault_through_the_environment(tiny_packages: dict[str, Pat
     assert doc["ttft_s"] > 0 and doc["decode_tok_s"] > 0 and doc["stop_reason"] == "max_new_tokens"
     # a transient error at decode step 3 is retried on the same unit: same tokens, one retry recorded
     r = run([str(pkg), "--ids", IDS, "-n", "6", "--units", "reference", "--json"],
-            env={"BITNET_COREML_FAULTS": "reference:raise:error=OperationError,count=1,after=3"})
+            faults="reference:raise:error=OperationError,count=1,after=3")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["new_ids"] == want

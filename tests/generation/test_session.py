@@ -14,9 +14,9 @@ import pytest
 
 from bitnet_coreml.errors import ExhaustedError, InputError
 from bitnet_coreml.generation import GenerationSession, SamplingConfig
-from bitnet_coreml.runtime.faults import Fault, FaultPlan
 from bitnet_coreml.runtime.units import ReferenceUnit
 from tests.generation.conftest import TINY, TINY_CONTEXT
+from tests.support.faults import Fault, FaultPlan, make_session
 
 ORACLE = np.load(TINY / "logits.npz")
 IDS = [int(i) for i in ORACLE["input_ids"][0]]  # 16 ids
@@ -45,8 +45,8 @@ def test_prefill_logits_last_feeds_the_partial_chunk_through_decode(tiny_package
     np.testing.assert_allclose(row, LOGITS[12], atol=2e-4, rtol=0)
 
 
-def _greedy(pkg: Path, **kw: object) -> tuple[list[int], GenerationSession]:
-    s = GenerationSession(pkg, **kw)  # type: ignore[arg-type]
+def _greedy(pkg: Path, faults: FaultPlan | None = None, **kw: object) -> tuple[list[int], GenerationSession]:
+    s = make_session(faults, pkg, **kw)
     return list(s.generate(IDS[:5], max_new_tokens=20)), s
 
 
@@ -88,7 +88,7 @@ def test_repeated_failures_and_transient_errors(tiny_packages: dict[str, Path]) 
 
 def test_every_unit_failing_is_exhausted(tiny_packages: dict[str, Path]) -> None:
     faults = FaultPlan([Fault("ref-a", "raise", error="DeviceInitError")])
-    s = GenerationSession(tiny_packages["fp16"], units=_chain("ref-a"), faults=faults)
+    s = make_session(faults, tiny_packages["fp16"], units=_chain("ref-a"))
     with pytest.raises(ExhaustedError, match="no compute unit"):
         list(s.generate(IDS[:4], max_new_tokens=3))
 

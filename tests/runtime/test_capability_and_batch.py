@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnet_coreml.runtime import FallbackStrategy, Fault, FaultPlan, Predictor
+from bitnet_coreml.runtime import FallbackStrategy, Predictor
 from bitnet_coreml.runtime.capability import CHECK_METADATA_KEY, capability_verdicts
 from bitnet_coreml.runtime.package_io import read_package
+from tests.support.faults import Fault, FaultPlan, make_predictor
 
 W = np.array([[1.0, -1.0, 0.5], [0.0, 2.0, -0.5], [0.25, 0.25, 0.25], [-1.0, 0.0, 1.0]], dtype=np.float32)
 
@@ -45,7 +46,7 @@ def flexible(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_memory_error_lowers_the_batch(flexible: Path) -> None:
     x = np.arange(12, dtype=np.float32).reshape(4, 3) / 7 - 0.8
     faults = FaultPlan([Fault("reference", "raise", error="MemoryError", count=1)])
-    p = Predictor(flexible, FallbackStrategy(retry_delay_s=0.001), units=["reference"], faults=faults)
+    p = make_predictor(faults, flexible, FallbackStrategy(retry_delay_s=0.001), units=["reference"])
     res = p.predict({"x": x})
     assert res.unit == "reference" and res.batch_size == 2
     assert any("lowered batch size 4 -> 2" in n for n in res.notes)
@@ -128,7 +129,7 @@ def test_thermal_refresh_reads_the_check_stage(monkeypatch: pytest.MonkeyPatch) 
 
 def test_memory_pressure_on_the_last_unit_lowers_the_batch(flexible: Path) -> None:
     x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
-    p = Predictor(flexible, units=["reference"], faults=FaultPlan(available_memory_bytes=1))
+    p = make_predictor(FaultPlan(available_memory_bytes=1), flexible, units=["reference"])
     res = p.predict({"x": x})
     assert res.unit == "reference" and res.batch_size == 2
     assert any("trying it anyway as the last unit" in n for n in res.notes)
@@ -142,7 +143,7 @@ def test_lowered_batch_with_a_remainder(tmp_path: Path) -> None:
     pkg = build_flexible(tmp_path / "ranged.mlpackage", ranged=True)
     x = np.linspace(-2, 2, 15, dtype=np.float32).reshape(5, 3)
     faults = FaultPlan([Fault("reference", "raise", error="MemoryError", count=1)])
-    res = Predictor(pkg, FallbackStrategy(retry_delay_s=0.001), units=["reference"], faults=faults).predict({"x": x})
+    res = make_predictor(faults, pkg, FallbackStrategy(retry_delay_s=0.001), units=["reference"]).predict({"x": x})
     assert res.batch_size == 2  # chunks of 2, 2 and 1
     assert any("lowered batch size 5 -> 2" in n for n in res.notes)
     np.testing.assert_allclose(res.outputs["out"], np.maximum(x @ W.T, 0), atol=5e-3, rtol=5e-3)

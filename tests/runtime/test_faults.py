@@ -1,4 +1,4 @@
-"""Fault plans: the environment syntax, validation, and fire counts."""
+"""The tests' fault plans (``tests/support/faults.py``): text syntax, validation, fire counts, wrappers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from bitnet_coreml import errors as E
-from bitnet_coreml.runtime import Fault, FaultPlan
-from bitnet_coreml.runtime.faults import PROBE_ENV_VAR
+from bitnet_coreml.runtime import ReferenceUnit
+from tests.support.faults import PROBE_MODULE, Fault, FaultPlan, FaultyUnit, after_call, before_call
 
 
 def test_parse_env_syntax() -> None:
@@ -22,10 +22,9 @@ def test_parse_env_syntax() -> None:
     assert plan.thermal_state == "serious" and plan.available_memory_bytes == 1024
 
 
-def test_from_env_unset_is_none() -> None:
-    assert FaultPlan.from_env({}) is None
-    assert FaultPlan.from_env({"BITNET_COREML_FAULTS": "  "}) is None
-    assert FaultPlan.from_env({"BITNET_COREML_FAULTS": "cpu:nan"}).faults == (Fault("cpu", "nan"),)
+def test_blank_plan_is_empty() -> None:
+    assert FaultPlan.parse("  ").faults == () and FaultPlan.parse(" ; ").thermal_state is None
+    assert FaultPlan.parse("cpu:nan").faults == (Fault("cpu", "nan"),)
 
 
 @pytest.mark.parametrize("text", [
@@ -44,20 +43,23 @@ def test_count_limits_firing() -> None:
     assert plan.take_call_fault("gpu") is None
     assert plan.fired("ane") == 2
     with pytest.raises(E.ThermalError, match="injected fault on unit ane"):
-        FaultPlan.before_call(fired[0], "ane")
+        before_call(fired[0], "ane")
 
 
 def test_output_faults() -> None:
     out = {"a": np.array([1.0, 2.0], np.float32), "b": np.array([3.0], np.float32)}
-    nan = FaultPlan.after_call(Fault("x", "nan"), out)
+    nan = after_call(Fault("x", "nan"), out)
     assert np.isnan(nan["a"]).all() and np.array_equal(nan["b"], out["b"])
-    wrong = FaultPlan.after_call(Fault("x", "wrong"), out)
+    wrong = after_call(Fault("x", "wrong"), out)
     assert np.array_equal(wrong["a"], np.array([0.0, -1.0], np.float32)) and wrong["a"].dtype == np.float32
 
 
-def test_probe_env() -> None:
+def test_probe_entry() -> None:
     plan = FaultPlan([Fault("ane", "kill_probe", count=1), Fault("gpu", "hang_probe", seconds=5)])
-    assert plan.probe_env("ane") == {PROBE_ENV_VAR: "kill"}
-    assert plan.probe_env("ane") == {}
-    assert plan.probe_env("gpu") == {PROBE_ENV_VAR: "hang:5.0"}
+    ane, gpu = FaultyUnit(ReferenceUnit("ane"), plan), FaultyUnit(ReferenceUnit("gpu"), plan)
+    first = ane.probe_entry()
+    assert first[:2] == ("-m", PROBE_MODULE) and first[2].split("#")[0] == "kill"
+    assert ane.probe_entry() == ReferenceUnit().probe_entry()  # count=1: the next probe is the real one
+    g1, g2 = gpu.probe_entry(), gpu.probe_entry()
+    assert g1[2].split("#")[0] == g2[2].split("#")[0] == "hang:5.0" and g1 != g2  # never one cached probe
     assert plan.take_call_fault("ane") is None  # probe faults never fire on in-process calls

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnet_coreml.runtime import FallbackStrategy, Fault, FaultPlan, Predictor
+from bitnet_coreml.runtime import FallbackStrategy, Predictor
 from bitnet_coreml.runtime.monitor import read_platform
 from bitnet_coreml.runtime.probe import run_probe
+from tests.support.faults import Fault, FaultPlan, make_predictor
 
 from .conftest import numpy_oracle
 
@@ -59,7 +60,7 @@ def test_each_unit_answers_like_the_reference(tiny_package: Path, tiny_inputs: d
 def test_killed_probe_moves_the_chain_on(tiny_package: Path, tiny_inputs: dict) -> None:
     _skip_if_unavailable(tiny_package, "ane")
     faults = FaultPlan([Fault("ane", "kill_probe")])
-    p = Predictor(tiny_package, faults=faults)
+    p = make_predictor(faults, tiny_package)
     res = p.predict(tiny_inputs)
     assert res.unit != "ane" and "killed by SIGKILL" in res.skipped["ane"]
     np.testing.assert_allclose(res.outputs["out"], numpy_oracle(tiny_inputs["x"], tiny_inputs["y"]),

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from bitnet_coreml.cli import main
+from tests.support.faults import installed
 
 from .conftest import numpy_oracle
 
@@ -18,8 +19,12 @@ ROOT = Path(__file__).resolve().parents[2]
 linux_only = pytest.mark.skipif(sys.platform == "darwin", reason="on macOS the Core ML units are available and answer first; this test pins the Linux chain")
 
 
-def run(args: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    return CliRunner().invoke(main, args, env={"BITNET_COREML_FAULTS": "", **(env or {})})
+def run(args: list[str], faults: str | None = None, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    """The shipped CLI in-process; ``faults`` (the tests' plan syntax) installs faulty units first."""
+    if faults is None:
+        return CliRunner().invoke(main, args, env=env)
+    with installed(faults):
+        return CliRunner().invoke(main, args, env=env)
 
 
 @pytest.fixture()
@@ -63,16 +68,24 @@ def test_predict_human_output(tiny_package: Path, npz: Path) -> None:
 
 def test_injected_fault_is_retried_and_counted(tiny_package: Path, npz: Path) -> None:
     r = run(["predict", str(tiny_package), "--input", str(npz), "--units", "reference", "--json"],
-            env={"BITNET_COREML_FAULTS": "reference:raise:error=OperationError,count=2"})
+            faults="reference:raise:error=OperationError,count=2")
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
     assert [a["outcome"] for a in doc["attempts"]] == ["retried", "retried", "answered"]
     assert doc["recovery_stats"]["units"]["reference"]["retries"] == 2
 
 
+def test_the_shipped_cli_reads_no_fault_variable(tiny_package: Path, npz: Path) -> None:
+    """The old test switch in the environment changes nothing: the unit answers, nothing is retried."""
+    r = run(["predict", str(tiny_package), "--input", str(npz), "--units", "reference", "--json"],
+            env={"BITNET_COREML_FAULTS": "reference:raise:error=OperationError"})
+    assert r.exit_code == 0, r.stderr
+    assert [a["outcome"] for a in json.loads(r.stdout)["attempts"]] == ["answered"]
+
+
 def test_exhausted_exits_3(tiny_package: Path, npz: Path) -> None:
     r = run(["predict", str(tiny_package), "--input", str(npz), "--units", "reference", "--retries", "1"],
-            env={"BITNET_COREML_FAULTS": "reference:raise:error=OperationError"})
+            faults="reference:raise:error=OperationError")
     assert r.exit_code == 3
     assert r.stderr.count("\n") == 1 and "no compute unit answered" in r.stderr and "gave up after 1 retry" in r.stderr
 
@@ -129,11 +142,9 @@ def test_bad_packages_and_files_exit_2(tmp_path: Path, npz: Path, tiny_package: 
         (["predict", str(tiny_package), "--input", str(not_npz)], "not a readable .npz"),
         (["predict", str(tiny_package), "--input", str(npz), "--units", "ane,tpu"], "unknown compute unit 'tpu'"),
         (["predict", str(tiny_package), "--input", str(npz), "--retries", "-1"], "max_retry_attempts=-1"),
-        (["predict", str(tiny_package), "--input", str(npz)], "BITNET_COREML_FAULTS"),
     ]
-    for i, (args, match) in enumerate(cases):
-        env = {"BITNET_COREML_FAULTS": "reference:explode"} if i == len(cases) - 1 else None
-        r = run(args, env)
+    for args, match in cases:
+        r = run(args)
         assert r.exit_code == 2, (args, r.stdout, r.stderr)
         assert r.stderr.count("\n") == 1 and match in r.stderr, (match, r.stderr)
 

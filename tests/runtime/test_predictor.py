@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from bitnet_coreml import errors as E
-from bitnet_coreml.runtime import FallbackStrategy, Fault, FaultPlan, Predictor, ReferenceUnit
+from bitnet_coreml.runtime import FallbackStrategy, Predictor, ReferenceUnit
 from bitnet_coreml.runtime.package_io import PredictionInputError
+from tests.support.faults import Fault, FaultPlan, make_predictor
 
 from .conftest import numpy_oracle
 
@@ -36,7 +37,7 @@ def executor_outputs(package: Path, inputs: dict) -> dict:
 def two_refs(package: Path, faults: FaultPlan | None = None, *, a_validate: bool = False, **strategy) -> Predictor:
     """Core ML units, then two real reference units: fallback runs end to end without Core ML."""
     units = [*COREML, ReferenceUnit("ref-a", validate=a_validate), ReferenceUnit("ref-b")]
-    return Predictor(package, FallbackStrategy(**{**FAST, **strategy}), units=units, faults=faults)
+    return make_predictor(faults, package, FallbackStrategy(**{**FAST, **strategy}), units=units)
 
 
 @linux_only
@@ -198,8 +199,8 @@ def test_thermal_wait_lasts_while_the_device_stays_hot(tiny_package: Path, tiny_
 @linux_only
 def test_hot_device_uses_efficiency_order(tiny_package: Path, tiny_inputs: dict) -> None:
     units = ["gpu", "cpu", "ane", "reference"]
-    p = Predictor(tiny_package, FallbackStrategy(power_target="speed"), units=units,
-                  faults=FaultPlan(thermal_state="serious"))
+    p = make_predictor(FaultPlan(thermal_state="serious"), tiny_package, FallbackStrategy(power_target="speed"),
+                       units=units)
     res = p.predict(tiny_inputs)
     assert res.chain == ("ane", "cpu", "gpu", "reference")
     assert any("thermal state serious" in n for n in res.notes)

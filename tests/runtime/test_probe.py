@@ -1,7 +1,8 @@
 """The subprocess probe: spawn, healthy answer, killed by a signal, hang past the timeout.
 
 On Linux the probed unit is a real reference unit (Core ML units are unavailable and never probed);
-the kill and hang come from the documented fault injection inside the real probe process.
+the kill and hang come from the tests' faulty probe child (``tests/support/faulty_probe.py``),
+which runs the real probe and replaces only its first prediction.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 
 from bitnet_coreml import errors as E
-from bitnet_coreml.runtime import FallbackStrategy, Fault, FaultPlan, Predictor, ReferenceUnit
-from bitnet_coreml.runtime.faults import PROBE_ENV_VAR
+from bitnet_coreml.runtime import FallbackStrategy, Predictor, ReferenceUnit
 from bitnet_coreml.runtime.probe import run_probe
+from tests.support.faults import Fault, FaultPlan, make_predictor, probe_entry
 
 
 def test_healthy_probe_reports_outputs(tiny_package: Path) -> None:
@@ -25,7 +26,7 @@ def test_healthy_probe_reports_outputs(tiny_package: Path) -> None:
 
 
 def test_probe_killed_by_signal_is_a_model_error(tiny_package: Path) -> None:
-    res = run_probe(tiny_package, "reference", ["reference"], timeout_s=60, extra_env={PROBE_ENV_VAR: "kill"})
+    res = run_probe(tiny_package, "reference", ["reference"], timeout_s=60, entry=probe_entry("kill"))
     assert not res.ok and res.returncode == -9
     assert isinstance(res.error, E.ModelError)
     assert "killed by SIGKILL" in str(res.error)
@@ -33,7 +34,7 @@ def test_probe_killed_by_signal_is_a_model_error(tiny_package: Path) -> None:
 
 def test_hung_probe_times_out(tiny_package: Path) -> None:
     res = run_probe(tiny_package, "reference", ["reference"], timeout_s=5.0,
-                    extra_env={PROBE_ENV_VAR: "hang:30"})
+                    entry=probe_entry("hang:30"))
     assert not res.ok and isinstance(res.error, E.TimeoutFailure)
     assert res.seconds < 30
 
@@ -55,7 +56,7 @@ def test_predictor_moves_on_when_a_probe_dies(tiny_package: Path, tiny_inputs: d
     coreml = [] if sys.platform == "darwin" else ["ane", "gpu", "cpu"]  # unavailable, never probed, off macOS
     units = [*coreml, ReferenceUnit("ref-a", probe=True), ReferenceUnit("ref-b", probe=True)]
     faults = FaultPlan([Fault("ref-a", "kill_probe")])
-    p = Predictor(tiny_package, FallbackStrategy(), units=units, faults=faults)
+    p = make_predictor(faults, tiny_package, FallbackStrategy(), units=units)
     res = p.predict(tiny_inputs)
     assert res.unit == "ref-b"
     assert "killed by SIGKILL" in res.skipped["ref-a"]
@@ -74,7 +75,7 @@ def test_predictor_moves_on_when_a_probe_dies(tiny_package: Path, tiny_inputs: d
 def test_predictor_moves_on_when_a_probe_hangs(tiny_package: Path, tiny_inputs: dict) -> None:
     units = [ReferenceUnit("ref-a", probe=True), ReferenceUnit("ref-b")]
     faults = FaultPlan([Fault("ref-a", "hang_probe", seconds=30)])
-    p = Predictor(tiny_package, FallbackStrategy(probe_timeout_s=5.0), units=units, faults=faults)
+    p = make_predictor(faults, tiny_package, FallbackStrategy(probe_timeout_s=5.0), units=units)
     res = p.predict(tiny_inputs)
     assert res.unit == "ref-b" and "probe did not finish within 5 s" in res.skipped["ref-a"]
 
