@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from bitnet_coreml.runtime.monitor import Monitor, PlatformSnapshot
 from bitnet_coreml.runtime.predictor import Predictor
-from bitnet_coreml.runtime.recovery import RecoveryAction, backoff_delay, classify_exception, handle_error
+from bitnet_coreml.runtime.recovery import (
+    RecoveryAction,
+    backoff_delay,
+    classify_exception,
+    handle_error,
+    is_foreign_failure,
+)
 from bitnet_coreml.runtime.result import Attempt, PredictionResult
 from bitnet_coreml.runtime.stats import ErrorRecovery, RecoveryStats, UnitStats
 from bitnet_coreml.runtime.strategy import UNIT_NAMES, ComputeUnit, FallbackStrategy, PowerTarget
@@ -35,5 +41,6 @@ __all__ = [
     "backoff_delay",
     "classify_exception",
     "handle_error",
+    "is_foreign_failure",
     "make_units",
 ]

@@ -28,6 +28,7 @@ from bitnet_coreml.errors import (
     ConfigError,
     DeviceInitError,
     ExhaustedError,
+    InternalError,
     ModelError,
     PlatformUnavailableError,
     TimeoutFailure,
@@ -226,6 +227,7 @@ class Predictor:
                 err = classify_exception(e, context=unit.name)
                 if handle_error(err) is RecoveryAction.GIVE_UP:
                     rec.record_rejected()
+                    _log_bug(unit.name, err)
                     raise err from (e if err is not e else None)
                 rec.record_failure(unit.name, err)
                 rec.record_fallback(unit.name)
@@ -353,6 +355,7 @@ class Predictor:
                 action = handle_error(err)
                 if action is RecoveryAction.GIVE_UP:
                     rec.record_rejected()
+                    _log_bug(unit.name, err)
                     raise err from (e if err is not e else None)
                 if action is not RecoveryAction.FALLBACK and retries < s.max_retry_attempts:
                     attempts.append(Attempt(unit.name, "retried", err.one_line(), type(err).__name__, action.value,
@@ -412,6 +415,8 @@ class Predictor:
             try:
                 ref = self._oracle_unit().predict(x)
             except Exception as e:  # the oracle's failure says nothing about this unit: do not blame it
+                if isinstance(classify_exception(e), InternalError):
+                    raise  # but a bug in the reference is a bug, not a reason to skip validation
                 self._validated.add(unit.name)
                 msg = f"{unit.name}: not validated: the CPU reference failed ({type(e).__name__}: {e})"
                 log.warning("%s", msg)
@@ -490,6 +495,12 @@ class Predictor:
         _stop_workers(self._workers)
         for u in self.units:
             u.unload()
+
+
+def _log_bug(unit: str, err: BitnetCoremlError) -> None:
+    """A bug is not retried: keep its traceback in the log (the CLI prints it with ``--debug``)."""
+    if isinstance(err, InternalError):
+        log.debug("%s: %s; not retried, no fallback", unit, err.one_line(), exc_info=err.original)
 
 
 def _stop_workers(workers: dict[str, Worker]) -> None:

@@ -80,16 +80,39 @@ def recovery_reason(error: BaseException) -> str:
     return "unclassified"
 
 
-def classify_exception(exc: BaseException, *, context: str = "") -> BitnetCoremlError:
-    """Map an exception raised by Core ML, numpy or the OS onto the project's runtime taxonomy.
+# Where the foreign exceptions a unit may legitimately raise come from (see is_foreign_failure).
+_FOREIGN_MODULES = ("onnxruntime.",)  # ORT's pybind error classes (Fail, RuntimeException, EPFail, ...)
+_FOREIGN_TYPES: tuple[type[BaseException], ...] = (RuntimeError, OSError, MemoryError, TimeoutError)
 
-    Project errors pass through unchanged. A programming error (``TypeError``, ``KeyError``, ... see
-    :func:`bitnet_coreml.errors.is_bug`) becomes an :class:`InternalError`, which is never retried.
-    The message keeps the original type and text so a report still shows what the library said.
+
+def is_foreign_failure(exc: BaseException) -> bool:
+    """True for the failures a device or library reports, which recovery may retry or fall back on.
+
+    Known foreign failures: Core ML / coremltools (a bare ``Exception`` or a ``RuntimeError`` from the
+    native proxy), ONNX Runtime (its ``onnxruntime.capi`` error classes), the OS (``OSError``,
+    ``MemoryError``, ``TimeoutError``). Everything else (``TypeError``, ``KeyError``,
+    ``AssertionError``, an unknown exception class, ... and ``NotImplementedError`` /
+    ``RecursionError`` although they are ``RuntimeError`` s) is a bug in this program.
+    """
+    if isinstance(exc, BitnetCoremlError) or is_bug(exc):
+        return False
+    if type(exc) is Exception or isinstance(exc, _FOREIGN_TYPES):
+        return True
+    return type(exc).__module__.startswith(_FOREIGN_MODULES)
+
+
+def classify_exception(exc: BaseException, *, context: str = "") -> BitnetCoremlError:
+    """Map an exception raised by Core ML, ONNX Runtime or the OS onto the project's runtime taxonomy.
+
+    Project errors pass through unchanged. Anything that is not a known foreign failure
+    (:func:`is_foreign_failure`: ``TypeError``, ``KeyError``, an unknown class, ...) is a bug and
+    becomes an :class:`InternalError`, which is never retried nor handed to another unit; it keeps
+    the original exception as its cause (``--debug`` prints the traceback). The message keeps the
+    original type and text so a report still shows what the library said.
     """
     if isinstance(exc, BitnetCoremlError):
         return exc
-    if is_bug(exc):
+    if not is_foreign_failure(exc):
         return InternalError(context or "the predictor", exc)
     where = f"{context}: " if context else ""
     text = f"{where}{type(exc).__name__}: {' '.join(str(exc).split()) or '(no message)'}"

@@ -23,6 +23,7 @@ from bitnet_coreml.errors import (
     ANEUnavailableError,
     BitnetCoremlError,
     DeviceInitError,
+    InternalError,
     ModelError,
     PlatformUnavailableError,
     RuntimeFailure,
@@ -30,7 +31,7 @@ from bitnet_coreml.errors import (
 from bitnet_coreml.runtime.monitor import PlatformSnapshot
 from bitnet_coreml.runtime.package_io import PackageInfo
 from bitnet_coreml.runtime.probe import PROBE_ENTRY
-from bitnet_coreml.runtime.recovery import classify_exception
+from bitnet_coreml.runtime.recovery import classify_exception, is_foreign_failure
 from bitnet_coreml.runtime.strategy import ComputeUnit
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,8 @@ class ReferenceUnit(Unit):
         except BitnetCoremlError:
             raise
         except Exception as e:
+            if not is_foreign_failure(e):  # the executor is this project's code: its bug is a bug
+                raise InternalError(f"{self.name} load", e) from e
             raise ModelError(f"{self.name}: the reference executor cannot load {info.path.name}: "
                              f"{type(e).__name__}: {' '.join(str(e).split())}") from e
 

@@ -180,3 +180,34 @@ def test_bundled_model_matches_the_reference_executor(tmp_path: Path) -> None:
         assert sorted(z.files) == sorted(direct)
         for k in direct:
             assert np.array_equal(z[k], direct[k])
+
+
+def test_a_bug_in_a_unit_is_one_line_exit_3_and_not_retried(tiny_package: Path, npz: Path) -> None:
+    """A unit raising KeyError (a bug, not a device failure): no retry, no next unit, one line; --debug: traceback."""
+    args = ["predict", str(tiny_package), "--input", str(npz), "--units", "reference,cpu", "--retries", "3"]
+    with installed("reference:raise:error=KeyError") as plan:
+        r = CliRunner().invoke(main, args)
+    assert r.exit_code == 3
+    assert r.stderr.splitlines() == ["error: internal error in reference: KeyError: 'injected fault on unit reference: "
+                                     "KeyError' (rerun with --debug for the traceback)"]
+    assert plan.fired("reference") == 1  # retries 3 allowed; the bug was not retried
+    with installed("reference:raise:error=KeyError") as plan:
+        r = CliRunner().invoke(main, ["--debug", *args])
+    assert r.exit_code == 3 and plan.fired("reference") == 1
+    assert "Traceback (most recent call last)" in r.stderr and "KeyError: 'injected fault on unit reference" in r.stderr
+    assert "in predict" in r.stderr  # the frame that raised it: the unit's call, kept as the cause
+    assert r.stderr.rstrip().splitlines()[-1].startswith("error: internal error in reference: KeyError")
+
+
+def test_a_known_foreign_failure_is_retried_and_an_unknown_class_is_a_bug(tiny_package: Path, npz: Path) -> None:
+    """RuntimeError (what Core ML's native proxy raises) is retried; an AssertionError is not."""
+    args = ["predict", str(tiny_package), "--input", str(npz), "--units", "reference", "--json"]
+    with installed("reference:raise:error=RuntimeError,count=1") as plan:
+        r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.stderr
+    assert [a["outcome"] for a in json.loads(r.stdout)["attempts"]] == ["retried", "answered"]
+    assert plan.fired("reference") == 1
+    with installed("reference:raise:error=AssertionError") as plan:
+        r = CliRunner().invoke(main, args)
+    assert r.exit_code == 3 and plan.fired("reference") == 1
+    assert json.loads(r.stdout)["error"] == "InternalError"

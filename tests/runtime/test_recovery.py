@@ -7,7 +7,13 @@ import errno
 import pytest
 
 from bitnet_coreml import errors as E
-from bitnet_coreml.runtime import RecoveryAction, backoff_delay, classify_exception, handle_error
+from bitnet_coreml.runtime import (
+    RecoveryAction,
+    backoff_delay,
+    classify_exception,
+    handle_error,
+    is_foreign_failure,
+)
 
 A = RecoveryAction
 
@@ -64,6 +70,28 @@ def test_classify_bug_is_internal_error() -> None:
     err = classify_exception(KeyError("k"), context="reference predict")
     assert type(err) is E.InternalError
     assert err.one_line() == "internal error in reference predict: KeyError: 'k' (rerun with --debug for the traceback)"
+
+
+class _SomeLibraryBug(Exception):
+    """An exception class nobody declared as a device failure."""
+
+
+@pytest.mark.parametrize("exc", [KeyError("k"), AssertionError(), AttributeError("a"), NotImplementedError("n"),
+                                 RecursionError("r"), FloatingPointError("f"), _SomeLibraryBug("x")])
+def test_anything_but_a_known_foreign_failure_is_a_bug(exc: BaseException) -> None:
+    assert not is_foreign_failure(exc)
+    assert type(classify_exception(exc, context="u")) is E.InternalError
+    assert handle_error(exc) is A.GIVE_UP
+
+
+def test_known_foreign_failures() -> None:
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail  # noqa: PLC0415
+
+    for exc in (Exception("Core ML"), RuntimeError("proxy"), OSError(5, "I/O error"), MemoryError(), TimeoutError(),
+                Fail("ORT failed")):
+        assert is_foreign_failure(exc), exc
+        assert not isinstance(classify_exception(exc), E.InternalError)
+    assert handle_error(Fail("[ONNXRuntimeError] : 1 : FAIL : boom")) is A.RETRY
 
 
 def test_classify_passes_project_errors_through() -> None:
