@@ -1,7 +1,12 @@
 """Parity of a converted package against its source graph.
 
 The source runs in ONNX Runtime; the package runs in the project's numpy reference executor (any
-OS) and, on macOS, in Core ML once per compute unit. Every output is compared with cosine
+OS) and on each requested compute unit through the runtime (``units``; default: the Core ML units
+this machine has, none off macOS). A unit runs exactly as ``predict`` runs it: a
+:class:`~bitnet_coreml.runtime.Predictor` with that unit alone, so a Core ML unit is probed in a
+subprocess first and transient errors are retried. A requested unit that cannot answer (unavailable
+when asked for by name, probe killed, load or prediction failed) fails parity (exit 1) and is named
+in ``unit_failures``; it is never only logged. Every output is compared with cosine
 similarity, relative L2 and max-abs; logits-like outputs (float, rank >= 2, last axis >= 2) also
 with top-1 agreement (argmax equal) and top-5 agreement (the reference's argmax is among the
 package's five best). When the input ``.npz`` also holds arrays named like the outputs (the bundled
@@ -21,8 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,15 +76,22 @@ class ParityReport:
     thresholds: Thresholds
     comparisons: list[Comparison] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    unit_failures: list[str] = field(default_factory=list)  # requested compute units that did not answer
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.comparisons) and bool(self.comparisons)
+        return all(c.passed for c in self.comparisons) and bool(self.comparisons) and not self.unit_failures
+
+    def failures(self) -> list[str]:
+        """One phrase per failure: each failing comparison, each requested unit that did not answer."""
+        return [f"{c.runner} vs {c.reference} on {c.output!r}: {'; '.join(c.failures)}"
+                for c in self.comparisons if not c.passed] + list(self.unit_failures)
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "package": self.package, "precision": self.precision,
                 "thresholds": asdict(self.thresholds), "passed": self.passed,
-                "comparisons": [asdict(c) for c in self.comparisons], "skipped": list(self.skipped)}
+                "comparisons": [asdict(c) for c in self.comparisons], "skipped": list(self.skipped),
+                "unit_failures": list(self.unit_failures)}
 
 
 # --- metrics -----------------------------------------------------------------------------------------
@@ -233,22 +244,50 @@ def package_feeds(feeds: Mapping[str, np.ndarray], in_names: Mapping[str, str], 
     return out
 
 
-def _coreml_runs(package: Path, feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """Core ML predictions per compute unit (macOS only)."""
+def runner_name(unit: Any) -> str:
+    """A unit's runner name in the report: ``coreml:CPU_AND_NE`` for a Core ML unit, else the unit's name."""
+    coreml = unit.kind.coreml_name
+    return f"coreml:{coreml}" if coreml else str(unit.name)
+
+
+def unit_runs(package: Path, feed_list: list[dict[str, np.ndarray]], units: Sequence[Any] | None,
+              report: ParityReport) -> dict[str, dict[str, np.ndarray]]:
+    """Outputs per requested compute unit, each run through the runtime's :class:`Predictor` alone.
+
+    ``units`` None: the Core ML units (ane, gpu, cpu); one this machine lacks is noted in
+    ``report.skipped``. Named units are requested: one that is unavailable or fails is a
+    ``report.unit_failures`` entry. Bad input and bugs propagate.
+    """
+    from bitnet_coreml.errors import RuntimeFailure  # noqa: PLC0415
     from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
+    from bitnet_coreml.runtime import FallbackStrategy, Predictor, make_units  # noqa: PLC0415
+    from bitnet_coreml.runtime.monitor import read_platform  # noqa: PLC0415
+    from bitnet_coreml.runtime.package_io import read_package  # noqa: PLC0415
 
-    if sys.platform != "darwin" or is_chunked(package):  # (a chunked model: the reference executor chains it)
+    requested = units is not None
+    if is_chunked(package):  # the device runs each piece; verify chains them in the reference executor
+        if requested:
+            raise InputError(f"--units: {package} is a chunked model folder; its parity runs on the reference "
+                             "executor only (convert each piece's package to check it on a compute unit)")
+        report.skipped.append(f"compute units: not run: {package} is a chunked model folder "
+                              "(the reference executor chains its pieces)")
         return {}
-    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
-
-    ct = coremltools()
+    chain = make_units(list(COREML_UNITS) if units is None else units)
+    info, plat = read_package(package), read_platform()
     runs: dict[str, dict[str, np.ndarray]] = {}
-    for unit in (*reversed(COREML_UNITS.values()), "ALL"):
+    strategy = FallbackStrategy(validate_first_use=False)  # verify compares every unit itself
+    for unit in chain:
+        why = unit.unavailable(plat, info)
+        if why is not None and not requested:
+            report.skipped.append(f"{runner_name(unit)}: not run: {why.one_line()}")
+            continue
         try:
-            m = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, unit))
-            runs[f"coreml:{unit}"] = {k: np.asarray(v) for k, v in m.predict(feeds).items()}
-        except Exception as e:  # noqa: BLE001  (a unit that fails is reported, not fatal)
-            log.warning("Core ML %s failed: %s", unit, e)
+            with Predictor(package, strategy, units=[unit]) as p:
+                outs = [p.predict(f, source="verify inputs").outputs for f in feed_list]
+        except RuntimeFailure as e:  # this unit did not answer (after its retries): parity fails
+            report.unit_failures.append(f"{runner_name(unit)}: {e.one_line()}")
+            continue
+        runs[runner_name(unit)] = stack(outs)
     return runs
 
 
@@ -299,8 +338,14 @@ def stack(outs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
            inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
            thresholds: Thresholds | None = None, *, raise_on_failure: bool = True,
-           seq_len: int | None = None, allow_dequant: bool = False, steps: int | None = None) -> ParityReport:
-    """Compare ``package`` with ``source``; see the module docstring."""
+           seq_len: int | None = None, allow_dequant: bool = False, steps: int | None = None,
+           units: Sequence[Any] | None = None) -> ParityReport:
+    """Compare ``package`` with ``source``; see the module docstring.
+
+    ``units``: compute units (names, :class:`~bitnet_coreml.runtime.ComputeUnit` values or
+    :class:`~bitnet_coreml.runtime.Unit` objects) the package must also answer on; default: the Core ML
+    units this machine has.
+    """
     from bitnet_coreml.frontend import builds_graph, load  # noqa: PLC0415
     from bitnet_coreml.lower.fp16 import run_ort  # noqa: PLC0415
 
@@ -311,6 +356,9 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
     from bitnet_coreml.package.stateful import META as STATEFUL_META  # noqa: PLC0415
 
     if STATEFUL_META in meta:  # prefill + teacher-forced decode steps: see verify_stateful.py
+        if units is not None:
+            raise InputError(f"--units {','.join(str(getattr(u, 'name', u)) for u in units)}: {pkg} is stateful; "
+                             "its parity runs on the reference executor only (generate runs it on the units)")
         from bitnet_coreml.verify_stateful import verify_stateful  # noqa: PLC0415
 
         return verify_stateful(source, pkg, inputs, thresholds, raise_on_failure=raise_on_failure,
@@ -334,16 +382,10 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
 
     ex = _executor(pkg)
     pfeed_list = [package_feeds(f, in_names, ex.input_specs) for f in feed_list]
-    runs = {"reference-executor": stack([ex.predict(pf) for pf in pfeed_list])}
-    coreml = [_coreml_runs(pkg, pf) for pf in pfeed_list]
-    for runner in coreml[0]:
-        if all(runner in c for c in coreml):
-            runs[runner] = stack([c[runner] for c in coreml])
-
     report = ParityReport(str(source), str(pkg), precision, t)
+    runs = {"reference-executor": stack([ex.predict(pf) for pf in pfeed_list])}
+    runs.update(unit_runs(pkg, pfeed_list, units, report))
     compare(report, runs, ort_out, extra, out_names)
     if raise_on_failure and not report.passed:
-        bad = [f"{c.runner} vs {c.reference} on {c.output!r}: {'; '.join(c.failures)}"
-               for c in report.comparisons if not c.passed]
-        raise ParityError(f"{pkg}: parity below threshold: {' | '.join(bad) or 'no outputs compared'}")
+        raise ParityError(f"{pkg}: parity failed: {' | '.join(report.failures()) or 'no outputs compared'}")
     return report

@@ -7,7 +7,7 @@ import sys
 import click
 
 from bitnet_coreml.commands._common import echo_json, parity_failures, parity_table
-from bitnet_coreml.errors import EXIT_CHECK_FAILED
+from bitnet_coreml.errors import EXIT_CHECK_FAILED, InputError
 
 
 @click.command("verify")
@@ -24,12 +24,15 @@ from bitnet_coreml.errors import EXIT_CHECK_FAILED
               help="GGUF: dequantise tensors of other ggml types (and block-scaled ternary layers) instead of refusing.")
 @click.option("--steps", type=int, default=None,
               help="Stateful package: teacher-forced decode steps after the prefill (default 32).")
+@click.option("--units", default=None, metavar="LIST",
+              help="Compute units the package must also answer on (ane,gpu,cpu,reference), each run as predict "
+                   "runs it; one that fails is exit 1. Default: the Core ML units this machine has (none off macOS).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify(source: str, package: str, inputs: str | None, min_cosine: float | None, min_top1: float | None,
            min_top5: float | None, max_rel_l2: float | None, seq_len: int | None, allow_dequant: bool,
-           steps: int | None,
+           steps: int | None, units: str | None,
            as_json: bool) -> None:
-    """Compare PACKAGE with SOURCE: ONNX Runtime vs the reference executor (and Core ML on macOS)."""
+    """Compare PACKAGE with SOURCE: ONNX Runtime vs the reference executor and each compute unit."""
     from dataclasses import replace  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
@@ -41,8 +44,13 @@ def verify(source: str, package: str, inputs: str | None, min_cosine: float | No
     changes = {k: v for k, v in (("cosine", min_cosine), ("top1", min_top1), ("top5", min_top5),
                                  ("rel_l2", max_rel_l2)) if v is not None}
     t = replace(t, **changes)
+    chain = None
+    if units is not None:
+        chain = [u.strip() for u in units.split(",") if u.strip()]
+        if not chain:
+            raise InputError("--units: empty; give compute units, e.g. --units ane,cpu")
     report = run_verify(source, package, inputs, t, raise_on_failure=False, seq_len=seq_len,
-                        allow_dequant=allow_dequant, steps=steps)
+                        allow_dequant=allow_dequant, steps=steps, units=chain)
     if as_json:
         echo_json(report.to_dict())
     else:
@@ -55,5 +63,8 @@ def verify(source: str, package: str, inputs: str | None, min_cosine: float | No
             con.print(f"- skipped: {s}")
     if not report.passed:
         if not as_json:
-            click.echo(f"error: parity failed: {parity_failures(report.to_dict()['comparisons'])}", err=True)
+            failing = [c for c in report.to_dict()["comparisons"] if not c["passed"]]
+            why = "; ".join(([parity_failures(failing)] if failing or not report.comparisons else [])
+                            + report.unit_failures)
+            click.echo(f"error: parity failed: {why}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
