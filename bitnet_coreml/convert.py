@@ -126,6 +126,7 @@ class ConvertResult:
     inputs: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     stateful: dict[str, Any] | None = None  # package/stateful.py StatefulInfo.to_dict() of a --stateful package
+    passes: dict[str, Any] = field(default_factory=dict)  # the graph pass pipeline's report (PassReport.to_dict())
 
     @property
     def weight_budget_bytes(self) -> float:
@@ -359,7 +360,9 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
     stage("graph passes")
     t0 = time.perf_counter()
-    run_default_passes(model)
+    pass_report = run_default_passes(model)
+    if pass_report.note:
+        notes.append(pass_report.note)
     assign_node_names(model.graph)
     check_supported(model)  # every unsupported op at once, before any work is written
     summary = summarize(model, source=str(source))
@@ -476,7 +479,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         params_ternary=summary.params_ternary, params_other=summary.params_other,
         bitlinear_layers=len(summary.bitlinear), notes=notes, fp16=fp16_info, split=split_notes, embed=embed,
         check=check, inputs=dict(built.input_names), outputs=dict(built.output_names),
-        stateful=stateful_info.to_dict() if stateful_info is not None else None,
+        stateful=stateful_info.to_dict() if stateful_info is not None else None, passes=pass_report.to_dict(),
     )
     return finish(result, source, out, options, times, t_all, stage)
 

@@ -93,6 +93,9 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
             t.add_row("stateful", f"functions {', '.join(st['functions'])} (default {st['default_function']}); "
                                   f"context {st['context']}, prefill {st['prefill']} (logits {st['prefill_logits']}); "
                                   f"{len(st['states'])} fp16 states, {_mb(st['state_bytes'])}")
+        from bitnet_coreml.passes.pipeline import describe_passes  # noqa: PLC0415
+
+        t.add_row("graph passes", describe_passes(result.passes))
         t.add_row("time", " ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
         con.print(t)
         for n in result.split + result.notes:
