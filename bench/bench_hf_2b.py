@@ -128,7 +128,9 @@ def convert_stages(folder: Path, seq_len: int, extra: list[str], embed_dtype: st
     import bitnet_coreml.frontend as frontend
     from bitnet_coreml.convert import ConvertOptions, convert
     from bitnet_coreml.frontend.hf_checkpoint import load_checkpoint
+    from bitnet_coreml.memory import mmap_large_allocations
 
+    mmap_large_allocations()  # as the CLI does for convert (bitnet_coreml.memory)
     if embed_dtype != "auto":
         # convert() picks fp16 for fp16 builds itself; this forces a dtype to compare the two
         forced = embed_dtype

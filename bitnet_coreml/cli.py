@@ -19,6 +19,10 @@ from bitnet_coreml import __version__
 from bitnet_coreml._guard import debug_enabled, run_guarded
 from bitnet_coreml.errors import EXIT_BAD_INPUT
 
+# Commands that run a source graph in ONNX Runtime (fp16 calibration, parity, report): the CLI, owner of
+# the process, lets glibc return their large frees to the OS (bitnet_coreml.memory says why here).
+HEAP_BOUND_COMMANDS = frozenset({"convert", "verify", "report", "pipeline"})
+
 # command name -> (module, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "info": ("bitnet_coreml.commands.info", "info", "Platform, devices and the capability table."),
@@ -62,6 +66,10 @@ class LazyGroup(click.Group):
         args = [*getattr(ctx, "_protected_args", []), *ctx.args]
         args = args[:args.index("--")] if "--" in args else args
         where = " ".join(a for a in args[:2] if a in COMMANDS or a == "run") or "bitnet-coreml"
+        if args and args[0] in HEAP_BOUND_COMMANDS:
+            from bitnet_coreml.memory import mmap_large_allocations  # noqa: PLC0415
+
+            mmap_large_allocations()
         return run_guarded(lambda: super(LazyGroup, self).invoke(ctx), where=where,
                            debug=debug_enabled(bool(ctx.params.get("debug"))), as_json="--json" in args)
 

@@ -179,7 +179,6 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
             del graph.initializers[str(v.name)]
         for v in order:  # restore the initializers in their original order
             graph.register_initializer(v)
-    _mmap_large_allocations()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4  # fatal only: an ORT error is raised and reported in one line, not logged too
@@ -200,28 +199,6 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
     results = sess.run(names, run_feeds)
     del run_feeds, sess
     return dict(zip(names, results, strict=True))
-
-
-_MMAP_THRESHOLD = 1 << 20
-
-
-def _mmap_large_allocations() -> None:
-    """Have glibc serve allocations of 1 MiB and more with mmap, so freeing them returns the memory.
-
-    By default glibc raises its mmap threshold (up to 32 MiB) after each large free, so the run's
-    fp32 weight temporaries of 6-32 MiB then come from the heap, where the outputs kept between
-    them pin the pages: the 2B checkpoint's run ended 3 GB higher than it started. A fixed threshold
-    (which also turns the dynamic adjustment off) keeps it at the live data. No-op off glibc.
-    """
-    import ctypes  # noqa: PLC0415
-    import platform  # noqa: PLC0415
-
-    if platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        log.debug("mallopt unavailable; calibration memory may stay higher")
 
 
 def _packed_bytes(tensor: Any) -> np.ndarray:
