@@ -391,6 +391,7 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, 
         feeds_for,
         package_feeds,
         stack,
+        unit_runs,
     )
 
     precision = meta.get("bitnet_coreml.precision", "fp16")
@@ -437,6 +438,7 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, 
     ort_out = stack([{k: r[k] for k in graph_outs} for r in ort_runs])
     runs = {"reference-executor": stack([t.outputs for t in traces])}
     report = ParityReport(str(source), str(pkg), precision, Thresholds.for_precision(precision))
+    runs.update(unit_runs(pkg, pfeeds, None, report))  # the compute units, exactly as verify runs them
     compare(report, runs, ort_out, extra, out_names)
     depth = []
     for label, layer, value in points:
