@@ -110,3 +110,15 @@ def test_units_on_a_stateful_package_are_refused(pair: tuple[Path, Path], monkey
     monkeypatch.setattr(v, "package_meta", lambda p: ({META: "{}"}, None))
     with pytest.raises(InputError, match="is stateful"):
         verify(*pair, units=["reference"])
+
+
+def test_units_on_a_chunked_folder_are_refused_and_the_default_notes_it(tmp_path: Path) -> None:
+    from tests.chunks.conftest import TINY, convert
+
+    if not TINY.is_dir():
+        pytest.skip("bundled checkpoint models/hf/bitnet-tiny-packed missing")
+    folder = convert(TINY, tmp_path / "tiny2", "--chunks", "2")
+    r = CliRunner().invoke(main, ["verify", str(TINY), str(folder), "--units", "reference"])
+    assert r.exit_code == 2 and "is a chunked model folder" in r.stderr and len(r.stderr.splitlines()) == 1
+    rep = verify(TINY, folder, raise_on_failure=False)
+    assert rep.unit_failures == [] and any("chunked model folder" in s for s in rep.skipped)
