@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from bitnet_coreml import errors as _errors
-from bitnet_coreml.errors import DeviceInitError, ModelError, RuntimeFailure, TimeoutFailure
+from bitnet_coreml.errors import (
+    BitnetCoremlError,
+    DeviceInitError,
+    InternalError,
+    ModelError,
+    RuntimeFailure,
+    TimeoutFailure,
+)
 
 # ``python`` arguments that start the probe child before PACKAGE and the unit's arguments.
 PROBE_ENTRY: tuple[str, ...] = ("-m", "bitnet_coreml.runtime.probe")
@@ -40,7 +47,7 @@ class ProbeResult:
     ok: bool
     seconds: float
     returncode: int | None
-    error: RuntimeFailure | None = None
+    error: BitnetCoremlError | None = None  # a RuntimeFailure, or InternalError for a bug in the child
     detail: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,11 +91,27 @@ def run_probe(package: str | os.PathLike[str], unit_name: str, unit_args: Sequen
     report = _last_json(out)
     if rc == 0 and report.get("ok"):
         return ProbeResult(unit_name, True, dt, rc, None, report)
+    bug = report.get("bug")
+    if isinstance(bug, dict):  # a bug is a bug in the parent too: never a failed unit to fall back from
+        return ProbeResult(unit_name, False, dt, rc, _child_bug(unit_name, bug), report)
     cls = getattr(_errors, str(report.get("error_type")), None)
     if not (isinstance(cls, type) and issubclass(cls, RuntimeFailure)):
         cls = DeviceInitError
     msg = report.get("message") or f"probe exited with code {rc}: {' '.join(err.split())[-300:]}"
     return ProbeResult(unit_name, False, dt, rc, cls(f"{unit_name}: probe failed: {msg}"), report)
+
+
+def _child_bug(unit_name: str, bug: dict[str, Any]) -> InternalError:
+    """The child's bug as the parent's :class:`InternalError`: the original type name and message, and
+    the child's traceback as a note of its cause (``--debug`` prints it)."""
+    name = str(bug.get("type") or "Exception")
+    cls = type(name if name.isidentifier() else "Exception", (Exception,), {"__module__": "probe child"})
+    cause = cls(str(bug.get("message", "")))
+    if bug.get("traceback") and hasattr(cause, "add_note"):
+        cause.add_note(f"in the probe child:\n{bug['traceback']}")
+    err = InternalError(f"{unit_name} probe", cause)
+    err.__cause__ = cause
+    return err
 
 
 def _last_json(text: str) -> dict[str, Any]:
@@ -135,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # report every failure to the parent as one classified JSON line
         err = classify_exception(e, context=f"probe {a.unit}")
         report = {"ok": False, "unit": a.unit, "error_type": type(err).__name__, "message": err.one_line()}
+        if isinstance(err, InternalError):  # a bug: the parent raises it as one, with this traceback
+            import traceback  # noqa: PLC0415
+
+            report["bug"] = {"type": type(err.original).__name__, "message": " ".join(str(err.original).split()),
+                             "traceback": "".join(traceback.format_exception(err.original))[-4000:]}
         code = 1
     sys.stdout.write(json.dumps(report) + "\n")
     sys.stdout.flush()

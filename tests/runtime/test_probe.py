@@ -86,3 +86,18 @@ def test_probe_runs_once_per_process_for_a_package_and_unit(tiny_package: Path, 
     assert first.predict(tiny_inputs).unit == second.predict(tiny_inputs).unit == "probed"
     a, b = (p.system_info()["units"][0]["probe"] for p in (first, second))
     assert a["ok"] and a == b  # the same result (same timing): the second predictor spawned no probe
+
+
+def test_a_bug_in_the_probe_child_is_a_bug_in_the_parent(tiny_package: Path, tiny_inputs: dict) -> None:
+    """Not a failed unit to fall back from: exit 3 as an internal error, the child's traceback kept."""
+    res = run_probe(tiny_package, "reference", ["reference"], timeout_s=60, entry=probe_entry("bug"))
+    assert not res.ok and res.returncode == 1 and isinstance(res.error, E.InternalError)
+    assert res.error.one_line() == ("internal error in reference probe: KeyError: 'injected bug in the probe' "
+                                    "(rerun with --debug for the traceback)")
+    notes = "".join(getattr(res.error.__cause__, "__notes__", []))
+    assert "in the probe child:" in notes and "Traceback (most recent call last)" in notes and "misbehave" in notes
+    units = [ReferenceUnit("ref-a", probe=True), ReferenceUnit("ref-b")]
+    p = make_predictor(FaultPlan([Fault("ref-a", "bug_probe")]), tiny_package, FallbackStrategy(), units=units)
+    with pytest.raises(E.InternalError, match="internal error in ref-a probe: KeyError"):
+        p.predict(tiny_inputs)
+    assert "ref-b" not in p.get_recovery_stats().units  # the next unit never covered for the bug

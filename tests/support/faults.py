@@ -23,6 +23,7 @@ wrong      return ``-output + 1`` (finite, plausible, wrong)
 kill_probe the unit's probe child SIGKILLs itself at its first prediction (an ANE compile failure
            does this, coremltools #2758): the child runs ``tests/support/faulty_probe.py``
 hang_probe the unit's probe child sleeps ``seconds`` there (past the probe timeout)
+bug_probe  the unit's probe child raises ``KeyError`` there (a bug, not a device failure)
 ========== ==================================================================================
 
 Every fault fires ``count`` times (default: every call) and then stops; ``after=k`` lets the unit's
@@ -57,9 +58,9 @@ from bitnet_coreml.runtime.package_io import PackageInfo
 from bitnet_coreml.runtime.strategy import ComputeUnit, FallbackStrategy
 from bitnet_coreml.runtime.units import Unit, make_units
 
-KINDS = ("raise", "hang", "nan", "wrong", "kill_probe", "hang_probe")
+KINDS = ("raise", "hang", "nan", "wrong", "kill_probe", "hang_probe", "bug_probe")
 _CALL_KINDS = {"raise", "hang", "nan", "wrong"}
-_PROBE_KINDS = {"kill_probe", "hang_probe"}
+_PROBE_KINDS = {"kill_probe", "hang_probe", "bug_probe"}
 # Foreign exceptions a unit may raise: known device/OS failures, and bugs (KeyError, TypeError).
 BUILTIN_ERRORS: dict[str, type[BaseException]] = {
     "MemoryError": MemoryError, "TimeoutError": TimeoutError, "RuntimeError": RuntimeError, "OSError": OSError,
@@ -305,7 +306,7 @@ class FaultyUnit(Unit):
         f = self.plan.take_probe_fault(self.name)
         if f is None:
             return self.inner.probe_entry()
-        spec = "kill" if f.kind == "kill_probe" else f"hang:{float(f.seconds)}"
+        spec = {"kill_probe": "kill", "bug_probe": "bug"}.get(f.kind, f"hang:{float(f.seconds)}")
         # a distinct entry per firing: the predictor's per-process probe cache never replays an injected probe
         return probe_entry(f"{spec}#{os.getpid()}-{next(_PROBE_IDS)}")
 
