@@ -328,7 +328,7 @@ def compare(report: ParityReport, runs: Mapping[str, Mapping[str, np.ndarray]], 
                 report.comparisons.append(c)
 
 
-def stack(outs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def stack(outs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate per-draw outputs along the batch axis (one draw: unchanged)."""
     if len(outs) == 1:
         return dict(outs[0])

@@ -164,7 +164,7 @@ class GenerationSession:
         self.tokens = []
         self._calls = []
         self._logits = None
-        self._pending: int | None = None
+        self._pending = None
 
     def get_recovery_stats(self) -> Any:
         return self._recovery.get_recovery_stats()
