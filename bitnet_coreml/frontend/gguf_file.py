@@ -183,15 +183,33 @@ def _tensor_info(cur: _Cursor, i: int) -> tuple[str, int, tuple[int, ...], int]:
     return name, raw_type, ne, offset
 
 
+# The last scans, by path: (file size, the header's bytes, layout). A command reads a file's header
+# more than once (the importer, the tokenizer for the package); a cached layout is reused only when the
+# file still has that size and starts with exactly those bytes, so a rewritten file is scanned again.
+_SCANNED: dict[Path, tuple[int, bytes, GGUFLayout]] = {}
+_SCANNED_KEEP = 2
+
+
 def scan(path: str | os.PathLike[str]) -> GGUFLayout:
-    """Validate the structure of the GGUF file ``path`` and return its metadata and tensor table."""
+    """Validate the structure of the GGUF file ``path`` and return its metadata and tensor table.
+
+    The layout is shared between calls on an unchanged file: treat it as read-only."""
     p = Path(path)
     try:
         size = p.stat().st_size
         if size < 24:
             raise ModelLoadError(f"{p}: {size} bytes; too short for a GGUF header (24 bytes)")
+        key = p  # as given: the layout names the file as the caller spelled it
         with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _scan(buf, p)
+            hit = _SCANNED.get(key)
+            if hit is not None and hit[0] == len(buf) and buf[:len(hit[1])] == hit[1]:
+                return hit[2]
+            layout = _scan(buf, p)
+            _SCANNED.pop(key, None)
+            while len(_SCANNED) >= _SCANNED_KEEP:
+                del _SCANNED[next(iter(_SCANNED))]
+            _SCANNED[key] = (len(buf), bytes(buf[:layout.data_offset]), layout)
+            return layout
     except OSError as e:
         raise ModelLoadError(f"{p}: cannot read ({e.strerror or e})") from e
 

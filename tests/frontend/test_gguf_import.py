@@ -189,6 +189,28 @@ def test_negative_and_zero_block_scales_dequantise_exactly(tmp_path: Path, qtype
     np.testing.assert_array_equal(codes * t.scales.alpha[:, None], ref)  # BitLinear: W * Alpha per row
 
 
+@pytest.mark.parametrize("qtype", [Q.TQ1_0, Q.TQ2_0])
+def test_2bit_layouts_with_flipped_and_zero_blocks_match_numpy(tmp_path: Path, qtype: Q) -> None:
+    """Both 2-bit layouts (the package's LUT bytes, the fp16 analysis' packed feed) against numpy packings of
+    gguf's dequantised codes, on rows of several blocks with negative and zero block scales."""
+    p = write_bitnet_gguf(tmp_path / "m.gguf", qtype=qtype, hidden=512, ff=1024, scales="row", seed=5)
+    data = bytearray(p.read_bytes())
+    name = "blk.0.ffn_down.weight"  # [512, 1024]: 4 blocks per row
+    info = GGUFFile(p).tensors[name]
+    size = 54 if qtype == Q.TQ1_0 else 66
+    for block in (1, 6, 9, 1000, 2047):  # alternately negative and zero
+        at = info.offset + block * size + size - 2
+        data[at:at + 2] = np.float16(-0.5 if block % 2 else 0.0).tobytes()
+    p.write_bytes(bytes(data))
+    t = GGUFTernary(GGUFFile(p), name)
+    idx = (np.sign(dequantize(raw(p, name), qtype)) + 1).astype(np.uint8)  # [N, K] indices = code + 1
+    np.testing.assert_array_equal(t.lut2_bytes(), pack_ternary_2bit(idx.view(np.int8) - np.int8(1)))
+    quarter = idx.shape[0] // 4
+    packed = sum((idx[i * quarter:(i + 1) * quarter].astype(np.uint16) << (2 * i) for i in range(4)),
+                 np.zeros((quarter, idx.shape[1]), np.uint16))
+    np.testing.assert_array_equal(t.packed_source(), packed.astype(np.uint8))
+
+
 def test_per_row_scales_become_a_per_channel_alpha(tmp_path: Path) -> None:
     p = write_bitnet_gguf(tmp_path / "m.gguf", scales="row")
     m = load(p, seq_len=8)
@@ -293,11 +315,27 @@ def test_stateful_gguf_package_prefill_matches_torch(tmp_path: Path) -> None:
     assert cosine(logits, ref) >= 0.999 and argmax_agreement(logits, ref) >= 0.98
 
 
-def test_tq2_0_value_3_is_not_ternary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["lut2_bytes", "packed_source", "lut_indices"])
+def test_tq2_0_value_3_is_not_ternary(tmp_path: Path, layout: str) -> None:
     p = write_bitnet_gguf(tmp_path / "m.gguf")
     data = bytearray(p.read_bytes())
     info = GGUFFile(p).tensors["blk.0.attn_v.weight"]
-    data[info.offset + 66 + 5] = 0xFF  # the one block of row 1 (hidden 256): four fields of 3
+    data[info.offset + 66 + 5] = 0x30  # the one block of row 1 (hidden 256): one field of 3
     p.write_bytes(bytes(data))
     with pytest.raises(ModelLoadError, match="block 0 of row 1 holds the 2-bit value 3"):
-        GGUFTernary(GGUFFile(p), "blk.0.attn_v.weight").lut2_bytes()
+        getattr(GGUFTernary(GGUFFile(p), "blk.0.attn_v.weight"), layout)()
+
+
+def test_scan_is_reused_only_while_the_header_is_unchanged(tmp_path: Path) -> None:
+    from bitnet_coreml.frontend.gguf_file import scan
+
+    p = write_bitnet_gguf(tmp_path / "m.gguf")
+    first = scan(p)
+    assert scan(p) is first  # unchanged: the importer and the tokenizer share one scan
+    data = bytearray(p.read_bytes())
+    at = data.index(b"bitnet.context_length") + len(b"bitnet.context_length") + 4  # after the value type
+    assert int.from_bytes(data[at:at + 4], "little") == 128
+    data[at:at + 4] = (256).to_bytes(4, "little")  # same size, one header value changed
+    p.write_bytes(bytes(data))
+    again = scan(p)
+    assert again is not first and again.metadata["bitnet.context_length"] == 256
