@@ -452,13 +452,10 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, 
         m = metrics(ref, got)
         depth.append({"label": label, "layer": layer, "value": value, "cosine": m["cosine"],
                       "rel_l2": m["rel_l2"], "max_abs": m["max_abs"]})
-    for onnx_name, ref in ort_out.items():
-        out = runs["reference-executor"].get(out_names.get(onnx_name, onnx_name))
-        if out is None:
-            continue
-        m = metrics(ref, out)
-        depth.append({"label": f"output {onnx_name}", "layer": "head", "value": onnx_name, "cosine": m["cosine"],
-                      "rel_l2": m["rel_l2"], "max_abs": m["max_abs"]})
+    for c in report.comparisons:  # the outputs: verify's own comparison, not computed twice
+        if c.runner == "reference-executor" and c.reference == "onnxruntime":
+            depth.append({"label": f"output {c.output}", "layer": "head", "value": c.output, "cosine": c.cosine,
+                          "rel_l2": c.rel_l2, "max_abs": c.max_abs})
     worst: list[dict[str, Any]] = []
     logits = next((k for k, v in ort_out.items() if v.ndim >= 2 and v.shape[-1] >= 2), None)
     if logits is not None and out_names.get(logits, logits) in runs["reference-executor"]:
