@@ -149,6 +149,10 @@ def external_data_files(path: str | os.PathLike[str], model: ir.Model | None = N
     """
     p = Path(path)
     locations: set[str] = set()
+    from bitnet_coreml.frontend import is_gguf  # noqa: PLC0415
+
+    if is_gguf(p):
+        return []  # a GGUF file holds all its tensors
     if model is not None:
         from onnx_ir import traversal  # noqa: PLC0415
 

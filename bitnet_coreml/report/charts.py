@@ -8,6 +8,7 @@ renders it; ids and metadata are fixed so identical data give identical SVG.
 
 from __future__ import annotations
 
+import html
 import io
 import math
 import re
@@ -119,28 +120,59 @@ def bytes_chart(kinds: Mapping[str, Any]) -> str:
     return to_svg(fig, "Package bytes by kind")
 
 
+UNIT_GRID_ID = "unit-grid"  # the <g> of the compute-unit cells; the page's CSS outlines the hovered cell
+
+
+def cell_title(layer: str, op: Mapping[str, Any]) -> str:
+    """The hover text of one compute-unit cell."""
+    return f"{layer}: {op['node']} ({op['op_type']}) on {op['unit']}: {op['reason']}"
+
+
 def units_chart(layers: Sequence[Mapping[str, Any]]) -> str:
-    """A grid: one row per layer, one cell per op in graph order, coloured by its expected compute unit."""
+    """A grid: one row per layer, one cell per op in graph order, coloured by its expected compute unit.
+
+    Every cell carries its op and the reason for its unit as an SVG ``<title>`` (the browser shows it
+    on hover; no script): the cells are one collection drawn in a known order, and their ``<path>``
+    elements get the titles in that order."""
     plt = _plt()
     import numpy as np  # noqa: PLC0415
-    from matplotlib.colors import ListedColormap  # noqa: PLC0415
+    from matplotlib.collections import PolyCollection  # noqa: PLC0415
     from matplotlib.patches import Patch  # noqa: PLC0415
 
-    order = list(UNIT_COLORS)
-    width = max(len(r["ops"]) for r in layers)
-    grid = np.full((len(layers), width), np.nan)
+    cells, colors, titles = [], [], []
     for i, row in enumerate(layers):
         for j, op in enumerate(row["ops"]):
-            grid[i, j] = order.index(op["unit"]) if op["unit"] in order else np.nan
+            if op["unit"] in UNIT_COLORS:
+                cells.append([(j, i), (j + 1, i), (j + 1, i + 1), (j, i + 1)])
+                colors.append(UNIT_COLORS[op["unit"]])
+                titles.append(cell_title(row["layer"], op))
+    width = max(len(r["ops"]) for r in layers)
     fig, ax = plt.subplots(figsize=(_WIDTH, 0.6 + 0.22 * len(layers)))
-    ax.pcolormesh(np.ma.masked_invalid(grid), cmap=ListedColormap(list(UNIT_COLORS.values())), vmin=-0.5,
-                  vmax=len(order) - 0.5, edgecolors="white", linewidth=0.3)
+    grid = PolyCollection(cells, facecolors=colors, edgecolors="white", linewidths=0.3)
+    grid.set_gid(UNIT_GRID_ID)
+    ax.add_collection(grid)
+    ax.set_xlim(0, width)
+    ax.set_ylim(len(layers), 0)
     ax.set_yticks(np.arange(len(layers)) + 0.5, [r["layer"] for r in layers])
-    ax.invert_yaxis()
-    ax.set_xlabel("ops of the layer, in graph order")
+    ax.set_xlabel("ops of the layer, in graph order (hover a cell for its reason)")
     ax.legend(handles=[Patch(color=c, label=u) for u, c in UNIT_COLORS.items()], loc="lower center",
               bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
-    return to_svg(fig, "Expected compute unit of every op, per layer")
+    return _titled_cells(to_svg(fig, "Expected compute unit of every op, per layer"), UNIT_GRID_ID, titles)
+
+
+def _titled_cells(svg: str, gid: str, titles: Sequence[str]) -> str:
+    """Give the k-th ``<path>`` of the group ``gid`` the k-th title (as a ``<title>`` child)."""
+    start = svg.index(f'<g id="{gid}">')
+    end = svg.index("</g>", start)
+    it = iter(titles)
+
+    def titled(m: re.Match[str]) -> str:
+        return f"<path {m.group(1)}><title>{html.escape(next(it), quote=False)}</title></path>"
+
+    group, n = re.subn(r"<path ([^>]*?)/>", titled, svg[start:end])
+    if n != len(titles):
+        raise RuntimeError(f"the compute-unit chart drew {n} cells for {len(titles)} ops")
+    return svg[:start] + group + svg[end:]
 
 
 def headroom_chart(layers: Sequence[Mapping[str, Any]], fp16_max: float, limit: float) -> str:

@@ -268,6 +268,8 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
         "inputs": str(inputs) if inputs is not None else None, "notes": notes,
     }
     needs_run = source is not None or inputs is not None
+    given_source = str(source) if source is not None else None
+    hashed: dict[str, SourceHash] = {}  # _run starts it on the loaded source; else started below
     from bitnet_coreml.executor import ReferenceExecutor  # noqa: PLC0415
 
     t0 = time.perf_counter()
@@ -281,6 +283,7 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
         # verify compares whole-sequence graphs; a stateful package runs token by token through its KV cache
         notes.append(f"{pkg} is stateful (KV cache): parity against the source is not measured by the report; "
                      "the check and compute units come from the package")
+        hashed["source"] = SourceHash(source)
         source = None
         needs_run = inputs is not None
         why_no_parity = "stateful package: parity by depth is measured on whole-sequence packages only"
@@ -299,7 +302,7 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     timing: dict[str, Any] = {**_NO_TIMING}
     specs = ex.input_specs
     if needs_run:
-        parity, timing = _run(pkg, meta, ex, source, inputs, seq_len, notes)
+        parity, timing = _run(pkg, meta, ex, source, inputs, seq_len, notes, hashed)
         if not parity["available"]:
             parity["why_unavailable"] = why_no_parity
 
@@ -311,10 +314,15 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     device_limit, device = _device_limit(check.get("target"))
     peak = weights + activation_peak + (state["bytes"] if state else 0)
 
+    if given_source is not None and "source" not in hashed:
+        hashed["source"] = SourceHash(given_source)
+    src_check = source_check(meta.get("bitnet_coreml.source_sha256"), given_source,
+                             hashed["source"].result() if "source" in hashed else None, notes)
     verdict_check = "not checked" if not check["available"] else ("fits" if check["ok"] else "does not fit")
     pr = parity.get("report")
     data["summary"] = {
         "model": meta.get("bitnet_coreml.source"), "source_sha256": meta.get("bitnet_coreml.source_sha256"),
+        "source_check": src_check,
         "converter_version": meta.get("bitnet_coreml.version"), "precision": precision,
         "deployment_target": meta.get("bitnet_coreml.deployment_target"),
         "target": check.get("target") or check_meta.get("target"),
@@ -357,6 +365,52 @@ _NO_TIMING: dict[str, Any] = {"available": False, "seconds": None, "by_family": 
                               "why_unavailable": "op timings need an input (--input X.npz)"}
 
 
+class SourceHash:
+    """The source's sha256 as the converter records it (``convert.source_sha256``), computed in a thread.
+
+    hashlib releases the GIL while it hashes, so reading an 800 MB source overlaps the executor and
+    ONNX Runtime instead of adding to the report's time. ``model`` (the loaded source) names an ONNX
+    file's external data without parsing the file again; the thread reads it only before the caller
+    first changes the graph (:meth:`result` is called before ``run_ort``).
+    """
+
+    def __init__(self, source: str | os.PathLike[str], model: Any = None) -> None:
+        import threading  # noqa: PLC0415
+
+        self._value: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._hash, args=(source, model), name="report-sha256", daemon=True)
+        self._thread.start()
+
+    def _hash(self, source: str | os.PathLike[str], model: Any) -> None:
+        from bitnet_coreml.convert import source_sha256  # noqa: PLC0415
+
+        try:
+            self._value = source_sha256(source, model if Path(source).is_file() else None)
+        except BaseException as e:  # re-raised in the caller's thread by result()
+            self._error = e
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
+def source_check(recorded: str | None, source: str | None, actual: str | None, notes: list[str]) -> dict[str, Any]:
+    """The summary's source check: the sha256 the package records against the given source's."""
+    if source is None or actual is None:
+        return {"sha256": None, "matches": None, "verdict": "no source given"}
+    if not recorded:
+        return {"sha256": actual, "matches": None, "verdict": "the package records no source hash"}
+    if actual != recorded:
+        notes.append(f"{source} is not the file this package was converted from (sha256 {actual} differs from the "
+                     f"package's {recorded})")
+        return {"sha256": actual, "matches": False, "verdict": "differs: not the file the package was made from"}
+    return {"sha256": actual, "matches": True, "verdict": "matches the package's record"}
+
+
 def _headline(pr: dict[str, Any] | None) -> dict[str, Any] | None:
     """The comparison the summary shows: the reference executor vs ONNX Runtime on the first output."""
     if not pr:
@@ -382,8 +436,10 @@ def _device_limit(target: Mapping[str, Any] | None) -> tuple[int | None, str | N
 
 
 def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, seq_len: int | None,
-         notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the package (and the source in ONNX Runtime) on verify's inputs; parity by depth and op timings."""
+         notes: list[str], hashed: dict[str, SourceHash]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the package (and the source in ONNX Runtime) on verify's inputs; parity by depth and op timings.
+
+    Starts the source's hash (``hashed["source"]``) once the source is loaded."""
     from bitnet_coreml.verify import (  # noqa: PLC0415
         ParityReport,
         Thresholds,
@@ -403,6 +459,7 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, 
     points: list[tuple[str, str, str]] = []  # (label, layer, ONNX value)
     if source is not None:
         src = load(source, seq_len=seq_len)  # the unrewritten graph, exactly what verify runs
+        hashed["source"] = SourceHash(source, src)
         feed_list, extra = feeds_for(src, inputs)
         names = {s.ctx.name for s in ex._block.steps if s.ctx.op_type == "add"}
         for label, layer, value, index in _residual_stream(meta, src, source, seq_len, precision, notes):
@@ -432,6 +489,7 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, 
     from bitnet_coreml.verify import metrics  # noqa: PLC0415
 
     wanted = list(capture)
+    hashed["source"].result()  # run_ort changes the graph for its run; the hash thread has read it by now
     ort_runs = [run_ort(src, f, values=wanted) for f in feed_list]
     del src
     graph_outs = [n for n in ort_runs[0] if n not in capture]

@@ -75,3 +75,25 @@ def test_print_layout_keeps_every_section(built: Built) -> None:
         n = b.evaluate("document.querySelectorAll('section svg').length")
         pdf = base64.b64decode(b.call("Page.printToPDF", {})["data"])
     assert n >= 6 and pdf.startswith(b"%PDF") and len(pdf) > 20_000
+
+
+def test_units_chart_gives_each_ops_reason_on_hover(built: Built) -> None:
+    """Every compute-unit cell carries its op and reason (an SVG <title>, the browser's tooltip; no script), in
+    the order of the JSON's ops; hovering a cell with the mouse outlines that cell."""
+    expected = [f"{row['layer']}: {op['node']} ({op['op_type']}) on {op['unit']}: {op['reason']}"
+                for row in built.data["units"]["layers"] for op in row["ops"] if op["unit"] in ("ANE", "GPU", "CPU")]
+    k = len(expected) // 2
+    with Chromium() as b:
+        b.viewport(*DESKTOP)
+        b.open(built.html)
+        titles = b.evaluate("Array.from(document.querySelectorAll('#unit-grid > path > title')).map(t => t.textContent)")
+        x, y = b.evaluate(f"(() => {{ const p = document.querySelectorAll('#unit-grid > path')[{k}]; "
+                          "p.scrollIntoView({block: 'center'}); const r = p.getBoundingClientRect(); "
+                          "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        b.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+        hovered = b.evaluate("Array.from(document.querySelectorAll('#unit-grid > path:hover'))"
+                             ".map(p => [p.querySelector('title').textContent, getComputedStyle(p).strokeWidth])")
+        assert b.record.errors == [] and b.record.requests == [built.html.resolve().as_uri()]
+    assert len(expected) > 100 and titles == expected
+    assert [h[0] for h in hovered] == [expected[k]]
+    assert hovered[0][1].startswith("1.5")  # the outline of the hovered cell (the page's CSS)

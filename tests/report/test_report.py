@@ -126,6 +126,34 @@ def test_page_and_json_equal_package_metadata(built: Built) -> None:
     assert max(r["max_abs"] for r in fp16["layers"]) == fp16["calibration_max_abs"]
 
 
+def test_page_states_the_sources_sha256_as_hashlib_computes_it(built: Built) -> None:
+    import hashlib
+
+    digest = hashlib.sha256(MODEL.read_bytes()).hexdigest()  # one file, no external data
+    page = _page(built)
+    assert page.fields["source_sha256"] == digest == built.data["summary"]["source_sha256"]
+    assert built.data["summary"]["source_check"] == {"sha256": digest, "matches": True,
+                                                     "verdict": "matches the package's record"}
+    assert page.fields["source_check"] == "matches the package's record"
+
+
+def test_a_different_source_file_is_named(built: Built, tmp_path: Path) -> None:
+    """The same graph saved again with another doc string: it runs, but it is not the file the package was made
+    from, and the report says so (the summary, and a note naming both hashes)."""
+    import hashlib
+
+    m = onnx.load(str(MODEL))
+    m.doc_string = "edited"
+    other = tmp_path / "other.onnx"
+    onnx.save(m, str(other))
+    code, out, err = run_cli("report", built.package, "--source", other, "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    digest = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert d["summary"]["source_check"]["sha256"] == digest and d["summary"]["source_check"]["matches"] is False
+    assert any(digest in n and "not the file this package was converted from" in n for n in d["notes"])
+
+
 def test_bytes_by_kind_by_hand(built: Built) -> None:
     """2-bit codes of every ternary weight, fp16 embedding + LM head, the rest: counted from the ONNX file."""
     m = onnx.load(str(MODEL))
