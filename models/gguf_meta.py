@@ -37,3 +37,27 @@ def add_bpe_tokenizer(w: Any, tokens: list[str], merges: list[str], specials: se
     w.add_bos_token_id(tokens.index(bos))
     w.add_eos_token_id(tokens.index(eos))
     w.add_add_bos_token(True)
+
+
+def add_spm_tokenizer(w: Any, sp: Any) -> None:
+    """A SentencePiece model (``sentencepiece.SentencePieceProcessor``) as llama.cpp's converter stores it
+    (``_create_vocab_sentencepiece``: model ``llama``, every piece with its score and type, the special ids)."""
+    from gguf import TokenType
+
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
+                     else TokenType.UNUSED if sp.is_unused(i) else TokenType.BYTE if sp.is_byte(i)
+                     else TokenType.NORMAL)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)

@@ -21,6 +21,8 @@ The tokenizer: the fixtures have none, so a byte-level BPE of exactly 512 tokens
 trained with ``tokenizers`` on a seeded synthetic text and saved as ``tokenizer.json``; the GGUF files
 carry it the way llama.cpp's converter stores a GPT-2-style BPE (``tokenizer.ggml.model = gpt2``,
 tokens, token types, merges, bos/eos ids). ``prompts.json`` holds the round-trip test's prompts.
+:func:`make_spm` adds a SentencePiece tokenizer (``tokenizer.ggml.model = llama``) with sentencepiece's own
+encodings of those prompts (``--spm-only`` writes just that).
 
 Run via ``models/make_models.py`` (``make models``) or ``.venv-export/bin/python models/make_gguf_fixtures.py``.
 """
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_hf_fixtures  # noqa: E402
 from bitnet_export import ModelSpec, TrainSpec  # noqa: E402
-from gguf_meta import add_bitnet_metadata, add_bpe_tokenizer  # noqa: E402
+from gguf_meta import add_bitnet_metadata, add_bpe_tokenizer, add_spm_tokenizer  # noqa: E402
 from make_hf_fixtures import HFFixture, make_fixture  # noqa: E402
 
 log = logging.getLogger("make_gguf_fixtures")
@@ -134,6 +136,49 @@ def train_tokenizer(vocab: int) -> Any:
     return tok
 
 
+SPM_VOCAB = 400
+
+
+def make_spm(root: Path) -> dict[str, Any]:
+    """A SentencePiece tokenizer in a GGUF file (``tokenizer.ggml.model = llama``) and sentencepiece's own
+    encodings of the prompts, the oracle of the importer's rebuilt ``tokenizers`` tokenizer.
+
+    Trained with ``sentencepiece`` (BPE, byte fallback, identity normalisation, digits split: Llama's
+    settings) on the synthetic corpus; ``spm-tokenizer.gguf`` holds only the vocabulary as llama.cpp's
+    converter writes it (``gguf_meta.add_spm_tokenizer``), ``spm-expected.json`` the ids and decodes.
+    """
+    import gguf
+    import sentencepiece as spm
+
+    with tempfile.TemporaryDirectory() as d:
+        text = Path(d) / "corpus.txt"
+        text.write_text("\n".join(corpus()) + "\n", encoding="utf-8")
+        spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(Path(d) / "spm"), model_type="bpe",
+                                       vocab_size=SPM_VOCAB, byte_fallback=True, split_digits=True,
+                                       normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                       add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+                                       character_coverage=1.0, num_threads=1, minloglevel=2)
+        model = (Path(d) / "spm.model").read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    dest = root / "spm-tokenizer.gguf"
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", dir=root)
+    os.close(fd)
+    w = gguf.GGUFWriter(tmp, "bitnet")
+    w.add_name("sentencepiece tokenizer fixture")
+    add_spm_tokenizer(w, sp)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dest)
+    expected = [{"prompt": p, "ids": sp.encode(p), "decoded": sp.decode(sp.encode(p))} for p in PROMPTS]
+    (root / "spm-expected.json").write_text(json.dumps({"sentencepiece": spm.__version__, "bos": sp.bos_id(),
+                                                        "prompts": expected}, ensure_ascii=False, indent=1) + "\n")
+    return {"file": dest.name, "bytes": dest.stat().st_size, "vocab": sp.vocab_size(),
+            "sentencepiece": spm.__version__}
+
+
 def _read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from safetensors.torch import load_file
 
@@ -213,11 +258,15 @@ def make_all(root: Path | None = None) -> dict[str, Any]:
     (root / "prompts.json").write_text(json.dumps(PROMPTS, ensure_ascii=False, indent=1) + "\n")
     files = [write_gguf(root / CHECKPOINT, tok, q, root / f"bitnet-{q.lower()}.gguf") for q in ("TQ1_0", "TQ2_0")]
     manifest = {"checkpoint": ckpt, "gguf": files, "tokenizer": {"file": tok_path.name, "vocab": tok.get_vocab_size(),
-                                                                 "bos": BOS, "eos": EOS}}
+                                                                 "bos": BOS, "eos": EOS},
+                "sentencepiece": make_spm(root)}
     (root / "MANIFEST.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
     return manifest
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(json.dumps(make_all(), indent=1, default=str))
+    if sys.argv[1:] == ["--spm-only"]:  # just the SentencePiece fixture (its MANIFEST entry is make_all's)
+        print(json.dumps(make_spm(OUT), indent=1))
+    else:
+        print(json.dumps(make_all(), indent=1, default=str))

@@ -10,8 +10,14 @@ special ids. Rebuilt here:
   ``llama-bpe``/``llama3``: Llama 3's split regex then byte-level, with ``ignore_merges`` as Llama 3's
   tokenizer.json has), a byte-level decoder, control tokens as special added tokens, and the bos
   token prepended when ``add_bos_token`` is set (llama.cpp's default for BPE models);
-* anything else (SentencePiece ``llama``, ``bert``, other presets) -> ``None`` with the reason: the
-  model still converts, the package just carries no tokenizer.
+* ``llama`` (SentencePiece BPE, what Llama 2 and the 1bitLLM BitNet models use): a ``BPE`` model with
+  byte fallback whose merges come from the pieces' scores the way transformers converts a
+  SentencePiece model (every split of a piece into two pieces is a merge, ranked by the piece's
+  score), the ``▁`` space normalisation with the dummy prefix (``add_space_prefix``, default true),
+  SentencePiece's decoder, control tokens as special added tokens, bos prepended when
+  ``add_bos_token`` (default true) and eos appended when ``add_eos_token``;
+* anything else (``bert``, ``t5``, other presets) -> ``None`` with the reason: the model still
+  converts, the package just carries no tokenizer.
 """
 
 from __future__ import annotations
@@ -42,8 +48,11 @@ def tokenizer_json(meta: dict[str, Any]) -> tuple[bytes | None, str]:
     model = meta.get("tokenizer.ggml.model")
     if model is None:
         return None, "the file has no tokenizer (no tokenizer.ggml.model)"
+    if model == "llama":
+        return _llama(meta)
     if model != "gpt2":
-        return None, f"tokenizer.ggml.model = {model!r}: only 'gpt2' (byte-level BPE) is rebuilt"
+        return None, (f"tokenizer.ggml.model = {model!r}: rebuilt are 'gpt2' (byte-level BPE) and 'llama' "
+                      "(SentencePiece BPE)")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _GPT2_PRESETS + _LLAMA3_PRESETS:
         return None, (f"tokenizer.ggml.pre = {pre!r}: supported presets "
@@ -57,7 +66,7 @@ def tokenizer_json(meta: dict[str, Any]) -> tuple[bytes | None, str]:
 
 
 def _bpe(meta: dict[str, Any], tokens: list[str], merges: list[str], pre: str) -> Any:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: PLC0415
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
 
     vocab = {t: i for i, t in enumerate(tokens)}
     llama3 = pre in _LLAMA3_PRESETS
@@ -76,12 +85,77 @@ def _bpe(meta: dict[str, Any], tokens: list[str], merges: list[str], pre: str) -
                    if int(k) == TokenType.CONTROL]
         if special:
             tok.add_special_tokens(special)
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", True) and isinstance(bos, int) and 0 <= bos < len(tokens):
-        b = tokens[bos]
-        tok.post_processor = processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B",
-                                                           special_tokens=[(b, bos)])
+    post = _bos_eos(meta, tokens, default_bos=True)
+    if post is not None:
+        tok.post_processor = post
     return tok
+
+
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _llama(meta: dict[str, Any]) -> tuple[bytes | None, str]:
+    tokens, scores, types = (meta.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        return None, "tokenizer.ggml.tokens is missing or not a list of strings"
+    if scores is None or len(scores) != len(tokens) or types is None or len(types) != len(tokens):
+        return None, "tokenizer.ggml.scores / token_type are missing or not one per token"
+    return _spm(meta, tokens, [float(x) for x in scores], [int(t) for t in types]).to_str().encode("utf-8"), \
+        "SentencePiece BPE"
+
+
+def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """The merges of a SentencePiece BPE vocabulary: every split of a piece into two pieces, highest piece
+    score first (transformers' ``SentencePieceExtractor``; SentencePiece merges the best-scoring pair)."""
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] in (TokenType.NORMAL, TokenType.USER_DEFINED)}
+    ranked = []
+    for piece, i in vocab.items():
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        ranked += [(-scores[i], vocab[a], vocab[b], a, b) for a, b in splits]
+    ranked.sort()
+    return [(a, b) for *_, a, b in ranked]
+
+
+def _spm(meta: dict[str, Any], tokens: list[str], scores: list[float], types: list[int]) -> Any:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers  # noqa: PLC0415
+
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    unk_tok = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=spm_merges(tokens, scores, types),
+                               unk_token=unk_tok, fuse_unk=True, byte_fallback=True))
+    steps = [normalizers.Replace(" ", _SPACE)]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        steps.insert(0, normalizers.Prepend(_SPACE))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1 if meta.get("tokenizer.ggml.add_space_prefix", True)
+                                                    else 0, 0)])
+    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True)
+               if k in (TokenType.CONTROL, TokenType.UNKNOWN)]
+    if special:
+        tok.add_special_tokens(special)
+    post = _bos_eos(meta, tokens, default_bos=True)
+    if post is not None:
+        tok.post_processor = post
+    return tok
+
+
+def _bos_eos(meta: dict[str, Any], tokens: list[str], *, default_bos: bool) -> Any:
+    """The post-processor adding bos (``add_bos_token``, default ``default_bos``) and eos (``add_eos_token``,
+    default false) as llama.cpp does; None when it adds neither."""
+    from tokenizers import processors  # noqa: PLC0415
+
+    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
+    use = {"bos": meta.get("tokenizer.ggml.add_bos_token", default_bos), "eos": meta.get("tokenizer.ggml.add_eos_token",
+                                                                                      False)}
+    ok = {k: bool(use[k]) and isinstance(v, int) and 0 <= v < len(tokens) for k, v in ids.items()}
+    if not any(ok.values()):
+        return None
+    pre = f"{tokens[ids['bos']]} " if ok["bos"] else ""
+    post = f" {tokens[ids['eos']]}" if ok["eos"] else ""
+    specials = [(tokens[ids[k]], ids[k]) for k in ("bos", "eos") if ok[k]]
+    return processors.TemplateProcessing(single=f"{pre}$A{post}", pair=f"{pre}$A{post} {pre}$B{post}",
+                                         special_tokens=specials)
 
 
 def special_ids(meta: dict[str, Any]) -> dict[str, int]:

@@ -158,6 +158,24 @@ def test_tokenizer_round_trip_matches_the_original() -> None:
             assert rebuilt.decode(b, skip_special_tokens=True) == p
 
 
+def test_sentencepiece_tokenizer_matches_sentencepiece() -> None:
+    """A SentencePiece vocabulary (``tokenizer.ggml.model = llama``, as llama.cpp's converter writes one) rebuilt as
+    a ``tokenizers`` tokenizer encodes and decodes the prompts exactly as sentencepiece itself did (stored ids)."""
+    from tokenizers import Tokenizer
+
+    from bitnet_coreml.frontend.gguf_tokenizer import tokenizer_json
+
+    data, how = tokenizer_json(GGUFFile(FIX / "spm-tokenizer.gguf").metadata)
+    assert data is not None and how == "SentencePiece BPE", how
+    rebuilt = Tokenizer.from_str(data.decode())
+    expected = json.loads((FIX / "spm-expected.json").read_text())
+    assert len(expected["prompts"]) >= 6
+    for e in expected["prompts"]:
+        ids = rebuilt.encode(e["prompt"]).ids
+        assert ids == [expected["bos"], *e["ids"]], e["prompt"]  # llama.cpp adds bos to SentencePiece models
+        assert rebuilt.decode(ids, skip_special_tokens=True) == e["decoded"] == e["prompt"]
+
+
 # --- block scales ------------------------------------------------------------------------------------
 
 
