@@ -166,17 +166,22 @@ def make_spm(root: Path) -> dict[str, Any]:
     w = gguf.GGUFWriter(tmp, "bitnet")
     w.add_name("sentencepiece tokenizer fixture")
     add_spm_tokenizer(w, sp)
+    _close(w, tmp, dest)
+    expected = [{"prompt": p, "ids": sp.encode(p), "decoded": sp.decode(sp.encode(p))} for p in PROMPTS]
+    (root / "spm-expected.json").write_text(json.dumps({"sentencepiece": spm.__version__, "bos": sp.bos_id(),
+                                                        "prompts": expected}, ensure_ascii=False, indent=1) + "\n")
+    return {"file": dest.name, "bytes": dest.stat().st_size, "vocab": sp.vocab_size(),
+            "sentencepiece": spm.__version__}
+
+
+def _close(w: Any, tmp: str, dest: Path) -> None:
+    """Write the GGUF file ``w`` was filling to ``tmp``, then move it to ``dest`` (never half-written)."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
-    expected = [{"prompt": p, "ids": sp.encode(p), "decoded": sp.decode(sp.encode(p))} for p in PROMPTS]
-    (root / "spm-expected.json").write_text(json.dumps({"sentencepiece": spm.__version__, "bos": sp.bos_id(),
-                                                        "prompts": expected}, ensure_ascii=False, indent=1) + "\n")
-    return {"file": dest.name, "bytes": dest.stat().st_size, "vocab": sp.vocab_size(),
-            "sentencepiece": spm.__version__}
 
 
 def _read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -231,12 +236,7 @@ def write_gguf(folder: Path, tok: Any, qtype_name: str, dest: Path) -> dict[str,
             dense = (_unpack(t[key]).astype(np.float32) / np.float32(s)).astype(np.float32)  # bitlinear divides by s
             stats["scales"].add(1.0 / s)
             w.add_tensor(f"blk.{i}.{gg}.weight", gguf.quants.quantize(dense, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
+    _close(w, tmp, dest)
     return {"file": dest.name, "bytes": dest.stat().st_size, "type": qtype_name,
             "block_scales": sorted(stats["scales"])}
 

@@ -66,7 +66,7 @@ def tokenizer_json(meta: dict[str, Any]) -> tuple[bytes | None, str]:
 
 
 def _bpe(meta: dict[str, Any], tokens: list[str], merges: list[str], pre: str) -> Any:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
 
     vocab = {t: i for i, t in enumerate(tokens)}
     llama3 = pre in _LLAMA3_PRESETS
@@ -81,14 +81,23 @@ def _bpe(meta: dict[str, Any], tokens: list[str], merges: list[str], pre: str) -
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type")
     if types is not None and len(types) == len(tokens):
-        special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True)
-                   if int(k) == TokenType.CONTROL]
-        if special:
-            tok.add_special_tokens(special)
+        _finish(tok, meta, tokens, [int(k) for k in types], (TokenType.CONTROL,))
+    else:
+        _finish(tok, meta, tokens, [], ())
+    return tok
+
+
+def _finish(tok: Any, meta: dict[str, Any], tokens: list[str], types: list[int], special_types: tuple[int, ...]) -> None:
+    """Tokens of ``special_types`` become special added tokens; bos / eos are added as llama.cpp adds them."""
+    from tokenizers import AddedToken  # noqa: PLC0415
+
+    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=False)
+               if k in special_types]
+    if special:
+        tok.add_special_tokens(special)
     post = _bos_eos(meta, tokens, default_bos=True)
     if post is not None:
         tok.post_processor = post
-    return tok
 
 
 _SPACE = "\u2581"  # SentencePiece's visible space
@@ -117,7 +126,7 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
 
 
 def _spm(meta: dict[str, Any], tokens: list[str], scores: list[float], types: list[int]) -> Any:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers  # noqa: PLC0415
+    from tokenizers import Tokenizer, decoders, models, normalizers  # noqa: PLC0415
 
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     unk_tok = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
@@ -130,13 +139,7 @@ def _spm(meta: dict[str, Any], tokens: list[str], scores: list[float], types: li
     tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1 if meta.get("tokenizer.ggml.add_space_prefix", True)
                                                     else 0, 0)])
-    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True)
-               if k in (TokenType.CONTROL, TokenType.UNKNOWN)]
-    if special:
-        tok.add_special_tokens(special)
-    post = _bos_eos(meta, tokens, default_bos=True)
-    if post is not None:
-        tok.post_processor = post
+    _finish(tok, meta, tokens, types, (TokenType.CONTROL, TokenType.UNKNOWN))
     return tok
 
 
