@@ -91,8 +91,9 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
     arrays hold N rows, each row is predicted and the outputs are stacked along the first axis.
 
     A stateful package (convert --stateful) takes input_ids [1, N] (and optionally position [1], the
-    first token's position, default 0): the tokens run call by call with one KV-cache state, in the
-    reference executor, and the output is the logits of every call concatenated.
+    first token's position, default 0): the tokens run call by call with one KV-cache state on the
+    first unit of --units that can (Core ML on macOS, the reference executor anywhere; a failing unit
+    hands the whole request to the next), and the output is the logits of every call concatenated.
     """
     from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
     from bitnet_coreml.package.stateful import stateful_info  # noqa: PLC0415
@@ -104,7 +105,7 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
     except ModelLoadError:
         info = None  # an unreadable package: the predictor below says what is wrong with it
     if info is not None:
-        _predict_stateful(package, _load_npz(input_path), function, output_path, as_json)
+        _predict_stateful(package, _load_npz(input_path), function, output_path, as_json, units)
         return
     if function is not None:
         raise InputError(f"--function {function}: {package} is not a stateful package (it has one function)")
@@ -145,11 +146,44 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
         _human(result, output_path)
 
 
-def _predict_stateful(package: Path, inputs: dict[str, np.ndarray], function: str | None, output_path: Path | None,
-                      as_json: bool) -> None:
-    import time  # noqa: PLC0415
+def _stateful_on_units(package: Path, units: str, feed: Any) -> tuple[Any, str, Any, list[str]]:
+    """``(feed(run), unit, run, notes)`` on the first unit of ``units`` that can run the request.
 
+    Core ML units (macOS: one ``MLModel`` per function and one ``MLState``, ``generation.engines``),
+    the reference executor anywhere. A unit that is unavailable is noted and skipped; one that fails
+    while loading or running is noted and the next unit runs the whole request again on a fresh
+    state, so the logits do not depend on which unit failed. Bad input (InputError) is not retried.
+    """
+    from bitnet_coreml.errors import ExhaustedError  # noqa: PLC0415
     from bitnet_coreml.executor.stateful import StatefulRun  # noqa: PLC0415
+    from bitnet_coreml.generation.engines import open_engine, unavailable_reason  # noqa: PLC0415
+    from bitnet_coreml.runtime.recovery import classify_exception  # noqa: PLC0415
+    from bitnet_coreml.runtime.strategy import ComputeUnit  # noqa: PLC0415
+    from bitnet_coreml.runtime.units import ReferenceUnit, make_unit  # noqa: PLC0415
+
+    notes: list[str] = []
+    for name in [u.strip() for u in units.split(",") if u.strip()]:
+        unit = make_unit(ComputeUnit.parse(name), probe_coreml=False)
+        why = unavailable_reason(package, unit)
+        if why is not None:
+            notes.append(f"{unit.name} skipped: {why}")
+            continue
+        if isinstance(unit, ReferenceUnit):
+            run = StatefulRun(package)
+            return feed(run), unit.name, run, notes
+        try:  # pragma: no cover - Core ML needs macOS (tests/runtime/test_macos.py)
+            run = StatefulRun(package, engine=open_engine(unit, package))
+            return feed(run), unit.name, run, notes
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a unit's failure: noted, the next unit runs the request
+            notes.append(f"{unit.name} failed: {classify_exception(e, context=unit.name).one_line()}")
+    raise ExhaustedError(f"{package.name}: no compute unit could run it ({'; '.join(notes) or 'no units given'})")
+
+
+def _predict_stateful(package: Path, inputs: dict[str, np.ndarray], function: str | None, output_path: Path | None,
+                      as_json: bool, units: str = "reference") -> None:
+    import time  # noqa: PLC0415
 
     extra = sorted(set(inputs) - {"input_ids", "position"})
     if "input_ids" not in inputs or extra:
@@ -158,21 +192,24 @@ def _predict_stateful(package: Path, inputs: dict[str, np.ndarray], function: st
     pos = np.asarray(inputs.get("position", np.zeros(1, np.int32))).reshape(-1)
     if pos.size != 1 or pos.dtype.kind not in "iu":
         raise InputError(f"position must be one integer, got {pos.dtype} {list(pos.shape)}")
-    run = StatefulRun(package)
     t0 = time.perf_counter()
-    logits = run.feed(inputs["input_ids"], position=int(pos[0]), function=function)
+    logits, unit, run, notes = _stateful_on_units(
+        package, units, lambda r: r.feed(inputs["input_ids"], position=int(pos[0]), function=function))
     seconds = time.perf_counter() - t0
     if output_path is not None:
         _save_npz(output_path, {"logits": logits})
     n = int(np.asarray(inputs["input_ids"]).size)
     if as_json:
-        echo_json({"package": str(package), "unit": "reference", "stateful": run.info.to_dict(), "tokens": n,
+        echo_json({"package": str(package), "unit": unit, "stateful": run.info.to_dict(), "tokens": n,
                    "position": int(pos[0]), "next_position": run.position, "function": function or "auto",
                    "latency_s": seconds, "outputs": {"logits": list(logits.shape)},
-                   "output_file": str(output_path) if output_path else None})
+                   "output_file": str(output_path) if output_path else None, "notes": notes})
     else:
+        where = "the reference executor" if unit == "reference" else f"Core ML ({unit})"
         click.echo(f"{package}: {n} token(s) from position {int(pos[0])} through "
-                   f"{function or 'prefill chunks + decode'} in the reference executor ({seconds * 1e3:.1f} ms); "
+                   f"{function or 'prefill chunks + decode'} in {where} ({seconds * 1e3:.1f} ms); "
                    f"logits {list(logits.shape)}; next position {run.position}")
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
         if output_path is not None:
             click.echo(f"wrote {output_path}")

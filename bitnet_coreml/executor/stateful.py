@@ -3,7 +3,7 @@
 :class:`StatefulRun` holds the executors of the package's ``prefill`` and ``decode`` functions
 (sharing their weights, see ``executor/shared.py``) and one :class:`ExecutorState` that both read and
 write, as an app holds one ``MLState`` for both functions. ``call`` runs one function at an explicit
-position; ``feed`` runs any number of tokens from the next free position: whole chunks of ``P``
+position (on another runtime when given an ``engine``: ``generation.engines``, Core ML on macOS); ``feed`` runs any number of tokens from the next free position: whole chunks of ``P``
 through ``prefill`` and the rest through ``decode`` (or every token through the function asked for).
 Positions are checked against the package's context before anything runs (``InputError``, exit 2).
 """
@@ -26,33 +26,43 @@ __all__ = ["StatefulRun"]
 class StatefulRun:
     """``StatefulRun(package).feed(ids)`` -> logits of the fed tokens; the cache carries over calls."""
 
-    def __init__(self, package: str | os.PathLike[str], *, fp32: bool = False) -> None:
+    def __init__(self, package: str | os.PathLike[str], *, fp32: bool = False, engine: Any = None) -> None:
         info = stateful_info(package)
         if info is None:
             raise InputError(f"{package}: not a stateful package (no prefill/decode functions); convert with --stateful")
         self.info: StatefulInfo = info
         self.package = str(package)
-        decode = open_executor(self.package, fp32=fp32, function_name=DECODE)  # a package or a chunked folder
-        self.executors: dict[str, ReferenceExecutor] = {DECODE: decode, PREFILL: decode.function(PREFILL)}
-        self.state: ExecutorState = decode.make_state()
+        # another runtime (a generation Engine: Core ML on macOS) with its own state, or the executor's
+        self.engine = engine
+        self.executors: dict[str, ReferenceExecutor] = {}
+        if engine is None:
+            decode = open_executor(self.package, fp32=fp32, function_name=DECODE)  # a package or a chunked folder
+            self.executors = {DECODE: decode, PREFILL: decode.function(PREFILL)}
+            self.state: ExecutorState = decode.make_state()
         self.position = 0  # the next free cache slot
 
     def reset(self) -> None:
-        """Start a new sequence: an empty cache at position 0."""
+        """Start a new sequence: an empty cache at position 0 (executor runs; an engine starts a new run)."""
+        if self.engine is not None:
+            raise InputError("reset: a run on another engine holds that engine's state; start a new run")
         self.state = self.executors[DECODE].make_state()
         self.position = 0
 
     def call(self, function: str, ids: np.ndarray, position: int) -> np.ndarray:
         """One call of ``function`` on ``ids`` ([1, S] with S its token count) at ``position``; returns logits."""
         check_position(self.info, function, int(position))
-        ex = self.executors[function]
         ids = np.asarray(ids)
         want = (1, self.info.tokens(function))
         if ids.shape != want:
             raise InputError(f"{function}: input_ids has shape {list(ids.shape)}; the package takes {list(want)}")
-        out = ex.predict({"input_ids": ids.astype(np.int32), "position": np.array([position], np.int32)}, self.state)
+        if self.engine is not None:
+            logits = np.asarray(self.engine.call(function, ids.astype(np.int32), int(position)))[None]
+        else:
+            out = self.executors[function].predict(
+                {"input_ids": ids.astype(np.int32), "position": np.array([position], np.int32)}, self.state)
+            logits = out["logits"]
         self.position = int(position) + want[1]
-        return out["logits"]
+        return logits
 
     def feed(self, ids: Any, *, position: int | None = None, function: str | None = None) -> np.ndarray:
         """Run ``ids`` (``[1, N]`` or ``[N]``) from ``position`` (default: where the last call ended).

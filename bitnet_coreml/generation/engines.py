@@ -115,3 +115,11 @@ def open_engine(unit: Unit, package: str | os.PathLike[str], *, fp32: bool = Fal
     if isinstance(unit, ReferenceUnit):
         return ReferenceEngine(package, unit.name, fp32=fp32 or unit.fp32)
     return CoreMLEngine(package, unit.kind)  # pragma: no cover - macOS only
+
+def unavailable_reason(package: str | os.PathLike[str], unit: Unit) -> str | None:
+    """Why runtime ``unit`` cannot run ``package`` on this machine (e.g. Core ML off macOS), or None."""
+    from bitnet_coreml.runtime.monitor import read_platform  # noqa: PLC0415
+    from bitnet_coreml.runtime.package_io import PackageInfo  # noqa: PLC0415
+
+    err = unit.unavailable(read_platform(), PackageInfo(Path(package), {}, (), 0, 0))
+    return err.one_line() if err is not None else None

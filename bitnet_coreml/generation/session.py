@@ -30,13 +30,11 @@ from typing import Any
 import numpy as np
 
 from bitnet_coreml.errors import ExhaustedError, InputError, ModelError
-from bitnet_coreml.generation.engines import Engine, open_engine
+from bitnet_coreml.generation.engines import Engine, open_engine, unavailable_reason
 from bitnet_coreml.generation.sampling import Sampler, SamplingConfig
 from bitnet_coreml.generation.tokenizer import TextTokenizer
 from bitnet_coreml.package.reader import read_package_spec
 from bitnet_coreml.package.stateful import DECODE, PREFILL, StatefulInfo, function_specs, stateful_info
-from bitnet_coreml.runtime.monitor import read_platform
-from bitnet_coreml.runtime.package_io import PackageInfo
 from bitnet_coreml.runtime.recovery import RecoveryAction, classify_exception, handle_error
 from bitnet_coreml.runtime.stats import ErrorRecovery
 from bitnet_coreml.runtime.strategy import ComputeUnit, FallbackStrategy
@@ -319,9 +317,7 @@ class GenerationSession:
         return self._engine
 
     def _unavailable(self, unit: Unit) -> str | None:
-        info = PackageInfo(self.package, {}, (), 0, 0)
-        err = unit.unavailable(read_platform(), info)
-        return err.one_line() if err is not None else None
+        return unavailable_reason(self.package, unit)
 
     def _replay(self, engine: Engine) -> None:
         """Rebuild ``engine``'s fresh state: the calls made so far, in order, on the same tokens."""

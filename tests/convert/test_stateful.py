@@ -6,6 +6,7 @@ every position's logits at once) and the executor's own prefill for the continua
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,60 @@ def test_stateful_conversion_is_deterministic(packages: dict[str, Path], tmp_pat
     for rel in package_files(first):
         if rel != "Manifest.json":  # coremltools rewrites the manifest whenever it opens a package
             assert (again / rel).read_bytes() == (first / rel).read_bytes(), (rel, package_files(first))
+
+
+def test_predict_walks_the_unit_chain(packages: dict[str, Path], tmp_path: Path) -> None:
+    """Core ML units are skipped off macOS with a note; the reference executor answers the same logits."""
+    import json
+
+    from click.testing import CliRunner
+
+    from bitnet_coreml.cli import main
+
+    npz = tmp_path / "in.npz"
+    np.savez(npz, input_ids=_ids(20, seed=3))
+    outs = {}
+    for units in ("reference", "ane,gpu,reference"):
+        r = CliRunner().invoke(main, ["predict", str(packages["fp32"]), "-i", str(npz), "-o", str(tmp_path / "o.npz"),
+                                      "--units", units, "--json"])
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)
+        with np.load(tmp_path / "o.npz") as z:
+            outs[units] = z["logits"]
+        if sys.platform != "darwin":
+            assert doc["unit"] == "reference"
+            if units != "reference":
+                assert [n.split(":")[0] for n in doc["notes"]] == ["ane skipped", "gpu skipped"]
+                assert all("macOS" in n for n in doc["notes"])
+    if sys.platform != "darwin":
+        np.testing.assert_array_equal(outs["reference"], outs["ane,gpu,reference"])
+    r = CliRunner().invoke(main, ["predict", str(packages["fp32"]), "-i", str(npz), "--units", "gpu"])
+    if sys.platform != "darwin":
+        assert r.exit_code == 3 and "no compute unit could run it" in r.output
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="needs macOS: Core ML runs the stateful package")
+@pytest.mark.parametrize("unit", ["cpu", "gpu", "ane"])
+def test_predict_on_core_ml_matches_transformers(packages: dict[str, Path], tmp_path: Path,
+                                                 unit: str) -> None:  # pragma: no cover - macOS only
+    import json
+
+    from click.testing import CliRunner
+
+    from bitnet_coreml.cli import main
+
+    oracle = ROOT / "models" / "hf_stateful" / "bitnet-tiny-packed.npz"
+    with np.load(oracle) as z:  # transformers' BitNetForCausalLM, fp32, one forward over 48 tokens
+        ids, want = z["input_ids"].astype(np.int32), z["full_logits"]
+    npz = tmp_path / "in.npz"
+    np.savez(npz, input_ids=ids)
+    r = CliRunner().invoke(main, ["predict", str(packages["fp32"]), "-i", str(npz), "-o", str(tmp_path / "o.npz"),
+                                  "--units", unit, "--json"])
+    assert r.exit_code == 0, r.output
+    if json.loads(r.stdout)["unit"] != unit:
+        pytest.skip(f"{unit} could not run the package here: {json.loads(r.stdout)['notes']}")
+    with np.load(tmp_path / "o.npz") as z:
+        got = z["logits"][0].astype(np.float64)
+    cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert cos.min() >= (0.9999 if unit == "cpu" else 0.999)
