@@ -272,6 +272,10 @@ def _write_piece(p: Prepared, k: int, plan: Any, piece: ir.Model, functions: dic
                        "states": [x["name"] for x in f["states"]], "default": f["default"]}
            for f in function_specs(read_package_spec(folder / name).spec)}
     L = plan.layers
+    written = weight_bytes(folder / name)
+    if plan.limit is not None and written > plan.limit:
+        raise CheckFailedError(f"piece {k} ({label}): its weight file is {written:,} B, over the per-file limit "
+                               f"{plan.limit:,} B (estimated {plan.piece_bytes[k]:,} B); convert with more --chunks")
     return {"path": name, "sha256": piece_sha256(folder / name), "bytes": sum(package_files(folder / name).values()),
             "weight_bytes": weight_bytes(folder / name), "estimated_weight_bytes": plan.piece_bytes[k],
             "units": [a, b], "layers": [max(a, 1) - 1, min(b, L + 1) - 1], "embedding": a == 0,

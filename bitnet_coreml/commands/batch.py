@@ -23,7 +23,9 @@ def _factory(package: Path, units: str | None, strict: bool) -> Any:
 def _generation_job(package: Path, dataset: Path, units: str | None, max_new_tokens: int,
                     options: Any) -> tuple[Any, Any] | None:
     """``(factory, prompts)`` when PACKAGE is stateful (a generation batch), else None."""
-    if not (package / "Manifest.json").is_file():
+    from bitnet_coreml.package.chunked import is_chunked
+
+    if not (package / "Manifest.json").is_file() and not is_chunked(package):
         return None
     from bitnet_coreml.package.stateful import stateful_info
 

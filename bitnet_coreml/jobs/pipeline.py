@@ -133,18 +133,19 @@ def _convert_options(entry: ModelEntry, target: Target) -> Any:
                               target=target.platform, chip=target.chip, min_os=target.convert_min_os,
                               check=entry.check == "strict", verify=False, seq_len=entry.seq_len,
                               allow_dequant=entry.allow_dequant, capabilities=tuple(map(str, entry.capabilities)),
+                              chunks=entry.chunks,
                               **({"stateful": True, **entry.stateful} if entry.stateful else {}))
     except BitnetCoremlError as e:
         raise type(e)(f"model '{entry.name}' target {target.label}: {e.one_line()}") from e
 
 
 def _report_path(package: Path) -> Path:
-    return package.with_name(package.name[: -len(".mlpackage")] + ".report.json")
+    return package.with_name(package.name.removesuffix(".mlpackage") + ".report.json")
 
 
 def html_report_path(package: Path) -> Path:
     """Where a build writes the package's HTML report: ``<name>.report.html`` beside it."""
-    return package.with_name(package.name[: -len(".mlpackage")] + ".report.html")
+    return package.with_name(package.name.removesuffix(".mlpackage") + ".report.html")
 
 
 def _html_report(entry: ModelEntry, target: Target, package: Path, key: str, say: EventFn) -> str:
@@ -188,7 +189,8 @@ def _build(entry: ModelEntry, target: Target, key: str, package: Path, input_has
             if not res.parity.get("passed", False):
                 raise ParityError(f"parity failed: {_parity_reason(res.parity)}")
         replace_tree(tmp, package)
-        res.html = _html_report(entry, target, package, key, say)
+        # the HTML report reads one package: a chunked model folder (chunks = ...) has none
+        res.html = _html_report(entry, target, package, key, say) if entry.chunks is None else ""
         package_hash = sha256_tree(package, state.stat_cache)
         report["package_sha256"] = package_hash
         res.seconds = round(time.perf_counter() - t0, 3)
@@ -213,7 +215,7 @@ def _build(entry: ModelEntry, target: Target, key: str, package: Path, input_has
 
 
 def _failed_report_path(package: Path) -> Path:
-    return package.with_name(package.name[: -len(".mlpackage")] + ".failed.report.json")
+    return package.with_name(package.name.removesuffix(".mlpackage") + ".failed.report.json")
 
 
 def _failed(res: EntryResult, status: str, reason: str, exit_code: int, t0: float, key: str, package: Path,

@@ -67,6 +67,7 @@ class ModelEntry:
     # (context, prefill, prefill_logits); None: a stateless one
     stateful: dict[str, Any] | None = None
     capabilities: tuple[Path, ...] = ()  # extra capability files (chips, limits) merged over the bundled database
+    chunks: int | str | None = None  # a chunked model folder (convert --chunks N|auto); None: one package
 
     def output_name(self, target: Target) -> str:
         return self.output.format(name=self.name, target=target.label, os=target.platform, min_os=target.min_os or "any",
@@ -85,6 +86,8 @@ class ModelEntry:
             del d["allow_dequant"]  # likewise
         if not d["capabilities"]:
             del d["capabilities"]  # likewise
+        if d["chunks"] is None:
+            del d["chunks"]  # likewise
 
         def rel(p: Any) -> Any:
             if isinstance(p, Path):
@@ -110,7 +113,7 @@ class Pipeline:
 
 _TOP_KEYS = ("version", "output_dir", "defaults", "model")
 _MODEL_KEYS = ("name", "source", "targets", "precision", "embed_bits", "calibration", "check", "verify", "output",
-               "seq_len", "allow_dequant", "stateful", "capabilities")
+               "seq_len", "allow_dequant", "stateful", "capabilities", "chunks")
 _STATEFUL_KEYS = ("context", "prefill", "prefill_logits")
 _DEFAULT_KEYS = tuple(k for k in _MODEL_KEYS if k not in ("name", "source"))
 _VERIFY_KEYS = ("enabled", "inputs", "min_cosine", "min_top1", "min_top5", "max_rel_l2")
@@ -224,8 +227,10 @@ def _model(ctx: _Ctx, raw: Any, defaults: dict[str, Any], i: int) -> ModelEntry:
         raise ctx.fail(f"{where}.calibration", f"'{calibration}' is not allowed; allowed: an .npz of sample inputs")
     check = ctx.choice(merged.get("check", "strict"), CHECK_POLICIES, f"{where}.check")
     verify = _verify(ctx, merged_verify or {}, f"{where}.verify")
-    output = ctx.typed(merged.get("output", ModelEntry.output), (str,), f"{where}.output", "a string")
-    _check_output(ctx, output, f"{where}.output")
+    chunks = _chunks(ctx, merged.get("chunks"), f"{where}.chunks")
+    default_output = ModelEntry.output.removesuffix(".mlpackage") if chunks is not None else ModelEntry.output
+    output = ctx.typed(merged.get("output", default_output), (str,), f"{where}.output", "a string")
+    _check_output(ctx, output, f"{where}.output", folder=chunks is not None)
     seq_len = merged.get("seq_len")
     if seq_len is not None:
         ctx.typed(seq_len, (int,), f"{where}.seq_len", "a positive integer (tokens)")
@@ -236,7 +241,21 @@ def _model(ctx: _Ctx, raw: Any, defaults: dict[str, Any], i: int) -> ModelEntry:
     allow_dequant = ctx.typed(merged.get("allow_dequant", False), (bool,), f"{where}.allow_dequant", "true or false")
     stateful = _stateful(ctx, raw.get("stateful"), source, verify, f"{where}.stateful")
     return ModelEntry(name, source, targets, precision, embed_bits, cal_path, check, verify, output, seq_len,
-                      allow_dequant, stateful, capabilities)
+                      allow_dequant, stateful, capabilities, chunks)
+
+
+def _chunks(ctx: _Ctx, raw: Any, where: str) -> int | str | None:
+    """``chunks``: ``"auto"`` or a positive integer (``convert --chunks``)."""
+    from bitnet_coreml.chunking import parse_chunks  # noqa: PLC0415
+
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ctx.fail(where, f"{raw!r} is not allowed; allowed: \"auto\" or a positive integer (pieces)")
+    try:
+        return parse_chunks(raw)
+    except InputError:
+        raise ctx.fail(where, f"{raw!r} is not allowed; allowed: \"auto\" or a positive integer (pieces)") from None
 
 
 def _stateful(ctx: _Ctx, raw: Any, source: Path, verify: VerifySpec, where: str) -> dict[str, Any] | None:
@@ -338,7 +357,7 @@ def _verify(ctx: _Ctx, raw: Any, where: str) -> VerifySpec:
     return VerifySpec(**kw)
 
 
-def _check_output(ctx: _Ctx, output: str, where: str) -> None:
+def _check_output(ctx: _Ctx, output: str, where: str, *, folder: bool = False) -> None:
     try:
         parsed = [(f, spec) for _, f, spec, _ in string.Formatter().parse(output) if f is not None]
     except ValueError as e:
@@ -350,6 +369,11 @@ def _check_output(ctx: _Ctx, output: str, where: str) -> None:
     for f, _ in parsed:
         if f not in OUTPUT_FIELDS:
             raise ctx.fail(where, f"unknown placeholder '{{{f}}}'; allowed: {', '.join('{' + x + '}' for x in OUTPUT_FIELDS)}")
+    if folder:  # a chunked model folder (chunks = ...): a plain name
+        if output.endswith(".mlpackage") or "/" in output or "\\" in output or output.startswith("."):
+            raise ctx.fail(where, f"{output!r} is not allowed with chunks; allowed: a folder name without "
+                                  ".mlpackage (no paths)")
+        return
     if not output.endswith(".mlpackage") or "/" in output or "\\" in output:
         raise ctx.fail(where, f"{output!r} is not allowed; allowed: a file name ending in .mlpackage (no folders)")
 

@@ -96,3 +96,30 @@ def test_auto_follows_the_per_file_limit(tmp_path: Path) -> None:
     assert [r["size"]["total_bytes"] for r in reports] == [p["weight_bytes"] for p in m["pieces"]]
     code, out, err = run_cli("check", LM, "--seq-len", 16, "--target", "ios", "--capabilities", caps, "--chunks", "2")
     assert code == 1, out  # two pieces of 1.4 MB: each over the limit
+
+
+def test_a_piece_over_the_limit_leaves_nothing(tmp_path: Path) -> None:
+    """--chunks 2 with a 1.2 MB limit: 1.4 MB pieces; the check refuses it, and without the check the written
+    weight file is refused; either way nothing is left at OUT or beside it."""
+    caps = tmp_path / "small.toml"
+    caps.write_text("[limits.package_bytes]\nios = 1200000\nmacos = 1200000\nseverity = \"error\"\n"
+                    "source = \"test: a small per-file limit\"\n")
+    for extra, words in (((), "piece 0 (embedding + layers 0-1)"), (("--no-check",), "over the per-file limit")):
+        out = tmp_path / f"lm{len(extra)}"
+        code, _, err = run_cli("convert", LM, "-o", out, "--seq-len", 16, "--chunks", 2, "--target", "ios",
+                               "--capabilities", caps, *extra)
+        assert code == 1, err
+        assert words in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1, err
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_output_refusals(tmp_path: Path) -> None:
+    code, _, err = run_cli("convert", LM, "-o", tmp_path / "x.mlpackage", "--chunks", 2)
+    assert code == 2 and "name the output without .mlpackage" in err
+    (tmp_path / "data").mkdir()
+    code, _, err = run_cli("convert", LM, "-o", tmp_path / "data", "--chunks", 2)
+    assert code == 2 and "not a chunked model folder" in err
+    code, _, err = run_cli("convert", LM, "-o", tmp_path / "y", "--chunks", "zero")
+    assert code == 2 and "--chunks 'zero'" in err
+    code, _, err = run_cli("convert", LM, "-o", tmp_path / "y", "--chunks", 7)
+    assert code == 2 and "at most 6" in err

@@ -63,3 +63,16 @@ def test_generation_over_a_folder_writes_the_same_tokens(stateful: dict[str, Pat
     code, out, err = run_cli("generate", stateful["2"], "--prompt", prompt, "-n", 12, "--json")
     assert code == 0, err
     assert json.loads(out)["new_ids"] == want
+
+
+def test_generation_batch_over_a_folder(stateful: dict[str, Path], tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "def "}\n{"id": "b", "prompt": "class Queue:"}\n')
+    ids = {}
+    for key in ("full", "2"):
+        code, _, err = run_cli("batch", stateful[key], prompts, "-o", tmp_path / f"job{key}", "--workers", 1,
+                               "--max-new-tokens", 6, "--units", "reference", "--json")
+        assert code == 0, err
+        lines = (tmp_path / f"job{key}" / "generations.jsonl").read_text().splitlines()
+        ids[key] = {json.loads(ln)["id"]: json.loads(ln)["new_ids"] for ln in lines}
+    assert ids["2"] == ids["full"] and len(ids["full"]) == 2
