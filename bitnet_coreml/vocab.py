@@ -31,6 +31,14 @@ from bitnet_coreml.errors import InputError
 ONNX_DOMAINS = ("", "ai.onnx")  # how a node of the default ONNX domain spells it
 DOMAIN = "bitnet_coreml"  # the fused ops' domain (BitLinear, RMSNorm, Relu2, KVCacheUpdate)
 
+
+def onnx_opset(opset_imports: dict[str, int], default: int | None = None) -> int | None:
+    """The default ONNX domain's opset version from a model's (or graph's) opset imports, either spelling."""
+    for domain in ONNX_DOMAINS:
+        if domain in opset_imports:
+            return opset_imports[domain]
+    return default
+
 # --- targets and OS versions -------------------------------------------------------------------------
 
 TARGETS = ("ios", "macos")

@@ -43,3 +43,10 @@ def test_capability_limits_are_not_literals_in_code(value: int) -> None:
             if tok.type == tokenize.NUMBER and _number(tok.string) == value:
                 found.append(f"{p.relative_to(PKG)}:{tok.start[0]}")
     assert found == []
+
+
+@pytest.mark.parametrize("literal", ['"ai.onnx")', 'DOMAIN = "bitnet_coreml"'])
+def test_domains_are_vocabulary(literal: str) -> None:
+    # the default ONNX domain's spellings and the fused ops' domain: vocab.ONNX_DOMAINS / vocab.DOMAIN
+    where = [p.relative_to(PKG).as_posix() for p in SOURCES if literal in p.read_text()]
+    assert where == ["vocab.py"]

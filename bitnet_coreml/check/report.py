@@ -37,6 +37,7 @@ from bitnet_coreml.check.rules import (
 from bitnet_coreml.check.size import SizeEstimate, estimate_weight_bytes
 from bitnet_coreml.check.target import ResolvedTarget, Target, resolve
 from bitnet_coreml.errors import CheckFailedError
+from bitnet_coreml.vocab import ONNX_DOMAINS
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -124,7 +125,7 @@ class CheckReport:
 
 def _data_types(model: ir.Model, precision: str) -> list[str]:
     types = ["fp32" if precision == "fp32" else "fp16"]
-    if any(n.domain in ("", "ai.onnx") and n.op_type in _INT8_OPS for n in model.graph):
+    if any(n.domain in ONNX_DOMAINS and n.op_type in _INT8_OPS for n in model.graph):
         types.append("int8")
     return types
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bitnet_coreml.check.split import SplitInfo, split_of
+from bitnet_coreml.vocab import ONNX_DOMAINS
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -152,7 +153,7 @@ def _stored_counts(shape: tuple[int, ...], uses: list[tuple[ir.Node, int]], limi
 
 def palettizable_inputs(node: ir.Node) -> tuple[int, ...]:
     """Input indices of ``node`` whose float initializer ``embed_bits`` palettizes (weight matrices)."""
-    if node.domain in ("", "ai.onnx"):
+    if node.domain in ONNX_DOMAINS:
         if node.op_type in ("Gather", "GatherElements"):
             return (0,)
         if node.op_type in ("MatMul", "Gemm", "Conv"):

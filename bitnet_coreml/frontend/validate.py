@@ -9,15 +9,16 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from bitnet_coreml.errors import ModelLoadError
+from bitnet_coreml.vocab import DOMAIN, ONNX_DOMAINS, onnx_opset
 
 MIN_OPSET = 13
 # Domains whose ops we either lower or fold. A custom domain is allowed only when the model defines
 # the function for it (model-local functions, as dynamo exports and our own fused ops use).
-KNOWN_DOMAINS = {"", "ai.onnx", "bitnet_coreml"}
+KNOWN_DOMAINS = {*ONNX_DOMAINS, DOMAIN}
 
 
 def validate_graph(model: ir.Model, where: str) -> None:
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    opset = onnx_opset(model.opset_imports)
     if opset is None:
         raise ModelLoadError(f"{where}: the model imports no default-domain opset; expected ai.onnx opset >= {MIN_OPSET}")
     if opset < MIN_OPSET:

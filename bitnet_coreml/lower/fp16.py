@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from bitnet_coreml.errors import InputError
 from bitnet_coreml.opsupport import fp16_max, mask_value
-from bitnet_coreml.vocab import DOMAIN
+from bitnet_coreml.vocab import DOMAIN, ONNX_DOMAINS
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def _mlp_pattern(relu2: ir.Node) -> tuple[ir.Node, ir.Node, ir.Node] | None:
     if not _fused(gate, "BitLinear") or _single_use(x) is not relu2:
         return None
     mul = _single_use(relu2.outputs[0])
-    if mul is None or mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
+    if mul is None or mul.op_type != "Mul" or mul.domain not in ONNX_DOMAINS:
         return None
     other = mul.inputs[1] if mul.inputs[0] is relu2.outputs[0] else mul.inputs[0]
     up = other.producer() if other is not None else None

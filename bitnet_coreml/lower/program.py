@@ -32,7 +32,7 @@ from bitnet_coreml.lower.support import (
     rank_message,
     safe_name,
 )
-from bitnet_coreml.vocab import os_for_ios, os_names, os_versions
+from bitnet_coreml.vocab import DOMAIN, os_for_ios, os_names, os_versions
 
 __all__ = ["BuildOptions", "BuiltProgram", "assign_node_names", "build_program", "check_supported", "convert_program",
            "safe_name", "target_for"]
@@ -257,7 +257,7 @@ def build_program(model: ir.Model, options: BuildOptions | None = None, *,
             # coremltools' add_fp16_cast pass (a Python rewrite of every op) is not needed.
             for init in graph.initializers.values():
                 if init.name and init.const_value is not None and init.dtype == ir.DataType.FLOAT and init.uses() \
-                        and all(u.node.domain != "bitnet_coreml" or u.idx == 0 for u in init.uses()):
+                        and all(u.node.domain != DOMAIN or u.idx == 0 for u in init.uses()):
                     key = ("fp16", init.name, tuple(init.shape or ()))
                     half = shared.get(key) if shared is not None else None
                     if half is None:

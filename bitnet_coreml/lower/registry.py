@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitnet_coreml.errors import UnsupportedOpError
+from bitnet_coreml.vocab import ONNX_DOMAINS
 
 LoweredValue = Any  # a MIL Var or a numpy array
 LoweringFn = Callable[["LoweringContext", ir.Node], Sequence[LoweredValue]]
@@ -38,7 +39,7 @@ FIXED_SHAPES = "fixed shapes only"
 
 
 def _norm_domain(domain: str) -> str:
-    return "" if domain in ("", "ai.onnx") else domain
+    return "" if domain in ONNX_DOMAINS else domain
 
 
 def lowering(op_type: str, domain: str = "", *, const_inputs: Iterable[int] = (), const_reason: str = FIXED_SHAPES,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from bitnet_coreml.vocab import ONNX_DOMAINS
+
 _TRANSPARENT = {"Cast", "Identity", "CastLike"}
 
 
@@ -19,7 +21,7 @@ def const(v: ir.Value | None) -> np.ndarray | None:
     if v.const_value is not None:
         return v.const_value.numpy()
     p = v.producer()
-    if p is not None and p.op_type == "Constant" and p.domain in ("", "ai.onnx"):
+    if p is not None and p.op_type == "Constant" and p.domain in ONNX_DOMAINS:
         for key in ("value", "value_float", "value_int", "value_floats", "value_ints"):
             if key in p.attributes:
                 attr = p.attributes[key]
@@ -53,7 +55,7 @@ def same(a: ir.Value | None, b: ir.Value | None) -> bool:
 def op(v: ir.Value | None, *types: str) -> ir.Node | None:
     """The producer of ``v`` (after casts) if it is one of ``types`` in the default domain."""
     p = producer(skip_casts(v))
-    if p is not None and p.op_type in types and p.domain in ("", "ai.onnx"):
+    if p is not None and p.op_type in types and p.domain in ONNX_DOMAINS:
         return p
     return None
 

@@ -29,6 +29,7 @@ import onnx_ir as ir
 from bitnet_coreml.passes import _match as m
 from bitnet_coreml.passes.fused import make_node
 from bitnet_coreml.passes.ternary import Ternary, detect_ternary
+from bitnet_coreml.vocab import ONNX_DOMAINS
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def fuse_bitlinear(model: ir.Model) -> BitLinearReport:
     graph = model.graph
     report = BitLinearReport()
     for node in list(graph):
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ONNX_DOMAINS:
             continue
         got = _weight(node)
         if got is None:
@@ -211,7 +212,7 @@ def fuse_bitlinear(model: ir.Model) -> BitLinearReport:
             if len(uses) != 1 or y in graph.outputs:
                 break
             user = uses[0].node
-            if user.op_type not in ("Mul", "Div") or user.domain not in ("", "ai.onnx"):
+            if user.op_type not in ("Mul", "Div") or user.domain not in ONNX_DOMAINS:
                 break
             idx, other = m.other_input(user, y)
             if user.op_type == "Div" and idx != 0:

@@ -21,7 +21,8 @@ import onnx
 import onnx.helper as oh
 import onnx_ir as ir
 
-DOMAIN = "bitnet_coreml"
+from bitnet_coreml.vocab import DOMAIN, onnx_opset  # DOMAIN re-exported: passes.DOMAIN is public
+
 FUNCTION_OPSET = 18  # bodies use ReduceMax/ReduceMean with axes as an input (opset 18) ...
 # ... except in a model of an older opset (the TorchScript exporter's 17): ONNX Runtime checks the
 # inlined body against the model's opset, so there the bodies are written for it (axes attribute).
@@ -157,7 +158,7 @@ def ensure_function(model: ir.Model, op_type: str, attrs: dict[str, object]) -> 
     overload = overload_name(op_type, attrs)
     key = (DOMAIN, op_type, overload)
     if key not in model.functions:
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", FUNCTION_OPSET))
+        opset = onnx_opset(model.opset_imports, FUNCTION_OPSET)
         model.functions[key] = ir.serde.deserialize_function(function_proto(op_type, attrs, opset))
     model.opset_imports.setdefault(DOMAIN, 1)
     return overload

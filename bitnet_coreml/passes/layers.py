@@ -19,6 +19,7 @@ from typing import Any
 import onnx_ir as ir
 
 from bitnet_coreml.passes.fused import DOMAIN
+from bitnet_coreml.vocab import ONNX_DOMAINS
 
 EMBEDDING = "embedding"
 HEAD = "head"
@@ -41,7 +42,7 @@ def _is_rmsnorm(node: ir.Node) -> bool:
 def _residual_adds(graph: ir.Graph) -> list[ir.Node]:
     adds = []
     for node in graph:
-        if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Add" or node.domain not in ONNX_DOMAINS:
             continue
         for v in node.inputs:
             if v is not None and any(_is_rmsnorm(u.node) for u in v.uses()):

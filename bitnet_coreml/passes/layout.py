@@ -17,6 +17,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from bitnet_coreml.vocab import ONNX_DOMAINS
+
 log = logging.getLogger(__name__)
 
 _RANK_LIMIT = 5  # only chains through a tensor above Core ML's rank are rewritten; the rest lower as they are
@@ -57,7 +59,7 @@ def _single_user(v: ir.Value, op_type: str) -> ir.Node | None:
     if len(uses) != 1 or v.is_graph_output():
         return None
     node = uses[0].node
-    return node if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+    return node if node.op_type == op_type and node.domain in ONNX_DOMAINS else None
 
 
 def _match(first: ir.Node, model_opset: int) -> tuple[ir.Node, ir.Node, str, dict[str, int | str]] | None:
@@ -99,7 +101,7 @@ def native_space_depth(model: ir.Model) -> int:
     g = model.graph
     done = 0
     for node in list(g):
-        if node.graph is not g or node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+        if node.graph is not g or node.op_type != "Reshape" or node.domain not in ONNX_DOMAINS:
             continue
         m = _match(node, model.opset_imports.get("", 1))
         if m is None:

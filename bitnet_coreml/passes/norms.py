@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from bitnet_coreml.passes import _match as m
 from bitnet_coreml.passes.fused import make_node
+from bitnet_coreml.vocab import ONNX_DOMAINS
 
 
 def _match_rms_core(v: ir.Value) -> tuple[ir.Value, float] | None:
@@ -64,7 +65,7 @@ def fuse_rmsnorm(model: ir.Model) -> int:
     graph = model.graph
     count = 0
     for node in list(graph):
-        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or node.graph is None:
+        if node.op_type != "Mul" or node.domain not in ONNX_DOMAINS or node.graph is None:
             continue
         for i in (0, 1):
             gamma = node.inputs[i]
@@ -89,7 +90,7 @@ def fuse_relu2(model: ir.Model) -> int:
     graph = model.graph
     count = 0
     for node in list(graph):
-        if node.op_type not in ("Pow", "Mul") or node.domain not in ("", "ai.onnx") or node.graph is None:
+        if node.op_type not in ("Pow", "Mul") or node.domain not in ONNX_DOMAINS or node.graph is None:
             continue
         if node.op_type == "Pow":
             r = m.op(node.inputs[0], "Relu")

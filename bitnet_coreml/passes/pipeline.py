@@ -37,6 +37,7 @@ from bitnet_coreml.passes.bitlinear import fuse_bitlinear
 from bitnet_coreml.passes.fused import DOMAIN
 from bitnet_coreml.passes.layout import native_space_depth
 from bitnet_coreml.passes.norms import fuse_relu2, fuse_rmsnorm
+from bitnet_coreml.vocab import ONNX_DOMAINS
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class CheckSizes(GraphPass):
 
 
 def _constant_node(node: ir.Node | None) -> bool:
-    return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+    return node is not None and node.op_type == "Constant" and node.domain in ONNX_DOMAINS
 
 
 def _has_foldable(model: ir.Model) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import onnx_ir as ir
 
 from bitnet_coreml.passes.fused import DOMAIN, bitlinear_attrs
+from bitnet_coreml.vocab import ONNX_DOMAINS, onnx_opset
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
@@ -63,7 +64,7 @@ def _tinfo(v: ir.Value) -> TensorInfo:
 
 
 def op_histogram(model: ir.Model) -> dict[str, int]:
-    c = Counter(f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in model.graph)
+    c = Counter(f"{n.domain}::{n.op_type}" if n.domain not in ONNX_DOMAINS else n.op_type for n in model.graph)
     return dict(sorted(c.items()))
 
 
@@ -91,7 +92,7 @@ def summarize(model: ir.Model, *, source: str = "", ops_source: dict[str, int] |
             continue
         if v.const_value.dtype in _FLOAT_TYPES:
             other += v.const_value.size
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    opset = onnx_opset(model.opset_imports, 0)
     return ModelSummary(
         source=source, opset=int(opset),
         inputs=[_tinfo(v) for v in model.graph.inputs], outputs=[_tinfo(v) for v in model.graph.outputs],

@@ -23,6 +23,7 @@ from bitnet_coreml.lower.ops._common import (
     unsupported,
 )
 from bitnet_coreml.lower.registry import LoweringContext, lowering
+from bitnet_coreml.vocab import onnx_opset as default_opset
 
 
 def onnx_opset(node: ir.Node) -> int:
@@ -31,7 +32,7 @@ def onnx_opset(node: ir.Node) -> int:
         return int(node.version)
     g = node.graph
     if g is not None:
-        v = g.opset_imports.get("", g.opset_imports.get("ai.onnx"))
+        v = default_opset(g.opset_imports)
         if v is not None:
             return int(v)
     return 21
