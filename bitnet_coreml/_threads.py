@@ -53,7 +53,7 @@ def limit_threads(threads: int) -> None:
     if "numba" in sys.modules:
         import numba  # noqa: PLC0415
 
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]  # set at import
 
 
 def pool_payload(initializer: Callable[..., Any], *args: Any) -> bytes:

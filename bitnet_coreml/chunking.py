@@ -261,7 +261,7 @@ def unit_tensors(model: ir.Model, units: Units) -> list[set[str]]:
     out: list[set[str]] = []
     for u in range(units.count):
         nodes = _piece_nodes(model.graph, units, u, u + 1, "model")
-        out.append({v.name for n in nodes for v in n.inputs if v is not None and v.const_value is not None
+        out.append({v.name for n in nodes for v in n.inputs if v is not None and v.name and v.const_value is not None
                     and v.name in model.graph.initializers})
     return out
 

@@ -76,7 +76,7 @@ def verify_stateful(source: str | os.PathLike[str], package: str | os.PathLike[s
         raise InputError(f"--steps {steps}: prefill ({p}) + steps must be 1..{info.context - p} to fit the context "
                          f"({info.context})")
     model = load(source, seq_len=n, allow_dequant=allow_dequant)
-    vocab = int(model.graph.outputs[0].shape[-1])  # type: ignore[index]
+    vocab = int(model.graph.outputs[0].shape[-1])  # type: ignore[index,arg-type]
     ids, data = _prompt(inputs, n, vocab)
     ref = run_ort(model, {"input_ids": ids})["logits"][0].astype(np.float64)
     del model

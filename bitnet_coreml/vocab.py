@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from bitnet_coreml.errors import InputError
 
@@ -32,6 +32,10 @@ ONNX_DOMAINS = ("", "ai.onnx")  # how a node of the default ONNX domain spells i
 DOMAIN = "bitnet_coreml"  # the fused ops' domain (BitLinear, RMSNorm, Relu2, KVCacheUpdate)
 
 
+@overload
+def onnx_opset(opset_imports: dict[str, int]) -> int | None: ...
+@overload
+def onnx_opset(opset_imports: dict[str, int], default: int) -> int: ...
 def onnx_opset(opset_imports: dict[str, int], default: int | None = None) -> int | None:
     """The default ONNX domain's opset version from a model's (or graph's) opset imports, either spelling."""
     for domain in ONNX_DOMAINS:

@@ -73,14 +73,14 @@ def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: s
              temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
              stop: tuple[str, ...], units: str, tokenizer_dir: Path | None, fp32: bool, as_json: bool) -> None:
     """Generate text from a stateful PACKAGE (`convert --stateful`), streaming it to stdout."""
-    from bitnet_coreml.generation import GenerationSession, SamplingConfig, TextStream  # noqa: PLC0415
-    from bitnet_coreml.generation.tokenizer import cut_at_stop  # noqa: PLC0415
-    from bitnet_coreml.runtime import FallbackStrategy  # noqa: PLC0415
+    from bitnet_coreml.generation import GenerationSession, SamplingConfig, TextStream
+    from bitnet_coreml.generation.tokenizer import cut_at_stop
+    from bitnet_coreml.runtime import ComputeUnit, FallbackStrategy
 
     source = _prompt(prompt, prompt_file, ids)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed)
-    strategy = FallbackStrategy(units=tuple(u.strip() for u in units.split(",") if u.strip()))  # type: ignore[arg-type]
+    strategy = FallbackStrategy(units=tuple(ComputeUnit.parse(u) for u in units.split(",") if u.strip()))
     session = GenerationSession(package, tokenizer=tokenizer_dir, fp32=fp32, strategy=strategy)
     if isinstance(source, str) and session.tokenizer is None:
         raise InputError(f"{package}: carries no tokenizer; give --tokenizer DIR (a folder with tokenizer.json) "

@@ -137,7 +137,7 @@ def _matvec(blocks: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:  # prag
         for j in range(k):
             wj = blocks[b, j]
             for lane in range(bw):
-                wf[lane] = _widen(wj[lane])
+                wf[lane] = _widen(wj[lane])  # type: ignore[call-arg]  # a numba intrinsic: the typing context is implicit
             for m in range(m_rows):
                 xj = x[m, j]
                 am = acc[m]
@@ -156,7 +156,7 @@ def _widen_blocks(blocks: np.ndarray, out: np.ndarray) -> None:  # pragma: no co
         for b in range(nb):
             src = blocks[b, j]
             for lane in range(bw):
-                dst[b * bw + lane] = _widen(src[lane])
+                dst[b * bw + lane] = _widen(src[lane])  # type: ignore[call-arg]  # numba intrinsic
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -167,4 +167,4 @@ def _gather_rows(blocks: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None: 
         b = idx[i] // bw
         lane = idx[i] % bw
         for j in range(blocks.shape[1]):
-            out[i, j] = _widen(blocks[b, j, lane])
+            out[i, j] = _widen(blocks[b, j, lane])  # type: ignore[call-arg]  # numba intrinsic

@@ -77,11 +77,11 @@ def _decode(blocks: np.ndarray, tq1: bool, flip: np.ndarray, out: np.ndarray, pa
                     if v == 3 and bad < 0:
                         bad = b
                 if f == 1:
-                    v = 1
+                    v = np.int64(1)
                 elif f == 2:
                     v = 2 - v
                 if packed:
-                    acc |= v << (2 * i)
+                    acc |= v << (2 * i)  # type: ignore[assignment]  # numba types acc as int64 too
                 else:
                     out[b, e] = v
             if packed:

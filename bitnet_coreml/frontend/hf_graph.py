@@ -75,7 +75,7 @@ class GraphBuilder:
 
     # --- nodes ------------------------------------------------------------------------------------
 
-    def _typed(self, node: ir.Node, shape: Sequence[int] | None, dtype: ir.DataType) -> ir.Value:
+    def _typed(self, node: ir.Node, shape: Sequence[int] | ir.Shape | None, dtype: ir.DataType) -> ir.Value:
         self.graph.append(node)
         out = node.outputs[0]
         out.name = self._fresh(node.name or node.op_type)
@@ -85,7 +85,7 @@ class GraphBuilder:
         return out
 
     def op(self, op_type: str, inputs: Sequence[ir.Value], attrs: dict[str, object] | None = None, *,
-           shape: Sequence[int] | None = None, name: str | None = None,
+           shape: Sequence[int] | ir.Shape | None = None, name: str | None = None,
            dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
         node = ir.node(op_type, inputs=list(inputs), attributes=attrs or {},  # type: ignore[arg-type]
                        name=self._unique(name) if name else self._fresh(op_type))

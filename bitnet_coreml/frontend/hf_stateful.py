@@ -29,6 +29,7 @@ the fp16-safety plan measured on the stateless graph applies to both functions b
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,7 @@ class _StatefulImporter(_Importer):
         return meta
 
 
-def load_stateful_function(path: str | Path, *, tokens: int, context: int, logits: str = "all",
+def load_stateful_function(path: str | os.PathLike[str], *, tokens: int, context: int, logits: str = "all",
                            embed_dtype: str = "float32", cache: str = "fp16", allow_dequant: bool = False) -> ir.Model:
     """The graph of one function of a stateful package: ``tokens`` tokens per call (P for prefill,
     1 for decode) over a KV cache of ``context`` slots; see the module docstring.

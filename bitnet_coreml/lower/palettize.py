@@ -110,7 +110,7 @@ def _palettize_function(func: Any, nbits: int, min_size: int, ct: Any,
             continue
         if not var.child_ops or not all(c.op_type in _CONSUMERS for c in var.child_ops):
             continue
-        key = (val.shape, val.dtype.str, hashlib.sha1(np.ascontiguousarray(val).view(np.uint8)).hexdigest())
+        key = (val.shape, val.dtype.str, hashlib.sha1(np.ascontiguousarray(val).view(np.uint8).data).hexdigest())
         if key not in memo:
             lut = kmeans_1d(val, 1 << nbits)
             idx = lut_indices(val, lut)

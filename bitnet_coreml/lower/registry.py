@@ -123,11 +123,11 @@ def mil_ops(domain: str, op_type: str) -> tuple[str, ...]:
 
 @functools.cache
 def _mil_op_names() -> frozenset[str]:
-    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+    from bitnet_coreml._quiet import coremltools as quiet_coremltools
 
-    coremltools()
-    import coremltools.converters.mil.mil.ops.defs  # noqa: F401, PLC0415  (registers the ops)
-    from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry  # noqa: PLC0415
+    quiet_coremltools()
+    import coremltools.converters.mil.mil.ops.defs  # noqa: F401 - importing registers the op definitions
+    from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
 
     return frozenset(SSAOpRegistry.core_ops)
 

@@ -47,6 +47,8 @@ def lower_kv_cache_update(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         new = mb.const(val=new.astype(np.float32), name=f"{nm}_new")
     if isinstance(pos, np.ndarray):
         pos = mb.const(val=pos.astype(np.int32), name=f"{nm}_pos")
+    if new is None or pos is None:
+        raise UnsupportedOpError(f"node {node.name!r} (KVCacheUpdate): inputs 1 (new) and 2 (position) are required")
     shape = tuple(int(d) for d in new.shape)
     cache_shape = tuple(int(d) for d in state.sym_type.wrapped_type().get_shape())
     half = new.dtype == types.fp16

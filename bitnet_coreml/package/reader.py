@@ -165,7 +165,7 @@ def read_blob(f: Path, off: int) -> np.ndarray:
         nbytes, data_off = _check_record(fh, f, off, size)
         out = np.empty(nbytes, dtype=np.uint8)
         fh.seek(data_off)
-        if fh.readinto(memoryview(out)) != nbytes:
+        if fh.readinto(out.data) != nbytes:
             raise ModelLoadError(f"{f}: weight at offset {off} is shorter than its record says (truncated package?)")
     return out
 

@@ -160,4 +160,4 @@ def validate_inputs(info: PackageInfo, inputs: Mapping[str, Any], *, source: str
 
 def zeros_for(info: PackageInfo) -> dict[str, np.ndarray]:
     """All-zero inputs of the default shapes (what a probe runs)."""
-    return {n: np.zeros(s.shape, dtype=s.dtype) for n, s in info.inputs.items()}
+    return {n: np.zeros(tuple(1 if d is None else int(d) for d in s.shape), dtype=s.dtype) for n, s in info.inputs.items()}
