@@ -35,7 +35,7 @@ class StatefulSpec:
         return CONTEXT_MULTIPLE
 
     def converted_context(self) -> int:
-        from bitnet_coreml.package.stateful import round_context  # noqa: PLC0415
+        from bitnet_coreml.package.stateful import round_context
 
         return round_context(self.context, self.exact_context)[0]
 
@@ -52,17 +52,9 @@ class StatefulSpec:
     def from_checkpoint(cls, source: Any, context: int, prefill: int, exact_context: bool = False, *,
                         allow_dequant: bool = False) -> StatefulSpec:
         """The spec of a checkpoint folder's (or a BitNet GGUF file's) stateful package."""
-        from pathlib import Path  # noqa: PLC0415
+        from bitnet_coreml.frontend import source_config
 
-        from bitnet_coreml.frontend import is_gguf  # noqa: PLC0415
-        from bitnet_coreml.frontend.hf_config import read_config  # noqa: PLC0415
-
-        if is_gguf(source):
-            from bitnet_coreml.frontend.gguf_model import open_gguf  # noqa: PLC0415
-
-            cfg = open_gguf(source, allow_dequant=allow_dequant)[0]
-        else:
-            cfg = read_config(Path(source))
+        cfg = source_config(source, allow_dequant=allow_dequant)
         return cls(context=context, prefill=prefill, layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
                    head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
                    exact_context=exact_context)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import onnx_ir as ir
 
@@ -12,9 +13,14 @@ from bitnet_coreml.errors import ModelLoadError
 from bitnet_coreml.frontend.convertible import dynamic_inputs, fix_dynamic_inputs
 from bitnet_coreml.frontend.onnx_import import load_onnx
 
-__all__ = ["load", "load_onnx", "is_checkpoint_dir", "is_gguf", "builds_graph", "source_assets", "seq_len_note"]
+__all__ = ["load", "load_onnx", "is_checkpoint_dir", "is_gguf", "builds_graph", "source_problem", "source_config",
+           "source_assets", "seq_len_note", "SOURCES_ALLOWED"]
 
 DEFAULT_SEQ_LEN = 64
+# The input formats, said once: a new format adds its test here (and in ``load``), and every command,
+# the pipeline spec and the stateful checks follow.
+SOURCE_SUFFIXES = (".onnx", ".gguf")
+SOURCES_ALLOWED = "an .onnx file, a .gguf file or a Hugging Face checkpoint folder"
 
 
 def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
@@ -31,6 +37,27 @@ def is_gguf(path: str | os.PathLike[str]) -> bool:
 def builds_graph(path: str | os.PathLike[str]) -> bool:
     """True for sources whose graph the importer builds at a chosen ``seq_len`` (checkpoint folder, GGUF file)."""
     return is_checkpoint_dir(path) or is_gguf(path)
+
+
+def source_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not a model source, judged from its kind alone (``None``: it may be one; ``load`` decides)."""
+    p = Path(path)
+    if p.is_dir():
+        return None if (p / "config.json").is_file() else f"folder '{p}' has no config.json; allowed: {SOURCES_ALLOWED}"
+    if p.is_file() and p.suffix.lower() not in SOURCE_SUFFIXES:
+        return f"'{p}' is not an .onnx or .gguf file; allowed: {SOURCES_ALLOWED}"
+    return None
+
+
+def source_config(path: str | os.PathLike[str], *, allow_dequant: bool = False) -> Any:
+    """The decoder configuration (``hf_config.BitNetConfig``) of a checkpoint folder or a BitNet GGUF file."""
+    if is_gguf(path):
+        from bitnet_coreml.frontend.gguf_model import open_gguf
+
+        return open_gguf(path, allow_dequant=allow_dequant)[0]
+    from bitnet_coreml.frontend.hf_config import read_config
+
+    return read_config(Path(path))
 
 
 def seq_len_note(path: str | os.PathLike[str], seq_len: int | None) -> str | None:

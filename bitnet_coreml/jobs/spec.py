@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bitnet_coreml.errors import ConfigError, InputError
+from bitnet_coreml.frontend import builds_graph, source_problem
 from bitnet_coreml.vocab import EMBED_BITS, PLATFORM_NAMES, Target, parse_os
 
 FORMAT_VERSION = 1
@@ -205,12 +206,9 @@ def _model(ctx: _Ctx, raw: Any, defaults: dict[str, Any], i: int) -> ModelEntry:
         if isinstance(defaults.get("verify", {}), dict) and isinstance(raw.get("verify", {}), dict) \
         else raw.get("verify", defaults.get("verify"))
     source = ctx.path_of(raw["source"], f"{where}.source")
-    if source.is_file() and source.suffix.lower() not in (".onnx", ".gguf"):
-        raise ctx.fail(f"{where}.source", f"'{raw['source']}' is not an .onnx or .gguf file; allowed: an .onnx file, a"
-                                          " .gguf file or a Hugging Face checkpoint folder")
-    if source.is_dir() and not (source / "config.json").is_file():
-        raise ctx.fail(f"{where}.source", f"folder '{raw['source']}' has no config.json; allowed: an .onnx file or a"
-                                          " Hugging Face checkpoint folder")
+    problem = source_problem(source)
+    if problem is not None:
+        raise ctx.fail(f"{where}.source", problem)
     if "targets" not in merged:
         raise ctx.fail(where, "missing key 'targets' (e.g. targets = [{ os = \"macOS\", min_os = \"14\" }])")
     caps_raw = merged.get("capabilities", [])
@@ -236,7 +234,7 @@ def _model(ctx: _Ctx, raw: Any, defaults: dict[str, Any], i: int) -> ModelEntry:
         ctx.typed(seq_len, (int,), f"{where}.seq_len", "a positive integer (tokens)")
         if seq_len < 1:
             raise ctx.fail(f"{where}.seq_len", f"{seq_len} is out of range; allowed: a positive integer (tokens)")
-        if not (source.is_dir() or source.suffix.lower() == ".gguf"):
+        if not builds_graph(source):
             seq_len = None  # an ONNX file carries its own input shapes: the key does not apply
     allow_dequant = ctx.typed(merged.get("allow_dequant", False), (bool,), f"{where}.allow_dequant", "true or false")
     stateful = _stateful(ctx, raw.get("stateful"), source, verify, f"{where}.stateful")
@@ -262,7 +260,7 @@ def _stateful(ctx: _Ctx, raw: Any, source: Path, verify: VerifySpec, where: str)
     if raw is None:
         return None
     raw = ctx.keys(raw, _STATEFUL_KEYS, where)
-    if not (source.is_dir() or source.suffix.lower() == ".gguf"):
+    if not builds_graph(source):
         raise ctx.fail(where, "needs a Hugging Face checkpoint folder or a .gguf file as source (convert --stateful)")
     out: dict[str, Any] = {"context": 512, "prefill": 64, "prefill_logits": "all"}
     for key in ("context", "prefill"):
