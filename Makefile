@@ -24,10 +24,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
+	$(BIN)/ruff check bitnet_coreml tests bench models
 	$(BIN)/python -m pytest -q -m "not slow and not conformance" -p no:cacheprovider
 
 lint: setup
-	$(BIN)/ruff check bitnet_coreml tests bench
+	$(BIN)/ruff check bitnet_coreml tests bench models
 	$(BIN)/mypy bitnet_coreml
 
 convert: setup

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import Measured, python_snippet, run_measured  # noqa: E402
+from _measure import Measured, python_snippet, run_measured
 
 
 def _interleaved(n: int, argvs: dict[str, list[str]]) -> dict[str, list[Measured]]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import python_snippet  # noqa: E402
+from _measure import python_snippet
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent / "bitnet-coreml"

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import best_of, python_snippet  # noqa: E402
+from _measure import best_of, python_snippet
 
 
 def main() -> None:

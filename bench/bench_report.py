@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import Measured, run_measured  # noqa: E402
+from _measure import Measured, run_measured
 
 CLI = [sys.executable, "-m", "bitnet_coreml.cli"]
 

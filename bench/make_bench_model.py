@@ -89,9 +89,9 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 def write_checkpoint(spec: ModelSpec, folder: Path) -> int:
     """A packed bf16 checkpoint folder of ``spec``'s shape (random init), written atomically."""
-    import shutil  # noqa: PLC0415
+    import shutil
 
-    from make_hf_fixtures import checkpoint_layers  # noqa: PLC0415
+    from make_hf_fixtures import checkpoint_layers
 
     t = time.perf_counter()
     model = random_float_model(spec, tie_word_embeddings=True)

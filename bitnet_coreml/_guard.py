@@ -79,7 +79,7 @@ class _HeldWarnings(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             msg = record.getMessage()
-        except Exception:  # a library's malformed log call must not become the error
+        except Exception:  # noqa: BLE001 - a library's malformed log call must not become the error
             msg = str(record.msg)
         self.lines.append(f"warning: {record.name}: {' '.join(msg.split())}")
 
@@ -97,7 +97,7 @@ def run_guarded(fn: Callable[[], T], *, where: str, debug: bool, as_json: bool) 
 
     ``SystemExit`` and click's own control-flow exceptions pass through unchanged.
     """
-    import click  # noqa: PLC0415
+    import click
 
     root = logging.getLogger()
     held = _HeldWarnings()
@@ -126,7 +126,7 @@ def run_guarded(fn: Callable[[], T], *, where: str, debug: bool, as_json: bool) 
             traceback.print_exception(e)
         line = _truncate(f"error: {err.one_line()}")
         if as_json:
-            from bitnet_coreml._json import dump_json  # noqa: PLC0415
+            from bitnet_coreml._json import dump_json
 
             sys.stdout.write(dump_json({"error": type(err).__name__, "exit_code": err.exit_code,
                                         "message": _truncate(err.one_line())}) + "\n")

@@ -43,7 +43,7 @@ def coremltools() -> ModuleType:
     try:
         with contextlib.redirect_stderr(buf), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import coremltools as ct  # noqa: PLC0415
+            import coremltools as ct
     finally:
         ct_log.removeHandler(held)
         ct_log.propagate = propagate

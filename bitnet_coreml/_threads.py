@@ -47,11 +47,11 @@ def limit_threads(threads: int) -> None:
     limits for the ones already loaded."""
     os.environ.update(thread_env(threads))
     if "numpy" in sys.modules:
-        from threadpoolctl import threadpool_limits  # noqa: PLC0415 - only when numpy is already loaded
+        from threadpoolctl import threadpool_limits  # only when numpy is already loaded
 
         threadpool_limits(limits=threads)
     if "numba" in sys.modules:
-        import numba  # noqa: PLC0415
+        import numba
 
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]  # set at import
 
@@ -64,5 +64,5 @@ def pool_payload(initializer: Callable[..., Any], *args: Any) -> bytes:
 def pool_initializer(threads: int, payload: bytes) -> None:
     """A process pool's initializer: set the thread budget, then run the pickled initializer."""
     limit_threads(threads)
-    initializer, args = pickle.loads(payload)  # noqa: S301 - our own payload, from the parent process
+    initializer, args = pickle.loads(payload)  # our own payload, from the parent process
     initializer(*args)

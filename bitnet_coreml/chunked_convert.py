@@ -34,7 +34,7 @@ _TMP = ".tmp-"
 
 def check_output(out: Path) -> None:
     """Refuse an output that cannot become a chunked model folder (before any work)."""
-    from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
+    from bitnet_coreml.package.chunked import is_chunked
 
     if out.suffix == ".mlpackage":
         raise InputError(f"{out}: --chunks writes a folder of packages; name the output without .mlpackage")
@@ -72,9 +72,9 @@ class Prepared:
 
 
 def _limit(options: Any) -> int:
-    from bitnet_coreml.check.capabilities import default_database, load_capabilities  # noqa: PLC0415
-    from bitnet_coreml.check.target import resolve  # noqa: PLC0415
-    from bitnet_coreml.vocab import Target  # noqa: PLC0415
+    from bitnet_coreml.check.capabilities import default_database, load_capabilities
+    from bitnet_coreml.check.target import resolve
+    from bitnet_coreml.vocab import Target
 
     platform, min_os = options.resolved_target()
     db = load_capabilities(*options.capabilities) if options.capabilities else default_database()
@@ -87,7 +87,7 @@ def plan_for_model(model: ir.Model, requested: int | str, *, embed_bits: int | N
     """The :class:`~bitnet_coreml.chunking.ChunkPlan` for ``model`` (after the default passes, before or
     after the split): what ``convert --chunks`` cuts and what ``check`` suggests. The size estimate splits at
     ``split_limit`` (0 or None: the capability database's ``max_dimension``)."""
-    from bitnet_coreml.chunking import graph_units, plan_chunks, size_of_tensors  # noqa: PLC0415
+    from bitnet_coreml.chunking import graph_units, plan_chunks, size_of_tensors
 
     units = graph_units(model.graph, what)
     sizes = size_of_tensors(model, embed_bits=embed_bits, precision=precision, split_limit=split_limit or None)
@@ -107,7 +107,7 @@ def _boundary_dtype(precision: str) -> ir.DataType:
 
 def _direct(build: Any) -> Any:
     """Which residual stream values the unchunked program builds in fp16 itself (``chunking.cut_model``)."""
-    from bitnet_coreml.chunking import casts_up  # noqa: PLC0415
+    from bitnet_coreml.chunking import casts_up
 
     if not build.native_fp16:
         return None  # built fp32, made fp16 by coremltools' pass: the pieces cast in and out the same way
@@ -115,7 +115,7 @@ def _direct(build: Any) -> Any:
 
 
 def _check_piece(piece: ir.Model, k: int, label: str, options: Any, source: str) -> dict[str, Any]:
-    from bitnet_coreml.convert import _run_check  # noqa: PLC0415
+    from bitnet_coreml.convert import _run_check
 
     one = dataclasses.replace(options, chunks=None, stateful=False, verify=False, verify_inputs=None)
     try:
@@ -126,9 +126,9 @@ def _check_piece(piece: ir.Model, k: int, label: str, options: Any, source: str)
 
 def _stateful_pieces(p: Prepared, ranges: tuple[tuple[int, int], ...]) -> tuple[list[dict[str, ir.Model]], Any]:
     """The prefill/decode graphs of every piece and the whole model's cache kind."""
-    from bitnet_coreml.chunking import cut_model, graph_units  # noqa: PLC0415
-    from bitnet_coreml.lower.fp16 import apply_fp16_plan  # noqa: PLC0415
-    from bitnet_coreml.stateful_convert import function_models  # noqa: PLC0415
+    from bitnet_coreml.chunking import cut_model, graph_units
+    from bitnet_coreml.lower.fp16 import apply_fp16_plan
+    from bitnet_coreml.stateful_convert import function_models
 
     o = p.options
     cache = "fp16x2" if o.precision == "fp32" else "fp16"
@@ -149,9 +149,9 @@ def _stateful_pieces(p: Prepared, ranges: tuple[tuple[int, int], ...]) -> tuple[
 
 def convert_chunked(p: Prepared) -> Any:
     """Cut, check, lower and write every piece, then ``model.json``; returns the ``ConvertResult``."""
-    from bitnet_coreml.chunking import cut_model, graph_units  # noqa: PLC0415
-    from bitnet_coreml.convert import ConvertResult, finish  # noqa: PLC0415
-    from bitnet_coreml.package.writer import remove_stale_temps, replace_with  # noqa: PLC0415
+    from bitnet_coreml.chunking import cut_model, graph_units
+    from bitnet_coreml.convert import ConvertResult, finish
+    from bitnet_coreml.package.writer import remove_stale_temps, replace_with
 
     o = p.options
     p.stage("plan chunks")
@@ -185,7 +185,7 @@ def convert_chunked(p: Prepared) -> Any:
             entries.append(_write_piece(p, k, plan, piece, fns, cache, checks[k] if checks else p.check, tmp))
             pieces[k] = None  # type: ignore[call-overload]  # its lowered weights can go
         manifest = _manifest(p, plan, entries, cache)
-        from bitnet_coreml.package.chunked import write_manifest  # noqa: PLC0415
+        from bitnet_coreml.package.chunked import write_manifest
 
         write_manifest(tmp, manifest)
         p.stage("write folder")
@@ -211,14 +211,14 @@ def convert_chunked(p: Prepared) -> Any:
 
 def _write_piece(p: Prepared, k: int, plan: Any, piece: ir.Model, functions: dict[str, ir.Model] | None,
                  cache: str | None, check: dict[str, Any], folder: Path) -> dict[str, Any]:
-    from bitnet_coreml.convert import package_metadata  # noqa: PLC0415
-    from bitnet_coreml.lower.palettize import palettize_program  # noqa: PLC0415
-    from bitnet_coreml.lower.program import build_functions, build_program, convert_program  # noqa: PLC0415
-    from bitnet_coreml.package.chunked import piece_name, piece_sha256  # noqa: PLC0415
-    from bitnet_coreml.package.stateful import DEFAULT_FUNCTION, StatefulInfo, function_specs  # noqa: PLC0415
-    from bitnet_coreml.package.writer import describe, package_files, save_package, weight_bytes  # noqa: PLC0415
-    from bitnet_coreml.passes.layers import layer_groups, run_lengths  # noqa: PLC0415
-    from bitnet_coreml.vocab import os_for_ios  # noqa: PLC0415
+    from bitnet_coreml.convert import package_metadata
+    from bitnet_coreml.lower.palettize import palettize_program
+    from bitnet_coreml.lower.program import build_functions, build_program, convert_program
+    from bitnet_coreml.package.chunked import piece_name, piece_sha256
+    from bitnet_coreml.package.stateful import DEFAULT_FUNCTION, StatefulInfo, function_specs
+    from bitnet_coreml.package.writer import describe, package_files, save_package, weight_bytes
+    from bitnet_coreml.passes.layers import layer_groups, run_lengths
+    from bitnet_coreml.vocab import os_for_ios
 
     o = p.options
     label = plan.describe(k)
@@ -228,7 +228,7 @@ def _write_piece(p: Prepared, k: int, plan: Any, piece: ir.Model, functions: dic
     if functions is not None:
         build = dataclasses.replace(p.build, native_casts=True) if p.build.native_fp16 else p.build
         built = build_functions(functions, DEFAULT_FUNCTION, build)
-        from bitnet_coreml.lower.program import graph_states  # noqa: PLC0415
+        from bitnet_coreml.lower.program import graph_states
 
         states = {}
         for m in functions.values():
@@ -255,7 +255,7 @@ def _write_piece(p: Prepared, k: int, plan: Any, piece: ir.Model, functions: dic
                                              sort_keys=True)
     desc = f"piece {k + 1} of {plan.count} of BitNet model {Path(p.source).name}: {label}, {o.precision}"
     if info is not None:
-        from bitnet_coreml.package.stateful import describe_functions, metadata_entries  # noqa: PLC0415
+        from bitnet_coreml.package.stateful import describe_functions, metadata_entries
 
         meta.update(metadata_entries(info))
         describe_functions(mlmodel, info)
@@ -266,7 +266,7 @@ def _write_piece(p: Prepared, k: int, plan: Any, piece: ir.Model, functions: dic
     save_package(mlmodel, folder / name, assets=p.assets if k == 0 else None)
     del mlmodel, built
     p.times["write"] = round(p.times.get("write", 0.0) + time.perf_counter() - t0, 3)
-    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
+    from bitnet_coreml.package.reader import read_package_spec
 
     fns = {f["name"]: {"inputs": [_feat(x) for x in f["inputs"]], "outputs": [_feat(x) for x in f["outputs"]],
                        "states": [x["name"] for x in f["states"]], "default": f["default"]}
@@ -288,10 +288,10 @@ def _feat(x: dict[str, Any]) -> dict[str, Any]:
 
 
 def _manifest(p: Prepared, plan: Any, entries: list[dict[str, Any]], cache: str | None) -> dict[str, Any]:
-    from bitnet_coreml import __version__  # noqa: PLC0415
-    from bitnet_coreml.chunking import boundary_name  # noqa: PLC0415
-    from bitnet_coreml.package.chunked import FORMAT, VERSION  # noqa: PLC0415
-    from bitnet_coreml.package.stateful import StatefulInfo  # noqa: PLC0415
+    from bitnet_coreml import __version__
+    from bitnet_coreml.chunking import boundary_name
+    from bitnet_coreml.package.chunked import FORMAT, VERSION
+    from bitnet_coreml.package.stateful import StatefulInfo
 
     o = p.options
     first = entries[0]["functions"]

@@ -152,7 +152,7 @@ def cut_model(model: ir.Model, units: Units, ranges: Sequence[tuple[int, int]], 
     The graph is not changed: nodes are cloned, constants share their (lazy) tensors.
     """
     direct = direct or (lambda _v: False)
-    from onnx_ir._cloner import Cloner  # noqa: PLC0415
+    from onnx_ir._cloner import Cloner
 
     if not ranges or ranges[0][0] != 0 or ranges[-1][1] != units.count or any(
             a[1] != b[0] or a[0] >= a[1] for a, b in zip(ranges, list(ranges[1:]) + [(units.count, units.count + 1)],
@@ -355,7 +355,7 @@ def plan_chunks(model: ir.Model, requested: int | str, *, limit: int | None,
 
 
 def dataclass_replace(plan: ChunkPlan, **changes: Any) -> ChunkPlan:
-    import dataclasses  # noqa: PLC0415
+    import dataclasses
 
     return dataclasses.replace(plan, **changes)
 
@@ -365,7 +365,7 @@ def size_of_tensors(model: ir.Model, *, embed_bits: int | None, precision: str,
     """``tensor_bytes`` for :func:`plan_chunks`: the weight-file bytes of a piece holding the named initializers,
     from the converter's size estimate of the whole model (``check.size``; ``split_limit`` defaults to the
     capability database's ``max_dimension``)."""
-    from bitnet_coreml.check.size import blob_file_bytes, estimate_weight_bytes  # noqa: PLC0415
+    from bitnet_coreml.check.size import blob_file_bytes, estimate_weight_bytes
 
     est = estimate_weight_bytes(model, embed_bits=embed_bits, precision=precision, split_limit=split_limit)
     blobs = {t.name: t.blobs for t in est.tensors}

@@ -67,7 +67,7 @@ class LazyGroup(click.Group):
         args = args[:args.index("--")] if "--" in args else args
         where = " ".join(a for a in args[:2] if a in COMMANDS or a == "run") or "bitnet-coreml"
         if args and args[0] in HEAP_BOUND_COMMANDS:
-            from bitnet_coreml.memory import mmap_large_allocations  # noqa: PLC0415
+            from bitnet_coreml.memory import mmap_large_allocations
 
             mmap_large_allocations()
         return run_guarded(lambda: super(LazyGroup, self).invoke(ctx), where=where,

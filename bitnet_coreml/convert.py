@@ -62,8 +62,8 @@ class ConvertOptions:
         ``max_dimension`` (the bundled one merged with ``capabilities``, as the check reads it)."""
         if self.split_limit is not None:
             return self.split_limit
-        from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
-        from bitnet_coreml.opsupport import max_dimension  # noqa: PLC0415
+        from bitnet_coreml.check.capabilities import load_capabilities
+        from bitnet_coreml.opsupport import max_dimension
 
         return max_dimension(load_capabilities(*self.capabilities) if self.capabilities else None)
 
@@ -77,7 +77,7 @@ class ConvertOptions:
         for f in self.capabilities:
             if not Path(f).is_file():
                 raise InputError(f"--capabilities {f}: no such file")
-        from bitnet_coreml.chunking import parse_chunks  # noqa: PLC0415
+        from bitnet_coreml.chunking import parse_chunks
 
         object.__setattr__(self, "chunks", parse_chunks(self.chunks))
         if self.passes not in ("fast", "full"):
@@ -85,7 +85,7 @@ class ConvertOptions:
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise InputError(f"--calibration {self.calibration}: no such file")
         if self.stateful:
-            from bitnet_coreml.package.stateful import validate_sizes  # noqa: PLC0415
+            from bitnet_coreml.package.stateful import validate_sizes
 
             validate_sizes(self.context, self.prefill, self.prefill_logits)
         if self.verify_inputs is not None and not self.verify:
@@ -149,12 +149,12 @@ def external_data_files(path: str | os.PathLike[str], model: ir.Model | None = N
     """
     p = Path(path)
     locations: set[str] = set()
-    from bitnet_coreml.frontend import is_gguf  # noqa: PLC0415
+    from bitnet_coreml.frontend import is_gguf
 
     if is_gguf(p):
         return []  # a GGUF file holds all its tensors
     if model is not None:
-        from onnx_ir import traversal  # noqa: PLC0415
+        from onnx_ir import traversal
 
         graphs = [model.graph, *model.functions.values()]
         for node in traversal.RecursiveGraphIterator(model.graph):
@@ -170,8 +170,8 @@ def external_data_files(path: str | os.PathLike[str], model: ir.Model | None = N
             tensors += [a.value for n in g for a in n.attributes.values() if a.type == ir.AttributeType.TENSOR]
         locations = {str(t.location) for t in tensors if isinstance(t, ir.ExternalTensor)}
     else:
-        import onnx  # noqa: PLC0415
-        from onnx.external_data_helper import _get_all_tensors  # noqa: PLC0415
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors
 
         try:
             proto = onnx.load(str(p), load_external_data=False)
@@ -210,7 +210,7 @@ def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None) -
                 h.update(block)
 
     if p.is_dir():
-        from bitnet_coreml._files import inside  # noqa: PLC0415
+        from bitnet_coreml._files import inside
 
         for f in sorted(f for f in p.rglob("*") if f.is_file()):
             try:
@@ -230,15 +230,15 @@ def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None) -
 def _run_check(model: ir.Model, options: ConvertOptions, source: str) -> dict[str, Any]:
     """Run the pre-conversion check; violations stop the conversion (exit 1). A chunked conversion checks the
     per-file limit on every piece instead (``chunked_convert``), the other rules on the whole model."""
-    from bitnet_coreml.check import Target, run_check  # noqa: PLC0415
-    from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
+    from bitnet_coreml.check import Target, run_check
+    from bitnet_coreml.check.capabilities import load_capabilities
 
     platform, min_os = options.resolved_target()
     target = Target(platform=platform, chip=options.chip, min_os=min_os.version if min_os else None)
     db = load_capabilities(*options.capabilities) if options.capabilities else None
     stateful = None
     if options.stateful:
-        from bitnet_coreml.check.stateful import StatefulSpec  # noqa: PLC0415
+        from bitnet_coreml.check.stateful import StatefulSpec
 
         stateful = StatefulSpec.from_checkpoint(source, options.context, options.prefill, options.exact_context,
                                                 allow_dequant=options.allow_dequant)
@@ -291,11 +291,11 @@ def _descriptions(model: ir.Model, built: Any) -> tuple[dict[str, str], dict[str
 def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options: ConvertOptions | None = None,
             *, progress: ProgressFn | None = None) -> ConvertResult:
     """Convert ``source`` (ONNX file or HF checkpoint folder) to the package ``out``; see the module docstring."""
-    from bitnet_coreml.frontend import builds_graph, load, seq_len_note  # noqa: PLC0415
-    from bitnet_coreml.frontend.convertible import describe_input, dynamic_inputs, refuse_bfloat16  # noqa: PLC0415
-    from bitnet_coreml.lower.fp16 import load_calibration, make_fp16_safe, random_calibration  # noqa: PLC0415
-    from bitnet_coreml.lower.palettize import palettize_program  # noqa: PLC0415
-    from bitnet_coreml.lower.program import (  # noqa: PLC0415
+    from bitnet_coreml.frontend import builds_graph, load, seq_len_note
+    from bitnet_coreml.frontend.convertible import describe_input, dynamic_inputs, refuse_bfloat16
+    from bitnet_coreml.lower.fp16 import load_calibration, make_fp16_safe, random_calibration
+    from bitnet_coreml.lower.palettize import palettize_program
+    from bitnet_coreml.lower.program import (
         MIN_IOS,
         BuildOptions,
         assign_node_names,
@@ -303,17 +303,17 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         check_supported,
         convert_program,
     )
-    from bitnet_coreml.lower.split import split_large_dims  # noqa: PLC0415
-    from bitnet_coreml.package.writer import describe, package_files, save_package, weight_bytes  # noqa: PLC0415
-    from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
-    from bitnet_coreml.passes.layers import layer_groups, residual_points, run_lengths  # noqa: PLC0415
-    from bitnet_coreml.passes.ort import ort_errors  # noqa: PLC0415
-    from bitnet_coreml.passes.summary import summarize  # noqa: PLC0415
+    from bitnet_coreml.lower.split import split_large_dims
+    from bitnet_coreml.package.writer import describe, package_files, save_package, weight_bytes
+    from bitnet_coreml.passes import run_default_passes
+    from bitnet_coreml.passes.layers import layer_groups, residual_points, run_lengths
+    from bitnet_coreml.passes.ort import ort_errors
+    from bitnet_coreml.passes.summary import summarize
 
     options = options or ConvertOptions()
     out = Path(out)
     if options.chunks is not None:
-        from bitnet_coreml.chunked_convert import check_output  # noqa: PLC0415
+        from bitnet_coreml.chunked_convert import check_output
 
         check_output(out)
     elif out.suffix != ".mlpackage":
@@ -323,7 +323,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     context = 0
     notes: list[str] = []
     if options.stateful:
-        from bitnet_coreml.package.stateful import round_context  # noqa: PLC0415
+        from bitnet_coreml.package.stateful import round_context
 
         if not builds_graph(source):
             raise InputError(f"{source}: stateful conversion needs a Hugging Face BitNet checkpoint folder "
@@ -357,7 +357,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         raise InputError(f"{source}: graph input {describe_input(dynamic[0])} has dynamic dimensions; pass --seq-len N to "
                          "convert it for N tokens (a dynamic batch becomes 1)")
     sha = source_sha256(source, model if Path(source).is_file() else None)
-    from bitnet_coreml.frontend import source_assets  # noqa: PLC0415
+    from bitnet_coreml.frontend import source_assets
 
     assets, asset_notes = source_assets(source)  # read now: a refused file fails before any work
     timed("load", t0)
@@ -381,7 +381,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
     chunk_plan = None
     if options.chunks is not None:  # planned on the graph `check` sees (before the split), so both agree
-        from bitnet_coreml.chunked_convert import plan_for_options  # noqa: PLC0415
+        from bitnet_coreml.chunked_convert import plan_for_options
 
         chunk_plan = plan_for_options(model, options, str(source))
     if not options.stateful:
@@ -425,7 +425,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     build = BuildOptions(precision=options.precision, ios=max(want_ios, 18) if options.stateful else want_ios,
                          fp32_nodes=fp32_nodes, rmsnorm_input_scale=rms_scale, native_fp16=native)
     if options.chunks is not None:
-        from bitnet_coreml.chunked_convert import Prepared, convert_chunked  # noqa: PLC0415
+        from bitnet_coreml.chunked_convert import Prepared, convert_chunked
 
         return convert_chunked(Prepared(
             source=str(source), out=out, options=options, model=model, plan=plan, build=build, platform=platform,
@@ -438,7 +438,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     # fp16 cast pass, which can leave chosen ops in fp32, does the conversion).
     stateful_info = None
     if options.stateful:
-        from bitnet_coreml.stateful_convert import build_stateful  # noqa: PLC0415
+        from bitnet_coreml.stateful_convert import build_stateful
 
         built, stateful_info = build_stateful(source, options, context, embed_dtype, plan, build, notes)
     else:
@@ -462,7 +462,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     desc = (f"BitNet model {Path(source).name}: {len(summary.bitlinear)} ternary BitLinear layers at 2 bits "
             f"({summary.params_ternary:,} ternary + {summary.params_other:,} other parameters), {options.precision}")
     if stateful_info is not None:
-        from bitnet_coreml.package.stateful import describe_functions, metadata_entries  # noqa: PLC0415
+        from bitnet_coreml.package.stateful import describe_functions, metadata_entries
 
         meta.update(metadata_entries(stateful_info))
         desc += (f"; stateful: functions prefill (P={stateful_info.prefill}) and decode, KV cache of "
@@ -517,7 +517,7 @@ def finish(result: ConvertResult, source: str | os.PathLike[str], out: Path, opt
     if options.verify:
         stage("verify")
         t0 = time.perf_counter()
-        from bitnet_coreml.verify import verify  # noqa: PLC0415
+        from bitnet_coreml.verify import verify
 
         report = verify(source, out, options.verify_inputs, raise_on_failure=False, seq_len=options.seq_len,
                         allow_dequant=options.allow_dequant)

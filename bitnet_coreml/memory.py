@@ -26,8 +26,8 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 def mmap_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at ``threshold`` bytes for this process; False when not glibc / unavailable."""
-    import ctypes  # noqa: PLC0415
-    import platform  # noqa: PLC0415
+    import ctypes
+    import platform
 
     if platform.libc_ver()[0] != "glibc":
         return False

@@ -45,7 +45,7 @@ def database(db: CapabilityDatabase | None = None) -> CapabilityDatabase:
     """``db`` or the bundled capability database."""
     if db is not None:
         return db
-    from bitnet_coreml.check.capabilities import default_database  # noqa: PLC0415
+    from bitnet_coreml.check.capabilities import default_database
 
     return default_database()
 
@@ -369,7 +369,7 @@ def _split_op(op: str) -> tuple[str, str]:
 
 def op_support(op: str, db: CapabilityDatabase | None = None) -> OpSupport:
     """The table row of ``op`` (``"Gather"``, ``"bitnet_coreml::BitLinear"``)."""
-    from bitnet_coreml.lower import registry  # noqa: PLC0415  (loads the lowerings: coremltools)
+    from bitnet_coreml.lower import registry  # loads the lowerings: coremltools
 
     db = database(db)
     domain, op_type = _split_op(op)
@@ -400,7 +400,7 @@ def op_support(op: str, db: CapabilityDatabase | None = None) -> OpSupport:
 
 def support_table(db: CapabilityDatabase | None = None) -> list[OpSupport]:
     """:func:`op_support` of every op with a lowering, sorted by name."""
-    from bitnet_coreml.lower import registry  # noqa: PLC0415
+    from bitnet_coreml.lower import registry
 
     return [op_support(op, db) for op in registry.supported_ops()]
 

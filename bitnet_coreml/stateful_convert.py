@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 def function_models(source: str | os.PathLike[str], *, prefill: int, context: int, prefill_logits: str,
                     embed_dtype: str, cache: str, split_limit: int, allow_dequant: bool = False) -> dict[str, ir.Model]:
     """The graphs of the ``prefill`` and ``decode`` functions, named and split like the stateless graph."""
-    from bitnet_coreml.frontend.hf_stateful import load_stateful_function  # noqa: PLC0415
-    from bitnet_coreml.lower.program import assign_node_names, check_supported  # noqa: PLC0415
-    from bitnet_coreml.lower.split import split_large_dims  # noqa: PLC0415
+    from bitnet_coreml.frontend.hf_stateful import load_stateful_function
+    from bitnet_coreml.lower.program import assign_node_names, check_supported
+    from bitnet_coreml.lower.split import split_large_dims
 
     models: dict[str, ir.Model] = {}
     for name, tokens in ((PREFILL, prefill), (DECODE, 1)):
@@ -49,12 +49,12 @@ def build_stateful(source: str | os.PathLike[str], options: Any, context: int, e
     ``plan`` is the fp16-safety plan measured on the stateless graph (None for fp32), ``build`` the
     ``BuildOptions`` of the stateless build; ``notes`` receives what the reader should know.
     """
-    import dataclasses  # noqa: PLC0415
-    import json  # noqa: PLC0415
+    import dataclasses
+    import json
 
-    from bitnet_coreml.frontend.hf_stateful import STATES_KEY  # noqa: PLC0415
-    from bitnet_coreml.lower.fp16 import apply_fp16_plan  # noqa: PLC0415
-    from bitnet_coreml.lower.program import build_functions  # noqa: PLC0415
+    from bitnet_coreml.frontend.hf_stateful import STATES_KEY
+    from bitnet_coreml.lower.fp16 import apply_fp16_plan
+    from bitnet_coreml.lower.program import build_functions
 
     # Core ML states are fp16; an fp32 package keeps fp32 precision in its cache with a second fp16
     # state per tensor holding what rounding to fp16 lost.

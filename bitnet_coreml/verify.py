@@ -171,8 +171,8 @@ def _judge(c: Comparison, t: Thresholds) -> None:
 def package_meta(package: Path) -> tuple[dict[str, str], Any]:
     """(user metadata, model spec) of ``package``, without loading it for prediction. A chunked model folder:
     its first piece's (which takes the model's inputs), with the last piece's output names."""
-    from bitnet_coreml.package.chunked import is_chunked, open_chunked  # noqa: PLC0415
-    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
+    from bitnet_coreml.package.chunked import is_chunked, open_chunked
+    from bitnet_coreml.package.reader import read_package_spec
 
     if is_chunked(package):
         pieces = open_chunked(package).pieces
@@ -202,7 +202,7 @@ def package_seq_len(package: Path, spec: Any, in_names: Mapping[str, str]) -> in
 def _load_inputs(inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None, model: Any
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(feeds by graph input name, extra arrays of the .npz such as expected logits)."""
-    from bitnet_coreml.lower.fp16 import random_calibration  # noqa: PLC0415
+    from bitnet_coreml.lower.fp16 import random_calibration
 
     names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
     if inputs is None:
@@ -212,7 +212,7 @@ def _load_inputs(inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | Non
         where = "inputs"
     else:
         where = str(inputs)
-        from bitnet_coreml._files import load_npz  # noqa: PLC0415
+        from bitnet_coreml._files import load_npz
 
         data = load_npz(inputs, "--input")
     missing = [n for n in names if n not in data]
@@ -224,7 +224,7 @@ def _load_inputs(inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | Non
 
 
 def _executor(package: Path) -> Any:
-    from bitnet_coreml.executor.chunked import open_executor  # noqa: PLC0415
+    from bitnet_coreml.executor.chunked import open_executor
 
     return open_executor(str(package))
 
@@ -258,11 +258,11 @@ def unit_runs(package: Path, feed_list: list[dict[str, np.ndarray]], units: Sequ
     ``report.skipped``. Named units are requested: one that is unavailable or fails is a
     ``report.unit_failures`` entry. Bad input and bugs propagate.
     """
-    from bitnet_coreml.errors import RuntimeFailure  # noqa: PLC0415
-    from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
-    from bitnet_coreml.runtime import FallbackStrategy, Predictor, make_units  # noqa: PLC0415
-    from bitnet_coreml.runtime.monitor import read_platform  # noqa: PLC0415
-    from bitnet_coreml.runtime.package_io import read_package  # noqa: PLC0415
+    from bitnet_coreml.errors import RuntimeFailure
+    from bitnet_coreml.package.chunked import is_chunked
+    from bitnet_coreml.runtime import FallbackStrategy, Predictor, make_units
+    from bitnet_coreml.runtime.monitor import read_platform
+    from bitnet_coreml.runtime.package_io import read_package
 
     requested = units is not None
     if is_chunked(package):  # the device runs each piece; verify chains them in the reference executor
@@ -297,7 +297,7 @@ RANDOM_DRAWS = 4
 def feeds_for(model: Any, inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None
               ) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """The inputs parity runs on: the given ones, or ``RANDOM_DRAWS`` random draws; plus the .npz's extra arrays."""
-    from bitnet_coreml.lower.fp16 import random_calibration  # noqa: PLC0415
+    from bitnet_coreml.lower.fp16 import random_calibration
 
     if inputs is None:
         # Agreement rates over one random 16-token input move in steps of 6%; several draws make the
@@ -346,20 +346,20 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
     :class:`~bitnet_coreml.runtime.Unit` objects) the package must also answer on; default: the Core ML
     units this machine has.
     """
-    from bitnet_coreml.frontend import builds_graph, load  # noqa: PLC0415
-    from bitnet_coreml.lower.fp16 import run_ort  # noqa: PLC0415
+    from bitnet_coreml.frontend import builds_graph, load
+    from bitnet_coreml.lower.fp16 import run_ort
 
     pkg = Path(package)
     if not pkg.exists():
         raise ModelLoadError(f"{pkg}: no such package")
     meta, spec = package_meta(pkg)
-    from bitnet_coreml.package.stateful import META as STATEFUL_META  # noqa: PLC0415
+    from bitnet_coreml.package.stateful import META as STATEFUL_META
 
     if STATEFUL_META in meta:  # prefill + teacher-forced decode steps: see verify_stateful.py
         if units is not None:
             raise InputError(f"--units {','.join(str(getattr(u, 'name', u)) for u in units)}: {pkg} is stateful; "
                              "its parity runs on the reference executor only (generate runs it on the units)")
-        from bitnet_coreml.verify_stateful import verify_stateful  # noqa: PLC0415
+        from bitnet_coreml.verify_stateful import verify_stateful
 
         return verify_stateful(source, pkg, inputs, thresholds, raise_on_failure=raise_on_failure,
                                allow_dequant=allow_dequant, **({"steps": steps} if steps else {}))
@@ -374,7 +374,7 @@ def verify(source: str | os.PathLike[str], package: str | os.PathLike[str],
         log.info("%s: sequence length %d read from the package's input_ids", pkg, seq_len)
     model = load(source, seq_len=seq_len, allow_dequant=allow_dequant)
     feed_list, extra = feeds_for(model, inputs)
-    from bitnet_coreml.passes.ort import ort_errors  # noqa: PLC0415
+    from bitnet_coreml.passes.ort import ort_errors
 
     with ort_errors(str(source), input_at_fault=True):
         ort_out = stack([run_ort(model, f) for f in feed_list])

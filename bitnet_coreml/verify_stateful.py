@@ -58,9 +58,9 @@ def verify_stateful(source: str | os.PathLike[str], package: str | os.PathLike[s
                     thresholds: Thresholds | None = None, *, steps: int = DEFAULT_STEPS,
                     raise_on_failure: bool = True, allow_dequant: bool = False) -> ParityReport:
     """Compare a stateful ``package`` with its checkpoint ``source``; see the module docstring."""
-    from bitnet_coreml.executor.stateful import StatefulRun  # noqa: PLC0415
-    from bitnet_coreml.frontend import builds_graph, load  # noqa: PLC0415
-    from bitnet_coreml.lower.fp16 import run_ort  # noqa: PLC0415
+    from bitnet_coreml.executor.stateful import StatefulRun
+    from bitnet_coreml.frontend import builds_graph, load
+    from bitnet_coreml.lower.fp16 import run_ort
 
     pkg = Path(package)
     meta, _spec = package_meta(pkg)

@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bitnet_export import (  # noqa: E402
+from bitnet_export import (
     ModelSpec,
     eager_bitlinear_helpers,
     eager_quant_autograd,
@@ -56,7 +56,7 @@ from bitnet_export import (  # noqa: E402
     qat_linears,
     random_float_model,
 )
-from make_hf_fixtures import checkpoint_layers  # noqa: E402
+from make_hf_fixtures import checkpoint_layers
 
 log = logging.getLogger("make_example_lm")
 

@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bitnet_export import (  # noqa: E402
+from bitnet_export import (
     LogitsWrapper,
     ModelSpec,
     TrainSpec,
@@ -61,7 +61,7 @@ from bitnet_export import (  # noqa: E402
     strip_metadata,
     torch_logits,
 )
-from make_models import MODELS, TRAIN  # noqa: E402
+from make_models import MODELS, TRAIN
 
 log = logging.getLogger("make_export_matrix")
 

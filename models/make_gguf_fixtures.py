@@ -42,10 +42,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import make_hf_fixtures  # noqa: E402
-from bitnet_export import ModelSpec, TrainSpec  # noqa: E402
-from gguf_meta import add_bitnet_metadata, add_bpe_tokenizer, add_spm_tokenizer  # noqa: E402
-from make_hf_fixtures import HFFixture, make_fixture  # noqa: E402
+import make_hf_fixtures
+from bitnet_export import ModelSpec, TrainSpec
+from gguf_meta import add_bitnet_metadata, add_bpe_tokenizer, add_spm_tokenizer
+from make_hf_fixtures import HFFixture, make_fixture
 
 log = logging.getLogger("make_gguf_fixtures")
 

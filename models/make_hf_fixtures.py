@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bitnet_export import (  # noqa: E402
+from bitnet_export import (
     ModelSpec,
     eager_bitlinear_helpers,
     make_input_ids,

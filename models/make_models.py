@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bitnet_export import (  # noqa: E402
+from bitnet_export import (
     ModelSpec,
     TrainSpec,
     build_trained_model,

@@ -227,7 +227,7 @@ def validate_operation_requirements(req: CapabilityRequirements, device: str | D
     db = db or default_database()
     host = "this host"
     if device is None:
-        from bitnet_coreml.check.platform import DeviceCompatibilityChecker  # noqa: PLC0415
+        from bitnet_coreml.check.platform import DeviceCompatibilityChecker
 
         info = DeviceCompatibilityChecker.get_platform_info(db=db)
         dev = db.devices.get(info.gpu_device) if info.gpu_device else None

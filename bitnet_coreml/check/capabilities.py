@@ -290,7 +290,7 @@ def _check_fields(where: str, row: Mapping[str, Any], spec: Mapping[str, tuple[A
 def _read(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: capability file not found")
-    from bitnet_coreml._files import load_toml  # noqa: PLC0415
+    from bitnet_coreml._files import load_toml
 
     return load_toml(path, "capability file", error=ConfigError)
 
@@ -410,7 +410,7 @@ def _empty_state() -> dict[str, Any]:
 
 def _unit_rule(row: Mapping[str, Any], where: str) -> UnitRule:
     """Validate a merged ``[[unit_rule]]`` row (``where``: the file and row that last set it)."""
-    from bitnet_coreml.opsupport import MATCHERS, UNIT_ORDER  # noqa: PLC0415  (the matcher vocabulary)
+    from bitnet_coreml.opsupport import MATCHERS, UNIT_ORDER  # the matcher vocabulary
 
     for k in ("match", "reason", "source"):
         if k not in row:

@@ -25,7 +25,7 @@ PER_FILE_RULE = "package_size"
 def plan_for(model: ir.Model, requested: int | str, report: CheckReport, *, embed_bits: int | None,
              precision: str, what: str) -> Any:
     """The chunk plan of ``model`` for the target ``report`` was made for."""
-    from bitnet_coreml.chunked_convert import plan_for_model  # noqa: PLC0415
+    from bitnet_coreml.chunked_convert import plan_for_model
 
     return plan_for_model(model, requested, embed_bits=embed_bits, precision=precision,
                           limit=int(report.target.package_limit_bytes), what=what)
@@ -35,7 +35,7 @@ def suggestion(model: ir.Model, report: CheckReport, *, embed_bits: int | None, 
     """For a model over the per-file limit: the plan ``--chunks auto`` would choose (or why none fits)."""
     if not any(v.rule == PER_FILE_RULE for v in report.violations):
         return None
-    from bitnet_coreml.errors import InputError  # noqa: PLC0415
+    from bitnet_coreml.errors import InputError
 
     try:
         plan = plan_for(model, "auto", report, embed_bits=embed_bits, precision=precision, what=report.model)
@@ -80,9 +80,9 @@ class ChunkedCheck:
 def check_chunks(model: ir.Model, whole: CheckReport, requested: int | str, run_piece: Any, *,
                  embed_bits: int | None, precision: str) -> ChunkedCheck:
     """Cut ``model`` as ``convert --chunks requested`` would and check each piece with ``run_piece(piece, k)``."""
-    import onnx_ir as ir  # noqa: PLC0415
+    import onnx_ir as ir
 
-    from bitnet_coreml.chunking import cut_model, graph_units  # noqa: PLC0415
+    from bitnet_coreml.chunking import cut_model, graph_units
 
     plan = plan_for(model, requested, whole, embed_bits=embed_bits, precision=precision, what=whole.model)
     units = graph_units(model.graph, whole.model)

@@ -151,7 +151,7 @@ def linux_thermal(root: str = "/sys/class/thermal") -> tuple[str | None, dict[st
 
 def _macos_thermal() -> tuple[str | None, str]:
     try:  # pyobjc, when installed, gives the exact NSProcessInfo.thermalState
-        from Foundation import NSProcessInfo  # type: ignore[import-not-found]  # noqa: PLC0415
+        from Foundation import NSProcessInfo  # type: ignore[import-not-found]
 
         level = int(NSProcessInfo.processInfo().thermalState())
         return THERMAL_STATES[level], "NSProcessInfo.thermalState"
@@ -206,10 +206,10 @@ class DeviceCompatibilityChecker:
             return False, (f"Core ML runs only on macOS; this is {_platform.system()} "
                            "(coremltools converts and saves packages here but cannot predict)")
         try:
-            from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+            from bitnet_coreml._quiet import coremltools
 
             coremltools()
-            from coremltools.models import model as ct_model  # noqa: PLC0415
+            from coremltools.models import model as ct_model
         except Exception as e:  # noqa: BLE001  (a broken install is reported, not raised)
             return False, f"coremltools cannot be imported: {e}"
         if getattr(ct_model, "_MLModelProxy", None) is None:
@@ -274,7 +274,7 @@ class DeviceCompatibilityChecker:
                 thermal_source = f"no thermal reader for {system}"
         mem_total = mem_avail = None
         try:
-            import psutil  # noqa: PLC0415
+            import psutil
 
             vm = psutil.virtual_memory()
             mem_total, mem_avail = vm.total / (1 << 20), vm.available / (1 << 20)

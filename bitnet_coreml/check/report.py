@@ -155,7 +155,7 @@ def run_check(model: ir.Model, target: Target, *, db: CapabilityDatabase | None 
     """
     t0 = time.perf_counter()
     db = db or default_database()
-    from bitnet_coreml.check import stateful as _stateful_rules  # noqa: F401, PLC0415  (registers its rules)
+    from bitnet_coreml.check import stateful as _stateful_rules  # noqa: F401 - registers its rules
 
     needed = max(db.feature(f).min_spec_version
                  for f, _ in needed_features(model, embed_bits, stateful=stateful is not None))

@@ -162,7 +162,7 @@ _SCAN_CHUNK = 1 << 16  # 256 KB of fp32: the abs() and max() passes stay in cach
 
 def _abs_max(a: Any) -> float:
     """max |a| in one read of the data, through a small buffer (no weight-sized temporary); inf for NaN."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     flat = a.reshape(-1)
     buf = np.empty(min(flat.size, _SCAN_CHUNK), flat.dtype)
@@ -307,7 +307,7 @@ def _dims_rule(ctx: RuleContext) -> Iterator[Finding]:
 
 @rule("rank_over_5", "tensor rank <= 5")
 def _rank(ctx: RuleContext) -> Iterator[Finding]:
-    from bitnet_coreml.lower.support import rank_refusals  # noqa: PLC0415  (the converter's wording of the rule)
+    from bitnet_coreml.lower.support import rank_refusals  # the converter's wording of the rule
 
     lim = ctx.db.limit("max_rank")
     for r in rank_refusals(ctx.model, int(lim["value"])):
@@ -318,7 +318,7 @@ def _rank(ctx: RuleContext) -> Iterator[Finding]:
 def _lowering(ctx: RuleContext) -> Iterator[Finding]:
     # One definition of "supported": the lowering registry and its static refusals, in the converter's
     # words (check never passes a graph convert refuses for these reasons). Rank is rank_over_5 above.
-    from bitnet_coreml.lower.support import refusals  # noqa: PLC0415
+    from bitnet_coreml.lower.support import refusals
 
     for r in refusals(ctx.model, rank_limit=int(ctx.db.limit("max_rank")["value"])):
         if r.rule != "rank":

@@ -167,15 +167,15 @@ def estimate_weight_bytes(model: ir.Model, embed_bits: int | None = None, precis
 
     Reads shapes and dtypes only (never the weight data), so it is cheap on multi-GB models.
     """
-    from bitnet_coreml.errors import InputError  # noqa: PLC0415
-    from bitnet_coreml.passes.fused import DOMAIN  # noqa: PLC0415
+    from bitnet_coreml.errors import InputError
+    from bitnet_coreml.passes.fused import DOMAIN
 
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
     if embed_bits is not None and not (1 <= embed_bits <= 8):
         raise InputError(f"embed_bits {embed_bits} is out of range; palettization uses 1..8 bits (ANE: 1, 2, 4, 6, 8)")
     if split_limit is None:
-        from bitnet_coreml.opsupport import max_dimension  # noqa: PLC0415
+        from bitnet_coreml.opsupport import max_dimension
 
         split_limit = max_dimension()
     fbytes = PRECISIONS[precision]

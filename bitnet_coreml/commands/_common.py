@@ -43,7 +43,7 @@ def target_options(f: Any) -> Any:
 def table(*headers: str, whole: Iterable[str] = (), **kwargs: Any) -> Any:
     """A rich table that never cuts a value at any width: text folds onto more lines, and the columns in
     ``whole`` (numbers, ids) are kept on one line while the others give up their width."""
-    from rich.table import Table  # noqa: PLC0415
+    from rich.table import Table
 
     keep = set(whole)
     t = Table(**kwargs)

@@ -41,11 +41,11 @@ def check(model: str, target: str | None, chip: str | None, min_os: str | None, 
           cap_files: tuple[str, ...], precision: str, strict: bool, seq_len: int | None, allow_dequant: bool,
           stateful: bool, context: int, prefill: int, exact_context: bool, chunks: str | None, as_json: bool) -> None:
     """Check MODEL (.onnx file, checkpoint folder or .gguf file) against a target before converting it."""
-    from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
-    from bitnet_coreml.check.report import run_check  # noqa: PLC0415
-    from bitnet_coreml.check.target import resolve  # noqa: PLC0415
-    from bitnet_coreml.chunking import parse_chunks  # noqa: PLC0415
-    from bitnet_coreml.vocab import Target, resolve_target  # noqa: PLC0415
+    from bitnet_coreml.check.capabilities import load_capabilities
+    from bitnet_coreml.check.report import run_check
+    from bitnet_coreml.check.target import resolve
+    from bitnet_coreml.chunking import parse_chunks
+    from bitnet_coreml.vocab import Target, resolve_target
 
     # Validate the cheap inputs before loading a multi-GB model.
     requested = parse_chunks(chunks)
@@ -54,15 +54,15 @@ def check(model: str, target: str | None, chip: str | None, min_os: str | None, 
     checked = Target(platform, chip, parsed.version if parsed else None)
     resolve(checked, db)
 
-    from bitnet_coreml.frontend import load, seq_len_note  # noqa: PLC0415
-    from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
+    from bitnet_coreml.frontend import load, seq_len_note
+    from bitnet_coreml.passes import run_default_passes
 
     spec = None
     if stateful:
-        from bitnet_coreml.check.stateful import StatefulSpec  # noqa: PLC0415
-        from bitnet_coreml.errors import InputError  # noqa: PLC0415
-        from bitnet_coreml.frontend import builds_graph  # noqa: PLC0415
-        from bitnet_coreml.package.stateful import validate_sizes  # noqa: PLC0415
+        from bitnet_coreml.check.stateful import StatefulSpec
+        from bitnet_coreml.errors import InputError
+        from bitnet_coreml.frontend import builds_graph
+        from bitnet_coreml.package.stateful import validate_sizes
 
         if not builds_graph(model):
             raise InputError(f"{model}: stateful conversion needs a Hugging Face BitNet checkpoint folder or a "
@@ -82,7 +82,7 @@ def check(model: str, target: str | None, chip: str | None, min_os: str | None, 
         report.notes.append(note)
     bits = int(embed_bits) if embed_bits else None
     if requested is not None:
-        from bitnet_coreml.check.chunked import check_chunks  # noqa: PLC0415
+        from bitnet_coreml.check.chunked import check_chunks
 
         cc = check_chunks(m, report, requested, lambda piece, k: run_check(
             piece, checked, db=db, embed_bits=bits, precision=precision, strict=strict, source=f"{model} piece {k}"),
@@ -93,7 +93,7 @@ def check(model: str, target: str | None, chip: str | None, min_os: str | None, 
             _print(report, skip_rules=("package_size",))
             _print_chunks(cc)
         sys.exit(cc.exit_code)
-    from bitnet_coreml.check.chunked import suggestion  # noqa: PLC0415
+    from bitnet_coreml.check.chunked import suggestion
 
     suggested = suggestion(m, report, embed_bits=bits, precision=precision)
     if suggested is not None:
@@ -111,9 +111,9 @@ def check(model: str, target: str | None, chip: str | None, min_os: str | None, 
 
 
 def _print_chunks(cc: object) -> None:
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
-    from bitnet_coreml.check.chunked import ChunkedCheck  # noqa: PLC0415
+    from bitnet_coreml.check.chunked import ChunkedCheck
 
     assert isinstance(cc, ChunkedCheck)
     con = Console()
@@ -132,9 +132,9 @@ def _print_chunks(cc: object) -> None:
 
 
 def _print(report: object, skip_rules: tuple[str, ...] = ()) -> None:
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
-    from bitnet_coreml.check.report import CheckReport  # noqa: PLC0415
+    from bitnet_coreml.check.report import CheckReport
 
     assert isinstance(report, CheckReport)
     r = report

@@ -57,16 +57,16 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
             exact_context: bool, chunks: str | None, no_check: bool, do_verify: bool, verify_inputs: str | None, report_path: str | None,
             as_json: bool) -> None:
     """Convert MODEL (.onnx file, checkpoint folder or .gguf file) to a Core ML package with 2-bit ternary weights."""
-    from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
-    from bitnet_coreml.convert import convert as run_convert  # noqa: PLC0415
+    from bitnet_coreml.convert import ConvertOptions
+    from bitnet_coreml.convert import convert as run_convert
 
     if report_path is not None:
         if chunks is not None:
-            from bitnet_coreml.errors import InputError  # noqa: PLC0415
+            from bitnet_coreml.errors import InputError
 
             raise InputError(f"--report {report_path}: the conversion report reads one package; a chunked model "
                              "(--chunks) has none (inspect the folder, or verify it)")
-        from bitnet_coreml.commands.report import check_output  # noqa: PLC0415
+        from bitnet_coreml.commands.report import check_output
 
         check_output(report_path)
 
@@ -80,7 +80,7 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
         result = run_convert(model, out, options)
         echo_json(result.to_dict())
     else:
-        from rich.console import Console  # noqa: PLC0415
+        from rich.console import Console
 
         err = Console(stderr=True)
         with err.status("converting ...") as status:
@@ -98,7 +98,7 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
             t.add_row("stateful", f"functions {', '.join(st['functions'])} (default {st['default_function']}); "
                                   f"context {st['context']}, prefill {st['prefill']} (logits {st['prefill_logits']}); "
                                   f"{len(st['states'])} fp16 states, {_mb(st['state_bytes'])}")
-        from bitnet_coreml.passes.pipeline import describe_passes  # noqa: PLC0415
+        from bitnet_coreml.passes.pipeline import describe_passes
 
         t.add_row("graph passes", describe_passes(result.passes))
         t.add_row("time", " ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
@@ -108,7 +108,7 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
         if result.parity is not None:
             con.print(parity_table(result.parity["comparisons"], "parity; top-1 (outside fp16 ties)"))
     if report_path is not None:
-        from bitnet_coreml.report import collect, write_html  # noqa: PLC0415
+        from bitnet_coreml.report import collect, write_html
 
         write_html(collect(out, model, calibration, seq_len=seq_len), report_path)
         if not as_json:

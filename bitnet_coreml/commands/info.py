@@ -22,8 +22,8 @@ def _u(v: object) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(cap_files: tuple[str, ...], show_ops: bool, as_json: bool) -> None:
     """Show what this machine can run and the capability database (chips, ANE generations, limits)."""
-    from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
-    from bitnet_coreml.check.platform import DeviceCompatibilityChecker  # noqa: PLC0415
+    from bitnet_coreml.check.capabilities import load_capabilities
+    from bitnet_coreml.check.platform import DeviceCompatibilityChecker
 
     db = load_capabilities(*cap_files)
     if show_ops:
@@ -33,7 +33,7 @@ def info(cap_files: tuple[str, ...], show_ops: bool, as_json: bool) -> None:
     if as_json:
         echo_json({"platform": p.to_dict(), "capabilities": db.to_dict()})
         return
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
     con = Console()
     t = table("", "", title="This host", show_header=False)
     t.add_row("OS", f"{p.os_name} {p.os_version} ({p.machine})")
@@ -78,15 +78,15 @@ def info(cap_files: tuple[str, ...], show_ops: bool, as_json: bool) -> None:
 
 def _ops(db: Any, as_json: bool) -> None:
     """``info --ops``: the ``[[unit_rule]]`` rows and the op-support table (``bitnet_coreml.opsupport``)."""
-    from dataclasses import asdict  # noqa: PLC0415
+    from dataclasses import asdict
 
-    from bitnet_coreml.opsupport import support_table  # noqa: PLC0415
+    from bitnet_coreml.opsupport import support_table
 
     rows = support_table(db)
     if as_json:
         echo_json({"unit_rules": [asdict(r) for r in db.unit_rules.values()], "ops": [r.to_dict() for r in rows]})
         return
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
     con = Console()
     rules = table("rule", "matches", "off", "reason", title="Placement rules (unit_rule rows, in order)",

@@ -18,7 +18,7 @@ def _mb(n: int) -> str:
 
 def gguf_report(model: object) -> dict[str, Any]:
     """What a GGUF source's import did (tensor types, block-scale handling, dequantised tensors), or {}."""
-    import json  # noqa: PLC0415
+    import json
 
     meta = getattr(model, "metadata_props", {})
     if meta.get("bitnet_coreml.source") != "gguf":
@@ -39,8 +39,8 @@ def inspect_cmd(model: str, seq_len: int | None, allow_dequant: bool, as_json: b
     Given a .mlpackage: its inputs/outputs (dtypes, shapes), functions and states, metadata, weight
     bytes by kind and deployment target.
     """
-    from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
-    from bitnet_coreml.package.inspect import inspect_package, is_package  # noqa: PLC0415
+    from bitnet_coreml.package.chunked import is_chunked
+    from bitnet_coreml.package.inspect import inspect_package, is_package
 
     if is_chunked(model):
         _chunked(model, as_json)
@@ -52,9 +52,9 @@ def inspect_cmd(model: str, seq_len: int | None, allow_dequant: bool, as_json: b
         else:
             _print_package(doc)
         return
-    from bitnet_coreml.frontend import load  # noqa: PLC0415
-    from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
-    from bitnet_coreml.passes.summary import op_histogram, summarize  # noqa: PLC0415
+    from bitnet_coreml.frontend import load
+    from bitnet_coreml.passes import run_default_passes
+    from bitnet_coreml.passes.summary import op_histogram, summarize
 
     m = load(model, seq_len=seq_len, allow_dequant=allow_dequant)
     before = op_histogram(m)
@@ -68,8 +68,8 @@ def inspect_cmd(model: str, seq_len: int | None, allow_dequant: bool, as_json: b
             d["gguf"] = gguf
         echo_json(d)
         return
-    from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
+    from rich.console import Console
+    from rich.table import Table
 
     con = Console()
     con.print(f"[bold]{model}[/bold]  opset {s.opset}")
@@ -118,8 +118,8 @@ def _io_rows(table: object, where: str, io: dict) -> None:  # type: ignore[type-
 
 
 def _print_package(doc: dict) -> None:  # type: ignore[type-arg]
-    from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
+    from rich.console import Console
+    from rich.table import Table
 
     con = Console()
     con.print(f"[bold]{doc['package']}[/bold]")
@@ -147,8 +147,8 @@ def _print_package(doc: dict) -> None:  # type: ignore[type-arg]
 
 def _chunked(folder: str, as_json: bool) -> None:
     """A chunked model folder (convert --chunks): the manifest checked, then every piece as for a package."""
-    from bitnet_coreml.package.chunked import open_chunked  # noqa: PLC0415
-    from bitnet_coreml.package.inspect import inspect_package  # noqa: PLC0415
+    from bitnet_coreml.package.chunked import open_chunked
+    from bitnet_coreml.package.inspect import inspect_package
 
     cm = open_chunked(folder)
     m = cm.manifest
@@ -158,7 +158,7 @@ def _chunked(folder: str, as_json: bool) -> None:
     if as_json:
         echo_json(doc)
         return
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
     con = Console()
     con.print(f"[bold]{folder}[/bold]: chunked model of {len(cm.pieces)} piece(s) from {m['source']} "

@@ -22,7 +22,7 @@ from bitnet_coreml.errors import InputError, ModelLoadError
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.exists():
         raise InputError(f"--input {path}: no such file; give an .npz with one array per model input")
-    from bitnet_coreml._files import load_npz  # noqa: PLC0415
+    from bitnet_coreml._files import load_npz
 
     return load_npz(path, "--input")
 
@@ -43,8 +43,8 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _human(result: Any, out: Path | None) -> None:
-    from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
+    from rich.console import Console
+    from rich.table import Table
 
     console = Console()
     table = Table(title=f"answered by [bold]{result.unit}[/bold] "
@@ -95,10 +95,10 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
     first unit of --units that can (Core ML on macOS, the reference executor anywhere; a failing unit
     hands the whole request to the next), and the output is the logits of every call concatenated.
     """
-    from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
-    from bitnet_coreml.package.stateful import stateful_info  # noqa: PLC0415
-    from bitnet_coreml.runtime import FallbackStrategy  # noqa: PLC0415
-    from bitnet_coreml.runtime.chunked import open_predictor  # noqa: PLC0415
+    from bitnet_coreml.package.chunked import is_chunked
+    from bitnet_coreml.package.stateful import stateful_info
+    from bitnet_coreml.runtime import FallbackStrategy
+    from bitnet_coreml.runtime.chunked import open_predictor
 
     try:
         info = stateful_info(package) if (package / "Manifest.json").is_file() or is_chunked(package) else None
@@ -118,7 +118,7 @@ def predict(package: Path, input_path: Path, output_path: Path | None, units: st
         overrides["unit_timeout_s"] = timeout_s
     strategy = FallbackStrategy(**overrides)
     predictor = open_predictor(package, strategy)  # a package, or a chunked folder piece by piece
-    from bitnet_coreml.runtime.package_io import select_inputs, split_batch  # noqa: PLC0415
+    from bitnet_coreml.runtime.package_io import select_inputs, split_batch
 
     inputs, notes = select_inputs(predictor.info, _load_npz(input_path), strict=strict, source=str(input_path))
     rows = split_batch(predictor.info, inputs)
@@ -154,12 +154,12 @@ def _stateful_on_units(package: Path, units: str, feed: Any) -> tuple[Any, str, 
     while loading or running is noted and the next unit runs the whole request again on a fresh
     state, so the logits do not depend on which unit failed. Bad input (InputError) is not retried.
     """
-    from bitnet_coreml.errors import ExhaustedError  # noqa: PLC0415
-    from bitnet_coreml.executor.stateful import StatefulRun  # noqa: PLC0415
-    from bitnet_coreml.generation.engines import open_engine, unavailable_reason  # noqa: PLC0415
-    from bitnet_coreml.runtime.recovery import classify_exception  # noqa: PLC0415
-    from bitnet_coreml.runtime.strategy import ComputeUnit  # noqa: PLC0415
-    from bitnet_coreml.runtime.units import ReferenceUnit, make_unit  # noqa: PLC0415
+    from bitnet_coreml.errors import ExhaustedError
+    from bitnet_coreml.executor.stateful import StatefulRun
+    from bitnet_coreml.generation.engines import open_engine, unavailable_reason
+    from bitnet_coreml.runtime.recovery import classify_exception
+    from bitnet_coreml.runtime.strategy import ComputeUnit
+    from bitnet_coreml.runtime.units import ReferenceUnit, make_unit
 
     notes: list[str] = []
     for name in [u.strip() for u in units.split(",") if u.strip()]:
@@ -183,7 +183,7 @@ def _stateful_on_units(package: Path, units: str, feed: Any) -> tuple[Any, str, 
 
 def _predict_stateful(package: Path, inputs: dict[str, np.ndarray], function: str | None, output_path: Path | None,
                       as_json: bool, units: str = "reference") -> None:
-    import time  # noqa: PLC0415
+    import time
 
     extra = sorted(set(inputs) - {"input_ids", "position"})
     if "input_ids" not in inputs or extra:

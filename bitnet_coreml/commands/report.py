@@ -10,7 +10,7 @@ from bitnet_coreml.errors import InputError
 
 def check_output(out: str) -> None:
     """Refuse a report path that is not an .html file in an existing folder (before any work)."""
-    from pathlib import Path  # noqa: PLC0415
+    from pathlib import Path
 
     if not out.endswith((".html", ".htm")):
         raise InputError(f"{out}: the report is an HTML page; the name must end in .html")
@@ -38,7 +38,7 @@ def report(package: str, source: str | None, inputs: str | None, out: str | None
         raise InputError("give -o REPORT.html (and/or --json)")
     if out is not None:
         check_output(out)
-    from bitnet_coreml.report import collect, write_html  # noqa: PLC0415
+    from bitnet_coreml.report import collect, write_html
 
     data = collect(package, source, inputs, seq_len=seq_len)
     if out is not None:

@@ -33,11 +33,11 @@ def verify(source: str, package: str, inputs: str | None, min_cosine: float | No
            steps: int | None, units: str | None,
            as_json: bool) -> None:
     """Compare PACKAGE with SOURCE: ONNX Runtime vs the reference executor and each compute unit."""
-    from dataclasses import replace  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
+    from dataclasses import replace
+    from pathlib import Path
 
-    from bitnet_coreml.verify import Thresholds, package_meta  # noqa: PLC0415
-    from bitnet_coreml.verify import verify as run_verify  # noqa: PLC0415
+    from bitnet_coreml.verify import Thresholds, package_meta
+    from bitnet_coreml.verify import verify as run_verify
 
     precision = package_meta(Path(package))[0].get("bitnet_coreml.precision", "fp16") if Path(package).exists() else "fp16"
     t = Thresholds.for_precision(precision)
@@ -54,7 +54,7 @@ def verify(source: str, package: str, inputs: str | None, min_cosine: float | No
     if as_json:
         echo_json(report.to_dict())
     else:
-        from rich.console import Console  # noqa: PLC0415
+        from rich.console import Console
 
         con = Console()
         con.print(parity_table(report.to_dict()["comparisons"], f"{package} vs {source} ({report.precision}); "

@@ -17,7 +17,7 @@ _SUBBYTE_SIGNED = ("int4",)
 def np_dtype(builtin: Any) -> np.dtype | None:
     """The numpy dtype a MIL builtin element type is stored as; None for non-numeric (str, list, state)."""
     coremltools()
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types
 
     if builtin is None:
         return None
@@ -37,7 +37,7 @@ def np_dtype(builtin: Any) -> np.dtype | None:
 def dtype_name(builtin: Any) -> str:
     """Short MIL name of a builtin type (``fp16``, ``int32`` ...)."""
     coremltools()
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types
 
     try:
         return str(types.builtin_to_string(builtin))
@@ -48,8 +48,8 @@ def dtype_name(builtin: Any) -> str:
 def static_shape(var: Any) -> tuple[int | None, ...] | None:
     """The var's shape with symbolic dims as None; None when the var is not a tensor or scalar."""
     coremltools()
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
-    from coremltools.converters.mil.mil.types.symbolic import is_symbolic  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.types.symbolic import is_symbolic
 
     sym = var.sym_type
     if types.is_state(sym):

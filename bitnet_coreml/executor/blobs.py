@@ -48,7 +48,7 @@ class PackedBits:
 
     def unpack(self) -> np.ndarray:
         """One element per array entry, as coremltools' own loader makes it."""
-        from coremltools.optimize import _utils as optimize_utils  # noqa: PLC0415
+        from coremltools.optimize import _utils as optimize_utils
 
         count = int(np.prod(self.shape, dtype=np.int64))
         return optimize_utils.restore_elements_from_packed_bits(
@@ -70,8 +70,8 @@ class LazyBlobs:
         """A memoryless stand-in for the blob-file tensor value ``value_spec``, or None to load it as usual."""
         if value_spec.WhichOneof("value") != "blobFileValue" or value_spec.type.WhichOneof("type") != "tensorType":
             return None
-        from coremltools.converters.mil.frontend.milproto.helper import proto_to_types  # noqa: PLC0415
-        from coremltools.converters.mil.mil import types  # noqa: PLC0415
+        from coremltools.converters.mil.frontend.milproto.helper import proto_to_types
+        from coremltools.converters.mil.mil import types
 
         vt = proto_to_types(value_spec.type)
         if not types.is_tensor(vt):
@@ -101,7 +101,7 @@ class LazyBlobs:
 
     def materialize(self, value: Any, *, packed: bool = False) -> np.ndarray | PackedBits:
         """The real value of stand-in ``value``; sub-byte data stays packed when ``packed``."""
-        from coremltools.converters.mil.mil import types  # noqa: PLC0415
+        from coremltools.converters.mil.mil import types
 
         e = self._entry(value)
         if e is None:
@@ -114,7 +114,7 @@ class LazyBlobs:
         count = int(np.prod(shape, dtype=np.int64))
         arr = raw.view(stand_in.dtype)
         if arr.size < count:
-            from bitnet_coreml.errors import ModelLoadError  # noqa: PLC0415
+            from bitnet_coreml.errors import ModelLoadError
 
             raise ModelLoadError(f"{self.weights_dir}: weight at offset {offset} holds {arr.size} values, "
                                  f"its type {list(shape)} needs {count} (corrupt package)")
@@ -142,7 +142,7 @@ class LazyBlobs:
 
 def load_lazily(spec: Any, weights_dir: Path) -> tuple[Any, LazyBlobs] | None:
     """``(program, stand-ins)`` of an ML Program ``spec``, or None when a lazy load is not possible."""
-    from coremltools.converters.mil.frontend.milproto import load as milproto_load  # noqa: PLC0415
+    from coremltools.converters.mil.frontend.milproto import load as milproto_load
 
     plain = getattr(milproto_load, "_load_value", None)
     if plain is None:  # a coremltools without the hook: load the usual way

@@ -26,7 +26,7 @@ __all__ = ["ChunkedExecutor", "ChunkedState", "open_executor"]
 
 def open_executor(source: Any, *, fp32: bool = False, function_name: str | None = None) -> Any:
     """A :class:`ChunkedExecutor` for a chunked model folder, else a :class:`ReferenceExecutor`."""
-    from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
+    from bitnet_coreml.package.chunked import is_chunked
 
     if isinstance(source, (str, os.PathLike)) and is_chunked(source):
         return ChunkedExecutor(source, fp32=fp32, function_name=function_name)
@@ -64,14 +64,14 @@ class ChunkedExecutor:
 
     def __init__(self, folder: str | os.PathLike[str], *, fp32: bool = False, function_name: str | None = None,
                  _pieces: list[ReferenceExecutor] | None = None, _model: Any = None) -> None:
-        from bitnet_coreml.package.chunked import open_chunked  # noqa: PLC0415
+        from bitnet_coreml.package.chunked import open_chunked
 
         self.model = _model or open_chunked(folder)
         self.source = str(Path(folder))
         self.fp32 = fp32
         self.function_name = function_name or self.model.default_function
         if self.function_name not in self.model.functions:
-            from bitnet_coreml.errors import ModelLoadError  # noqa: PLC0415
+            from bitnet_coreml.errors import ModelLoadError
 
             raise ModelLoadError(f"{folder}: has no function {self.function_name!r}; functions: "
                                  f"{', '.join(self.model.functions)}")
@@ -131,7 +131,7 @@ class ChunkedExecutor:
 
     def predict(self, inputs: Mapping[str, np.ndarray], state: ChunkedState | None = None) -> dict[str, np.ndarray]:
         """Run the pieces in order; returns the last piece's outputs."""
-        from bitnet_coreml.executor.errors import UnexpectedInputError  # noqa: PLC0415
+        from bitnet_coreml.executor.errors import UnexpectedInputError
 
         if not isinstance(inputs, Mapping):
             return self.pieces[0].predict(inputs)  # the piece refuses it with its own message

@@ -424,7 +424,7 @@ def _call(step: Step, env: list[Any] | None) -> tuple[Any, ...]:
         raise InputError(f"op {step.ctx.name!r} ({step.ctx.op_type}): {e}") from e
     except BitnetCoremlError:
         raise
-    except Exception as e:  # noqa: BLE001 - name the op that failed, keep the cause chained
+    except Exception as e:
         raise _op_error(step, e) from e
     if not isinstance(out, tuple):
         out = (out,)
@@ -451,7 +451,7 @@ def run_block(block: CompiledBlock, env: list[Any], inputs: tuple[Any, ...] = ()
                 raise InputError(f"op {step.ctx.name!r} ({step.ctx.op_type}): {e}") from e
             except BitnetCoremlError:
                 raise
-            except Exception as e:  # noqa: BLE001 - name the op that failed, keep the cause chained
+            except Exception as e:
                 raise _op_error(step, e) from e
             if out.__class__ is tuple:
                 if len(out) != 1:

@@ -149,7 +149,7 @@ class ReferenceExecutor:
                 func, fp32=fp32, blob_keys=pkg.keys.get(fn_name), shared=pkg.values(fp32),
                 blobs=pkg.blobs)
 
-        from coremltools.converters.mil.mil import types  # noqa: PLC0415
+        from coremltools.converters.mil.mil import types
 
         self._inputs: dict[str, InputSpec] = {}
         self._states: dict[str, InputSpec] = {}

@@ -27,7 +27,7 @@ class _SpecView:
 
 
 def _program_from_mlmodel(model: Any, where: str, keys: dict[str, Any] | None = None) -> tuple[Any, str | None]:
-    from coremltools.converters.mil.frontend.milproto import load as milproto_load  # noqa: PLC0415
+    from coremltools.converters.mil.frontend.milproto import load as milproto_load
 
     spec = model.get_spec()
     kind = spec.WhichOneof("Type")
@@ -44,7 +44,7 @@ def _program_from_mlmodel(model: Any, where: str, keys: dict[str, Any] | None = 
             prog = milproto_load.load(
                 model_spec=spec, specification_version=spec.specificationVersion, file_weights_dir=weights_dir or ""
             )
-    except Exception as e:  # noqa: BLE001 - the proto loader raises anything from KeyError to ValueError
+    except Exception as e:
         # An MLModel fresh from ct.convert still holds the program it was serialised from; the proto
         # reader cannot express everything (variadic shapes), so use that program when there is one.
         held = getattr(model, "_mil_program", None)
@@ -69,7 +69,7 @@ def load_shared(source: Any) -> SharedPackage:
 def _load_new(source: Any) -> SharedPackage:
     keys: dict[str, Any] = {}
     if isinstance(source, (str, Path)) and Path(source).suffix == ".mlpackage" and Path(source).is_dir():
-        from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
+        from bitnet_coreml.package.reader import read_package_spec
 
         ps = read_package_spec(source)  # read-only: MLModel(path) would rewrite the package's Manifest.json
         if ps.spec.WhichOneof("Type") == "mlProgram":
@@ -92,7 +92,7 @@ def load_program(source: Any, *, keys: dict[str, Any] | None = None) -> tuple[An
     """Return ``(program, function name or None, description of the source)``; ``keys``, when given,
     receives the blob key of every weight per function (:func:`executor.shared.blob_keys`)."""
     ct = coremltools()
-    from coremltools.converters.mil.mil import Program  # noqa: PLC0415
+    from coremltools.converters.mil.mil import Program
 
     if isinstance(source, Program):
         return source, None, "MIL program"
@@ -106,7 +106,7 @@ def load_program(source: Any, *, keys: dict[str, Any] | None = None) -> tuple[An
             raise ModelLoadError(f"{path}: no such package (expected an .mlpackage directory)")
         if path.suffix != ".mlpackage" or not path.is_dir():
             raise ModelLoadError(f"{path}: not an .mlpackage directory; the reference executor runs ML Program packages")
-        from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
+        from bitnet_coreml.package.reader import read_package_spec
 
         ps = read_package_spec(path)  # read-only: MLModel(path) would rewrite the package's Manifest.json
         prog, fn = _program_from_mlmodel(_SpecView(ps.spec, str(ps.weights_dir)), str(path), keys)

@@ -69,7 +69,7 @@ def register(*op_types: str, pure: bool = True, needs_env: bool = False) -> Call
 
 def _ensure_loaded() -> None:
     # Importing the package registers every op family; done lazily so registry users need not know.
-    from bitnet_coreml.executor import ops  # noqa: F401, PLC0415
+    from bitnet_coreml.executor import ops  # noqa: F401
 
 
 def is_registered(op_type: str) -> bool:

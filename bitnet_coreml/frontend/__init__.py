@@ -77,7 +77,7 @@ def source_assets(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], list[
     (``package.assets.CHECKPOINT_ASSETS``), what ``generate`` reads; nothing for a folder without one.
     """
     if Path(path).is_dir():
-        from bitnet_coreml.package.assets import checkpoint_assets  # noqa: PLC0415
+        from bitnet_coreml.package.assets import checkpoint_assets
 
         found = checkpoint_assets(path)
         if "tokenizer.json" not in found:
@@ -85,8 +85,8 @@ def source_assets(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], list[
         return found, [f"{', '.join(sorted(found))} from the checkpoint written to the package"]
     if not is_gguf(path):
         return {}, []
-    from bitnet_coreml.frontend.gguf_file import scan  # noqa: PLC0415
-    from bitnet_coreml.frontend.gguf_tokenizer import generation_config, tokenizer_json  # noqa: PLC0415
+    from bitnet_coreml.frontend.gguf_file import scan
+    from bitnet_coreml.frontend.gguf_tokenizer import generation_config, tokenizer_json
 
     meta = scan(path).metadata
     data, how = tokenizer_json(meta)
@@ -112,7 +112,7 @@ def load(path: str | os.PathLike[str], *, seq_len: int | None = None, embed_dtyp
     if is_gguf(p):
         if not p.is_file():
             raise ModelLoadError(f"{p}: no such file")
-        from bitnet_coreml.frontend.gguf_model import load_gguf  # noqa: PLC0415
+        from bitnet_coreml.frontend.gguf_model import load_gguf
 
         return load_gguf(p, seq_len=seq_len or DEFAULT_SEQ_LEN, embed_dtype=embed_dtype, allow_dequant=allow_dequant)
     if p.is_dir():
@@ -122,7 +122,7 @@ def load(path: str | os.PathLike[str], *, seq_len: int | None = None, embed_dtyp
             raise ModelLoadError(
                 f"{p}: is a folder without config.json; expected an .onnx file or a Hugging Face BitNet checkpoint folder"
             )
-        from bitnet_coreml.frontend.hf_checkpoint import load_checkpoint  # noqa: PLC0415
+        from bitnet_coreml.frontend.hf_checkpoint import load_checkpoint
 
         return load_checkpoint(p, seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len, embed_dtype=embed_dtype)
     model = load_onnx(p)

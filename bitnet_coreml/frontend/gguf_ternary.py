@@ -81,7 +81,7 @@ def _decode(blocks: np.ndarray, tq1: bool, flip: np.ndarray, out: np.ndarray, pa
                 elif f == 2:
                     v = 2 - v
                 if packed:
-                    acc |= v << (2 * i)  # type: ignore[assignment]  # numba types acc as int64 too
+                    acc |= v << (2 * i)
                 else:
                     out[b, e] = v
             if packed:

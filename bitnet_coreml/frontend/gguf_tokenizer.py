@@ -38,11 +38,11 @@ def tokenizer_json(meta: dict[str, Any]) -> tuple[bytes | None, str]:
     """``(tokenizer.json bytes, how)`` from GGUF metadata, or ``(None, why not)``."""
     hf = meta.get("tokenizer.huggingface.json")
     if isinstance(hf, str):
-        from tokenizers import Tokenizer  # noqa: PLC0415
+        from tokenizers import Tokenizer
 
         try:
             Tokenizer.from_str(hf)
-        except Exception as e:  # tokenizers raises a bare Exception on a malformed JSON
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a malformed JSON
             return None, f"tokenizer.huggingface.json is not a valid tokenizer ({' '.join(str(e).split())})"
         return hf.encode("utf-8"), "tokenizer.huggingface.json"
     model = meta.get("tokenizer.ggml.model")
@@ -66,7 +66,7 @@ def tokenizer_json(meta: dict[str, Any]) -> tuple[bytes | None, str]:
 
 
 def _bpe(meta: dict[str, Any], tokens: list[str], merges: list[str], pre: str) -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
     llama3 = pre in _LLAMA3_PRESETS
@@ -89,7 +89,7 @@ def _bpe(meta: dict[str, Any], tokens: list[str], merges: list[str], pre: str) -
 
 def _finish(tok: Any, meta: dict[str, Any], tokens: list[str], types: list[int], special_types: tuple[int, ...]) -> None:
     """Tokens of ``special_types`` become special added tokens; bos / eos are added as llama.cpp adds them."""
-    from tokenizers import AddedToken  # noqa: PLC0415
+    from tokenizers import AddedToken
 
     special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=False)
                if k in special_types]
@@ -126,13 +126,13 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
 
 
 def _spm(meta: dict[str, Any], tokens: list[str], scores: list[float], types: list[int]) -> Any:
-    from tokenizers import Tokenizer, decoders, models, normalizers  # noqa: PLC0415
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     unk_tok = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=spm_merges(tokens, scores, types),
                                unk_token=unk_tok, fuse_unk=True, byte_fallback=True))
-    steps = [normalizers.Replace(" ", _SPACE)]
+    steps: list[Any] = [normalizers.Replace(" ", _SPACE)]
     if meta.get("tokenizer.ggml.add_space_prefix", True):
         steps.insert(0, normalizers.Prepend(_SPACE))
     tok.normalizer = normalizers.Sequence(steps)
@@ -146,12 +146,13 @@ def _spm(meta: dict[str, Any], tokens: list[str], scores: list[float], types: li
 def _bos_eos(meta: dict[str, Any], tokens: list[str], *, default_bos: bool) -> Any:
     """The post-processor adding bos (``add_bos_token``, default ``default_bos``) and eos (``add_eos_token``,
     default false) as llama.cpp does; None when it adds neither."""
-    from tokenizers import processors  # noqa: PLC0415
+    from tokenizers import processors
 
-    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
+    raw = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
+    ids = {k: v for k, v in raw.items() if isinstance(v, int)}
     use = {"bos": meta.get("tokenizer.ggml.add_bos_token", default_bos), "eos": meta.get("tokenizer.ggml.add_eos_token",
                                                                                       False)}
-    ok = {k: bool(use[k]) and isinstance(v, int) and 0 <= v < len(tokens) for k, v in ids.items()}
+    ok = {k: bool(use[k]) and k in ids and 0 <= ids[k] < len(tokens) for k in ("bos", "eos")}
     if not any(ok.values()):
         return None
     pre = f"{tokens[ids['bos']]} " if ok["bos"] else ""

@@ -168,7 +168,7 @@ def load_stateful_function(path: str | os.PathLike[str], *, tokens: int, context
     importer: type[_StatefulImporter] = _StatefulImporter
     store: CheckpointTensors
     if gguf:
-        from bitnet_coreml.frontend.gguf_model import gguf_importer, open_gguf  # noqa: PLC0415
+        from bitnet_coreml.frontend.gguf_model import gguf_importer, open_gguf
 
         cfg, store = open_gguf(folder, allow_dequant=allow_dequant)
         importer = gguf_importer(_StatefulImporter)  # type: ignore[assignment]

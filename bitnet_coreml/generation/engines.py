@@ -59,7 +59,7 @@ class ReferenceEngine(Engine):
     """The reference executor running both functions on one :class:`ExecutorState`."""
 
     def __init__(self, package: str | os.PathLike[str], name: str = "reference", *, fp32: bool = False) -> None:
-        from bitnet_coreml.executor.chunked import open_executor  # noqa: PLC0415
+        from bitnet_coreml.executor.chunked import open_executor
 
         self.name = name
         decode = open_executor(package, fp32=fp32, function_name=DECODE)  # a package or a chunked model folder
@@ -75,8 +75,8 @@ class CoreMLEngine(Engine):  # pragma: no cover - needs Core ML (macOS); tests/r
     (``package/chunked.py``): that per piece, the pieces called in order with the boundary tensors between them."""
 
     def __init__(self, package: str | os.PathLike[str], kind: ComputeUnit) -> None:
-        from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
-        from bitnet_coreml.package.chunked import is_chunked, open_chunked  # noqa: PLC0415
+        from bitnet_coreml._quiet import coremltools
+        from bitnet_coreml.package.chunked import is_chunked, open_chunked
 
         ct = coremltools()
         self.name = kind.value
@@ -110,7 +110,7 @@ class CoreMLEngine(Engine):  # pragma: no cover - needs Core ML (macOS); tests/r
 
 def open_engine(unit: Unit, package: str | os.PathLike[str], *, fp32: bool = False) -> Engine:
     """The engine that runs ``package`` on ``unit``: the reference executor or Core ML for its compute unit."""
-    from bitnet_coreml.runtime.units import ReferenceUnit  # noqa: PLC0415
+    from bitnet_coreml.runtime.units import ReferenceUnit
 
     if isinstance(unit, ReferenceUnit):
         return ReferenceEngine(package, unit.name, fp32=fp32 or unit.fp32)
@@ -118,8 +118,8 @@ def open_engine(unit: Unit, package: str | os.PathLike[str], *, fp32: bool = Fal
 
 def unavailable_reason(package: str | os.PathLike[str], unit: Unit) -> str | None:
     """Why runtime ``unit`` cannot run ``package`` on this machine (e.g. Core ML off macOS), or None."""
-    from bitnet_coreml.runtime.monitor import read_platform  # noqa: PLC0415
-    from bitnet_coreml.runtime.package_io import PackageInfo  # noqa: PLC0415
+    from bitnet_coreml.runtime.monitor import read_platform
+    from bitnet_coreml.runtime.package_io import PackageInfo
 
     err = unit.unavailable(read_platform(), PackageInfo(Path(package), {}, (), 0, 0))
     return err.one_line() if err is not None else None

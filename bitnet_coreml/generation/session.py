@@ -102,7 +102,7 @@ class GenerationSession:
                  strategy: FallbackStrategy | None = None,
                  open_engine: Callable[..., Engine] = open_engine) -> None:
         self.package = Path(package)
-        from bitnet_coreml.package.chunked import stateful_parts  # noqa: PLC0415
+        from bitnet_coreml.package.chunked import stateful_parts
 
         described, assets = stateful_parts(self.package)  # a chunked model folder: its last / first piece
         if not (described / "Manifest.json").is_file():
@@ -305,7 +305,7 @@ class GenerationSession:
             try:
                 engine = self._open_engine(unit, self.package, fp32=self.fp32)
                 self._replay(engine)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - classify_exception decides: a bug becomes InternalError, never retried
                 err = classify_exception(e, context=unit.name)
                 if handle_error(err) is RecoveryAction.GIVE_UP:
                     raise err from (e if err is not e else None)
@@ -352,7 +352,7 @@ class GenerationSession:
             t0 = time.perf_counter()
             try:
                 row = self._invoke(engine, call, ids)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - classify_exception decides: a bug becomes InternalError, never retried
                 err = classify_exception(e, context=engine.name)
                 action = handle_error(err)
                 if action is RecoveryAction.GIVE_UP:

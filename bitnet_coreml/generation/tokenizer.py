@@ -63,7 +63,7 @@ class TextTokenizer:
     @classmethod
     def from_files(cls, files: dict[str, bytes], where: str) -> TextTokenizer:
         """Build from ``{file name: bytes}`` (a package's assets or a folder's files)."""
-        from tokenizers import Tokenizer  # noqa: PLC0415
+        from tokenizers import Tokenizer
 
         raw = files.get("tokenizer.json")
         if raw is None:

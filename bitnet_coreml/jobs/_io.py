@@ -177,10 +177,10 @@ def lock_dir(folder: Path, busy_message: str) -> int | None:
     Two jobs writing one manifest would corrupt it; the second one is refused with ``busy_message``.
     Returns the descriptor to ``os.close`` when done (None where ``fcntl`` does not exist).
     """
-    from bitnet_coreml.errors import InputError  # noqa: PLC0415 - keep this module dependency-free
+    from bitnet_coreml.errors import InputError  # keep this module dependency-free
 
     try:
-        import fcntl  # noqa: PLC0415 - POSIX only
+        import fcntl  # POSIX only
     except ImportError:  # pragma: no cover - Windows
         return None
     folder.mkdir(parents=True, exist_ok=True)

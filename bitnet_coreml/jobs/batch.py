@@ -118,7 +118,7 @@ def process_item(predictor: ItemPredictor, ref: ItemRef, outdir: Path) -> ItemRe
         data = npz_bytes({k: np.asarray(v) for k, v in outputs.items()})
         atomic_write_bytes(outdir / rel, data)
         return ItemRecord(ref.id, ref.index, "ok", rel, sha256_bytes(data), str(unit), round(latency_ms, 4))
-    except Exception as e:  # one bad item must not stop the job: record it and go on
+    except Exception as e:  # noqa: BLE001 - one bad item must not stop the job: record it and go on
         message = e.one_line() if isinstance(e, BitnetCoremlError) else f"{type(e).__name__}: {e}"
         # A stale (corrupt) output of an earlier run must not outlive the record that disowns it.
         remove_path(outdir / rel)
@@ -278,7 +278,7 @@ def run_batch(factory: PredictorFactory, dataset: str | os.PathLike[str] | Datas
         job.start()
         try:
             if options.engine == "ray":
-                from bitnet_coreml.jobs.ray_engine import run_ray  # noqa: PLC0415 - optional extra
+                from bitnet_coreml.jobs.ray_engine import run_ray  # optional extra
 
                 extra = run_ray(job, options)
             else:
@@ -322,7 +322,7 @@ def _init_worker(factory: PredictorFactory) -> None:
     logging.getLogger("bitnet_coreml").setLevel(logging.WARNING)
     try:
         _WORKER = factory()
-    except BaseException as e:  # reported to the driver on the first item (an initializer cannot)
+    except BaseException as e:  # noqa: BLE001 - reported to the driver on the first item (an initializer cannot)
         _WORKER_ERROR = e
 
 

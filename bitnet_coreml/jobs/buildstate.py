@@ -101,7 +101,7 @@ class BuildState:
         if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
             names = hit["files"]
         else:
-            from bitnet_coreml.convert import external_data_files  # noqa: PLC0415 - only when the source changed
+            from bitnet_coreml.convert import external_data_files  # only when the source changed
 
             names = [str(f.relative_to(onnx_path.parent)) for f in external_data_files(onnx_path, must_exist=False)]
             self._external[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "files": names}

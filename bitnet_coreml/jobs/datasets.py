@@ -60,7 +60,7 @@ def safe_name(item_id: str) -> str:
     """A file name for an item id: unchanged when already safe, else sanitised plus a short hash."""
     if item_id and not _SAFE.search(item_id) and not item_id.startswith("."):
         return item_id
-    import hashlib  # noqa: PLC0415 - rare path
+    import hashlib  # rare path
 
     digest = hashlib.sha256(item_id.encode()).hexdigest()[:10]
     return f"{_SAFE.sub('_', item_id).lstrip('.')[:80]}-{digest}"

@@ -95,7 +95,7 @@ def parse_request(obj: Any, where: str, max_new_tokens: int) -> Request:
                 raise InputError(f"{where}: \"{key}\" {obj[key]!r}; allowed: a number"
                                  + (" (integer)" if types == (int,) else ""))
             sampling.append((key, obj[key]))
-    from bitnet_coreml.generation.sampling import SamplingConfig  # noqa: PLC0415
+    from bitnet_coreml.generation.sampling import SamplingConfig
 
     try:
         SamplingConfig(**dict(sampling))
@@ -152,7 +152,7 @@ class GenerationFactory:
                 f":fp32={self.fp32}")
 
     def __call__(self) -> _GenerationWorker:
-        from bitnet_coreml.generation import GenerationSession  # noqa: PLC0415 - loaded per worker
+        from bitnet_coreml.generation import GenerationSession  # loaded per worker
 
         return _GenerationWorker(GenerationSession(self.package, units=self.units, fp32=self.fp32), self.prompts)
 
@@ -167,8 +167,8 @@ class _GenerationWorker:
 
     def process_item(self, ref: ItemRef, outdir: Path) -> ItemRecord:
         """Generate for one item and write ``outputs/<id>.json``; a failure becomes an error record."""
-        from bitnet_coreml.generation.sampling import SamplingConfig  # noqa: PLC0415
-        from bitnet_coreml.generation.tokenizer import cut_at_stop  # noqa: PLC0415
+        from bitnet_coreml.generation.sampling import SamplingConfig
+        from bitnet_coreml.generation.tokenizer import cut_at_stop
 
         rel = f"{OUTPUTS}/{safe_name(ref.id)}.json"
         s = self.session
@@ -194,7 +194,7 @@ class _GenerationWorker:
             atomic_write_bytes(outdir / rel, data)
             return ItemRecord(ref.id, ref.index, "ok", rel, sha256_bytes(data), str(st.unit),
                               round(seconds * 1000.0, 4))
-        except Exception as e:  # one bad item must not stop the job: record it and go on
+        except Exception as e:  # noqa: BLE001 - one bad item must not stop the job: record it and go on
             message = e.one_line() if isinstance(e, BitnetCoremlError) else f"{type(e).__name__}: {e}"
             remove_path(outdir / rel)
             return ItemRecord(ref.id, ref.index, "error", error=" ".join(message.split())[:2000])

@@ -114,7 +114,7 @@ class ManifestWriter:
     def __init__(self, outdir: Path, fsync_interval_s: float = 1.0) -> None:
         self.path = outdir / MANIFEST
         _cut_torn_tail(self.path)
-        self._f = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+        self._f = open(self.path, "ab")  # closed in close()
         self._interval = fsync_interval_s
         self._last_sync = time.monotonic()
 
@@ -175,7 +175,7 @@ def claim_outdir(outdir: Path, job: dict[str, Any], restart: bool = False) -> bo
     job = {"format": FORMAT_VERSION, **job}
     path = outdir / JOB
     if restart and path.exists():
-        from bitnet_coreml.jobs._io import remove_path  # noqa: PLC0415
+        from bitnet_coreml.jobs._io import remove_path
 
         for name in (SUMMARY, MANIFEST, OUTPUTS, JOB):  # job.json last: a crash midway still reads as a job
             remove_path(outdir / name)

@@ -125,7 +125,7 @@ def _remove_stale_temps(out_dir: Path) -> None:
 
 
 def _convert_options(entry: ModelEntry, target: Target) -> Any:
-    from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415 - heavy (onnx-ir)
+    from bitnet_coreml.convert import ConvertOptions  # heavy (onnx-ir)
 
     try:
         return ConvertOptions(precision=entry.precision, embed_bits=entry.embed_bits,
@@ -150,7 +150,7 @@ def html_report_path(package: Path) -> Path:
 
 def _html_report(entry: ModelEntry, target: Target, package: Path, key: str, say: EventFn) -> str:
     """Write the package's HTML report; a report that cannot be made is logged, never fails the build."""
-    from bitnet_coreml.report import collect, write_html  # noqa: PLC0415
+    from bitnet_coreml.report import collect, write_html
 
     say(key, "report")
     page = html_report_path(package)
@@ -176,7 +176,7 @@ def _build(entry: ModelEntry, target: Target, key: str, package: Path, input_has
             say(key, "check (policy: warn)")
             res.check = _check_only(entry, target)
         say(key, "convert" + (" (with check)" if entry.check == "strict" else ""))
-        from bitnet_coreml.convert import convert  # noqa: PLC0415
+        from bitnet_coreml.convert import convert
 
         converted = convert(entry.source, tmp, _convert_options(entry, target),
                             progress=lambda stage: say(key, f"convert: {stage}"))
@@ -244,15 +244,15 @@ def _write_report(path: Path, report: dict[str, Any], res: EntryResult) -> None:
 
 def _check_only(entry: ModelEntry, target: Target) -> dict[str, Any]:
     """The check report without failing on violations (``check = "warn"``)."""
-    from bitnet_coreml.check import run_check  # noqa: PLC0415
-    from bitnet_coreml.check.capabilities import load_capabilities  # noqa: PLC0415
-    from bitnet_coreml.frontend import load  # noqa: PLC0415
-    from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
+    from bitnet_coreml.check import run_check
+    from bitnet_coreml.check.capabilities import load_capabilities
+    from bitnet_coreml.frontend import load
+    from bitnet_coreml.passes import run_default_passes
 
     stateful, seq_len = None, entry.seq_len
     if entry.stateful:
-        from bitnet_coreml.check.stateful import StatefulSpec  # noqa: PLC0415
-        from bitnet_coreml.convert import ConvertOptions  # noqa: PLC0415
+        from bitnet_coreml.check.stateful import StatefulSpec
+        from bitnet_coreml.convert import ConvertOptions
 
         opts = ConvertOptions(stateful=True, **entry.stateful)
         stateful = StatefulSpec.from_checkpoint(entry.source, opts.context, opts.prefill, opts.exact_context,
@@ -283,14 +283,14 @@ def _check_summary(check: dict[str, Any], policy: str) -> dict[str, Any]:
 
 
 def _verify(entry: ModelEntry, package: Path) -> dict[str, Any]:
-    import dataclasses  # noqa: PLC0415
+    import dataclasses
 
-    from bitnet_coreml.verify import Thresholds, verify  # noqa: PLC0415
+    from bitnet_coreml.verify import Thresholds, verify
 
     thresholds = dataclasses.replace(Thresholds.for_precision(entry.precision), **entry.verify.thresholds())
     steps = None
     if entry.stateful:  # prefill + teacher-forced decode steps (verify_stateful.py), as many as the context holds
-        from bitnet_coreml.verify_stateful import DEFAULT_STEPS  # noqa: PLC0415
+        from bitnet_coreml.verify_stateful import DEFAULT_STEPS
 
         steps = max(1, min(DEFAULT_STEPS, entry.stateful["context"] - entry.stateful["prefill"]))
     report = verify(entry.source, package, str(entry.verify.inputs) if entry.verify.inputs else None,

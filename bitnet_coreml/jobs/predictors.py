@@ -43,7 +43,7 @@ class PredictorFactory(Protocol):
 
 def package_input_dtypes(package: str | Path) -> dict[str, np.dtype[Any]]:
     """Declared input dtypes of a package, so dataset arrays (e.g. JSON numbers) can be cast to them."""
-    from bitnet_coreml.runtime.chunked import read_info  # noqa: PLC0415
+    from bitnet_coreml.runtime.chunked import read_info
 
     return {name: spec.dtype for name, spec in read_info(package).inputs.items()}  # a package or a chunked folder
 
@@ -65,7 +65,7 @@ def fit_item(info: Any, inputs: Arrays, dtypes: dict[str, np.dtype[Any]], strict
     """An item's inputs as the package takes them: its arrays only (others ignored unless ``strict``),
     cast to the declared dtypes, one dict per row where the item carries a batch dimension the
     package lacks (see :func:`bitnet_coreml.runtime.package_io.split_batch`)."""
-    from bitnet_coreml.runtime.package_io import select_inputs, split_batch  # noqa: PLC0415
+    from bitnet_coreml.runtime.package_io import select_inputs, split_batch
 
     chosen, _ = select_inputs(info, inputs, strict=strict, source="item")
     return split_batch(info, coerce_inputs(chosen, dtypes))
@@ -98,8 +98,8 @@ class ReferenceFactory:
         return "package:" + sha256_tree(self.package)
 
     def __call__(self) -> ItemPredictor:
-        from bitnet_coreml.executor.chunked import open_executor  # noqa: PLC0415 - loaded per worker
-        from bitnet_coreml.runtime.chunked import read_info  # noqa: PLC0415
+        from bitnet_coreml.executor.chunked import open_executor  # loaded per worker
+        from bitnet_coreml.runtime.chunked import read_info
 
         return _ReferencePredictor(open_executor(str(self.package)), read_info(self.package),
                                    package_input_dtypes(self.package), self.strict)
@@ -135,7 +135,7 @@ class RuntimeFactory:
         self._strategy()  # validate the unit names in the driver, before any worker starts
 
     def _strategy(self) -> Any:
-        from bitnet_coreml.runtime.strategy import FallbackStrategy  # noqa: PLC0415
+        from bitnet_coreml.runtime.strategy import FallbackStrategy
 
         strategy = FallbackStrategy(**dict(self.strategy_overrides))
         return strategy.with_units(self.units) if self.units else strategy
@@ -144,7 +144,7 @@ class RuntimeFactory:
         return "package:" + sha256_tree(self.package)
 
     def __call__(self) -> ItemPredictor:
-        from bitnet_coreml.runtime.chunked import open_predictor  # noqa: PLC0415 - loaded per worker
+        from bitnet_coreml.runtime.chunked import open_predictor  # loaded per worker
 
         return _RuntimePredictor(open_predictor(str(self.package), strategy=self._strategy()),
                                  package_input_dtypes(self.package), self.strict)

@@ -49,7 +49,7 @@ class _PredictActor:
 
 def _import_ray() -> Any:
     try:
-        import ray  # noqa: PLC0415 - optional extra
+        import ray  # optional extra
     except ImportError:
         raise ConfigError("--engine ray needs Ray: pip install 'bitnet-coreml[ray]'") from None
     return ray

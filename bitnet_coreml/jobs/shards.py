@@ -46,7 +46,7 @@ def check_format(output_format: str, shard_size: int) -> None:
         raise ConfigError(f"shard size {shard_size}; allowed: an integer >= 1")
     if output_format == "parquet":
         try:
-            import pyarrow  # noqa: F401, PLC0415
+            import pyarrow  # noqa: F401
         except ImportError:
             raise ConfigError("--output-format parquet needs pyarrow: pip install 'bitnet-coreml[parquet]'") from None
 
@@ -106,8 +106,8 @@ def _shard_bytes(outdir: Path, recs: list[ItemRecord], output_format: str) -> by
     if output_format == "npz-shards":
         arrays = {n: np.stack([item[n] for item in items]) for n in names}
         return npz_bytes({"ids": ids, "index": index, **arrays})
-    import pyarrow as pa  # noqa: PLC0415 - optional
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow as pa  # optional
+    import pyarrow.parquet as pq
 
     columns: dict[str, Any] = {"id": pa.array(ids.tolist(), pa.string()), "index": pa.array(index)}
     fields = [pa.field("id", pa.string()), pa.field("index", pa.int64())]
@@ -142,7 +142,7 @@ def read_shard(path: str | Path) -> dict[str, np.ndarray]:
     if p.suffix == ".npz":
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
     table = pq.read_table(p)
     out: dict[str, np.ndarray] = {"ids": np.asarray(table.column("id").to_pylist()),

@@ -169,7 +169,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: pipeline file not found")
-    from bitnet_coreml._files import load_toml  # noqa: PLC0415
+    from bitnet_coreml._files import load_toml
 
     data = load_toml(p, "pipeline file", error=ConfigError)
     ctx = _Ctx(p)
@@ -244,7 +244,7 @@ def _model(ctx: _Ctx, raw: Any, defaults: dict[str, Any], i: int) -> ModelEntry:
 
 def _chunks(ctx: _Ctx, raw: Any, where: str) -> int | str | None:
     """``chunks``: ``"auto"`` or a positive integer (``convert --chunks``)."""
-    from bitnet_coreml.chunking import parse_chunks  # noqa: PLC0415
+    from bitnet_coreml.chunking import parse_chunks
 
     if raw is None:
         return None
@@ -321,7 +321,7 @@ def _check_min_os(ctx: _Ctx, min_os: Any, platform: str, where: str) -> str:
 def _check_chip(ctx: _Ctx, chip: str, platform: str, os_name: str, where: str,
                 capabilities: tuple[Path, ...] = ()) -> str:
     """The chip's canonical name; refuses unknown chips and chips that never run ``platform``."""
-    from bitnet_coreml.check.capabilities import default_database, load_capabilities  # noqa: PLC0415
+    from bitnet_coreml.check.capabilities import default_database, load_capabilities
 
     try:
         db = load_capabilities(*map(str, capabilities)) if capabilities else default_database()

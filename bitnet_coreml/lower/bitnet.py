@@ -47,14 +47,14 @@ _RMS_MIN_SCALE = 2.0 ** -14
 
 def _mb() -> Any:
     coremltools()
-    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
+    from coremltools.converters.mil import Builder as mb
 
     return mb
 
 
 def _fdt(x: Any) -> Any:
     """numpy float dtype of a MIL Var (fp16 when the program is built natively in fp16)."""
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types
 
     dt = types.nptype_from_builtin(x.dtype)
     return dt if dt in (np.float16, np.float32) else np.float32
@@ -109,7 +109,7 @@ def ternary_lut_weight(codes: np.ndarray, name: str, dtype: Any = np.float32, io
     """
     mb = _mb()
     if ios >= 18:
-        from coremltools.converters.mil.mil import types  # noqa: PLC0415
+        from coremltools.converters.mil.mil import types
 
         idx = (codes + np.int8(1)).view(np.uint8).astype(types.np_uint2_dtype)
         return mb.constexpr_lut_to_dense(indices=idx, lut=TERNARY_LUT.astype(dtype).reshape(1, 1, 4, 1), name=name)
@@ -126,7 +126,7 @@ def _lut_weight_from_indices(indices: np.ndarray, shape: tuple[int, ...], name: 
     """Like :func:`ternary_lut_weight`, from ready indices: packed bytes (iOS16/17) or uint8 ``[N, K]`` (iOS18)."""
     mb = _mb()
     if ios >= 18:
-        from coremltools.converters.mil.mil import types  # noqa: PLC0415
+        from coremltools.converters.mil.mil import types
 
         idx = shared.get(("uint2", id(indices))) if shared is not None else None
         if idx is None:

@@ -89,7 +89,7 @@ def random_calibration(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
 
 def load_calibration(path: str, model: ir.Model) -> dict[str, np.ndarray]:
     """Read a calibration ``.npz`` whose keys are the graph's input names."""
-    from bitnet_coreml._files import load_npz  # noqa: PLC0415
+    from bitnet_coreml._files import load_npz
 
     feeds = load_npz(path, "calibration")
     names = [str(v.name) for v in model.graph.inputs if v.name not in model.graph.initializers]
@@ -125,7 +125,7 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
     extra: list[ir.Value] = []
     if every_value:
         if any(o.dtype is None for n in graph for o in n.outputs if o.name):
-            import onnx_ir.passes.common as common  # noqa: PLC0415
+            import onnx_ir.passes.common as common
 
             common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
         outs = set(graph.outputs)
@@ -134,7 +134,7 @@ def run_ort(model: ir.Model, feeds: Mapping[str, np.ndarray], *, every_value: bo
         wanted, outs = set(values), set(graph.outputs)
         extra = [o for node in graph for o in node.outputs if o.name in wanted and o not in outs]
         if any(o.dtype is None for o in extra):
-            import onnx_ir.passes.common as common  # noqa: PLC0415
+            import onnx_ir.passes.common as common
 
             common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
     graph.outputs.extend(extra)
@@ -323,7 +323,7 @@ def _scale_alpha(node: ir.Node, c: float) -> None:
 
 def _rescale_mlp(model: ir.Model, gate: ir.Node, up: ir.Node, norm: ir.Node, c: float) -> None:
     """Fold ``c`` into the gate and up multipliers and ``c**6`` into the RMSNorm's epsilon (in place)."""
-    from bitnet_coreml.passes.fused import ensure_function  # noqa: PLC0415
+    from bitnet_coreml.passes.fused import ensure_function
 
     _scale_alpha(gate, c)
     _scale_alpha(up, c)
@@ -356,7 +356,7 @@ def _layer_maxima(model: ir.Model, before: Mapping[str, float], after: Mapping[s
     ``after`` is what the package computes (rescaled MLPs); values kept in fp32 and rescaled relu2
     nodes are listed by node name. Attention masks count as 0 (``bitnet_coreml.opsupport.mask_value``).
     """
-    from bitnet_coreml.passes.layers import group_order, layer_groups  # noqa: PLC0415
+    from bitnet_coreml.passes.layers import group_order, layer_groups
 
     labels = layer_groups(model.graph)
     rescaled = {str(e["relu2"]) for e in plan.rescaled}

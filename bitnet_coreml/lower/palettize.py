@@ -82,7 +82,7 @@ def pack_bits(indices: np.ndarray, nbits: int) -> np.ndarray:
 
 def palettize_program(program: Any, nbits: int, min_size: int = 1 << 16) -> dict[str, Any]:
     """Replace big float consts feeding gather/linear/matmul by ``nbits`` LUTs, in every function (in place)."""
-    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+    from bitnet_coreml._quiet import coremltools
 
     ct = coremltools()
     done: list[dict[str, Any]] = []
@@ -97,8 +97,8 @@ def palettize_program(program: Any, nbits: int, min_size: int = 1 << 16) -> dict
 def _palettize_function(func: Any, nbits: int, min_size: int, ct: Any,
                         memo: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, float]],
                         done: list[dict[str, Any]]) -> None:
-    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
 
     ios18 = func.opset_version is not None and func.opset_version >= ct.target.iOS18
     for op in list(func.operations):

@@ -101,7 +101,7 @@ def ios_of_target(target: Any) -> int:
 
 
 def _mil_dtype(v: ir.Value) -> Any:
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types
 
     dt = v.dtype
     table = {
@@ -140,7 +140,7 @@ def build_functions(models: dict[str, ir.Model], default: str, options: BuildOpt
     input and output names (they describe one model). The program needs iOS18 (multifunction).
     """
     coremltools()
-    from coremltools.converters.mil.mil import Program  # noqa: PLC0415
+    from coremltools.converters.mil.mil import Program
 
     if default not in models:
         raise InputError(f"default function {default!r} is not among {', '.join(models)}")
@@ -170,7 +170,7 @@ def check_supported(model: ir.Model) -> None:
 
 
 def _as_var(value: Any, name: str) -> Any:
-    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
+    from coremltools.converters.mil import Builder as mb
 
     if isinstance(value, np.ndarray) or np.isscalar(value):
         arr = np.asarray(value)
@@ -203,8 +203,8 @@ def build_program(model: ir.Model, options: BuildOptions | None = None, *,
     multifunction program) pass along: weights converted for one are reused by the next.
     """
     coremltools()
-    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
-    from coremltools.converters.mil.mil import Function, Program, types  # noqa: PLC0415
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Function, Program, types
 
     options = options or BuildOptions()
     graph = model.graph
@@ -322,7 +322,7 @@ def build_program(model: ir.Model, options: BuildOptions | None = None, *,
 
 
 def _declared_input(name: str, shape: tuple[int, ...], dtype: Any) -> dict[str, str]:
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types
 
     how = []
     if not shape:
@@ -334,8 +334,8 @@ def _declared_input(name: str, shape: tuple[int, ...], dtype: Any) -> dict[str, 
 
 def _declared_output(o: ir.Value, var: Any, mil_name: str) -> tuple[Any, str]:
     """``var`` as the package can return it (rank >= 1, no bool) and how that differs from the source graph."""
-    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
 
     how = []
     if var.dtype == types.bool:
@@ -414,7 +414,7 @@ def ct_pass_pipeline(name: str, *, stateful: bool = False, multifunction: bool =
     else:
         raise InputError(f"pass pipeline {name!r} is not known; allowed: {', '.join(PIPELINES)}")
     if stateful or multifunction:
-        from bitnet_coreml.lower.state import NAME_PASS, register_share_pass  # noqa: PLC0415
+        from bitnet_coreml.lower.state import NAME_PASS, register_share_pass
 
         share = register_share_pass()  # registers both passes
         if stateful:
@@ -437,14 +437,14 @@ def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | Non
     else:
         compute_precision = ct.precision.FLOAT32
     # coremltools draws a tqdm bar per pass pipeline on stderr; the CLI has its own progress display.
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
-    from coremltools.converters.mil.mil.passes import pass_pipeline  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes import pass_pipeline
 
     bar = pass_pipeline.tqdm
     pass_pipeline.tqdm = lambda it, *a, **k: it
     # apply_pipeline logs f"...{prog}" at debug level: the f-string prints the whole program (seconds on
     # a 200M model, per pipeline and function) even when nothing is logged. Print nothing then.
-    from coremltools.converters.mil.mil import Program  # noqa: PLC0415
+    from coremltools.converters.mil.mil import Program
 
     program_str = Program.__str__
     if not pass_pipeline.logger.isEnabledFor(logging.DEBUG):

@@ -35,8 +35,8 @@ NAME_PASS = "bitnet_coreml::name_state_writes_pass"
 @lowering("KVCacheUpdate", domain=DOMAIN)
 def lower_kv_cache_update(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     coremltools()
-    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
 
     nm = ctx.name(node)
     state, new, pos = ctx.input(node, 0), ctx.input(node, 1), ctx.input(node, 2)
@@ -72,7 +72,7 @@ def share_weights(prog: Any) -> int:
     ``save_multifunction`` runs), keyed by a hash of the whole value instead of comparing every pair
     of candidates with ``allclose``; an array object seen twice is hashed once.
     """
-    import hashlib  # noqa: PLC0415
+    import hashlib
 
     groups: dict[tuple[Any, ...], list[Any]] = {}
     by_id: dict[int, str] = {}
@@ -127,21 +127,21 @@ def name_state_writes(prog: Any) -> None:
 def register_share_pass() -> str:
     """Register the cross-function weight-sharing pass with coremltools (once); returns its name."""
     coremltools()
-    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass  # noqa: PLC0415
-    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass  # noqa: PLC0415
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
 
     if SHARE_PASS in PASS_REGISTRY:
         return SHARE_PASS
 
     @register_pass(namespace="bitnet_coreml")
-    class name_state_writes_pass(AbstractGraphPass):  # noqa: N801 - coremltools names passes in snake case
+    class name_state_writes_pass(AbstractGraphPass):  # coremltools names passes in snake case
         """Deterministic names for the state writes coremltools' state passes re-created."""
 
         def apply(self, prog: Any) -> None:
             name_state_writes(prog)
 
     @register_pass(namespace="bitnet_coreml")
-    class share_weights_across_functions(AbstractGraphPass):  # noqa: N801 - coremltools names passes in snake case
+    class share_weights_across_functions(AbstractGraphPass):  # coremltools names passes in snake case
         """Constants equal across functions share one blob entry (``weight_id``); a no-op with one function."""
 
         def apply(self, prog: Any) -> None:

@@ -63,7 +63,7 @@ def checkpoint_assets(folder: str | os.PathLike[str]) -> dict[str, bytes]:
     A symlink is followed only inside the folder (or a Hugging Face snapshot's ``blobs/``): a linked
     ``tokenizer.json`` must not copy a file from elsewhere into the package.
     """
-    from bitnet_coreml._files import inside, read_bytes  # noqa: PLC0415
+    from bitnet_coreml._files import inside, read_bytes
 
     root = Path(folder)
     found = {}

@@ -49,13 +49,13 @@ def is_chunked(path: str | os.PathLike[str]) -> bool:
 
 def piece_sha256(package: str | os.PathLike[str]) -> str:
     """sha256 of a package's files (relative paths + bytes, sorted): what the manifest records per piece."""
-    from bitnet_coreml.jobs._io import sha256_tree  # noqa: PLC0415
+    from bitnet_coreml.jobs._io import sha256_tree
 
     return sha256_tree(package)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    import json  # noqa: PLC0415
+    import json
 
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
@@ -126,7 +126,7 @@ def _features(entry: Any, where: str, folder: Path) -> list[tuple[str, tuple[int
 
 
 def _check_pieces(folder: Path, m: dict[str, Any]) -> list[Path]:
-    from bitnet_coreml._files import inside  # noqa: PLC0415
+    from bitnet_coreml._files import inside
 
     pieces = m.get("pieces")
     if not isinstance(pieces, list) or not pieces:
@@ -168,9 +168,9 @@ def _check_boundaries(folder: Path, m: dict[str, Any], specs: list[dict[str, dic
 
 def _piece_specs(path: Path) -> dict[str, dict[str, Any]]:
     """Per function of the package at ``path``: {"inputs": {name: (shape, dtype)}, "outputs": {...}}."""
-    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
-    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
-    from bitnet_coreml.package.stateful import function_specs  # noqa: PLC0415
+    from bitnet_coreml._quiet import coremltools
+    from bitnet_coreml.package.reader import read_package_spec
+    from bitnet_coreml.package.stateful import function_specs
 
     coremltools()
     out: dict[str, dict[str, Any]] = {}
@@ -182,7 +182,7 @@ def _piece_specs(path: Path) -> dict[str, dict[str, Any]]:
 
 def open_chunked(path: str | os.PathLike[str], *, verify_sha: bool = True) -> ChunkedModel:
     """Open and validate a chunked model folder (see the module docstring)."""
-    from bitnet_coreml._files import load_json  # noqa: PLC0415
+    from bitnet_coreml._files import load_json
 
     folder = Path(path)
     if not (folder / MANIFEST).is_file():

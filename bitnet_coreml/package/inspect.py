@@ -95,9 +95,9 @@ def _weights_by_kind(package: Path, program: Any) -> dict[str, int]:
 
 def inspect_package(path: str | Path) -> dict[str, Any]:
     """A JSON-ready description of the package at ``path``; :class:`ModelLoadError` if unreadable."""
-    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
-    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
-    from bitnet_coreml.vocab import os_name_for_spec  # noqa: PLC0415
+    from bitnet_coreml._quiet import coremltools
+    from bitnet_coreml.package.reader import read_package_spec
+    from bitnet_coreml.vocab import os_name_for_spec
 
     p = Path(path)
     ct = coremltools()

@@ -106,8 +106,8 @@ def package_spec_version(package: str | os.PathLike[str]) -> int:
 
 def read_package_spec(path: str | os.PathLike[str]) -> PackageSpec:
     """Parse ``path``'s manifest and specification, validating every path and weight reference (read-only)."""
-    from coremltools.proto import Model_pb2  # noqa: PLC0415  (protobuf classes only: no native library)
-    from google.protobuf.message import DecodeError  # noqa: PLC0415
+    from coremltools.proto import Model_pb2  # protobuf classes only: no native library
+    from google.protobuf.message import DecodeError
 
     pkg = Path(path)
     spec_file = root_spec_path(pkg)

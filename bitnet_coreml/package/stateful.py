@@ -120,7 +120,7 @@ def stateful_info(source: str | os.PathLike[str] | Any) -> StatefulInfo | None:
     """The :class:`StatefulInfo` of a package (path or loaded ``MLModel``) or of a chunked model folder
     (``package/chunked.py``), or None for a stateless one."""
     if isinstance(source, (str, os.PathLike)):
-        from bitnet_coreml.package.chunked import is_chunked, open_chunked  # noqa: PLC0415
+        from bitnet_coreml.package.chunked import is_chunked, open_chunked
 
         if is_chunked(source):
             whole = open_chunked(source).stateful
@@ -137,7 +137,7 @@ def stateful_info(source: str | os.PathLike[str] | Any) -> StatefulInfo | None:
 
 def _open_spec(path: str | os.PathLike[str]) -> Any:
     """The spec of the package at ``path``, read-only (InputError: not a package; ModelLoadError: unreadable)."""
-    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
+    from bitnet_coreml.package.reader import read_package_spec
 
     p = Path(path)
     if not (p / "Manifest.json").is_file():
@@ -183,8 +183,8 @@ def function_specs(spec: Any) -> list[dict[str, Any]]:
 
 
 def _feature(fd: Any) -> dict[str, Any]:
-    import numpy as np  # noqa: PLC0415
-    from coremltools.proto import FeatureTypes_pb2  # noqa: PLC0415
+    import numpy as np
+    from coremltools.proto import FeatureTypes_pb2
 
     t = fd.type
     kind = t.WhichOneof("Type")
@@ -221,7 +221,7 @@ def describe_package(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``inspect PKG.mlpackage`` shows of any package: spec version, functions (default first
     marked) with their inputs, outputs and states (shape, dtype, bytes), weight bytes, state bytes,
     and for a stateful package its :class:`StatefulInfo`. Raises InputError for a non-package."""
-    from bitnet_coreml.package.writer import weight_bytes  # noqa: PLC0415
+    from bitnet_coreml.package.writer import weight_bytes
 
     p = Path(path)
     spec = _open_spec(p)

@@ -65,7 +65,7 @@ _VOLATILE_METADATA = ("com.github.apple.coremltools.conversion_date",)
 
 def deterministic_spec(package: Path) -> None:
     """Rewrite ``package``'s model spec with sorted map entries and no conversion date."""
-    from coremltools.proto import Model_pb2  # noqa: PLC0415 - coremltools is already loaded by the caller
+    from coremltools.proto import Model_pb2  # coremltools is already loaded by the caller
 
     manifest = json.loads((package / "Manifest.json").read_text())
     root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
@@ -148,7 +148,7 @@ def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool 
         deterministic_manifest(tmp)
         deterministic_spec(tmp)
         if assets:
-            from bitnet_coreml.package.assets import write_assets  # noqa: PLC0415
+            from bitnet_coreml.package.assets import write_assets
 
             write_assets(tmp, assets)
         _normalise_modes(tmp)

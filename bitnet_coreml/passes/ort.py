@@ -28,7 +28,7 @@ def ort_errors(what: str, *, input_at_fault: bool) -> Iterator[None]:
     """Classify ONNX Runtime's exceptions raised inside: out of memory is exit 3 (ResourceMemoryError);
     a graph ORT refuses is exit 2 naming ``what`` when ``input_at_fault`` (the user's own source graph);
     anything else propagates (a graph we rewrote that ORT refuses is our bug: the CLI's internal error)."""
-    from bitnet_coreml.errors import ModelLoadError, ResourceMemoryError  # noqa: PLC0415
+    from bitnet_coreml.errors import ModelLoadError, ResourceMemoryError
 
     try:
         yield

@@ -147,7 +147,7 @@ class CheckSizes(GraphPass):
     name = "check_sizes"
 
     def call(self, model: ir.Model) -> DetailedResult:
-        from bitnet_coreml._files import check_budget  # noqa: PLC0415
+        from bitnet_coreml._files import check_budget
 
         values: list[tuple[ir.Value, str]] = [(v, "graph input") for v in model.graph.inputs]
         for node in model.graph:
@@ -197,7 +197,7 @@ class FoldConstants(GraphPass):
     def call(self, model: ir.Model) -> DetailedResult:
         if not _has_foldable(model):
             return DetailedResult(model, False, {"skipped": "nothing foldable"})
-        from onnxscript.optimizer import fold_constants  # noqa: PLC0415  (heavy import, only when folding)
+        from onnxscript.optimizer import fold_constants  # heavy import, only when folding
 
         res = fold_constants(model, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT)
         common.RemoveUnusedNodesPass()(model)

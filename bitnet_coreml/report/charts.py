@@ -25,10 +25,10 @@ class _Charts:
 
     @staticmethod
     def subplots(*args: Any, figsize: tuple[float, float], **kw: Any) -> tuple[Any, Any]:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg", force=True)
-        from matplotlib.figure import Figure  # noqa: PLC0415
+        from matplotlib.figure import Figure
 
         matplotlib.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "bitnet-coreml-report",
                                     "font.family": "sans-serif", "font.size": 9, "axes.spines.top": False,
@@ -57,7 +57,7 @@ def plain_log_label(label: str) -> str:
 
 def _log_axis(ax: Any, which: str, base: float = 10) -> None:
     """A log scale on ``ax``'s ``which`` ("x" or "y") axis whose tick labels are plain text (:func:`plain_log_label`)."""
-    from matplotlib.ticker import LogFormatterSciNotation  # noqa: PLC0415
+    from matplotlib.ticker import LogFormatterSciNotation
 
     class _Plain(LogFormatterSciNotation):
         def __call__(self, x: float, pos: int | None = None) -> str:
@@ -71,7 +71,7 @@ def _log_axis(ax: Any, which: str, base: float = 10) -> None:
 
 def _no_minor(ax: Any) -> None:
     """Log axes draw dozens of minor ticks per decade; the charts read fine without them (and draw faster)."""
-    from matplotlib.ticker import NullLocator  # noqa: PLC0415
+    from matplotlib.ticker import NullLocator
 
     ax.xaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_minor_locator(NullLocator())
@@ -99,7 +99,7 @@ def _human(n: float) -> str:
 def bytes_chart(kinds: Mapping[str, Any]) -> str:
     """One stacked bar: package bytes by kind."""
     plt = _plt()
-    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(_WIDTH, 1.0))
     left = 0.0
@@ -135,9 +135,9 @@ def units_chart(layers: Sequence[Mapping[str, Any]]) -> str:
     on hover; no script): the cells are one collection drawn in a known order, and their ``<path>``
     elements get the titles in that order."""
     plt = _plt()
-    import numpy as np  # noqa: PLC0415
-    from matplotlib.collections import PolyCollection  # noqa: PLC0415
-    from matplotlib.patches import Patch  # noqa: PLC0415
+    import numpy as np
+    from matplotlib.collections import PolyCollection
+    from matplotlib.patches import Patch
 
     cells, colors, titles = [], [], []
     for i, row in enumerate(layers):
@@ -178,7 +178,7 @@ def _titled_cells(svg: str, gid: str, titles: Sequence[str]) -> str:
 def headroom_chart(layers: Sequence[Mapping[str, Any]], fp16_max: float, limit: float) -> str:
     """Per layer: largest |activation| on the calibration input against fp16's maximum (log scale)."""
     plt = _plt()
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     def num(x: Any) -> float:
         return float("inf") if x == "inf" else float(x or 0.0)

@@ -69,7 +69,7 @@ def bytes_by_kind(program: Any, package: Path) -> dict[str, Any]:
     gather or matmul is an fp16 (fp32) embedding / LM head. Everything else (scales, norms, tables,
     the program, blob headers) is ``other``, so the three add up to the package's bytes.
     """
-    from bitnet_coreml.package.writer import package_files  # noqa: PLC0415
+    from bitnet_coreml.package.writer import package_files
 
     total = sum(package_files(package).values())
     ternary = embed = 0
@@ -120,7 +120,7 @@ def _state_info(ex: Any, meta: Mapping[str, str]) -> dict[str, Any] | None:
 
 def _check_target(meta: Mapping[str, str], given: Any) -> Any:
     """The check Target: ``given``, else the one the converter checked the package for (its metadata), else None."""
-    from bitnet_coreml.check import Target  # noqa: PLC0415
+    from bitnet_coreml.check import Target
 
     if given is not None:
         return given
@@ -132,7 +132,7 @@ def _check_target(meta: Mapping[str, str], given: Any) -> Any:
 
 
 def _units_by_layer(units: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
-    from bitnet_coreml.passes.layers import group_order  # noqa: PLC0415
+    from bitnet_coreml.passes.layers import group_order
 
     rows: dict[str, dict[str, Any]] = {lab: {"layer": lab, "ops": [], "counts": dict.fromkeys(UNITS, 0)}
                                        for lab in group_order(labels)}
@@ -169,15 +169,15 @@ def _mil_op_for(node_index: int, names: set[str]) -> str | None:
 
 
 def _checkpoint_seq_len(pkg: Path, spec: Any, meta: Mapping[str, str]) -> int:
-    from bitnet_coreml.verify import package_seq_len  # noqa: PLC0415
+    from bitnet_coreml.verify import package_seq_len
 
     return package_seq_len(pkg, spec, _meta_json(meta, "bitnet_coreml.input_names", {}))
 
 
 def _load_source(source: Any, seq_len: int | None, embed_dtype: str = "float32") -> Any:
     """The source after the default passes (``embed_dtype="float16"``: as the converter loads a checkpoint for fp16)."""
-    from bitnet_coreml.frontend import load  # noqa: PLC0415
-    from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
+    from bitnet_coreml.frontend import load
+    from bitnet_coreml.passes import run_default_passes
 
     model = load(source, seq_len=seq_len, embed_dtype=embed_dtype)
     run_default_passes(model)
@@ -195,8 +195,8 @@ def _check_and_units(meta: Mapping[str, str], model: Any, check_target: Any, sou
     units: dict[str, Any] = {"available": False, "unit_counts": check_meta.get("unit_counts"),
                              "fallback_plan": check_meta.get("fallback_plan", []), "layers": []}
     if model is not None and check_target is not None:
-        from bitnet_coreml.check import run_check  # noqa: PLC0415
-        from bitnet_coreml.passes.layers import layer_groups  # noqa: PLC0415
+        from bitnet_coreml.check import run_check
+        from bitnet_coreml.passes.layers import layer_groups
 
         bits = meta.get("bitnet_coreml.embed_bits", "16")
         rep = run_check(model, check_target, embed_bits=None if bits in ("16", "") else int(bits),
@@ -215,7 +215,7 @@ def _check_and_units(meta: Mapping[str, str], model: Any, check_target: Any, sou
                  "fallback_plan": check_meta.get("fallback_plan", []), "target": check_meta.get("target")}
         groups = _meta_json(meta, "bitnet_coreml.layers", {}).get("groups")
         if stored is not None and groups:
-            from bitnet_coreml.passes.layers import expand_runs  # noqa: PLC0415
+            from bitnet_coreml.passes.layers import expand_runs
 
             reasons = stored["reasons"]
             ops = [{"node": n, "op_type": t, "unit": reasons[r][0], "reason": reasons[r][1]} for n, t, r in stored["ops"]]
@@ -244,7 +244,7 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     ``target`` (a :class:`bitnet_coreml.check.Target`) is what the check on ``source`` runs for; by
     default the target the converter checked the package for (none when converted without a check).
     """
-    from bitnet_coreml.verify import package_meta  # noqa: PLC0415
+    from bitnet_coreml.verify import package_meta
 
     t_start = time.perf_counter()
     pkg = Path(package)
@@ -270,7 +270,7 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     needs_run = source is not None or inputs is not None
     given_source = str(source) if source is not None else None
     hashed: dict[str, SourceHash] = {}  # _run starts it on the loaded source; else started below
-    from bitnet_coreml.executor import ReferenceExecutor  # noqa: PLC0415
+    from bitnet_coreml.executor import ReferenceExecutor
 
     t0 = time.perf_counter()
     ex = ReferenceExecutor(str(pkg))
@@ -308,7 +308,7 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
 
     activation_peak = ex.peak_activation_bytes()
     state = _state_info(ex, meta)
-    from bitnet_coreml.package.writer import weight_bytes  # noqa: PLC0415
+    from bitnet_coreml.package.writer import weight_bytes
 
     weights = weight_bytes(pkg)
     device_limit, device = _device_limit(check.get("target"))
@@ -375,7 +375,7 @@ class SourceHash:
     """
 
     def __init__(self, source: str | os.PathLike[str], model: Any = None) -> None:
-        import threading  # noqa: PLC0415
+        import threading
 
         self._value: str | None = None
         self._error: BaseException | None = None
@@ -383,11 +383,11 @@ class SourceHash:
         self._thread.start()
 
     def _hash(self, source: str | os.PathLike[str], model: Any) -> None:
-        from bitnet_coreml.convert import source_sha256  # noqa: PLC0415
+        from bitnet_coreml.convert import source_sha256
 
         try:
             self._value = source_sha256(source, model if Path(source).is_file() else None)
-        except BaseException as e:  # re-raised in the caller's thread by result()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
             self._error = e
 
     def result(self) -> str:
@@ -425,7 +425,7 @@ def _device_limit(target: Mapping[str, Any] | None) -> tuple[int | None, str | N
     """The memory limit of the target's GPU device row in the capability database (bytes), if known."""
     if not target or not target.get("gpu_device"):
         return None, None
-    from bitnet_coreml.check.capabilities import default_database  # noqa: PLC0415
+    from bitnet_coreml.check.capabilities import default_database
 
     try:
         dev = default_database().device(target["gpu_device"])
@@ -440,7 +440,7 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, 
     """Run the package (and the source in ONNX Runtime) on verify's inputs; parity by depth and op timings.
 
     Starts the source's hash (``hashed["source"]``) once the source is loaded."""
-    from bitnet_coreml.verify import (  # noqa: PLC0415
+    from bitnet_coreml.verify import (
         ParityReport,
         Thresholds,
         compare,
@@ -453,7 +453,7 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, 
     precision = meta.get("bitnet_coreml.precision", "fp16")
     in_names = _meta_json(meta, "bitnet_coreml.input_names", {})
     out_names = _meta_json(meta, "bitnet_coreml.output_names", {})
-    from bitnet_coreml.frontend import load  # noqa: PLC0415
+    from bitnet_coreml.frontend import load
 
     capture: dict[str, str] = {}  # ONNX value -> package op
     points: list[tuple[str, str, str]] = []  # (label, layer, ONNX value)
@@ -485,8 +485,8 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, 
                   "why_unavailable": None}
     if src is None:
         return {**_NO_PARITY, "why_unavailable": "parity needs the source model (--source)"}, timing
-    from bitnet_coreml.lower.fp16 import run_ort  # noqa: PLC0415
-    from bitnet_coreml.verify import metrics  # noqa: PLC0415
+    from bitnet_coreml.lower.fp16 import run_ort
+    from bitnet_coreml.verify import metrics
 
     wanted = list(capture)
     hashed["source"].result()  # run_ort changes the graph for its run; the hash thread has read it by now
@@ -533,9 +533,9 @@ def _residual_stream(meta: Mapping[str, str], src: Any, source: Any, seq_len: in
     for fp16 builds, which adds a node), they are found again: on the source as verify loads it (the
     names) and as the converter loaded it (the node numbering), paired in order.
     """
-    from bitnet_coreml.lower.program import assign_node_names  # noqa: PLC0415
-    from bitnet_coreml.lower.split import split_large_dims  # noqa: PLC0415
-    from bitnet_coreml.passes.layers import residual_points  # noqa: PLC0415
+    from bitnet_coreml.lower.program import assign_node_names
+    from bitnet_coreml.lower.split import split_large_dims
+    from bitnet_coreml.passes.layers import residual_points
 
     stored = _meta_json(meta, "bitnet_coreml.layers", {}).get("residual")
     have = {o.name for n in src.graph for o in n.outputs}
@@ -562,7 +562,7 @@ class _InputModel:
     """Just enough of a model for ``feeds_for`` when there is no source: the package's inputs."""
 
     def __init__(self, specs: Mapping[str, Any]) -> None:
-        import onnx_ir as ir  # noqa: PLC0415
+        import onnx_ir as ir
 
         self.graph = ir.Graph([ir.Value(name=n, shape=ir.Shape(list(s.shape)),
                                         type=ir.TensorType(ir.DataType.from_numpy(s.dtype)))

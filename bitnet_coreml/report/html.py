@@ -40,7 +40,7 @@ def _fmt_pct(x: Any) -> str:
 
 def charts(data: dict[str, Any]) -> dict[str, str]:
     """Every chart the data supports, as inline SVG, by section."""
-    from bitnet_coreml.report import charts as c  # noqa: PLC0415
+    from bitnet_coreml.report import charts as c
 
     out = {"bytes": c.bytes_chart(data["summary"]["bytes_by_kind"]), "memory": c.memory_chart(data["size"])}
     if data["units"]["available"]:
@@ -60,7 +60,7 @@ def charts(data: dict[str, Any]) -> dict[str, str]:
 
 def render(data: dict[str, Any]) -> str:
     """The report page as a string."""
-    import jinja2  # noqa: PLC0415
+    import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("bitnet_coreml.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined,

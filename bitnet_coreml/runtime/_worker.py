@@ -39,7 +39,7 @@ class Worker:
                 return
             try:
                 job.result = job.fn(*job.args)
-            except BaseException as e:  # handed to the caller, who classifies it
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, who classifies it
                 job.error = e
             job.done.set()
 

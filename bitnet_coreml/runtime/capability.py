@@ -49,12 +49,12 @@ _UNIT_ORDER = list(_PLAN_NAMES)
 
 def _from_host(info: PackageInfo, platform_info: Any) -> dict[str, str]:
     try:
-        from bitnet_coreml.check import host_unit_verdicts  # noqa: PLC0415
+        from bitnet_coreml.check import host_unit_verdicts
     except ImportError:
         return {}
     try:
         verdicts = host_unit_verdicts(info.path, platform_info=platform_info)
-    except Exception as e:  # the check is advisory here; a broken rule must not stop prediction
+    except Exception as e:  # noqa: BLE001 - the check is advisory here; a broken rule must not stop prediction
         log.warning("host capability check failed for %s (%s: %s); no unit ruled out by it",
                     info.path, type(e).__name__, e)
         return {}
@@ -92,7 +92,7 @@ def validate_requirements(requirements: Any, plat: PlatformSnapshot) -> None:
     The check stage owns the rules (``check.validate_operation_requirements``); the runtime passes
     its own reading of ANE availability and total memory so both agree with what the predictor saw.
     """
-    from bitnet_coreml.check import CapabilityRequirements, validate_operation_requirements  # noqa: PLC0415
+    from bitnet_coreml.check import CapabilityRequirements, validate_operation_requirements
 
     if isinstance(requirements, Mapping):
         known = set(CapabilityRequirements.__dataclass_fields__)

@@ -21,7 +21,7 @@ __all__ = ["ChunkedPredictor", "open_predictor", "read_info"]
 
 
 def _is_chunked(path: Any) -> bool:
-    from bitnet_coreml.package.chunked import is_chunked  # noqa: PLC0415
+    from bitnet_coreml.package.chunked import is_chunked
 
     return isinstance(path, (str, os.PathLike)) and is_chunked(path)
 
@@ -31,7 +31,7 @@ def read_info(path: str | os.PathLike[str]) -> PackageInfo:
     that are not boundary tensors, its outputs the last piece's, its weight bytes the sum)."""
     if not _is_chunked(path):
         return read_package(path)
-    from bitnet_coreml.package.chunked import open_chunked  # noqa: PLC0415
+    from bitnet_coreml.package.chunked import open_chunked
 
     cm = open_chunked(path)
     return _whole_info(Path(path), [read_package(p) for p in cm.pieces], {b["name"] for b in cm.boundaries})
@@ -49,7 +49,7 @@ def _whole_info(folder: Path, infos: list[PackageInfo], boundaries: set[str]) ->
 
 def open_predictor(package: str | os.PathLike[str], strategy: Any = None, **kwargs: Any) -> Any:
     """A :class:`ChunkedPredictor` for a chunked model folder, else a ``Predictor``."""
-    from bitnet_coreml.runtime.predictor import Predictor  # noqa: PLC0415
+    from bitnet_coreml.runtime.predictor import Predictor
 
     if _is_chunked(package):
         return ChunkedPredictor(package, strategy, **kwargs)
@@ -71,8 +71,8 @@ class ChunkedPredictor:
     """``ChunkedPredictor(folder, strategy).predict(inputs)``: see the module docstring."""
 
     def __init__(self, folder: str | os.PathLike[str], strategy: Any = None, **kwargs: Any) -> None:
-        from bitnet_coreml.package.chunked import open_chunked  # noqa: PLC0415
-        from bitnet_coreml.runtime.predictor import Predictor  # noqa: PLC0415
+        from bitnet_coreml.package.chunked import open_chunked
+        from bitnet_coreml.runtime.predictor import Predictor
 
         self.model = open_chunked(folder)
         self.pieces = [Predictor(p, strategy, **kwargs) for p in self.model.pieces]

@@ -85,11 +85,11 @@ def _mb_to_bytes(v: float | None) -> int | None:
 
 
 def _from_check() -> PlatformSnapshot:
-    from bitnet_coreml.check import DeviceCompatibilityChecker  # noqa: PLC0415
+    from bitnet_coreml.check import DeviceCompatibilityChecker
 
     try:
         info = DeviceCompatibilityChecker.get_platform_info()
-    except Exception as e:  # a broken detector must not take the reference executor down with it
+    except Exception as e:  # noqa: BLE001 - a broken detector must not take the reference executor down with it
         log.warning("platform detection failed (%s: %s); Core ML units treated as unavailable", type(e).__name__, e)
         why = f"platform detection failed ({type(e).__name__}: {e}); Core ML units are not trusted"
         return PlatformSnapshot(PlatformInfo.undetected(why), None, "unknown", "fallback")
@@ -100,10 +100,10 @@ def _from_check() -> PlatformSnapshot:
 def _read_thermal() -> str | None:
     """The current thermal state through the check stage's readers, or None if there is none."""
     try:
-        from bitnet_coreml.check import read_thermal_state  # noqa: PLC0415
+        from bitnet_coreml.check import read_thermal_state
 
         state = read_thermal_state()[0]
-    except Exception:  # no reader: thermal stays unknown
+    except Exception:  # noqa: BLE001 - no reader: thermal stays unknown
         return None
     return None if state is None else str(state).lower()
 
@@ -116,10 +116,10 @@ def read_platform() -> PlatformSnapshot:
 def refresh(snapshot: PlatformSnapshot, *, thermal: bool) -> PlatformSnapshot:
     """``snapshot`` with current available memory (and thermal state if ``thermal``), no full detection."""
     try:
-        import psutil  # noqa: PLC0415
+        import psutil
 
         avail: int | None = int(psutil.virtual_memory().available)
-    except Exception:  # psutil can fail in sandboxes; keep the last reading
+    except Exception:  # noqa: BLE001 - psutil can fail in sandboxes; keep the last reading
         avail = snapshot.memory_available_bytes
     state = snapshot.thermal_state
     if thermal:

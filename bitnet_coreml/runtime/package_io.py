@@ -45,7 +45,7 @@ class PackageInfo:
 
 def read_package(path: str | os.PathLike[str]) -> PackageInfo:
     """Read a ``.mlpackage``'s description; raises :class:`ModelLoadError` if missing or corrupt."""
-    from bitnet_coreml.package.reader import read_package_spec  # noqa: PLC0415
+    from bitnet_coreml.package.reader import read_package_spec
 
     p = Path(path)
     spec = read_package_spec(p).spec  # read-only and contained (MLModel(path) rewrites Manifest.json)

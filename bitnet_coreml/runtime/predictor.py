@@ -222,7 +222,7 @@ class Predictor:
             chunk = self._free_memory(unit, x, batch_size, notes, "running") if pressure else batch_size
             try:
                 self._prepare(unit)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - classify_exception decides: a bug becomes InternalError, never retried
                 failed_at = time.perf_counter()
                 err = classify_exception(e, context=unit.name)
                 if handle_error(err) is RecoveryAction.GIVE_UP:
@@ -347,7 +347,7 @@ class Predictor:
             try:
                 outputs = self._call_chunked(unit, x, chunk)
                 self._check_outputs(unit, x, outputs, notes)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - classify_exception decides: a bug becomes InternalError, never retried
                 failed_at = time.perf_counter()
                 call_s = failed_at - t0
                 err = classify_exception(e, context=unit.name)

@@ -127,13 +127,13 @@ def _last_json(text: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Child entry point; prints one JSON line."""
-    import argparse  # noqa: PLC0415
+    import argparse
 
-    from bitnet_coreml.runtime.monitor import read_platform  # noqa: PLC0415
-    from bitnet_coreml.runtime.package_io import read_package, zeros_for  # noqa: PLC0415
-    from bitnet_coreml.runtime.recovery import classify_exception  # noqa: PLC0415
-    from bitnet_coreml.runtime.strategy import ComputeUnit  # noqa: PLC0415
-    from bitnet_coreml.runtime.units import CoreMLUnit, ReferenceUnit, Unit  # noqa: PLC0415
+    from bitnet_coreml.runtime.monitor import read_platform
+    from bitnet_coreml.runtime.package_io import read_package, zeros_for
+    from bitnet_coreml.runtime.recovery import classify_exception
+    from bitnet_coreml.runtime.strategy import ComputeUnit
+    from bitnet_coreml.runtime.units import CoreMLUnit, ReferenceUnit, Unit
 
     ap = argparse.ArgumentParser(prog="python -m bitnet_coreml.runtime.probe")
     ap.add_argument("package")
@@ -155,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         report = {"ok": True, "unit": unit.name, "load_s": t1 - t0, "predict_s": t2 - t1,
                   "outputs": {k: list(v.shape) for k, v in outputs.items()}}
         code = 0
-    except Exception as e:  # report every failure to the parent as one classified JSON line
+    except Exception as e:  # noqa: BLE001 - report every failure to the parent as one classified JSON line
         err = classify_exception(e, context=f"probe {a.unit}")
         report = {"ok": False, "unit": a.unit, "error_type": type(err).__name__, "message": err.one_line()}
         if isinstance(err, InternalError):  # a bug: the parent raises it as one, with this traceback
-            import traceback  # noqa: PLC0415
+            import traceback
 
             report["bug"] = {"type": type(err.original).__name__, "message": " ".join(str(err.original).split()),
                              "traceback": "".join(traceback.format_exception(err.original))[-4000:]}

@@ -142,7 +142,7 @@ class CoreMLUnit(Unit):
         return 0 if self.loaded else 2 * info.weight_bytes
 
     def _load(self, info: PackageInfo) -> None:
-        from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+        from bitnet_coreml._quiet import coremltools
 
         ct = coremltools()
         cu_name = self.kind.coreml_name or "CPU_ONLY"
@@ -195,9 +195,9 @@ class ReferenceUnit(Unit):
 
     def _load(self, info: PackageInfo) -> None:
         try:
-            from bitnet_coreml.executor import ReferenceExecutor  # type: ignore[attr-defined]  # noqa: PLC0415
+            from bitnet_coreml.executor import ReferenceExecutor  # type: ignore[attr-defined]
         except ImportError:  # the package re-export is the contract; the module is where it lives
-            from bitnet_coreml.executor.executor import ReferenceExecutor  # noqa: PLC0415
+            from bitnet_coreml.executor.executor import ReferenceExecutor
 
         try:
             self._executor = ReferenceExecutor(info.path, fp32=self.fp32)

@@ -47,8 +47,8 @@ def _split_axis(node: ir.Node, i: int, shape: tuple[int, ...]) -> int | None:
 def weight_bin_bytes(model: ir.Model, embed_bits: int | None = None, precision: str = "fp16",
                      split_limit: int = 16384, target: str = "iOS16") -> int:
     ct = coremltools()
-    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
 
     fdt = np.float16 if precision == "fp16" else np.float32
     rng = np.random.default_rng(0)

@@ -84,9 +84,9 @@ def test_a_user_row_overrides_a_bundled_row_by_id(tmp_path: Path) -> None:
 
 
 def test_an_attribute_row_reads_float_attributes_and_a_zero_threshold(tmp_path: Path) -> None:
-    import onnx_ir as ir  # noqa: PLC0415
+    import onnx_ir as ir
 
-    from bitnet_coreml.opsupport import expected_unit  # noqa: PLC0415
+    from bitnet_coreml.opsupport import expected_unit
 
     db = load_capabilities(_caps(tmp_path, "[[unit_rule]]\nid = 'leaky'\nmatch = 'attribute_above'\n"
                                  "ops = ['LeakyRelu']\nattribute = 'alpha'\nabove = 0\nexcludes = ['ANE']\n"
@@ -124,9 +124,9 @@ def test_every_mil_op_of_a_program_is_in_the_table(name: str) -> None:
     path = MODELS / f"{name}.onnx"
     if not path.exists():
         pytest.skip(f"{path} not generated (make models)")
-    from bitnet_coreml.frontend import load  # noqa: PLC0415
-    from bitnet_coreml.lower.program import BuildOptions, build_program  # noqa: PLC0415
-    from bitnet_coreml.passes import run_default_passes  # noqa: PLC0415
+    from bitnet_coreml.frontend import load
+    from bitnet_coreml.lower.program import BuildOptions, build_program
+    from bitnet_coreml.passes import run_default_passes
 
     m = load(path)
     run_default_passes(m)

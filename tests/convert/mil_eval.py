@@ -15,7 +15,7 @@ from bitnet_coreml._quiet import coremltools
 
 
 def _np_dtype(var: Any) -> Any:
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types
 
     return types.nptype_from_builtin(var.dtype)
 

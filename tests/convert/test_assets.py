@@ -35,7 +35,7 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
 
 
 def _copy(package: Path, tmp_path: Path) -> Path:
-    import shutil  # noqa: PLC0415
+    import shutil
 
     dst = tmp_path / package.name
     shutil.copytree(package, dst)
@@ -43,7 +43,7 @@ def _copy(package: Path, tmp_path: Path) -> Path:
 
 
 def test_round_trip_and_core_ml_sees_a_valid_item(package: Path, tmp_path: Path) -> None:
-    from coremltools.libmodelpackage import ModelPackage  # noqa: PLC0415
+    from coremltools.libmodelpackage import ModelPackage
 
     pkg = _copy(package, tmp_path)
     assert read_assets(pkg) == {}

@@ -136,7 +136,7 @@ def test_tied_embedding_package_stores_table_once(tmp_path) -> None:  # type: ig
 
 def test_split_follows_the_checks_plan() -> None:
     """The converter cuts exactly the tables the check lists, into the chunks the check lists (one rule)."""
-    from bitnet_coreml.check.split import nodes_needing_split  # noqa: PLC0415
+    from bitnet_coreml.check.split import nodes_needing_split
 
     model = ir.serde.deserialize_model(_lm(50, 4))
     plan = nodes_needing_split(model, 16)
@@ -154,7 +154,7 @@ def test_split_follows_the_checks_plan() -> None:
 
 def test_measured_ranges_match_every_value_in_ort() -> None:
     """measure() reduces in the graph; the oracle is ORT returning every node output, reduced by numpy."""
-    from bitnet_coreml.lower.fp16 import measure  # noqa: PLC0415
+    from bitnet_coreml.lower.fp16 import measure
 
     proto, _ = mlp_model(seed=4, alpha=300.0)
     x = np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)

@@ -56,7 +56,7 @@ def _external_model(tmp_path: Path, names: tuple[str, ...]) -> Path:
         onnx.external_data_helper.set_external_data(t, location=names[i % len(names)])
     path = tmp_path / "ext.onnx"
     # write the external files the way onnx does (it appends each tensor at its recorded offset)
-    from onnx.external_data_helper import write_external_data_tensors  # noqa: PLC0415
+    from onnx.external_data_helper import write_external_data_tensors
 
     m = write_external_data_tensors(m, str(tmp_path))
     onnx.save_model(m, path)

@@ -288,7 +288,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def coerce_inputs(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """Convert inputs to the declared dtype and shape, as Core ML does when it builds MLMultiArrays."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     out = {}
     for name, value in inputs.items():

@@ -80,9 +80,9 @@ def test_rows_dense_and_refusals() -> None:
 
 def test_tied_embedding_program(monkeypatch: pytest.MonkeyPatch) -> None:
     """gather + lm_head on one fp16 table: kept at 2 bytes, results are the package's fp16 arithmetic."""
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types
 
-    import bitnet_coreml.executor.ops.linear as linear_ops  # noqa: PLC0415
+    import bitnet_coreml.executor.ops.linear as linear_ops
 
     calls = []
     real = linear_ops.matmul_t

@@ -65,7 +65,7 @@ def test_refused_forms_decode_densely() -> None:
 @pytest.mark.parametrize("opset", ["iOS16", "iOS18"])
 def test_program_through_the_executor(opset: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A BitLinear-shaped program: the packed path gives coremltools' dense weight's product exactly."""
-    import bitnet_coreml.executor.ops.linear as linear_ops  # noqa: PLC0415
+    import bitnet_coreml.executor.ops.linear as linear_ops
 
     packed_calls = []
 
@@ -81,7 +81,7 @@ def test_program_through_the_executor(opset: str, monkeypatch: pytest.MonkeyPatc
     holder = {}
 
     def build(x):  # type: ignore[no-untyped-def]
-        from coremltools.converters.mil.mil import types  # noqa: PLC0415
+        from coremltools.converters.mil.mil import types
 
         if opset == "iOS18":
             idx = (codes + np.int8(1)).view(np.uint8).astype(types.np_uint2_dtype)

@@ -55,7 +55,7 @@ def test_ids_json_and_an_injected_fault(tiny_packages: dict[str, Path]) -> None:
 
 def test_text_prompt_with_a_tokenizer_from_the_package(tiny_packages: dict[str, Path], tmp_path: Path) -> None:
     """A byte-level tokenizer over the tiny model's 512 ids, carried as a package asset."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}

@@ -31,10 +31,10 @@ def main() -> None:
     spec_path, out_path = sys.argv[1], sys.argv[2]
     with open(spec_path) as f:
         spec = json.load(f)
-    from bitnet_coreml import cli  # noqa: PLC0415  (imported once for every case)
+    from bitnet_coreml import cli  # imported once for every case
 
     sys.addaudithook(_audit)
-    out = open(out_path, "a", buffering=1)  # noqa: SIM115
+    out = open(out_path, "a", buffering=1)
     saved = os.dup(1), os.dup(2)
     for case in spec["cases"]:
         fo, fe = tempfile.TemporaryFile(), tempfile.TemporaryFile()
@@ -70,7 +70,7 @@ def main() -> None:
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException as e:  # noqa: BLE001  # escaped the guard: record it as what a user would see
-            import traceback  # noqa: PLC0415
+            import traceback
 
             traceback.print_exception(e)
             code = "escaped"

@@ -375,7 +375,7 @@ def verify_input_fifo(env: Env) -> Case:
 
 def _tiny_onnx(path: Path) -> None:
     """input_ids [1, 8] -> Gather(embedding [32, 16]) -> MatMul [16, 32] -> logits: a package in seconds."""
-    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+    from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     emb = numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "emb")
@@ -422,7 +422,7 @@ def run_corpus(cases: list[Case], work: Path) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Case], dict[str, dict[str, Any]], Env]:
-    from bitnet_coreml.convert import ConvertOptions, convert  # noqa: PLC0415
+    from bitnet_coreml.convert import ConvertOptions, convert
 
     root = tmp_path_factory.mktemp("hostile")
     outside = root / "outside"

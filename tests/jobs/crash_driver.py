@@ -7,8 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bitnet_coreml.jobs import BatchOptions, run_batch  # noqa: E402
-from tests.jobs.helpers import AffineFactory  # noqa: E402
+from bitnet_coreml.jobs import BatchOptions, run_batch
+from tests.jobs.helpers import AffineFactory
 
 if __name__ == "__main__":
     dataset, outdir, workers, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])

@@ -128,7 +128,7 @@ def test_seq_len_applies_to_checkpoint_sources_only(tmp_path: Path) -> None:
 
 
 def test_stateful_entries(tmp_path: Path) -> None:
-    from bitnet_coreml.jobs.pipeline import _convert_options  # noqa: PLC0415
+    from bitnet_coreml.jobs.pipeline import _convert_options
 
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("{}")

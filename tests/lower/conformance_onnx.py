@@ -109,9 +109,9 @@ class Report:
 
 @functools.lru_cache(maxsize=1)
 def _collect() -> list[Any]:
-    import gc  # noqa: PLC0415
+    import gc
 
-    from onnx.backend.test.case.node import collect_testcases  # noqa: PLC0415
+    from onnx.backend.test.case.node import collect_testcases
 
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
@@ -162,7 +162,7 @@ class Excluded(Exception):
 
 
 def _ct() -> Any:
-    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+    from bitnet_coreml._quiet import coremltools
 
     return coremltools()
 
@@ -194,8 +194,8 @@ def _int_range_ok(a: np.ndarray) -> bool:
 def lower_case(model: ir.Model, feeds: dict[str, np.ndarray], mode: str) -> tuple[Any, dict[str, Any]]:
     """Lower ``model``; returns (program or None, {output name: numpy constant or MIL Var})."""
     _ct()
-    from coremltools.converters.mil import Builder as mb  # noqa: PLC0415
-    from coremltools.converters.mil.mil import Function, Placeholder, Program, types  # noqa: PLC0415
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Function, Placeholder, Program, types
 
     ct = _ct()
     g = model.graph
@@ -306,8 +306,8 @@ def _bind_constants(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, 
 
 def _execute(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The convert engineer's program builder, ``ct.convert`` and the reference executor."""
-    from bitnet_coreml.executor import ReferenceExecutor  # noqa: PLC0415
-    from bitnet_coreml.lower.program import BuildOptions, build_program, convert_program  # noqa: PLC0415
+    from bitnet_coreml.executor import ReferenceExecutor
+    from bitnet_coreml.lower.program import BuildOptions, build_program, convert_program
 
     _check_dtypes(model)
     rest = _bind_constants(model, feeds)
@@ -404,7 +404,7 @@ def run_case(op: str, case: Any, mode: str, composite: bool = False) -> CaseResu
 def _to_np(a: Any) -> np.ndarray:
     """Case data as numpy (a few cases store TensorProtos, e.g. for float16 data)."""
     if hasattr(a, "raw_data") and hasattr(a, "data_type"):
-        from onnx import numpy_helper  # noqa: PLC0415
+        from onnx import numpy_helper
 
         return numpy_helper.to_array(a)
     return np.asarray(a)
@@ -427,7 +427,7 @@ def run_all(ops: Sequence[str] | None = None, mode: str = "execute", composite: 
 
 def executor_available() -> bool:
     try:
-        from bitnet_coreml.executor import ReferenceExecutor  # noqa: F401, PLC0415
+        from bitnet_coreml.executor import ReferenceExecutor  # noqa: F401
     except ImportError:
         return False
     return True
@@ -476,8 +476,8 @@ def single_node_model(op_type: str, inputs: dict[str, np.ndarray], outputs: Sequ
     Output types are inferred by ONNX shape inference (strict), so the model is what an exporter
     would write; ``infer=False`` skips it, for deliberately invalid models.
     """
-    import onnx  # noqa: PLC0415
-    from onnx import helper, numpy_helper  # noqa: PLC0415
+    import onnx
+    from onnx import helper, numpy_helper
 
     initializers = initializers or {}
     names = list(inputs) + list(initializers)
@@ -493,7 +493,7 @@ def single_node_model(op_type: str, inputs: dict[str, np.ndarray], outputs: Sequ
 
 def reference_outputs(model: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The ONNX reference evaluator's outputs (the independent oracle)."""
-    from onnx.reference import ReferenceEvaluator  # noqa: PLC0415
+    from onnx.reference import ReferenceEvaluator
 
     return [np.asarray(a) for a in ReferenceEvaluator(model).run(None, feeds)]
 

@@ -68,7 +68,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _descriptions(package: Path) -> dict[str, str]:
-    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+    from bitnet_coreml._quiet import coremltools
 
     spec = coremltools().models.MLModel(str(package), skip_model_load=True).get_spec()
     return {f.name: f.shortDescription for f in [*spec.description.input, *spec.description.output]}
@@ -76,10 +76,10 @@ def _descriptions(package: Path) -> dict[str, str]:
 
 def run_shipped(op: str, case: Any, workdir: Path) -> ShippedResult:
     """Convert one case model as shipped and run it; see the module docstring for the statuses."""
-    import onnx  # noqa: PLC0415
+    import onnx
 
-    from bitnet_coreml.convert import ConvertOptions, convert  # noqa: PLC0415
-    from bitnet_coreml.executor import ReferenceExecutor  # noqa: PLC0415
+    from bitnet_coreml.convert import ConvertOptions, convert
+    from bitnet_coreml.executor import ReferenceExecutor
 
     name = case.name
     comp = len(case.model.graph.node) > 1

@@ -97,7 +97,7 @@ def test_pad_with_a_scalar_value_input(tmp_path: Path) -> None:
 
 
 def test_predictor_inputs_accept_a_scalar_for_a_declared_one(tmp_path: Path) -> None:
-    from bitnet_coreml.runtime.package_io import read_package, validate_inputs  # noqa: PLC0415
+    from bitnet_coreml.runtime.package_io import read_package, validate_inputs
 
     onnx.save(_pad_model([0, 1, 0, 1]), tmp_path / "p.onnx")
     convert(tmp_path / "p.onnx", tmp_path / "p.mlpackage", ConvertOptions(precision="fp32", check=False))
@@ -110,7 +110,7 @@ def test_bool_output_is_declared_in_the_package(tmp_path: Path) -> None:
     op, case = _cases()["test_equal"]
     onnx.save(case.model, tmp_path / "e.onnx")
     res = convert(tmp_path / "e.onnx", tmp_path / "e.mlpackage", ConvertOptions(precision="fp32", check=False))
-    from bitnet_coreml._quiet import coremltools  # noqa: PLC0415
+    from bitnet_coreml._quiet import coremltools
 
     spec = coremltools().models.MLModel(str(tmp_path / "e.mlpackage"), skip_model_load=True).get_spec()
     out = spec.description.output[0]

@@ -85,7 +85,7 @@ def test_anything_but_a_known_foreign_failure_is_a_bug(exc: BaseException) -> No
 
 
 def test_known_foreign_failures() -> None:
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail  # noqa: PLC0415
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
     for exc in (Exception("Core ML"), RuntimeError("proxy"), OSError(5, "I/O error"), MemoryError(), TimeoutError(),
                 Fail("ORT failed")):

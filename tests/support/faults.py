@@ -376,11 +376,11 @@ def installed(plan: FaultPlan | str) -> Iterator[FaultPlan]:
     """Run the shipped CLI in-process with ``plan`` in force: the names ``predict`` and ``generate``
     import (``bitnet_coreml.runtime.Predictor``, ``bitnet_coreml.generation.GenerationSession``) build
     faulty units, monitor and engines for the duration."""
-    from unittest import mock  # noqa: PLC0415
+    from unittest import mock
 
-    import bitnet_coreml.generation as generation  # noqa: PLC0415
-    import bitnet_coreml.runtime as runtime  # noqa: PLC0415
-    import bitnet_coreml.runtime.predictor as predictor  # noqa: PLC0415  (runtime.chunked imports it from here)
+    import bitnet_coreml.generation as generation
+    import bitnet_coreml.runtime as runtime
+    import bitnet_coreml.runtime.predictor as predictor  # runtime.chunked imports it from here
 
     p = FaultPlan.parse(plan) if isinstance(plan, str) else plan
     faulty = functools.partial(make_predictor, p)

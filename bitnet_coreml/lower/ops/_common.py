@@ -24,13 +24,13 @@ def mb() -> Any:
     from bitnet_coreml._quiet import coremltools
 
     coremltools()
-    from coremltools.converters.mil import Builder  # noqa: PLC0415
+    from coremltools.converters.mil import Builder
 
     return Builder
 
 
 def _types() -> Any:
-    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+    from coremltools.converters.mil.mil import types
 
     return types
 
