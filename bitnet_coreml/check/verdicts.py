@@ -39,7 +39,7 @@ def host_unit_verdicts(package: str | os.PathLike[str], *, platform_info: Platfo
             why = (f"the package needs Core ML specification {spec} ({need} or newer); this host is "
                    f"macOS{info.os_version} (specification {host.spec_version})")
             return {u: (False, why) for u in UNITS}
-    out = {"gpu": (True, "Core ML available"), "cpu": (True, "Core ML available")}
+    out = {u: (True, "Core ML available") for u in UNITS if u != "ane"}  # the ANE's presence is decided below
     if info.ane_available is False:
         out["ane"] = (False, f"no usable Neural Engine: {info.ane_reason}")
     elif info.ane_available is None:
