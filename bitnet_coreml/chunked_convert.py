@@ -19,7 +19,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class Prepared:
     times: dict[str, float]
     t_all: float
     stage: Callable[[str], None]
+    passes: dict[str, Any] = field(default_factory=dict)  # the graph pass report (PassReport.to_dict())
 
 
 def _limit(options: Any) -> int:
@@ -202,7 +203,7 @@ def convert_chunked(p: Prepared) -> Any:
         fp16=p.fp16_info, split=p.split_notes, embed=manifest.get("embed", {}), check=p.check,
         inputs={i["name"]: i["name"] for i in manifest["pieces"][0]["functions"][manifest["default_function"]]["inputs"]},
         outputs={i["name"]: i["name"] for i in manifest["pieces"][-1]["functions"][manifest["default_function"]]["outputs"]},
-        stateful=manifest["stateful"],
+        stateful=manifest["stateful"], passes=p.passes,
     )
     result_dict_chunks = {"count": plan.count, "plan": plan.to_dict(), "pieces": [e["path"] for e in entries]}
     result.notes.append(f"chunked model folder: {json.dumps(result_dict_chunks['pieces'])} + model.json")

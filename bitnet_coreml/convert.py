@@ -431,7 +431,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
             source=str(source), out=out, options=options, model=model, plan=plan, build=build, platform=platform,
             chunk_plan=chunk_plan, want_ios=want_ios, context=context, embed_dtype=embed_dtype, sha=sha, assets=assets, summary=summary,
             check=check, notes=notes + asset_notes, split_notes=split_notes, fp16_info=fp16_info, times=times,
-            t_all=t_all, stage=stage))
+            t_all=t_all, stage=stage, passes=pass_report.to_dict()))
     stage("lower to MIL")
     t0 = time.perf_counter()
     # fp16 programs are built in fp16 directly unless some node must stay fp32 (then coremltools'

@@ -125,3 +125,17 @@ def test_output_refusals(tmp_path: Path) -> None:
     assert code == 2 and "at most 6" in err
     code, _, err = run_cli("convert", LM, "-o", tmp_path / "y", "--chunks", 2, "--report", tmp_path / "r.html")
     assert code == 2 and "reads one package" in err and not (tmp_path / "y").exists()
+
+
+def test_result_reports_the_graph_passes(tmp_path: Path) -> None:
+    """A chunked convert reports the graph passes the whole model went through, as the one-package convert does."""
+    def passes(*extra: object) -> dict:
+        name = "chunked" if extra else "one.mlpackage"
+        code, out, err = run_cli("convert", ONNX, "-o", tmp_path / name, "--json", *extra)
+        assert code == 0, err
+        rep = json.loads(out)["passes"]
+        return {**rep, "passes": [{k: v for k, v in p.items() if k != "seconds"} for p in rep["passes"]]}
+
+    one, chunked = passes(), passes("--chunks", "2")
+    assert chunked == one
+    assert one["pipeline"] == "default" and any(p["name"] == "fuse_bitlinear" and p["fused"] for p in one["passes"])
