@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the tomli backport (a dependency there)
+    import tomli as tomllib  # type: ignore[no-redef]
+
 import pytest
-import tomllib
 from click.testing import CliRunner
 
 from bitnet_coreml import vocab
