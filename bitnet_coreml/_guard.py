@@ -124,6 +124,12 @@ def run_guarded(fn: Callable[[], T], *, where: str, debug: bool, as_json: bool) 
         err = classify(e, where)
         if debug:
             traceback.print_exception(e)
+            if sys.version_info < (3, 11):  # 3.10's traceback does not print PEP 678 notes
+                seen: BaseException | None = e
+                while seen is not None:
+                    for note in getattr(seen, "__notes__", ()):
+                        sys.stderr.write(f"{note}\n")
+                    seen = seen.__cause__ or seen.__context__
         line = _truncate(f"error: {err.one_line()}")
         if as_json:
             from bitnet_coreml._json import dump_json

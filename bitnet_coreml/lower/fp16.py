@@ -225,8 +225,8 @@ def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int
     ORT inlines the BitLinear body and its ``CastLike(W, X)`` becomes a ``Cast`` that depends on the
     weight alone, so the executor casts (and transposes) weights to fp32 long before their layer
     runs and holds them meanwhile (2B checkpoint: +5.5 GB at the peak). The gate
-    ``Where(Shape(X)[:1] == Shape(X)[:1], W, W)`` is an exact identity whose result exists only
-    once ``X`` does. A checkpoint weight that is stored packed (uint8 ``[N/4, K]``, row block ``i``
+    ``Expand(W, max(Shape(W), 0 * Shape(X)[:1]))`` is an exact identity whose result exists only
+    once ``X`` does (packed bytes: ``Where(Shape(X)[:1] == Shape(X)[:1], P, P)``, uint8). A checkpoint weight that is stored packed (uint8 ``[N/4, K]``, row block ``i``
     in bits ``2i..2i+1``, value = code + 1) is fed as those bytes (a quarter of the int8 codes) and
     unpacked by the gate: ``(P << (6 - 2i)) >> 6`` per block, Concat, Cast to float, minus 1.
 
@@ -246,7 +246,6 @@ def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int
         added: list[ir.Node] = []
         add = _NodeAdder(added, base)
         shape = add("Shape", [x], "shape", start=0, end=1)
-        cond = add("Equal", [shape, shape], "eq")
         source = getattr(w.const_value, "packed_source", None)
         if source is not None and getattr(w.const_value, "kind", "") == "packed" \
                 and getattr(w.const_value, "is_packed", False) and len(w.uses()) == 1:
@@ -255,7 +254,7 @@ def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int
             p = ir.Value(name=f"{w.name}.packed", type=ir.TensorType(ir.DataType.UINT8),
                          shape=ir.Shape([rows // 4, k]))
             packed[p] = functools.partial(_packed_bytes, tensor)
-            gate = add("Where", [cond, p, p], "where")
+            gate = add("Where", [add("Equal", [shape, shape], "eq"), p, p], "where")
             blocks = []
             for i in range(4):
                 left = add("Constant", [], f"l{i}", value=ir.tensor(np.array(6 - 2 * i, np.uint8)))
@@ -267,7 +266,11 @@ def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int
             one = add("Constant", [], "one", value=ir.tensor(np.array(1.0, np.float32)))
             new_w = add("Sub", [f, one], "codes")
         else:
-            new_w = add("Where", [cond, w, w], "where")
+            # Expand(W, max(Shape(W), 0 * Shape(X)[:1])): the same identity for any dtype (ORT 1.23, the last
+            # release for Python 3.10, has no int8 Where; Expand takes every fixed-size type)
+            zero = add("Constant", [], "zero", value=ir.tensor(np.array([0], np.int64)))
+            dims = add("Max", [add("Shape", [w], "wshape"), add("Mul", [shape, zero], "x0")], "dims")
+            new_w = add("Expand", [w, dims], "where")
         graph.insert_before(node, added)
         node.replace_input_with(1, new_w)
         gated.append((node, w, added))

@@ -107,8 +107,12 @@ def _child_bug(unit_name: str, bug: dict[str, Any]) -> InternalError:
     name = str(bug.get("type") or "Exception")
     cls = type(name if name.isidentifier() else "Exception", (Exception,), {"__module__": "probe child"})
     cause = cls(str(bug.get("message", "")))
-    if bug.get("traceback") and hasattr(cause, "add_note"):
-        cause.add_note(f"in the probe child:\n{bug['traceback']}")
+    if bug.get("traceback"):
+        note = f"in the probe child:\n{bug['traceback']}"
+        if hasattr(cause, "add_note"):
+            cause.add_note(note)
+        else:  # Python 3.10: PEP 678's attribute itself (_guard prints it with --debug there)
+            cause.__notes__ = [note]  # type: ignore[attr-defined]
     err = InternalError(f"{unit_name} probe", cause)
     err.__cause__ = cause
     return err

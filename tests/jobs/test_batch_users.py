@@ -129,6 +129,8 @@ def test_combined_outputs_one_file_per_shard_and_still_resumable(tmp_path: Path,
     from bitnet_coreml.jobs.shards import read_shard
     from tests.jobs.helpers import AffineFactory, affine, write_batch_npz
 
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow", reason="parquet output needs pyarrow (the ray or parquet extra)")
     xs = make_inputs(7, shape=(2, 3), seed=4)
     xs[4] = np.full((2, 3), np.nan, np.float32)  # fails: its shard (items 3-5) stays per-item files
     write_batch_npz(tmp_path / "ds.npz", xs)
