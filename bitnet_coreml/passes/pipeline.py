@@ -24,6 +24,7 @@ with the ``PassError`` kept as its context, so ``--debug`` shows both.
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -204,14 +205,28 @@ class FoldConstants(GraphPass):
         return DetailedResult(model, bool(res.modified))
 
 
-class NativeSpaceDepth(GraphPass):
+class _CountingPass(GraphPass):
+    """A pass that is one rewrite function returning how many places it changed (its ``counter``)."""
+
+    counter: ClassVar[str] = "fused"
+
+    @abc.abstractmethod
+    def rewrite(self, model: ir.Model) -> int:
+        """Rewrite ``model`` in place; the number of places changed."""
+
+    def call(self, model: ir.Model) -> DetailedResult:
+        n = self.rewrite(model)
+        return DetailedResult(model, n > 0, {self.counter: n})
+
+
+class NativeSpaceDepth(_CountingPass):
     """Exporter space-to-depth / depth-to-space subgraphs -> the native ops (``passes/layout.py``)."""
 
     name = "native_space_depth"
+    counter = "rewritten"
 
-    def call(self, model: ir.Model) -> DetailedResult:
-        n = native_space_depth(model)
-        return DetailedResult(model, n > 0, {"rewritten": n})
+    def rewrite(self, model: ir.Model) -> int:
+        return native_space_depth(model)
 
 
 class FuseBitLinear(GraphPass):
@@ -224,24 +239,22 @@ class FuseBitLinear(GraphPass):
         return DetailedResult(model, rep.fused > 0, {"fused": rep.fused, "ternary_unfused": rep.ternary_unfused})
 
 
-class FuseRMSNorm(GraphPass):
+class FuseRMSNorm(_CountingPass):
     """The RMSNorm subgraph -> ``bitnet_coreml::RMSNorm`` (``passes/norms.py``)."""
 
     name = "fuse_rmsnorm"
 
-    def call(self, model: ir.Model) -> DetailedResult:
-        n = fuse_rmsnorm(model)
-        return DetailedResult(model, n > 0, {"fused": n})
+    def rewrite(self, model: ir.Model) -> int:
+        return fuse_rmsnorm(model)
 
 
-class FuseRelu2(GraphPass):
+class FuseRelu2(_CountingPass):
     """``relu(x)^2`` -> ``bitnet_coreml::Relu2`` (``passes/norms.py``)."""
 
     name = "fuse_relu2"
 
-    def call(self, model: ir.Model) -> DetailedResult:
-        n = fuse_relu2(model)
-        return DetailedResult(model, n > 0, {"fused": n})
+    def rewrite(self, model: ir.Model) -> int:
+        return fuse_relu2(model)
 
 
 class Cleanup(GraphPass):
