@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from bitnet_coreml.cli import main
 from bitnet_coreml.jobs.buildstate import MANIFEST_NAME
-from bitnet_coreml.jobs.pipeline import run_pipeline
+from bitnet_coreml.jobs.pipeline import PipelineReport, run_pipeline
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -172,24 +172,32 @@ def test_converter_bug_in_one_entry_does_not_stop_the_others(built: tuple[Path, 
     assert not (tmp / "out" / "z-macos14-m1.mlpackage").exists()
 
 
-def test_checkpoint_entry_with_seq_len_builds_that_input_length(tmp_path: Path) -> None:
+def _build_tiny_checkpoint_entry(tmp_path: Path, name: str, entry: str, min_os: str) -> PipelineReport:
+    """Build one fp32 pipeline entry ``name`` from the bundled tiny packed checkpoint, with ``entry``'s extra keys.
+
+    fp32: the random-weight checkpoint's near-tied logits make fp16's top-1 a coin flip on a few tokens.
+    """
     ckpt = MODELS / "hf" / "bitnet-tiny-packed"
     if not ckpt.is_dir():
         pytest.skip("bundled checkpoint models/hf/bitnet-tiny-packed missing")
     p = tmp_path / "p.toml"
-    # fp32: the random-weight checkpoint's near-tied logits make fp16's top-1 a coin flip on a few tokens
     p.write_text(f'''
 output_dir = "out"
 [[model]]
-name = "tiny"
+name = "{name}"
 source = "{ckpt.as_posix()}"
-seq_len = 16
+{entry}
 precision = "fp32"
 check = "warn"
-targets = [{{ os = "macOS", min_os = "14" }}]
+targets = [{{ os = "macOS", min_os = "{min_os}" }}]
 ''')
     report = run_pipeline(p)
-    assert _status(report) == {"tiny": "built"}, [(r.model, r.reason) for r in report.results]
+    assert _status(report) == {name: "built"}, [(r.model, r.reason) for r in report.results]
+    return report
+
+
+def test_checkpoint_entry_with_seq_len_builds_that_input_length(tmp_path: Path) -> None:
+    _build_tiny_checkpoint_entry(tmp_path, "tiny", "seq_len = 16", "14")
     pkg = tmp_path / "out" / "tiny-macos14.mlpackage"
     from bitnet_coreml._quiet import coremltools
 
@@ -203,22 +211,7 @@ targets = [{{ os = "macOS", min_os = "14" }}]
 
 def test_stateful_entry_is_built_and_verified(tmp_path: Path) -> None:
     """A stateful entry with verify on: prefill + teacher-forced decode steps against the checkpoint."""
-    ckpt = MODELS / "hf" / "bitnet-tiny-packed"
-    if not ckpt.is_dir():
-        pytest.skip("bundled checkpoint models/hf/bitnet-tiny-packed missing")
-    p = tmp_path / "p.toml"
-    p.write_text(f'''
-output_dir = "out"
-[[model]]
-name = "lm"
-source = "{ckpt.as_posix()}"
-precision = "fp32"
-check = "warn"
-stateful = {{ context = 32, prefill = 8 }}
-targets = [{{ os = "macOS", min_os = "15" }}]
-''')
-    report = run_pipeline(p)
-    assert _status(report) == {"lm": "built"}, [(r.model, r.reason) for r in report.results]
+    _build_tiny_checkpoint_entry(tmp_path, "lm", "stateful = { context = 32, prefill = 8 }", "15")
     rep = json.loads((tmp_path / "out" / "lm-macos15.report.json").read_text())
     parity = rep["parity"]
     assert parity["passed"] and parity["comparisons"]
