@@ -321,6 +321,17 @@ def plain_linears(model: Any) -> None:
         model.set_submodule(name, lin)
 
 
+def next_token_step(model: Any, opt: Any, sched: Any, ids: torch.Tensor) -> float:
+    """One optimiser step of next-token cross-entropy on ``ids`` [batch, seq]; the step's loss."""
+    logits = model(input_ids=ids, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 def train_qat(model: Any, chain: MarkovChain, spec: ModelSpec, train: TrainSpec) -> dict[str, Any]:
     """Quantisation-aware training of a float BitNetForCausalLM on ``chain``, in place.
 
@@ -343,14 +354,7 @@ def train_qat(model: Any, chain: MarkovChain, spec: ModelSpec, train: TrainSpec)
     with eager_quant_autograd():
         for _ in range(train.steps):
             ids = torch.from_numpy(chain.sample(rng, (train.batch, spec.seq)))
-            logits = model(input_ids=ids, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(next_token_step(model, opt, sched, ids))
     model.eval()
     plain_linears(model)
     model.requires_grad_(False)

@@ -52,6 +52,7 @@ from bitnet_export import (
     ModelSpec,
     eager_bitlinear_helpers,
     eager_quant_autograd,
+    next_token_step,
     plain_linears,
     qat_linears,
     random_float_model,
@@ -139,14 +140,7 @@ def train(model: Any, stream: np.ndarray, steps: int) -> dict[str, Any]:
         for step in range(steps):
             starts = rng.integers(0, len(stream) - SPEC.seq - 1, size=BATCH)
             ids = torch.from_numpy(np.stack([stream[s:s + SPEC.seq] for s in starts]))
-            logits = model(input_ids=ids, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(next_token_step(model, opt, sched, ids))
             if step % 50 == 0 or step == steps - 1:
                 log.info("step %d/%d loss %.3f (%.0f s)", step, steps, losses[-1], time.perf_counter() - t0)
     model.eval()
