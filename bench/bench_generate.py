@@ -17,6 +17,7 @@ the decode function, from the compiled program, not estimated) and this machine'
 bandwidth (numpy sum over 1 GiB, best of 5), i.e. how close decode runs to the physical limit.
 
     python bench/bench_generate.py [--size 200m] [--threads 1] [--new-tokens 32] [--rounds 2]
+        [--engines auto,interpreter] [--skip-transformers]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ PROMPT_TOKENS = 64
 OURS = r"""
 import json, os, resource, sys, time
 import numpy as np, psutil
-pkg, n, p = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+pkg, n, p, engine = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 from bitnet_coreml.generation import GenerationSession
 from bitnet_coreml.executor import ReferenceExecutor
 base = psutil.Process().memory_info().rss
@@ -52,12 +53,13 @@ np.ones((64, 256), np.float32) @ np.ones((256, 64), np.float32)
 libs = psutil.Process().memory_info().rss
 ids = np.random.default_rng(0).integers(0, 32000, p).tolist()
 t0 = time.perf_counter()
-s = GenerationSession(pkg, units=["reference"])
+s = GenerationSession(pkg, units=["reference"], decode_engine=engine)
 load = time.perf_counter() - t0
 toks = list(s.generate(ids, max_new_tokens=n))
 st = s.stats
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"ttft_s": st.ttft_s, "decode_tok_s": st.decode_tok_s, "prefill_tok_s": st.prefill_tok_s,
+                  "decode_engine": st.decode_engine, "decode_note": st.decode_note,
                   "load_s": load, "peak_rss": peak, "base_rss": base, "libs_rss": libs, "tokens": toks}))
 """
 
@@ -139,7 +141,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--hf-dtypes", default="native,float32")
+    ap.add_argument("--hf-dtypes", default="native,float32",
+                    help="transformers runs to compare with (comma-separated); empty: none")
+    ap.add_argument("--skip-transformers", action="store_true", help="no transformers runs (same as --hf-dtypes '')")
+    ap.add_argument("--engines", default="auto,interpreter",
+                    help="decode engines of ours to run (GenerationSession decode_engine), comma-separated")
     args = ap.parse_args()
     folder = WORK / f"hf-{args.size}"
     if not (folder / "config.json").is_file():
@@ -154,22 +160,34 @@ def main() -> int:
                        cwd=ROOT, stdout=subprocess.DEVNULL)
         print(f"converted {folder.name} -> {pkg.name} in {time.perf_counter() - t:.0f} s")
     n, p, th = args.new_tokens, PROMPT_TOKENS, args.threads
-    ours, hf = [], {d: [] for d in args.hf_dtypes.split(",")}
+    dtypes = [] if args.skip_transformers else [d for d in args.hf_dtypes.split(",") if d]
+    engines = [e for e in args.engines.split(",") if e]
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    hf: dict[str, list[dict]] = {d: [] for d in dtypes}
     for r in range(args.rounds):
-        ours.append(_run([sys.executable, "-c", OURS, str(pkg), str(n), str(p)], th))
+        for e in engines:
+            runs[e].append(_run([sys.executable, "-c", OURS, str(pkg), str(n), str(p), e], th))
         for d in hf:
             hf[d].append(_run([str(EXPORT_PY), "-c", HF, str(folder), str(n), str(p), str(th), d], th))
-        print(f"round {r + 1}: ours {ours[-1]['decode_tok_s']:.2f} tok/s, "
-              + ", ".join(f"transformers {d} {v[-1]['decode_tok_s']:.2f} tok/s" for d, v in hf.items()))
-    best = max(ours, key=lambda x: x["decode_tok_s"])
+        print(f"round {r + 1}: " + ", ".join(f"ours ({e} -> {v[-1]['decode_engine']}) {v[-1]['decode_tok_s']:.2f} tok/s"
+                                             for e, v in runs.items())
+              + "".join(f", transformers {d} {v[-1]['decode_tok_s']:.2f} tok/s" for d, v in hf.items()))
+    bests = {e: max(v, key=lambda x: x["decode_tok_s"]) for e, v in runs.items()}
+    best = bests[engines[0]]
     weights_bytes = sum(f.stat().st_size for f in (pkg / "Data" / "com.apple.CoreML" / "weights").rglob("*")
                         if f.is_file())
     reads = _run([sys.executable, "-c", BYTES, str(pkg)], th)
     per_token = reads["ternary_bytes"] + reads["half_bytes"] + reads["dense_bytes"] + reads["state_bytes"]
     bw = bandwidth_gbs()
     print(f"\n{args.size} checkpoint, context 512, prompt {p} tokens, {n} new tokens (greedy), {th} thread(s)")
-    print(f"ours (reference executor, fp16 package): TTFT {best['ttft_s'] * 1e3:.0f} ms, "
-          f"prefill {best['prefill_tok_s']:.1f} tok/s, decode {best['decode_tok_s']:.2f} tok/s, load {best['load_s']:.1f} s")
+    for b in bests.values():
+        print(f"ours (reference executor, fp16 package, decode engine {b['decode_engine']}"
+              f"{' - ' + b['decode_note'] if b['decode_note'] else ''}): TTFT {b['ttft_s'] * 1e3:.0f} ms, "
+              f"prefill {b['prefill_tok_s']:.1f} tok/s, decode {b['decode_tok_s']:.2f} tok/s = "
+              f"{1e3 / b['decode_tok_s']:.1f} ms/call, load {b['load_s']:.1f} s, peak RSS {b['peak_rss'] / 2**20:.0f} MiB")
+    if len(bests) > 1:
+        print("decode speed-up of " + engines[0] + " over " + ", ".join(
+            f"{e}: {best['decode_tok_s'] / b['decode_tok_s']:.2f}x" for e, b in bests.items() if e != engines[0]))
     for d, v in hf.items():
         b = max(v, key=lambda x: x["decode_tok_s"])
         print(f"transformers generate() ({d}): TTFT {b['ttft_s'] * 1e3:.0f} ms, decode {b['decode_tok_s']:.2f} tok/s, "
@@ -193,8 +211,13 @@ def main() -> int:
     print(f"peak RSS above the interpreter with its libraries loaded (coremltools, numba's LLVM, BLAS: "
           f"{best['libs_rss'] / 2**20:.0f} MiB before any weight): {over / 2**20:.0f} MiB = "
           f"{over / (weights_bytes + kv):.2f}x (weights + KV)")
-    same = all(best["tokens"][: len(v[0]["tokens"])] == v[0]["tokens"] for v in hf.values())
-    print(f"greedy tokens identical to transformers': {same} (random-init weights: near-ties make this informative only)")
+    if hf:
+        same = all(best["tokens"][: len(v[0]["tokens"])] == v[0]["tokens"] for v in hf.values())
+        print(f"greedy tokens identical to transformers': {same} (random-init weights: near-ties make this "
+              "informative only)")
+    if len(bests) > 1:
+        print("greedy tokens identical across our decode engines: "
+              f"{all(b['tokens'] == best['tokens'] for b in bests.values())}")
     return 0
 
 

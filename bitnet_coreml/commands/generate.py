@@ -68,10 +68,13 @@ def _rate(v: float | None) -> str:
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path), default=None,
               help="Folder with tokenizer.json, for a package that carries none.")
 @click.option("--fp32", is_flag=True, help="Reference executor: compute fp16 ops in fp32 (no fp16 rounding).")
+@click.option("--engine", "decode_engine", type=click.Choice(["auto", "fused", "interpreter"]), default="auto",
+              show_default=True, help="Reference unit's decode: the fused kernel when the package translates "
+              "(auto), always it (fused), or the op-by-op interpreter.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (text, ids, timings, recovery) on stdout.")
 def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: str | None, max_new_tokens: int,
              temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
-             stop: tuple[str, ...], units: str, tokenizer_dir: Path | None, fp32: bool, as_json: bool) -> None:
+             stop: tuple[str, ...], units: str, tokenizer_dir: Path | None, fp32: bool, decode_engine: str, as_json: bool) -> None:
     """Generate text from a stateful PACKAGE (`convert --stateful`), streaming it to stdout."""
     from bitnet_coreml.generation import GenerationSession, SamplingConfig, TextStream
     from bitnet_coreml.generation.tokenizer import cut_at_stop
@@ -81,7 +84,8 @@ def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: s
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed)
     strategy = FallbackStrategy(units=tuple(ComputeUnit.parse(u) for u in units.split(",") if u.strip()))
-    session = GenerationSession(package, tokenizer=tokenizer_dir, fp32=fp32, strategy=strategy)
+    session = GenerationSession(package, tokenizer=tokenizer_dir, fp32=fp32, strategy=strategy,
+                                decode_engine=decode_engine)
     if isinstance(source, str) and session.tokenizer is None:
         raise InputError(f"{package}: carries no tokenizer; give --tokenizer DIR (a folder with tokenizer.json) "
                          "or the prompt as token ids with --ids")
@@ -119,7 +123,8 @@ def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: s
         session.stats.stop_reason = "stop"
     st = session.stats
     doc: dict[str, Any] = {
-        "package": str(package), "unit": st.unit, "prompt_ids": session.tokens[:st.prompt_tokens],
+        "package": str(package), "unit": st.unit, "decode_engine": st.decode_engine,
+        "decode_engine_note": st.decode_note, "prompt_ids": session.tokens[:st.prompt_tokens],
         "new_ids": new, "text": text if stream is not None else None, "stop_reason": st.stop_reason,
         "ttft_s": st.ttft_s, "prefill_s": st.prefill_s, "prefill_tok_s": st.prefill_tok_s,
         "decode_s": st.decode_s, "decode_tok_s": st.decode_tok_s, "load_s": session.load_s,
@@ -131,9 +136,12 @@ def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: s
         return
     click.echo("")
     ttft = f"{st.ttft_s * 1e3:.0f} ms" if st.ttft_s is not None else "-"
-    click.echo(f"[{st.unit}] {st.prompt_tokens} prompt tokens, {len(new)} new ({st.stop_reason}); "
+    unit = f"{st.unit}, {st.decode_engine} decode" if st.decode_engine else st.unit
+    click.echo(f"[{unit}] {st.prompt_tokens} prompt tokens, {len(new)} new ({st.stop_reason}); "
                f"time to first token {ttft}, prefill {_rate(st.prefill_tok_s)} tok/s, "
                f"decode {_rate(st.decode_tok_s)} tok/s", err=True)
+    if st.decode_note and st.decode_engine == "interpreter":
+        click.echo(f"decode ran in the interpreter ({st.decode_note})", err=True)
     for r in st.recoveries:
         if "from" in r:
             click.echo(f"recovered: {r['from']} failed at token {r['at_token']} ({r['reason']})", err=True)

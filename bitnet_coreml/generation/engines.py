@@ -6,7 +6,9 @@ engine's own state and returns the logits as float32 ``[S', V]``. A new engine s
 state; the session rebuilds it by replaying the calls made so far.
 
 * :class:`ReferenceEngine`: the reference executor (any OS), one executor per function sharing the
-  program, the decoded weights and the state (``executor/shared.py``).
+  program, the decoded weights and the state (``executor/shared.py``); ``decode`` runs through the
+  fused kernel (``executor/fused.py``) when the function translates (``decode_engine="auto"``), or
+  always through the interpreter (``"interpreter"``); ``"fused"`` refuses a package it cannot fuse.
 * :class:`CoreMLEngine`: Core ML on macOS, one ``MLModel`` per function for the unit's
   ``compute_units`` and one ``MLState`` (``make_state``) that both functions update.
 
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bitnet_coreml.errors import DeviceInitError, ModelError
+from bitnet_coreml.errors import DeviceInitError, InputError, ModelError
 from bitnet_coreml.package.stateful import DECODE, PREFILL
 from bitnet_coreml.runtime.strategy import ComputeUnit
 
@@ -33,10 +35,16 @@ if TYPE_CHECKING:
 INPUT_IDS, POSITION, LOGITS = "input_ids", "position", "logits"
 
 
+DECODE_ENGINES = ("auto", "fused", "interpreter")
+
+
 class Engine(abc.ABC):
     """Base: a loaded unit with a state."""
 
     name: str
+    # what runs the decode calls ("fused" / "interpreter" on the reference unit, None elsewhere) and why
+    decode_engine: str | None = None
+    decode_note: str | None = None
 
     def call(self, function: str, ids: np.ndarray, position: int) -> np.ndarray:
         out = self._predict(function, {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int32).reshape(1, -1),
@@ -58,13 +66,31 @@ class Engine(abc.ABC):
 class ReferenceEngine(Engine):
     """The reference executor running both functions on one :class:`ExecutorState`."""
 
-    def __init__(self, package: str | os.PathLike[str], name: str = "reference", *, fp32: bool = False) -> None:
+    def __init__(self, package: str | os.PathLike[str], name: str = "reference", *, fp32: bool = False,
+                 decode_engine: str = "auto") -> None:
         from bitnet_coreml.executor.chunked import open_executor
 
+        if decode_engine not in DECODE_ENGINES:
+            raise InputError(f"decode engine {decode_engine!r}; allowed: {', '.join(DECODE_ENGINES)}")
         self.name = name
         decode = open_executor(package, fp32=fp32, function_name=DECODE)  # a package or a chunked model folder
-        self._fns = {DECODE: decode, PREFILL: decode.function(PREFILL)}
+        self._fns: dict[str, Any] = {DECODE: decode, PREFILL: decode.function(PREFILL)}
         self._state = decode.make_state()
+        self.decode_engine, self.decode_note = "interpreter", None
+        if decode_engine != "interpreter":
+            from bitnet_coreml.executor.fused import fuse
+
+            fused, why = fuse(decode) if hasattr(decode, "_block") else (None, "a chunked model folder")
+            if fused is not None:
+                self._fns[DECODE] = fused
+                self.decode_engine = "fused"
+            elif decode_engine == "fused":
+                raise InputError(f"{package}: the fused decode path cannot run this package ({why}); "
+                                 "use the interpreter (--engine interpreter)")
+            else:
+                self.decode_note = f"not fused: {why}"
+        else:
+            self.decode_note = "interpreter asked for"
 
     def _predict(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
         return self._fns[function].predict(inputs, state=self._state)
@@ -108,12 +134,14 @@ class CoreMLEngine(Engine):  # pragma: no cover - needs Core ML (macOS); tests/r
         return out
 
 
-def open_engine(unit: Unit, package: str | os.PathLike[str], *, fp32: bool = False) -> Engine:
-    """The engine that runs ``package`` on ``unit``: the reference executor or Core ML for its compute unit."""
+def open_engine(unit: Unit, package: str | os.PathLike[str], *, fp32: bool = False,
+                decode_engine: str = "auto") -> Engine:
+    """The engine that runs ``package`` on ``unit``: the reference executor (its decode calls fused or
+    interpreted, see :class:`ReferenceEngine`) or Core ML for its compute unit."""
     from bitnet_coreml.runtime.units import ReferenceUnit
 
     if isinstance(unit, ReferenceUnit):
-        return ReferenceEngine(package, unit.name, fp32=fp32 or unit.fp32)
+        return ReferenceEngine(package, unit.name, fp32=fp32 or unit.fp32, decode_engine=decode_engine)
     return CoreMLEngine(package, unit.kind)  # pragma: no cover - macOS only
 
 def unavailable_reason(package: str | os.PathLike[str], unit: Unit) -> str | None:

@@ -61,6 +61,8 @@ class GenerationStats:
     decode_s: float = 0.0
     decode_calls: int = 0
     unit: str | None = None
+    decode_engine: str | None = None  # reference unit: "fused" or "interpreter" (engines.ReferenceEngine)
+    decode_note: str | None = None  # why the interpreter ran decode, when it did
     stop_reason: str | None = None
     recoveries: list[dict[str, Any]] = field(default_factory=list)
 
@@ -94,14 +96,21 @@ class GenerationSession:
     chain that falls back on any OS); default: the strategy's chain. ``tokenizer``: a
     :class:`TextTokenizer`, a folder with ``tokenizer.json``, or None for the package's own assets
     (ids only when it has none). ``open_engine(unit, package, fp32=...)`` makes a unit's
-    :class:`~.engines.Engine` (default :func:`~.engines.open_engine`).
+    :class:`~.engines.Engine` (default :func:`~.engines.open_engine`). ``decode_engine``: on the
+    reference unit, ``auto`` (the fused kernel when the package's decode function translates, else
+    the interpreter), ``fused`` (refuse a package it cannot fuse) or ``interpreter``.
     """
 
     def __init__(self, package: str | os.PathLike[str], *, units: Sequence[str | ComputeUnit | Unit] | None = None,
                  tokenizer: TextTokenizer | str | os.PathLike[str] | None = None, fp32: bool = False,
                  strategy: FallbackStrategy | None = None,
-                 open_engine: Callable[..., Engine] = open_engine) -> None:
+                 open_engine: Callable[..., Engine] = open_engine, decode_engine: str = "auto") -> None:
         self.package = Path(package)
+        from bitnet_coreml.generation.engines import DECODE_ENGINES
+
+        if decode_engine not in DECODE_ENGINES:
+            raise InputError(f"--engine {decode_engine}: allowed: {', '.join(DECODE_ENGINES)}")
+        self.decode_engine = decode_engine
         from bitnet_coreml.package.chunked import stateful_parts
 
         described, assets = stateful_parts(self.package)  # a chunked model folder: its last / first piece
@@ -274,6 +283,8 @@ class GenerationSession:
             new.append(tok)
             st.new_tokens = len(new)
             st.unit = self.unit
+            st.decode_engine = getattr(self._engine, "decode_engine", None)
+            st.decode_note = getattr(self._engine, "decode_note", None)
             if st.ttft_s is None:
                 st.ttft_s = time.perf_counter() - t0
             yield tok
@@ -303,7 +314,7 @@ class GenerationSession:
                 self._recovery.record_skip(unit.name)
                 continue
             try:
-                engine = self._open_engine(unit, self.package, fp32=self.fp32)
+                engine = self._open_engine(unit, self.package, fp32=self.fp32, decode_engine=self.decode_engine)
                 self._replay(engine)
             except Exception as e:  # noqa: BLE001 - classify_exception decides: a bug becomes InternalError, never retried
                 err = classify_exception(e, context=unit.name)

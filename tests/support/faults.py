@@ -185,9 +185,10 @@ class FaultPlan:
             return None
         return FaultyMonitor((strategy or FallbackStrategy()).monitor_interval_s, self)
 
-    def open_engine(self, unit: Unit, package: str | os.PathLike[str], *, fp32: bool = False) -> Engine:
+    def open_engine(self, unit: Unit, package: str | os.PathLike[str], *, fp32: bool = False,
+                    decode_engine: str = "auto") -> Engine:
         """A GenerationSession's ``open_engine``: the real engine, wrapped when the plan names the unit."""
-        engine = open_engine(unit, package, fp32=fp32)
+        engine = open_engine(unit, package, fp32=fp32, decode_engine=decode_engine)
         return FaultyEngine(engine, self) if engine.name in self.names() else engine
 
     # --- parsing -------------------------------------------------------------------------------
@@ -321,6 +322,7 @@ class FaultyEngine(Engine):
         self.inner = inner
         self.plan = plan
         self.name = inner.name
+        self.decode_engine, self.decode_note = inner.decode_engine, inner.decode_note
 
     def call(self, function: str, ids: np.ndarray, position: int) -> np.ndarray:
         fault = self.plan.take_call_fault(self.name)

@@ -1,0 +1,486 @@
+"""The numba kernel of the fused decode path: one compiled loop over a decode function's instructions.
+
+``executor/fused.py`` translates the compiled decode function of a stateful package into a table of
+instructions (one row of :data:`WIDTH` int64 per op); :func:`run` walks that table in one numba call,
+so a decode call costs a few microseconds of dispatch instead of one Python round trip per MIL op.
+
+Every value lives in a float32 buffer (``bufs[0]`` the arena of per-call values and small
+constants, then the KV states, then large dense constants): fp16-typed results are rounded to fp16
+after the op (:func:`_to_f16`, IEEE round-to-nearest-even, as the interpreter's ``finish``), integer
+and bool values are held exactly as floats (|v| < 2**24, checked at load and on the inputs). An
+operand is ``(buffer, offset, 4 strides)``; broadcasting and transposes are zero / permuted strides.
+The arithmetic follows the interpreter op by op: float32 on fp16 values, numpy's pairwise summation
+for ``reduce_mean`` / ``softmax`` sums, ternary matmuls in integers from the 2-bit codes when the
+activations are int8 multiples of ``2**-7`` (exact, as ``executor/ternary.py``), fp16 weight matvecs
+in the order of ``executor/half.py``. Where the interpreter calls BLAS (attention's small matmuls, a
+float32 weight) the sums here run in index order: results agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from bitnet_coreml.executor.half import _matvec, _widen
+from bitnet_coreml.executor.ternary import _int_matmul
+
+# --- instruction layout ------------------------------------------------------------------------
+WIDTH = 40
+OP, RND = 0, 1
+D = 2  # output shape, 4 dims (D..D+3)
+OUT, A, B, C = 6, 12, 18, 24  # operands: buffer, offset, 4 strides
+P = 30  # 10 integer parameters
+
+# rounding of the output
+R_NONE, R_F16, R_INT, R_BOOL, R_UINT = 0, 1, 2, 3, 4
+
+# opcodes
+(ADD, SUB, MUL, DIV, MAX, MIN, EQ, NE, LT, LE, GT, GE, AND, OR, XOR,  # binary
+ ABS, FLOOR, CEIL, RELU, RSQRT, COPY, SQRT, EXP, NEG, SIGMOID, SILU, SQUARE, NOT, TRUNC,  # unary
+ SELECT, CLIP,  # ternary
+ RMAX, RMEAN, RSUM, RMIN, SOFTMAX,  # last-axis reductions
+ MM_TERN, MM_HALF, MATMUL, GATHER_HALF, GATHER, SCATTER) = range(42)
+BINARY_LAST, UNARY_LAST, TERNARY_LAST = XOR, TRUNC, CLIP
+
+# errors returned by run()
+E_OK, E_INDEX, E_SLICE = 0, 1, 2
+
+
+@intrinsic
+def _f16(typingctx, x):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """``float32(float16(x))``: IEEE round to nearest even, overflow to inf (fptrunc / fpext)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+@numba.njit(inline="always")
+def _round(v, mode, bits):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    if mode == R_NONE:
+        return v
+    if mode == R_F16:
+        return _f16(np.float32(v))
+    if mode == R_BOOL:
+        return np.float32(1.0) if v != 0 else np.float32(0.0)
+    t = np.trunc(v) if np.isfinite(v) else np.float32(0.0)
+    if mode == R_UINT:
+        t = np.float32(np.int64(t) & ((np.int64(1) << bits) - 1))
+    return np.float32(t)
+
+
+@numba.njit(inline="always")
+def _bin(op, x, y):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    if op == ADD:
+        return x + y
+    if op == SUB:
+        return x - y
+    if op == MUL:
+        return x * y
+    if op == DIV:
+        return x / y
+    if op == MAX:
+        return x if (x >= y or x != x) else y
+    if op == MIN:
+        return x if (x <= y or x != x) else y
+    if op == EQ:
+        return np.float32(x == y)
+    if op == NE:
+        return np.float32(x != y)
+    if op == LT:
+        return np.float32(x < y)
+    if op == LE:
+        return np.float32(x <= y)
+    if op == GT:
+        return np.float32(x > y)
+    if op == GE:
+        return np.float32(x >= y)
+    if op == AND:
+        return np.float32(x != 0 and y != 0)
+    if op == OR:
+        return np.float32(x != 0 or y != 0)
+    return np.float32((x != 0) != (y != 0))  # XOR
+
+
+@numba.njit(inline="always")
+def _un(op, x, e):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    if op == ABS:
+        return abs(x)
+    if op == FLOOR:
+        return np.floor(x)
+    if op == CEIL:
+        return np.ceil(x)
+    if op == RELU:
+        return x if x > 0 else (x if x != x else np.float32(0.0))
+    if op == RSQRT:
+        return np.float32(1.0) / np.float32(math.sqrt(np.float32(x + e)))
+    if op == COPY:
+        return x
+    if op == SQRT:
+        return np.float32(math.sqrt(x))
+    if op == EXP:
+        return np.float32(math.exp(x))
+    if op == NEG:
+        return -x
+    if op == SIGMOID:
+        return np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-x)))
+    if op == SILU:
+        return x * (np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-x))))
+    if op == SQUARE:
+        return x * x
+    if op == NOT:
+        return np.float32(x == 0)
+    return np.trunc(x)  # TRUNC
+
+
+@numba.njit(inline="always")
+def _leaf(buf, off, n, st):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """numpy's pairwise sum of ``n <= 128`` values: sequential below 8, else 8 partial sums."""
+    if n < 8:
+        res = buf[off] * np.float32(0.0)  # a float32 zero
+        for i in range(n):
+            res += buf[off + i * st]
+        return res
+    r0 = buf[off]
+    r1 = buf[off + st]
+    r2 = buf[off + 2 * st]
+    r3 = buf[off + 3 * st]
+    r4 = buf[off + 4 * st]
+    r5 = buf[off + 5 * st]
+    r6 = buf[off + 6 * st]
+    r7 = buf[off + 7 * st]
+    i = 8
+    while i < n - (n % 8):
+        b = off + i * st
+        r0 += buf[b]
+        r1 += buf[b + st]
+        r2 += buf[b + 2 * st]
+        r3 += buf[b + 3 * st]
+        r4 += buf[b + 4 * st]
+        r5 += buf[b + 5 * st]
+        r6 += buf[b + 6 * st]
+        r7 += buf[b + 7 * st]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += buf[off + i * st]
+        i += 1
+    return res
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _pairwise(buf, off, n, st):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """numpy's float32 pairwise sum of ``n`` values (``sum(first n2) + sum(rest)`` above 128, n2 a
+    multiple of 8 near n/2), evaluated with an explicit stack (numba's cache mishandles recursion)."""
+    if n <= 128:
+        return _leaf(buf, off, n, st)
+    offs = np.empty(64, dtype=np.int64)
+    ns = np.empty(64, dtype=np.int64)
+    stage = np.zeros(64, dtype=np.int8)
+    vals = np.empty(64, dtype=np.float32)
+    nv = 0
+    offs[0], ns[0], sp = off, n, 1
+    while sp > 0:
+        top = sp - 1
+        o, m = offs[top], ns[top]
+        if m <= 128:
+            vals[nv] = _leaf(buf, o, m, st)
+            nv += 1
+            sp -= 1
+            continue
+        m2 = m // 2
+        m2 -= m2 % 8
+        if stage[top] == 0:  # the first part
+            stage[top] = 1
+            offs[sp], ns[sp], stage[sp] = o, m2, 0
+            sp += 1
+        elif stage[top] == 1:  # the rest
+            stage[top] = 2
+            offs[sp], ns[sp], stage[sp] = o + m2 * st, m - m2, 0
+            sp += 1
+        else:  # both done: their sum replaces them
+            vals[nv - 2] = vals[nv - 2] + vals[nv - 1]
+            nv -= 1
+            sp -= 1
+    return vals[0]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def pairwise_sum(x: np.ndarray) -> np.float32:  # pragma: no cover - compiled
+    """The kernel's sum of a float32 vector (tests compare it with numpy's)."""
+    return _pairwise(x, 0, x.size, 1)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _mm_nt(x, y, out, mode):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """``out = x @ y.T`` (float32), each output summed over k in order; 8 outputs side by side."""
+    m_rows, k = x.shape
+    n_cols = y.shape[0]
+    nv = n_cols - n_cols % 8
+    for m in range(m_rows):
+        xm = x[m]
+        for n0 in range(0, nv, 8):
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+            y0, y1, y2, y3 = y[n0], y[n0 + 1], y[n0 + 2], y[n0 + 3]
+            y4, y5, y6, y7 = y[n0 + 4], y[n0 + 5], y[n0 + 6], y[n0 + 7]
+            for j in range(k):
+                xv = xm[j]
+                a0 += xv * y0[j]
+                a1 += xv * y1[j]
+                a2 += xv * y2[j]
+                a3 += xv * y3[j]
+                a4 += xv * y4[j]
+                a5 += xv * y5[j]
+                a6 += xv * y6[j]
+                a7 += xv * y7[j]
+            out[m, n0] = _round(a0, mode, 0)
+            out[m, n0 + 1] = _round(a1, mode, 0)
+            out[m, n0 + 2] = _round(a2, mode, 0)
+            out[m, n0 + 3] = _round(a3, mode, 0)
+            out[m, n0 + 4] = _round(a4, mode, 0)
+            out[m, n0 + 5] = _round(a5, mode, 0)
+            out[m, n0 + 6] = _round(a6, mode, 0)
+            out[m, n0 + 7] = _round(a7, mode, 0)
+        for n in range(nv, n_cols):
+            acc = np.float32(0.0)
+            yn = y[n]
+            for j in range(k):
+                acc += xm[j] * yn[j]
+            out[m, n] = _round(acc, mode, 0)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _mm_nn(x, y, out, mode):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """``out = x @ y`` (float32): each output's sum over k in order, the outputs of a row side by side."""
+    m_rows, k = x.shape
+    n_cols = y.shape[1]
+    acc = np.empty(n_cols, dtype=np.float32)
+    for m in range(m_rows):
+        acc[:] = 0
+        for j in range(k):
+            xv = x[m, j]
+            yj = y[j]
+            for n in range(n_cols):
+                acc[n] += xv * yj[n]
+        for n in range(n_cols):
+            out[m, n] = _round(acc[n], mode, 0)
+
+
+@numba.njit(inline="always")
+def _off(ins, base, i0, i1, i2, i3):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    return ins[base + 1] + i0 * ins[base + 2] + i1 * ins[base + 3] + i2 * ins[base + 4] + i3 * ins[base + 5]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """Run every instruction of ``prog``; returns (error code, instruction index)."""
+    for pc in range(prog.shape[0]):
+        ins = prog[pc]
+        op = ins[OP]
+        mode = ins[RND]
+        bits = ins[P + 9]
+        d0, d1, d2, d3 = ins[D], ins[D + 1], ins[D + 2], ins[D + 3]
+        out = bufs[ins[OUT]]
+        if op <= BINARY_LAST:
+            xa = bufs[ins[A]]
+            xb = bufs[ins[B]]
+            for i0 in range(d0):
+                for i1 in range(d1):
+                    for i2 in range(d2):
+                        oo = _off(ins, OUT, i0, i1, i2, 0)
+                        ao = _off(ins, A, i0, i1, i2, 0)
+                        bo = _off(ins, B, i0, i1, i2, 0)
+                        so, sa, sb = ins[OUT + 5], ins[A + 5], ins[B + 5]
+                        for i3 in range(d3):
+                            out[oo + i3 * so] = _round(_bin(op, xa[ao + i3 * sa], xb[bo + i3 * sb]), mode, bits)
+        elif op <= UNARY_LAST:
+            xa = bufs[ins[A]]
+            eps = bufs[ins[B]][ins[B + 1]] if op == RSQRT else np.float32(0.0)
+            for i0 in range(d0):
+                for i1 in range(d1):
+                    for i2 in range(d2):
+                        oo = _off(ins, OUT, i0, i1, i2, 0)
+                        ao = _off(ins, A, i0, i1, i2, 0)
+                        so, sa = ins[OUT + 5], ins[A + 5]
+                        for i3 in range(d3):
+                            out[oo + i3 * so] = _round(_un(op, xa[ao + i3 * sa], eps), mode, bits)
+        elif op <= TERNARY_LAST:
+            xa = bufs[ins[A]]
+            xb = bufs[ins[B]]
+            xc = bufs[ins[C]]
+            for i0 in range(d0):
+                for i1 in range(d1):
+                    for i2 in range(d2):
+                        for i3 in range(d3):
+                            a = xa[_off(ins, A, i0, i1, i2, i3)]
+                            b = xb[_off(ins, B, i0, i1, i2, i3)]
+                            c = xc[_off(ins, C, i0, i1, i2, i3)]
+                            if op == SELECT:
+                                v = b if a != 0 else c
+                            else:  # CLIP: minimum(maximum(x, alpha), beta)
+                                v = _bin(MIN, _bin(MAX, a, b), c)
+                            out[_off(ins, OUT, i0, i1, i2, i3)] = _round(v, mode, bits)
+        elif op <= SOFTMAX:
+            # the input's last axis (P: its length n and stride) reduced; output dims d0..d2 (d3 = 1),
+            # or for SOFTMAX the same shape as the input
+            xa = bufs[ins[A]]
+            n = ins[P]
+            st = ins[A + 5]
+            for i0 in range(d0):
+                for i1 in range(d1):
+                    for i2 in range(d2):
+                        ao = _off(ins, A, i0, i1, i2, 0)
+                        if op == RMAX or op == RMIN or op == SOFTMAX:
+                            r = xa[ao]
+                            for i in range(1, n):
+                                v = xa[ao + i * st]
+                                r = _bin(MAX if op != RMIN else MIN, r, v)
+                            if op == SOFTMAX:
+                                so = ins[OUT + 5]
+                                oo = _off(ins, OUT, i0, i1, i2, 0)
+                                for i in range(n):  # e = exp(x - m) as float32, into the output
+                                    out[oo + i * so] = np.float32(math.exp(np.float32(xa[ao + i * st] - r)))
+                                s = _pairwise(out, oo, n, so)
+                                for i in range(n):
+                                    out[oo + i * so] = _round(out[oo + i * so] / s, mode, bits)
+                                continue
+                        else:
+                            r = _pairwise(xa, ao, n, st)
+                            if op == RMEAN:
+                                r = r / np.float32(n)
+                        out[_off(ins, OUT, i0, i1, i2, 0)] = _round(r, mode, bits)
+        elif op == MM_TERN or op == MM_HALF:
+            # A: rows [M, K] (row stride A+4, column stride A+5); output rows contiguous [M, N]
+            xa = bufs[ins[A]]
+            m_rows, k, n_out = ins[P], ins[P + 1], ins[P + 2]
+            oo = ins[OUT + 1]
+            if op == MM_TERN:
+                codes = terns[ins[P + 3]]
+                exact = True
+                for m in range(m_rows):
+                    for j in range(k):
+                        v = xa[ins[A + 1] + m * ins[A + 4] + j * ins[A + 5]] * np.float32(128.0)
+                        if not (v == np.floor(v) and -128.0 <= v <= 127.0):
+                            exact = False
+                if exact:  # executor/ternary.py's integer path, same kernel
+                    planes = np.empty((m_rows, 4, k // 4), dtype=np.int8)
+                    qsum = np.zeros(m_rows, dtype=np.int32)
+                    for m in range(m_rows):
+                        for j in range(k):
+                            q = np.int8(xa[ins[A + 1] + m * ins[A + 4] + j * ins[A + 5]] * np.float32(128.0))
+                            planes[m, j % 4, j // 4] = q
+                            qsum[m] += q
+                    acc = np.empty((m_rows, n_out), dtype=np.int32)
+                    _int_matmul(codes, planes, acc)
+                    for m in range(m_rows):
+                        for nn in range(n_out):
+                            out[oo + m * n_out + nn] = np.float32(acc[m, nn] - qsum[m]) * np.float32(0.0078125)
+                else:  # other activations: float32 sums in index order
+                    for m in range(m_rows):
+                        for nn in range(n_out):
+                            acc0 = np.float32(0.0)
+                            row = codes[nn]
+                            for j in range(k):
+                                w = np.float32(((row[j >> 2] >> (2 * (j & 3))) & 3) - 1)
+                                acc0 += xa[ins[A + 1] + m * ins[A + 4] + j * ins[A + 5]] * w
+                            out[oo + m * n_out + nn] = acc0
+            else:  # executor/half.py's kernel
+                blocks = halves[ins[P + 3]]
+                xr = np.empty((m_rows, k), dtype=np.float32)
+                for m in range(m_rows):
+                    for j in range(k):
+                        xr[m, j] = xa[ins[A + 1] + m * ins[A + 4] + j * ins[A + 5]]
+                res = np.empty((m_rows, blocks.shape[0] * blocks.shape[2]), dtype=np.float32)
+                _matvec(blocks, xr, res)
+                for m in range(m_rows):
+                    for nn in range(n_out):
+                        out[oo + m * n_out + nn] = res[m, nn]
+            if mode != R_NONE:
+                for i in range(m_rows * n_out):
+                    out[oo + i] = _round(out[oo + i], mode, bits)
+        elif op == MATMUL:
+            # out[i0, i1, m, n] = sum_k A[i0, i1, m, k] * B[i0, i1, k, n]; P: K, and the k strides of A, B
+            xa = bufs[ins[A]]
+            xb = bufs[ins[B]]
+            k = ins[P]
+            ska, skb = ins[P + 1], ins[P + 2]
+            sna, sma = ins[B + 5], ins[A + 4]
+            for i0 in range(d0):
+                for i1 in range(d1):
+                    ao = ins[A + 1] + i0 * ins[A + 2] + i1 * ins[A + 3]
+                    bo = ins[B + 1] + i0 * ins[B + 2] + i1 * ins[B + 3]
+                    oo = ins[OUT + 1] + i0 * ins[OUT + 2] + i1 * ins[OUT + 3]
+                    dense = ska == 1 and sma == k and ins[OUT + 5] == 1 and ins[OUT + 4] == d3
+                    if dense and skb == 1 and sna == k:  # x @ y^T, y rows contiguous (attention scores)
+                        _mm_nt(xa[ao:ao + d2 * k].reshape((d2, k)), xb[bo:bo + d3 * k].reshape((d3, k)),
+                               out[oo:oo + d2 * d3].reshape((d2, d3)), mode)
+                    elif dense and sna == 1 and skb == d3:  # x @ y, y rows contiguous (attention values)
+                        _mm_nn(xa[ao:ao + d2 * k].reshape((d2, k)), xb[bo:bo + k * d3].reshape((k, d3)),
+                               out[oo:oo + d2 * d3].reshape((d2, d3)), mode)
+                    else:
+                        for m in range(d2):
+                            for nn in range(d3):
+                                acc0 = np.float32(0.0)
+                                for j in range(k):
+                                    acc0 += xa[ao + m * sma + j * ska] * xb[bo + j * skb + nn * sna]
+                                out[oo + m * ins[OUT + 4] + nn * ins[OUT + 5]] = _round(acc0, mode, bits)
+        elif op == GATHER_HALF or op == GATHER:
+            # rows of a table [R, W] (P: R, W, half index or -1); indices in A (d0*d1*d2 of them)
+            xa = bufs[ins[A]]
+            n_rows, width = ins[P], ins[P + 1]
+            validate = ins[P + 3]
+            cnt = 0
+            for i0 in range(d0):
+                for i1 in range(d1):
+                    for i2 in range(d2):
+                        idx = np.int64(xa[_off(ins, A, i0, i1, i2, 0)])
+                        if idx < 0:
+                            if validate:
+                                return E_INDEX, pc
+                            idx += n_rows
+                        if idx < 0 or idx >= n_rows:
+                            return E_INDEX, pc
+                        oo = ins[OUT + 1] + cnt * width
+                        if op == GATHER_HALF:
+                            blocks = halves[ins[P + 2]]
+                            bw = blocks.shape[2]
+                            bb, lane = idx // bw, idx % bw
+                            for j in range(width):
+                                out[oo + j] = _round(_widen(blocks[bb, j, lane]), mode, bits)
+                        else:
+                            xt = bufs[ins[B]]
+                            to = ins[B + 1] + idx * ins[B + 4]
+                            for j in range(width):
+                                out[oo + j] = _round(xt[to + j * ins[B + 5]], mode, bits)
+                        cnt += 1
+        elif op == SCATTER:
+            # update A (shape d0..d3) into O at begin (B: 4 values; C: end, checked); P..P+3: O's full shape
+            xa = bufs[ins[A]]
+            xb = bufs[ins[B]]
+            base = ins[OUT + 1]
+            for i in range(4):
+                bgn = np.int64(xb[ins[B + 1] + i * ins[B + 5]])
+                if bgn < 0:
+                    bgn += ins[P + i]
+                end = np.int64(bufs[ins[C]][ins[C + 1] + i * ins[C + 5]])
+                if end < 0:
+                    end += ins[P + i]
+                if bgn < 0 or bgn + ins[D + i] > ins[P + i] or end != bgn + ins[D + i]:
+                    return E_SLICE, pc
+                base += bgn * ins[OUT + 2 + i]
+            so0, so1, so2, so3 = ins[OUT + 2], ins[OUT + 3], ins[OUT + 4], ins[OUT + 5]
+            for i0 in range(d0):
+                for i1 in range(d1):
+                    for i2 in range(d2):
+                        for i3 in range(d3):
+                            out[base + i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3] = _round(
+                                xa[_off(ins, A, i0, i1, i2, i3)], mode, bits)
+    return E_OK, -1

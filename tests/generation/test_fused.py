@@ -1,0 +1,138 @@
+"""The fused decode kernel (``executor/fused.py``) against the interpreter, transformers and numpy.
+
+Oracles: the interpreter's own ``decode`` (numpy, op by op: an independent implementation) run on
+its own copy of the same state, step by step; transformers' logits of the tiny checkpoint (torch
+fp32, ``logits.npz``); numpy's float32 sum for the kernel's pairwise summation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bitnet_coreml.cli import main
+from bitnet_coreml.convert import ConvertOptions, convert
+from bitnet_coreml.errors import InputError
+from bitnet_coreml.executor import ReferenceExecutor
+from bitnet_coreml.executor._vm import pairwise_sum
+from bitnet_coreml.executor.chunked import open_executor
+from bitnet_coreml.executor.fused import fuse
+from bitnet_coreml.generation import GenerationSession
+from tests.generation.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+LM = ROOT / "models" / "example-lm"
+ORACLE = np.load(TINY / "logits.npz")
+IDS = [int(i) for i in ORACLE["input_ids"][0]]
+
+
+@pytest.fixture(scope="module")
+def lm_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not (LM / "config.json").is_file():
+        pytest.skip("bundled example LM missing (make models)")
+    out = tmp_path_factory.mktemp("fused_lm") / "lm_fp16.mlpackage"
+    convert(LM, out, ConvertOptions(stateful=True, context=128, prefill=16, precision="fp16", check=False))
+    return out
+
+
+def _steps(pkg: Path, n: int, *, fp32: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """Greedy decode ``n`` steps after one prefill, interpreter and fused kernel each on its own state."""
+    dec = open_executor(pkg, fp32=fp32, function_name="decode")
+    pre = dec.function("prefill")
+    fused, why = fuse(dec)
+    assert fused is not None, why
+    p = pre.input_specs["input_ids"].shape[1]
+    states = [dec.make_state(), dec.make_state()]
+    prompt = (IDS * 4)[:p + 1]  # the tiny checkpoint's ids: inside every vocabulary here
+    ids = np.array([prompt[:p]], np.int32)
+    for s in states:
+        pre.predict({"input_ids": ids, "position": np.array([0], np.int32)}, s)
+    ref, got = [], []
+    tok = prompt[p]
+    for i in range(n):
+        inputs = {"input_ids": np.array([[tok]], np.int32), "position": np.array([p + i], np.int32)}
+        ref.append(dec.predict(inputs, states[0])["logits"].reshape(-1))
+        got.append(fused.predict(inputs, states[1])["logits"].reshape(-1))
+        tok = int(np.argmax(ref[-1]))
+    kv = max(float(np.max(np.abs(states[0]._values[k] - states[1]._values[k]))) for k in states[0].names)
+    return ref, got, kv
+
+
+@pytest.mark.parametrize("prec", ["fp16", "fp32"])
+def test_fused_decode_follows_the_interpreter_on_the_tiny_packages(tiny_packages: dict[str, Path], prec: str) -> None:
+    ref, got, kv = _steps(tiny_packages[prec], 40)
+    for r, g in zip(ref, got, strict=True):
+        assert int(np.argmax(g)) == int(np.argmax(r))
+        scale = float(np.max(np.abs(r)))
+        # fp16: differences are fp16 rounding of a float32 sum in another order (at most one fp16 step
+        # of the largest logit); fp32: float32 rounding
+        tol = float(np.spacing(np.float16(scale))) if prec == "fp16" else 1e-5 * scale
+        np.testing.assert_allclose(g, r, rtol=0, atol=tol)
+    assert kv <= (0.0 if prec == "fp16" else 1e-4)
+
+
+def test_fused_decode_is_bit_identical_on_the_example_lm(lm_fp16: Path) -> None:
+    ref, got, kv = _steps(lm_fp16, 24)
+    assert all(np.array_equal(r, g) for r, g in zip(ref, got, strict=True))
+    assert kv == 0.0
+
+
+def test_fused_decode_reproduces_transformers(tiny_packages: dict[str, Path]) -> None:
+    s = GenerationSession(tiny_packages["fp32"], units=["reference"])
+    rows = [s.prefill(IDS[:8])] + [s.feed(t) for t in IDS[8:]]
+    assert s._engine is not None and s._engine.decode_engine == "fused"
+    np.testing.assert_allclose(np.stack(rows), ORACLE["logits"][0][7:], atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prec", ["fp16", "fp32"])
+def test_greedy_tokens_equal_with_either_engine(tiny_packages: dict[str, Path], prec: str) -> None:
+    runs = {}
+    for engine in ("auto", "interpreter"):
+        s = GenerationSession(tiny_packages[prec], units=["reference"], decode_engine=engine)
+        runs[engine] = list(s.generate(IDS[:5], max_new_tokens=40))
+        assert s.stats.decode_engine == ("fused" if engine == "auto" else "interpreter")
+    assert runs["auto"] == runs["interpreter"]
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 127, 128, 129, 255, 256, 1000, 1024, 2816, 5003])
+def test_kernel_sum_is_numpys_pairwise_sum(n: int) -> None:
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32) * np.float32(1e3)
+    assert np.float32(pairwise_sum(x)).view(np.uint32) == np.float32(np.sum(x)).view(np.uint32)
+
+
+def test_an_op_it_does_not_translate_keeps_the_interpreter(monkeypatch: pytest.MonkeyPatch,
+                                                           tiny_packages: dict[str, Path]) -> None:
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 4), dtype=types.fp32)])
+    def prog(x):  # type: ignore[no-untyped-def]
+        return mb.sin(x=x)
+
+    fused, why = fuse(ReferenceExecutor(prog))
+    assert fused is None and why is not None and "sin" in why
+
+    import bitnet_coreml.executor.fused as fused_mod
+
+    monkeypatch.setattr(fused_mod, "fuse", lambda ex: (None, "op 'x': sin is not fused"))
+    s = GenerationSession(tiny_packages["fp16"], units=["reference"])
+    list(s.generate(IDS[:5], max_new_tokens=2))
+    assert s.stats.decode_engine == "interpreter" and "sin is not fused" in (s.stats.decode_note or "")
+    with pytest.raises(InputError, match="fused decode path cannot run"):
+        GenerationSession(tiny_packages["fp16"], units=["reference"], decode_engine="fused")
+
+
+def test_cli_says_which_engine_ran(tiny_packages: dict[str, Path]) -> None:
+    ids = ",".join(str(i) for i in IDS[:5])
+    for engine, want in (("auto", "fused"), ("interpreter", "interpreter")):
+        res = CliRunner().invoke(main, ["generate", str(tiny_packages["fp16"]), "--ids", ids, "-n", "4",
+                                        "--units", "reference", "--engine", engine, "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["decode_engine"] == want
+    res = CliRunner().invoke(main, ["generate", str(tiny_packages["fp16"]), "--ids", ids, "-n", "2",
+                                    "--units", "reference", "--engine", "turbo"])
+    assert res.exit_code == 2
