@@ -27,14 +27,14 @@ from numba import types
 from numba.extending import intrinsic
 
 from bitnet_coreml.executor.half import _matvec, _widen
-from bitnet_coreml.executor.ternary import _int_matmul
+from bitnet_coreml.executor.ternary import int_matmul
 
 # --- instruction layout ------------------------------------------------------------------------
 WIDTH = 40
 OP, RND = 0, 1
 D = 2  # output shape, 4 dims (D..D+3)
 OUT, A, B, C = 6, 12, 18, 24  # operands: buffer, offset, 4 strides
-P = 30  # 10 integer parameters
+P = 30  # 10 integer parameters (P + 8: the contiguous fast path, P + 9: bits of an unsigned output)
 
 # rounding of the output
 R_NONE, R_F16, R_INT, R_BOOL, R_UINT = 0, 1, 2, 3, 4
@@ -219,6 +219,117 @@ def pairwise_sum(x: np.ndarray) -> np.float32:  # pragma: no cover - compiled
     return _pairwise(x, 0, x.size, 1)
 
 
+# --- contiguous elementwise loops (LLVM vectorises them: one loop per op, no strides) -------------
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _ew_vv(op, o, a, b):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """``o = a <op> b`` elementwise, all three contiguous and of one size."""
+    n = o.size
+    if op == ADD:
+        for i in range(n):
+            o[i] = a[i] + b[i]
+    elif op == SUB:
+        for i in range(n):
+            o[i] = a[i] - b[i]
+    elif op == MUL:
+        for i in range(n):
+            o[i] = a[i] * b[i]
+    elif op == DIV:
+        for i in range(n):
+            o[i] = a[i] / b[i]
+    elif op == AND:
+        for i in range(n):
+            o[i] = np.float32(a[i] != 0 and b[i] != 0)
+    elif op == OR:
+        for i in range(n):
+            o[i] = np.float32(a[i] != 0 or b[i] != 0)
+    else:
+        for i in range(n):
+            o[i] = _bin(op, a[i], b[i])
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _ew_vs(op, o, a, y):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """``o = a <op> y`` elementwise with a scalar ``y``."""
+    n = o.size
+    if op == ADD:
+        for i in range(n):
+            o[i] = a[i] + y
+    elif op == SUB:
+        for i in range(n):
+            o[i] = a[i] - y
+    elif op == MUL:
+        for i in range(n):
+            o[i] = a[i] * y
+    elif op == DIV:
+        for i in range(n):
+            o[i] = a[i] / y
+    elif op == MAX:
+        for i in range(n):
+            x = a[i]
+            o[i] = x if (x >= y or x != x) else y
+    elif op == MIN:
+        for i in range(n):
+            x = a[i]
+            o[i] = x if (x <= y or x != x) else y
+    elif op == EQ:
+        for i in range(n):
+            o[i] = np.float32(a[i] == y)
+    elif op == GT:
+        for i in range(n):
+            o[i] = np.float32(a[i] > y)
+    elif op == LT:
+        for i in range(n):
+            o[i] = np.float32(a[i] < y)
+    else:
+        for i in range(n):
+            o[i] = _bin(op, a[i], y)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _un_v(op, o, a, e):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """``o = <op>(a)`` elementwise, both contiguous."""
+    n = o.size
+    if op == ABS:
+        for i in range(n):
+            o[i] = abs(a[i])
+    elif op == FLOOR:
+        for i in range(n):
+            o[i] = np.floor(a[i])
+    elif op == COPY:
+        for i in range(n):
+            o[i] = a[i]
+    elif op == RELU:
+        for i in range(n):
+            x = a[i]
+            o[i] = x if (x > 0 or x != x) else np.float32(0.0)
+    else:
+        for i in range(n):
+            o[i] = _un(op, a[i], e)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _clip_v(o, a, lo, hi):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """``o = minimum(maximum(a, lo), hi)`` with scalar bounds."""
+    for i in range(o.size):
+        x = a[i]
+        x = x if (x >= lo or x != x) else lo
+        o[i] = x if (x <= hi or x != x) else hi
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _round_v(o, mode, bits):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """Round ``o`` in place to the output dtype (fp16: one vectorised fptrunc / fpext pass)."""
+    if mode == R_F16:
+        for i in range(o.size):
+            o[i] = _f16(o[i])
+    elif mode != R_NONE:
+        for i in range(o.size):
+            o[i] = _round(o[i], mode, bits)
+
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _mm_nt(x, y, out, mode):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """``out = x @ y.T`` (float32), each output summed over k in order; 8 outputs side by side."""
@@ -289,7 +400,24 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
         bits = ins[P + 9]
         d0, d1, d2, d3 = ins[D], ins[D + 1], ins[D + 2], ins[D + 3]
         out = bufs[ins[OUT]]
-        if op <= BINARY_LAST:
+        fast = ins[P + 8]  # 1: operands contiguous like the output; 2: B a scalar (3: B, C scalars)
+        if fast != 0 and op <= TERNARY_LAST:
+            n = d0 * d1 * d2 * d3
+            oo, ao = ins[OUT + 1], ins[A + 1]
+            o = out[oo:oo + n]
+            a = bufs[ins[A]][ao:ao + n]
+            if op <= BINARY_LAST:
+                if fast == 1:
+                    _ew_vv(op, o, a, bufs[ins[B]][ins[B + 1]:ins[B + 1] + n])
+                else:
+                    _ew_vs(op, o, a, bufs[ins[B]][ins[B + 1]])
+            elif op <= UNARY_LAST:
+                _un_v(op, o, a, bufs[ins[B]][ins[B + 1]] if op == RSQRT else np.float32(0.0))
+            else:
+                _clip_v(o, a, bufs[ins[B]][ins[B + 1]], bufs[ins[C]][ins[C + 1]])
+            if not (mode == R_BOOL and ((EQ <= op <= XOR) or op == NOT)):  # comparisons give 0 / 1 already
+                _round_v(o, mode, bits)
+        elif op <= BINARY_LAST:
             xa = bufs[ins[A]]
             xb = bufs[ins[B]]
             for i0 in range(d0):
@@ -379,7 +507,7 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
                             planes[m, j % 4, j // 4] = q
                             qsum[m] += q
                     acc = np.empty((m_rows, n_out), dtype=np.int32)
-                    _int_matmul(codes, planes, acc)
+                    int_matmul(codes, planes, acc)
                     for m in range(m_rows):
                         for nn in range(n_out):
                             out[oo + m * n_out + nn] = np.float32(acc[m, nn] - qsum[m]) * np.float32(0.0078125)

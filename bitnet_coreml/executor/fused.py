@@ -99,6 +99,17 @@ def _broadcast(val: _Val, out_shape: tuple[int, ...]) -> tuple[int, ...]:
     return _pad4(out_shape, tuple(res))[1]
 
 
+def _layout(st: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """``flat`` when strides ``st`` (4-D) read a contiguous array of ``shape``, ``scalar`` when all are 0."""
+    dims = (1,) * (4 - len(shape)) + tuple(shape)
+    contig = _strides(dims)
+    if all(s == 0 for s, d in zip(st, dims, strict=True) if d > 1):
+        return "scalar" if any(d > 1 for d in dims) else "flat"
+    if all(s == c for s, c, d in zip(st, contig, dims, strict=True) if d > 1):
+        return "flat"
+    return "strided"
+
+
 def _mode(dt: np.dtype | None) -> tuple[int, int]:
     if dt is None:
         raise _Unsupported("an output without a tensor dtype")
@@ -221,7 +232,15 @@ class _Builder:
             ins = [self.arg(a, n) for n in names]
             out = self.alloc(shape)
             op = _BINARY.get(t, _vm.SELECT if t == "select" else _vm.CLIP)
-            self.emit(op, mode, shape, self.contiguous(out), *((v.buf, v.off, _broadcast(v, shape)) for v in ins))
+            strides = [_broadcast(v, shape) for v in ins]
+            kinds = [_layout(st, shape) for st in strides]
+            fast = 0
+            if t in _BINARY and kinds[0] == "flat" and kinds[1] in ("flat", "scalar"):
+                fast = 1 if kinds[1] == "flat" else 2
+            elif t == "clip" and kinds == ["flat", "scalar", "scalar"]:
+                fast = 3
+            self.emit(op, mode, shape, self.contiguous(out), *((v.buf, v.off, st) for v, st in zip(ins, strides, strict=True)),
+                      params=(0,) * 8 + (fast,))
         elif t in _UNARY:
             x = self.arg(a, "x")
             if x.shape != shape:
@@ -231,7 +250,8 @@ class _Builder:
             if t == "rsqrt":
                 eps = self.const(np.float32(self.param(a, "epsilon", 1e-12)))
                 ops.append((eps.buf, eps.off, (0, 0, 0, 0)))
-            self.emit(_UNARY[t], mode, shape, self.contiguous(out), *ops)
+            fast = 1 if _layout(ops[0][2], shape) == "flat" else 0
+            self.emit(_UNARY[t], mode, shape, self.contiguous(out), *ops, params=(0,) * 8 + (fast,))
         elif t in _ALIAS:
             x = self.arg(a, "x")
             if x.size != int(np.prod(shape, dtype=np.int64)):
