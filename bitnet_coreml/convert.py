@@ -421,7 +421,10 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
     platform, min_os = options.resolved_target()
     want_ios = min_os.target.ios if min_os else MIN_IOS
-    native = options.precision == "fp16" and not fp32_nodes
+    # fp16 programs are built in fp16 directly (nodes the analysis keeps in fp32 are cast in and out
+    # by the builder); chunked conversions cut the graph at values they expect in the program's dtype,
+    # so they build fp32 and let coremltools' fp16 pass keep those nodes in fp32.
+    native = options.precision == "fp16" and (not fp32_nodes or options.chunks is None)
     build = BuildOptions(precision=options.precision, ios=max(want_ios, 18) if options.stateful else want_ios,
                          fp32_nodes=fp32_nodes, rmsnorm_input_scale=rms_scale, native_fp16=native)
     if options.chunks is not None:
@@ -434,8 +437,6 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
             t_all=t_all, stage=stage, passes=pass_report.to_dict()))
     stage("lower to MIL")
     t0 = time.perf_counter()
-    # fp16 programs are built in fp16 directly unless some node must stay fp32 (then coremltools'
-    # fp16 cast pass, which can leave chosen ops in fp32, does the conversion).
     stateful_info = None
     if options.stateful:
         from bitnet_coreml.stateful_convert import build_stateful

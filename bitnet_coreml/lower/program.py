@@ -266,15 +266,26 @@ def build_program(model: ir.Model, options: BuildOptions | None = None, *,
                         if shared is not None and half.size >= _SHARE_MIN_ELEMENTS:
                             shared[key] = half
                     ctx.values[init.name] = half
+        kept_fp32: dict[str, Any] = {}  # fp32 outputs of fp32-kept nodes in a native build -> their fp16 cast
         for idx, node in enumerate(graph):
             fn = get_lowering(node)
             before = len(func.operations)
+            in_fp32 = options.native_fp16 and node.name in ctx.fp32_nodes
+            swapped = (_enter_fp32(ctx, node, graph, idx) if in_fp32
+                       else _from_fp32(ctx, node, kept_fp32, idx) if kept_fp32 else {})
             try:
                 outs = list(fn(ctx, node))
             except (InputError, UnsupportedOpError):
                 raise
             except Exception as e:
                 raise RuntimeError(f"lowering node {node.name!r} ({node.op_type}) failed: {e}") from e
+            finally:
+                ctx.values.update(swapped)
+                ctx.options["float_is_fp16"] = options.native_fp16 and options.native_casts
+            if in_fp32 and any(not isinstance(v, np.ndarray) for v in swapped.values()):
+                # its inputs were fp16 program values: its float outputs go back to fp16 where a node
+                # outside fp32 reads them (and stay fp32 for the next fp32-kept node)
+                kept_fp32.update({o.name: None for o in node.outputs if o.name})
             _check_ranks(node, outs, rank_limit)
             if len(outs) < len([o for o in node.outputs if o.name]):
                 raise RuntimeError(f"lowering of {node.op_type} returned {len(outs)} values for node {node.name!r} "
@@ -319,6 +330,54 @@ def build_program(model: ir.Model, options: BuildOptions | None = None, *,
     if fp32_ops:
         notes.append(f"{len(ctx.fp32_nodes)} node(s) kept in fp32: {', '.join(sorted(ctx.fp32_nodes))}")
     return BuiltProgram(prog, ios, input_names, output_names, frozenset(fp32_ops), notes, declared)
+
+
+def _enter_fp32(ctx: LoweringContext, node: ir.Node, graph: ir.Graph, idx: int) -> dict[str, Any]:
+    """Make the float inputs of ``node`` fp32 for its lowering in an fp16-native build (the fp16-safety
+    analysis keeps it in fp32); returns the values it replaced, to restore afterwards.
+
+    MIL inputs are cast up; initializers enter at their stored fp32 precision (not via their fp16 copy:
+    an attention mask's finfo.min stays finite). Ops made here belong to the node (kept in fp32).
+    """
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    saved: dict[str, Any] = {}
+    for i, v in enumerate(node.inputs):
+        if v is None or not v.name or v.name in saved or v.name not in ctx.values:
+            continue
+        cur = ctx.values[v.name]
+        if isinstance(cur, np.ndarray) and cur.dtype == np.float16:
+            init = graph.initializers.get(v.name)
+            full = init.const_value.numpy() if init is not None and init.const_value is not None else None
+            new: Any = full if full is not None and full.dtype == np.float32 else cur.astype(np.float32)
+        elif not isinstance(cur, np.ndarray) and getattr(cur, "dtype", None) == types.fp16:
+            new = mb.cast(x=cur, dtype="fp32", name=f"n{idx}_fp32_{i}")
+        else:
+            continue
+        saved[v.name] = cur
+        ctx.values[v.name] = new
+    ctx.options["float_is_fp16"] = False
+    return saved
+
+
+def _from_fp32(ctx: LoweringContext, node: ir.Node, kept: dict[str, Any], idx: int) -> dict[str, Any]:
+    """Give ``node`` (built in fp16) the fp16 cast of every fp32-kept output it reads (made once, on first
+    use; ``kept`` caches it); returns the values it replaced, to restore afterwards."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    saved: dict[str, Any] = {}
+    for i, v in enumerate(node.inputs):
+        if v is None or v.name not in kept or v.name in saved:
+            continue
+        cur = ctx.values[v.name]
+        if kept[v.name] is None:
+            kept[v.name] = mb.cast(x=cur, dtype="fp16", name=f"n{idx}_fp16_{i}") \
+                if getattr(cur, "dtype", None) == types.fp32 else cur
+        saved[v.name] = cur
+        ctx.values[v.name] = kept[v.name]
+    return saved
 
 
 def _declared_input(name: str, shape: tuple[int, ...], dtype: Any) -> dict[str, str]:
@@ -424,6 +483,10 @@ def ct_pass_pipeline(name: str, *, stateful: bool = False, multifunction: bool =
     return pipe
 
 
+def _skip_validate(check_essential_scope: bool = False) -> None:
+    """Stands in for ``Program.validate`` while coremltools runs its passes (see ``convert_program``)."""
+
+
 def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | None = None,
                     platform: str = "ios", pipeline: str = "fast") -> Any:
     """``ct.convert`` the built program to an ML Program ``MLModel`` (not compiled or loaded)."""
@@ -455,10 +518,19 @@ def convert_program(built: BuiltProgram, precision: str = "fp16", ios: int | Non
             warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
             prog = built.program
             stateful = any(types.is_state(v.sym_type) for f in prog.functions.values() for v in f.inputs.values())
-            return ct.convert(prog, convert_to="mlprogram", compute_precision=compute_precision,
-                              minimum_deployment_target=target, skip_model_load=True,
-                              pass_pipeline=ct_pass_pipeline(pipeline, stateful=stateful,
-                                                             multifunction=len(prog.functions) > 1))
+            # coremltools validates the whole program before each pipeline and after every pass (~30
+            # times; a third of the pass time for a few thousand ops, paid per function). Our pipeline is
+            # fixed, so the program is validated once, after all passes and before anything is written.
+            prog.validate = _skip_validate  # type: ignore[method-assign]
+            try:
+                mlmodel = ct.convert(prog, convert_to="mlprogram", compute_precision=compute_precision,
+                                     minimum_deployment_target=target, skip_model_load=True,
+                                     pass_pipeline=ct_pass_pipeline(pipeline, stateful=stateful,
+                                                                    multifunction=len(prog.functions) > 1))
+            finally:
+                del prog.validate
+            prog.validate(check_essential_scope=True)
+            return mlmodel
     finally:
         pass_pipeline.tqdm = bar
         Program.__str__ = program_str  # type: ignore[method-assign]
