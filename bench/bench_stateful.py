@@ -9,9 +9,9 @@ Goals (issue 14), each against its baseline in the same run:
 * convert time of the stateful package <= 1.3x the stateless one's (fresh process each, best of N);
 * weight bytes of the stateful package <= 1.02x the stateless one's.
 
-The checkpoint is synthesised once into ``bench/_work/bitnet-200m-shaped/`` with ``bench_hf_2b``'s
-writer (random packed ternary weights, bf16 embedding; the 200m row of ``make_bench_model.py``:
-hidden 1024, 12 layers, 16/4 heads, intermediate 2816, vocab 32000). No torch needed.
+The checkpoint is synthesised once into ``bench/_work/bitnet-200m-shaped/`` by ``_checkpoint.py``
+(random packed ternary weights, bf16 embedding; the 200m row of ``make_bench_model.py``: hidden 1024,
+12 layers, 16/4 heads, intermediate 2816, vocab 32000). No torch needed.
 
 Usage: ``.venv/bin/python bench/bench_stateful.py [--rounds 2] [--steps 16] [--stage all|convert|executor]``
 """
@@ -30,12 +30,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+from _checkpoint import SHAPES, WORK, shaped_checkpoint, shaped_folder  # noqa: E402
 from _measure import python_snippet, run_measured  # noqa: E402
 
-WORK = HERE / "_work"
-FOLDER = WORK / "bitnet-200m-shaped"
-SHAPE = {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12,
-         "num_attention_heads": 16, "num_key_value_heads": 4}
+FOLDER = shaped_folder("200m")
 CONTEXT, PREFILL, WINDOW = 512, 64, 64
 STATEFUL = WORK / "bitnet-200m-stateful.mlpackage"
 STATELESS = WORK / "bitnet-200m-stateless.mlpackage"
@@ -120,12 +118,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per position and round")
     ap.add_argument("--stage", choices=["all", "convert", "executor"], default="all")
     args = ap.parse_args()
-    from bench_hf_2b import write_checkpoint
-
     t0 = time.perf_counter()
-    write_checkpoint(FOLDER, shape=SHAPE, shards=1)
+    shaped_checkpoint("200m", shards=1)
     print(f"checkpoint {FOLDER} ready ({time.perf_counter() - t0:.1f} s)", flush=True)
-    res: dict[str, object] = {"shape": SHAPE, "context": CONTEXT, "prefill": PREFILL, "window": WINDOW}
+    res: dict[str, object] = {"shape": SHAPES["200m"], "context": CONTEXT, "prefill": PREFILL, "window": WINDOW}
     if args.stage in ("all", "convert") or not (STATEFUL.exists() and STATELESS.exists()):
         res["convert"] = bench_convert(args.rounds)
         c = res["convert"]

@@ -18,6 +18,7 @@ from bitnet_coreml.executor import ReferenceExecutor
 from bitnet_coreml.frontend.hf_checkpoint import load_checkpoint
 from bitnet_coreml.package.stateful import check_position, function_specs, stateful_info
 from bitnet_coreml.passes.ort import ort_session
+from tests.support.packages import PackageCache
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT = ROOT / "models" / "hf" / "bitnet-tiny-packed"
@@ -25,14 +26,10 @@ CONTEXT, PREFILL = 64, 16
 
 
 @pytest.fixture(scope="module")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("stateful")
-    out = {}
-    for prec in ("fp16", "fp32"):
-        out[prec] = d / f"s_{prec}.mlpackage"
-        convert(CKPT, out[prec], ConvertOptions(stateful=True, context=CONTEXT, prefill=PREFILL, precision=prec))
-    out["stateless"] = d / "plain.mlpackage"
-    convert(CKPT, out["stateless"], ConvertOptions(seq_len=PREFILL))
+def packages(converted: PackageCache) -> dict[str, Path]:
+    out = {prec: converted.get(CKPT, stateful=True, context=CONTEXT, prefill=PREFILL, precision=prec)
+           for prec in ("fp16", "fp32")}
+    out["stateless"] = converted.get(CKPT, seq_len=PREFILL)
     return out
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnet_coreml.convert import ConvertOptions, convert
 from bitnet_coreml.executor import ReferenceExecutor
 from bitnet_coreml.executor.stateful import StatefulRun
 from bitnet_coreml.verify import verify
+from tests.support.packages import PackageCache
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = sorted(p.name for p in (ROOT / "models" / "hf").iterdir() if (p / "config.json").is_file())
@@ -36,24 +36,16 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("stateful_parity")
-
-
-def _package(out_dir: Path, folder: str, precision: str) -> Path:
-    pkg = out_dir / f"{folder}-{precision}.mlpackage"
-    if not pkg.exists():
-        convert(ROOT / "models" / "hf" / folder, pkg,
-                ConvertOptions(stateful=True, context=CONTEXT, prefill=PREFILL, precision=precision))
-    return pkg
+def _package(converted: PackageCache, folder: str, precision: str) -> Path:
+    return converted.get(ROOT / "models" / "hf" / folder, stateful=True, context=CONTEXT, prefill=PREFILL,
+                         precision=precision)
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_fp32_matches_dynamic_cache_at_every_step(out_dir: Path, folder: str) -> None:
+def test_fp32_matches_dynamic_cache_at_every_step(converted: PackageCache, folder: str) -> None:
     z = _oracle(folder)
     ids = z["input_ids"]
-    run = StatefulRun(_package(out_dir, folder, "fp32"))
+    run = StatefulRun(_package(converted, folder, "fp32"))
     pre = run.call("prefill", ids[:, :PREFILL], 0)[0]
     dec = np.concatenate([run.call("decode", ids[:, t:t + 1], t)[0] for t in range(PREFILL, PREFILL + STEPS)])
     got = np.concatenate([pre, dec])
@@ -66,7 +58,7 @@ def test_fp32_matches_dynamic_cache_at_every_step(out_dir: Path, folder: str) ->
         # An 8-bit activation quantisation flipped a rounding at these positions (a tiny fp32 difference
         # crosses a .5 boundary). The stateless fp32 package over the same tokens flips it identically:
         # the cache and the positions are not the cause.
-        plain = _stateless(out_dir, folder, "fp32", ids)
+        plain = _stateless(converted, folder, "fp32", ids)
         assert np.allclose(got[low], plain[low], rtol=0, atol=1e-5 * np.abs(plain).max())
     # greedy generation: feed back the package's own argmax
     run.reset()
@@ -79,26 +71,25 @@ def test_fp32_matches_dynamic_cache_at_every_step(out_dir: Path, folder: str) ->
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_fp16_close_at_every_step_and_equal_to_stateless_fp16(out_dir: Path, folder: str) -> None:
+def test_fp16_close_at_every_step_and_equal_to_stateless_fp16(converted: PackageCache, folder: str) -> None:
     z = _oracle(folder)
     ids = z["input_ids"]
-    got = StatefulRun(_package(out_dir, folder, "fp16")).feed(ids)[0]
+    got = StatefulRun(_package(converted, folder, "fp16")).feed(ids)[0]
     ref = np.concatenate([z["prefill_logits"], z["decode_logits"]])
     assert _cos(got, ref).min() >= 0.999
-    assert np.array_equal(got, _stateless(out_dir, folder, "fp16", ids))
+    assert np.array_equal(got, _stateless(converted, folder, "fp16", ids))
 
 
-def _stateless(out_dir: Path, folder: str, precision: str, ids: np.ndarray) -> np.ndarray:
+def _stateless(converted: PackageCache, folder: str, precision: str, ids: np.ndarray) -> np.ndarray:
     """Logits of the stateless package of ``folder`` over all of ``ids`` at once."""
-    plain = out_dir / f"{folder}-{precision}-plain.mlpackage"
-    convert(ROOT / "models" / "hf" / folder, plain, ConvertOptions(seq_len=ids.shape[1], precision=precision))
+    plain = converted.get(ROOT / "models" / "hf" / folder, seq_len=ids.shape[1], precision=precision)
     return ReferenceExecutor(plain).predict({"input_ids": ids.astype(np.int32)})["logits"][0]
 
 
-def test_verify_command_on_stateful_package(out_dir: Path) -> None:
+def test_verify_command_on_stateful_package(converted: PackageCache) -> None:
     folder = "bitnet-tiny-autobitlinear"
     npz = ROOT / "models" / "hf_stateful" / f"{folder}.npz"
-    report = verify(ROOT / "models" / "hf" / folder, _package(out_dir, folder, "fp32"), npz, raise_on_failure=False)
+    report = verify(ROOT / "models" / "hf" / folder, _package(converted, folder, "fp32"), npz, raise_on_failure=False)
     refs = {c.reference for c in report.comparisons}
     assert refs == {"onnxruntime (stateless source)", "npz (transformers DynamicCache)"}
     assert report.passed and all(c.cosine >= 0.99999 and c.top1 == 1.0 for c in report.comparisons)

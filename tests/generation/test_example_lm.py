@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnet_coreml.convert import ConvertOptions, convert
 from bitnet_coreml.generation import GenerationSession, TextTokenizer
 from bitnet_coreml.package.assets import read_assets
 from bitnet_coreml.verify import TIE_FP16_STEPS, _fp16_step
+from tests.support.packages import PackageCache
 
 ROOT = Path(__file__).resolve().parents[2]
 LM = ROOT / "models" / "example-lm"
@@ -30,13 +30,9 @@ SEQS = REF.get("generate", {}).get("sequences", [])
 
 
 @pytest.fixture(scope="module")
-def lm_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("example_lm")
-    out = {}
-    for prec in ("fp32", "fp16"):
-        out[prec] = d / f"lm_{prec}.mlpackage"
-        convert(LM, out[prec], ConvertOptions(stateful=True, context=128, prefill=16, precision=prec, check=False))
-    return out
+def lm_packages(converted: PackageCache) -> dict[str, Path]:
+    return {prec: converted.get(LM, stateful=True, context=128, prefill=16, precision=prec, check=False)
+            for prec in ("fp32", "fp16")}
 
 
 def test_tokenizer_matches_transformers() -> None:

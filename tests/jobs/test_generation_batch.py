@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer
 
 from bitnet_coreml.cli import main
-from bitnet_coreml.convert import ConvertOptions, convert
 from bitnet_coreml.jobs.generation import GENERATIONS, run_generation_batch
+from tests.support.packages import PackageCache
 
 ROOT = Path(__file__).resolve().parents[2]
 LM = ROOT / "models" / "example-lm"
@@ -26,9 +26,8 @@ SEQS = json.loads(REF_PATH.read_text())["generate"]["sequences"] if REF_PATH.is_
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pkg = tmp_path_factory.mktemp("gen_batch") / "lm.mlpackage"
-    convert(LM, pkg, ConvertOptions(stateful=True, context=128, prefill=16, precision="fp32", check=False))
+def lm(converted: PackageCache) -> Path:
+    pkg = converted.get(LM, stateful=True, context=128, prefill=16, precision="fp32", check=False)
     return pkg
 
 
