@@ -15,7 +15,6 @@ import pytest
 from click.testing import CliRunner
 
 from bitnet_coreml.cli import main
-from bitnet_coreml.convert import ConvertOptions, convert
 from bitnet_coreml.errors import InputError
 from bitnet_coreml.executor import ReferenceExecutor
 from bitnet_coreml.executor._vm import pairwise_sum
@@ -23,6 +22,7 @@ from bitnet_coreml.executor.chunked import open_executor
 from bitnet_coreml.executor.fused import fuse
 from bitnet_coreml.generation import GenerationSession
 from tests.generation.conftest import TINY
+from tests.support.packages import PackageCache
 
 ROOT = Path(__file__).resolve().parents[2]
 LM = ROOT / "models" / "example-lm"
@@ -31,12 +31,10 @@ IDS = [int(i) for i in ORACLE["input_ids"][0]]
 
 
 @pytest.fixture(scope="module")
-def lm_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lm_fp16(converted: PackageCache) -> Path:
     if not (LM / "config.json").is_file():
         pytest.skip("bundled example LM missing (make models)")
-    out = tmp_path_factory.mktemp("fused_lm") / "lm_fp16.mlpackage"
-    convert(LM, out, ConvertOptions(stateful=True, context=128, prefill=16, precision="fp16", check=False))
-    return out
+    return converted.get(LM, stateful=True, context=128, prefill=16, precision="fp16", check=False)
 
 
 def _steps(pkg: Path, n: int, *, fp32: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], float]:
