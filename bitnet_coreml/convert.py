@@ -193,13 +193,15 @@ def external_data_files(path: str | os.PathLike[str], model: ir.Model | None = N
     return files
 
 
-def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None) -> str:
+def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None, *,
+                  external: list[Path] | None = None) -> str:
     """sha256 of a conversion's source, so a changed weight changes the hash.
 
     A checkpoint folder: every file (relative path + content, sorted). An ``.onnx`` file: its bytes,
     then each external-data file it references (relative name + content, sorted by name); a model
     without external data hashes to the plain sha256 of the file. ``model`` is the loaded model,
-    used only to find the external files without parsing the file again.
+    used only to find the external files without parsing the file again; ``external``, when given,
+    is that list already made (:func:`external_data_files`).
     """
     p = Path(path)
     h = hashlib.sha256()
@@ -221,7 +223,7 @@ def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None) -
             feed(f)
         return h.hexdigest()
     feed(p)
-    for f in external_data_files(p, model):
+    for f in external_data_files(p, model) if external is None else external:
         h.update(b"\0" + str(f.relative_to(p.parent)).encode() + b"\0")
         feed(f)
     return h.hexdigest()

@@ -38,11 +38,16 @@ def report(package: str, source: str | None, inputs: str | None, out: str | None
         raise InputError("give -o REPORT.html (and/or --json)")
     if out is not None:
         check_output(out)
-    from bitnet_coreml.report import collect, write_html
+    from bitnet_coreml.report import ChartWorker, collect, write_html
 
-    data = collect(package, source, inputs, seq_len=seq_len)
-    if out is not None:
-        write_html(data, out)
+    if out is None:
+        data = collect(package, source, inputs, seq_len=seq_len)
+    else:
+        from bitnet_coreml.report.html import chart_jobs
+
+        with ChartWorker() as worker:  # draws each chart in a child process as soon as its data is known
+            data = collect(package, source, inputs, seq_len=seq_len, progress=lambda part: worker.submit(chart_jobs(part)))
+            write_html(data, out, worker)
     if as_json:
         echo_json(data)
     else:

@@ -41,6 +41,17 @@ def _plt() -> _Charts:
     return _Charts()
 
 
+def warm_up() -> None:
+    """Import what drawing needs (matplotlib, its SVG writer, the font list) before the first chart is asked for."""
+    import importlib
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    for name in ("figure", "backends.backend_svg", "collections", "patches", "ticker", "font_manager"):
+        importlib.import_module(f"matplotlib.{name}")
+
+
 _SUPERSCRIPT = str.maketrans("-0123456789.", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u00b7")
 
 

@@ -18,7 +18,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 from bitnet_coreml import __version__
 from bitnet_coreml.errors import InputError, ModelLoadError
 from bitnet_coreml.frontend import builds_graph
+from bitnet_coreml.report.source import SourceHash, source_check
 
 log = logging.getLogger(__name__)
 
@@ -238,11 +239,14 @@ def _check_and_units(meta: Mapping[str, str], model: Any, check_target: Any, sou
 
 def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | None = None,
             inputs: str | os.PathLike[str] | None = None, *, seq_len: int | None = None,
-            target: Any = None) -> dict[str, Any]:
+            target: Any = None, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Everything the report shows, as one JSON-ready dict (``docs/schemas/report.schema.json``).
 
     ``target`` (a :class:`bitnet_coreml.check.Target`) is what the check on ``source`` runs for; by
     default the target the converter checked the package for (none when converted without a check).
+    ``progress``, when given, is called with the sections known so far (a JSON-ready partial report, each
+    section as it ends up in the result) as they become known, so that charts can be drawn while the
+    package and the source still run (:class:`bitnet_coreml.report.worker.ChartWorker`).
     """
     from bitnet_coreml.verify import package_meta
 
@@ -259,8 +263,8 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
         raise InputError(f"{pkg}: has no bitnet_coreml metadata; the report covers packages made by bitnet-coreml convert")
     precision = meta.get("bitnet_coreml.precision", "fp16")
     check_meta = _meta_json(meta, "bitnet_coreml.check", {})
-    fp16_meta = _meta_json(meta, "bitnet_coreml.fp16_safety", {})
     notes: list[str] = []
+    tell = progress or (lambda _part: None)
 
     data: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "generated_by": f"bitnet-coreml {__version__}",
@@ -269,26 +273,28 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     }
     needs_run = source is not None or inputs is not None
     given_source = str(source) if source is not None else None
-    hashed: dict[str, SourceHash] = {}  # _run starts it on the loaded source; else started below
-    from bitnet_coreml.executor import ReferenceExecutor
 
-    t0 = time.perf_counter()
-    ex = ReferenceExecutor(str(pkg))
-    load_seconds = time.perf_counter() - t0
-    by_kind = bytes_by_kind(ex.program, pkg)
-
-    # --- check and units: the converter's check stored in the package, else `check` re-run on the source
+    # --- the source: loaded as verify loads it, and hashed in a thread from here on (it overlaps the rest)
     why_no_parity = "parity needs the source model (--source)"
+    src = None
+    hashed: SourceHash | None = None
     if source is not None and "bitnet_coreml.stateful" in meta:
         # verify compares whole-sequence graphs; a stateful package runs token by token through its KV cache
         notes.append(f"{pkg} is stateful (KV cache): parity against the source is not measured by the report; "
                      "the check and compute units come from the package")
-        hashed["source"] = SourceHash(source)
+        hashed = SourceHash(source)
         source = None
         needs_run = inputs is not None
         why_no_parity = "stateful package: parity by depth is measured on whole-sequence packages only"
     if source is not None and seq_len is None and builds_graph(source):
         seq_len = _checkpoint_seq_len(pkg, spec, meta)
+    if source is not None:
+        from bitnet_coreml.frontend import load
+
+        src = load(source, seq_len=seq_len)  # the unrewritten graph, exactly what verify runs
+        hashed = SourceHash(source, src)
+
+    # --- check and units: the converter's check stored in the package, else `check` re-run on the source
     check_target = _check_target(meta, target)
     stored = check_meta.get("units") if target is None and check_meta.get("available") else None
     model = None
@@ -296,28 +302,43 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
         model = _load_source(source, seq_len)
     check, units = _check_and_units(meta, model, check_target, source, stored, notes)
     del model
+    fp16 = _fp16_section(meta, precision)
+    tell(finite({"units": units, "fp16": fp16}))
 
-    # --- parity (verify's inputs and comparisons) plus the residual stream by depth, and op timings
-    parity: dict[str, Any] = {**_NO_PARITY, "why_unavailable": why_no_parity}
-    timing: dict[str, Any] = {**_NO_TIMING}
-    specs = ex.input_specs
-    if needs_run:
-        parity, timing = _run(pkg, meta, ex, source, inputs, seq_len, notes, hashed)
-        if not parity["available"]:
-            parity["why_unavailable"] = why_no_parity
+    # --- the package in the reference executor: bytes by kind, memory
+    from bitnet_coreml.executor import ReferenceExecutor
 
+    t0 = time.perf_counter()
+    ex = ReferenceExecutor(str(pkg))
+    load_seconds = time.perf_counter() - t0
+    by_kind = bytes_by_kind(ex.program, pkg)
     activation_peak = ex.peak_activation_bytes()
     state = _state_info(ex, meta)
     from bitnet_coreml.package.writer import weight_bytes
 
     weights = weight_bytes(pkg)
     device_limit, device = _device_limit(check.get("target"))
-    peak = weights + activation_peak + (state["bytes"] if state else 0)
+    size = {"package_bytes": by_kind["total"], "weight_bytes": weights,
+            "activation_peak_bytes": activation_peak, "state": state,
+            "peak_estimate_bytes": weights + activation_peak + (state["bytes"] if state else 0), "device": device,
+            "device_limit_bytes": device_limit, "executor_load_seconds": round(load_seconds, 3)}
+    tell(finite({"summary": {"bytes_by_kind": by_kind}, "size": size}))
 
-    if given_source is not None and "source" not in hashed:
-        hashed["source"] = SourceHash(given_source)
+    # --- parity (verify's inputs and comparisons) plus the residual stream by depth, and op timings
+    parity: dict[str, Any] = {**_NO_PARITY, "why_unavailable": why_no_parity}
+    timing: dict[str, Any] = {**_NO_TIMING}
+    specs = ex.input_specs
+    run = None
+    if needs_run:
+        run, timing = _trace(meta, ex, src, source, inputs, seq_len, notes)
+        tell(finite({"timing": timing}))
+    del ex  # not needed any more: ONNX Runtime runs the source without the package's weights beside it
+    if run is not None and src is not None:
+        parity = _parity(pkg, meta, run, src, source, notes, hashed)
+    del src, run
+
     src_check = source_check(meta.get("bitnet_coreml.source_sha256"), given_source,
-                             hashed["source"].result() if "source" in hashed else None, notes)
+                             hashed.result() if hashed is not None else None, notes)
     verdict_check = "not checked" if not check["available"] else ("fits" if check["ok"] else "does not fit")
     pr = parity.get("report")
     data["summary"] = {
@@ -338,24 +359,28 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
                    "comparison": _headline(pr)},
     }
     data["units"] = units
-    data["fp16"] = {"available": bool(fp16_meta.get("layers")), "precision": precision,
-                    "fp16_max": fp16_meta.get("fp16_max"), "limit": fp16_meta.get("limit"),
-                    "calibration": fp16_meta.get("calibration"),
-                    "calibration_max_abs": fp16_meta.get("calibration_max_abs"),
-                    "layers": fp16_meta.get("layers", []), "rescaled": fp16_meta.get("rescaled", []),
-                    "fp32_nodes": fp16_meta.get("fp32_nodes", []), "notes": fp16_meta.get("notes", [])}
-    if precision == "fp32":
-        data["fp16"]["why_unavailable"] = "fp32 package: nothing is stored in fp16"
-    elif not fp16_meta.get("layers"):
-        data["fp16"]["why_unavailable"] = "the package predates per-layer fp16 statistics; convert it again"
+    data["fp16"] = fp16
     data["parity"] = parity
-    data["size"] = {"package_bytes": by_kind["total"], "weight_bytes": weights,
-                    "activation_peak_bytes": activation_peak, "state": state,
-                    "peak_estimate_bytes": peak, "device": device, "device_limit_bytes": device_limit,
-                    "executor_load_seconds": round(load_seconds, 3)}
+    data["size"] = size
     data["timing"] = timing
     data["seconds"] = round(time.perf_counter() - t_start, 3)
     return finite(data)
+
+
+def _fp16_section(meta: Mapping[str, str], precision: str) -> dict[str, Any]:
+    """The fp16 headroom section: the per-layer table the converter stored (``bitnet_coreml.fp16_safety``)."""
+    fp16_meta = _meta_json(meta, "bitnet_coreml.fp16_safety", {})
+    out = {"available": bool(fp16_meta.get("layers")), "precision": precision,
+           "fp16_max": fp16_meta.get("fp16_max"), "limit": fp16_meta.get("limit"),
+           "calibration": fp16_meta.get("calibration"),
+           "calibration_max_abs": fp16_meta.get("calibration_max_abs"),
+           "layers": fp16_meta.get("layers", []), "rescaled": fp16_meta.get("rescaled", []),
+           "fp32_nodes": fp16_meta.get("fp32_nodes", []), "notes": fp16_meta.get("notes", [])}
+    if precision == "fp32":
+        out["why_unavailable"] = "fp32 package: nothing is stored in fp16"
+    elif not fp16_meta.get("layers"):
+        out["why_unavailable"] = "the package predates per-layer fp16 statistics; convert it again"
+    return out
 
 
 _NO_PARITY: dict[str, Any] = {"available": False, "report": None, "depth": [], "worst_positions": [], "output": None,
@@ -363,52 +388,6 @@ _NO_PARITY: dict[str, Any] = {"available": False, "report": None, "depth": [], "
 _NO_TIMING: dict[str, Any] = {"available": False, "seconds": None, "by_family": {}, "calls": {},
                               "outside_ops_seconds": None,
                               "why_unavailable": "op timings need an input (--input X.npz)"}
-
-
-class SourceHash:
-    """The source's sha256 as the converter records it (``convert.source_sha256``), computed in a thread.
-
-    hashlib releases the GIL while it hashes, so reading an 800 MB source overlaps the executor and
-    ONNX Runtime instead of adding to the report's time. ``model`` (the loaded source) names an ONNX
-    file's external data without parsing the file again; the thread reads it only before the caller
-    first changes the graph (:meth:`result` is called before ``run_ort``).
-    """
-
-    def __init__(self, source: str | os.PathLike[str], model: Any = None) -> None:
-        import threading
-
-        self._value: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._hash, args=(source, model), name="report-sha256", daemon=True)
-        self._thread.start()
-
-    def _hash(self, source: str | os.PathLike[str], model: Any) -> None:
-        from bitnet_coreml.convert import source_sha256
-
-        try:
-            self._value = source_sha256(source, model if Path(source).is_file() else None)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
-            self._error = e
-
-    def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
-
-
-def source_check(recorded: str | None, source: str | None, actual: str | None, notes: list[str]) -> dict[str, Any]:
-    """The summary's source check: the sha256 the package records against the given source's."""
-    if source is None or actual is None:
-        return {"sha256": None, "matches": None, "verdict": "no source given"}
-    if not recorded:
-        return {"sha256": actual, "matches": None, "verdict": "the package records no source hash"}
-    if actual != recorded:
-        notes.append(f"{source} is not the file this package was converted from (sha256 {actual} differs from the "
-                     f"package's {recorded})")
-        return {"sha256": actual, "matches": False, "verdict": "differs: not the file the package was made from"}
-    return {"sha256": actual, "matches": True, "verdict": "matches the package's record"}
 
 
 def _headline(pr: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -435,31 +414,28 @@ def _device_limit(target: Mapping[str, Any] | None) -> tuple[int | None, str | N
     return (int(mb * (1 << 20)) if mb else None), dev.name
 
 
-def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, seq_len: int | None,
-         notes: list[str], hashed: dict[str, SourceHash]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the package (and the source in ONNX Runtime) on verify's inputs; parity by depth and op timings.
+class _Traced:
+    """The package's run on verify's inputs (:func:`_trace`), what :func:`_parity` compares with the source."""
 
-    Starts the source's hash (``hashed["source"]``) once the source is loaded."""
-    from bitnet_coreml.verify import (
-        ParityReport,
-        Thresholds,
-        compare,
-        feeds_for,
-        package_feeds,
-        stack,
-        unit_runs,
-    )
+    def __init__(self, feed_list: list[dict[str, np.ndarray]], extra: dict[str, np.ndarray],
+                 pfeeds: list[dict[str, np.ndarray]], traces: list[Any], capture: dict[str, str],
+                 points: list[tuple[str, str, str]]) -> None:
+        self.feed_list, self.extra, self.pfeeds, self.traces = feed_list, extra, pfeeds, traces
+        self.capture = capture  # ONNX value -> package op
+        self.points = points  # (label, layer, ONNX value)
+
+
+def _trace(meta: Mapping[str, str], ex: Any, src: Any, source: Any, inputs: Any, seq_len: int | None,
+           notes: list[str]) -> tuple[_Traced, dict[str, Any]]:
+    """Run the package on verify's inputs (those of ``src``, the source loaded from ``source``, when given),
+    keeping the residual stream; op timings with ``inputs``."""
+    from bitnet_coreml.verify import feeds_for, package_feeds
 
     precision = meta.get("bitnet_coreml.precision", "fp16")
     in_names = _meta_json(meta, "bitnet_coreml.input_names", {})
-    out_names = _meta_json(meta, "bitnet_coreml.output_names", {})
-    from bitnet_coreml.frontend import load
-
-    capture: dict[str, str] = {}  # ONNX value -> package op
-    points: list[tuple[str, str, str]] = []  # (label, layer, ONNX value)
-    if source is not None:
-        src = load(source, seq_len=seq_len)  # the unrewritten graph, exactly what verify runs
-        hashed["source"] = SourceHash(source, src)
+    capture: dict[str, str] = {}
+    points: list[tuple[str, str, str]] = []
+    if src is not None:
         feed_list, extra = feeds_for(src, inputs)
         names = {s.ctx.name for s in ex._block.steps if s.ctx.op_type == "add"}
         for label, layer, value, index in _residual_stream(meta, src, source, seq_len, precision, notes):
@@ -471,7 +447,6 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, 
             points.append((label, layer, value))
     else:
         feed_list, extra = feeds_for(_input_model(ex, in_names), inputs)
-        src = None
     pfeeds = [package_feeds(f, in_names, ex.input_specs) for f in feed_list]
     profile = inputs is not None
     traces = [ex.trace(pf, capture=set(capture.values()), profile=profile,
@@ -483,23 +458,29 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, 
         timing = {"available": True, "seconds": round(tr.seconds, 6), "by_family": fam, "calls": dict(tr.calls),
                   "outside_ops_seconds": round(max(0.0, tr.seconds - sum(tr.by_family.values())), 6),
                   "why_unavailable": None}
-    if src is None:
-        return {**_NO_PARITY, "why_unavailable": "parity needs the source model (--source)"}, timing
-    from bitnet_coreml.lower.fp16 import run_ort
-    from bitnet_coreml.verify import metrics
+    return _Traced(feed_list, extra, pfeeds, traces, capture, points), timing
 
-    wanted = list(capture)
-    hashed["source"].result()  # run_ort changes the graph for its run; the hash thread has read it by now
-    ort_runs = [run_ort(src, f, values=wanted) for f in feed_list]
-    del src
+
+def _parity(pkg: Path, meta: Mapping[str, str], run: _Traced, src: Any, source: Any, notes: list[str],
+            hashed: SourceHash | None) -> dict[str, Any]:
+    """The package's run against the source's in ONNX Runtime: verify's comparisons, parity by depth, worst positions."""
+    from bitnet_coreml.lower.fp16 import run_ort
+    from bitnet_coreml.verify import ParityReport, Thresholds, compare, metrics, stack, unit_runs
+
+    precision = meta.get("bitnet_coreml.precision", "fp16")
+    out_names = _meta_json(meta, "bitnet_coreml.output_names", {})
+    capture, traces = run.capture, run.traces
+    if hashed is not None:
+        hashed.graph_read()  # run_ort changes the graph for its run
+    ort_runs = [run_ort(src, f, values=list(capture)) for f in run.feed_list]
     graph_outs = [n for n in ort_runs[0] if n not in capture]
     ort_out = stack([{k: r[k] for k in graph_outs} for r in ort_runs])
     runs = {"reference-executor": stack([t.outputs for t in traces])}
     report = ParityReport(str(source), str(pkg), precision, Thresholds.for_precision(precision))
-    runs.update(unit_runs(pkg, pfeeds, None, report))  # the compute units, exactly as verify runs them
-    compare(report, runs, ort_out, extra, out_names)
+    runs.update(unit_runs(pkg, run.pfeeds, None, report))  # the compute units, exactly as verify runs them
+    compare(report, runs, ort_out, run.extra, out_names)
     depth = []
-    for label, layer, value in points:
+    for label, layer, value in run.points:
         if value not in ort_runs[0]:
             continue
         ref = np.concatenate([r[value].reshape(-1) for r in ort_runs])
@@ -518,10 +499,9 @@ def _run(pkg: Path, meta: Mapping[str, str], ex: Any, source: Any, inputs: Any, 
     logits = next((k for k, v in ort_out.items() if v.ndim >= 2 and v.shape[-1] >= 2), None)
     if logits is not None and out_names.get(logits, logits) in runs["reference-executor"]:
         worst = _worst_positions(ort_out[logits], runs["reference-executor"][out_names.get(logits, logits)],
-                                 len(feed_list))
-    parity = {"available": True, "report": report.to_dict(), "depth": depth, "worst_positions": worst,
-              "output": logits, "draws": len(feed_list), "why_unavailable": None}
-    return parity, timing
+                                 len(run.feed_list))
+    return {"available": True, "report": report.to_dict(), "depth": depth, "worst_positions": worst,
+            "output": logits, "draws": len(run.feed_list), "why_unavailable": None}
 
 
 def _residual_stream(meta: Mapping[str, str], src: Any, source: Any, seq_len: int | None, precision: str,
