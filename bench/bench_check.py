@@ -14,24 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import Measured, python_snippet, run_measured
-
-
-def _interleaved(n: int, argvs: dict[str, list[str]]) -> dict[str, list[Measured]]:
-    """Run the commands alternately n times each, so machine load drifts hit both alike."""
-    out: dict[str, list[Measured]] = {k: [] for k in argvs}
-    for _ in range(n):
-        for k, argv in argvs.items():
-            m = run_measured(argv)
-            if m.returncode != 0:
-                raise SystemExit(f"{k} failed with exit code {m.returncode}: {' '.join(argv)}")
-            out[k].append(m)
-    return out
+from _measure import interleaved, python_snippet
 
 
 def main() -> None:
@@ -57,19 +44,11 @@ def main() -> None:
         " standalone_mode=False)\n"
         "except SystemExit as e:\n"
         "    sys.exit(0 if e.code in (0, 1) else e.code)\n")
-    runs = _interleaved(args.repeat, {"inspect": inspect_argv, "check": check_argv})
-    best = {k: min(v, key=lambda m: m.wall_s) for k, v in runs.items()}
-    med = {k: statistics.median(m.wall_s for m in v) for k, v in runs.items()}
-    pair = [c.wall_s / i.wall_s for i, c in zip(runs["inspect"], runs["check"], strict=True)]
+    runs = interleaved(args.repeat, {"inspect": inspect_argv, "check": check_argv})
     print(f"model: {path} ({size_mb:.0f} MiB on disk, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}), {args.repeat} interleaved runs each")
-    print(f"{'':10}{'best s':>9}{'median s':>10}{'peak RSS MiB':>15}")
-    for k in runs:
-        print(f"{k:10}{best[k].wall_s:9.2f}{med[k]:10.2f}{best[k].peak_rss_mb:15.0f}")
-    print(f"check / inspect wall: best {best['check'].wall_s / best['inspect'].wall_s:.3f}x, "
-          f"median {med['check'] / med['inspect']:.3f}x, median of run pairs {statistics.median(pair):.3f}x "
-          "(goal <= 1.1x)")
-    print(f"check / inspect peak RSS: {best['check'].peak_rss_mb / best['inspect'].peak_rss_mb:.3f}x")
+    runs.print_table()
+    runs.print_ratios("check", "inspect", "goal <= 1.1x")
 
 
 if __name__ == "__main__":

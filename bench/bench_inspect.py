@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import best_of, python_snippet
+from _measure import interleaved, python_snippet
 
 
 def main() -> None:
@@ -27,10 +27,11 @@ def main() -> None:
     if not path.exists():
         raise SystemExit(f"{path} not found; make it with: python bench/make_bench_model.py --size 200m")
     size_mb = sum(f.stat().st_size for f in path.parent.iterdir() if f.name == path.name or f.name.startswith(path.name + ".")) / 2**20
-    onnx_load = best_of(args.repeat, python_snippet(f"import onnx; onnx.load({str(path)!r})"))
-    inspect = best_of(args.repeat, python_snippet(
-        "from bitnet_coreml.commands.inspect import inspect_cmd; "
-        f"inspect_cmd.main([{str(path)!r}, '--json'], standalone_mode=False)"))
+    inspect_argv = python_snippet("from bitnet_coreml.commands.inspect import inspect_cmd; "
+                                  f"inspect_cmd.main([{str(path)!r}, '--json'], standalone_mode=False)")
+    runs = interleaved(args.repeat, {"onnx.load": python_snippet(f"import onnx; onnx.load({str(path)!r})"),
+                                     "inspect": inspect_argv})
+    onnx_load, inspect = runs.best("onnx.load"), runs.best("inspect")
     print(f"model: {path} ({size_mb:.0f} MiB on disk, {os.cpu_count()} cores)")
     print(f"{'':14}{'wall s':>10}{'peak RSS MiB':>15}")
     print(f"{'onnx.load':14}{onnx_load.wall_s:10.2f}{onnx_load.peak_rss_mb:15.0f}")

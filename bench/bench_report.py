@@ -18,26 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import Measured, run_measured
+from _measure import interleaved
 
 CLI = [sys.executable, "-m", "bitnet_coreml.cli"]
-
-
-def _interleaved(n: int, argvs: dict[str, list[str]]) -> dict[str, list[Measured]]:
-    out: dict[str, list[Measured]] = {k: [] for k in argvs}
-    for _ in range(n):
-        for k, argv in argvs.items():
-            m = run_measured(argv)
-            if m.returncode not in (0, 1):  # 1: verify ran to the end and its parity verdict is "below threshold"
-                raise SystemExit(f"{k} failed with exit code {m.returncode}: {' '.join(argv)}")
-            out[k].append(m)
-    return out
 
 
 def main() -> None:
@@ -57,24 +45,13 @@ def main() -> None:
                         "--calibration", str(npz), "--json"], check=True, stdout=subprocess.DEVNULL)
     verify_argv = [*CLI, "verify", str(src), str(pkg), "--input", str(npz), "--json"]
     report_argv = [*CLI, "report", str(pkg), "--source", str(src), "--input", str(npz), "-o", str(html)]
-    runs = _interleaved(args.repeat, {"verify": verify_argv, "report": report_argv})
-    best = {k: min(v, key=lambda m: m.wall_s) for k, v in runs.items()}
-    med = {k: statistics.median(m.wall_s for m in v) for k, v in runs.items()}
-    pair = [r.wall_s / v.wall_s for v, r in zip(runs["verify"], runs["report"], strict=True)]
+    # 1: verify ran to the end and its parity verdict is "below threshold"
+    runs = interleaved(args.repeat, {"verify": verify_argv, "report": report_argv}, ok=(0, 1))
     size = html.stat().st_size
     print(f"package: {pkg} ({sum(f.stat().st_size for f in pkg.rglob('*') if f.is_file()) / 2**20:.0f} MiB), "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, {args.repeat} interleaved runs each")
-    cpu = {k: statistics.median(m.cpu_s for m in v) for k, v in runs.items()}
-    cpu_pair = [r.cpu_s / v.cpu_s for v, r in zip(runs["verify"], runs["report"], strict=True)]
-    print(f"{'':10}{'best s':>9}{'median s':>10}{'median CPU s':>14}{'peak RSS MiB':>15}")
-    for k in runs:
-        print(f"{k:10}{best[k].wall_s:9.2f}{med[k]:10.2f}{cpu[k]:14.2f}{best[k].peak_rss_mb:15.0f}")
-    print(f"report / verify wall: best {best['report'].wall_s / best['verify'].wall_s:.3f}x, "
-          f"median {med['report'] / med['verify']:.3f}x, median of run pairs {statistics.median(pair):.3f}x "
-          "(goal <= 1.2x)")
-    print(f"report / verify CPU: median {cpu['report'] / cpu['verify']:.3f}x, median of run pairs "
-          f"{statistics.median(cpu_pair):.3f}x")
-    print(f"report / verify peak RSS: {best['report'].peak_rss_mb / best['verify'].peak_rss_mb:.3f}x")
+    runs.print_table(cpu=True)
+    runs.print_ratios("report", "verify", "goal <= 1.2x", cpu=True)
     print(f"report page: {html} {size:,} bytes ({size / 2**20:.2f} MiB; goal < 2 MB)")
 
 
