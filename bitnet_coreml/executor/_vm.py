@@ -319,6 +319,31 @@ def _clip_v(o, a, lo, hi):  # type: ignore[no-untyped-def]  # pragma: no cover -
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
+def _extreme(x, smallest):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """The maximum (``smallest``: minimum) of a contiguous vector, NaN if it holds one (numpy's max /
+    min): 16 running extremes side by side, then combined."""
+    n = x.size
+    lanes = np.empty(16, dtype=np.float32)
+    lanes[:] = x[0]
+    nan = 0
+    nv = n - n % 16
+    for i0 in range(0, nv, 16):
+        for lane in range(16):
+            v = x[i0 + lane]
+            nan += v != v
+            if smallest:
+                lanes[lane] = v if v < lanes[lane] else lanes[lane]
+            else:
+                lanes[lane] = v if v > lanes[lane] else lanes[lane]
+    r = lanes[0]
+    for lane in range(1, 16):
+        r = _bin(MIN if smallest else MAX, r, lanes[lane])
+    for i in range(nv, n):
+        r = _bin(MIN if smallest else MAX, r, x[i])
+    return np.float32(np.nan) if nan else r
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def _round_v(o, mode, bits):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """Round ``o`` in place to the output dtype (fp16: one vectorised fptrunc / fpext pass)."""
     if mode == R_F16:
@@ -467,10 +492,12 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
                     for i2 in range(d2):
                         ao = _off(ins, A, i0, i1, i2, 0)
                         if op == RMAX or op == RMIN or op == SOFTMAX:
-                            r = xa[ao]
-                            for i in range(1, n):
-                                v = xa[ao + i * st]
-                                r = _bin(MAX if op != RMIN else MIN, r, v)
+                            if st == 1:
+                                r = _extreme(xa[ao:ao + n], op == RMIN)
+                            else:
+                                r = xa[ao]
+                                for i in range(1, n):
+                                    r = _bin(MAX if op != RMIN else MIN, r, xa[ao + i * st])
                             if op == SOFTMAX:
                                 so = ins[OUT + 5]
                                 oo = _off(ins, OUT, i0, i1, i2, 0)

@@ -134,3 +134,13 @@ def test_cli_says_which_engine_ran(tiny_packages: dict[str, Path]) -> None:
     res = CliRunner().invoke(main, ["generate", str(tiny_packages["fp16"]), "--ids", ids, "-n", "2",
                                     "--units", "reference", "--engine", "turbo"])
     assert res.exit_code == 2
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1024, 2816])
+def test_kernel_extremes_are_numpys(n: int) -> None:
+    from bitnet_coreml.executor._vm import _extreme
+
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    assert _extreme(x, False) == np.max(x) and _extreme(x, True) == np.min(x)
+    x[n // 2] = np.nan
+    assert np.isnan(_extreme(x, False)) and np.isnan(_extreme(x, True))
