@@ -38,32 +38,41 @@ HAS_VNNI = _host_has_vnni()
 
 
 @intrinsic
-def _dp64(typingctx, acc, codes, ci, planes, pi):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """``acc[0:16] += vpdpbusd(field_i(codes[ci:ci+64]), planes[i, pi:pi+64])`` for the 4 fields i."""
-    sig = types.void(acc, codes, types.intp, planes, types.intp)
+def _row_dot(typingctx, codes, planes, steps):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """``sum_i sum_j field_i(codes[j]) * planes[i, j]`` over the first ``64 * steps`` code bytes of a row.
+
+    A loop in LLVM IR: per 64 code bytes, each of the 4 fields (shift, mask) goes through one
+    ``vpdpbusd`` into its own accumulator (four independent chains, held in registers); the four are
+    added and reduced to one int32 at the end. Integer arithmetic: exact in any order.
+    """
+    sig = types.int32(codes, planes, types.intp)
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        acc_a = context.make_array(signature.args[0])(context, builder, args[0])
-        c_a = context.make_array(signature.args[1])(context, builder, args[1])
-        p_a = context.make_array(signature.args[3])(context, builder, args[3])
+        c_a = context.make_array(signature.args[0])(context, builder, args[0])
+        p_a = context.make_array(signature.args[1])(context, builder, args[1])
         v16 = ir.VectorType(ir.IntType(32), 16)
         v64 = ir.VectorType(ir.IntType(8), 64)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]),
+        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]),
                                             "llvm.x86.avx512.vpdpbusd.512")
-        accp = builder.bitcast(acc_a.data, v16.as_pointer())
-        a = builder.load(accp, align=4)
-        c = builder.load(builder.bitcast(builder.gep(c_a.data, [args[2]]), v64.as_pointer()), align=1)
+        slots = [cgutils.alloca_once_value(builder, ir.Constant(v16, [0] * 16)) for _ in range(4)]
         row_bytes = builder.extract_value(p_a.strides, 0)
         three = ir.Constant(v64, [3] * 64)
-        for i in range(4):
-            f = c if i == 0 else builder.lshr(c, ir.Constant(v64, [2 * i] * 64))
-            if i < 3:
-                f = builder.and_(f, three)
-            at = builder.add(builder.mul(row_bytes, ir.Constant(row_bytes.type, i)), args[4])
-            q = builder.load(builder.bitcast(builder.gep(p_a.data, [at]), v64.as_pointer()), align=1)
-            a = builder.call(fn, [a, builder.bitcast(f, v16), builder.bitcast(q, v16)])
-        builder.store(a, accp, align=4)
-        return context.get_dummy_value()
+        with cgutils.for_range(builder, args[2]) as loop:
+            at = builder.mul(loop.index, ir.Constant(loop.index.type, 64))
+            c = builder.load(builder.bitcast(builder.gep(c_a.data, [at]), v64.as_pointer()), align=1)
+            for i in range(4):
+                f = c if i == 0 else builder.lshr(c, ir.Constant(v64, [2 * i] * 64))
+                if i < 3:
+                    f = builder.and_(f, three)
+                pat = builder.add(builder.mul(row_bytes, ir.Constant(row_bytes.type, i)), at)
+                q = builder.load(builder.bitcast(builder.gep(p_a.data, [pat]), v64.as_pointer()), align=1)
+                acc = builder.call(dp, [builder.load(slots[i]), builder.bitcast(f, v16), builder.bitcast(q, v16)])
+                builder.store(acc, slots[i])
+        vs = [builder.load(slot) for slot in slots]
+        total = builder.add(builder.add(vs[0], vs[1]), builder.add(vs[2], vs[3]))
+        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), [v16]),
+                                             "llvm.vector.reduce.add.v16i32")
+        return builder.call(red, [total])
 
     return sig, codegen
 
@@ -72,18 +81,13 @@ def _dp64(typingctx, acc, codes, ci, planes, pi):  # type: ignore[no-untyped-def
 def int_matmul_vnni(codes: np.ndarray, planes: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     """``out[m, n] = sum_j sum_i planes[m, i, j] * field_i(codes[n, j])``: ``ternary._int_matmul``'s result."""
     n_rows, kb = codes.shape
-    kv = kb - kb % 64
-    acc = np.zeros(16, dtype=np.int32)
+    steps = kb // 64
+    kv = 64 * steps
     for m in range(planes.shape[0]):
         p = planes[m]
         for n in range(n_rows):
             row = codes[n]
-            acc[:] = 0
-            for j in range(0, kv, 64):
-                _dp64(acc, row, j, p, j)
-            s = np.int32(0)
-            for lane in range(16):
-                s += acc[lane]
+            s = _row_dot(row, p, steps)
             for j in range(kv, kb):
                 b = np.int32(row[j])
                 s += (np.int32(p[0, j]) * (b & 3) + np.int32(p[1, j]) * ((b >> 2) & 3)

@@ -33,10 +33,10 @@ def _sequential(x: np.ndarray, w32: np.ndarray) -> np.ndarray:
     return np.add.accumulate(prods, axis=2, dtype=np.float32)[:, :, -1]
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
-def test_few_rows_are_the_sequential_float32_sum(rows: int) -> None:
+@pytest.mark.parametrize(("rows", "k"), [(1, 96), (2, 96), (5, 96), (8, 96), (1, 101), (3, 13)])
+def test_few_rows_are_the_sequential_float32_sum(rows: int, k: int) -> None:
     rng = np.random.default_rng(rows)
-    n, k = 130, 96  # n not a multiple of the 64-row block: padding must not show
+    n = 130  # not a multiple of the 64-row block: padding must not show; k: 8-row steps and a remainder
     w = _weight(rng, n, k)
     x = rng.uniform(-3, 3, size=(rows, k)).astype(np.float16).astype(np.float32)  # fp16 activations
     got = half.matmul_t(x, HalfWeight(w))
