@@ -214,13 +214,16 @@ class _Importer:
         k, v = self.keys_values(k, v, p)
         T = int(k.shape[2])  # type: ignore[index, arg-type]  # keys attended to: S, or the cache's context
         # Scale q before the product (same result as scaling the scores; smaller numbers in fp16).
-        q = g.op("Mul", [q, g.const(f"{p}.scaling", np.asarray(np.float32(d ** -0.5)))], shape=[1, H, S, d])
+        # The attention nodes are named: the stateless graph and the stateful functions' graphs then
+        # name them alike, and the fp16-safety plan (measured on the first) keeps the same ones in fp32.
+        q = g.op("Mul", [q, g.const(f"{p}.scaling", np.asarray(np.float32(d ** -0.5)))], shape=[1, H, S, d],
+                 name=f"{p}.q_scaled")
         qg = g.reshape(q, [1, Hkv, rep * S, d])
         kt = g.op("Transpose", [k], {"perm": [0, 1, 3, 2]}, shape=[1, Hkv, d, T])
-        scores = g.op("MatMul", [qg, kt], shape=[1, Hkv, rep * S, T])
-        scores = g.op("Add", [scores, mask], shape=[1, Hkv, rep * S, T])
-        probs = g.op("Softmax", [scores], {"axis": -1}, shape=[1, Hkv, rep * S, T])
-        o = g.op("MatMul", [probs, v], shape=[1, Hkv, rep * S, d])
+        scores = g.op("MatMul", [qg, kt], shape=[1, Hkv, rep * S, T], name=f"{p}.scores")
+        scores = g.op("Add", [scores, mask], shape=[1, Hkv, rep * S, T], name=f"{p}.masked_scores")
+        probs = g.op("Softmax", [scores], {"axis": -1}, shape=[1, Hkv, rep * S, T], name=f"{p}.probs")
+        o = g.op("MatMul", [probs, v], shape=[1, Hkv, rep * S, d], name=f"{p}.context")
         o = g.reshape(o, [1, H, S, d])
         o = g.op("Transpose", [o], {"perm": [0, 2, 1, 3]}, shape=[1, S, H, d])
         o = g.reshape(o, [1, S, H * d])

@@ -282,9 +282,10 @@ def build_program(model: ir.Model, options: BuildOptions | None = None, *,
             finally:
                 ctx.values.update(swapped)
                 ctx.options["float_is_fp16"] = options.native_fp16 and options.native_casts
-            if in_fp32 and any(not isinstance(v, np.ndarray) for v in swapped.values()):
-                # its inputs were fp16 program values: its float outputs go back to fp16 where a node
-                # outside fp32 reads them (and stay fp32 for the next fp32-kept node)
+            if in_fp32 and (any(not isinstance(v, np.ndarray) for v in swapped.values())
+                            or any(v is not None and v.name in kept_fp32 for v in node.inputs)):
+                # it reads fp16 program values (or an fp32-kept node that does): its float outputs go back
+                # to fp16 where a node outside fp32 reads them (and stay fp32 for the next fp32-kept node)
                 kept_fp32.update({o.name: None for o in node.outputs if o.name})
             _check_ranks(node, outs, rank_limit)
             if len(outs) < len([o for o in node.outputs if o.name]):

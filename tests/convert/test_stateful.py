@@ -278,3 +278,42 @@ def test_predict_on_core_ml_matches_transformers(packages: dict[str, Path], tmp_
         got = z["logits"][0].astype(np.float64)
     cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
     assert cos.min() >= (0.9999 if unit == "cpu" else 0.999)
+
+
+def test_fp32_kept_attention_stays_fp32_in_both_functions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes the fp16-safety analysis keeps in fp32 (measured on the stateless graph) are found by name in
+    both functions' graphs and built in fp32 there; the logits then still equal the stateless package's."""
+    import coremltools as ct
+    from coremltools.proto import MIL_pb2
+
+    import bitnet_coreml.lower.fp16 as fp16
+
+    kept = {f"model_layers_1_self_attn_{n}" for n in ("scores", "masked_scores", "probs")}
+    measure = fp16.make_fp16_safe
+
+    def plan_with_fp32_attention(model, feeds):  # type: ignore[no-untyped-def]
+        plan = measure(model, feeds)
+        assert kept <= {n.name for n in model.graph}
+        plan.fp32_nodes |= kept
+        return plan
+
+    monkeypatch.setattr(fp16, "make_fp16_safe", plan_with_fp32_attention)
+    pkg, plain = tmp_path / "s.mlpackage", tmp_path / "plain.mlpackage"
+    r = convert(CKPT, pkg, ConvertOptions(stateful=True, context=CONTEXT, prefill=PREFILL))
+    assert not [n for n in r.notes if "not found by name" in n]
+    assert {f"{f}: 3 node(s) kept in fp32: {', '.join(sorted(kept))}" for f in ("prefill", "decode")} <= set(r.notes)
+    spec = ct.models.MLModel(str(pkg), skip_model_load=True).get_spec()
+    for name, fn in spec.mlProgram.functions.items():
+        ops = next(iter(fn.block_specializations.values())).operations
+        soft = [op.outputs[0].type.tensorType.dataType for op in ops if op.type == "softmax"]
+        assert sorted(soft) == [MIL_pb2.DataType.FLOAT16, MIL_pb2.DataType.FLOAT32], name  # layer 0 fp16, 1 fp32
+    z = np.load(ROOT / "models" / "hf_stateful" / "bitnet-tiny-packed.npz")
+    ids = z["input_ids"].astype(np.int32)
+    from bitnet_coreml.executor.stateful import StatefulRun
+
+    got = StatefulRun(pkg).feed(ids)[0]
+    convert(CKPT, plain, ConvertOptions(seq_len=ids.shape[1]))
+    want = ReferenceExecutor(plain).predict({"input_ids": ids})["logits"][0]
+    assert np.array_equal(got, want)
+    ref = np.concatenate([z["prefill_logits"], z["decode_logits"]]).astype(np.float64)
+    assert _cos(got.astype(np.float64), ref).min() >= 0.999
