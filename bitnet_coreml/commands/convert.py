@@ -61,11 +61,6 @@ def convert(model: str, out: str, target: str | None, chip: str | None, min_os: 
     from bitnet_coreml.convert import convert as run_convert
 
     if report_path is not None:
-        if chunks is not None:
-            from bitnet_coreml.errors import InputError
-
-            raise InputError(f"--report {report_path}: the conversion report reads one package; a chunked model "
-                             "(--chunks) has none (inspect the folder, or verify it)")
         from bitnet_coreml.commands.report import check_output
 
         check_output(report_path)

@@ -33,7 +33,8 @@ def check_output(out: str) -> None:
               help="Print the report data as JSON (docs/schemas/report.schema.json).")
 def report(package: str, source: str | None, inputs: str | None, out: str | None, seq_len: int | None,
            as_json: bool) -> None:
-    """Write an offline HTML report of PACKAGE: summary, compute units, fp16 headroom, parity, memory, timings."""
+    """Write an offline HTML report of PACKAGE (or a chunked model folder): summary, compute units, fp16 headroom,
+    parity, memory, timings."""
     if out is None and not as_json:
         raise InputError("give -o REPORT.html (and/or --json)")
     if out is not None:

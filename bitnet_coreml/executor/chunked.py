@@ -12,14 +12,14 @@ returns the last piece's outputs. A stateful model's state is one :class:`Chunke
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bitnet_coreml.executor.errors import StateError
-from bitnet_coreml.executor.executor import ExecutorState, InputSpec, ReferenceExecutor
+from bitnet_coreml.executor.executor import ExecutorState, InputSpec, ReferenceExecutor, Trace
 
 __all__ = ["ChunkedExecutor", "ChunkedState", "open_executor"]
 
@@ -131,6 +131,34 @@ class ChunkedExecutor:
 
     def predict(self, inputs: Mapping[str, np.ndarray], state: ChunkedState | None = None) -> dict[str, np.ndarray]:
         """Run the pieces in order; returns the last piece's outputs."""
+        return self._chain(inputs, state, lambda p, feed, st: p.predict(feed, st))
+
+    def trace(self, inputs: Mapping[str, np.ndarray], *, capture: Collection[str] = (), profile: bool = False,
+              state: ChunkedState | None = None) -> Trace:
+        """``ReferenceExecutor.trace`` over the pieces in order: the last piece's outputs, the ops of ``capture`` any
+        piece holds, and the pieces' op times added up per op family."""
+        traces: list[Trace] = []
+
+        def run(p: ReferenceExecutor, feed: dict[str, Any], st: ExecutorState | None) -> dict[str, np.ndarray]:
+            traces.append(p.trace(feed, capture=capture, profile=profile, state=st))
+            return traces[-1].outputs
+
+        outputs = self._chain(inputs, state, run)
+        by_family: dict[str, float] = {}
+        calls: dict[str, int] = {}
+        for t in traces:
+            for fam, sec in t.by_family.items():
+                by_family[fam] = by_family.get(fam, 0.0) + sec
+            for fam, n in t.calls.items():
+                calls[fam] = calls.get(fam, 0) + n
+        return Trace(outputs, {k: v for t in traces for k, v in t.values.items()}, sum(t.seconds for t in traces),
+                     by_family, calls)
+
+    def _chain(self, inputs: Mapping[str, np.ndarray], state: ChunkedState | None,
+               call: Callable[[ReferenceExecutor, dict[str, Any], ExecutorState | None], dict[str, np.ndarray]]
+               ) -> dict[str, np.ndarray]:
+        """Call ``call(piece, feed, piece state)`` on the pieces in order, each fed the model inputs it declares and
+        the boundary tensors before it; returns the last call's outputs."""
         from bitnet_coreml.executor.errors import UnexpectedInputError
 
         if not isinstance(inputs, Mapping):
@@ -148,7 +176,7 @@ class ChunkedExecutor:
             feed = {n: values[n] if n not in self._boundaries or values[n].dtype == spec.dtype
                     else values[n].astype(spec.dtype)  # fp32 mode returns fp16 outputs as fp32
                     for n, spec in p.input_specs.items() if n in values}
-            out = p.predict(feed, state.pieces[k] if state is not None and p.is_stateful else None)
+            out = call(p, feed, state.pieces[k] if state is not None and p.is_stateful else None)
             values.update(out)
         return out
 

@@ -27,6 +27,7 @@ import numpy as np
 from bitnet_coreml import __version__
 from bitnet_coreml.errors import InputError, ModelLoadError
 from bitnet_coreml.frontend import builds_graph
+from bitnet_coreml.package.chunked import is_chunked
 from bitnet_coreml.report.source import SourceHash, source_check
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,7 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
         raise InputError(f"{pkg}: has no bitnet_coreml metadata; the report covers packages made by bitnet-coreml convert")
     precision = meta.get("bitnet_coreml.precision", "fp16")
     check_meta = _meta_json(meta, "bitnet_coreml.check", {})
+    chunked = is_chunked(pkg)
     notes: list[str] = []
     tell = progress or (lambda _part: None)
 
@@ -295,28 +297,38 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
         hashed = SourceHash(source, src)
 
     # --- check and units: the converter's check stored in the package, else `check` re-run on the source
-    check_target = _check_target(meta, target)
-    stored = check_meta.get("units") if target is None and check_meta.get("available") else None
-    model = None
-    if source is not None and check_target is not None and stored is None:
-        model = _load_source(source, seq_len)
-    check, units = _check_and_units(meta, model, check_target, source, stored, notes)
-    del model
     fp16 = _fp16_section(meta, precision)
-    tell(finite({"units": units, "fp16": fp16}))
+    if not chunked:
+        check_target = _check_target(meta, target)
+        stored = check_meta.get("units") if target is None and check_meta.get("available") else None
+        model = None
+        if source is not None and check_target is not None and stored is None:
+            model = _load_source(source, seq_len)
+        check, units = _check_and_units(meta, model, check_target, source, stored, notes)
+        del model
+        tell(finite({"units": units, "fp16": fp16}))
 
-    # --- the package in the reference executor: bytes by kind, memory
-    from bitnet_coreml.executor import ReferenceExecutor
+    # --- the package in the reference executor (a chunked folder: its pieces in order): bytes by kind, memory
+    from bitnet_coreml.executor.chunked import open_executor
 
     t0 = time.perf_counter()
-    ex = ReferenceExecutor(str(pkg))
+    ex = open_executor(str(pkg))
     load_seconds = time.perf_counter() - t0
-    by_kind = bytes_by_kind(ex.program, pkg)
+    chunks = None
+    if chunked:  # every piece's own check, units, bytes (report/chunked.py)
+        from bitnet_coreml.report.chunked import piece_sections
+
+        pieces = piece_sections(pkg, ex, notes)
+        check, units, by_kind, weights, chunks = (pieces[k] for k in ("check", "units", "bytes_by_kind",
+                                                                       "weight_bytes", "chunks"))
+        tell(finite({"units": units, "fp16": fp16}))
+    else:
+        from bitnet_coreml.package.writer import weight_bytes
+
+        by_kind = bytes_by_kind(ex.program, pkg)
+        weights = weight_bytes(pkg)
     activation_peak = ex.peak_activation_bytes()
     state = _state_info(ex, meta)
-    from bitnet_coreml.package.writer import weight_bytes
-
-    weights = weight_bytes(pkg)
     device_limit, device = _device_limit(check.get("target"))
     size = {"package_bytes": by_kind["total"], "weight_bytes": weights,
             "activation_peak_bytes": activation_peak, "state": state,
@@ -330,7 +342,7 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     specs = ex.input_specs
     run = None
     if needs_run:
-        run, timing = _trace(meta, ex, src, source, inputs, seq_len, notes)
+        run, timing = _trace(meta, ex, src, source, inputs, seq_len, notes, residual=not chunked)
         tell(finite({"timing": timing}))
     del ex  # not needed any more: ONNX Runtime runs the source without the package's weights beside it
     if run is not None and src is not None:
@@ -363,6 +375,7 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     data["parity"] = parity
     data["size"] = size
     data["timing"] = timing
+    data["chunks"] = chunks
     data["seconds"] = round(time.perf_counter() - t_start, 3)
     return finite(data)
 
@@ -426,9 +439,9 @@ class _Traced:
 
 
 def _trace(meta: Mapping[str, str], ex: Any, src: Any, source: Any, inputs: Any, seq_len: int | None,
-           notes: list[str]) -> tuple[_Traced, dict[str, Any]]:
+           notes: list[str], *, residual: bool = True) -> tuple[_Traced, dict[str, Any]]:
     """Run the package on verify's inputs (those of ``src``, the source loaded from ``source``, when given),
-    keeping the residual stream; op timings with ``inputs``."""
+    keeping the residual stream (``residual``); op timings with ``inputs``."""
     from bitnet_coreml.verify import feeds_for, package_feeds
 
     precision = meta.get("bitnet_coreml.precision", "fp16")
@@ -437,8 +450,12 @@ def _trace(meta: Mapping[str, str], ex: Any, src: Any, source: Any, inputs: Any,
     points: list[tuple[str, str, str]] = []
     if src is not None:
         feed_list, extra = feeds_for(src, inputs)
-        names = {s.ctx.name for s in ex._block.steps if s.ctx.op_type == "add"}
-        for label, layer, value, index in _residual_stream(meta, src, source, seq_len, precision, notes):
+        names = {s.ctx.name for s in ex._block.steps if s.ctx.op_type == "add"} if residual else set()
+        if not residual:
+            notes.append("parity by depth: a chunked model is compared at its outputs (its pieces record no "
+                         "residual stream)")
+        for label, layer, value, index in (_residual_stream(meta, src, source, seq_len, precision, notes)
+                                           if residual else []):
             op = _mil_op_for(index, names)
             if op is None:
                 notes.append(f"parity by depth: no package op for {label} ({value}); left out")

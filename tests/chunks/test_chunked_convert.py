@@ -123,8 +123,6 @@ def test_output_refusals(tmp_path: Path) -> None:
     assert code == 2 and "--chunks 'zero'" in err
     code, _, err = run_cli("convert", LM, "-o", tmp_path / "y", "--chunks", 7)
     assert code == 2 and "at most 6" in err
-    code, _, err = run_cli("convert", LM, "-o", tmp_path / "y", "--chunks", 2, "--report", tmp_path / "r.html")
-    assert code == 2 and "reads one package" in err and not (tmp_path / "y").exists()
 
 
 def test_result_reports_the_graph_passes(tmp_path: Path) -> None:

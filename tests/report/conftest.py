@@ -39,3 +39,18 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     code, out, err = run_cli("report", pkg, "--source", MODEL, "--input", NPZ, "-o", html, "--json")
     assert code == 0, err
     return Built(pkg, html, json.loads(out))
+
+
+@pytest.fixture(scope="session")
+def chunked(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """The bundled model converted as a folder of two pieces (``convert --chunks 2 --report``: the page), and the
+    report's data (``report FOLDER --json``, on the same source and input as the convert's report)."""
+    d = tmp_path_factory.mktemp("report_chunked")
+    folder = d / "bitnet2"
+    html = d / "bitnet2.report.html"
+    code, _, err = run_cli("convert", MODEL, "-o", folder, "--chunks", 2, "--target", "macos", "--chip", "M1",
+                           "--calibration", NPZ, "--report", html, "--json")
+    assert code == 0, err
+    code, out, err = run_cli("report", folder, "--source", MODEL, "--input", NPZ, "--json")
+    assert code == 0, err
+    return Built(folder, html, json.loads(out))

@@ -97,3 +97,22 @@ def test_units_chart_gives_each_ops_reason_on_hover(built: Built) -> None:
     assert len(expected) > 100 and titles == expected
     assert [h[0] for h in hovered] == [expected[k]]
     assert hovered[0][1].startswith("1.5")  # the outline of the hovered cell (the page's CSS)
+
+
+def test_chunked_folder_report_in_headless_chromium(chunked: Built) -> None:
+    """A chunked model folder's page: the pieces table before the usual sections, each of those with its chart."""
+    import json
+
+    with Chromium() as b:
+        b.viewport(*DESKTOP)
+        b.open(chunked.html)
+        sections = json.loads(b.evaluate(_DOM))
+        rows = b.evaluate("document.querySelectorAll('[data-table=pieces] tr[data-piece]').length")
+        assert b.record.requests == [chunked.html.resolve().as_uri()]
+        assert b.record.errors == [], b.record.errors
+        _not_blank(b.screenshot())
+    assert [s["id"] for s in sections] == ["summary", "pieces", *SECTIONS[1:]]
+    assert rows == 2
+    for s in sections:
+        assert s["explain"].strip() and s["unavailable"] == 0, s["id"]
+        assert s["id"] == "pieces" or s["charts"], f"section {s['id']} has no chart"
