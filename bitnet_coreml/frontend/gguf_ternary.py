@@ -10,12 +10,17 @@ Both types hold 256 weights per block and one fp16 scale ``d`` per block; a weig
   Bytes ``0..31`` give elements ``32*k + m``, bytes ``32..47`` give ``160 + 16*k + m``, and
   ``qh[0..3]`` (four digits each) give ``240 + 4*k + m``.
 
-``q + 1`` is exactly our LUT index (LUT ``[-1, 0, 1, 0]``), so decoding is shifts, masks and (for
-TQ1_0) a uint16 multiply, one row block at a time, into uint8: no float copy of a weight is made.
-TQ2_0 goes to both 2-bit layouts the converter asks for (Core ML's LUT bytes, the checkpoint's packed
-rows the fp16 analysis feeds ONNX Runtime) byte by byte: four input bytes hold a 4 x 4 matrix of
-2-bit fields whose transpose is four output bytes (:func:`_transpose4`, two masked swaps), so a
-2B-shaped model's 210 tensors take 0.3 s and 0.7 s of CPU (numba, one pass each over the mapped file).
+``q + 1`` is exactly our LUT index (LUT ``[-1, 0, 1, 0]``), so decoding is shifts and masks (and
+for TQ1_0 a multiply), into uint8: no int8 or float copy of a weight is made.
+
+* **TQ2_0** is decoded with numpy, nothing compiled: four ``qs`` bytes (one little-endian word) hold a
+  4 x 4 matrix of 2-bit fields whose transpose (two masked swaps) is four of Core ML's LUT bytes, so a
+  2B-shaped model's 210 tensors take 0.75 s of CPU (:func:`_tq2_lut2`); one index per byte is a
+  broadcast shift (:func:`_tq2_indices`). The fp16 analysis decodes nothing in Python: ONNX Runtime is
+  fed the mapped blocks and unpacks them with BitShift nodes (:meth:`GGUFTernary.calibration_feed`),
+  as it unpacks a packed checkpoint's bytes.
+* **TQ1_0** (base-3 digits) is decoded by a numba kernel (``gguf_tq1``), imported on first use so that
+  a TQ2_0 file never loads numba and its LLVM (0.6 s and ~100 MB in a fresh process).
 
 Scales, exactly: a block whose ``d`` is 0 dequantises to zeros whatever its digits, so its indices
 become 1 (code 0); a negative ``d`` flips the block's codes and keeps ``|d|``. Over the blocks that
@@ -30,9 +35,9 @@ still hold a non-zero code, :func:`analyse_scales` decides:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import onnx_ir as ir
 from gguf import GGMLQuantizationType
@@ -45,123 +50,74 @@ TERNARY_TYPES = (GGMLQuantizationType.TQ1_0, GGMLQuantizationType.TQ2_0)
 _ROWS_PER_STEP_BYTES = 16 << 20  # decode budget per step (uint8 indices)
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def _decode(blocks: np.ndarray, tq1: bool, flip: np.ndarray, out: np.ndarray, packed: bool) -> int:
-    """Decode ``blocks`` (uint8 ``[nb, block bytes]``) to LUT indices in one pass.
+_ONES = np.uint32(0x55555555)  # the low bit of every 2-bit field of a word
+_SHIFTS = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)  # field l of a TQ2_0 qs byte: bits 2l
+_STEP_BLOCKS = 4096  # TQ2_0 blocks per numpy step (256 KB of words: stays in cache)
 
-    ``flip[b]``: 0 keep, 1 zero the block (d == 0), 2 negate it (d < 0). ``packed``: write Core ML's
-    2-bit bytes (``out`` uint8 ``[nb, 64]``, element ``4j+i`` of the block in bits ``2i`` of byte ``j``);
-    otherwise one index per byte (``out`` ``[nb, 256]``). Returns the first block holding the 2-bit
-    value 3 (TQ2_0 only; not ternary), else -1.
+
+def _tq2_flip_words(w: np.ndarray, flip: np.ndarray | None) -> None:
+    """Apply the blocks' ``flip`` (0 keep, 1 zero: d == 0, 2 negate: d < 0) to 2-bit indices in uint32 words
+    ``w [blocks, 16]``, in place: index 1 is code 0; negating swaps 0 and 2."""
+    if flip is None or not flip.any():
+        return
+    w[flip == 1] = _ONES
+    neg = flip == 2
+    x = w[neg]
+    w[neg] = x ^ ((~x & _ONES) << np.uint32(1))
+
+
+def _tq2_lut2(blocks: np.ndarray, flip: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """TQ2_0 ``blocks`` (uint8 ``[nb, 66]``) to Core ML's 2-bit bytes (uint8 ``[nb, 64]``, element ``4j+i`` of a
+    block in bits ``2i`` of byte ``j``), and the first block holding the value 3 (not ternary), else -1.
+
+    Bytes ``32g + 4q .. 32g + 4q + 3`` (little-endian word ``8g + q``) hold elements ``128g + 32l + 4q + i``
+    (byte ``i``, bits ``2l``); output byte ``32g + 8l + q`` holds the same four elements in bits ``2i``: the
+    4 x 4 matrix of 2-bit fields of each word transposed (two masked swaps), then the words' bytes
+    regrouped. numpy on uint32 words, 4096 blocks at a time.
     """
+    nb = blocks.shape[0]
+    out = np.empty((nb, 2, 4, 8), np.uint8)
+    step = min(nb, _STEP_BLOCKS)
+    w, t = np.empty((step, 16), "<u4"), np.empty((step, 16), "<u4")
     bad = -1
-    for b in range(blocks.shape[0]):
-        f = flip[b]
-        for j in range(64):
-            acc = 0
-            for i in range(4):
-                e = 4 * j + i
-                if tq1:  # five (four for qh) base-3 digits per byte, stored as ceil(v * 256 / 243)
-                    if e < 160:
-                        byte, k = e & 31, e >> 5
-                    elif e < 240:
-                        byte, k = 32 + ((e - 160) & 15), (e - 160) >> 4
-                    else:
-                        byte, k = 48 + ((e - 240) & 3), (e - 240) >> 2
-                    p3 = 1
-                    for _ in range(k):
-                        p3 *= 3
-                    v = ((((np.int64(blocks[b, byte]) * p3) & 0xFF) * 3) >> 8) & 3
-                else:  # byte 32g + m, bits 2l: element 128g + 32l + m
-                    v = (np.int64(blocks[b, ((e >> 7) << 5) + (e & 31)]) >> (2 * ((e >> 5) & 3))) & 3
-                    if v == 3 and bad < 0:
-                        bad = b
-                if f == 1:
-                    v = np.int64(1)
-                elif f == 2:
-                    v = 2 - v
-                if packed:
-                    acc |= v << (2 * i)
-                else:
-                    out[b, e] = v
-            if packed:
-                out[b, j] = acc
-    return bad
+    for s in range(0, nb, step):
+        n = min(nb, s + step) - s
+        ww, tt = w[:n], t[:n]
+        ww.view(np.uint8)[...] = blocks[s:s + n, :64]
+        np.right_shift(ww, 1, out=tt)
+        tt &= ww
+        tt &= _ONES
+        if bad < 0 and tt.any():
+            bad = s + int(np.flatnonzero(tt.any(axis=1))[0])
+        _tq2_flip_words(ww, None if flip is None else flip[s:s + n])
+        for shift, mask in ((12, 0x0000F0F0), (6, 0x00CC00CC)):  # swap the off-diagonal blocks, then fields
+            np.right_shift(ww, shift, out=tt)
+            tt ^= ww
+            tt &= np.uint32(mask)
+            ww ^= tt
+            tt <<= np.uint32(shift)
+            ww ^= tt
+        out[s:s + n] = ww.view(np.uint8).reshape(n, 2, 8, 4).transpose(0, 1, 3, 2)
+    return out.reshape(nb, 64), bad
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _transpose4(w: int) -> int:
-    """Transpose the 4 x 4 matrix of 2-bit fields in ``w`` (row ``r`` = byte ``r``, column ``c`` = bits ``2c``)."""
-    t = ((w >> 12) ^ w) & 0x0000F0F0  # swap the off-diagonal 2 x 2 blocks
-    w ^= t ^ (t << 12)
-    t = ((w >> 6) ^ w) & 0x00CC00CC  # then the off-diagonal fields inside each block
-    return w ^ t ^ (t << 6)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _flip_fields(x: int, f: int, ones: int) -> int:
-    """2-bit indices ``x`` (``ones``: 0x55 for a byte, 0x55555555 for a word) with a block's flip applied
-    (``f`` as in :func:`_decode`)."""
-    if f == 1:
-        return ones  # d == 0: every index 1 (code 0)
-    if f == 2:
-        return x ^ ((~x & ones) << 1)  # 0 <-> 2, 1 stays: the codes negated
-    return x
-
-
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def _tq2_lut2(blocks: np.ndarray, flip: np.ndarray, out: np.ndarray) -> int:
-    """TQ2_0 ``blocks`` (uint8 ``[nb, 66]``) to Core ML's 2-bit bytes ``out`` (uint8 ``[nb, 64]``), byte-wise.
-
-    Bytes ``32g + 4q .. 32g + 4q + 3`` hold elements ``128g + 32l + 4q + i`` (byte ``i``, bits ``2l``);
-    output byte ``32g + 8l + q`` holds the same four elements in bits ``2i``: a 4 x 4 transpose of
-    2-bit fields per 4 input bytes. Returns the first block holding the value 3, else -1.
-    """
-    bad = -1
-    for b in range(blocks.shape[0]):
-        f = flip[b]
-        for g in range(2):
-            for q in range(8):
-                o = 32 * g + 4 * q
-                w = (np.uint32(blocks[b, o]) | (np.uint32(blocks[b, o + 1]) << 8)
-                     | (np.uint32(blocks[b, o + 2]) << 16) | (np.uint32(blocks[b, o + 3]) << 24))
-                if bad < 0 and (w & (w >> 1) & 0x55555555) != 0:
-                    bad = b
-                w = _transpose4(_flip_fields(w, f, np.uint32(0x55555555)))
-                for c in range(4):
-                    out[b, 32 * g + 8 * c + q] = (w >> (8 * c)) & 0xFF
-    return bad
-
-
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def _tq2_packed(blocks: np.ndarray, flip: np.ndarray, out: np.ndarray) -> int:
-    """TQ2_0 ``blocks`` (uint8 ``[N, K/256, 66]``) to the checkpoint's packed layout ``out`` (uint8 ``[N/4, K]``:
-    row ``i*N/4 + r`` in bits ``2i`` of row ``r``): the four rows' ``qs`` bytes at one position, transposed.
-    Returns the first flat block index (``row * K/256 + block``) holding the value 3, else -1."""
-    rows = out.shape[0]
-    per_row = blocks.shape[1]
-    bad = -1
-    for r in range(rows):
-        for bi in range(per_row):
-            for g in range(2):
-                for m in range(32):
-                    w = np.uint32(0)
-                    for i in range(4):
-                        x = np.uint32(blocks[i * rows + r, bi, 32 * g + m])
-                        if bad < 0 and (x & (x >> 1) & 0x55) != 0:
-                            bad = (i * rows + r) * per_row + bi
-                        w |= np.uint32(_flip_fields(x, flip[i * rows + r, bi], np.uint32(0x55))) << (8 * i)
-                    w = _transpose4(w)
-                    base = 256 * bi + 128 * g + m
-                    for c in range(4):
-                        out[r, base + 32 * c] = (w >> (8 * c)) & 0xFF
-    return bad
+def _tq2_indices(blocks: np.ndarray, flip: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """TQ2_0 ``blocks`` (uint8 ``[nb, 66]``) to one LUT index per byte (uint8 ``[nb, 256]``: field ``l`` of byte
+    ``32g + m`` is element ``128g + 32l + m``), and the first block holding the value 3, else -1."""
+    nb = blocks.shape[0]
+    out = (blocks[:, :64].reshape(nb, 2, 1, 32) >> _SHIFTS) & np.uint8(3)  # [nb, g, l, m]
+    out = out.reshape(nb, 256)
+    three = (out == 3).any(axis=1)
+    bad = int(np.flatnonzero(three)[0]) if three.any() else -1
+    if flip is not None:
+        out[flip == 1] = 1
+        out[flip == 2] = 2 - out[flip == 2]
+    return out, bad
 
 
 def block_scales(gf: GGUFFile, name: str) -> np.ndarray:
     """The fp16 ``d`` of every block as float32 ``[rows, blocks per row]`` (the last 2 bytes of each block)."""
-    b = gf.blocks(name)
-    return np.ascontiguousarray(b[:, :, -2:]).view(np.float16)[..., 0].astype(np.float32)
+    return gf.blocks(name)[:, :, -2:].view("<f2")[..., 0].astype(np.float32)  # a strided read of the mapped file
 
 
 @dataclass(frozen=True)
@@ -217,8 +173,10 @@ class GGUFTernary(ir.LazyTensor):
             r, g = np.argwhere(~np.isfinite(d))[0]
             raise ModelLoadError(f"{gf.path}: tensor {source!r} block {g} of row {r} has scale {float(d[r, g])!r}; "
                                  "expected a finite number")
-        self._d = d
-        self._flip = np.where(d == 0, 1, np.where(d < 0, 2, 0)).astype(np.int8)  # see _decode
+        # per block 0 keep, 1 zero (d == 0), 2 negate (d < 0); kept only when some block needs it (a file
+        # llama.cpp wrote has d = max |w| >= 0, zero only for an all-zero block, whose codes are 0 anyway)
+        flip = np.where(d == 0, 1, np.where(d < 0, 2, 0)).astype(np.int8)
+        self._flip: np.ndarray | None = flip if flip.any() else None
         self.scales = analyse_scales(d)
         self.is_packed = info.shape[0] % 4 == 0  # packed_source() exists
         super().__init__(lambda: ir.tensor(self.codes()), dtype=ir.DataType.INT8, shape=ir.Shape(list(info.shape)),
@@ -232,14 +190,17 @@ class GGUFTernary(ir.LazyTensor):
         with the block scales' signs and zeros applied."""
         blocks = self.gf.blocks(self.source_name, (r0, r1))
         rows, per_row, size = blocks.shape
-        flip = np.ascontiguousarray(self._flip[r0:r1]).reshape(-1)
-        out = np.empty((rows * per_row, BLOCK // 4 if packed else BLOCK), dtype=np.uint8)
-        flat = np.ascontiguousarray(blocks.reshape(rows * per_row, size))
-        if packed and self.qtype == GGMLQuantizationType.TQ2_0:
-            bad = _tq2_lut2(flat, flip, out)
+        flip = None if self._flip is None else self._flip[r0:r1].reshape(-1)
+        flat = blocks.reshape(rows * per_row, size)
+        if self.qtype == GGMLQuantizationType.TQ2_0:
+            out, bad = (_tq2_lut2 if packed else _tq2_indices)(flat, flip)
+            self._check(bad, r0, per_row)
         else:
-            bad = _decode(flat, self.qtype == GGMLQuantizationType.TQ1_0, flip, out, packed)
-        self._check(bad, r0, per_row)
+            from bitnet_coreml.frontend.gguf_tq1 import decode_tq1  # numba: loaded for TQ1_0 only
+
+            out = np.empty((rows * per_row, BLOCK // 4 if packed else BLOCK), dtype=np.uint8)
+            flips = np.zeros(rows * per_row, np.int8) if flip is None else np.ascontiguousarray(flip)
+            decode_tq1(np.ascontiguousarray(flat), flips, out, packed)
         return out.reshape(rows, -1)
 
     def _check(self, bad: int, r0: int, per_row: int) -> None:
@@ -249,7 +210,7 @@ class GGUFTernary(ir.LazyTensor):
 
     def _rows(self, packed: bool) -> np.ndarray:
         n, k = (int(x) for x in self.shape.numpy())
-        if packed and self.qtype == GGMLQuantizationType.TQ2_0:  # one byte-wise pass over the whole tensor
+        if packed and self.qtype == GGMLQuantizationType.TQ2_0:  # one pass of word-wise steps over the tensor
             return self._decode_rows(0, n, packed=True)
         out = np.empty((n, k // 4 if packed else k), dtype=np.uint8)
         step = max(1, _ROWS_PER_STEP_BYTES // max(1, k))
@@ -268,19 +229,53 @@ class GGUFTernary(ir.LazyTensor):
 
     def packed_source(self) -> np.ndarray | None:
         """The indices in the checkpoint's packed layout, uint8 ``[N/4, K]`` (row block ``i`` of ``N/4`` rows
-        in bits ``2i..2i+1``), or None when N is not a multiple of 4."""
+        in bits ``2i..2i+1``), or None when N is not a multiple of 4. What the fp16 analysis feeds ONNX
+        Runtime for a TQ1_0 weight (a TQ2_0 weight is fed its own blocks: :meth:`calibration_feed`)."""
         n = int(self.shape.numpy()[0])
         if n % 4:
             return None
         r = n // 4
-        if self.qtype == GGMLQuantizationType.TQ2_0:
-            out = np.empty((r, int(self.shape.numpy()[1])), dtype=np.uint8)
-            self._check(_tq2_packed(self.gf.blocks(self.source_name), self._flip, out), 0, self._flip.shape[1])
-            return out
         out = self._decode_rows(0, r, packed=False)
         for i in range(1, 4):
             out |= self._decode_rows(i * r, (i + 1) * r, packed=False) << np.uint8(2 * i)
         return out
+
+    def calibration_feed(self) -> tuple[np.ndarray, Callable[[Callable[..., ir.Value], ir.Value], ir.Value]] | None:
+        """TQ2_0: the tensor's mapped blocks (uint8 ``[N, K/256, 66]``, no copy) and the ONNX nodes turning them
+        into float codes ``[N, K]``, for the fp16 analysis (``lower/fp16.py``): ONNX Runtime is fed the file's
+        bytes as a packed checkpoint's are, with nothing decoded in Python. None for TQ1_0 (base-3 digits:
+        :meth:`packed_source` decodes it)."""
+        if self.qtype != GGMLQuantizationType.TQ2_0:
+            return None
+        return self.gf.blocks(self.source_name), self._unpack_tq2
+
+    def _unpack_tq2(self, add: Callable[..., ir.Value], blocks: ir.Value) -> ir.Value:
+        """ONNX nodes (made with ``add(op, inputs, suffix, **attrs)``): TQ2_0 ``blocks`` -> float codes ``[N, K]``.
+
+        ``qs`` viewed as ``[N, K/256, g=2, 1, m=32]``; shifted left by ``[6, 4, 2, 0]`` (broadcast on the fourth
+        axis) then right by 6, field ``l`` lands at element ``256 b + 128 g + 32 l + m``; minus 1, times the
+        block's sign (0 where ``d`` is 0, -1 where it is negative) when any block needs it.
+        """
+        n, k = (int(x) for x in self.shape.numpy())
+
+        def node(op: str, inputs: list[ir.Value], suffix: str, **attrs: object) -> ir.Value:
+            return add(op, inputs, f"tq2_{suffix}", **attrs)  # the gate's own nodes are named by add too
+
+        def const(suffix: str, value: np.ndarray) -> ir.Value:
+            return node("Constant", [], suffix, value=ir.tensor(value))
+
+        qs = node("Slice", [blocks, const("qs0", np.array([0], np.int64)), const("qs1", np.array([64], np.int64)),
+                            const("qs_axis", np.array([2], np.int64))], "qs")
+        qs = node("Reshape", [qs, const("qs_shape", np.array([n, k // BLOCK, 2, 1, 32], np.int64))], "qs5")
+        left = const("left", np.array([6, 4, 2, 0], np.uint8).reshape(1, 1, 1, 4, 1))
+        fields = node("BitShift", [node("BitShift", [qs, left], "shl", direction="LEFT"),
+                                   const("right", np.array(6, np.uint8))], "shr", direction="RIGHT")
+        codes = node("Sub", [node("Cast", [fields], "cast", to=int(ir.DataType.FLOAT)),
+                             const("one", np.array(1.0, np.float32))], "sub")
+        if self._flip is not None:
+            sign = np.where(self._flip == 1, 0.0, np.where(self._flip == 2, -1.0, 1.0)).astype(np.float32)
+            codes = node("Mul", [codes, const("sign", sign.reshape(n, k // BLOCK, 1, 1, 1))], "signed")
+        return node("Reshape", [codes, const("shape", np.array([n, k], np.int64))], "codes")
 
     def codes(self) -> np.ndarray:
         return (self.lut_indices().view(np.int8) - np.int8(1)).astype(np.int8, copy=False)
@@ -289,7 +284,7 @@ class GGUFTernary(ir.LazyTensor):
         """float32 ``[N, K]``: ``d * q`` per block (for the block-scale fallback and for tests)."""
         n, k = (int(x) for x in self.shape.numpy())
         q = self.codes().astype(np.float32).reshape(n, k // BLOCK, BLOCK)
-        return (np.abs(self._d)[:, :, None] * q).reshape(n, k)
+        return (np.abs(block_scales(self.gf, self.source_name))[:, :, None] * q).reshape(n, k)
 
     def magnitude(self) -> float:
         return 1.0

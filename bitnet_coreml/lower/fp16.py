@@ -228,7 +228,9 @@ def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int
     ``Expand(W, max(Shape(W), 0 * Shape(X)[:1]))`` is an exact identity whose result exists only
     once ``X`` does (packed bytes: ``Where(Shape(X)[:1] == Shape(X)[:1], P, P)``, uint8). A checkpoint weight that is stored packed (uint8 ``[N/4, K]``, row block ``i``
     in bits ``2i..2i+1``, value = code + 1) is fed as those bytes (a quarter of the int8 codes) and
-    unpacked by the gate: ``(P << (6 - 2i)) >> 6`` per block, Concat, Cast to float, minus 1.
+    unpacked by the gate: ``(P << (6 - 2i)) >> 6`` per block, Concat, Cast to float, minus 1. A tensor
+    with ``calibration_feed()`` (a GGUF TQ2_0 weight: ``frontend.gguf_ternary``) names its own uint8 bytes
+    (mapped from its file) and the nodes that turn them into float codes, which the same gate guards.
 
     Returns (node, original weight, added nodes) per gated node, and the packed inputs to feed.
     """
@@ -247,7 +249,15 @@ def _gate_weights(graph: ir.Graph, fed: set[ir.Value], opset: int
         add = _NodeAdder(added, base)
         shape = add("Shape", [x], "shape", start=0, end=1)
         source = getattr(w.const_value, "packed_source", None)
-        if source is not None and getattr(w.const_value, "kind", "") == "packed" \
+        own = getattr(w.const_value, "calibration_feed", None)
+        feed = own() if own is not None and len(w.uses()) == 1 else None
+        if feed is not None:
+            # the tensor's own bytes (e.g. a GGUF file's mapped TQ2_0 blocks) and the nodes that unpack them
+            raw, unpack = feed
+            p = ir.Value(name=f"{w.name}.raw", type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(raw.shape))
+            packed[p] = functools.partial(np.ascontiguousarray, raw)
+            new_w = unpack(add, add("Where", [add("Equal", [shape, shape], "eq"), p, p], "where"))
+        elif source is not None and getattr(w.const_value, "kind", "") == "packed" \
                 and getattr(w.const_value, "is_packed", False) and len(w.uses()) == 1:
             tensor: Any = w.const_value
             rows, k = (int(d) for d in tensor.shape.numpy())

@@ -227,6 +227,29 @@ def test_2bit_layouts_with_flipped_and_zero_blocks_match_numpy(tmp_path: Path, q
     packed = sum((idx[i * quarter:(i + 1) * quarter].astype(np.uint16) << (2 * i) for i in range(4)),
                  np.zeros((quarter, idx.shape[1]), np.uint16))
     np.testing.assert_array_equal(t.packed_source(), packed.astype(np.uint8))
+    if qtype == Q.TQ2_0:  # the fp16 analysis' feed: the mapped blocks, unpacked by ONNX Runtime
+        np.testing.assert_array_equal(ort_unpacked(t), idx.astype(np.float32) - 1.0)
+
+
+def ort_unpacked(t: GGUFTernary) -> np.ndarray:
+    """The float codes ONNX Runtime computes from ``t.calibration_feed()`` (its bytes and its nodes)."""
+    import onnxruntime as ort
+
+    feed = t.calibration_feed()
+    assert feed is not None
+    blocks, unpack = feed
+    nodes: list[ir.Node] = []
+
+    def add(op: str, inputs: list[ir.Value], suffix: str, **attrs: object) -> ir.Value:
+        nodes.append(ir.node(op, inputs, attributes=attrs, name=suffix))
+        nodes[-1].outputs[0].name = suffix
+        return nodes[-1].outputs[0]
+
+    x = ir.Value(name="blocks", type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(blocks.shape))
+    y = unpack(add, x)
+    model = ir.Model(ir.Graph([x], [y], nodes=nodes, opset_imports={"": 18}), ir_version=9)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"blocks": np.ascontiguousarray(blocks)})[0]
 
 
 def test_per_row_scales_become_a_per_channel_alpha(tmp_path: Path) -> None:
