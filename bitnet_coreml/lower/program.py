@@ -464,7 +464,12 @@ def ct_pass_pipeline(name: str, *, stateful: bool = False, multifunction: bool =
     if name == "full":
         pipe = ct.PassPipeline.DEFAULT
     elif name == "fast":
-        pipe = ct.PassPipeline(pass_names=list(FAST_PASSES), pipeline_name="bitnet_coreml_fast")
+        from bitnet_coreml.lower.state import MERGE_PASS, register_share_pass
+
+        register_share_pass()  # registers MERGE_PASS too
+        names = list(FAST_PASSES)
+        names.insert(names.index("common::const_deduplication"), MERGE_PASS)
+        pipe = ct.PassPipeline(pass_names=names, pipeline_name="bitnet_coreml_fast")
         # Every BitLinear/RMSNorm repeats the same scalars (0.5, 2, 127, eps ...): share them. The
         # default threshold (100 elements) keeps one const op per use, ~80 bytes each in model.mlmodel.
         pipe.set_options("common::const_deduplication", {"const_threshold": 1})
