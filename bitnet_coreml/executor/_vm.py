@@ -344,6 +344,31 @@ def _extreme(x, smallest):  # type: ignore[no-untyped-def]  # pragma: no cover -
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
+def _quantized(x, planes, qsum):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """True when every ``x`` is ``q / 128`` with ``q`` an int8 (BitLinear's quantised activations, as
+    ``ternary._int_scale`` asks); then ``planes[m, i, j] = q[m, 4j + i]`` and ``qsum[m] = sum q[m]``."""
+    m_rows, k = x.shape
+    bad = 0
+    for m in range(m_rows):
+        xm = x[m]
+        for j in range(k):
+            v = xm[j] * np.float32(128.0)
+            bad += (v != np.floor(v)) | (v < -128.0) | (v > 127.0)
+    if bad:
+        return False
+    for m in range(m_rows):
+        xm = x[m]
+        s = np.int32(0)
+        for jb in range(k // 4):
+            for i in range(4):
+                q = np.int8(xm[4 * jb + i] * np.float32(128.0))
+                planes[m, i, jb] = q
+                s += q
+        qsum[m] = s
+    return True
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def _round_v(o, mode, bits):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """Round ``o`` in place to the output dtype (fp16: one vectorised fptrunc / fpext pass)."""
     if mode == R_F16:
@@ -357,35 +382,49 @@ def _round_v(o, mode, bits):  # type: ignore[no-untyped-def]  # pragma: no cover
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _mm_nt(x, y, out, mode):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """``out = x @ y.T`` (float32), each output summed over k in order; 8 outputs side by side."""
+    """``out = x @ y.T`` (float32), each output summed over k in order: 4 x 4 outputs side by side
+    (attention scores: the query heads of a KV head against 4 cache positions), the rest 1 x 8."""
     m_rows, k = x.shape
     n_cols = y.shape[0]
-    nv = n_cols - n_cols % 8
-    for m in range(m_rows):
-        xm = x[m]
-        for n0 in range(0, nv, 8):
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+    m4 = m_rows - m_rows % 4
+    n4 = n_cols - n_cols % 4
+    for m0 in range(0, m4, 4):
+        x0, x1, x2, x3 = x[m0], x[m0 + 1], x[m0 + 2], x[m0 + 3]
+        for n0 in range(0, n4, 4):
             y0, y1, y2, y3 = y[n0], y[n0 + 1], y[n0 + 2], y[n0 + 3]
-            y4, y5, y6, y7 = y[n0 + 4], y[n0 + 5], y[n0 + 6], y[n0 + 7]
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
+            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
             for j in range(k):
-                xv = xm[j]
-                a0 += xv * y0[j]
-                a1 += xv * y1[j]
-                a2 += xv * y2[j]
-                a3 += xv * y3[j]
-                a4 += xv * y4[j]
-                a5 += xv * y5[j]
-                a6 += xv * y6[j]
-                a7 += xv * y7[j]
-            out[m, n0] = _round(a0, mode, 0)
-            out[m, n0 + 1] = _round(a1, mode, 0)
-            out[m, n0 + 2] = _round(a2, mode, 0)
-            out[m, n0 + 3] = _round(a3, mode, 0)
-            out[m, n0 + 4] = _round(a4, mode, 0)
-            out[m, n0 + 5] = _round(a5, mode, 0)
-            out[m, n0 + 6] = _round(a6, mode, 0)
-            out[m, n0 + 7] = _round(a7, mode, 0)
-        for n in range(nv, n_cols):
+                u0, u1, u2, u3 = x0[j], x1[j], x2[j], x3[j]
+                v0, v1, v2, v3 = y0[j], y1[j], y2[j], y3[j]
+                a00 += u0 * v0
+                a01 += u0 * v1
+                a02 += u0 * v2
+                a03 += u0 * v3
+                a10 += u1 * v0
+                a11 += u1 * v1
+                a12 += u1 * v2
+                a13 += u1 * v3
+                a20 += u2 * v0
+                a21 += u2 * v1
+                a22 += u2 * v2
+                a23 += u2 * v3
+                a30 += u3 * v0
+                a31 += u3 * v1
+                a32 += u3 * v2
+                a33 += u3 * v3
+            o0, o1, o2, o3 = out[m0], out[m0 + 1], out[m0 + 2], out[m0 + 3]
+            o0[n0], o0[n0 + 1], o0[n0 + 2], o0[n0 + 3] = (_round(a00, mode, 0), _round(a01, mode, 0),
+                                                          _round(a02, mode, 0), _round(a03, mode, 0))
+            o1[n0], o1[n0 + 1], o1[n0 + 2], o1[n0 + 3] = (_round(a10, mode, 0), _round(a11, mode, 0),
+                                                          _round(a12, mode, 0), _round(a13, mode, 0))
+            o2[n0], o2[n0 + 1], o2[n0 + 2], o2[n0 + 3] = (_round(a20, mode, 0), _round(a21, mode, 0),
+                                                          _round(a22, mode, 0), _round(a23, mode, 0))
+            o3[n0], o3[n0 + 1], o3[n0 + 2], o3[n0 + 3] = (_round(a30, mode, 0), _round(a31, mode, 0),
+                                                          _round(a32, mode, 0), _round(a33, mode, 0))
+    for m in range(m_rows):  # what the 4 x 4 blocks left
+        xm = x[m]
+        for n in range(n4 if m < m4 else 0, n_cols):
             acc = np.float32(0.0)
             yn = y[n]
             for j in range(k):
@@ -519,20 +558,11 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
             oo = ins[OUT + 1]
             if op == MM_TERN:
                 codes = terns[ins[P + 3]]
-                exact = True
-                for m in range(m_rows):
-                    for j in range(k):
-                        v = xa[ins[A + 1] + m * ins[A + 4] + j * ins[A + 5]] * np.float32(128.0)
-                        if not (v == np.floor(v) and -128.0 <= v <= 127.0):
-                            exact = False
+                x2 = xa[ins[A + 1]:ins[A + 1] + m_rows * k].reshape((m_rows, k))  # rows are contiguous
+                planes = np.empty((m_rows, 4, k // 4), dtype=np.int8)
+                qsum = np.zeros(m_rows, dtype=np.int32)
+                exact = _quantized(x2, planes, qsum)
                 if exact:  # executor/ternary.py's integer path, same kernel
-                    planes = np.empty((m_rows, 4, k // 4), dtype=np.int8)
-                    qsum = np.zeros(m_rows, dtype=np.int32)
-                    for m in range(m_rows):
-                        for j in range(k):
-                            q = np.int8(xa[ins[A + 1] + m * ins[A + 4] + j * ins[A + 5]] * np.float32(128.0))
-                            planes[m, j % 4, j // 4] = q
-                            qsum[m] += q
                     acc = np.empty((m_rows, n_out), dtype=np.int32)
                     int_matmul(codes, planes, acc)
                     for m in range(m_rows):
