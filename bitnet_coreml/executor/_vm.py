@@ -4,7 +4,7 @@
 instructions (one row of :data:`WIDTH` int64 per op); :func:`run` walks that table in one numba call,
 so a decode call costs a few microseconds of dispatch instead of one Python round trip per MIL op.
 
-Every value lives in a float32 buffer (``bufs[0]`` the arena of per-call values and small
+Every value lives in a float32 buffer (buffer 0 the arena of per-call values and small
 constants, then the KV states, then large dense constants): fp16-typed results are rounded to fp16
 after the op (:func:`_to_f16`, IEEE round-to-nearest-even, as the interpreter's ``finish``), integer
 and bool values are held exactly as floats (|v| < 2**24, checked at load and on the inputs). An
@@ -454,36 +454,69 @@ def _off(ins, base, i0, i1, i2, i3):  # type: ignore[no-untyped-def]  # pragma: 
     return ins[base + 1] + i0 * ins[base + 2] + i1 * ins[base + 3] + i2 * ins[base + 4] + i3 * ins[base + 5]
 
 
+@intrinsic
+def _ptr(typingctx, addr, dtype):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """The int64 ``addr`` as a pointer to ``dtype`` (a numba type given as a literal class)."""
+    ty = dtype.dtype if isinstance(dtype, types.DTypeSpec) else dtype.instance_type
+    sig = types.CPointer(ty)(types.int64, dtype)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@numba.njit(inline="always")
+def _f32(bufs, i):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """Buffer ``i`` as a float32 array (addresses, not a typed list: numba would compile the list's
+    methods in every process, ~20 MiB of LLVM memory)."""
+    return numba.carray(_ptr(bufs[i, 0], types.float32), (bufs[i, 1],))
+
+
+@numba.njit(inline="always")
+def _u8(terns, i):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    return numba.carray(_ptr(terns[i, 0], types.uint8), (terns[i, 1], terns[i, 2]))
+
+
+@numba.njit(inline="always")
+def _u16(halves, i):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    return numba.carray(_ptr(halves[i, 0], types.uint16), (halves[i, 1], halves[i, 2], halves[i, 3]))
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """Run every instruction of ``prog``; returns (error code, instruction index)."""
+    """Run every instruction of ``prog``; returns (error code, instruction index).
+
+    ``bufs``: ``[address, length]`` of each float32 buffer; ``terns``: ``[address, N, K/4]`` of each
+    ternary weight's codes; ``halves``: ``[address, blocks, K, 64]`` of each fp16 weight (see :func:`_f32`).
+    """
     for pc in range(prog.shape[0]):
         ins = prog[pc]
         op = ins[OP]
         mode = ins[RND]
         bits = ins[P + 9]
         d0, d1, d2, d3 = ins[D], ins[D + 1], ins[D + 2], ins[D + 3]
-        out = bufs[ins[OUT]]
+        out = _f32(bufs, ins[OUT])
         fast = ins[P + 8]  # 1: operands contiguous like the output; 2: B a scalar (3: B, C scalars)
         if fast != 0 and op <= TERNARY_LAST:
             n = d0 * d1 * d2 * d3
             oo, ao = ins[OUT + 1], ins[A + 1]
             o = out[oo:oo + n]
-            a = bufs[ins[A]][ao:ao + n]
+            a = _f32(bufs, ins[A])[ao:ao + n]
             if op <= BINARY_LAST:
                 if fast == 1:
-                    _ew_vv(op, o, a, bufs[ins[B]][ins[B + 1]:ins[B + 1] + n])
+                    _ew_vv(op, o, a, _f32(bufs, ins[B])[ins[B + 1]:ins[B + 1] + n])
                 else:
-                    _ew_vs(op, o, a, bufs[ins[B]][ins[B + 1]])
+                    _ew_vs(op, o, a, _f32(bufs, ins[B])[ins[B + 1]])
             elif op <= UNARY_LAST:
-                _un_v(op, o, a, bufs[ins[B]][ins[B + 1]] if op == RSQRT else np.float32(0.0))
+                _un_v(op, o, a, _f32(bufs, ins[B])[ins[B + 1]] if op == RSQRT else np.float32(0.0))
             else:
-                _clip_v(o, a, bufs[ins[B]][ins[B + 1]], bufs[ins[C]][ins[C + 1]])
+                _clip_v(o, a, _f32(bufs, ins[B])[ins[B + 1]], _f32(bufs, ins[C])[ins[C + 1]])
             if not (mode == R_BOOL and ((EQ <= op <= XOR) or op == NOT)):  # comparisons give 0 / 1 already
                 _round_v(o, mode, bits)
         elif op <= BINARY_LAST:
-            xa = bufs[ins[A]]
-            xb = bufs[ins[B]]
+            xa = _f32(bufs, ins[A])
+            xb = _f32(bufs, ins[B])
             for i0 in range(d0):
                 for i1 in range(d1):
                     for i2 in range(d2):
@@ -494,8 +527,8 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
                         for i3 in range(d3):
                             out[oo + i3 * so] = _round(_bin(op, xa[ao + i3 * sa], xb[bo + i3 * sb]), mode, bits)
         elif op <= UNARY_LAST:
-            xa = bufs[ins[A]]
-            eps = bufs[ins[B]][ins[B + 1]] if op == RSQRT else np.float32(0.0)
+            xa = _f32(bufs, ins[A])
+            eps = _f32(bufs, ins[B])[ins[B + 1]] if op == RSQRT else np.float32(0.0)
             for i0 in range(d0):
                 for i1 in range(d1):
                     for i2 in range(d2):
@@ -505,9 +538,9 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
                         for i3 in range(d3):
                             out[oo + i3 * so] = _round(_un(op, xa[ao + i3 * sa], eps), mode, bits)
         elif op <= TERNARY_LAST:
-            xa = bufs[ins[A]]
-            xb = bufs[ins[B]]
-            xc = bufs[ins[C]]
+            xa = _f32(bufs, ins[A])
+            xb = _f32(bufs, ins[B])
+            xc = _f32(bufs, ins[C])
             for i0 in range(d0):
                 for i1 in range(d1):
                     for i2 in range(d2):
@@ -523,7 +556,7 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
         elif op <= SOFTMAX:
             # the input's last axis (P: its length n and stride) reduced; output dims d0..d2 (d3 = 1),
             # or for SOFTMAX the same shape as the input
-            xa = bufs[ins[A]]
+            xa = _f32(bufs, ins[A])
             n = ins[P]
             st = ins[A + 5]
             for i0 in range(d0):
@@ -553,11 +586,11 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
                         out[_off(ins, OUT, i0, i1, i2, 0)] = _round(r, mode, bits)
         elif op == MM_TERN or op == MM_HALF:
             # A: rows [M, K] (row stride A+4, column stride A+5); output rows contiguous [M, N]
-            xa = bufs[ins[A]]
+            xa = _f32(bufs, ins[A])
             m_rows, k, n_out = ins[P], ins[P + 1], ins[P + 2]
             oo = ins[OUT + 1]
             if op == MM_TERN:
-                codes = terns[ins[P + 3]]
+                codes = _u8(terns, ins[P + 3])
                 x2 = xa[ins[A + 1]:ins[A + 1] + m_rows * k].reshape((m_rows, k))  # rows are contiguous
                 planes = np.empty((m_rows, 4, k // 4), dtype=np.int8)
                 qsum = np.zeros(m_rows, dtype=np.int32)
@@ -578,7 +611,7 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
                                 acc0 += xa[ins[A + 1] + m * ins[A + 4] + j * ins[A + 5]] * w
                             out[oo + m * n_out + nn] = acc0
             else:  # executor/half.py's kernel
-                blocks = halves[ins[P + 3]]
+                blocks = _u16(halves, ins[P + 3])
                 xr = np.empty((m_rows, k), dtype=np.float32)
                 for m in range(m_rows):
                     for j in range(k):
@@ -593,8 +626,8 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
                     out[oo + i] = _round(out[oo + i], mode, bits)
         elif op == MATMUL:
             # out[i0, i1, m, n] = sum_k A[i0, i1, m, k] * B[i0, i1, k, n]; P: K, and the k strides of A, B
-            xa = bufs[ins[A]]
-            xb = bufs[ins[B]]
+            xa = _f32(bufs, ins[A])
+            xb = _f32(bufs, ins[B])
             k = ins[P]
             ska, skb = ins[P + 1], ins[P + 2]
             sna, sma = ins[B + 5], ins[A + 4]
@@ -619,7 +652,7 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
                                 out[oo + m * ins[OUT + 4] + nn * ins[OUT + 5]] = _round(acc0, mode, bits)
         elif op == GATHER_HALF or op == GATHER:
             # rows of a table [R, W] (P: R, W, half index or -1); indices in A (d0*d1*d2 of them)
-            xa = bufs[ins[A]]
+            xa = _f32(bufs, ins[A])
             n_rows, width = ins[P], ins[P + 1]
             validate = ins[P + 3]
             cnt = 0
@@ -635,27 +668,27 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
                             return E_INDEX, pc
                         oo = ins[OUT + 1] + cnt * width
                         if op == GATHER_HALF:
-                            blocks = halves[ins[P + 2]]
+                            blocks = _u16(halves, ins[P + 2])
                             bw = blocks.shape[2]
                             bb, lane = idx // bw, idx % bw
                             for j in range(width):
                                 out[oo + j] = _round(_widen(blocks[bb, j, lane]), mode, bits)
                         else:
-                            xt = bufs[ins[B]]
+                            xt = _f32(bufs, ins[B])
                             to = ins[B + 1] + idx * ins[B + 4]
                             for j in range(width):
                                 out[oo + j] = _round(xt[to + j * ins[B + 5]], mode, bits)
                         cnt += 1
         elif op == SCATTER:
             # update A (shape d0..d3) into O at begin (B: 4 values; C: end, checked); P..P+3: O's full shape
-            xa = bufs[ins[A]]
-            xb = bufs[ins[B]]
+            xa = _f32(bufs, ins[A])
+            xb = _f32(bufs, ins[B])
             base = ins[OUT + 1]
             for i in range(4):
                 bgn = np.int64(xb[ins[B + 1] + i * ins[B + 5]])
                 if bgn < 0:
                     bgn += ins[P + i]
-                end = np.int64(bufs[ins[C]][ins[C + 1] + i * ins[C + 5]])
+                end = np.int64(_f32(bufs, ins[C])[ins[C + 1] + i * ins[C + 5]])
                 if end < 0:
                     end += ins[P + i]
                 if bgn < 0 or bgn + ins[D + i] > ins[P + i] or end != bgn + ins[D + i]:

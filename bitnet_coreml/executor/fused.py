@@ -364,7 +364,7 @@ class _Builder:
         if key not in self.weights:
             lst = self.terns if isinstance(w, TernaryWeight) else self.halves
             # read-only views: the kernels only read, and one array type whatever the source
-            lst.append(_readonly(np.ascontiguousarray(w.codes if isinstance(w, TernaryWeight) else w.blocks)))
+            lst.append(np.ascontiguousarray(w.codes if isinstance(w, TernaryWeight) else w.blocks))
             self.weights[key] = len(lst) - 1
         return self.weights[key]
 
@@ -535,33 +535,30 @@ def _build(ex: Any) -> _Program:
                     [(n, fix[n]) for n, _ in outputs], b.states)
 
 
-def _readonly(arr: np.ndarray) -> np.ndarray:
-    view = arr.view()
-    view.setflags(write=False)
-    return view
+def _addresses(arrays: list[np.ndarray]) -> np.ndarray:
+    """``[address, *shape]`` of each (C-contiguous) array: how the kernel finds them (``_vm.run``)."""
+    ndim = {a.ndim for a in arrays}
+    rows = [(a.ctypes.data, *a.shape) for a in arrays]
+    return np.array(rows, dtype=np.int64).reshape(len(arrays), 1 + (ndim.pop() if ndim else 0))
 
 
 class FusedFunction:
     """One function of a package run by the fused kernel against an interpreter's :class:`ExecutorState`."""
 
     def __init__(self, ex: Any) -> None:
-        from numba.typed import List
-
         p = _build(ex)
         self._p = p
         self.ops = len(ex._block.steps)
         self.instructions = int(p.prog.shape[0])
         self._out_dtypes = dict(zip(ex._outputs, ex._output_dtypes, strict=True))
         self._fp32 = ex.fp32
-        self._py_bufs = [p.arena] + [np.zeros(1, np.float32)] * len(p.states) + p.big  # read from Python
-        self._bufs = List(self._py_bufs)  # what the kernel takes (numba compiles typed-list access from Python)
+        # the buffers (the kernel gets their addresses: these references keep them alive)
+        self._py_bufs = [p.arena] + [np.zeros(1, np.float32)] * len(p.states) + p.big
+        self._bufs = _addresses(self._py_bufs)
         self._held: list[Any] = [None] * len(p.states)
-        self._terns = List(p.terns or [_readonly(np.zeros((1, 1), np.uint8))])
-        self._halves = List(p.halves or [_readonly(np.zeros((1, 1, 1), np.uint16))])
-        # compile / load the kernel and the list's item assignment (numba compiles it on first use:
-        # ~0.4 s) now, not in the first decode call
-        _vm.run(p.prog[:0], self._bufs, self._terns, self._halves)
-        self._bufs[0] = p.arena
+        self._terns = _addresses(p.terns) if p.terns else np.zeros((0, 3), np.int64)
+        self._halves = _addresses(p.halves) if p.halves else np.zeros((0, 4), np.int64)
+        _vm.run(p.prog[:0], self._bufs, self._terns, self._halves)  # load the kernel now, not in a call
 
     def predict(self, inputs: dict[str, np.ndarray], state: Any) -> dict[str, np.ndarray]:
         p = self._p
@@ -578,7 +575,8 @@ class FusedFunction:
                 if held.dtype != F32 or not held.flags.c_contiguous or not held.flags.writeable:
                     held = np.ascontiguousarray(held, dtype=np.float32).copy()
                     state._values[name] = held
-                self._bufs[1 + i] = self._py_bufs[1 + i] = held.reshape(-1)
+                self._py_bufs[1 + i] = held.reshape(-1)  # a view: keeps the array alive
+                self._bufs[1 + i] = (held.ctypes.data, held.size)
                 self._held[i] = held
         err, pc = _vm.run(p.prog, self._bufs, self._terns, self._halves)
         if err:
