@@ -347,6 +347,7 @@ def collect(package: str | os.PathLike[str], source: str | os.PathLike[str] | No
     del ex  # not needed any more: ONNX Runtime runs the source without the package's weights beside it
     if run is not None and src is not None:
         parity = _parity(pkg, meta, run, src, source, notes, hashed)
+        tell(finite({"parity": parity}))
     del src, run
 
     src_check = source_check(meta.get("bitnet_coreml.source_sha256"), given_source,

@@ -47,7 +47,7 @@ def test_progress_hands_over_each_section_as_the_report_ends_with_it(built: Buil
     parts: list[dict[str, Any]] = []
     data = collect(built.package, MODEL, NPZ, progress=lambda part: parts.append(json.loads(json.dumps(part))))
     seen = {k for p in parts for k in p}
-    assert {"units", "fp16", "size", "summary", "timing"} <= seen
+    assert {"units", "fp16", "size", "summary", "timing", "parity"} <= seen
     for part in parts:
         for key, section in part.items():
             if key == "summary":
