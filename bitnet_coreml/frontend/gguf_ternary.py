@@ -270,11 +270,15 @@ class GGUFTernary(ir.LazyTensor):
         left = const("left", np.array([6, 4, 2, 0], np.uint8).reshape(1, 1, 1, 4, 1))
         fields = node("BitShift", [node("BitShift", [qs, left], "shl", direction="LEFT"),
                                    const("right", np.array(6, np.uint8))], "shr", direction="RIGHT")
+        # reshaped while uint8 (a quarter of the float bytes, should ORT copy rather than alias)
+        flat = [n, k] if self._flip is None else [n, k // BLOCK, BLOCK]
+        fields = node("Reshape", [fields, const("flat_shape", np.array(flat, np.int64))], "flat")
         codes = node("Sub", [node("Cast", [fields], "cast", to=int(ir.DataType.FLOAT)),
                              const("one", np.array(1.0, np.float32))], "sub")
-        if self._flip is not None:
-            sign = np.where(self._flip == 1, 0.0, np.where(self._flip == 2, -1.0, 1.0)).astype(np.float32)
-            codes = node("Mul", [codes, const("sign", sign.reshape(n, k // BLOCK, 1, 1, 1))], "signed")
+        if self._flip is None:
+            return codes
+        sign = np.where(self._flip == 1, 0.0, np.where(self._flip == 2, -1.0, 1.0)).astype(np.float32)
+        codes = node("Mul", [codes, const("sign", sign.reshape(n, k // BLOCK, 1))], "signed")
         return node("Reshape", [codes, const("shape", np.array([n, k], np.int64))], "codes")
 
     def codes(self) -> np.ndarray:
