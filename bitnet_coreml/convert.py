@@ -207,7 +207,15 @@ def source_sha256(path: str | os.PathLike[str], model: ir.Model | None = None, *
     h = hashlib.sha256()
 
     def feed(f: Path) -> None:
+        import mmap
+
         with open(f, "rb") as fh:
+            try:  # hashed in place from the page cache, in one call that releases the GIL (no 4 MB copies)
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    h.update(m)
+                return
+            except (ValueError, OSError):  # an empty file, or one that cannot be mapped: read it
+                pass
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
 
