@@ -41,6 +41,7 @@ class ChartWorker:
     def __init__(self) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="bitnet-coreml-charts-"))
         self._sent: dict[str, tuple[str, str]] = {}  # chart -> (job name, JSON of the job as sent)
+        self._count = 0  # jobs sent: every job has its own name, even a chart sent again
         self._proc: subprocess.Popen[bytes] | None = None
         root = Path(__file__).resolve().parents[2]  # this bitnet_coreml's import root, first on the child's path
         try:
@@ -58,7 +59,8 @@ class ChartWorker:
             text = json.dumps({"fn": fn, "args": args})
             if chart in self._sent and self._sent[chart][1] == text:
                 continue
-            name = f"{chart}-{len(self._sent)}"
+            name = f"{chart}-{self._count}"
+            self._count += 1
             (self._dir / f"{name}.json").write_text(text, encoding="utf-8")
             try:
                 self._proc.stdin.write(name.encode() + b"\n")

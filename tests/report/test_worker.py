@@ -26,8 +26,10 @@ def test_a_chart_sent_with_other_data_is_drawn_again(built: Built) -> None:
     jobs = chart_jobs(built.data)
     stale = json.loads(json.dumps(built.data["size"]))
     stale["weight_bytes"] *= 3
+    staler = {**stale, "weight_bytes": stale["weight_bytes"] * 2}
     with ChartWorker() as worker:
         worker.submit({"memory": ("memory_chart", (stale,))})
+        worker.submit({"memory": ("memory_chart", (staler,))})
         drawn = worker.results(jobs)
     assert drawn["memory"] == charts(built.data)["memory"]
 
