@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ class Prepared:
     context: int
     embed_dtype: str
     sha: str
-    assets: dict[str, bytes]
+    assets: Mapping[str, bytes]
     summary: Any
     check: dict[str, Any]
     notes: list[str]

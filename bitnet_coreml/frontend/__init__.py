@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +69,14 @@ def seq_len_note(path: str | os.PathLike[str], seq_len: int | None) -> str | Non
             "Core ML needs a fixed length). Give --seq-len N for another length")
 
 
-def source_assets(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], list[str]]:
+def source_assets(path: str | os.PathLike[str]) -> tuple[Mapping[str, bytes], list[str]]:
     """Files a package converted from ``path`` should carry (``package.assets``), with notes on what was done.
 
     A GGUF file: its tokenizer rebuilt as ``tokenizer.json`` (``frontend.gguf_tokenizer``) and a
     ``generation_config.json`` with its bos/eos ids. A Hugging Face checkpoint folder with a
     ``tokenizer.json``: it and ``tokenizer_config.json`` / ``generation_config.json`` as they are
     (``package.assets.CHECKPOINT_ASSETS``), what ``generate`` reads; nothing for a folder without one.
+    A GGUF's files are built when first read (checked now, so the note is known).
     """
     if Path(path).is_dir():
         from bitnet_coreml.package.assets import checkpoint_assets
@@ -86,14 +88,33 @@ def source_assets(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], list[
     if not is_gguf(path):
         return {}, []
     from bitnet_coreml.frontend.gguf_file import scan
-    from bitnet_coreml.frontend.gguf_tokenizer import generation_config, tokenizer_json
+    from bitnet_coreml.frontend.gguf_tokenizer import generation_config, tokenizer_builder
 
     meta = scan(path).metadata
-    data, how = tokenizer_json(meta)
-    if data is None:
+    build, how = tokenizer_builder(meta)
+    if build is None:
         return {}, [f"no tokenizer written to the package: {how}"]
-    return ({"tokenizer.json": data, "generation_config.json": generation_config(meta)},
+    return (_LazyAssets({"tokenizer.json": build, "generation_config.json": lambda: generation_config(meta)}),
             [f"tokenizer.json from the GGUF ({how}) written to the package"])
+
+
+class _LazyAssets(Mapping[str, bytes]):
+    """Asset files built when first read: a GGUF's tokenizer is rebuilt when the package is written, after the
+    conversion's memory peak, not held through it."""
+
+    def __init__(self, builders: dict[str, Callable[[], bytes]]) -> None:
+        self._builders, self._built = builders, {}
+
+    def __getitem__(self, name: str) -> bytes:
+        if name not in self._built:
+            self._built[name] = self._builders[name]()
+        return self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._builders)
+
+    def __len__(self) -> int:
+        return len(self._builders)
 
 
 def load(path: str | os.PathLike[str], *, seq_len: int | None = None, embed_dtype: str = "float32",

@@ -19,6 +19,7 @@ value, in one line.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import os
@@ -183,10 +184,10 @@ def _tensor_info(cur: _Cursor, i: int) -> tuple[str, int, tuple[int, ...], int]:
     return name, raw_type, ne, offset
 
 
-# The last scans, by path: (file size, the header's bytes, layout). A command reads a file's header
-# more than once (the importer, the tokenizer for the package); a cached layout is reused only when the
-# file still has that size and starts with exactly those bytes, so a rewritten file is scanned again.
-_SCANNED: dict[Path, tuple[int, bytes, GGUFLayout]] = {}
+# The last scans, by path: (file size, header length, the header's SHA-256, layout). A command reads a
+# file's header more than once (the importer, the tokenizer for the package); a cached layout is reused
+# only when the file still has that size and its header those bytes, so a rewritten file is scanned again.
+_SCANNED: dict[Path, tuple[int, int, bytes, GGUFLayout]] = {}
 _SCANNED_KEEP = 2
 
 
@@ -202,16 +203,22 @@ def scan(path: str | os.PathLike[str]) -> GGUFLayout:
         key = p  # as given: the layout names the file as the caller spelled it
         with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             hit = _SCANNED.get(key)
-            if hit is not None and hit[0] == len(buf) and buf[:len(hit[1])] == hit[1]:
-                return hit[2]
+            if hit is not None and hit[0] == len(buf) and _digest(buf, hit[1]) == hit[2]:
+                return hit[3]
             layout = _scan(buf, p)
             _SCANNED.pop(key, None)
             while len(_SCANNED) >= _SCANNED_KEEP:
                 del _SCANNED[next(iter(_SCANNED))]
-            _SCANNED[key] = (len(buf), bytes(buf[:layout.data_offset]), layout)
+            _SCANNED[key] = (len(buf), layout.data_offset, _digest(buf, layout.data_offset), layout)
             return layout
     except OSError as e:
         raise ModelLoadError(f"{p}: cannot read ({e.strerror or e})") from e
+
+
+def _digest(buf: mmap.mmap, n: int) -> bytes:
+    """SHA-256 of the first ``n`` bytes of the mapped file (no copy: a 128k-token header is ~7 MB)."""
+    with memoryview(buf) as view:
+        return hashlib.sha256(view[:n]).digest()
 
 
 def _scan(buf: mmap.mmap, p: Path) -> GGUFLayout:
