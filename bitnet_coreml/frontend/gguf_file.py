@@ -24,9 +24,11 @@ import math
 import mmap
 import os
 import struct
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from gguf import (
@@ -130,27 +132,78 @@ class _Cursor:
             return self._strings(count, what)
         return [self.value(itype, f"{what}[{i}]", depth + 1) for i in range(count)]
 
-    def _strings(self, count: int, what: str) -> list[str]:
-        """``count`` length-prefixed UTF-8 strings (a vocabulary): :meth:`string` without per-item overhead."""
-        buf, pos, end, out = self.buf, self.pos, self.end, []
+    def _strings(self, count: int, what: str) -> StringArray:
+        """``count`` length-prefixed UTF-8 strings (a vocabulary), checked now and kept as the file's bytes with
+        offsets (:class:`StringArray`): 128k tokens as Python strings would hold ~25 MB through a conversion."""
+        buf, pos, end, first = self.buf, self.pos, self.end, self.pos
+        starts, lengths = array("q"), array("q")
         unpack = struct.Struct("<Q").unpack_from
         for i in range(count):
             if pos + 8 > end:
                 self.pos = pos
                 self.need(8, f"length of {what}[{i}]")
             (n,) = unpack(buf, pos)
-            pos += 8
-            if n > MAX_STRING or pos + n > end:
-                self.pos = pos - 8
+            if n > MAX_STRING or pos + 8 + n > end:
+                self.pos = pos
                 self.string(f"{what}[{i}]")  # raises with the precise message
-            try:
-                out.append(buf[pos:pos + n].decode("utf-8"))
-            except UnicodeDecodeError:
-                self.pos = pos - 8
-                self.string(f"{what}[{i}]")
-            pos += n
+            starts.append(pos + 8 - first)
+            lengths.append(n)
+            pos += 8 + n
+        region = np.frombuffer(buf, np.uint8, pos - first, first).copy()
+        st = np.frombuffer(starts, np.int64)
+        for k in range(1, 9):  # the length prefixes become ASCII: each string is UTF-8 exactly when the whole is
+            region[st - k] = 0x0A
+        try:
+            region.tobytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = int(np.searchsorted(st, e.start, side="right")) - 1
+            self.pos = first + int(st[bad]) - 8
+            self.string(f"{what}[{bad}]")  # raises with the precise message
         self.pos = pos
-        return out
+        return StringArray(buf[first:pos], st.copy(), st + np.frombuffer(lengths, np.int64))
+
+
+class StringArray(Sequence[str]):
+    """A metadata array of strings kept as bytes: string ``i`` is ``data[starts[i]:ends[i]]`` (UTF-8, checked by
+    the scan), decoded on access."""
+
+    def __init__(self, data: bytes, starts: np.ndarray, ends: np.ndarray) -> None:
+        self.data, self.starts, self.ends = data, starts, ends
+
+    def __len__(self) -> int:
+        return int(self.ends.shape[0])
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        i %= n
+        return self.data[int(self.starts[i]):int(self.ends[i])].decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        data = self.data
+        for a, b in zip(self.starts.tolist(), self.ends.tolist(), strict=True):
+            yield data[a:b].decode("utf-8")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (list, tuple, StringArray)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def count_bytes(self, byte: int) -> np.ndarray:
+        """How often ``byte`` (an ASCII code) occurs in each string (vectorised: for format checks)."""
+        hits = np.concatenate([[0], np.cumsum(np.frombuffer(self.data, np.uint8) == byte)])
+        return hits[self.ends] - hits[self.starts]
 
 
 _NP_SCALARS: dict[int, np.dtype[Any]] = {

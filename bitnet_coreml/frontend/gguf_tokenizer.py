@@ -23,10 +23,12 @@ special ids. Rebuilt here:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gguf import TokenType
+
+from bitnet_coreml.frontend.gguf_file import StringArray
 
 # Llama 3's pre-tokenizer split (the pattern of its tokenizer.json and of llama.cpp's LLAMA3 preset)
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -67,14 +69,26 @@ def tokenizer_builder(meta: dict[str, Any]) -> tuple[Callable[[], bytes] | None,
         return None, (f"tokenizer.ggml.pre = {pre!r}: supported presets "
                       f"{', '.join(_GPT2_PRESETS + _LLAMA3_PRESETS)}")
     tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+    if not _strings(tokens):
         return None, "tokenizer.ggml.tokens is missing or not a list of strings"
-    if not isinstance(merges, list) or not all(isinstance(m, str) and m.count(" ") == 1 for m in merges):
+    if not _strings(merges) or not _one_space(merges):
         return None, "tokenizer.ggml.merges is missing or not a list of 'left right' strings"
     return (lambda: _bpe(meta, tokens, merges, pre).to_str().encode("utf-8")), f"gpt2 BPE, pre-tokenizer {pre!r}"
 
 
-def _bpe(meta: dict[str, Any], tokens: list[str], merges: list[str], pre: str) -> Any:
+def _strings(v: Any) -> bool:
+    """A metadata value that is an array of strings (the scan keeps big ones as a :class:`StringArray`)."""
+    return isinstance(v, StringArray) or (isinstance(v, list) and all(isinstance(t, str) for t in v))
+
+
+def _one_space(merges: Sequence[str]) -> bool:
+    """Every merge is ``left right``: one space (counted on the bytes for a :class:`StringArray`)."""
+    if isinstance(merges, StringArray):
+        return bool((merges.count_bytes(ord(" ")) == 1).all())
+    return all(m.count(" ") == 1 for m in merges)
+
+
+def _bpe(meta: dict[str, Any], tokens: Sequence[str], merges: Sequence[str], pre: str) -> Any:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -96,7 +110,7 @@ def _bpe(meta: dict[str, Any], tokens: list[str], merges: list[str], pre: str) -
     return tok
 
 
-def _finish(tok: Any, meta: dict[str, Any], tokens: list[str], types: list[int], special_types: tuple[int, ...]) -> None:
+def _finish(tok: Any, meta: dict[str, Any], tokens: Sequence[str], types: list[int], special_types: tuple[int, ...]) -> None:
     """Tokens of ``special_types`` become special added tokens; bos / eos are added as llama.cpp adds them."""
     from tokenizers import AddedToken
 
@@ -114,7 +128,7 @@ _SPACE = "\u2581"  # SentencePiece's visible space
 
 def _llama(meta: dict[str, Any]) -> tuple[Callable[[], bytes] | None, str]:
     tokens, scores, types = (meta.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+    if not _strings(tokens):
         return None, "tokenizer.ggml.tokens is missing or not a list of strings"
     if scores is None or len(scores) != len(tokens) or types is None or len(types) != len(tokens):
         return None, "tokenizer.ggml.scores / token_type are missing or not one per token"
@@ -122,7 +136,7 @@ def _llama(meta: dict[str, Any]) -> tuple[Callable[[], bytes] | None, str]:
         "SentencePiece BPE"
 
 
-def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+def spm_merges(tokens: Sequence[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
     """The merges of a SentencePiece BPE vocabulary: every split of a piece into two pieces, highest piece
     score first (transformers' ``SentencePieceExtractor``; SentencePiece merges the best-scoring pair)."""
     vocab = {t: i for i, t in enumerate(tokens) if types[i] in (TokenType.NORMAL, TokenType.USER_DEFINED)}
@@ -134,7 +148,7 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
     return [(a, b) for *_, a, b in ranked]
 
 
-def _spm(meta: dict[str, Any], tokens: list[str], scores: list[float], types: list[int]) -> Any:
+def _spm(meta: dict[str, Any], tokens: Sequence[str], scores: list[float], types: list[int]) -> Any:
     from tokenizers import Tokenizer, decoders, models, normalizers
 
     unk = meta.get("tokenizer.ggml.unknown_token_id")
@@ -152,7 +166,7 @@ def _spm(meta: dict[str, Any], tokens: list[str], scores: list[float], types: li
     return tok
 
 
-def _bos_eos(meta: dict[str, Any], tokens: list[str], *, default_bos: bool) -> Any:
+def _bos_eos(meta: dict[str, Any], tokens: Sequence[str], *, default_bos: bool) -> Any:
     """The post-processor adding bos (``add_bos_token``, default ``default_bos``) and eos (``add_eos_token``,
     default false) as llama.cpp does; None when it adds neither."""
     from tokenizers import processors

@@ -79,6 +79,8 @@ def corpus() -> dict[str, tuple[bytes, str]]:
         "string value past the end": (gguf([ARCH, kv("x", STR, struct.pack("<Q", 10_000) + b"abc")], [NORM]),
                                       "needs 10000 bytes"),
         "key not utf-8": (gguf([ARCH, kv(b"\xff\xfe", U32, struct.pack("<I", 1))], [NORM]), "not UTF-8"),
+        "array string not utf-8": (gguf([ARCH, kv("x", ARR, struct.pack("<IQ", STR, 3) + _s("a") + _s(b"\xc3")
+                                                   + _s(b"\xa9"))], [NORM]), "'x'[1] is not UTF-8"),
         "unknown value type": (gguf([ARCH, kv("x", 77, b"\0" * 8)], [NORM]), "value type 77"),
         "duplicate key": (gguf([ARCH, ARCH], [NORM]), "appears twice"),
         "unknown tensor type": (gguf([ARCH], [ti("output_norm.weight", [4], 999, 0)]), "unknown type 999"),
