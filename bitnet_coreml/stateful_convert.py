@@ -30,12 +30,13 @@ def function_models(source: str | os.PathLike[str], *, prefill: int, context: in
     from bitnet_coreml.lower.split import split_large_dims
 
     models: dict[str, ir.Model] = {}
+    tables: dict[Any, Any] = {}  # the embedding read and converted once for both graphs
     for name, tokens in ((PREFILL, prefill), (DECODE, 1)):
         m = load_stateful_function(source, tokens=tokens, context=context, logits=prefill_logits,
                                    embed_dtype=embed_dtype, cache=cache, allow_dequant=allow_dequant)
         assign_node_names(m.graph)
         if split_limit:
-            split_large_dims(m, split_limit)
+            split_large_dims(m, split_limit, tables=tables)
             assign_node_names(m.graph)
         check_supported(m)
         models[name] = m
