@@ -38,7 +38,7 @@ MERGE_PASS = "bitnet_coreml::merge_equal_weights_pass"
 # coremltools writes consts with fewer elements inline (backend/mil/helper.py should_use_weight_file)
 _INLINE_BELOW = 10
 # smaller constants are left to coremltools' const_deduplication, whose allclose check is cheap for them
-_MERGE_MIN = 65536
+_MERGE_MIN = 100_000
 NAME_PASS = "bitnet_coreml::name_state_writes_pass"
 
 

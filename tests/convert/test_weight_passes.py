@@ -26,7 +26,7 @@ def test_equal_large_constants_merge_within_a_function() -> None:
     from coremltools.converters.mil.mil import Program
 
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((256, 256)).astype(np.float32)  # 65536 elements: at the threshold
+    a = rng.standard_normal((320, 320)).astype(np.float32)  # 102400 elements: above the 100,000 threshold
     other = a.copy()
     other[-1, -1] += 1  # same leading bytes, different value: must stay
     prog = Program()
