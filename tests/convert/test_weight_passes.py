@@ -18,7 +18,9 @@ def _function(a: np.ndarray, b: np.ndarray, c: np.ndarray):  # type: ignore[no-u
     with Function({"x": mb.placeholder(shape=(1, n), dtype=types.fp32)}) as f:
         x = f.inputs["x"]
         ys = [mb.matmul(x=x, y=mb.const(val=w, name=f"w{i}"), name=f"y{i}") for i, w in enumerate((a, b, c))]
-        f.set_outputs([mb.add(x=mb.add(x=ys[0], y=ys[1]), y=ys[2], name="out")])
+        # every op named: an unnamed one advances coremltools' process-wide name counter, which the
+        # names of ops its passes add in later conversions (guard_negative_gather_indices) depend on
+        f.set_outputs([mb.add(x=mb.add(x=ys[0], y=ys[1], name="sum01"), y=ys[2], name="out")])
     return f
 
 
