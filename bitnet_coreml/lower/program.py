@@ -209,6 +209,11 @@ def build_program(model: ir.Model, options: BuildOptions | None = None, *,
     options = options or BuildOptions()
     graph = model.graph
     check_supported(model)
+    # coremltools names ops and consts it makes unnamed (a cast's dtype const, the ops its passes add)
+    # from a process-wide counter: start it afresh, so the package does not depend on what ran before
+    from collections import defaultdict
+
+    mb.name_count = defaultdict(int)
     assign_node_names(graph)
 
     input_names: dict[str, str] = {}

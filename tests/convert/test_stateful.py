@@ -212,8 +212,16 @@ def test_describe_package_for_inspect(packages: dict[str, Path]) -> None:
 
 
 def test_stateful_conversion_is_deterministic(packages: dict[str, Path], tmp_path: Path) -> None:
+    import coremltools  # noqa: F401  (loads the MIL builder)
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Function, types
+
     from bitnet_coreml.package.writer import package_files
 
+    # unnamed MIL ops made before (here, or by the user's own coremltools work) advance coremltools'
+    # process-wide name counter; the package must not depend on it
+    with Function({"x": mb.placeholder(shape=(1, 4), dtype=types.fp32)}) as f:
+        f.set_outputs([mb.cast(x=mb.add(x=mb.add(x=f.inputs["x"], y=1.0), y=2.0), dtype="fp16")])
     again = tmp_path / "again.mlpackage"
     convert(CKPT, again, ConvertOptions(stateful=True, context=CONTEXT, prefill=PREFILL, precision="fp16"))
     first = packages["fp16"]
