@@ -149,7 +149,7 @@ def main() -> None:
         print(f"wrote {FOLDER} and {GGUF} in {w.wall_s:.0f} s")
     print(f"GGUF {GGUF.stat().st_size / 1e9:.2f} GB, checkpoint "
           f"{sum(p.stat().st_size for p in FOLDER.iterdir()) / 1e9:.2f} GB; shape {SHAPE}; seq_len {args.seq_len}; "
-          f"{os.cpu_count()} cores")
+          f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
     results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for _ in range(args.rounds):
         for st in [s for s in args.stages.split(",") if s]:
@@ -170,6 +170,8 @@ def main() -> None:
                 results.setdefault((st, label), []).append((r.wall_s, r.peak_rss_mb, r.cpu_s))
                 print(f"{st:>8} {label:>10}: wall {r.wall_s:7.1f} s   CPU {r.cpu_s:7.1f} s   peak RSS "
                       f"{r.peak_rss_mb:8.0f} MB", flush=True)
+    print(f"load average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min); "
+          "ratios: best wall and CPU, worst peak RSS over the rounds")
     for st in [s for s in args.stages.split(",") if s]:
         g, c = results.get((st, "gguf")), results.get((st, "checkpoint"))
         if g and c:
