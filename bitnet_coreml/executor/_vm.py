@@ -13,7 +13,9 @@ The arithmetic follows the interpreter op by op: float32 on fp16 values, numpy's
 for ``reduce_mean`` / ``softmax`` sums, ternary matmuls in integers from the 2-bit codes when the
 activations are int8 multiples of ``2**-7`` (exact, as ``executor/ternary.py``), fp16 weight matvecs
 in the order of ``executor/half.py``. Where the interpreter calls BLAS (attention's small matmuls, a
-float32 weight) the sums here run in index order: results agree to float32 rounding.
+float32 weight) the sums here run in another order (the attention scores' dot products in SIMD lanes,
+the attention context in index order with fused multiply-adds as OpenBLAS, other products in index
+order): results agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -380,73 +382,47 @@ def _round_v(o, mode, bits):  # type: ignore[no-untyped-def]  # pragma: no cover
 
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "contract"})
+def _dot(a, b):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """``sum(a * b)`` in float32, vectorised: LLVM may reorder the sum into SIMD lanes and fuse the
+    multiply-adds (``reassoc`` / ``contract`` only: NaN / inf semantics stay IEEE), so the result
+    differs from an in-order sum by float32 rounding (|err| <= k * 2**-24 * sum(|a * b|) for any order)."""
+    acc = np.float32(0.0)
+    for j in range(a.shape[0]):
+        acc += a[j] * b[j]
+    return acc
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _mm_nt(x, y, out, mode):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """``out = x @ y.T`` (float32), each output summed over k in order: 4 x 4 outputs side by side
-    (attention scores: the query heads of a KV head against 4 cache positions), the rest 1 x 8."""
-    m_rows, k = x.shape
-    n_cols = y.shape[0]
-    m4 = m_rows - m_rows % 4
-    n4 = n_cols - n_cols % 4
-    for m0 in range(0, m4, 4):
-        x0, x1, x2, x3 = x[m0], x[m0 + 1], x[m0 + 2], x[m0 + 3]
-        for n0 in range(0, n4, 4):
-            y0, y1, y2, y3 = y[n0], y[n0 + 1], y[n0 + 2], y[n0 + 3]
-            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
-            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
-            for j in range(k):
-                u0, u1, u2, u3 = x0[j], x1[j], x2[j], x3[j]
-                v0, v1, v2, v3 = y0[j], y1[j], y2[j], y3[j]
-                a00 += u0 * v0
-                a01 += u0 * v1
-                a02 += u0 * v2
-                a03 += u0 * v3
-                a10 += u1 * v0
-                a11 += u1 * v1
-                a12 += u1 * v2
-                a13 += u1 * v3
-                a20 += u2 * v0
-                a21 += u2 * v1
-                a22 += u2 * v2
-                a23 += u2 * v3
-                a30 += u3 * v0
-                a31 += u3 * v1
-                a32 += u3 * v2
-                a33 += u3 * v3
-            o0, o1, o2, o3 = out[m0], out[m0 + 1], out[m0 + 2], out[m0 + 3]
-            o0[n0], o0[n0 + 1], o0[n0 + 2], o0[n0 + 3] = (_round(a00, mode, 0), _round(a01, mode, 0),
-                                                          _round(a02, mode, 0), _round(a03, mode, 0))
-            o1[n0], o1[n0 + 1], o1[n0 + 2], o1[n0 + 3] = (_round(a10, mode, 0), _round(a11, mode, 0),
-                                                          _round(a12, mode, 0), _round(a13, mode, 0))
-            o2[n0], o2[n0 + 1], o2[n0 + 2], o2[n0 + 3] = (_round(a20, mode, 0), _round(a21, mode, 0),
-                                                          _round(a22, mode, 0), _round(a23, mode, 0))
-            o3[n0], o3[n0 + 1], o3[n0 + 2], o3[n0 + 3] = (_round(a30, mode, 0), _round(a31, mode, 0),
-                                                          _round(a32, mode, 0), _round(a33, mode, 0))
-    for m in range(m_rows):  # what the 4 x 4 blocks left
-        xm = x[m]
-        for n in range(n4 if m < m4 else 0, n_cols):
-            acc = np.float32(0.0)
-            yn = y[n]
-            for j in range(k):
-                acc += xm[j] * yn[j]
-            out[m, n] = _round(acc, mode, 0)
+    """``out = x @ y.T`` (float32; attention scores: the query heads of a KV head against each cache
+    position), each output a :func:`_dot` over a contiguous row pair; a row of ``y`` is read once."""
+    m_rows = x.shape[0]
+    for n in range(y.shape[0]):
+        yn = y[n]
+        for m in range(m_rows):
+            out[m, n] = _round(_dot(x[m], yn), mode, 0)
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"contract"})
 def _mm_nn(x, y, out, mode):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """``out = x @ y`` (float32): each output's sum over k in order, the outputs of a row side by side."""
+    """``out = x @ y`` (float32; attention context: probabilities times the cached values): each
+    output's sum over k in index order with fused multiply-adds (``contract``: as OpenBLAS's sgemm,
+    which gives numpy's ``x @ y`` bit for bit on AVX-512), the outputs of a row side by side in
+    contiguous (vectorised) runs, all rows of ``x`` against one row of ``y`` so ``y`` is read once."""
     m_rows, k = x.shape
     n_cols = y.shape[1]
-    acc = np.empty(n_cols, dtype=np.float32)
-    for m in range(m_rows):
-        acc[:] = 0
-        for j in range(k):
+    acc = np.zeros((m_rows, n_cols), dtype=np.float32)
+    for j in range(k):
+        yj = y[j]
+        for m in range(m_rows):
             xv = x[m, j]
-            yj = y[j]
+            am = acc[m]
             for n in range(n_cols):
-                acc[n] += xv * yj[n]
+                am[n] += xv * yj[n]
+    for m in range(m_rows):
         for n in range(n_cols):
-            out[m, n] = _round(acc[n], mode, 0)
+            out[m, n] = _round(acc[m, n], mode, 0)
 
 
 @numba.njit(inline="always")
