@@ -380,13 +380,20 @@ def chain_entropy(chain: MarkovChain) -> float:
 
 
 def build_trained_model(spec: ModelSpec, train: TrainSpec) -> tuple[Any, MarkovChain, dict[str, Any]]:
-    """Random init, QAT on the spec's Markov chain, ternarised into spec.form.
+    """Random init, QAT on the spec's Markov chain, ternarised into spec.form."""
+    model, chain, stats = train_float_model(spec, train)
+    return ternarise_model(model, spec.form), chain, stats
+
+
+def train_float_model(spec: ModelSpec, train: TrainSpec,
+                      **config_extra: Any) -> tuple[Any, MarkovChain, dict[str, Any]]:
+    """Random init and QAT on the spec's Markov chain; the linears stay float (trained latent weights).
 
     As :func:`random_float_model`, but the RMSNorm gammas are log-normal, ``exp(N(0, gamma_log_std^2))``:
     a trained model's logits are dominated by its embedding -> lm_head path, and gammas of 1 +- 0.1
     would move them too little for a converter that drops one to fail the fp32 parity gate.
     """
-    model = random_float_model(spec)
+    model = random_float_model(spec, **config_extra)
     gen = torch.Generator().manual_seed(spec.seed + 5)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -394,7 +401,7 @@ def build_trained_model(spec: ModelSpec, train: TrainSpec) -> tuple[Any, MarkovC
                 param.copy_(torch.exp(train.gamma_log_std * torch.randn(param.shape, generator=gen)))
     chain = markov_chain(spec.vocab, train)
     stats = train_qat(model, chain, spec, train)
-    return ternarise_model(model, spec.form), chain, stats
+    return model, chain, stats
 
 
 def gamma_drop_cosines(model: Any, ids: np.ndarray) -> dict[str, float]:

@@ -1,8 +1,10 @@
 """Write tiny Hugging Face BitNet checkpoint folders (config.json + model.safetensors) and their oracles.
 
 Fixtures for the checkpoint importer (``bitnet_coreml.frontend`` loading a HF folder). Each folder is
-written by transformers' own ``save_pretrained`` from a randomly initialised, ternarised
-``BitNetForCausalLM``; its ``logits.npz`` holds ``input_ids`` and the logits transformers computes when
+written by transformers' own ``save_pretrained`` from a briefly trained, ternarised
+``BitNetForCausalLM`` (as the bundled ONNX models: seeded Markov corpus, quantisation-aware training,
+``bitnet_export.train_float_model``; random-init logits have top-2 gaps below fp16 noise, so an fp16
+top-1 criterion would measure nothing on them); its ``logits.npz`` holds ``input_ids`` and the logits transformers computes when
 it loads that folder back with ``BitNetForCausalLM.from_pretrained`` (its BitNet quantizer replaces the
 linears on load, so the oracle is what transformers makes of the files):
 
@@ -40,11 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bitnet_export import (
     ModelSpec,
+    TrainSpec,
     eager_bitlinear_helpers,
     make_input_ids,
     parity,
     random_float_model,
     ternarise_model,
+    train_float_model,
 )
 
 log = logging.getLogger("make_hf_fixtures")
@@ -63,6 +67,7 @@ class HFFixture:
     tie_word_embeddings: bool
     spec: ModelSpec
     note: str
+    train: TrainSpec | None = None  # None: random init (the GGUF fixture patches random_float_model itself)
 
 
 _SHAPE = dict(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=172, seq=16)
@@ -75,6 +80,7 @@ FIXTURES: tuple[HFFixture, ...] = (
         dtype="bfloat16",
         tie_word_embeddings=True,
         spec=ModelSpec(name="bitnet-tiny-packed", form="packed", seed=10, **_SHAPE),  # type: ignore[arg-type]
+        train=TrainSpec(states=_SHAPE["vocab"], seed=10),
         note="the microsoft/bitnet-b1.58-2B-4T layout: bf16, packed uint8 weights, weight_scale divides, "
         "tied embeddings (no lm_head.weight in the file)",
     ),
@@ -85,6 +91,7 @@ FIXTURES: tuple[HFFixture, ...] = (
         dtype="float32",
         tie_word_embeddings=False,
         spec=ModelSpec(name="bitnet-tiny-autobitlinear", form="offline", seed=11, **_SHAPE),  # type: ignore[arg-type]
+        train=TrainSpec(states=_SHAPE["vocab"], seed=11),
         note="offline AutoBitLinear as save_pretrained writes it: float weights in {-1,0,1}, "
         "weight_scale multiplies, separate lm_head",
     ),
@@ -95,21 +102,29 @@ FIXTURES: tuple[HFFixture, ...] = (
         dtype="bfloat16",
         tie_word_embeddings=True,
         spec=ModelSpec(name="bitnet-tiny-autobitlinear-packed", form="packed", seed=12, **_SHAPE),  # type: ignore[arg-type]
+        train=TrainSpec(states=_SHAPE["vocab"], seed=12),
         note="packed uint8 weights under linear_class autobitlinear (transformers unpacks them on load): "
         "same bytes layout as bitnet-tiny-packed but weight_scale MULTIPLIES (it is 1/s here)",
     ),
 )
 
 
-def _build(fx: HFFixture) -> Any:
-    """In-memory model with the linears already replaced as transformers' quantizer would on load."""
+def _build(fx: HFFixture) -> tuple[Any, dict[str, Any] | None]:
+    """In-memory model with the linears already replaced as transformers' quantizer would on load.
+
+    Also returns the training summary (None for an untrained fixture).
+    """
     from transformers.integrations.bitnet import AutoBitLinear, BitLinear
 
-    model = random_float_model(fx.spec, tie_word_embeddings=fx.tie_word_embeddings)
+    stats: dict[str, Any] | None = None
+    if fx.train is not None:
+        model, _, stats = train_float_model(fx.spec, fx.train, tie_word_embeddings=fx.tie_word_embeddings)
+    else:
+        model = random_float_model(fx.spec, tie_word_embeddings=fx.tie_word_embeddings)
     model = checkpoint_layers(model, dtype=fx.dtype, linear_class=fx.linear_class, weights=fx.weights)
     n_bit = sum(isinstance(m, (AutoBitLinear, BitLinear)) for m in model.modules())
     assert n_bit == 7 * fx.spec.layers, n_bit
-    return model
+    return model, stats
 
 
 def checkpoint_layers(model: Any, *, dtype: str, linear_class: str, weights: str) -> Any:
@@ -179,7 +194,7 @@ def make_fixture(fx: HFFixture, root: Path, adjust: Callable[[Any], None] | None
     from safetensors import safe_open
     from transformers import BitNetForCausalLM
 
-    model = _build(fx)
+    model, train_stats = _build(fx)
     if adjust is not None:
         adjust(model)
     ids = make_input_ids(fx.spec)
@@ -230,6 +245,8 @@ def make_fixture(fx: HFFixture, root: Path, adjust: Callable[[Any], None] | None
         "dtype": fx.dtype,
         "tie_word_embeddings": fx.tie_word_embeddings,
         "note": fx.note,
+        **({"training": {**fx.train.to_dict(), **{k: round(v, 4) for k, v in train_stats.items()}}}
+           if fx.train is not None and train_stats is not None else {}),
         "config": {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                        "num_attention_heads", "num_key_value_heads", "rms_norm_eps")},
         "quantization_config": cfg.get("quantization_config"),

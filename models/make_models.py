@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         for folder, r in manifest["hf"].items():
             print(f"{folder:<40} {r['linear_class']:<14} {r['weights']:<8} {r['dtype']:<9} "
                   f"native vs fp32 cosine {r['native_vs_fp32']['cosine']:.6f}")
+        from make_stateful_fixtures import main as make_stateful  # models/hf_stateful: DynamicCache oracles
+
+        make_stateful(out_dir)
     if not args.skip_gguf:
         from make_gguf_fixtures import make_all as make_gguf
 

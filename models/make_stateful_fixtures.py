@@ -68,11 +68,11 @@ def make_one(folder: Path, out: Path) -> dict[str, float]:
     return {"cached_vs_full_rel_max": err}
 
 
-def main() -> int:
-    out_dir = HERE / "hf_stateful"
+def main(root: Path = HERE) -> int:
+    out_dir = root / "hf_stateful"
     out_dir.mkdir(exist_ok=True)
     report = {}
-    for folder in sorted(p for p in (HERE / "hf").iterdir() if (p / "config.json").is_file()):
+    for folder in sorted(p for p in (root / "hf").iterdir() if (p / "config.json").is_file()):
         report[folder.name] = make_one(folder, out_dir / f"{folder.name}.npz")
     (out_dir / "REPORT.json").write_text(json.dumps({"prefill": PREFILL, "steps": STEPS, "seed": SEED,
                                                      "folders": report}, indent=1, sort_keys=True) + "\n")
