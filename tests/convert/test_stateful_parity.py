@@ -6,7 +6,10 @@ export venv): a 16-token prefill, then 32 teacher-forced one-token steps on the 
 tokens, and cosine >= 0.99999 at every step except where the stateless fp32 package gives the same
 logits (an activation-quantisation rounding flip, see the test); fp16 packages must keep cosine >= 0.999 at every step and give exactly the logits of the stateless
 fp16 package over the same tokens (the cache adds no error of its own; where fp16 flips a near-tie,
-the stateless package flips it too).
+the stateless package flips it too). Over all bundled checkpoints together, the fp16 packages' top-1
+outside fp16 ties (``verify.metrics(..., fp16_ties=True)``, the rule ``verify`` gates on) must hold at
+>= 99% of the prefill + decode steps (issue 14; the checkpoints are briefly trained, so their top-2
+gaps are real margins, not noise).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pytest
 
 from bitnet_coreml.executor import ReferenceExecutor
 from bitnet_coreml.executor.stateful import StatefulRun
-from bitnet_coreml.verify import verify
+from bitnet_coreml.verify import metrics, verify
 from tests.support.packages import PackageCache
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +81,20 @@ def test_fp16_close_at_every_step_and_equal_to_stateless_fp16(converted: Package
     ref = np.concatenate([z["prefill_logits"], z["decode_logits"]])
     assert _cos(got, ref).min() >= 0.999
     assert np.array_equal(got, _stateless(converted, folder, "fp16", ids))
+
+
+def test_fp16_top1_outside_ties_over_all_checkpoints(converted: PackageCache) -> None:
+    hits, steps = 0.0, 0
+    for folder in FOLDERS:
+        z = _oracle(folder)
+        got = StatefulRun(_package(converted, folder, "fp16")).feed(z["input_ids"])[0]
+        ref = np.concatenate([z["prefill_logits"], z["decode_logits"]])
+        top1 = metrics(ref, got, fp16_ties=True)["top1_resolvable"]
+        assert top1 is not None
+        hits += top1 * ref.shape[0]
+        steps += ref.shape[0]
+    assert steps == len(FOLDERS) * (PREFILL + STEPS)
+    assert round(hits) / steps >= 0.99, f"{round(hits)}/{steps} steps"
 
 
 def _stateless(converted: PackageCache, folder: str, precision: str, ids: np.ndarray) -> np.ndarray:
