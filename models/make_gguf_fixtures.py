@@ -82,16 +82,10 @@ def trained_float_model(spec: ModelSpec, **config_extra: Any) -> Any:
     fixture's top-1 gate needs the confident predictions of a trained model, as the bundled ONNX
     models have. The linears stay float; ``make_hf_fixtures`` ternarises them as for every fixture.
     """
-    import torch
-    from bitnet_export import markov_chain, random_float_model, train_qat
+    from bitnet_export import train_float_model
 
-    model = random_float_model(spec, **config_extra)
-    gen = torch.Generator().manual_seed(spec.seed + 5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(torch.exp(TRAIN.gamma_log_std * torch.randn(param.shape, generator=gen)))
-    TRAINING.update(train_qat(model, markov_chain(spec.vocab, TRAIN), spec, TRAIN))
+    model, _, stats = train_float_model(spec, TRAIN, **config_extra)
+    TRAINING.update(stats)
     return model
 
 
