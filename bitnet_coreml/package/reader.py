@@ -15,6 +15,12 @@ reader in the project goes through :func:`read_package_spec` instead:
 :func:`package_spec_version` reads only the specification version (the protobuf's first field) of a
 package (its manifest validated) or a bare ``.mlmodel``: the host checks need no more.
 
+A command reads one package several times (``verify`` / ``report``: its metadata, then the executor,
+then each compute unit's run): :func:`read_package_spec` parses and checks a package's specification
+once and hands the same :class:`PackageSpec` to every later reader while the package's model files are
+unchanged on disk (their inode, size and modification time; the manifest is validated on every call).
+The specification it returns is shared: readers must not modify it.
+
 Nothing is ever written.
 """
 
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +44,9 @@ MAX_SPEC_BYTES = 1 << 31  # protobuf's own 2 GB message limit
 _BLOB_SENTINEL = 0xDEADBEEF
 _BLOB_HEADER = struct.Struct("<IIQQ")  # sentinel, MIL dtype, size in bytes, data offset (of a 64-byte record)
 _MODEL_PATH = "@model_path/"
+_PARSED_KEEP = 8  # packages whose parsed specification is kept (a command reads one or two)
+_PARSED: OrderedDict[tuple[str, tuple[int, ...]], PackageSpec] = OrderedDict()
+_PARSED_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -104,13 +115,41 @@ def package_spec_version(package: str | os.PathLike[str]) -> int:
     raise ModelLoadError(f"{f}: truncated specificationVersion")
 
 
+def _files_stamp(model_dir: Path) -> tuple[int, ...]:
+    """Changes when a file under ``model_dir`` (the specification, the weight files) is replaced, rewritten,
+    resized or swapped for a link."""
+    out: list[int] = []
+    for f in sorted(model_dir.rglob("*")):
+        for st in (f.lstat(), f.stat()) if f.exists() else (f.lstat(),):
+            out += (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+    return tuple(out)
+
+
 def read_package_spec(path: str | os.PathLike[str]) -> PackageSpec:
-    """Parse ``path``'s manifest and specification, validating every path and weight reference (read-only)."""
+    """Parse ``path``'s manifest and specification, validating every path and weight reference (read-only).
+
+    Parsed once per package while its files are unchanged (the module docstring); the manifest is
+    validated on every call."""
+    pkg = Path(path)
+    spec_file = root_spec_path(pkg)
+    key = (f"{pkg.resolve()}\0{spec_file.resolve()}", _files_stamp(spec_file.parent))
+    with _PARSED_LOCK:
+        hit = _PARSED.get(key)
+        if hit is not None:
+            _PARSED.move_to_end(key)
+            return hit if hit.path == pkg else PackageSpec(pkg, hit.spec, spec_file, spec_file.parent / "weights")
+    parsed = _parse_package_spec(pkg, spec_file)
+    with _PARSED_LOCK:
+        _PARSED[key] = parsed
+        while len(_PARSED) > _PARSED_KEEP:
+            _PARSED.popitem(last=False)
+    return parsed
+
+
+def _parse_package_spec(pkg: Path, spec_file: Path) -> PackageSpec:
     from coremltools.proto import Model_pb2  # protobuf classes only: no native library
     from google.protobuf.message import DecodeError
 
-    pkg = Path(path)
-    spec_file = root_spec_path(pkg)
     raw = read_bytes(spec_file, "Core ML model specification", limit=MAX_SPEC_BYTES, error=ModelLoadError)
     try:
         spec = Model_pb2.Model.FromString(raw)
