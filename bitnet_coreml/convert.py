@@ -484,7 +484,16 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     stage("write package")
     t0 = time.perf_counter()
     notes += asset_notes
-    save_package(mlmodel, out, assets=assets)
+    store = None
+    if stateful_info is not None:  # the decode function translated once, stored for generation (fused_store.py)
+        from bitnet_coreml.executor.fused_store import write_table
+
+        def store_table(tmp: Path) -> None:
+            notes.append(write_table(tmp))
+
+        store = store_table
+
+    save_package(mlmodel, out, assets=assets, finish=store)
     timed("write", t0)
     del mlmodel
 

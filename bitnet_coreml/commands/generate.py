@@ -68,9 +68,10 @@ def _rate(v: float | None) -> str:
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path), default=None,
               help="Folder with tokenizer.json, for a package that carries none.")
 @click.option("--fp32", is_flag=True, help="Reference executor: compute fp16 ops in fp32 (no fp16 rounding).")
-@click.option("--engine", "decode_engine", type=click.Choice(["auto", "fused", "interpreter"]), default="auto",
-              show_default=True, help="Reference unit's decode: the fused kernel when the package translates "
-              "(auto), always it (fused), or the op-by-op interpreter.")
+@click.option("--engine", "decode_engine", type=click.Choice(["auto", "stored", "fused", "interpreter"]), default="auto",
+              show_default=True, help="Reference unit's decode: the fused kernel on the package's stored table "
+              "(stored: no coremltools, prefill as decode steps), else translated at load (fused), else the op-by-op "
+              "interpreter; auto takes the first that works.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (text, ids, timings, recovery) on stdout.")
 def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: str | None, max_new_tokens: int,
              temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
@@ -140,8 +141,8 @@ def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: s
     click.echo(f"[{unit}] {st.prompt_tokens} prompt tokens, {len(new)} new ({st.stop_reason}); "
                f"time to first token {ttft}, prefill {_rate(st.prefill_tok_s)} tok/s, "
                f"decode {_rate(st.decode_tok_s)} tok/s", err=True)
-    if st.decode_note and st.decode_engine == "interpreter":
-        click.echo(f"decode ran in the interpreter ({st.decode_note})", err=True)
+    if st.decode_note and st.decode_engine != "stored":
+        click.echo(f"decode: {st.decode_engine} ({st.decode_note})", err=True)
     for r in st.recoveries:
         if "from" in r:
             click.echo(f"recovered: {r['from']} failed at token {r['at_token']} ({r['reason']})", err=True)

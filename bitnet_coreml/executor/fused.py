@@ -29,8 +29,6 @@ import numpy as np
 
 from bitnet_coreml.errors import InputError
 from bitnet_coreml.executor import _vm
-from bitnet_coreml.executor.half import KERNEL_MAX_ROWS, HalfWeight
-from bitnet_coreml.executor.ternary import TernaryWeight
 
 __all__ = ["FusedFunction", "fuse"]
 
@@ -133,6 +131,11 @@ def _int(v: Any) -> int:
 
 class _Builder:
     def __init__(self, ex: Any) -> None:
+        # the packed weight types (imported here: loading a stored table, executor/fused_store.py, needs neither)
+        from bitnet_coreml.executor.half import KERNEL_MAX_ROWS, HalfWeight
+        from bitnet_coreml.executor.ternary import TernaryWeight
+
+        self.Tern, self.Half, self.half_max_rows = TernaryWeight, HalfWeight, KERNEL_MAX_ROWS
         self.ex = ex
         self.states = list(ex._states)  # state names, buffers 1..S
         self.arena = 0
@@ -140,6 +143,7 @@ class _Builder:
         self.big: list[np.ndarray] = []
         self.terns: list[np.ndarray] = []
         self.halves: list[np.ndarray] = []
+        self.half_rows: list[int] = []  # N of each fp16 weight (its blocks are zero-padded)
         self.weights: dict[int, int] = {}
         self.consts: dict[int, tuple[Any, _Val]] = {}
         self.vals: dict[int, _Val] = {}
@@ -157,7 +161,7 @@ class _Builder:
         key = id(c)
         if key in self.consts and self.consts[key][0] is c:
             return self.consts[key][1]
-        if c.__class__ in (TernaryWeight, HalfWeight) or isinstance(c, str):
+        if c.__class__ in (self.Tern, self.Half) or isinstance(c, str):
             raise _Unsupported(f"a {type(c).__name__} constant used as a value")
         arr = np.asarray(c)
         if arr.dtype.kind not in "biuf" or arr.dtype == np.float64:
@@ -362,9 +366,11 @@ class _Builder:
     def weight(self, w: Any) -> int:
         key = id(w)
         if key not in self.weights:
-            lst = self.terns if isinstance(w, TernaryWeight) else self.halves
+            lst = self.terns if isinstance(w, self.Tern) else self.halves
             # read-only views: the kernels only read, and one array type whatever the source
-            lst.append(np.ascontiguousarray(w.codes if isinstance(w, TernaryWeight) else w.blocks))
+            lst.append(np.ascontiguousarray(w.codes if isinstance(w, self.Tern) else w.blocks))
+            if lst is self.halves:
+                self.half_rows.append(int(w.shape[0]))
             self.weights[key] = len(lst) - 1
         return self.weights[key]
 
@@ -374,14 +380,14 @@ class _Builder:
         x = self.arg(a, "x")
         slot_y, cy = a["y"]
         out = self.alloc(shape)
-        if slot_y < 0 and cy.__class__ in (TernaryWeight, HalfWeight):
+        if slot_y < 0 and cy.__class__ in (self.Tern, self.Half):
             n, k = cy.shape
             m = x.size // max(k, 1)
             if tx or not ty or x.shape[-1] != k or shape[-1] != n or m * n != out.size:
                 raise _Unsupported(f"op {step.ctx.name!r}: matmul with a packed weight in another layout")
-            if isinstance(cy, HalfWeight) and m > KERNEL_MAX_ROWS:
+            if isinstance(cy, self.Half) and m > self.half_max_rows:
                 raise _Unsupported(f"op {step.ctx.name!r}: {m} rows times an fp16 weight")
-            op = _vm.MM_TERN if isinstance(cy, TernaryWeight) else _vm.MM_HALF
+            op = _vm.MM_TERN if isinstance(cy, self.Tern) else _vm.MM_HALF
             self.emit(op, mode, shape, (0, out.off, (0, 0, 0, 0)), (x.buf, x.off, (0, 0, k, 1)),
                       params=(m, k, n, self.weight(cy)))
             return out
@@ -430,7 +436,7 @@ class _Builder:
         out = self.alloc(shape)
         ids = _pad4(idx.shape + (1,), _strides(idx.shape) + (0,))
         dims = ids[0][:3] + (1,)
-        if isinstance(cx, HalfWeight):
+        if isinstance(cx, self.Half):
             rows, width = cx.shape
             self.emit(_vm.GATHER_HALF, mode, dims, (0, out.off, (0, 0, 0, 0)), (idx.buf, idx.off, ids[1]),
                       params=(rows, width, self.weight(cx), validate))
@@ -477,14 +483,19 @@ class _Builder:
 
 @dataclass
 class _Program:
+    """A translated function: what :class:`FusedFunction` runs and ``executor/fused_store.py`` persists."""
+
     prog: np.ndarray
     arena: np.ndarray
     big: list[np.ndarray]
-    terns: list[np.ndarray]
-    halves: list[np.ndarray]
+    terns: list[np.ndarray]  # uint8 [N, K/4] 2-bit codes
+    halves: list[np.ndarray]  # uint16 [ceil(N/64), K, 64] fp16 bits (half.py's layout)
     inputs: list[tuple[str, _Val]]
     outputs: list[tuple[str, _Val]]
     states: list[str]
+    init: list[tuple[int, np.ndarray]]  # (arena offset, float32 values): the arena's constants
+    state_shapes: list[tuple[int, ...]]
+    half_rows: list[int]
 
 
 def _build(ex: Any) -> _Program:
@@ -532,7 +543,8 @@ def _build(ex: Any) -> _Program:
         prog[neg, base] = first - 1 - prog[neg, base]
     fix = {n: (_Val(first - 1 - v.buf, v.off, v.shape) if v.buf < 0 else v) for n, v in outputs}
     return _Program(np.ascontiguousarray(prog), arena, b.big, b.terns, b.halves, inputs,
-                    [(n, fix[n]) for n, _ in outputs], b.states)
+                    [(n, fix[n]) for n, _ in outputs], b.states, b.init,
+                    list(b.state_shapes), b.half_rows)  # type: ignore[attr-defined]
 
 
 def _addresses(arrays: list[np.ndarray]) -> np.ndarray:
@@ -545,13 +557,12 @@ def _addresses(arrays: list[np.ndarray]) -> np.ndarray:
 class FusedFunction:
     """One function of a package run by the fused kernel against an interpreter's :class:`ExecutorState`."""
 
-    def __init__(self, ex: Any) -> None:
-        p = _build(ex)
+    def __init__(self, p: _Program, out_dtypes: dict[str, np.dtype | None], *, fp32: bool, ops: int) -> None:
         self._p = p
-        self.ops = len(ex._block.steps)
+        self.ops = ops
         self.instructions = int(p.prog.shape[0])
-        self._out_dtypes = dict(zip(ex._outputs, ex._output_dtypes, strict=True))
-        self._fp32 = ex.fp32
+        self._out_dtypes = dict(out_dtypes)
+        self._fp32 = fp32
         # the buffers (the kernel gets their addresses: these references keep them alive)
         self._py_bufs = [p.arena] + [np.zeros(1, np.float32)] * len(p.states) + p.big
         self._bufs = _addresses(self._py_bufs)
@@ -596,7 +607,8 @@ class FusedFunction:
 def fuse(ex: Any) -> tuple[FusedFunction | None, str | None]:
     """``(FusedFunction, None)`` for the interpreter's executor ``ex``, or ``(None, reason)``."""
     try:
-        return FusedFunction(ex), None
+        return FusedFunction(_build(ex), dict(zip(ex._outputs, ex._output_dtypes, strict=True)), fp32=ex.fp32,
+                             ops=len(ex._block.steps)), None
     except _Unsupported as e:
         log.info("fused decode not used for %s (%s): %s", ex.source, ex.function_name, e)
         return None, str(e)

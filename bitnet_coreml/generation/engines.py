@@ -5,10 +5,15 @@ runs one function on ``input_ids`` int32 ``[1, S]`` at ``position`` (int32 ``[1]
 engine's own state and returns the logits as float32 ``[S', V]``. A new engine starts with a zero
 state; the session rebuilds it by replaying the calls made so far.
 
-* :class:`ReferenceEngine`: the reference executor (any OS), one executor per function sharing the
-  program, the decoded weights and the state (``executor/shared.py``); ``decode`` runs through the
-  fused kernel (``executor/fused.py``) when the function translates (``decode_engine="auto"``), or
-  always through the interpreter (``"interpreter"``); ``"fused"`` refuses a package it cannot fuse.
+* :class:`ReferenceEngine`: the reference executor (any OS). With ``decode_engine="auto"`` (or
+  ``"stored"``) and a package carrying a stored decode table (``executor/fused_store.py``, written by
+  ``convert --stateful``): the fused kernel runs that table, with neither coremltools nor the MIL
+  program loaded, and a prefill call is fed as decode steps (each position's logits; padding is never
+  computed). Otherwise one executor per function sharing the program, the decoded weights and the
+  state (``executor/shared.py``); ``decode`` runs through the fused kernel (``executor/fused.py``)
+  when the function translates (``"auto"``, ``"fused"``; ``"fused"`` refuses a package it cannot
+  fuse), or always through the interpreter (``"interpreter"``). ``"stored"`` refuses a package
+  without a usable stored table.
 * :class:`CoreMLEngine`: Core ML on macOS, one ``MLModel`` per function for the unit's
   ``compute_units`` and one ``MLState`` (``make_state``) that both functions update.
 
@@ -35,16 +40,18 @@ if TYPE_CHECKING:
 INPUT_IDS, POSITION, LOGITS = "input_ids", "position", "logits"
 
 
-DECODE_ENGINES = ("auto", "fused", "interpreter")
+DECODE_ENGINES = ("auto", "stored", "fused", "interpreter")
 
 
 class Engine(abc.ABC):
     """Base: a loaded unit with a state."""
 
     name: str
-    # what runs the decode calls ("fused" / "interpreter" on the reference unit, None elsewhere) and why
+    # what runs the decode calls ("stored" / "fused" / "interpreter" on the reference unit, None elsewhere) and why
     decode_engine: str | None = None
     decode_note: str | None = None
+    # False: a prefill call takes fewer than P ids (the session does not pad a last partial chunk)
+    pads_prefill: bool = True
 
     def call(self, function: str, ids: np.ndarray, position: int) -> np.ndarray:
         out = self._predict(function, {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int32).reshape(1, -1),
@@ -68,13 +75,47 @@ class ReferenceEngine(Engine):
 
     def __init__(self, package: str | os.PathLike[str], name: str = "reference", *, fp32: bool = False,
                  decode_engine: str = "auto") -> None:
-        from bitnet_coreml.executor.chunked import open_executor
-
         if decode_engine not in DECODE_ENGINES:
             raise InputError(f"decode engine {decode_engine!r}; allowed: {', '.join(DECODE_ENGINES)}")
         self.name = name
+        stored_note = None
+        if decode_engine in ("auto", "stored"):
+            stored_note = self._open_stored(package, fp32)
+            if stored_note is None:
+                return
+            if decode_engine == "stored":
+                raise InputError(f"{package}: {stored_note}; convert the checkpoint again with "
+                                 "`bitnet-coreml convert ... --stateful`, or use --engine auto")
+        self._open_program(package, fp32, decode_engine, stored_note)
+
+    def _open_stored(self, package: str | os.PathLike[str], fp32: bool) -> str | None:
+        """Run the package's stored decode table; returns None when it does, else why not."""
+        from bitnet_coreml.executor.fused_store import StaleTable, open_table
+        from bitnet_coreml.package.chunked import is_chunked
+
+        if is_chunked(package):
+            return "no stored table (a chunked model folder)"
+        try:
+            table = open_table(package)
+            if table is None:
+                return "no stored decode table in the package"
+            if fp32 and not table.header["decode"]["fp32"]:
+                return "stored table refused: it runs the fp16 arithmetic, fp32 was asked for"
+            decode, states = table.load()
+        except StaleTable as e:
+            return f"stored table refused: {e}"
+        self._state = _TableState(states)
+        self._fns: dict[str, Any] = {DECODE: decode, PREFILL: _PrefillByDecode(decode)}
+        self.decode_engine, self.decode_note = "stored", "the package's stored table; prefill as decode steps"
+        self.pads_prefill = False
+        return None
+
+    def _open_program(self, package: str | os.PathLike[str], fp32: bool, decode_engine: str,
+                      stored_note: str | None) -> None:
+        from bitnet_coreml.executor.chunked import open_executor
+
         decode = open_executor(package, fp32=fp32, function_name=DECODE)  # a package or a chunked model folder
-        self._fns: dict[str, Any] = {DECODE: decode, PREFILL: decode.function(PREFILL)}
+        self._fns = {DECODE: decode, PREFILL: decode.function(PREFILL)}
         self._state = decode.make_state()
         self.decode_engine, self.decode_note = "interpreter", None
         if decode_engine != "interpreter":
@@ -84,6 +125,7 @@ class ReferenceEngine(Engine):
             if fused is not None:
                 self._fns[DECODE] = fused
                 self.decode_engine = "fused"
+                self.decode_note = f"translated at load ({stored_note})" if stored_note else None
             elif decode_engine == "fused":
                 raise InputError(f"{package}: the fused decode path cannot run this package ({why}); "
                                  "use the interpreter (--engine interpreter)")
@@ -94,6 +136,31 @@ class ReferenceEngine(Engine):
 
     def _predict(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
         return self._fns[function].predict(inputs, state=self._state)
+
+
+class _TableState:
+    """The KV state of a stored table's decode function: each state's fp16 values held in float32, zero-filled
+    (what ``ExecutorState`` holds between calls; ``FusedFunction`` reads and writes ``_values``)."""
+
+    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]]) -> None:
+        self._values = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes}
+
+
+class _PrefillByDecode:
+    """A ``prefill`` call run as one ``decode`` call per id (positions ``position + i``): the logits of every id."""
+
+    def __init__(self, decode: Any) -> None:
+        self._decode = decode
+
+    def predict(self, inputs: dict[str, np.ndarray], state: Any) -> dict[str, np.ndarray]:
+        ids = np.asarray(inputs[INPUT_IDS]).reshape(-1)
+        pos = int(np.asarray(inputs[POSITION]).reshape(-1)[0])
+        rows = []
+        for i, t in enumerate(ids.tolist()):
+            out = self._decode.predict({INPUT_IDS: np.array([[t]], np.int32), POSITION: np.array([pos + i], np.int32)},
+                                       state)
+            rows.append(np.asarray(out[LOGITS] if LOGITS in out else next(iter(out.values()))).reshape(-1))
+        return {LOGITS: np.stack(rows)[None]}
 
 
 class CoreMLEngine(Engine):  # pragma: no cover - needs Core ML (macOS); tests/runtime/test_macos.py

@@ -33,8 +33,7 @@ from bitnet_coreml.errors import ExhaustedError, InputError, ModelError
 from bitnet_coreml.generation.engines import Engine, open_engine, unavailable_reason
 from bitnet_coreml.generation.sampling import Sampler, SamplingConfig
 from bitnet_coreml.generation.tokenizer import TextTokenizer
-from bitnet_coreml.package.reader import read_package_spec
-from bitnet_coreml.package.stateful import DECODE, PREFILL, StatefulInfo, function_specs, stateful_info
+from bitnet_coreml.package.stateful import DECODE, PREFILL, StatefulInfo
 from bitnet_coreml.runtime.recovery import RecoveryAction, classify_exception, handle_error
 from bitnet_coreml.runtime.stats import ErrorRecovery
 from bitnet_coreml.runtime.strategy import ComputeUnit, FallbackStrategy
@@ -48,6 +47,18 @@ log = logging.getLogger(__name__)
 def not_stateful_message(package: str | os.PathLike[str]) -> str:
     return (f"{package}: not a stateful package (no prefill/decode functions with a KV cache); "
             f"convert the checkpoint with `bitnet-coreml convert CHECKPOINT -o OUT.mlpackage --stateful`")
+
+
+def _stored_facts(package: Path) -> tuple[StatefulInfo, int | None] | None:
+    """The stateful facts and vocabulary size from the package's stored decode table, None without a usable one
+    (``executor/fused_store.py``: its header is checked against the package's specification)."""
+    from bitnet_coreml.executor.fused_store import StaleTable, open_table
+
+    try:
+        table = open_table(package)
+    except StaleTable:
+        return None  # the engine says why when it falls back
+    return None if table is None else (table.stateful_info(), table.vocab_size)
 
 
 @dataclass
@@ -116,18 +127,26 @@ class GenerationSession:
         described, assets = stateful_parts(self.package)  # a chunked model folder: its last / first piece
         if not (described / "Manifest.json").is_file():
             raise InputError(f"{self.package}: not an .mlpackage (no Manifest.json)")
-        # read-only (MLModel(path) would rewrite Manifest.json); refuses a corrupt package naming the file
-        spec = read_package_spec(described).spec
-        info = stateful_info(spec)
-        if info is None:
-            raise InputError(not_stateful_message(self.package))
-        self.info: StatefulInfo = info
         # the vocabulary: the last dimension of decode's logits (ids are checked before any call)
         self.vocab_size: int | None = None
-        for fn in function_specs(spec):
-            if fn["name"] == DECODE:
-                shapes = [o.get("shape") for o in fn["outputs"] if o.get("shape")]
-                self.vocab_size = int(shapes[0][-1]) if shapes else None
+        self.info: StatefulInfo
+        stored = _stored_facts(described)
+        if stored is not None:  # the stored table's header (its specification checked): no coremltools
+            self.info, self.vocab_size = stored
+        else:
+            from bitnet_coreml.package.reader import read_package_spec
+            from bitnet_coreml.package.stateful import function_specs, stateful_info
+
+            # read-only (MLModel(path) would rewrite Manifest.json); refuses a corrupt package naming the file
+            spec = read_package_spec(described).spec
+            info = stateful_info(spec)
+            if info is None:
+                raise InputError(not_stateful_message(self.package))
+            self.info = info
+            for fn in function_specs(spec):
+                if fn["name"] == DECODE:
+                    shapes = [o.get("shape") for o in fn["outputs"] if o.get("shape")]
+                    self.vocab_size = int(shapes[0][-1]) if shapes else None
         self.strategy = strategy or FallbackStrategy()
         self._open_engine = open_engine
         self.fp32 = fp32
@@ -342,7 +361,7 @@ class GenerationSession:
 
     def _invoke(self, engine: Engine, call: _Call, ids: Sequence[int]) -> np.ndarray:
         padded = list(ids)
-        if call.function == PREFILL and len(padded) < self.info.prefill:
+        if call.function == PREFILL and len(padded) < self.info.prefill and engine.pads_prefill:
             pad = self.tokenizer.eos_ids[0] if self.tokenizer is not None and self.tokenizer.eos_ids else 0
             padded += [pad] * (self.info.prefill - len(padded))
         logits = engine.call(call.function, np.asarray(padded), call.start)

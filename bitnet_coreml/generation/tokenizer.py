@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bitnet_coreml.errors import InputError, ModelLoadError
-from bitnet_coreml.package.assets import checkpoint_assets, read_assets
+from bitnet_coreml.package.assets import CHECKPOINT_ASSETS, checkpoint_assets, read_asset
 
 
 def _json(data: bytes | None, where: str) -> dict[str, Any]:
@@ -98,7 +98,8 @@ class TextTokenizer:
     @classmethod
     def from_package(cls, package: str | os.PathLike[str]) -> TextTokenizer | None:
         """The tokenizer a package carries in its assets, or None when it carries none."""
-        files = read_assets(package)
+        # only these assets (another, such as the stored decode table, is never read into memory here)
+        files = {n: b for n in CHECKPOINT_ASSETS if (b := read_asset(package, n)) is not None}
         if "tokenizer.json" not in files:
             return None
         return cls.from_files(files, f"{package} (assets)")

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,11 +128,12 @@ def replace_with(tmp: Path, dest: Path) -> None:
 
 
 def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool = True,
-                 assets: Mapping[str, bytes] | None = None) -> Path:
+                 assets: Mapping[str, bytes] | None = None, finish: Callable[[Path], None] | None = None) -> Path:
     """Save ``mlmodel`` to ``dest`` (.mlpackage) atomically and deterministically; returns ``dest``.
 
     ``assets`` (name -> bytes, see :mod:`bitnet_coreml.package.assets`) are written into the package
-    before it is renamed into place.
+    before it is renamed into place; then ``finish(temp package)`` runs (assets made from the written
+    package itself, such as the stored decode table: ``executor/fused_store.py``).
     """
     dest = Path(dest)
     if dest.suffix != ".mlpackage":
@@ -151,6 +152,8 @@ def save_package(mlmodel: Any, dest: str | os.PathLike[str], *, overwrite: bool 
             from bitnet_coreml.package.assets import write_assets
 
             write_assets(tmp, assets)
+        if finish is not None:
+            finish(tmp)
         _normalise_modes(tmp)
         replace_with(tmp, dest)
     finally:

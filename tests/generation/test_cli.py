@@ -50,7 +50,7 @@ def test_ids_json_and_an_injected_fault(tiny_packages: dict[str, Path]) -> None:
     r = run([str(pkg), "--ids", IDS, "-n", "3", "--units", "reference"])
     assert r.exit_code == 0
     assert r.stdout.split() == [str(t) for t in want[:3]]
-    assert "[reference, fused decode]" in r.stderr and "tok/s" in r.stderr
+    assert "[reference, stored decode]" in r.stderr and "tok/s" in r.stderr
 
 
 def test_text_prompt_with_a_tokenizer_from_the_package(tiny_packages: dict[str, Path], tmp_path: Path) -> None:

@@ -97,20 +97,21 @@ def test_fused_decode_follows_the_interpreter_on_the_example_lm(lm_fp16: Path) -
 
 
 def test_fused_decode_reproduces_transformers(tiny_packages: dict[str, Path]) -> None:
-    s = GenerationSession(tiny_packages["fp32"], units=["reference"])
-    rows = [s.prefill(IDS[:8])] + [s.feed(t) for t in IDS[8:]]
-    assert s._engine is not None and s._engine.decode_engine == "fused"
-    np.testing.assert_allclose(np.stack(rows), ORACLE["logits"][0][7:], atol=2e-4, rtol=0)
+    for engine in ("stored", "fused"):  # the kernel on the package's stored table, and translated at load
+        s = GenerationSession(tiny_packages["fp32"], units=["reference"], decode_engine=engine)
+        rows = [s.prefill(IDS[:8])] + [s.feed(t) for t in IDS[8:]]
+        assert s._engine is not None and s._engine.decode_engine == engine
+        np.testing.assert_allclose(np.stack(rows), ORACLE["logits"][0][7:], atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("prec", ["fp16", "fp32"])
 def test_greedy_tokens_equal_with_either_engine(tiny_packages: dict[str, Path], prec: str) -> None:
     runs = {}
-    for engine in ("auto", "interpreter"):
+    for engine in ("auto", "fused", "interpreter"):
         s = GenerationSession(tiny_packages[prec], units=["reference"], decode_engine=engine)
         runs[engine] = list(s.generate(IDS[:5], max_new_tokens=40))
-        assert s.stats.decode_engine == ("fused" if engine == "auto" else "interpreter")
-    assert runs["auto"] == runs["interpreter"]
+        assert s.stats.decode_engine == ("stored" if engine == "auto" else engine)
+    assert runs["auto"] == runs["fused"] == runs["interpreter"]
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 127, 128, 129, 255, 256, 1000, 1024, 2816, 5003])
@@ -132,8 +133,10 @@ def test_an_op_it_does_not_translate_keeps_the_interpreter(monkeypatch: pytest.M
     assert fused is None and why is not None and "sin" in why
 
     import bitnet_coreml.executor.fused as fused_mod
+    import bitnet_coreml.executor.fused_store as store_mod
 
     monkeypatch.setattr(fused_mod, "fuse", lambda ex: (None, "op 'x': sin is not fused"))
+    monkeypatch.setattr(store_mod, "open_table", lambda pkg: None)  # as a package without a stored table
     s = GenerationSession(tiny_packages["fp16"], units=["reference"])
     list(s.generate(IDS[:5], max_new_tokens=2))
     assert s.stats.decode_engine == "interpreter" and "sin is not fused" in (s.stats.decode_note or "")
@@ -143,7 +146,7 @@ def test_an_op_it_does_not_translate_keeps_the_interpreter(monkeypatch: pytest.M
 
 def test_cli_says_which_engine_ran(tiny_packages: dict[str, Path]) -> None:
     ids = ",".join(str(i) for i in IDS[:5])
-    for engine, want in (("auto", "fused"), ("interpreter", "interpreter")):
+    for engine, want in (("auto", "stored"), ("fused", "fused"), ("interpreter", "interpreter")):
         res = CliRunner().invoke(main, ["generate", str(tiny_packages["fp16"]), "--ids", ids, "-n", "4",
                                         "--units", "reference", "--engine", engine, "--json"])
         assert res.exit_code == 0, res.output

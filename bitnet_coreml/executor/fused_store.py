@@ -1,0 +1,351 @@
+"""The fused decode table stored inside a stateful package, and loading it without coremltools.
+
+``executor/fused.py`` translates a package's compiled ``decode`` function into an instruction table
+(:class:`~bitnet_coreml.executor.fused._Program`). Making it needs coremltools and the MIL program
+(~90 MiB of libraries and the program's objects before any weight); running it needs neither.
+``convert --stateful`` therefore writes the translation into the package as the asset
+:data:`ASSET` (``package/assets.py``), and generation loads it from there:
+
+* a header (JSON) with the format version, the kernel's instruction-set fingerprint, the sha256 and
+  size of the package's specification and of every weight file it refers to, everything generation
+  needs about the package (its ``StatefulInfo``, the functions' inputs / outputs, the vocabulary size),
+  and where each part of the program lies;
+* the instructions (int64 rows), the arena's constants (offsets and float32 values) and the large
+  float32 constants that are not stored in a weight file as they are;
+* **no weight**: each 2-bit ternary weight and each fp16 weight is an offset into the package's
+  ``weight.bin`` (found by content at write time). At load the ternary codes are memory-mapped as
+  they are (no copy) and each fp16 weight is read once into the kernel's blocked layout
+  (``executor/half.py``) with plain reads, so its bytes are never resident twice.
+
+A table is refused (:class:`StaleTable`, with the reason; the caller translates the program as before)
+when its format or the kernel's instruction set differ, or when the specification or a weight file
+is not byte for byte the one it was made from (sha256). Packages without the asset work as before.
+
+The file is deterministic (sorted JSON, no time stamps), so a package stays byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitnet_coreml.errors import ModelLoadError
+
+__all__ = ["ASSET", "FORMAT", "StaleTable", "StoredTable", "open_table", "table_bytes", "write_table"]
+
+ASSET = "fused-decode.bin"  # the asset's name (Data/com.bitnet-coreml/assets/<ASSET>)
+FORMAT = 1
+_MAGIC = b"BNCFUSED"
+_HEAD = struct.Struct("<8sIQ")  # magic, format, header bytes
+_ALIGN = 64
+_MAX_HEADER = 1 << 26
+_HALF_BLOCK_KEY = "half_block"
+_CHUNK = 1 << 20
+
+
+class StaleTable(Exception):
+    """The package's stored table cannot be used (the message says why); translate the program instead."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb") as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def isa_fingerprint() -> str:
+    """The kernel's instruction set: the row width and every opcode / field constant of ``executor/_vm.py``."""
+    from bitnet_coreml.executor import _vm
+
+    consts = sorted((k, int(v)) for k, v in vars(_vm).items()
+                    if k.isupper() and isinstance(v, int) and not isinstance(v, bool))
+    return hashlib.sha256(json.dumps(consts).encode()).hexdigest()[:16]
+
+
+def _rel(pkg: Path, p: Path) -> str:
+    return p.resolve().relative_to(pkg.resolve()).as_posix()
+
+
+# --- writing (convert time: coremltools and the MIL program are loaded anyway) ------------------------
+
+def _blob_locations(spec: Any, spec_file: Path, pkg: Path) -> tuple[list[Path], dict[str, tuple[int, int, int]]]:
+    """Weight files of ``spec`` and ``sha256(data) -> (file index, data offset, bytes)`` of every blob in them."""
+    from bitnet_coreml.package.reader import _MODEL_PATH, _blob_values, _check_record
+
+    files: list[Path] = []
+    found: dict[str, tuple[int, int, int]] = {}
+    records: dict[str, set[int]] = {}
+    for blob in _blob_values(spec):
+        records.setdefault(str(blob.fileName), set()).add(int(blob.offset))
+    for name in sorted(records):
+        rel = name[len(_MODEL_PATH):] if name.startswith(_MODEL_PATH) else name
+        f = spec_file.parent / rel
+        files.append(f)
+        size = f.stat().st_size
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for off in sorted(records[name]):
+                nbytes, data_off = _check_record(fh, f, off, size)
+                digest = hashlib.sha256(mm[data_off:data_off + nbytes]).hexdigest()
+                found.setdefault(digest, (len(files) - 1, data_off, nbytes))
+    return files, found
+
+
+def _where(arr: np.ndarray, blobs: dict[str, tuple[int, int, int]]) -> tuple[int, int] | None:
+    loc = blobs.get(hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())
+    return None if loc is None or loc[2] != arr.nbytes else (loc[0], loc[1])
+
+
+class _Sections:
+    """The data after the header: arrays at 64-byte aligned offsets (relative to the data start)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, arr: np.ndarray) -> dict[str, Any]:
+        arr = np.ascontiguousarray(arr)
+        ref = {"offset": self.size, "dtype": arr.dtype.str, "shape": list(arr.shape)}
+        data = arr.tobytes()
+        pad = -len(data) % _ALIGN
+        self.parts.append(data + b"\0" * pad)
+        self.size += len(data) + pad
+        return ref
+
+
+def _val(v: Any) -> list[int]:
+    return [int(v.buf), int(v.off), *(int(d) for d in v.shape)]
+
+
+def table_bytes(package: str | os.PathLike[str]) -> tuple[bytes | None, str]:
+    """The stored-table asset of the stateful package at ``package`` (its decode function translated), or
+    ``(None, why not)``. Loads the package's program with the reference executor (coremltools)."""
+    from bitnet_coreml.executor.executor import ReferenceExecutor
+    from bitnet_coreml.executor.fused import _build, _Unsupported
+    from bitnet_coreml.executor.half import BLOCK
+    from bitnet_coreml.package.reader import read_package_spec
+    from bitnet_coreml.package.stateful import DECODE, function_specs, stateful_info
+
+    pkg = Path(package)
+    ps = read_package_spec(pkg)
+    info = stateful_info(ps.spec)
+    if info is None:
+        return None, "not a stateful package"
+    ex = ReferenceExecutor(pkg, function_name=DECODE)
+    try:
+        p = _build(ex)
+    except _Unsupported as e:
+        return None, f"the decode function does not translate ({e})"
+    files, blobs = _blob_locations(ps.spec, ps.spec_file, pkg)
+    sec = _Sections()
+    terns, halves, big = [], [], []
+    for codes in p.terns:
+        loc = _where(codes, blobs)
+        if loc is None:
+            return None, f"a ternary weight of shape {list(codes.shape)} is not stored as such in the weight file"
+        terns.append({"file": loc[0], "offset": loc[1], "shape": [int(d) for d in codes.shape]})
+    for blocks, n in zip(p.halves, p.half_rows, strict=True):
+        nb, k, b = blocks.shape
+        if b != BLOCK:
+            return None, f"an fp16 weight in blocks of {b} rows (the loader writes {BLOCK})"
+        # the [N, K] fp16 weight: its rows are the blocks' columns (zero rows pad the last block)
+        loc = _where(blocks.transpose(0, 2, 1).reshape(nb * b, k)[:n], blobs)
+        if loc is None:
+            return None, f"an fp16 weight of shape {[n, k]} is not stored as such in the weight file"
+        halves.append({"file": loc[0], "offset": loc[1], "shape": [n, k]})
+    for arr in p.big:
+        loc = _where(arr, blobs)
+        big.append({"file": loc[0], "offset": loc[1], "size": int(arr.size)} if loc is not None
+                   else {"inline": sec.add(arr)})
+    offs = np.array([(off, vals.size) for off, vals in p.init], dtype=np.int64).reshape(-1, 2)
+    vals = np.concatenate([v for _, v in p.init]).astype(np.float32) if p.init else np.zeros(0, np.float32)
+    specs = function_specs(ps.spec)
+    decode_out: list[dict[str, Any]] = next((f["outputs"] for f in specs if f["name"] == DECODE), [])
+    vocab = int(decode_out[0]["shape"][-1]) if decode_out and decode_out[0].get("shape") else None
+    header = {
+        "format": FORMAT,
+        "kernel": {"isa": isa_fingerprint(), _HALF_BLOCK_KEY: BLOCK},
+        "package": {"spec": {"path": _rel(pkg, ps.spec_file), "sha256": _sha256(ps.spec_file),
+                             "size": ps.spec_file.stat().st_size},
+                    "weights": [{"path": _rel(pkg, f), "sha256": _sha256(f), "size": f.stat().st_size}
+                                for f in files]},
+        "stateful": info.to_dict(),
+        "functions": specs,
+        "vocab_size": vocab,
+        "decode": {
+            "ops": len(ex._block.steps), "fp32": bool(ex.fp32),
+            "instructions": sec.add(p.prog.astype(np.int64)),
+            "arena": {"size": int(p.arena.size), "init_at": sec.add(offs), "init_values": sec.add(vals)},
+            "big": big, "terns": terns, "halves": halves,
+            "inputs": [[n, *_val(v)] for n, v in p.inputs], "outputs": [[n, *_val(v)] for n, v in p.outputs],
+            "states": [[n, list(s)] for n, s in zip(p.states, p.state_shapes, strict=True)],
+            "out_dtypes": {n: (None if d is None else np.dtype(d).str)
+                           for n, d in zip(ex._outputs, ex._output_dtypes, strict=True)},
+        },
+    }
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-(_HEAD.size + len(head)) % _ALIGN)
+    return _HEAD.pack(_MAGIC, FORMAT, len(head)) + head + b"".join(sec.parts), (
+        f"stored decode table: {p.prog.shape[0]} instructions, {len(terns)} ternary + {len(halves)} fp16 weights "
+        f"referenced in the weight file")
+
+
+def write_table(package: str | os.PathLike[str]) -> str:
+    """Write the stored-table asset into ``package`` (atomically, ``assets.write_assets``); returns a note."""
+    from bitnet_coreml.package.assets import write_assets
+
+    data, note = table_bytes(package)
+    if data is None:
+        return f"no stored decode table ({note}): generation will translate the program at load"
+    write_assets(package, {ASSET: data})
+    return note
+
+
+# --- loading (generation: no coremltools, no MIL program) -------------------------------------------
+
+@dataclass
+class StoredTable:
+    """A package's stored table, its header checked against the package's specification."""
+
+    package: Path
+    path: Path
+    header: dict[str, Any]
+    data_start: int
+
+    @property
+    def vocab_size(self) -> int | None:
+        v = self.header.get("vocab_size")
+        return int(v) if v is not None else None
+
+    def stateful_info(self) -> Any:
+        from bitnet_coreml.package.stateful import StatefulInfo
+
+        return StatefulInfo.from_dict(self.header["stateful"])
+
+    def _file(self, rel: str) -> Path:
+        from bitnet_coreml._files import inside
+
+        return inside(self.package, self.package / rel, f"stored table's file {rel!r}", error=ModelLoadError)
+
+    def _array(self, fh: Any, ref: dict[str, Any]) -> np.ndarray:
+        dtype = np.dtype(ref["dtype"])
+        shape = tuple(int(d) for d in ref["shape"])
+        count = int(np.prod(shape, dtype=np.int64))
+        fh.seek(self.data_start + int(ref["offset"]))
+        out = np.empty(count, dtype=dtype)
+        if fh.readinto(out.data) != out.nbytes:
+            raise StaleTable(f"{self.path.name} is truncated")
+        return out.reshape(shape)
+
+    def check_weights(self) -> list[Path]:
+        """The weight files, each checked against its recorded size and sha256 (StaleTable otherwise)."""
+        out = []
+        for w in self.header["package"]["weights"]:
+            f = self._file(w["path"])
+            if not f.is_file() or f.stat().st_size != int(w["size"]) or _sha256(f) != w["sha256"]:
+                raise StaleTable(f"{w['path']} is not the weight file the table was made from (sha256 differs)")
+            out.append(f)
+        return out
+
+    def load(self) -> tuple[Any, list[tuple[str, tuple[int, ...]]]]:
+        """``(FusedFunction, [(state name, shape)])`` of the stored decode function (weights checked first)."""
+        from bitnet_coreml.executor.fused import FusedFunction, _Program, _Val
+
+        d = self.header["decode"]
+        files = self.check_weights()
+        maps = []
+        for f in files:
+            with open(f, "rb") as fh:
+                maps.append(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))  # kept alive by its views
+        block = int(self.header["kernel"][_HALF_BLOCK_KEY])
+        with open(self.path, "rb") as fh:
+            prog = self._array(fh, d["instructions"])
+            arena = np.zeros(max(int(d["arena"]["size"]), 1), dtype=np.float32)
+            at, vals = self._array(fh, d["arena"]["init_at"]), self._array(fh, d["arena"]["init_values"])
+            init, pos = [], 0
+            for off, n in at.tolist():
+                init.append((off, vals[pos:pos + n]))
+                arena[off:off + n] = vals[pos:pos + n]
+                pos += n
+            big = [self._array(fh, b["inline"]).reshape(-1) if "inline" in b
+                   else np.frombuffer(maps[b["file"]], np.float32, int(b["size"]), int(b["offset"]))
+                   for b in d["big"]]
+        terns = [np.frombuffer(maps[t["file"]], np.uint8, int(np.prod(t["shape"])), int(t["offset"])).reshape(t["shape"])
+                 for t in d["terns"]]
+        halves = [_blocked(files[h["file"]], int(h["offset"]), int(h["shape"][0]), int(h["shape"][1]), block)
+                  for h in d["halves"]]
+
+        def val(row: list[Any]) -> tuple[str, Any]:
+            return row[0], _Val(int(row[1]), int(row[2]), tuple(int(x) for x in row[3:]))
+
+        states = [(n, tuple(int(x) for x in s)) for n, s in d["states"]]
+        p = _Program(np.ascontiguousarray(prog, dtype=np.int64), arena, big, terns, halves,
+                     [val(r) for r in d["inputs"]], [val(r) for r in d["outputs"]], [n for n, _ in states], init,
+                     [s for _, s in states], [int(h["shape"][0]) for h in d["halves"]])
+        out_dtypes = {n: (None if t is None else np.dtype(t)) for n, t in d["out_dtypes"].items()}
+        return FusedFunction(p, out_dtypes, fp32=bool(d["fp32"]), ops=int(d["ops"])), states
+
+
+def _blocked(f: Path, offset: int, n: int, k: int, block: int) -> np.ndarray:
+    """The ``[N, K]`` fp16 weight at ``offset`` of ``f`` as ``[ceil(N/B), K, B]`` uint16 (``executor/half.py``'s
+    layout), read ``B`` rows at a time with plain reads: its bytes land in memory once, in that layout."""
+    nb = -(-n // block)
+    out = np.zeros((nb, k, block), dtype=np.uint16)
+    rows = np.empty((block, k), dtype=np.uint16)
+    with open(f, "rb") as fh:
+        fh.seek(offset)
+        for b in range(nb):
+            m = min(block, n - b * block)
+            if fh.readinto(rows[:m].data) != m * k * 2:
+                raise StaleTable(f"{f.name} is shorter than the table says")
+            out[b, :, :m] = rows[:m].T
+    return out
+
+
+def open_table(package: str | os.PathLike[str]) -> StoredTable | None:
+    """The stored table of ``package`` (header and specification checked), None when it has none.
+
+    Raises :class:`StaleTable` when the table cannot be used (format, kernel, or a specification that
+    is not the one it was made from); the weight files are checked by :meth:`StoredTable.load`.
+    """
+    from bitnet_coreml.package.assets import assets_dir
+    from bitnet_coreml.package.reader import root_spec_path
+
+    pkg = Path(package)
+    path = assets_dir(pkg) / ASSET
+    if not path.is_file() or path.is_symlink():
+        return None
+    with open(path, "rb") as fh:
+        raw = fh.read(_HEAD.size)
+        if len(raw) < _HEAD.size:
+            raise StaleTable(f"{ASSET} is truncated")
+        magic, fmt, n = _HEAD.unpack(raw)
+        if magic != _MAGIC:
+            raise StaleTable(f"{ASSET} is not a stored decode table")
+        if fmt != FORMAT:
+            raise StaleTable(f"{ASSET} has format {fmt}; this version reads format {FORMAT} (re-run convert)")
+        if n > _MAX_HEADER:
+            raise StaleTable(f"{ASSET}: header of {n} bytes")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as e:
+            raise StaleTable(f"{ASSET}: unreadable header ({e})") from None
+    if header.get("kernel", {}).get("isa") != isa_fingerprint():
+        raise StaleTable("it was made for another version of the decode kernel's instruction set (re-run convert)")
+    spec = header["package"]["spec"]
+    spec_file = root_spec_path(pkg)
+    if _rel(pkg, spec_file) != spec["path"] or spec_file.stat().st_size != int(spec["size"]) \
+            or _sha256(spec_file) != spec["sha256"]:
+        raise StaleTable(f"{spec['path']} is not the specification the table was made from (sha256 differs)")
+    return StoredTable(pkg, path, header, _HEAD.size + n)
