@@ -1,15 +1,25 @@
-"""llama.cpp ``bitnet`` metadata for ``gguf.GGUFWriter``, from a transformers BitNet ``config.json`` (no torch).
+"""llama.cpp ``bitnet`` / ``llama`` metadata for ``gguf.GGUFWriter``, from a transformers ``config.json`` (no torch).
 
-Shared by ``models/make_gguf_fixtures.py`` and ``bench/bench_gguf_2b.py``.
+Shared by ``models/make_gguf_fixtures.py``, ``models/make_gguf_llama.py`` and ``bench/bench_gguf_2b.py``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 
 def add_bitnet_metadata(w: Any, cfg: dict[str, Any]) -> None:
     """Hyperparameters as llama.cpp's converter writes them, plus ``bitnet.hidden_act`` (see docs/gguf.md)."""
+    add_hparams(w, cfg)
+    w.add_string("bitnet.hidden_act", cfg.get("hidden_act", "relu2"))
+
+
+def add_hparams(w: Any, cfg: dict[str, Any]) -> None:
+    """The ``{arch}.*`` hyperparameters llama.cpp's converter writes for a decoder (``TextModel`` /
+    ``LlamaModel.set_gguf_parameters``), under the writer's architecture, from a transformers config."""
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
@@ -21,7 +31,6 @@ def add_bitnet_metadata(w: Any, cfg: dict[str, Any]) -> None:
     w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 500000.0))))
     w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_string("bitnet.hidden_act", cfg.get("hidden_act", "relu2"))
 
 
 def add_bpe_tokenizer(w: Any, tokens: list[str], merges: list[str], specials: set[str], bos: str, eos: str,
@@ -61,3 +70,22 @@ def add_spm_tokenizer(w: Any, sp: Any) -> None:
     w.add_unk_token_id(sp.unk_id())
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+
+
+def add_tokenizer_bpe(w: Any, tok: Any, bos: str, eos: str) -> None:
+    """A ``tokenizers`` byte-level BPE (the fixtures' ``tokenizer.json``) as llama.cpp's converter stores it."""
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    add_bpe_tokenizer(w, tokens, [" ".join(m) if isinstance(m, list) else m for m in merges], {bos, eos}, bos, eos,
+                      "gpt2")
+
+
+def close_atomic(w: Any, tmp: str, dest: Path) -> None:
+    """Write the GGUF file ``w`` was filling to ``tmp``, then move it to ``dest`` (never half-written)."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dest)

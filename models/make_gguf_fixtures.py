@@ -24,6 +24,9 @@ tokens, token types, merges, bos/eos ids). ``prompts.json`` holds the round-trip
 :func:`make_spm` adds a SentencePiece tokenizer (``tokenizer.ggml.model = llama``) with sentencepiece's own
 encodings of those prompts (``--spm-only`` writes just that).
 
+The llama-architecture fixtures (``llama-tq1_0.gguf``, ``llama-tq2_0.gguf``, ``llama-logits.npz``: a ternary
+``LlamaForCausalLM``) are written by ``make_gguf_llama.py`` with the same tokenizer (``MANIFEST.json`` ``llama``).
+
 Run via ``models/make_models.py`` (``make models``) or ``.venv-export/bin/python models/make_gguf_fixtures.py``.
 """
 
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_hf_fixtures
 from bitnet_export import ModelSpec, TrainSpec
-from gguf_meta import add_bitnet_metadata, add_bpe_tokenizer, add_spm_tokenizer
+from gguf_meta import add_bitnet_metadata, add_spm_tokenizer, add_tokenizer_bpe, close_atomic
 from make_hf_fixtures import HFFixture, make_fixture
 
 log = logging.getLogger("make_gguf_fixtures")
@@ -160,22 +163,12 @@ def make_spm(root: Path) -> dict[str, Any]:
     w = gguf.GGUFWriter(tmp, "bitnet")
     w.add_name("sentencepiece tokenizer fixture")
     add_spm_tokenizer(w, sp)
-    _close(w, tmp, dest)
+    close_atomic(w, tmp, dest)
     expected = [{"prompt": p, "ids": sp.encode(p), "decoded": sp.decode(sp.encode(p))} for p in PROMPTS]
     (root / "spm-expected.json").write_text(json.dumps({"sentencepiece": spm.__version__, "bos": sp.bos_id(),
                                                         "prompts": expected}, ensure_ascii=False, indent=1) + "\n")
     return {"file": dest.name, "bytes": dest.stat().st_size, "vocab": sp.vocab_size(),
             "sentencepiece": spm.__version__}
-
-
-def _close(w: Any, tmp: str, dest: Path) -> None:
-    """Write the GGUF file ``w`` was filling to ``tmp``, then move it to ``dest`` (never half-written)."""
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
 
 
 def _read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -203,11 +196,7 @@ def write_gguf(folder: Path, tok: Any, qtype_name: str, dest: Path) -> dict[str,
     w.add_name(f"{CHECKPOINT} {qtype_name}")
     add_bitnet_metadata(w, cfg)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ1_0 if qtype_name == "TQ1_0" else gguf.LlamaFileType.MOSTLY_TQ2_0)
-    vocab = tok.get_vocab()
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    add_bpe_tokenizer(w, tokens, [" ".join(m) if isinstance(m, list) else m for m in merges], {BOS, EOS}, BOS, EOS,
-                      "gpt2")
+    add_tokenizer_bpe(w, tok, BOS, EOS)
     # tensors
     name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
@@ -230,7 +219,7 @@ def write_gguf(folder: Path, tok: Any, qtype_name: str, dest: Path) -> dict[str,
             dense = (_unpack(t[key]).astype(np.float32) / np.float32(s)).astype(np.float32)  # bitlinear divides by s
             stats["scales"].add(1.0 / s)
             w.add_tensor(f"blk.{i}.{gg}.weight", gguf.quants.quantize(dense, qtype), raw_dtype=qtype)
-    _close(w, tmp, dest)
+    close_atomic(w, tmp, dest)
     return {"file": dest.name, "bytes": dest.stat().st_size, "type": qtype_name,
             "block_scales": sorted(stats["scales"])}
 
@@ -251,9 +240,11 @@ def make_all(root: Path | None = None) -> dict[str, Any]:
     tok.save(str(tok_path))
     (root / "prompts.json").write_text(json.dumps(PROMPTS, ensure_ascii=False, indent=1) + "\n")
     files = [write_gguf(root / CHECKPOINT, tok, q, root / f"bitnet-{q.lower()}.gguf") for q in ("TQ1_0", "TQ2_0")]
+    from make_gguf_llama import make_all as make_llama
+
     manifest = {"checkpoint": ckpt, "gguf": files, "tokenizer": {"file": tok_path.name, "vocab": tok.get_vocab_size(),
                                                                  "bos": BOS, "eos": EOS},
-                "sentencepiece": make_spm(root)}
+                "sentencepiece": make_spm(root), "llama": make_llama(root)}
     (root / "MANIFEST.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
     return manifest
 

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         from make_gguf_fixtures import make_all as make_gguf
 
         g = make_gguf(out_dir / "gguf")  # writes models/gguf/MANIFEST.json
-        for f in g["gguf"]:
+        for f in [*g["gguf"], *g["llama"]["files"]]:
             print(f"gguf/{f['file']:<36} {f['type']:<6} {f['bytes'] / 1e6:6.2f} MB")
     if not args.skip_example_lm and not args.only:
         from make_example_lm import main as make_example_lm

@@ -24,7 +24,8 @@ def gguf_report(model: object) -> dict[str, Any]:
     if meta.get("bitnet_coreml.source") != "gguf":
         return {}
     keys = ("tensor_types", "block_scales", "dense_fallback", "dequantized")
-    return {k: json.loads(meta.get(f"bitnet_coreml.gguf.{k}", "{}")) for k in keys}
+    return {"architecture": meta.get("bitnet_coreml.gguf.architecture"),
+            **{k: json.loads(meta.get(f"bitnet_coreml.gguf.{k}", "{}")) for k in keys}}
 
 
 @click.command("inspect")
@@ -89,13 +90,18 @@ def inspect_cmd(model: str, seq_len: int | None, allow_dequant: bool, as_json: b
     for k in sorted(set(s.ops_source) | set(s.ops)):
         ops.add_row(k, str(s.ops_source.get(k, "")), str(s.ops.get(k, "")))
     con.print(ops)
-    bl = Table("layer", "in", "out", "convention", "scale", title=f"BitLinear layers: {len(s.bitlinear)}")
+    bl = Table("layer", "in", "out", "convention", "scale", "activations", title=f"BitLinear layers: {len(s.bitlinear)}")
     for b in s.bitlinear:
-        bl.add_row(b.name, str(b.in_features), str(b.out_features), b.convention, "per channel" if b.per_channel else "per tensor")
+        bl.add_row(b.name, str(b.in_features), str(b.out_features), b.convention,
+                   "per channel" if b.per_channel else "per tensor",
+                   f"{b.act_bits}-bit" if b.act_bits else "none (weight-only)")
     con.print(bl)
     if s.ternary_unfused:
         con.print(f"[yellow]ternary MatMuls not fused (no activation quantisation matched): {', '.join(s.ternary_unfused)}[/yellow]")
     if gguf:
+        arch = gguf["architecture"]
+        con.print(f"GGUF architecture: {arch}" + (" (llama decoder, weight-only ternary linears, q/k rows un-permuted)"
+                                                   if arch == "llama" else ""))
         con.print(f"GGUF tensor types: {', '.join(f'{k} {v}' for k, v in gguf['tensor_types'].items())}")
         kinds: dict[str, list[str]] = {}
         for layer, how in gguf["block_scales"].items():

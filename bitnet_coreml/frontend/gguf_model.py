@@ -1,4 +1,5 @@
-"""Import a BitNet ``.gguf`` file (llama.cpp's ``bitnet`` architecture) as the checkpoint importer does.
+"""Import a ``.gguf`` file (llama.cpp's ``bitnet`` or ``llama`` architecture, ternary linears) as the checkpoint
+importer does.
 
 The GGUF path reuses the Hugging Face checkpoint importer (``hf_checkpoint``) whole, so both give
 the same in-memory model: the same fused graph, node and initializer names, lazy tensors and
@@ -24,6 +25,13 @@ stand in for the checkpoint's ``weight_scale`` (multiply convention). llama.cpp 
 transformers' BitNet) overrides that: files written from transformers' BitNet checkpoints by
 ``models/make_gguf_fixtures.py`` carry ``relu2``. The lm_head is ``output.weight``, or the tied
 embedding when the file has none (as llama.cpp does).
+
+**llama** (``general.architecture = llama`` with TQ1_0/TQ2_0 linears: TriLM / Spectra, llama-quantize's
+output for them): the same decoder without BitNet's two sub-norms, SiLU, and *weight-only* ternary
+linears (no activation quantisation: ``BitLinear`` with ``act_bits = 0``, still 2-bit LUT weights).
+llama.cpp's converter permutes the q/k rows of every head for its interleaved RoPE
+(``convert_hf_to_gguf.py``, ``LlamaModel.permute``); :func:`unpermute_rows` gives the rows back in the
+checkpoint's order, so the graph uses the same rotate-half RoPE as the checkpoint path.
 """
 
 from __future__ import annotations
@@ -47,11 +55,13 @@ from bitnet_coreml.frontend.hf_checkpoint import EMBED_DTYPES, _Importer
 from bitnet_coreml.frontend.hf_config import BitNetConfig, QuantConfig
 from bitnet_coreml.frontend.hf_safetensors import CheckpointTensors, TensorInfo
 
-__all__ = ["load_gguf", "config_from_metadata", "GGUFTensors", "ARCHITECTURES"]
+__all__ = ["load_gguf", "config_from_metadata", "GGUFTensors", "ARCHITECTURES", "unpermute_rows"]
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = (MODEL_ARCH_NAMES[MODEL_ARCH.BITNET],)
+BITNET, LLAMA = MODEL_ARCH_NAMES[MODEL_ARCH.BITNET], MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]
+ARCHITECTURES = (BITNET, LLAMA)
+_GRAPHS = {BITNET: "llama.cpp's BitNet b1.58 graph", LLAMA: "a llama decoder with TQ1_0/TQ2_0 linears"}
 _FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
 _DEFAULT_ROPE_BASE = 10000.0  # llama.cpp's default when rope.freq_base is absent
 _NP_OF_CODE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
@@ -72,21 +82,45 @@ _LAYER_TENSORS: dict[str, MODEL_TENSOR] = {
 }
 _GLOBAL_TENSORS = {"model.embed_tokens.weight": MODEL_TENSOR.TOKEN_EMBD, "model.norm.weight": MODEL_TENSOR.OUTPUT_NORM,
                    "lm_head.weight": MODEL_TENSOR.OUTPUT}
+_SUB_NORMS = (MODEL_TENSOR.ATTN_SUB_NORM, MODEL_TENSOR.FFN_SUB_NORM)  # BitNet's; a llama decoder has none
+_PERMUTED = {"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"}
 
 
-def name_map(layers: int) -> dict[str, str]:
-    """checkpoint tensor name -> GGUF tensor name, for a model of ``layers`` layers."""
+def _layer_tensors(arch: str) -> dict[str, MODEL_TENSOR]:
+    return {k: t for k, t in _LAYER_TENSORS.items() if arch == BITNET or t not in _SUB_NORMS}
+
+
+def name_map(layers: int, arch: str = BITNET) -> dict[str, str]:
+    """checkpoint tensor name -> GGUF tensor name, for a model of ``layers`` layers.
+
+    The optional per-tensor ``.scale`` of a linear is llama.cpp's ``bitnet`` graph's; a ``llama`` file has none.
+    """
     out = {hf: f"{TENSOR_NAMES[t]}.weight" for hf, t in _GLOBAL_TENSORS.items()}
     for i in range(layers):
-        for suffix, t in _LAYER_TENSORS.items():
+        for suffix, t in _layer_tensors(arch).items():
             base = TENSOR_NAMES[t].format(bid=i)
             hf = f"model.layers.{i}.{suffix}"
             if suffix.endswith(".weight"):
                 out[hf] = f"{base}.weight"
             else:
                 out[f"{hf}.weight"] = f"{base}.weight"
-                out[f"{hf}.weight_scale"] = f"{base}.scale"
+                if arch == BITNET:
+                    out[f"{hf}.weight_scale"] = f"{base}.scale"
     return out
+
+
+def unpermute_rows(rows: int, heads: int) -> np.ndarray:
+    """The file's row of each checkpoint row of a q/k weight ``[rows, K]`` that llama.cpp's converter permuted.
+
+    ``convert_hf_to_gguf.py``, ``LlamaModel.permute(weights, n_head, n_head_kv)`` (q: ``n_head``; k: ``n_head_kv``)::
+
+        weights.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(weights.shape)
+
+    so file row ``h*d + 2i + j`` holds checkpoint row ``h*d + j*d/2 + i`` (head ``h``, ``d = rows / heads``): the
+    rotate-half RoPE pairs (``i``, ``i + d/2``) become adjacent for llama.cpp's interleaved RoPE. Weight ``[order]``
+    is the checkpoint's weight.
+    """
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -111,9 +145,12 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> BitNe
     """The model's :class:`BitNetConfig` from GGUF metadata; ``ValueError`` naming the key otherwise."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"general.architecture = {arch!r}; supported: {', '.join(ARCHITECTURES)} "
-                         "(llama.cpp's BitNet b1.58 graph)")
+        raise ValueError(f"general.architecture = {arch!r}; supported: "
+                         f"{', '.join(f'{k} ({v})' for k, v in _GRAPHS.items())}")
     a = f"{arch}."
+    experts = meta.get(a + "expert_count")
+    if experts is not None and _get(meta, a + "expert_count", int) != 0:
+        raise ValueError(f"metadata {a}expert_count = {experts}: mixture-of-experts models are not supported")
     hidden = _get(meta, a + "embedding_length", int)
     heads = _get(meta, a + "attention.head_count", int)
     if heads <= 0 or hidden % heads:
@@ -142,9 +179,10 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> BitNe
         raise ValueError(f"metadata tokenizer.ggml.tokens has {len(tokens)} entries but token_embd.weight has "
                          f"{vocab} rows")
     layers = _get(meta, a + "block_count", int)
-    if layers > len(tensors) // len(_LAYER_TENSORS):
+    per_layer = len(_layer_tensors(arch))
+    if layers > len(tensors) // per_layer:
         raise ValueError(f"metadata {a}block_count = {layers} but the file holds only {len(tensors)} tensors "
-                         f"({len(_LAYER_TENSORS)} or more per layer)")
+                         f"({per_layer} or more per layer)")
     ff = meta.get(a + "feed_forward_length")
     if isinstance(ff, np.ndarray):
         raise ValueError(f"metadata {a}feed_forward_length is an array (a size per layer); expected one integer")
@@ -161,10 +199,14 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> BitNe
         tie_word_embeddings=f"{TENSOR_NAMES[MODEL_TENSOR.OUTPUT]}.weight" not in tensors,
         attention_bias=False,
         torch_dtype="gguf",
-        # the GGUF weight is d * q and llama.cpp multiplies by the optional .scale: the multiply convention
-        quant=QuantConfig(linear_class="autobitlinear", quantization_mode="offline"),
+        # the GGUF weight is d * q and llama.cpp multiplies by the optional .scale: the multiply convention;
+        # a llama graph's ternary linears are weight-only (its activations are not quantised)
+        quant=QuantConfig(linear_class="autobitlinear", quantization_mode="offline",
+                          act_bits=8 if arch == BITNET else 0),
         max_position_embeddings=_get(meta, a + "context_length", int),
-        hidden_act=_get(meta, a + "hidden_act", str, "silu"),
+        # llama.cpp's bitnet and llama graphs both use SiLU; bitnet.hidden_act (ours) may say relu2
+        hidden_act=_get(meta, a + "hidden_act", str, "silu") if arch == BITNET else "silu",
+        sub_norms=arch == BITNET,
     )
 
 
@@ -174,14 +216,17 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> BitNe
 class GGUFTensors(CheckpointTensors):
     """The tensors of a GGUF file under their checkpoint names (see the module docstring)."""
 
-    def __init__(self, gf: GGUFFile, layers: int, *, allow_dequant: bool = False) -> None:
+    def __init__(self, gf: GGUFFile, cfg: BitNetConfig, arch: str = BITNET, *, allow_dequant: bool = False) -> None:
         self.folder = gf.path
         self.gf = gf
         self.allow_dequant = allow_dequant
         self._infos = {}
         self.gguf_name: dict[str, str] = {}
         self.dequantized: dict[str, str] = {}  # checkpoint name -> ggml type, for dequantised tensors
-        for hf, gn in name_map(layers).items():
+        # checkpoint name -> the file's row of each checkpoint row (llama q/k: unpermute_rows)
+        self.row_order: dict[str, np.ndarray] = {}
+        layers = cfg.num_hidden_layers
+        for hf, gn in name_map(layers, arch).items():
             t = gf.tensors.get(gn)
             if t is None:
                 continue
@@ -194,11 +239,14 @@ class GGUFTensors(CheckpointTensors):
                 self.dequantized[hf] = t.type.name
             self._infos[hf] = TensorInfo(hf, gf.path, code, t.shape, t.offset, t.offset + t.nbytes)
             self.gguf_name[hf] = gn
+            heads = next((getattr(cfg, h) for p, h in _PERMUTED.items() if hf.endswith(f"{p}.weight")), None)
+            if arch == LLAMA and heads is not None and len(t.shape) == 2 and t.shape[0] == heads * cfg.head_dim:
+                self.row_order[hf] = unpermute_rows(t.shape[0], heads)  # other shapes: refused by require()
         unknown = sorted(set(gf.tensors) - set(self.gguf_name.values()))
         if unknown:
             raise ModelLoadError(f"{gf.path}: tensor(s) {', '.join(repr(u) for u in unknown[:5])}"
-                                 f"{' ...' if len(unknown) > 5 else ''} are not part of a {layers}-layer BitNet "
-                                 "model; refusing to guess what they do")
+                                 f"{' ...' if len(unknown) > 5 else ''} are not part of a {layers}-layer "
+                                 f"{'BitNet' if arch == BITNET else 'llama'} model; refusing to guess what they do")
 
     def ternary(self, name: str) -> bool:
         info = self._infos.get(name)
@@ -219,12 +267,15 @@ class GGUFTensors(CheckpointTensors):
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         info = self._infos[name]
+        order = self.row_order.get(name)
+        if order is not None:
+            order = order if rows is None else order[rows[0]:rows[1]]
         if name not in self.dequantized and not self.ternary(name):
-            return super().read(name, rows)
+            return super().read(name, rows) if order is None else super().read(name)[order]
         gt = self.gf.tensors[self.gguf_name[name]]
         if rows is not None and rows[1] <= rows[0]:
             return np.zeros((0, *info.shape[1:]), dtype=np.float32)
-        blocks = self.gf.blocks(gt.name, rows)
+        blocks = self.gf.blocks(gt.name, rows) if order is None else self.gf.blocks(gt.name)[order]
         out = dequantize(np.ascontiguousarray(blocks.reshape(blocks.shape[0], -1)), gt.type)
         r = rows[1] - rows[0] if rows else info.shape[0]
         return np.asarray(out, dtype=np.float32).reshape(r, *info.shape[1:])
@@ -248,7 +299,8 @@ class _GGUFImporter(_Importer):
     def codes(self, wname: str, prefix: str) -> GGUFTernary:
         """The (one) :class:`GGUFTernary` of a TQ weight: its block scales are read once."""
         if wname not in self._codes:
-            self._codes[wname] = GGUFTernary(self.store.gf, self.store.gguf_name[wname], name=f"{prefix}.codes")
+            self._codes[wname] = GGUFTernary(self.store.gf, self.store.gguf_name[wname], name=f"{prefix}.codes",
+                                             row_order=self.store.row_order.get(wname))
         return self._codes[wname]
 
     def _linear_kind(self, name: str, n: int, k: int) -> str:
@@ -302,6 +354,9 @@ class _GGUFImporter(_Importer):
                         codes.scales.describe())
             self.block_scales[prefix] = codes.scales.describe() + " (dense fallback)"
         self.fallback.append(prefix)
+        tensor: Any = _DequantTensor(codes, self.store, wname, self.embed_dtype, name=f"{prefix}.dense")
+        if self.cfg.quant.act_bits == 0:  # weight-only: the activations go in as they are
+            return self.plain_linear(x, wname, n, k, weight=g.initializer(tensor))
         shape = [1, S, k]
         m = g.op("ReduceMax", [g.op("Abs", [x], shape=shape), g.ints([-1])], {"keepdims": 1}, shape=[1, S, 1])
         m = g.op("Clip", [m, g.const(f"{prefix}.act_eps", np.asarray(np.float32(1e-5)))], shape=[1, S, 1])
@@ -310,7 +365,6 @@ class _GGUFImporter(_Importer):
         xq = g.op("Clip", [xq, g.const(f"{prefix}.act_qn", np.asarray(np.float32(-128.0))),
                            g.const(f"{prefix}.act_qmax", np.asarray(np.float32(127.0)))], shape=shape)
         xd = g.op("Div", [xq, sx], shape=shape, name=f"{prefix}.act_quant")
-        tensor: Any = _DequantTensor(codes, self.store, wname, self.embed_dtype, name=f"{prefix}.dense")
         y = self.plain_linear(xd, wname, n, k, weight=g.initializer(tensor))
         ws = self._weight_scale(prefix)
         if ws is not None:
@@ -322,6 +376,7 @@ class _GGUFImporter(_Importer):
         for t in self.store.gf.tensors.values():
             types[t.type_name] = types.get(t.type_name, 0) + 1
         return {**super().metadata(), "bitnet_coreml.source": "gguf",
+                "bitnet_coreml.gguf.architecture": str(self.store.gf.metadata.get("general.architecture")),
                 "bitnet_coreml.gguf.tensor_types": json.dumps(dict(sorted(types.items()))),
                 "bitnet_coreml.gguf.block_scales": json.dumps(dict(sorted(self.block_scales.items()))),
                 "bitnet_coreml.gguf.dense_fallback": json.dumps(self.fallback),
@@ -354,7 +409,7 @@ def open_gguf(path: str | os.PathLike[str], *, allow_dequant: bool = False) -> t
         cfg = config_from_metadata(gf.metadata, gf.tensors)
     except ValueError as e:
         raise ModelLoadError(f"{p}: {e}") from e
-    store = GGUFTensors(gf, cfg.num_hidden_layers, allow_dequant=allow_dequant)
+    store = GGUFTensors(gf, cfg, gf.metadata["general.architecture"], allow_dequant=allow_dequant)
     for name, role in (("model.embed_tokens.weight", "embedding"), ("lm_head.weight", "lm_head")):
         if name in store:
             store.refuse_type(name, role)

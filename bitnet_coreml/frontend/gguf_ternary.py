@@ -115,9 +115,11 @@ def _tq2_indices(blocks: np.ndarray, flip: np.ndarray | None) -> tuple[np.ndarra
     return out, bad
 
 
-def block_scales(gf: GGUFFile, name: str) -> np.ndarray:
-    """The fp16 ``d`` of every block as float32 ``[rows, blocks per row]`` (the last 2 bytes of each block)."""
-    return gf.blocks(name)[:, :, -2:].view("<f2")[..., 0].astype(np.float32)  # a strided read of the mapped file
+def block_scales(gf: GGUFFile, name: str, row_order: np.ndarray | None = None) -> np.ndarray:
+    """The fp16 ``d`` of every block as float32 ``[rows, blocks per row]`` (the last 2 bytes of each block),
+    rows in ``row_order`` when given."""
+    d = gf.blocks(name)[:, :, -2:].view("<f2")[..., 0].astype(np.float32)  # a strided read of the mapped file
+    return d if row_order is None else d[row_order]
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,10 @@ class GGUFTernary(ir.LazyTensor):
     so the 2-bit weight is built from the blocks without an int8 or float copy; ``scales`` is the
     :class:`ScaleLayout` the importer turned into Alpha. ``dequantized()`` (float32, for the fallback
     and tests) equals gguf's own dequantiser bit for bit.
+
+    ``row_order`` (int ``[N]``): the tensor's rows are the file's rows ``row_order[0], row_order[1], ...``
+    (a llama file's q/k rows, permuted by llama.cpp's converter: ``gguf_model.unpermute_rows``); every
+    view (indices, 2-bit bytes, scales, the fp16 analysis' feed, the dequantised values) is in that order.
     """
 
     # ``kind``/``is_packed``/``packed_source`` as a packed checkpoint weight: the fp16-safety analysis feeds
@@ -162,17 +168,19 @@ class GGUFTernary(ir.LazyTensor):
     kind = "packed"
     is_packed = True
 
-    def __init__(self, gf: GGUFFile, source: str, *, name: str | None = None) -> None:
+    def __init__(self, gf: GGUFFile, source: str, *, name: str | None = None,
+                 row_order: np.ndarray | None = None) -> None:
         info = gf.tensors[source]
         if info.type not in TERNARY_TYPES or len(info.shape) != 2:
             raise ValueError(f"{source}: not a 2-D TQ1_0/TQ2_0 tensor")
         self.gf, self.source_name, self.qtype = gf, source, info.type
         self.source_dtype = info.type.name
-        d = block_scales(gf, source)
+        self.row_order = row_order
+        d = block_scales(gf, source, row_order)
         if not np.all(np.isfinite(d)):
             r, g = np.argwhere(~np.isfinite(d))[0]
-            raise ModelLoadError(f"{gf.path}: tensor {source!r} block {g} of row {r} has scale {float(d[r, g])!r}; "
-                                 "expected a finite number")
+            raise ModelLoadError(f"{gf.path}: tensor {source!r} block {g} of row {self._file_row(int(r))} has scale "
+                                 f"{float(d[r, g])!r}; expected a finite number")
         # per block 0 keep, 1 zero (d == 0), 2 negate (d < 0); kept only when some block needs it (a file
         # llama.cpp wrote has d = max |w| >= 0, zero only for an all-zero block, whose codes are 0 anyway)
         flip = np.where(d == 0, 1, np.where(d < 0, 2, 0)).astype(np.int8)
@@ -185,10 +193,20 @@ class GGUFTernary(ir.LazyTensor):
     def _where(self) -> str:
         return f"{self.gf.path}: tensor {self.source_name!r}"
 
+    def _file_row(self, r: int) -> int:
+        return r if self.row_order is None else int(self.row_order[r])
+
+    def _blocks(self, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Rows ``[r0, r1)`` of the tensor (in ``row_order``) as their blocks: mapped, or gathered when permuted."""
+        if self.row_order is None:
+            return self.gf.blocks(self.source_name, rows)
+        order = self.row_order if rows is None else self.row_order[rows[0]:rows[1]]
+        return self.gf.blocks(self.source_name)[order]
+
     def _decode_rows(self, r0: int, r1: int, *, packed: bool) -> np.ndarray:
         """Rows ``[r0, r1)`` as LUT indices (uint8 ``[rows, K]``) or Core ML 2-bit bytes (``[rows, K/4]``),
         with the block scales' signs and zeros applied."""
-        blocks = self.gf.blocks(self.source_name, (r0, r1))
+        blocks = self._blocks((r0, r1))
         rows, per_row, size = blocks.shape
         flip = None if self._flip is None else self._flip[r0:r1].reshape(-1)
         flat = blocks.reshape(rows * per_row, size)
@@ -205,7 +223,7 @@ class GGUFTernary(ir.LazyTensor):
 
     def _check(self, bad: int, r0: int, per_row: int) -> None:
         if bad >= 0:
-            raise ModelLoadError(f"{self._where()}: block {bad % per_row} of row {r0 + bad // per_row} holds the "
+            raise ModelLoadError(f"{self._where()}: block {bad % per_row} of row {self._file_row(r0 + bad // per_row)} holds the "
                                  "2-bit value 3 (weight +2d), which is not ternary; allowed 0, 1, 2 (= -d, 0, +d)")
 
     def _rows(self, packed: bool) -> np.ndarray:
@@ -247,7 +265,7 @@ class GGUFTernary(ir.LazyTensor):
         :meth:`packed_source` decodes it)."""
         if self.qtype != GGMLQuantizationType.TQ2_0:
             return None
-        return self.gf.blocks(self.source_name), self._unpack_tq2
+        return self._blocks(), self._unpack_tq2
 
     def _unpack_tq2(self, add: Callable[..., ir.Value], blocks: ir.Value) -> ir.Value:
         """ONNX nodes (made with ``add(op, inputs, suffix, **attrs)``): TQ2_0 ``blocks`` -> float codes ``[N, K]``.
@@ -288,7 +306,7 @@ class GGUFTernary(ir.LazyTensor):
         """float32 ``[N, K]``: ``d * q`` per block (for the block-scale fallback and for tests)."""
         n, k = (int(x) for x in self.shape.numpy())
         q = self.codes().astype(np.float32).reshape(n, k // BLOCK, BLOCK)
-        return (np.abs(block_scales(self.gf, self.source_name))[:, :, None] * q).reshape(n, k)
+        return (np.abs(block_scales(self.gf, self.source_name, self.row_order))[:, :, None] * q).reshape(n, k)
 
     def magnitude(self) -> float:
         return 1.0

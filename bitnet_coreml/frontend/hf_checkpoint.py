@@ -43,7 +43,6 @@ __all__ = ["load_checkpoint", "MASK_VALUE", "rope_tables"]
 log = logging.getLogger(__name__)
 
 OPSET = 18
-ACT_BITS = 8
 ACT_EPS = 1e-5
 # Additive causal mask value: the most negative fp16 number, so the same constant is finite in an
 # fp16 program and still makes exp() underflow to exactly 0 in fp32.
@@ -143,7 +142,7 @@ class _Importer:
         factor = 1.0 if ws is None else (1.0 / ws if q.divides else ws)
         w, alpha = self._ternary(prefix, wname, kind, n, factor)
         y = g.fused("BitLinear", [x, w, alpha],
-                    {"act_bits": ACT_BITS, "act_eps": ACT_EPS, "convention": "divide" if q.divides else "multiply"},
+                    {"act_bits": q.act_bits, "act_eps": ACT_EPS, "convention": "divide" if q.divides else "multiply"},
                     prefix, shape=[1, self.S, n])
         if cfg.attention_bias and prefix.split(".")[-1] in _ATTN:
             b = f"{prefix}.bias"
@@ -227,8 +226,9 @@ class _Importer:
         o = g.reshape(o, [1, H, S, d])
         o = g.op("Transpose", [o], {"perm": [0, 2, 1, 3]}, shape=[1, S, H, d])
         o = g.reshape(o, [1, S, H * d])
-        o = g.fused("RMSNorm", [o, self._norm_weight(f"{p}.attn_sub_norm.weight", H * d)],
-                    {"epsilon": cfg.rms_norm_eps}, f"{p}.attn_sub_norm", shape=[1, S, H * d])
+        if cfg.sub_norms:
+            o = g.fused("RMSNorm", [o, self._norm_weight(f"{p}.attn_sub_norm.weight", H * d)],
+                        {"epsilon": cfg.rms_norm_eps}, f"{p}.attn_sub_norm", shape=[1, S, H * d])
         return self.bitlinear(o, f"{p}.o_proj", D, H * d)
 
     def mlp(self, h: ir.Value, p: str) -> ir.Value:
@@ -241,6 +241,8 @@ class _Importer:
         else:
             act = g.fused("Relu2", [gate], {}, f"{p}.act", shape=[1, S, F])
         m = g.op("Mul", [act, up], shape=[1, S, F])
+        if not cfg.sub_norms:
+            return self.bitlinear(m, f"{p}.down_proj", D, F)
         m = g.fused("RMSNorm", [m, self._norm_weight(f"{p}.ffn_sub_norm.weight", F)],
                     {"epsilon": cfg.rms_norm_eps}, f"{p}.ffn_sub_norm", shape=[1, S, F])
         return self.bitlinear(m, f"{p}.down_proj", D, F)

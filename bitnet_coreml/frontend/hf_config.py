@@ -34,6 +34,9 @@ class QuantConfig:
     use_rms_norm: bool = False
     rms_norm_eps: float = _DEFAULT_QUANT_RMS_EPS
     modules_to_not_convert: tuple[str, ...] = ()
+    # bits of the per-token absmax activation quantisation in front of every ternary linear; 0: none
+    # (weight-only ternary linears, as TriLM / llama-architecture GGUF files with TQ1_0/TQ2_0 weights)
+    act_bits: int = 8
 
     @property
     def divides(self) -> bool:
@@ -65,6 +68,8 @@ class BitNetConfig:
     quant: QuantConfig
     max_position_embeddings: int = 2048
     hidden_act: str = "relu2"  # the gate's activation: relu2 (transformers' BitNet) or silu (llama.cpp's bitnet)
+    # BitNet's attn_sub_norm / ffn_sub_norm before o_proj / down_proj; False for a llama decoder
+    sub_norms: bool = True
 
     @property
     def kv_groups(self) -> int:

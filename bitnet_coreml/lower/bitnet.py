@@ -178,17 +178,26 @@ def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
         )
     act_bits = int(_attr(node, "act_bits", 8))
     eps = float(_attr(node, "act_eps", 1e-5))
-    qp = 2.0 ** (act_bits - 1) - 1
-    qn = -(2.0 ** (act_bits - 1))
-    pow2 = 2.0 ** (act_bits - 1)
     if isinstance(x, np.ndarray):
         x = mb.const(val=x.astype(np.float32), name=f"{nm}_x")
 
     f = _fdt(x)
+    half = f == np.float16 or ctx.compute_precision == "fp16"
+
+    def matmul(xn: Any, alpha_eff: np.ndarray, m: Any) -> list[Any]:
+        return [_ternary_matmul(ctx, xn, w_val, shape, codes, lut_source, f, ios, alpha_eff, m, nm)]
+
+    if act_bits == 0 and not half:  # weight-only ternary (no activation quantisation), fp32
+        return matmul(x, alpha, None)
     ax = mb.abs(x=x, name=f"{nm}_abs")
     mx = mb.reduce_max(x=ax, axes=[-1], keep_dims=True, name=f"{nm}_absmax")
     m = mb.maximum(x=mx, y=f(eps), name=f"{nm}_m")
-    if f == np.float16 or ctx.compute_precision == "fp16":
+    if act_bits == 0:  # fp16: x / m (|x/m| <= 1) keeps the accumulation in range; m goes back in after
+        return matmul(mb.real_div(x=x, y=m, name=f"{nm}_xn"), alpha, m)
+    qp = 2.0 ** (act_bits - 1) - 1
+    qn = -(2.0 ** (act_bits - 1))
+    pow2 = 2.0 ** (act_bits - 1)
+    if half:
         # x / m first (|x/m| <= 1), then * Qp: the scale Qp/m overflows fp16 once m < Qp/65504 ~ 0.0019,
         # and an all-zero row (m = eps, Qp/eps = 1.27e7 -> inf) would give 0 * inf = NaN.
         xs = mb.mul(x=mb.real_div(x=x, y=m, name=f"{nm}_xm"), y=f(qp), name=f"{nm}_xs")
@@ -198,6 +207,14 @@ def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     xr = round_half_even(xs, f"{nm}_round")
     xq = mb.clip(x=xr, alpha=f(qn), beta=f(qp), name=f"{nm}_xq")
     xn = mb.mul(x=xq, y=f(1.0 / pow2), name=f"{nm}_xn")
+    # The dequantisation factor 2^(b-1)/Qp is folded into Alpha so fp16 rounds one constant, not two.
+    return matmul(xn, alpha * (pow2 / qp), m)
+
+
+def _ternary_matmul(ctx: LoweringContext, xn: Any, w_val: ir.Value, shape: tuple[int, ...], codes: np.ndarray | None,
+                    lut_source: Any, f: Any, ios: int, alpha: np.ndarray, m: Any, nm: str) -> Any:
+    """``(xn @ W^T) * m * alpha`` with ``W`` a 2-bit LUT weight (``m`` None: ``* alpha`` only)."""
+    mb = _mb()
     if codes is not None:
         w = ternary_lut_weight(codes, f"{nm}_w", f, ios)
     else:
@@ -214,15 +231,14 @@ def lower_bitlinear(ctx: LoweringContext, node: ir.Node) -> Sequence[Any]:
     # matmul, not linear: linear always carries a bias, and a zero bias of N fp16 values per layer
     # would cost 8/K of the 2-bit weight bytes (0.8% at K=1024) for nothing.
     y = mb.matmul(x=xn, y=w, transpose_x=False, transpose_y=True, name=f"{nm}_mm")
-    # The dequantisation factor 2^(b-1)/Qp is folded into Alpha so fp16 rounds one constant, not two.
-    alpha_eff = (alpha * (pow2 / qp)).astype(f)
+    alpha_eff = np.asarray(alpha).astype(f)
+    if m is None:
+        return mb.mul(x=y, y=alpha_eff.reshape(()) if alpha.size == 1 else alpha_eff.reshape(-1), name=f"{nm}_y")
     if alpha.size == 1:
         scale = mb.mul(x=m, y=f(alpha_eff.reshape(())), name=f"{nm}_scale")
-        out = mb.mul(x=y, y=scale, name=f"{nm}_y")
-    else:
-        ys = mb.mul(x=y, y=m, name=f"{nm}_ys")
-        out = mb.mul(x=ys, y=alpha_eff.reshape(-1), name=f"{nm}_y")
-    return [out]
+        return mb.mul(x=y, y=scale, name=f"{nm}_y")
+    ys = mb.mul(x=y, y=m, name=f"{nm}_ys")
+    return mb.mul(x=ys, y=alpha_eff.reshape(-1), name=f"{nm}_y")
 
 
 @lowering("RMSNorm", domain=DOMAIN, const_inputs=(1,))

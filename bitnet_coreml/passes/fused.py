@@ -53,7 +53,17 @@ def _reduce(op: str, x: str, y: str, opset: int) -> list[onnx.NodeProto]:
 
 
 def bitlinear_body(act_bits: int, act_eps: float, opset: int = FUNCTION_OPSET) -> list[onnx.NodeProto]:
+    """``Y = ((round-clip(X * sx) @ W^T) / sx) * Alpha`` (``sx = Qp / max(max|X|, eps)``), or with
+    ``act_bits = 0`` (weight-only ternary: no activation quantisation) ``Y = (X @ W^T) * Alpha``."""
     n = oh.make_node
+    if act_bits == 0:
+        return [
+            n("CastLike", ["W", "X"], ["wf"]),
+            n("Transpose", ["wf"], ["wt"], perm=[1, 0]),
+            n("MatMul", ["X", "wt"], ["y0"]),
+            n("CastLike", ["Alpha", "X"], ["alpha"]),
+            n("Mul", ["y0", "alpha"], ["Y"]),
+        ]
     qp = 2.0 ** (act_bits - 1) - 1
     qn = -(2.0 ** (act_bits - 1))
     return [

@@ -30,19 +30,22 @@ def write_bitnet_gguf(path: Path, *, hidden: int = 256, ff: int = 256, layers: i
                       kv_heads: int = 1, vocab: int = 64, qtype: GGMLQuantizationType = Q.TQ2_0,
                       scales: str = "tensor", emb_type: GGMLQuantizationType = Q.F32, seed: int = 0,
                       meta: dict[str, Any] | None = None, extra_tensors: dict[str, np.ndarray] | None = None,
-                      tied: bool = True) -> Path:
-    """A random BitNet model as llama.cpp's ``bitnet`` architecture stores it.
+                      tied: bool = True, arch: str = "bitnet") -> Path:
+    """A random BitNet model as llama.cpp's ``bitnet`` architecture stores it (``arch="llama"``: a llama
+    decoder, without the sub-norms and the ``hidden_act`` key; its q/k rows are not permuted here).
 
     ``meta`` overrides metadata values (``drop(key)`` removes a key); values are written with the
     type of the default (int -> uint32, float -> float32, str -> string)."""
     rng = np.random.default_rng(seed)
-    w = GGUFWriter(str(path), "bitnet")
+    w = GGUFWriter(str(path), arch)
     kv: dict[str, Any] = {
-        "bitnet.context_length": 128, "bitnet.embedding_length": hidden, "bitnet.block_count": layers,
-        "bitnet.feed_forward_length": ff, "bitnet.attention.head_count": heads,
-        "bitnet.attention.head_count_kv": kv_heads, "bitnet.rope.freq_base": 10000.0,
-        "bitnet.attention.layer_norm_rms_epsilon": 1e-5, "bitnet.hidden_act": "relu2",
+        f"{arch}.context_length": 128, f"{arch}.embedding_length": hidden, f"{arch}.block_count": layers,
+        f"{arch}.feed_forward_length": ff, f"{arch}.attention.head_count": heads,
+        f"{arch}.attention.head_count_kv": kv_heads, f"{arch}.rope.freq_base": 10000.0,
+        f"{arch}.attention.layer_norm_rms_epsilon": 1e-5,
     }
+    if arch == "bitnet":
+        kv["bitnet.hidden_act"] = "relu2"
     kv.update(meta or {})
     for key, val in kv.items():
         if val is _DROP:
@@ -77,8 +80,8 @@ def write_bitnet_gguf(path: Path, *, hidden: int = 256, ff: int = 256, layers: i
               "attn_output": (hidden, hidden), "ffn_gate": (ff, hidden), "ffn_up": (ff, hidden),
               "ffn_down": (hidden, ff)}
     for i in range(layers):
-        for norm, size in (("attn_norm", hidden), ("ffn_norm", hidden), ("attn_sub_norm", hidden),
-                           ("ffn_sub_norm", ff)):
+        norms = (("attn_norm", hidden), ("ffn_norm", hidden), ("attn_sub_norm", hidden), ("ffn_sub_norm", ff))
+        for norm, size in norms if arch == "bitnet" else norms[:2]:
             add(f"blk.{i}.{norm}.weight", np.exp(0.3 * rng.normal(size=size)).astype(np.float32))
         for name, (n, k) in shapes.items():
             add(f"blk.{i}.{name}.weight", ternary_weight(rng, n, k, scales), qtype)

@@ -298,7 +298,7 @@ def test_other_types_refused_or_dequantised(tmp_path: Path) -> None:
     ({"bitnet.vocab_size": 65}, "vocab_size = 65 but token_embd.weight has 64 rows"),
     ({"bitnet.rope.scaling.type": "yarn"}, "only unscaled RoPE"),
     ({"bitnet.hidden_act": "gelu"}, "hidden_act = 'gelu'; allowed: relu2, silu"),
-    ({"general.architecture": "llama"}, "general.architecture = 'llama'; supported: bitnet"),
+    ({"general.architecture": "qwen2"}, "general.architecture = 'qwen2'; supported: bitnet"),
     ({"bitnet.block_count": 2}, "block_count = 2 but the file holds only 13 tensors"),
 ])
 def test_bad_metadata_is_one_line(tmp_path: Path, meta: dict, message: str) -> None:  # type: ignore[type-arg]
