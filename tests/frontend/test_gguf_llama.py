@@ -137,6 +137,12 @@ def test_stateful_package_generates_torchs_greedy_tokens(converted: PackageCache
         last = run.feed(np.array([[tokens[-1]]]))[0, -1]
     assert tokens == greedy
     assert "tokenizer.json" in read_assets(pkg)  # generate works from the GGUF alone
+    # ... and so does the generate command (its own decode engine, from the package alone)
+    r = subprocess.run([sys.executable, "-m", "bitnet_coreml.cli", "generate", str(pkg), "--ids",
+                        ",".join(str(int(t)) for t in prompt[0]), "-n", str(len(greedy)), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["new_ids"] == greedy
 
 
 def test_chunked_package_equals_the_single_package(converted: PackageCache) -> None:
