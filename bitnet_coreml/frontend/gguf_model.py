@@ -50,8 +50,8 @@ from gguf.quants import dequantize
 
 from bitnet_coreml.errors import InputError, ModelLoadError
 from bitnet_coreml.frontend.gguf_file import GGUFFile
-from bitnet_coreml.frontend.gguf_ternary import TERNARY_TYPES, GGUFTernary
-from bitnet_coreml.frontend.hf_checkpoint import EMBED_DTYPES, _Importer
+from bitnet_coreml.frontend.gguf_ternary import BLOCK, TERNARY_TYPES, GGUFTernary, column_groups
+from bitnet_coreml.frontend.hf_checkpoint import ACT_EPS, EMBED_DTYPES, _Importer
 from bitnet_coreml.frontend.hf_config import BitNetConfig, QuantConfig
 from bitnet_coreml.frontend.hf_safetensors import CheckpointTensors, TensorInfo
 
@@ -65,6 +65,9 @@ _GRAPHS = {BITNET: "llama.cpp's BitNet b1.58 graph", LLAMA: "a llama decoder wit
 _FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
 _DEFAULT_ROPE_BASE = 10000.0  # llama.cpp's default when rope.freq_base is absent
 _NP_OF_CODE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
+# A weight-only linear whose block scales vary within rows but are one value per row over runs of columns
+# (TriLM's model-parallel shards) becomes the sum of up to this many 2-bit BitLinears, one per run
+MAX_COLUMN_GROUPS = 16
 
 # checkpoint name (per layer: "{p}" = model.layers.N) -> gguf's tensor kind
 _LAYER_TENSORS: dict[str, MODEL_TENSOR] = {
@@ -334,11 +337,39 @@ class _GGUFImporter(_Importer):
         if self.store.ternary(wname):
             codes = self.codes(wname, prefix)
             if codes.scales.kind == "block":
+                groups = (column_groups(codes.scales.alpha, MAX_COLUMN_GROUPS) if self.cfg.quant.act_bits == 0
+                          else None)
+                if groups:
+                    return self._grouped_linear(x, prefix, n, codes, groups)
                 return self._dequant_linear(x, prefix, n, k, codes)
         elif wname in self.store.dequantized:
             self.store.refuse_type(wname, "BitLinear weight")
             return self._dequant_linear(x, prefix, n, k, None)
         return super().bitlinear(x, prefix, n, k)
+
+    def _grouped_linear(self, x: ir.Value, prefix: str, n: int, whole: GGUFTernary,
+                        groups: list[tuple[int, int]]) -> ir.Value:
+        """A weight-only linear as the sum of 2-bit BitLinears over runs of input columns (exact: no activation
+        quantisation), each with the per-tensor or per-row scale of its run (``column_groups``)."""
+        g, S = self.g, self.S
+        wname = f"{prefix}.weight"
+        gn = self.store.gguf_name[wname]
+        self.block_scales[prefix] = f"{whole.scales.describe()} ({len(groups)} column groups, 2-bit)"
+        ws = self._weight_scale(prefix)
+        y: ir.Value | None = None
+        for b0, b1 in groups:
+            c0, c1 = b0 * BLOCK, b1 * BLOCK
+            part = GGUFTernary(self.store.gf, gn, name=f"{prefix}.cols_{c0}_{c1}.codes",
+                               row_order=self.store.row_order.get(wname), cols=(b0, b1))
+            assert part.scales.kind != "block", (gn, b0, b1)  # column_groups made every run one scale per row
+            alpha = (part.scales.alpha.astype(np.float64) * (1.0 if ws is None else ws)).astype(np.float32)
+            xs = g.slice(x, c0, c1, [1, S, c1 - c0])
+            yg = g.fused("BitLinear", [xs, g.initializer(part), g.const(f"{prefix}.cols_{c0}_{c1}.alpha", alpha)],
+                         {"act_bits": 0, "act_eps": ACT_EPS, "convention": "multiply"}, f"{prefix}.cols_{c0}_{c1}",
+                         shape=[1, S, n])
+            y = yg if y is None else g.op("Add", [y, yg], shape=[1, S, n])
+        assert y is not None
+        return y
 
     def _dequant_linear(self, x: ir.Value, prefix: str, n: int, k: int, codes: GGUFTernary | None) -> ir.Value:
         """The fallback: BitNet's activation quantisation, then ``x @ W^T`` with the dequantised weight."""

@@ -28,9 +28,10 @@ still hold a non-zero code, :func:`analyse_scales` decides:
 
 * ``tensor``: one ``|d|`` for the whole tensor -> the BitLinear's scalar Alpha;
 * ``row``: one ``|d|`` per output row -> a per-channel Alpha ``[N]``;
-* ``block``: ``|d|`` varies inside a row. BitLinear cannot carry that; the importer's fallback
-  (``gguf_model``) keeps the layer exact as an unfused BitNet linear with a dense fp16 weight, and
-  only with ``--allow-dequant``.
+* ``block``: ``|d|`` varies inside a row. BitLinear cannot carry that. A weight-only linear (``llama``
+  files) whose rows have one ``|d|`` per run of columns is split into one BitLinear per run
+  (:func:`column_groups`, ``GGUFTernary(cols=...)``); otherwise the importer's fallback (``gguf_model``)
+  keeps the layer exact as an unfused linear with a dense fp16 weight, and only with ``--allow-dequant``.
 """
 
 from __future__ import annotations
@@ -150,6 +151,28 @@ def analyse_scales(d: np.ndarray, active: np.ndarray | None = None) -> ScaleLayo
     return ScaleLayout("block", a.astype(np.float32), distinct)
 
 
+def column_groups(d: np.ndarray, limit: int) -> list[tuple[int, int]] | None:
+    """Split the block columns of scales ``d [N, G]`` into the fewest runs ``[(b0, b1), ...]`` inside which every
+    row's non-zero ``|d|`` are one value (so each run is a linear with a per-row or per-tensor scale), or None
+    when that takes more than ``limit`` runs. TriLM's model-parallel shards give one scale per input-column
+    shard of o_proj / down_proj: a few runs. Exact only without activation quantisation (a weight-only
+    linear is the sum of its column groups' products; BitNet's absmax would be taken per group)."""
+    a = np.abs(d)
+    runs: list[tuple[int, int]] = []
+    start, ref = 0, a[:, 0].copy()
+    for j in range(1, a.shape[1]):
+        col = a[:, j]
+        if np.any((col != 0) & (ref != 0) & (col != ref)):
+            runs.append((start, j))
+            if len(runs) >= limit:
+                return None
+            start, ref = j, col.copy()
+        else:
+            ref = np.where(ref == 0, col, ref)
+    runs.append((start, a.shape[1]))
+    return runs
+
+
 class GGUFTernary(ir.LazyTensor):
     """int8 ``[N, K]`` ternary codes of one TQ1_0 / TQ2_0 tensor, decoded on demand from the mapped file.
 
@@ -161,6 +184,8 @@ class GGUFTernary(ir.LazyTensor):
     ``row_order`` (int ``[N]``): the tensor's rows are the file's rows ``row_order[0], row_order[1], ...``
     (a llama file's q/k rows, permuted by llama.cpp's converter: ``gguf_model.unpermute_rows``); every
     view (indices, 2-bit bytes, scales, the fp16 analysis' feed, the dequantised values) is in that order.
+    ``cols = (b0, b1)``: only the block columns ``b0 .. b1-1`` (input features ``256*b0 .. 256*b1-1``), a
+    column group of a weight-only linear whose block scales differ between groups (:func:`column_groups`).
     """
 
     # ``kind``/``is_packed``/``packed_source`` as a packed checkpoint weight: the fp16-safety analysis feeds
@@ -169,25 +194,29 @@ class GGUFTernary(ir.LazyTensor):
     is_packed = True
 
     def __init__(self, gf: GGUFFile, source: str, *, name: str | None = None,
-                 row_order: np.ndarray | None = None) -> None:
+                 row_order: np.ndarray | None = None, cols: tuple[int, int] | None = None) -> None:
         info = gf.tensors[source]
         if info.type not in TERNARY_TYPES or len(info.shape) != 2:
             raise ValueError(f"{source}: not a 2-D TQ1_0/TQ2_0 tensor")
         self.gf, self.source_name, self.qtype = gf, source, info.type
         self.source_dtype = info.type.name
         self.row_order = row_order
-        d = block_scales(gf, source, row_order)
+        n, k = info.shape
+        self.cols = cols or (0, k // BLOCK)
+        d = block_scales(gf, source, row_order)[:, self.cols[0]:self.cols[1]]
         if not np.all(np.isfinite(d)):
             r, g = np.argwhere(~np.isfinite(d))[0]
-            raise ModelLoadError(f"{gf.path}: tensor {source!r} block {g} of row {self._file_row(int(r))} has scale "
-                                 f"{float(d[r, g])!r}; expected a finite number")
+            raise ModelLoadError(f"{gf.path}: tensor {source!r} block {self.cols[0] + g} of row "
+                                 f"{self._file_row(int(r))} has scale {float(d[r, g])!r}; expected a finite number")
+        self._d = d
         # per block 0 keep, 1 zero (d == 0), 2 negate (d < 0); kept only when some block needs it (a file
         # llama.cpp wrote has d = max |w| >= 0, zero only for an all-zero block, whose codes are 0 anyway)
         flip = np.where(d == 0, 1, np.where(d < 0, 2, 0)).astype(np.int8)
         self._flip: np.ndarray | None = flip if flip.any() else None
         self.scales = analyse_scales(d)
         self.is_packed = info.shape[0] % 4 == 0  # packed_source() exists
-        super().__init__(lambda: ir.tensor(self.codes()), dtype=ir.DataType.INT8, shape=ir.Shape(list(info.shape)),
+        shape = [n, (self.cols[1] - self.cols[0]) * BLOCK]
+        super().__init__(lambda: ir.tensor(self.codes()), dtype=ir.DataType.INT8, shape=ir.Shape(shape),
                          name=name or source)
 
     def _where(self) -> str:
@@ -199,9 +228,12 @@ class GGUFTernary(ir.LazyTensor):
     def _blocks(self, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Rows ``[r0, r1)`` of the tensor (in ``row_order``) as their blocks: mapped, or gathered when permuted."""
         if self.row_order is None:
-            return self.gf.blocks(self.source_name, rows)
-        order = self.row_order if rows is None else self.row_order[rows[0]:rows[1]]
-        return self.gf.blocks(self.source_name)[order]
+            blocks = self.gf.blocks(self.source_name, rows)
+        else:
+            order = self.row_order if rows is None else self.row_order[rows[0]:rows[1]]
+            blocks = self.gf.blocks(self.source_name)[order]
+        b0, b1 = self.cols
+        return blocks if (b0, b1) == (0, blocks.shape[1]) else np.ascontiguousarray(blocks[:, b0:b1])
 
     def _decode_rows(self, r0: int, r1: int, *, packed: bool) -> np.ndarray:
         """Rows ``[r0, r1)`` as LUT indices (uint8 ``[rows, K]``) or Core ML 2-bit bytes (``[rows, K/4]``),
@@ -223,7 +255,8 @@ class GGUFTernary(ir.LazyTensor):
 
     def _check(self, bad: int, r0: int, per_row: int) -> None:
         if bad >= 0:
-            raise ModelLoadError(f"{self._where()}: block {bad % per_row} of row {self._file_row(r0 + bad // per_row)} holds the "
+            raise ModelLoadError(f"{self._where()}: block {self.cols[0] + bad % per_row} of row "
+                                 f"{self._file_row(r0 + bad // per_row)} holds the "
                                  "2-bit value 3 (weight +2d), which is not ternary; allowed 0, 1, 2 (= -d, 0, +d)")
 
     def _rows(self, packed: bool) -> np.ndarray:
@@ -306,7 +339,7 @@ class GGUFTernary(ir.LazyTensor):
         """float32 ``[N, K]``: ``d * q`` per block (for the block-scale fallback and for tests)."""
         n, k = (int(x) for x in self.shape.numpy())
         q = self.codes().astype(np.float32).reshape(n, k // BLOCK, BLOCK)
-        return (np.abs(block_scales(self.gf, self.source_name, self.row_order))[:, :, None] * q).reshape(n, k)
+        return (np.abs(self._d)[:, :, None] * q).reshape(n, k)
 
     def magnitude(self) -> float:
         return 1.0

@@ -15,12 +15,16 @@ _DROP = object()
 
 def ternary_weight(rng: np.random.Generator, n: int, k: int, scales: str) -> np.ndarray:
     """float32 ``[n, k]`` = code * scale, codes in {-1, 0, 1}; ``scales``: one scale (``tensor``), one per row
-    (``row``), or one per 256-block (``block``). Scales are powers of two, so fp16 holds them exactly."""
+    (``row``), one per 256-block (``block``), or one per half of the input columns (``shards``: TriLM's
+    model-parallel shards of a row-parallel layer). Scales are powers of two, so fp16 holds them exactly."""
     codes = rng.integers(-1, 2, size=(n, k)).astype(np.float32)
     if scales == "tensor":
         s = np.full((n, k // 256), 2.0 ** -5, np.float32)
     elif scales == "row":
         s = np.repeat((2.0 ** -rng.integers(3, 8, size=(n, 1))).astype(np.float32), k // 256, axis=1)
+    elif scales == "shards":
+        s = np.where(np.arange(k // 256) < max(1, k // 512), 2.0 ** -4, 2.0 ** -6)[None, :].repeat(n, 0)
+        s = s.astype(np.float32)
     else:
         s = (2.0 ** -rng.integers(3, 8, size=(n, k // 256))).astype(np.float32)
     return (codes.reshape(n, k // 256, 256) * s[:, :, None]).reshape(n, k)

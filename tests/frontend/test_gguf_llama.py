@@ -160,10 +160,14 @@ def test_chunked_package_equals_the_single_package(converted: PackageCache) -> N
                                   ReferenceExecutor(one).predict(x)["logits"])
 
 
-def test_block_scales_fall_back_to_a_dense_weight_only_linear(tmp_path: Path) -> None:
+def test_block_scales_beyond_the_column_groups_fall_back_to_a_dense_weight_only_linear(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bitnet_coreml.convert import ConvertOptions, convert
+    from bitnet_coreml.frontend import gguf_model
     from bitnet_coreml.verify import verify
 
+    # random scales per block: 2 column groups per row at hidden 512; with a limit of 1 they are too many
+    monkeypatch.setattr(gguf_model, "MAX_COLUMN_GROUPS", 1)
     p = write_bitnet_gguf(tmp_path / "m.gguf", arch="llama", scales="block", hidden=512, ff=512, heads=4, kv_heads=2)
     with pytest.raises(ModelLoadError, match="distinct block scales within rows.*--allow-dequant"):
         load(p, seq_len=8)
@@ -173,6 +177,36 @@ def test_block_scales_fall_back_to_a_dense_weight_only_linear(tmp_path: Path) ->
     pkg = tmp_path / "m.mlpackage"
     convert(p, pkg, ConvertOptions(precision="fp32", seq_len=8, check=False, allow_dequant=True))
     rep = verify(p, pkg, raise_on_failure=False, allow_dequant=True)
+    assert rep.passed, rep.to_dict()
+
+
+def test_sharded_scales_become_column_groups_of_2bit_linears(tmp_path: Path) -> None:
+    """One scale per half of the input columns (TriLM's row-parallel shards): a sum of two weight-only
+    BitLinears whose codes times scales are gguf's dequantisation of the file, bit for bit; no fallback."""
+    from bitnet_coreml.convert import ConvertOptions, convert
+    from bitnet_coreml.verify import verify
+
+    p = write_bitnet_gguf(tmp_path / "m.gguf", arch="llama", scales="shards", hidden=512, ff=512, heads=4,
+                          kv_heads=2)
+    m = load(p, seq_len=8)
+    assert json.loads(m.metadata_props["bitnet_coreml.gguf.dense_fallback"]) == []
+    bl = [n for n in m.graph if n.op_type == "BitLinear"]
+    assert len(bl) == 14 and {n.attributes["act_bits"].value for n in bl} == {0}
+    _, store = open_gguf(p)
+    reader = {t.name: t for t in GGUFReader(p).tensors}
+    for prefix in sorted({n.name.rsplit(".cols_", 1)[0] for n in bl}):
+        parts = sorted((n for n in bl if n.name.startswith(prefix + ".cols_")), key=lambda n: int(n.name.split("_")[-2]))
+        assert [n.name.rsplit(".", 1)[1] for n in parts] == ["cols_0_256", "cols_256_512"]
+        ours = np.concatenate([n.inputs[1].const_value.numpy().astype(np.float32)  # type: ignore[union-attr]
+                               * n.inputs[2].const_value.numpy().reshape(-1, 1) for n in parts], axis=1)  # type: ignore[union-attr]
+        t = reader[store.gguf_name[prefix + ".weight"]]
+        ref = dequantize(t.data, t.tensor_type).astype(np.float32)
+        if prefix.endswith(("q_proj", "k_proj")):
+            ref = ref[store.row_order[prefix + ".weight"]]
+        np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32), err_msg=prefix)
+    pkg = tmp_path / "m.mlpackage"
+    convert(p, pkg, ConvertOptions(precision="fp32", seq_len=8, check=False))
+    rep = verify(p, pkg, raise_on_failure=False)
     assert rep.passed, rep.to_dict()
 
 
