@@ -149,13 +149,62 @@ class _Builder:
         self.vals: dict[int, _Val] = {}
         self.rows: list[np.ndarray] = []
         self.last_read: dict[int, int] = {}
+        # arena reuse (alloc / release): free regions, region sizes, live slots per region, never-freed regions
+        self.free: list[tuple[int, int]] = []
+        self.sizes: dict[int, int] = {}
+        self.refs: dict[int, int] = {}
+        self.kept: set[int] = set()
+        self.released: set[int] = set()
 
     # --- placement -----------------------------------------------------------------------------
 
-    def alloc(self, shape: tuple[int, ...]) -> _Val:
-        v = _Val(0, self.arena, tuple(int(d) for d in shape))
-        self.arena += max(v.size, 1)
-        return v
+    def alloc(self, shape: tuple[int, ...], *, keep: bool = False) -> _Val:
+        """Arena space for a value: a freed region (first fit) or new space; ``keep``: never freed (constants,
+        inputs). A region is freed once every slot holding it was last read, so the arena is the largest set
+        of values alive at once, not their sum (every kernel op writes all of its output: reuse is safe)."""
+        shape = tuple(int(d) for d in shape)
+        n = max(int(np.prod(shape, dtype=np.int64)), 1)
+        off = -1
+        if not keep:
+            for j, (o, size) in enumerate(self.free):
+                if size >= n:
+                    off = o
+                    self.free[j:j + 1] = [(o + n, size - n)] if size > n else []
+                    break
+        if off < 0:
+            off = self.arena
+            self.arena += n
+        if keep:
+            self.kept.add(off)
+        self.sizes[off] = n
+        return _Val(0, off, shape)
+
+    def hold(self, v: _Val) -> None:
+        if v.buf == 0 and v.off not in self.kept:
+            self.refs[v.off] = self.refs.get(v.off, 0) + 1
+
+    def release(self, i: int, step: Any, ends: set[int]) -> None:
+        """Free the arena regions whose last reader is step ``i`` (or that step's output nobody reads)."""
+        slots = {s for _, s in step.slot_args} | {s for _, refs in step.tuples for s, _ in refs if s >= 0}
+        for s in slots | set(step.out_slots):
+            if s in ends or s in self.released or s not in self.vals or self.last_read.get(s, -1) > i:
+                continue
+            self.released.add(s)
+            v = self.vals[s]
+            if v.buf != 0 or v.off not in self.refs:
+                continue
+            self.refs[v.off] -= 1
+            if self.refs[v.off] == 0:
+                del self.refs[v.off]
+                self.free.append((v.off, self.sizes[v.off]))
+                self.free.sort()
+                merged: list[tuple[int, int]] = []
+                for o, size in self.free:
+                    if merged and merged[-1][0] + merged[-1][1] == o:
+                        merged[-1] = (merged[-1][0], merged[-1][1] + size)
+                    else:
+                        merged.append((o, size))
+                self.free = merged
 
     def const(self, c: Any) -> _Val:
         key = id(c)
@@ -169,7 +218,7 @@ class _Builder:
         if arr.dtype.kind in "iu" and arr.size and int(np.abs(arr.astype(np.int64)).max()) >= EXACT_INT:
             raise _Unsupported("an integer constant beyond 2**24")
         if arr.size <= ARENA_CONST_MAX:
-            v = self.alloc(arr.shape)
+            v = self.alloc(arr.shape, keep=True)
             self.init.append((v.off, arr.astype(np.float32).reshape(-1)))
         else:
             flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
@@ -301,6 +350,7 @@ class _Builder:
         else:
             raise _Unsupported(f"op {step.ctx.name!r}: {t} is not fused")
         self.vals[slot] = out
+        self.hold(out)
 
     def reduce(self, t: str, a: dict[str, Any], shape: tuple[int, ...], mode: tuple[int, int]) -> _Val:
         x = self.arg(a, "x")
@@ -515,7 +565,7 @@ def _build(ex: Any) -> _Program:
             spec = ex._inputs[name]
             if any(d is None for d in spec.shape) or np.dtype(spec.dtype).kind not in "biuf":
                 raise _Unsupported(f"input {name!r}: flexible shape or dtype {spec.dtype}")
-            v = b.alloc(tuple(int(d) for d in spec.shape))
+            v = b.alloc(tuple(int(d) for d in spec.shape), keep=True)
             b.vals[slot] = v
             inputs.append((name, v))
     for i, step in enumerate(block.steps):
@@ -525,8 +575,10 @@ def _build(ex: Any) -> _Program:
             for slot, _c in refs:
                 if slot >= 0:
                     b.last_read[slot] = i
+    ends = {slot for slot, _c in block.outputs if slot >= 0}
     for i, step in enumerate(block.steps):
         b.step(i, step)
+        b.release(i, step, ends)
     outputs = []
     for name, (slot, _c) in zip(ex._outputs, block.outputs, strict=True):
         if slot < 0 or slot not in b.vals:
