@@ -5,9 +5,14 @@ same thread count, same prompt (64 token ids), same number of new tokens (greedy
 own fresh process (transformers from the export venv), interleaved rounds, best round reported:
 
 * ours: ``GenerationSession`` on the package ``convert --stateful --context 512 --prefill 64`` makes
-  of the checkpoint (fp16), unit ``reference``: time to first token (the 64-token prompt in one
-  prefill call), decode tokens/s (the calls after the first token), peak RSS of the process and the
-  RSS growth from loading the package and generating (the interpreter and libraries excluded);
+  of the checkpoint (fp16), unit ``reference``, per decode engine: ``stored`` (the lean path: the
+  package's stored decode table, no coremltools / MIL program, the prompt fed as decode steps; a
+  package without a table gets one in a hard-linked copy, ``lm-<size>-stored.mlpackage``), ``fused``
+  (the decode function translated at load, prefill in the interpreter) and ``interpreter``: time to
+  first token (the 64-token prompt), decode tokens/s (the calls after the first token), peak RSS of
+  the process, the RSS growth from loading the package and generating, and for ``stored`` the peak
+  RSS against the goal of issue 15, <= 1.5x (package weight bytes + KV cache), with the heavy
+  libraries the process loaded;
 * transformers: ``BitNetForCausalLM.from_pretrained`` (the checkpoint's bf16, as a user gets it, and
   fp32) ``generate(max_new_tokens=1)`` for the time to first token and ``generate(max_new_tokens=N)``;
   decode tokens/s = (N - 1) / (t_N - t_1).
@@ -17,7 +22,7 @@ the decode function, from the compiled program, not estimated) and this machine'
 bandwidth (numpy sum over 1 GiB, best of 5), i.e. how close decode runs to the physical limit.
 
     python bench/bench_generate.py [--size 200m] [--threads 1] [--new-tokens 32] [--rounds 2]
-        [--engines auto,interpreter] [--skip-transformers]
+        [--engines stored,fused,interpreter] [--skip-transformers]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,12 +50,12 @@ import json, os, resource, sys, time
 import numpy as np, psutil
 pkg, n, p, engine = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 from bitnet_coreml.generation import GenerationSession
-from bitnet_coreml.executor import ReferenceExecutor
 base = psutil.Process().memory_info().rss
-# the libraries' own memory, before any weight: coremltools, numba's LLVM with a cached kernel, a BLAS GEMM
-from bitnet_coreml._quiet import coremltools; coremltools()
-from bitnet_coreml.executor._fp16 import round_to_fp16; round_to_fp16(np.ones(8, np.float32))
-np.ones((64, 256), np.float32) @ np.ones((256, 64), np.float32)
+if engine != "stored":
+    # the libraries' own memory, before any weight: coremltools, numba's LLVM with a cached kernel, a BLAS GEMM
+    from bitnet_coreml._quiet import coremltools; coremltools()
+    from bitnet_coreml.executor._fp16 import round_to_fp16; round_to_fp16(np.ones(8, np.float32))
+    np.ones((64, 256), np.float32) @ np.ones((256, 64), np.float32)
 libs = psutil.Process().memory_info().rss
 ids = np.random.default_rng(0).integers(0, 32000, p).tolist()
 t0 = time.perf_counter()
@@ -58,8 +64,10 @@ load = time.perf_counter() - t0
 toks = list(s.generate(ids, max_new_tokens=n))
 st = s.stats
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"coremltools", "numba", "llvmlite", "onnx", "onnxruntime",
+                                                         "matplotlib", "rich", "tokenizers", "scipy"})
 print(json.dumps({"ttft_s": st.ttft_s, "decode_tok_s": st.decode_tok_s, "prefill_tok_s": st.prefill_tok_s,
-                  "decode_engine": st.decode_engine, "decode_note": st.decode_note,
+                  "decode_engine": st.decode_engine, "decode_note": st.decode_note, "heavy": heavy,
                   "load_s": load, "peak_rss": peak, "base_rss": base, "libs_rss": libs, "tokens": toks}))
 """
 
@@ -119,10 +127,45 @@ def _env(threads: int) -> dict[str, str]:
 
 
 def _run(argv: list[str], threads: int) -> dict:
+    return json.loads(_run_text(argv, threads).strip().splitlines()[-1])
+
+
+TABLE = r"""
+import sys
+from bitnet_coreml.executor.fused_store import write_table
+print(write_table(sys.argv[1]))
+"""
+
+
+def _with_table(pkg: Path, threads: int) -> Path:
+    """``pkg`` if it carries a stored decode table, else a hard-linked copy with one (the shared package untouched)."""
+    sys.path.insert(0, str(ROOT))
+    from bitnet_coreml.executor.fused_store import StaleTable, open_table
+
+    try:
+        if open_table(pkg) is not None:
+            return pkg
+    except StaleTable:
+        pass
+    out = pkg.with_name(pkg.stem + "-stored.mlpackage")
+    try:
+        if out.exists() and open_table(out) is not None:
+            return out
+    except StaleTable:
+        pass
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(pkg, out, copy_function=os.link)  # the table and manifest are written as new files
+    t = time.perf_counter()
+    _run_text([sys.executable, "-c", TABLE, str(out)], threads)
+    print(f"stored decode table written into {out.name} in {time.perf_counter() - t:.1f} s")
+    return out
+
+
+def _run_text(argv: list[str], threads: int) -> str:
     res = subprocess.run(argv, env=_env(threads), capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         raise SystemExit(f"failed ({res.returncode}): {' '.join(argv[:3])}\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return res.stdout
 
 
 def bandwidth_gbs() -> float:
@@ -144,7 +187,7 @@ def main() -> int:
     ap.add_argument("--hf-dtypes", default="native,float32",
                     help="transformers runs to compare with (comma-separated); empty: none")
     ap.add_argument("--skip-transformers", action="store_true", help="no transformers runs (same as --hf-dtypes '')")
-    ap.add_argument("--engines", default="auto,interpreter",
+    ap.add_argument("--engines", default="stored,fused,interpreter",
                     help="decode engines of ours to run (GenerationSession decode_engine), comma-separated")
     args = ap.parse_args()
     folder = WORK / f"hf-{args.size}"
@@ -159,6 +202,8 @@ def main() -> int:
                         "--context", "512", "--prefill", str(PROMPT_TOKENS)], check=True, env=_env(args.threads),
                        cwd=ROOT, stdout=subprocess.DEVNULL)
         print(f"converted {folder.name} -> {pkg.name} in {time.perf_counter() - t:.0f} s")
+    if "stored" in args.engines.split(","):
+        pkg = _with_table(pkg, args.threads)
     n, p, th = args.new_tokens, PROMPT_TOKENS, args.threads
     dtypes = [] if args.skip_transformers else [d for d in args.hf_dtypes.split(",") if d]
     engines = [e for e in args.engines.split(",") if e]
@@ -207,6 +252,14 @@ def main() -> int:
           f"{weights_bytes / 2**20:.0f} MiB + KV cache {kv / 2**20:.1f} MiB: growth / (weights + KV) = "
           f"{grow / (weights_bytes + kv):.2f}x, peak / (weights + KV) = {best['peak_rss'] / (weights_bytes + kv):.2f}x "
           "(goal <= 1.5x)")
+    if "stored" in bests:
+        b = bests["stored"]
+        goal = 1.5 * (weights_bytes + kv)
+        print(f"lean path (stored table, decode engine {b['decode_engine']}): peak RSS {b['peak_rss'] / 2**20:.0f} MiB "
+              f"vs package weights {weights_bytes / 2**20:.0f} MiB + KV cache {kv / 2**20:.1f} MiB: "
+              f"{b['peak_rss'] / (weights_bytes + kv):.2f}x (goal <= 1.5x = {goal / 2**20:.0f} MiB: "
+              f"{'met' if b['peak_rss'] <= goal else 'not met'}); before the package was opened "
+              f"{b['base_rss'] / 2**20:.0f} MiB; heavy libraries loaded: {', '.join(b['heavy']) or 'none'}")
     over = best["peak_rss"] - best["libs_rss"]
     print(f"peak RSS above the interpreter with its libraries loaded (coremltools, numba's LLVM, BLAS: "
           f"{best['libs_rss'] / 2**20:.0f} MiB before any weight): {over / 2**20:.0f} MiB = "

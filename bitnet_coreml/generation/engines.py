@@ -8,8 +8,8 @@ state; the session rebuilds it by replaying the calls made so far.
 * :class:`ReferenceEngine`: the reference executor (any OS). With ``decode_engine="auto"`` (or
   ``"stored"``) and a package carrying a stored decode table (``executor/fused_store.py``, written by
   ``convert --stateful``): the fused kernel runs that table, with neither coremltools nor the MIL
-  program loaded, and a prefill call is fed as decode steps (each position's logits; padding is never
-  computed). Otherwise one executor per function sharing the program, the decoded weights and the
+  program loaded, and a prefill call is fed as decode steps (the logits after its last id; padding
+  is never computed). Otherwise one executor per function sharing the program, the decoded weights and the
   state (``executor/shared.py``); ``decode`` runs through the fused kernel (``executor/fused.py``)
   when the function translates (``"auto"``, ``"fused"``; ``"fused"`` refuses a package it cannot
   fuse), or always through the interpreter (``"interpreter"``). ``"stored"`` refuses a package
@@ -50,7 +50,8 @@ class Engine(abc.ABC):
     # what runs the decode calls ("stored" / "fused" / "interpreter" on the reference unit, None elsewhere) and why
     decode_engine: str | None = None
     decode_note: str | None = None
-    # False: a prefill call takes fewer than P ids (the session does not pad a last partial chunk)
+    # False: a prefill call takes fewer than P ids (the session does not pad a last partial chunk; an engine
+    # wrapping another forwards the inner one's value, as it does decode_engine)
     pads_prefill: bool = True
 
     def call(self, function: str, ids: np.ndarray, position: int) -> np.ndarray:
@@ -147,7 +148,8 @@ class _TableState:
 
 
 class _PrefillByDecode:
-    """A ``prefill`` call run as one ``decode`` call per id (positions ``position + i``): the logits of every id."""
+    """A ``prefill`` call run as one ``decode`` call per id (positions ``position + i``); returns the logits
+    after the last id, ``[1, 1, V]`` (the session reads no other row: the stored engine is never padded)."""
 
     def __init__(self, decode: Any) -> None:
         self._decode = decode
@@ -155,12 +157,11 @@ class _PrefillByDecode:
     def predict(self, inputs: dict[str, np.ndarray], state: Any) -> dict[str, np.ndarray]:
         ids = np.asarray(inputs[INPUT_IDS]).reshape(-1)
         pos = int(np.asarray(inputs[POSITION]).reshape(-1)[0])
-        rows = []
+        out: dict[str, np.ndarray] = {}
         for i, t in enumerate(ids.tolist()):
             out = self._decode.predict({INPUT_IDS: np.array([[t]], np.int32), POSITION: np.array([pos + i], np.int32)},
                                        state)
-            rows.append(np.asarray(out[LOGITS] if LOGITS in out else next(iter(out.values()))).reshape(-1))
-        return {LOGITS: np.stack(rows)[None]}
+        return out
 
 
 class CoreMLEngine(Engine):  # pragma: no cover - needs Core ML (macOS); tests/runtime/test_macos.py

@@ -323,6 +323,7 @@ class FaultyEngine(Engine):
         self.plan = plan
         self.name = inner.name
         self.decode_engine, self.decode_note = inner.decode_engine, inner.decode_note
+        self.pads_prefill = inner.pads_prefill
 
     def call(self, function: str, ids: np.ndarray, position: int) -> np.ndarray:
         fault = self.plan.take_call_fault(self.name)
