@@ -15,7 +15,11 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup test lint convert conformance bench bench-models models export-matrix report-screenshot clean
 
+# setup also compiles the fused decode's C kernel for this machine (executor/native.py: a no-op when the
+# library for the current source is there; without a C compiler the numba kernel runs instead).
 setup: $(STAMP)
+	$(BIN)/python -m bitnet_coreml.executor.native build \
+		|| echo "warning: the C decode kernel did not build; the numba kernel runs instead" >&2
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,5 +1,8 @@
 """The numba kernel of the fused decode path: one compiled loop over a decode function's instructions.
 
+``executor/_vm.c`` is the same kernel in C, used instead when it is built (``executor/native.py``);
+the two compute the same bits. This one runs where no C compiler built that one.
+
 ``executor/fused.py`` translates the compiled decode function of a stateful package into a table of
 instructions (one row of :data:`WIDTH` int64 per op); :func:`run` walks that table in one numba call,
 so a decode call costs a few microseconds of dispatch instead of one Python round trip per MIL op.
@@ -28,29 +31,72 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from bitnet_coreml.executor.half import _matvec, _widen
-from bitnet_coreml.executor.ternary import int_matmul
-
-# --- instruction layout ------------------------------------------------------------------------
-WIDTH = 40
-OP, RND = 0, 1
-D = 2  # output shape, 4 dims (D..D+3)
-OUT, A, B, C = 6, 12, 18, 24  # operands: buffer, offset, 4 strides
-P = 30  # 10 integer parameters (P + 8: the contiguous fast path, P + 9: bits of an unsigned output)
-
-# rounding of the output
-R_NONE, R_F16, R_INT, R_BOOL, R_UINT = 0, 1, 2, 3, 4
-
-# opcodes
-(ADD, SUB, MUL, DIV, MAX, MIN, EQ, NE, LT, LE, GT, GE, AND, OR, XOR,  # binary
- ABS, FLOOR, CEIL, RELU, RSQRT, COPY, SQRT, EXP, NEG, SIGMOID, SILU, SQUARE, NOT, TRUNC,  # unary
- SELECT, CLIP,  # ternary
- RMAX, RMEAN, RSUM, RMIN, SOFTMAX,  # last-axis reductions
- MM_TERN, MM_HALF, MATMUL, GATHER_HALF, GATHER, SCATTER) = range(42)
-BINARY_LAST, UNARY_LAST, TERNARY_LAST = XOR, TRUNC, CLIP
-
-# errors returned by run()
-E_OK, E_INDEX, E_SLICE = 0, 1, 2
+from bitnet_coreml.executor._half_kernels import _matvec, _widen
+from bitnet_coreml.executor._layout import (  # noqa: F401 - re-exported: the layout's names as before
+    ABS,
+    ADD,
+    AND,
+    BINARY_LAST,
+    CEIL,
+    CLIP,
+    COPY,
+    DIV,
+    E_INDEX,
+    E_OK,
+    E_SLICE,
+    EQ,
+    EXP,
+    FLOOR,
+    GATHER,
+    GATHER_HALF,
+    GE,
+    GT,
+    LE,
+    LT,
+    MATMUL,
+    MAX,
+    MIN,
+    MM_HALF,
+    MM_TERN,
+    MUL,
+    NE,
+    NEG,
+    NOT,
+    OP,
+    OR,
+    OUT,
+    R_BOOL,
+    R_F16,
+    R_INT,
+    R_NONE,
+    R_UINT,
+    RELU,
+    RMAX,
+    RMEAN,
+    RMIN,
+    RND,
+    RSQRT,
+    RSUM,
+    SCATTER,
+    SELECT,
+    SIGMOID,
+    SILU,
+    SOFTMAX,
+    SQRT,
+    SQUARE,
+    SUB,
+    TERNARY_LAST,
+    TRUNC,
+    UNARY_LAST,
+    WIDTH,
+    XOR,
+    A,
+    B,
+    C,
+    D,
+    P,
+)
+from bitnet_coreml.executor._ternary_kernels import int_matmul
 
 
 @intrinsic

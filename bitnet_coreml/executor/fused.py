@@ -4,8 +4,12 @@ The interpreter (``executor/compiler.py``) walks a decode call's ops one by one 
 200M model that is ~2,400 ops per token, ~30 ms of dispatch and small numpy calls around ~10 ms of
 matmuls. :class:`FusedFunction` translates the *compiled* function (the same steps, the same
 constants in compute form: 2-bit ternary codes, fp16 weights, folded constants, all derived from
-the package's own MIL program and ``weight.bin``) into an instruction table that
-``executor/_vm.py`` runs in one numba call, writing the KV cache in place.
+the package's own MIL program and ``weight.bin``) into an instruction table (layout:
+``executor/_layout.py``) that one kernel call runs, writing the KV cache in place. The kernel
+(:func:`kernel`): the C library ``executor/_vm.c`` when it is built for the current source and this
+machine (``executor/native.py``, ``make setup``), else the numba kernel ``executor/_vm.py`` (same
+results), else none and the interpreter runs the calls; :attr:`FusedFunction.kernel_note` says which
+ran and why.
 
 Every op of the function must translate, else :func:`fuse` returns ``(None, reason)`` and the caller
 keeps the interpreter (nothing is guessed): the supported ops are the elementwise, comparison,
@@ -23,14 +27,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from bitnet_coreml.errors import InputError
-from bitnet_coreml.executor import _vm
+from bitnet_coreml.executor import _layout as _vm
 
-__all__ = ["FusedFunction", "fuse"]
+__all__ = ["FusedFunction", "fuse", "kernel", "KERNELS"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,35 @@ _ALIAS = {"reshape", "expand_dims", "squeeze", "identity"}
 
 class _Unsupported(Exception):
     """The function holds something the fused path does not translate (the reason is logged)."""
+
+
+# the kernels that run the table: "auto" is native when built, else numba
+KERNELS = ("auto", "native", "numba")
+_Run = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[int, int]]
+
+
+def kernel(which: str = "auto") -> tuple[_Run, str, str]:
+    """``(run, name, note)``: the kernel that runs instruction tables, its name and why it was chosen.
+
+    ``auto``: the C library when it is built for the current source and machine, else the numba kernel;
+    raises :class:`_Unsupported` when the one asked for (or, for ``auto``, either) is not available.
+    """
+    if which not in KERNELS:
+        raise ValueError(f"kernel {which!r}; allowed: {', '.join(KERNELS)}")
+    why = ""
+    if which in ("auto", "native"):
+        from bitnet_coreml.executor import native
+
+        k, why = native.load()
+        if k is not None:
+            return k.run, "native", "native C kernel"
+        if which == "native":
+            raise _Unsupported(why)
+    try:
+        from bitnet_coreml.executor import _vm as numba_vm
+    except ImportError as e:  # numba missing or broken: the interpreter runs the calls
+        raise _Unsupported(f"no kernel: {why or 'native not asked for'}; numba: {e}") from e
+    return numba_vm.run, "numba", f"numba kernel ({why})" if why else "numba kernel"
 
 
 @dataclass(frozen=True)
@@ -609,7 +643,9 @@ def _addresses(arrays: list[np.ndarray]) -> np.ndarray:
 class FusedFunction:
     """One function of a package run by the fused kernel against an interpreter's :class:`ExecutorState`."""
 
-    def __init__(self, p: _Program, out_dtypes: dict[str, np.dtype | None], *, fp32: bool, ops: int) -> None:
+    def __init__(self, p: _Program, out_dtypes: dict[str, np.dtype | None], *, fp32: bool, ops: int,
+                 kernel_name: str = "auto") -> None:
+        self._run, self.kernel, self.kernel_note = kernel(kernel_name)
         self._p = p
         self.ops = ops
         self.instructions = int(p.prog.shape[0])
@@ -621,7 +657,7 @@ class FusedFunction:
         self._held: list[Any] = [None] * len(p.states)
         self._terns = _addresses(p.terns) if p.terns else np.zeros((0, 3), np.int64)
         self._halves = _addresses(p.halves) if p.halves else np.zeros((0, 4), np.int64)
-        _vm.run(p.prog[:0], self._bufs, self._terns, self._halves)  # load the kernel now, not in a call
+        self._run(p.prog[:0], self._bufs, self._terns, self._halves)  # load the kernel now, not in a call
 
     def predict(self, inputs: dict[str, np.ndarray], state: Any) -> dict[str, np.ndarray]:
         p = self._p
@@ -641,7 +677,7 @@ class FusedFunction:
                 self._py_bufs[1 + i] = held.reshape(-1)  # a view: keeps the array alive
                 self._bufs[1 + i] = (held.ctypes.data, held.size)
                 self._held[i] = held
-        err, pc = _vm.run(p.prog, self._bufs, self._terns, self._halves)
+        err, pc = self._run(p.prog, self._bufs, self._terns, self._halves)
         if err:
             what = "gather index" if err == _vm.E_INDEX else "cache slice"
             raise InputError(f"fused decode: {what} out of range at instruction {pc}; check the input values "
@@ -656,11 +692,12 @@ class FusedFunction:
         return out
 
 
-def fuse(ex: Any) -> tuple[FusedFunction | None, str | None]:
-    """``(FusedFunction, None)`` for the interpreter's executor ``ex``, or ``(None, reason)``."""
+def fuse(ex: Any, kernel_name: str = "auto") -> tuple[FusedFunction | None, str | None]:
+    """``(FusedFunction, None)`` for the interpreter's executor ``ex``, or ``(None, reason)``;
+    ``kernel_name``: which kernel runs it (:data:`KERNELS`)."""
     try:
         return FusedFunction(_build(ex), dict(zip(ex._outputs, ex._output_dtypes, strict=True)), fp32=ex.fp32,
-                             ops=len(ex._block.steps)), None
+                             ops=len(ex._block.steps), kernel_name=kernel_name), None
     except _Unsupported as e:
         log.info("fused decode not used for %s (%s): %s", ex.source, ex.function_name, e)
         return None, str(e)

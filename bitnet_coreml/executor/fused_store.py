@@ -66,10 +66,10 @@ def _sha256(path: Path) -> str:
 
 
 def isa_fingerprint() -> str:
-    """The kernel's instruction set: the row width and every opcode / field constant of ``executor/_vm.py``."""
-    from bitnet_coreml.executor import _vm
+    """The kernel's instruction set: the row width and every opcode / field constant of ``executor/_layout.py``."""
+    from bitnet_coreml.executor import _layout
 
-    consts = sorted((k, int(v)) for k, v in vars(_vm).items()
+    consts = sorted((k, int(v)) for k, v in vars(_layout).items()
                     if k.isupper() and isinstance(v, int) and not isinstance(v, bool))
     return hashlib.sha256(json.dumps(consts).encode()).hexdigest()[:16]
 

@@ -20,17 +20,17 @@ one-index-per-byte array (a program built in memory) packed once.
   small reused buffer and multiplied by BLAS; the same products and sums as with the whole dense
   weight, without keeping it.
 
-Any other consumer of the weight (a transpose, a gather) gets the dense array (:meth:`dense`).
+Any other consumer of the weight (a transpose, a gather) gets the dense array (:meth:`dense`). The
+numba kernels live in ``executor/_ternary_kernels.py``, imported on first use: holding a TernaryWeight
+loads no numba.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 
-from bitnet_coreml.executor._vnni import HAS_VNNI, int_matmul_vnni
 from bitnet_coreml.executor.blobs import PackedBits
 
 __all__ = ["TernaryWeight", "from_lut", "keeps_packed", "dense_for", "matmul_t", "INT_PATH_MAX_ROWS"]
@@ -62,6 +62,8 @@ class TernaryWeight:
         """The float32 ``[N, K]`` array (kept once made: only consumers other than matmul ask)."""
         if self._dense is None:
             n, k = self.shape
+            from bitnet_coreml.executor._ternary_kernels import _decode_rows
+
             out = np.empty((n, k), dtype=np.float32)
             _decode_rows(self.codes, _BYTE_TABLE, out)
             self._dense = out
@@ -112,6 +114,8 @@ def from_lut(args: dict[str, Any]) -> TernaryWeight | None:
         if idx.ndim != 2 or idx.shape[1] % 4 or lut.shape != (1, 1, 4, 1) or idx.dtype.kind not in "ui":
             return None
         shape = (int(idx.shape[0]), int(idx.shape[1]))
+        from bitnet_coreml.executor._ternary_kernels import _pack_rows
+
         codes = np.empty((shape[0], shape[1] // 4), dtype=np.uint8)
         _pack_rows(np.ascontiguousarray(idx).astype(np.uint8, copy=False), codes)
     codes = np.ascontiguousarray(codes)
@@ -151,6 +155,8 @@ def _int_scale(x: np.ndarray) -> tuple[np.ndarray, float] | None:
 
 def matmul_t(x: np.ndarray, w: TernaryWeight) -> np.ndarray:
     """``x @ w.T`` for float32 ``x`` ``[..., K]``; float32 ``[..., N]``, bit-identical to the dense product."""
+    from bitnet_coreml.executor._ternary_kernels import _decode_rows, int_matmul
+
     n, k = w.shape
     if x.shape[-1] != k:
         raise ValueError(f"matmul: x has {x.shape[-1]} columns, the ternary weight {list(w.shape)} needs {k}")
@@ -175,55 +181,3 @@ def matmul_t(x: np.ndarray, w: TernaryWeight) -> np.ndarray:
             _decode_rows(w.codes[r0:r1], _BYTE_TABLE, wb)
             out[:, r0:r1] = np.matmul(wb, rows.T).T
     return out.reshape(lead + (n,))
-
-
-# --- kernels ----------------------------------------------------------------------------------------
-
-
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def _int_matmul(codes: np.ndarray, planes: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    """``out[m, n] = sum_j sum_i planes[m, i, j] * field_i(codes[n, j])`` (fields 0..2, i.e. weight + 1)."""
-    n_rows, kb = codes.shape
-    m_rows = planes.shape[0]
-    for n in range(n_rows):
-        row = codes[n]
-        for m in range(m_rows):
-            x0 = planes[m, 0]
-            x1 = planes[m, 1]
-            x2 = planes[m, 2]
-            x3 = planes[m, 3]
-            acc = np.int32(0)
-            for j in range(kb):
-                b = np.int32(row[j])
-                acc += (np.int32(x0[j]) * (b & 3) + np.int32(x1[j]) * ((b >> 2) & 3)
-                        + np.int32(x2[j]) * ((b >> 4) & 3) + np.int32(x3[j]) * (b >> 6))
-            out[m, n] = acc
-
-
-# the integer kernel this process uses: AVX-512 VNNI when the CPU has it (executor/_vnni.py), same results
-int_matmul = int_matmul_vnni if HAS_VNNI else _int_matmul
-
-
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def _decode_rows(codes: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    """``out[n, 4j:4j+4] = table[codes[n, j]]``."""
-    for n in range(codes.shape[0]):
-        row = codes[n]
-        dst = out[n]
-        for j in range(codes.shape[1]):
-            t = table[row[j]]
-            dst[4 * j] = t[0]
-            dst[4 * j + 1] = t[1]
-            dst[4 * j + 2] = t[2]
-            dst[4 * j + 3] = t[3]
-
-
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def _pack_rows(idx: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    """One 2-bit index per byte ``[N, K]`` -> four per byte ``[N, K/4]``, LSB first (Core ML's layout)."""
-    for n in range(idx.shape[0]):
-        src = idx[n]
-        dst = out[n]
-        for j in range(out.shape[1]):
-            dst[j] = np.uint8((src[4 * j] & 3) | ((src[4 * j + 1] & 3) << 2)
-                              | ((src[4 * j + 2] & 3) << 4) | ((src[4 * j + 3] & 3) << 6))

@@ -13,7 +13,8 @@ state; the session rebuilds it by replaying the calls made so far.
   state (``executor/shared.py``); ``decode`` runs through the fused kernel (``executor/fused.py``)
   when the function translates (``"auto"``, ``"fused"``; ``"fused"`` refuses a package it cannot
   fuse), or always through the interpreter (``"interpreter"``). ``"stored"`` refuses a package
-  without a usable stored table.
+  without a usable stored table. ``decode_note`` says why the interpreter ran, or which fused kernel
+  (C or numba, ``executor/fused.kernel``) ran and why.
 * :class:`CoreMLEngine`: Core ML on macOS, one ``MLModel`` per function for the unit's
   ``compute_units`` and one ``MLState`` (``make_state``) that both functions update.
 
@@ -107,7 +108,8 @@ class ReferenceEngine(Engine):
             return f"stored table refused: {e}"
         self._state = _TableState(states)
         self._fns: dict[str, Any] = {DECODE: decode, PREFILL: _PrefillByDecode(decode)}
-        self.decode_engine, self.decode_note = "stored", "the package's stored table; prefill as decode steps"
+        self.decode_engine = "stored"
+        self.decode_note = f"the package's stored table on the {decode.kernel_note}; prefill as decode steps"
         self.pads_prefill = False
         return None
 
@@ -126,7 +128,7 @@ class ReferenceEngine(Engine):
             if fused is not None:
                 self._fns[DECODE] = fused
                 self.decode_engine = "fused"
-                self.decode_note = f"translated at load ({stored_note})" if stored_note else None
+                self.decode_note = fused.kernel_note + (f"; translated at load ({stored_note})" if stored_note else "")
             elif decode_engine == "fused":
                 raise InputError(f"{package}: the fused decode path cannot run this package ({why}); "
                                  "use the interpreter (--engine interpreter)")

@@ -73,7 +73,7 @@ class GenerationStats:
     decode_calls: int = 0
     unit: str | None = None
     decode_engine: str | None = None  # reference unit: "fused" or "interpreter" (engines.ReferenceEngine)
-    decode_note: str | None = None  # why the interpreter ran decode, when it did
+    decode_note: str | None = None  # why the interpreter ran decode, or which fused kernel ran and why
     stop_reason: str | None = None
     recoveries: list[dict[str, Any]] = field(default_factory=list)
 

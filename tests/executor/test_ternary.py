@@ -110,6 +110,7 @@ def test_program_through_the_executor(opset: str, monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("k", [64, 256, 836, 2816])
 def test_integer_kernels_agree_with_numpy(k: int) -> None:
     """The portable kernel and, on a CPU with AVX-512 VNNI, the vpdpbusd one (64-byte steps + a tail)."""
+    from bitnet_coreml.executor._ternary_kernels import _int_matmul
     from bitnet_coreml.executor._vnni import HAS_VNNI, int_matmul_vnni
 
     rng = np.random.default_rng(k)
@@ -118,7 +119,7 @@ def test_integer_kernels_agree_with_numpy(k: int) -> None:
     q[0] = -128
     planes = np.ascontiguousarray(q.reshape(3, k // 4, 4).transpose(0, 2, 1))
     want = q.astype(np.int64) @ (codes.astype(np.int64) + 1).T  # the kernels sum code fields (weight + 1)
-    kernels = [ternary._int_matmul] + ([int_matmul_vnni] if HAS_VNNI else [])
+    kernels = [_int_matmul] + ([int_matmul_vnni] if HAS_VNNI else [])
     for kernel in kernels:
         out = np.zeros((3, 37), np.int32)
         kernel(tw.codes, planes, out)

@@ -11,6 +11,7 @@ from tests.support.packages import PackageCache
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "models" / "hf" / "bitnet-tiny-packed"  # transformers' logits in logits.npz; no tokenizer
 TINY_CONTEXT, TINY_PREFILL = 64, 8
+LM = ROOT / "models" / "example-lm"  # the bundled example LM (a real BPE tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +23,11 @@ def tiny_packages(converted: PackageCache) -> dict[str, Path]:
                                 prefill_logits="last", check=False)
     out["stateless"] = converted.get(TINY, seq_len=TINY_PREFILL, check=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def lm_fp16(converted: PackageCache) -> Path:
+    """The example LM's stateful fp16 package (context 128, prefill 16)."""
+    if not (LM / "config.json").is_file():
+        pytest.skip("bundled example LM missing (make models)")
+    return converted.get(LM, stateful=True, context=128, prefill=16, precision="fp16", check=False)

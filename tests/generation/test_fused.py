@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,24 +34,48 @@ from click.testing import CliRunner
 from bitnet_coreml.cli import main
 from bitnet_coreml.errors import InputError
 from bitnet_coreml.executor import ReferenceExecutor
-from bitnet_coreml.executor._vm import pairwise_sum
 from bitnet_coreml.executor.chunked import open_executor
 from bitnet_coreml.executor.fused import fuse
 from bitnet_coreml.generation import GenerationSession
 from tests.generation.conftest import TINY
-from tests.support.packages import PackageCache
 
-ROOT = Path(__file__).resolve().parents[2]
-LM = ROOT / "models" / "example-lm"
 ORACLE = np.load(TINY / "logits.npz")
 IDS = [int(i) for i in ORACLE["input_ids"][0]]
+# the fused decode runs on the C kernel here (auto picks it when built: the fixture makes sure it is)
+pytestmark = pytest.mark.usefixtures("native_kernel")
 
 
-@pytest.fixture(scope="module")
-def lm_fp16(converted: PackageCache) -> Path:
-    if not (LM / "config.json").is_file():
-        pytest.skip("bundled example LM missing (make models)")
-    return converted.get(LM, stateful=True, context=128, prefill=16, precision="fp16", check=False)
+class _Numba:
+    """The numba kernel's building blocks under the C kernel's method names (``native.NativeKernel``)."""
+
+    @staticmethod
+    def pairwise_sum(x: np.ndarray) -> np.float32:
+        from bitnet_coreml.executor._vm import pairwise_sum
+
+        return pairwise_sum(x)
+
+    @staticmethod
+    def extreme(x: np.ndarray, smallest: bool) -> np.float32:
+        from bitnet_coreml.executor._vm import _extreme
+
+        return _extreme(x, smallest)
+
+    @staticmethod
+    def mm_nt(x: np.ndarray, y: np.ndarray, out: np.ndarray, mode: int) -> None:
+        from bitnet_coreml.executor._vm import _mm_nt
+
+        _mm_nt(x, y, out, mode)
+
+    @staticmethod
+    def mm_nn(x: np.ndarray, y: np.ndarray, out: np.ndarray, mode: int) -> None:
+        from bitnet_coreml.executor._vm import _mm_nn
+
+        _mm_nn(x, y, out, mode)
+
+
+@pytest.fixture(params=["numba", "native"])
+def kern(request: pytest.FixtureRequest, native_kernel: Any) -> Any:
+    return _Numba() if request.param == "numba" else native_kernel
 
 
 def _steps(pkg: Path, n: int, *, fp32: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], float, float]:
@@ -115,9 +140,9 @@ def test_greedy_tokens_equal_with_either_engine(tiny_packages: dict[str, Path], 
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 127, 128, 129, 255, 256, 1000, 1024, 2816, 5003])
-def test_kernel_sum_is_numpys_pairwise_sum(n: int) -> None:
+def test_kernel_sum_is_numpys_pairwise_sum(n: int, kern: Any) -> None:
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32) * np.float32(1e3)
-    assert np.float32(pairwise_sum(x)).view(np.uint32) == np.float32(np.sum(x)).view(np.uint32)
+    assert np.float32(kern.pairwise_sum(x)).view(np.uint32) == np.float32(np.sum(x)).view(np.uint32)
 
 
 def test_an_op_it_does_not_translate_keeps_the_interpreter(monkeypatch: pytest.MonkeyPatch,
@@ -157,27 +182,28 @@ def test_cli_says_which_engine_ran(tiny_packages: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 1024, 2816])
-def test_kernel_extremes_are_numpys(n: int) -> None:
-    from bitnet_coreml.executor._vm import _extreme
-
+def test_kernel_extremes_are_numpys(n: int, kern: Any) -> None:
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
-    assert _extreme(x, False) == np.max(x) and _extreme(x, True) == np.min(x)
+    assert kern.extreme(x, False) == np.max(x) and kern.extreme(x, True) == np.min(x)
     x[n // 2] = np.nan
-    assert np.isnan(_extreme(x, False)) and np.isnan(_extreme(x, True))
+    assert np.isnan(kern.extreme(x, False)) and np.isnan(kern.extreme(x, True))
 
 
 @pytest.mark.parametrize(("m", "k", "n"), [(4, 64, 512), (4, 64, 37), (3, 17, 5), (1, 128, 9)])
-def test_attention_kernels_are_float32_products(m: int, k: int, n: int) -> None:
+def test_attention_kernels_are_float32_products(m: int, k: int, n: int, kern: Any) -> None:
     """Scores ``x @ y.T`` and context ``p @ v`` against float64 numpy, within the float32 error bound
     of a k-term dot product in any order (k * 2**-24 * sum|x_j y_j|, Higham's gamma_k)."""
-    from bitnet_coreml.executor._vm import R_NONE, _mm_nn, _mm_nt
+    from bitnet_coreml.executor._layout import R_NONE
 
     rng = np.random.default_rng(k * n + m)
     x, y = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
     p, v = rng.random((m, n)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
-    for a, b, kern in ((x, y, _mm_nt), (p, v.T, _mm_nn)):
+    for a, b, nt in ((x, y, True), (p, v.T, False)):
         out = np.full((m, b.shape[0]), np.nan, np.float32)
-        kern(a, b if kern is _mm_nt else np.ascontiguousarray(v), out, R_NONE)
+        if nt:
+            kern.mm_nt(a, b, out, R_NONE)
+        else:
+            kern.mm_nn(a, np.ascontiguousarray(v), out, R_NONE)
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         bound = a.shape[1] * 2.0**-24 * (np.abs(a64) @ np.abs(b64).T)
         assert np.all(np.abs(out - a64 @ b64.T) <= bound)

@@ -1,0 +1,700 @@
+/* The C kernel of the fused decode path: executor/_vm.py's numba kernel, op for op, in C.
+ *
+ * executor/fused.py translates a stateful package's decode function into a table of instructions (one
+ * row of VM_WIDTH int64 per op, layout in executor/_layout.py, which generates _vm_layout.h);
+ * vm_run() walks it in one call. Built by executor/native.py (`make setup`, or
+ * `python -m bitnet_coreml.executor.native build`) with -O3 -march=native -ffp-contract=off, loaded
+ * with ctypes; nothing here calls back into Python.
+ *
+ * Same semantics and the same arithmetic order as the numba kernel (the tests compare the two bit for
+ * bit): float32 on fp16 values rounded to fp16 after fp16-typed ops (round to nearest even), numpy's
+ * pairwise summation for reduce_mean / reduce_sum / softmax sums, the ternary matmul in integers from
+ * the 2-bit codes when the activations are int8 multiples of 2**-7 (AVX-512 VNNI when the compiler
+ * targets it, a portable loop otherwise: integer sums, equal in any order), the fp16 matvec in index
+ * order (a multiply then an add, F16C / AVX-512 widening), the attention scores' dot products in the
+ * lane order LLVM gives the numba kernel on AVX-512 (4 x 16 lanes of fused multiply-adds, then a
+ * fixed reduction tree, written out here so every machine sums in that order), the attention context
+ * in index order with fused multiply-adds, exp / sqrt from the C library as numba calls them.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "_vm_layout.h"
+
+typedef int64_t i64;
+
+/* ---- fp16 ---------------------------------------------------------------------------------------- */
+
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* float32(float16(v)): IEEE round to nearest even, overflow to inf, NaN stays NaN */
+static inline float f16_round(float v) {
+#if defined(__F16C__)
+    return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    uint32_t u = f32_bits(v), a = u & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u) return v;                          /* inf, NaN */
+    if (a >= 0x477FF000u) return bits_f32((u & 0x80000000u) | 0x7F800000u);
+    if (a < 0x38800000u) {                                  /* fp16 subnormal range: a multiple of 2**-24 */
+        if (a == 0) return v;
+        float av = fabsf(v);
+        volatile float t = av + 0.5f;                       /* float32's spacing in [0.5, 1) is 2**-24 */
+        float s = t - 0.5f;
+        return v < 0 ? -s : s;
+    }
+    return bits_f32((u + 0xFFFu + ((u >> 13) & 1u)) & 0xFFFFE000u);
+#endif
+}
+
+/* the float32 value of fp16 bits h (exact) */
+static inline float widen(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0) {
+        float f = (float)m * 5.9604644775390625e-08f;       /* m * 2**-24, exact */
+        return s ? -f : f;
+    }
+    if (e == 31) return bits_f32(s | 0x7F800000u | (m << 13));
+    return bits_f32(s | ((e + 112u) << 23) | (m << 13));
+#endif
+}
+
+/* ---- scalar ops ---------------------------------------------------------------------------------- */
+
+static inline float rnd(float v, i64 mode, i64 bits) {
+    if (mode == VM_R_NONE) return v;
+    if (mode == VM_R_F16) return f16_round(v);
+    if (mode == VM_R_BOOL) return v != 0 ? 1.0f : 0.0f;
+    float t = isfinite(v) ? truncf(v) : 0.0f;
+    if (mode == VM_R_UINT) t = (float)((i64)t & ((((i64)1) << bits) - 1));
+    return t;
+}
+
+static inline float bin(i64 op, float x, float y) {
+    switch (op) {
+    case VM_ADD: return x + y;
+    case VM_SUB: return x - y;
+    case VM_MUL: return x * y;
+    case VM_DIV: return x / y;
+    case VM_MAX: return (x >= y || x != x) ? x : y;
+    case VM_MIN: return (x <= y || x != x) ? x : y;
+    case VM_EQ: return (float)(x == y);
+    case VM_NE: return (float)(x != y);
+    case VM_LT: return (float)(x < y);
+    case VM_LE: return (float)(x <= y);
+    case VM_GT: return (float)(x > y);
+    case VM_GE: return (float)(x >= y);
+    case VM_AND: return (float)(x != 0 && y != 0);
+    case VM_OR: return (float)(x != 0 || y != 0);
+    default: return (float)((x != 0) != (y != 0)); /* XOR */
+    }
+}
+
+static inline float un(i64 op, float x, float e) {
+    switch (op) {
+    case VM_ABS: return fabsf(x);
+    case VM_FLOOR: return floorf(x);
+    case VM_CEIL: return ceilf(x);
+    case VM_RELU: return x > 0 ? x : (x != x ? x : 0.0f);
+    case VM_RSQRT: return 1.0f / sqrtf(x + e);
+    case VM_COPY: return x;
+    case VM_SQRT: return sqrtf(x);
+    case VM_EXP: return expf(x);
+    case VM_NEG: return -x;
+    case VM_SIGMOID: return 1.0f / (1.0f + expf(-x));
+    case VM_SILU: return x * (1.0f / (1.0f + expf(-x)));
+    case VM_SQUARE: return x * x;
+    case VM_NOT: return (float)(x == 0);
+    default: return truncf(x); /* TRUNC */
+    }
+}
+
+/* ---- sums and extremes --------------------------------------------------------------------------- */
+
+/* numpy's pairwise sum of n <= 128 values: sequential below 8, else 8 partial sums */
+static float leaf(const float *buf, i64 off, i64 n, i64 st) {
+    if (n < 8) {
+        float res = n > 0 ? buf[off] * 0.0f : 0.0f; /* a float32 zero of the first value's sign (as _vm) */
+        for (i64 i = 0; i < n; i++) res += buf[off + i * st];
+        return res;
+    }
+    float r[8];
+    for (int l = 0; l < 8; l++) r[l] = buf[off + l * st];
+    i64 i = 8;
+    for (; i < n - (n % 8); i += 8) {
+        i64 b = off + i * st;
+        for (int l = 0; l < 8; l++) r[l] += buf[b + l * st];
+    }
+    float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; i++) res += buf[off + i * st];
+    return res;
+}
+
+/* numpy's float32 pairwise sum: sum(first n2) + sum(rest) above 128, n2 a multiple of 8 near n/2 */
+static float pairwise(const float *buf, i64 off, i64 n, i64 st) {
+    if (n <= 128) return leaf(buf, off, n, st);
+    i64 m2 = n / 2;
+    m2 -= m2 % 8;
+    float first = pairwise(buf, off, m2, st);
+    return first + pairwise(buf, off + m2 * st, n - m2, st);
+}
+
+float vm_pairwise_sum(const float *x, i64 n) { return pairwise(x, 0, n, 1); }
+
+/* max (smallest: min) of a contiguous vector, NaN if it holds one: 16 running extremes, then combined */
+static float extreme(const float *x, i64 n, int smallest) {
+    float lanes[16];
+    for (int l = 0; l < 16; l++) lanes[l] = x[0];
+    i64 nan = 0, nv = n - n % 16;
+    for (i64 i0 = 0; i0 < nv; i0 += 16) {
+        for (int l = 0; l < 16; l++) {
+            float v = x[i0 + l];
+            nan += v != v;
+            if (smallest) lanes[l] = v < lanes[l] ? v : lanes[l];
+            else lanes[l] = v > lanes[l] ? v : lanes[l];
+        }
+    }
+    i64 op = smallest ? VM_MIN : VM_MAX;
+    float r = lanes[0];
+    for (int l = 1; l < 16; l++) r = bin(op, r, lanes[l]);
+    for (i64 i = nv; i < n; i++) r = bin(op, r, x[i]);
+    return nan ? NAN : r;
+}
+
+float vm_extreme(const float *x, i64 n, i64 smallest) { return extreme(x, n, (int)smallest); }
+
+/* ---- attention products -------------------------------------------------------------------------- */
+
+/* sum(a * b) in float32 in the order LLVM vectorises the numba kernel's _dot on AVX-512: 4 x 16 lanes
+ * of fused multiply-adds over the multiples of 64 (lane 0 of the first starting at +0, every other lane
+ * at -0), the four added (((1 + 0) + 2) + 3), halved down to one value (16 -> 8 -> 4 -> 2 -> 1); then
+ * 8 lanes over the multiples of 8 (lane 0 starting at the sum so far), halved down the same way; then
+ * one at a time. Written with lane arrays so every machine sums in this order (fmaf: exact fused). */
+#if defined(__AVX512F__)
+static inline float reduce8(__m256 h) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+static float dot(const float *a, const float *b, i64 n) {
+    float acc = 0.0f;
+    i64 i = 0;
+    if (n >= 8) {
+        if (n >= 64) {
+            __m512 p1 = _mm512_set1_ps(-0.0f), p2 = p1, p3 = p1;
+            __m512 p0 = _mm512_mask_mov_ps(p1, 1, _mm512_setzero_ps());
+            for (; i + 64 <= n; i += 64) {
+                p0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), p0);
+                p1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), p1);
+                p2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), p2);
+                p3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), p3);
+            }
+            __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(p1, p0), p2), p3);
+            __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
+            acc = reduce8(_mm256_add_ps(_mm512_castps512_ps256(s), hi));
+        }
+        if (i < n && ((n - i) & 56) != 0) {
+            __m256 q = _mm256_blend_ps(_mm256_set1_ps(-0.0f), _mm256_castps128_ps256(_mm_set_ss(acc)), 1);
+            for (; i + 8 <= n; i += 8) q = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), q);
+            acc = reduce8(q);
+        }
+    }
+    for (; i < n; i++) acc = fmaf(a[i], b[i], acc);
+    return acc;
+}
+#else
+static inline float reduce_lanes(float *v, int w) {
+    for (; w > 1; w /= 2)
+        for (int l = 0; l < w / 2; l++) v[l] = v[l] + v[l + w / 2];
+    return v[0];
+}
+
+static float dot(const float *a, const float *b, i64 n) {
+    float acc = 0.0f;
+    i64 i = 0;
+    if (n >= 8) {
+        if (n >= 64) {
+            float p[4][16];
+            for (int u = 0; u < 4; u++)
+                for (int l = 0; l < 16; l++) p[u][l] = -0.0f;
+            p[0][0] = 0.0f;
+            for (; i + 64 <= n; i += 64)
+                for (int u = 0; u < 4; u++)
+                    for (int l = 0; l < 16; l++) p[u][l] = fmaf(a[i + 16 * u + l], b[i + 16 * u + l], p[u][l]);
+            float s[16];
+            for (int l = 0; l < 16; l++) s[l] = ((p[1][l] + p[0][l]) + p[2][l]) + p[3][l];
+            acc = reduce_lanes(s, 16);
+        }
+        if (i < n && ((n - i) & 56) != 0) {
+            float q[8];
+            for (int l = 0; l < 8; l++) q[l] = -0.0f;
+            q[0] = acc;
+            for (; i + 8 <= n; i += 8)
+                for (int l = 0; l < 8; l++) q[l] = fmaf(a[i + l], b[i + l], q[l]);
+            acc = reduce_lanes(q, 8);
+        }
+    }
+    for (; i < n; i++) acc = fmaf(a[i], b[i], acc);
+    return acc;
+}
+#endif
+
+/* out = x @ y.T (x [m, k], y [n, k], rows contiguous): each output a dot() over a row pair */
+void vm_mm_nt(const float *x, const float *y, float *out, i64 m_rows, i64 k, i64 n_rows, i64 mode) {
+    for (i64 n = 0; n < n_rows; n++)
+        for (i64 m = 0; m < m_rows; m++) out[m * n_rows + n] = rnd(dot(x + m * k, y + n * k, k), mode, 0);
+}
+
+/* out = x @ y (x [m, k], y [k, n]): each output's sum over k in index order with fused multiply-adds */
+int vm_mm_nn(const float *x, const float *y, float *out, i64 m_rows, i64 k, i64 n_cols, i64 mode) {
+    float *acc = (float *)calloc((size_t)(m_rows * n_cols > 0 ? m_rows * n_cols : 1), sizeof(float));
+    if (!acc) return -1;
+    for (i64 j = 0; j < k; j++) {
+        const float *yj = y + j * n_cols;
+        for (i64 m = 0; m < m_rows; m++) {
+            float xv = x[m * k + j];
+            float *am = acc + m * n_cols;
+            for (i64 n = 0; n < n_cols; n++) am[n] = fmaf(xv, yj[n], am[n]);
+        }
+    }
+    for (i64 i = 0; i < m_rows * n_cols; i++) out[i] = rnd(acc[i], mode, 0);
+    free(acc);
+    return 0;
+}
+
+/* ---- ternary weights: integer matmul from the 2-bit codes ------------------------------------------ */
+
+/* sum over code bytes j0..kb-1 of one row of field_i(byte) * plane_i (one at a time) */
+static inline int32_t codes_dot(const uint8_t *row, const int8_t *planes, i64 kb, i64 j0) {
+    const int8_t *x0 = planes, *x1 = planes + kb, *x2 = planes + 2 * kb, *x3 = planes + 3 * kb;
+    int32_t s = 0;
+    for (i64 j = j0; j < kb; j++) {
+        int32_t b = row[j];
+        s += x0[j] * (b & 3) + x1[j] * ((b >> 2) & 3) + x2[j] * ((b >> 4) & 3) + x3[j] * (b >> 6);
+    }
+    return s;
+}
+
+/* out[n] = sum_j sum_i plane_i[j] * field_i(codes[n, j]) for one row of activations (fields 0..2:
+ * weight + 1); integer arithmetic, exact in any order */
+static void int_matvec(const uint8_t *codes, i64 n_rows, i64 kb, const int8_t *planes, int32_t *out) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    const int8_t *x0 = planes, *x1 = planes + kb, *x2 = planes + 2 * kb, *x3 = planes + 3 * kb;
+    /* vpdpbusd multiplies 64 unsigned code bytes by 64 int8 activations, four products into each int32
+     * lane: field i masked in place (c & (3 << 2i)) is 4**i times the field, so its sum is divided by
+     * 4**i at the end (exact: a multiple of 4**i). Four rows at a time, reduced together. */
+    i64 kv = kb - kb % 64, n = 0;
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0C), m2 = _mm512_set1_epi8(0x30),
+                  m3 = _mm512_set1_epi8((char)0xC0);
+    for (; n + 4 <= n_rows; n += 4) {
+        __m512i acc[4];
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *row = codes + (n + r) * kb;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+            for (i64 j = 0; j < kv; j += 64) {
+                __m512i c = _mm512_loadu_si512((const void *)(row + j));
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(c, m0), _mm512_loadu_si512((const void *)(x0 + j)));
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(c, m1), _mm512_loadu_si512((const void *)(x1 + j)));
+                a2 = _mm512_dpbusd_epi32(a2, _mm512_and_si512(c, m2), _mm512_loadu_si512((const void *)(x2 + j)));
+                a3 = _mm512_dpbusd_epi32(a3, _mm512_and_si512(c, m3), _mm512_loadu_si512((const void *)(x3 + j)));
+            }
+            acc[r] = _mm512_add_epi32(_mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2)),
+                                      _mm512_add_epi32(_mm512_srai_epi32(a2, 4), _mm512_srai_epi32(a3, 6)));
+        }
+        __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[0], acc[1]), _mm512_unpackhi_epi32(acc[0], acc[1]));
+        __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[2], acc[3]), _mm512_unpackhi_epi32(acc[2], acc[3]));
+        __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+        __m256i v = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+        __m128i w = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        int32_t s4[4];
+        _mm_storeu_si128((__m128i *)s4, w);
+        for (int r = 0; r < 4; r++) {
+            out[n + r] = s4[r] + codes_dot(codes + (n + r) * kb, planes, kb, kv);
+        }
+    }
+    for (; n < n_rows; n++) {
+        out[n] = codes_dot(codes + n * kb, planes, kb, 0);
+    }
+#else
+    for (i64 n = 0; n < n_rows; n++) {
+        out[n] = codes_dot(codes + n * kb, planes, kb, 0);
+    }
+#endif
+}
+
+int vm_has_vnni(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* true when every x (m rows of k) is q / 128 with q an int8; then planes[m][i][j] = q[m][4j + i] and
+ * qsum[m] = sum q[m] (BitLinear's quantised activations, as ternary._int_scale asks) */
+static int quantized(const float *x, i64 m_rows, i64 k, int8_t *planes, int32_t *qsum) {
+    i64 bad = 0;
+    for (i64 i = 0; i < m_rows * k; i++) {
+        float v = x[i] * 128.0f;
+        bad += (v != floorf(v)) | (v < -128.0f) | (v > 127.0f);
+    }
+    if (bad) return 0;
+    i64 kb = k / 4;
+    for (i64 m = 0; m < m_rows; m++) {
+        const float *xm = x + m * k;
+        int8_t *pm = planes + m * 4 * kb;
+        int32_t s = 0;
+        for (i64 jb = 0; jb < kb; jb++)
+            for (int i = 0; i < 4; i++) {
+                int8_t q = (int8_t)(xm[4 * jb + i] * 128.0f);
+                pm[i * kb + jb] = q;
+                s += q;
+            }
+        qsum[m] = s;
+    }
+    return 1;
+}
+
+/* ---- fp16 weights: the [nb, K, 64] blocked matvec -------------------------------------------------- */
+
+/* out[b*64 + l] = sum_k x[k] * w(blocks[b, k, l]), summed in order k = 0..K-1 (a multiply, then an add) */
+static void half_matvec(const uint16_t *blocks, i64 nb, i64 k, i64 bw, const float *x, float *out) {
+#if defined(__AVX512F__)
+    if (bw == 64) {
+        for (i64 b = 0; b < nb; b++) {
+            const uint16_t *w = blocks + b * k * 64;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (i64 j = 0; j < k; j++) {
+                const uint16_t *wj = w + j * 64;
+                __m512 xv = _mm512_set1_ps(x[j]);
+                a0 = _mm512_add_ps(a0, _mm512_mul_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)wj))));
+                a1 = _mm512_add_ps(a1, _mm512_mul_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wj + 16)))));
+                a2 = _mm512_add_ps(a2, _mm512_mul_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wj + 32)))));
+                a3 = _mm512_add_ps(a3, _mm512_mul_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wj + 48)))));
+            }
+            _mm512_storeu_ps(out + b * 64, a0);
+            _mm512_storeu_ps(out + b * 64 + 16, a1);
+            _mm512_storeu_ps(out + b * 64 + 32, a2);
+            _mm512_storeu_ps(out + b * 64 + 48, a3);
+        }
+        return;
+    }
+#endif
+    float acc[256];
+    for (i64 b = 0; b < nb; b++) {
+        const uint16_t *w = blocks + b * k * bw;
+        for (i64 l0 = 0; l0 < bw; l0 += 256) {
+            i64 nl = bw - l0 < 256 ? bw - l0 : 256;
+            for (i64 l = 0; l < nl; l++) acc[l] = 0.0f;
+            for (i64 j = 0; j < k; j++) {
+                const uint16_t *wj = w + j * bw + l0;
+                float xj = x[j];
+                for (i64 l = 0; l < nl; l++) acc[l] = acc[l] + xj * widen(wj[l]);
+            }
+            memcpy(out + b * bw + l0, acc, (size_t)nl * sizeof(float));
+        }
+    }
+}
+
+/* ---- the instruction loop ---------------------------------------------------------------------------- */
+
+#define BUF(i) ((float *)(intptr_t)bufs[2 * (i)])
+
+static inline i64 off4(const i64 *ins, int base, i64 i0, i64 i1, i64 i2, i64 i3) {
+    return ins[base + 1] + i0 * ins[base + 2] + i1 * ins[base + 3] + i2 * ins[base + 4] + i3 * ins[base + 5];
+}
+
+/* one loop per op (the op's switch outside the loop, so each loop vectorises) */
+#define EW_BIN(EXPR)                                                                   \
+    switch (op) {                                                                      \
+    case VM_ADD: EXPR(x + y); break;                                                   \
+    case VM_SUB: EXPR(x - y); break;                                                   \
+    case VM_MUL: EXPR(x * y); break;                                                   \
+    case VM_DIV: EXPR(x / y); break;                                                   \
+    case VM_MAX: EXPR((x >= y || x != x) ? x : y); break;                              \
+    case VM_MIN: EXPR((x <= y || x != x) ? x : y); break;                              \
+    case VM_EQ: EXPR((float)(x == y)); break;                                          \
+    case VM_NE: EXPR((float)(x != y)); break;                                          \
+    case VM_LT: EXPR((float)(x < y)); break;                                           \
+    case VM_LE: EXPR((float)(x <= y)); break;                                          \
+    case VM_GT: EXPR((float)(x > y)); break;                                           \
+    case VM_GE: EXPR((float)(x >= y)); break;                                          \
+    case VM_AND: EXPR((float)(x != 0 && y != 0)); break;                               \
+    case VM_OR: EXPR((float)(x != 0 || y != 0)); break;                                \
+    default: EXPR((float)((x != 0) != (y != 0))); break;                               \
+    }
+
+static void ew_vv(i64 op, float *o, const float *a, const float *b, i64 n) {
+#define VV(E) for (i64 i = 0; i < n; i++) { float x = a[i], y = b[i]; o[i] = (E); }
+    EW_BIN(VV)
+#undef VV
+}
+
+static void ew_vs(i64 op, float *o, const float *a, float y, i64 n) {
+#define VS(E) for (i64 i = 0; i < n; i++) { float x = a[i]; o[i] = (E); }
+    EW_BIN(VS)
+#undef VS
+}
+
+static void un_v(i64 op, float *o, const float *a, float e, i64 n) {
+    switch (op) {
+    case VM_COPY: for (i64 i = 0; i < n; i++) o[i] = a[i]; break;
+    case VM_ABS: for (i64 i = 0; i < n; i++) o[i] = fabsf(a[i]); break;
+    case VM_FLOOR: for (i64 i = 0; i < n; i++) o[i] = floorf(a[i]); break;
+    case VM_CEIL: for (i64 i = 0; i < n; i++) o[i] = ceilf(a[i]); break;
+    case VM_TRUNC: for (i64 i = 0; i < n; i++) o[i] = truncf(a[i]); break;
+    case VM_NEG: for (i64 i = 0; i < n; i++) o[i] = -a[i]; break;
+    case VM_SQUARE: for (i64 i = 0; i < n; i++) o[i] = a[i] * a[i]; break;
+    case VM_SQRT: for (i64 i = 0; i < n; i++) o[i] = sqrtf(a[i]); break;
+    case VM_RSQRT: for (i64 i = 0; i < n; i++) o[i] = 1.0f / sqrtf(a[i] + e); break;
+    case VM_NOT: for (i64 i = 0; i < n; i++) o[i] = (float)(a[i] == 0); break;
+    case VM_RELU: for (i64 i = 0; i < n; i++) { float x = a[i]; o[i] = (x > 0 || x != x) ? x : 0.0f; } break;
+    default: for (i64 i = 0; i < n; i++) o[i] = un(op, a[i], e);
+    }
+}
+
+static void round_v(float *o, i64 n, i64 mode, i64 bits) {
+    if (mode == VM_R_NONE) return;
+    if (mode == VM_R_F16) {
+        i64 i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(o + i, _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_loadu_ps(o + i), _MM_FROUND_TO_NEAREST_INT)));
+#endif
+        for (; i < n; i++) o[i] = f16_round(o[i]);
+        return;
+    }
+    for (i64 i = 0; i < n; i++) o[i] = rnd(o[i], mode, bits);
+}
+
+/* Run every instruction of prog (n_ins rows of VM_WIDTH); returns an error code (VM_E_*), the failing
+ * instruction in *pc (-1 when none), -1 if memory ran out.
+ * bufs: [address, length] of each float32 buffer; terns: [address, N, K/4] of each ternary weight's
+ * codes; halves: [address, blocks, K, 64] of each fp16 weight (as executor/_vm.py's run). */
+i64 vm_run(const i64 *prog, i64 n_ins, const i64 *bufs, const i64 *terns, const i64 *halves, i64 *pc_out) {
+    *pc_out = -1;
+    for (i64 pc = 0; pc < n_ins; pc++) {
+        const i64 *ins = prog + pc * VM_WIDTH;
+        i64 op = ins[VM_OP], mode = ins[VM_RND], bits = ins[VM_P + 9];
+        i64 d0 = ins[VM_D], d1 = ins[VM_D + 1], d2 = ins[VM_D + 2], d3 = ins[VM_D + 3];
+        float *out = BUF(ins[VM_OUT]);
+        i64 fast = ins[VM_P + 8]; /* 1: operands contiguous like the output; 2: B a scalar (3: B, C scalars) */
+        if (fast != 0 && op <= VM_TERNARY_LAST) {
+            i64 n = d0 * d1 * d2 * d3;
+            float *o = out + ins[VM_OUT + 1];
+            const float *a = BUF(ins[VM_A]) + ins[VM_A + 1];
+            if (op <= VM_BINARY_LAST) {
+                if (fast == 1) ew_vv(op, o, a, BUF(ins[VM_B]) + ins[VM_B + 1], n);
+                else ew_vs(op, o, a, BUF(ins[VM_B])[ins[VM_B + 1]], n);
+            } else if (op <= VM_UNARY_LAST) {
+                un_v(op, o, a, op == VM_RSQRT ? BUF(ins[VM_B])[ins[VM_B + 1]] : 0.0f, n);
+            } else {
+                float lo = BUF(ins[VM_B])[ins[VM_B + 1]], hi = BUF(ins[VM_C])[ins[VM_C + 1]];
+                for (i64 i = 0; i < n; i++) {
+                    float x = a[i];
+                    x = (x >= lo || x != x) ? x : lo;
+                    o[i] = (x <= hi || x != x) ? x : hi;
+                }
+            }
+            if (!(mode == VM_R_BOOL && ((VM_EQ <= op && op <= VM_XOR) || op == VM_NOT))) round_v(o, n, mode, bits);
+        } else if (op <= VM_BINARY_LAST) {
+            const float *xa = BUF(ins[VM_A]), *xb = BUF(ins[VM_B]);
+            i64 so = ins[VM_OUT + 5], sa = ins[VM_A + 5], sb = ins[VM_B + 5];
+            for (i64 i0 = 0; i0 < d0; i0++)
+                for (i64 i1 = 0; i1 < d1; i1++)
+                    for (i64 i2 = 0; i2 < d2; i2++) {
+                        i64 oo = off4(ins, VM_OUT, i0, i1, i2, 0), ao = off4(ins, VM_A, i0, i1, i2, 0);
+                        i64 bo = off4(ins, VM_B, i0, i1, i2, 0);
+                        for (i64 i3 = 0; i3 < d3; i3++)
+                            out[oo + i3 * so] = rnd(bin(op, xa[ao + i3 * sa], xb[bo + i3 * sb]), mode, bits);
+                    }
+        } else if (op <= VM_UNARY_LAST) {
+            const float *xa = BUF(ins[VM_A]);
+            float eps = op == VM_RSQRT ? BUF(ins[VM_B])[ins[VM_B + 1]] : 0.0f;
+            i64 so = ins[VM_OUT + 5], sa = ins[VM_A + 5];
+            for (i64 i0 = 0; i0 < d0; i0++)
+                for (i64 i1 = 0; i1 < d1; i1++)
+                    for (i64 i2 = 0; i2 < d2; i2++) {
+                        i64 oo = off4(ins, VM_OUT, i0, i1, i2, 0), ao = off4(ins, VM_A, i0, i1, i2, 0);
+                        for (i64 i3 = 0; i3 < d3; i3++) out[oo + i3 * so] = rnd(un(op, xa[ao + i3 * sa], eps), mode, bits);
+                    }
+        } else if (op <= VM_TERNARY_LAST) {
+            const float *xa = BUF(ins[VM_A]), *xb = BUF(ins[VM_B]), *xc = BUF(ins[VM_C]);
+            for (i64 i0 = 0; i0 < d0; i0++)
+                for (i64 i1 = 0; i1 < d1; i1++)
+                    for (i64 i2 = 0; i2 < d2; i2++)
+                        for (i64 i3 = 0; i3 < d3; i3++) {
+                            float a = xa[off4(ins, VM_A, i0, i1, i2, i3)];
+                            float b = xb[off4(ins, VM_B, i0, i1, i2, i3)];
+                            float c = xc[off4(ins, VM_C, i0, i1, i2, i3)];
+                            float v = op == VM_SELECT ? (a != 0 ? b : c) : bin(VM_MIN, bin(VM_MAX, a, b), c);
+                            out[off4(ins, VM_OUT, i0, i1, i2, i3)] = rnd(v, mode, bits);
+                        }
+        } else if (op <= VM_SOFTMAX) {
+            /* the input's last axis (P: its length n; stride A+5) reduced; output dims d0..d2 (d3 = 1),
+             * or for SOFTMAX the input's shape */
+            const float *xa = BUF(ins[VM_A]);
+            i64 n = ins[VM_P], st = ins[VM_A + 5];
+            for (i64 i0 = 0; i0 < d0; i0++)
+                for (i64 i1 = 0; i1 < d1; i1++)
+                    for (i64 i2 = 0; i2 < d2; i2++) {
+                        i64 ao = off4(ins, VM_A, i0, i1, i2, 0);
+                        float r;
+                        if (op == VM_RMAX || op == VM_RMIN || op == VM_SOFTMAX) {
+                            if (st == 1) {
+                                r = extreme(xa + ao, n, op == VM_RMIN);
+                            } else {
+                                r = xa[ao];
+                                for (i64 i = 1; i < n; i++) r = bin(op != VM_RMIN ? VM_MAX : VM_MIN, r, xa[ao + i * st]);
+                            }
+                            if (op == VM_SOFTMAX) {
+                                i64 so = ins[VM_OUT + 5], oo = off4(ins, VM_OUT, i0, i1, i2, 0);
+                                for (i64 i = 0; i < n; i++) { /* e = exp(x - m); below -104 it rounds to +0 */
+                                    float d = xa[ao + i * st] - r;  /* (the masked positions: no libm call) */
+                                    out[oo + i * so] = d < -104.0f ? 0.0f : expf(d);
+                                }
+                                float s = pairwise(out, oo, n, so);
+                                for (i64 i = 0; i < n; i++) out[oo + i * so] = rnd(out[oo + i * so] / s, mode, bits);
+                                continue;
+                            }
+                        } else {
+                            r = pairwise(xa, ao, n, st);
+                            if (op == VM_RMEAN) r = r / (float)n;
+                        }
+                        out[off4(ins, VM_OUT, i0, i1, i2, 0)] = rnd(r, mode, bits);
+                    }
+        } else if (op == VM_MM_TERN || op == VM_MM_HALF) {
+            /* A: rows [M, K] (row stride A+4, column stride A+5); output rows contiguous [M, N] */
+            const float *xa = BUF(ins[VM_A]);
+            i64 m_rows = ins[VM_P], k = ins[VM_P + 1], n_out = ins[VM_P + 2];
+            i64 oo = ins[VM_OUT + 1], ao = ins[VM_A + 1], sm = ins[VM_A + 4], sk = ins[VM_A + 5];
+            if (op == VM_MM_TERN) {
+                const i64 *t = terns + 3 * ins[VM_P + 3];
+                const uint8_t *codes = (const uint8_t *)(intptr_t)t[0];
+                i64 kb = t[2];
+                int8_t *planes = (int8_t *)malloc((size_t)(m_rows * k > 0 ? m_rows * k : 1));
+                int32_t *qsum = (int32_t *)malloc((size_t)(m_rows > 0 ? m_rows : 1) * sizeof(int32_t));
+                int32_t *acc = (int32_t *)malloc((size_t)(n_out > 0 ? n_out : 1) * sizeof(int32_t));
+                if (!planes || !qsum || !acc) { free(planes); free(qsum); free(acc); *pc_out = pc; return -1; }
+                if (quantized(xa + ao, m_rows, k, planes, qsum)) { /* rows are contiguous */
+                    for (i64 m = 0; m < m_rows; m++) {
+                        int_matvec(codes, n_out, kb, planes + m * 4 * kb, acc);
+                        for (i64 nn = 0; nn < n_out; nn++)
+                            out[oo + m * n_out + nn] = (float)(acc[nn] - qsum[m]) * 0.0078125f;
+                    }
+                } else { /* other activations: float32 sums in index order */
+                    for (i64 m = 0; m < m_rows; m++)
+                        for (i64 nn = 0; nn < n_out; nn++) {
+                            float acc0 = 0.0f;
+                            const uint8_t *row = codes + nn * kb;
+                            for (i64 j = 0; j < k; j++) {
+                                float w = (float)(((row[j >> 2] >> (2 * (j & 3))) & 3) - 1);
+                                acc0 += xa[ao + m * sm + j * sk] * w;
+                            }
+                            out[oo + m * n_out + nn] = acc0;
+                        }
+                }
+                free(planes); free(qsum); free(acc);
+            } else {
+                const i64 *h = halves + 4 * ins[VM_P + 3];
+                const uint16_t *blocks = (const uint16_t *)(intptr_t)h[0];
+                i64 nb = h[1], bw = h[3];
+                float *xr = (float *)malloc((size_t)(k > 0 ? k : 1) * sizeof(float));
+                float *res = (float *)malloc((size_t)(nb * bw > 0 ? nb * bw : 1) * sizeof(float));
+                if (!xr || !res) { free(xr); free(res); *pc_out = pc; return -1; }
+                for (i64 m = 0; m < m_rows; m++) {
+                    for (i64 j = 0; j < k; j++) xr[j] = xa[ao + m * sm + j * sk];
+                    half_matvec(blocks, nb, h[2], bw, xr, res);
+                    memcpy(out + oo + m * n_out, res, (size_t)n_out * sizeof(float));
+                }
+                free(xr); free(res);
+            }
+            if (mode != VM_R_NONE) round_v(out + oo, m_rows * n_out, mode, bits);
+        } else if (op == VM_MATMUL) {
+            /* out[i0, i1, m, n] = sum_k A[i0, i1, m, k] * B[i0, i1, k, n]; P: K, and the k strides of A, B */
+            const float *xa = BUF(ins[VM_A]), *xb = BUF(ins[VM_B]);
+            i64 k = ins[VM_P], ska = ins[VM_P + 1], skb = ins[VM_P + 2];
+            i64 sna = ins[VM_B + 5], sma = ins[VM_A + 4];
+            for (i64 i0 = 0; i0 < d0; i0++)
+                for (i64 i1 = 0; i1 < d1; i1++) {
+                    i64 ao = ins[VM_A + 1] + i0 * ins[VM_A + 2] + i1 * ins[VM_A + 3];
+                    i64 bo = ins[VM_B + 1] + i0 * ins[VM_B + 2] + i1 * ins[VM_B + 3];
+                    i64 oo = ins[VM_OUT + 1] + i0 * ins[VM_OUT + 2] + i1 * ins[VM_OUT + 3];
+                    int dense = ska == 1 && sma == k && ins[VM_OUT + 5] == 1 && ins[VM_OUT + 4] == d3;
+                    if (dense && skb == 1 && sna == k) { /* x @ y^T, y rows contiguous (attention scores) */
+                        vm_mm_nt(xa + ao, xb + bo, out + oo, d2, k, d3, mode);
+                    } else if (dense && sna == 1 && skb == d3) { /* x @ y (attention values) */
+                        if (vm_mm_nn(xa + ao, xb + bo, out + oo, d2, k, d3, mode)) { *pc_out = pc; return -1; }
+                    } else {
+                        for (i64 m = 0; m < d2; m++)
+                            for (i64 nn = 0; nn < d3; nn++) {
+                                float acc0 = 0.0f;
+                                for (i64 j = 0; j < k; j++) acc0 += xa[ao + m * sma + j * ska] * xb[bo + j * skb + nn * sna];
+                                out[oo + m * ins[VM_OUT + 4] + nn * ins[VM_OUT + 5]] = rnd(acc0, mode, bits);
+                            }
+                    }
+                }
+        } else if (op == VM_GATHER_HALF || op == VM_GATHER) {
+            /* rows of a table [R, W] (P: R, W, half index or -1, validate); indices in A (d0*d1*d2 of them) */
+            const float *xa = BUF(ins[VM_A]);
+            i64 n_rows = ins[VM_P], width = ins[VM_P + 1], validate = ins[VM_P + 3], cnt = 0;
+            for (i64 i0 = 0; i0 < d0; i0++)
+                for (i64 i1 = 0; i1 < d1; i1++)
+                    for (i64 i2 = 0; i2 < d2; i2++) {
+                        float fi = xa[off4(ins, VM_A, i0, i1, i2, 0)];
+                        if (!(fi > -9.3e18f && fi < 9.3e18f)) { *pc_out = pc; return VM_E_INDEX; }
+                        i64 idx = (i64)fi;
+                        if (idx < 0) {
+                            if (validate) { *pc_out = pc; return VM_E_INDEX; }
+                            idx += n_rows;
+                        }
+                        if (idx < 0 || idx >= n_rows) { *pc_out = pc; return VM_E_INDEX; }
+                        i64 oo = ins[VM_OUT + 1] + cnt * width;
+                        if (op == VM_GATHER_HALF) {
+                            const i64 *h = halves + 4 * ins[VM_P + 2];
+                            const uint16_t *blocks = (const uint16_t *)(intptr_t)h[0];
+                            i64 kk = h[2], bw = h[3], bb = idx / bw, lane = idx % bw;
+                            for (i64 j = 0; j < width; j++) out[oo + j] = rnd(widen(blocks[(bb * kk + j) * bw + lane]), mode, bits);
+                        } else {
+                            const float *xt = BUF(ins[VM_B]);
+                            i64 to = ins[VM_B + 1] + idx * ins[VM_B + 4];
+                            for (i64 j = 0; j < width; j++) out[oo + j] = rnd(xt[to + j * ins[VM_B + 5]], mode, bits);
+                        }
+                        cnt++;
+                    }
+        } else if (op == VM_SCATTER) {
+            /* update A (shape d0..d3) into O at begin (B: 4 values; C: end, checked); P..P+3: O's full shape */
+            const float *xa = BUF(ins[VM_A]), *xb = BUF(ins[VM_B]), *xc = BUF(ins[VM_C]);
+            i64 base = ins[VM_OUT + 1];
+            for (int i = 0; i < 4; i++) {
+                float fb = xb[ins[VM_B + 1] + i * ins[VM_B + 5]], fe = xc[ins[VM_C + 1] + i * ins[VM_C + 5]];
+                if (!(fb > -9.3e18f && fb < 9.3e18f && fe > -9.3e18f && fe < 9.3e18f)) { *pc_out = pc; return VM_E_SLICE; }
+                i64 bgn = (i64)fb, end = (i64)fe;
+                if (bgn < 0) bgn += ins[VM_P + i];
+                if (end < 0) end += ins[VM_P + i];
+                if (bgn < 0 || bgn + ins[VM_D + i] > ins[VM_P + i] || end != bgn + ins[VM_D + i]) {
+                    *pc_out = pc;
+                    return VM_E_SLICE;
+                }
+                base += bgn * ins[VM_OUT + 2 + i];
+            }
+            i64 so0 = ins[VM_OUT + 2], so1 = ins[VM_OUT + 3], so2 = ins[VM_OUT + 4], so3 = ins[VM_OUT + 5];
+            for (i64 i0 = 0; i0 < d0; i0++)
+                for (i64 i1 = 0; i1 < d1; i1++)
+                    for (i64 i2 = 0; i2 < d2; i2++)
+                        for (i64 i3 = 0; i3 < d3; i3++)
+                            out[base + i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3] =
+                                rnd(xa[off4(ins, VM_A, i0, i1, i2, i3)], mode, bits);
+        }
+    }
+    return VM_E_OK;
+}

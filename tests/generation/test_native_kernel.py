@@ -1,0 +1,150 @@
+"""The fused decode's C kernel (``executor/_vm.c``, built and loaded by ``executor/native.py``).
+
+Oracles: the numba kernel (``executor/_vm.py``, an independent implementation of the same instruction
+table, LLVM-compiled) run on its own copy of the same state: the C kernel must give the same bits,
+logits and KV cache, at every step; the interpreter / transformers / numpy comparisons of
+``test_fused.py`` run on the C kernel too. Building: the library's name carries the hash of its
+source, a stale build is replaced, a failing compiler is one line and exit 3; a missing library
+leaves the numba kernel running, saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bitnet_coreml.executor import native
+from bitnet_coreml.executor.chunked import open_executor
+from bitnet_coreml.executor.fused import fuse
+from bitnet_coreml.generation import GenerationSession
+from tests.generation.conftest import TINY
+
+IDS = [int(i) for i in np.load(TINY / "logits.npz")["input_ids"][0]]
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint16 if a.dtype == np.float16 else np.uint32)
+
+
+def _both(pkg: Path, n: int) -> tuple[int, int]:
+    """Greedy decode ``n`` steps after one prefill with each kernel on its own state; returns the
+    (steps whose logits differ in any bit, KV caches that differ in any bit)."""
+    dec = open_executor(pkg, function_name="decode")
+    pre = dec.function("prefill")
+    fns = []
+    for k in ("numba", "native"):
+        f, why = fuse(dec, k)
+        assert f is not None and f.kernel == k, why
+        fns.append(f)
+    p = pre.input_specs["input_ids"].shape[1]
+    states = [dec.make_state(), dec.make_state()]
+    prompt = (IDS * 4)[:p + 1]
+    for s in states:
+        pre.predict({"input_ids": np.array([prompt[:p]], np.int32), "position": np.array([0], np.int32)}, s)
+    tok, differ = prompt[p], 0
+    for i in range(n):
+        inputs = {"input_ids": np.array([[tok]], np.int32), "position": np.array([p + i], np.int32)}
+        a, b = (f.predict(inputs, s)["logits"] for f, s in zip(fns, states, strict=True))
+        differ += not np.array_equal(_bits(a), _bits(b))
+        tok = int(np.argmax(a.reshape(-1)))
+    kv = sum(not np.array_equal(_bits(states[0]._values[k]), _bits(states[1]._values[k])) for k in states[0].names)
+    return differ, kv
+
+
+@pytest.mark.parametrize("prec", ["fp16", "fp32"])
+def test_c_kernel_equals_the_numba_kernel_bit_for_bit(tiny_packages: dict[str, Path], prec: str,
+                                                      native_kernel: Any) -> None:
+    assert _both(tiny_packages[prec], 40) == (0, 0)
+
+
+def test_c_kernel_equals_the_numba_kernel_on_the_example_lm(lm_fp16: Path, native_kernel: Any) -> None:
+    assert _both(lm_fp16, 24) == (0, 0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                    reason="the portable build is tested on x86-64 Linux")
+def test_the_portable_c_paths_equal_the_numba_kernel(tiny_packages: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built for baseline x86-64 (no AVX-512, VNNI, F16C or FMA): the C fallbacks of every vector path
+    (lane-emulated dot products, bit-level fp16 rounding and widening, the scalar integer matmul) give
+    the same bits too."""
+    monkeypatch.setattr(native, "FLAGS", tuple("-march=x86-64" if f == "-march=native" else f for f in native.FLAGS))
+    monkeypatch.setenv(native.DIR_ENV, str(tmp_path))
+    native.build(tmp_path)
+    kernel, why = native.load()
+    assert kernel is not None and not kernel.has_vnni, why
+    assert _both(tiny_packages["fp16"], 12) == (0, 0)
+
+
+def test_build_names_the_library_by_its_source_and_replaces_stale_ones(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    stale = tmp_path / "_vm_native-0123456789abcdef.so"
+    stale.write_bytes(b"an older build")
+    path = native.build(tmp_path)
+    assert path.name == f"_vm_native-{native.build_hash()}.so" and path.is_file()
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp file left
+    mtime = path.stat().st_mtime_ns
+    assert native.build(tmp_path) == path and path.stat().st_mtime_ns == mtime  # current: not rebuilt
+    kernel, why = native.load(path)
+    assert kernel is not None, why
+    x = np.arange(1000, dtype=np.float32)
+    assert kernel.pairwise_sum(x) == np.sum(x)
+    edited = tmp_path / "_vm.c"
+    edited.write_text(native.SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(native, "SOURCE", edited)
+    assert native.library_path(tmp_path) != path  # another source: another name, never the old library
+
+
+def test_a_failing_compiler_is_one_line_and_exit_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CC", "false")
+    assert native.main(["build", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: compiling _vm.c failed") and not list(tmp_path.glob("*.so"))
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    assert native.main(["build", str(tmp_path)]) == 3
+    assert "no C compiler" in capsys.readouterr().err
+
+
+def test_without_the_library_the_numba_kernel_runs_and_says_why(tiny_packages: dict[str, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 native_kernel: Any) -> None:
+    runs = {}
+    for case in ("native", "missing"):
+        if case == "missing":
+            monkeypatch.setenv(native.DIR_ENV, str(tmp_path))  # an empty folder: no library for this source
+        s = GenerationSession(tiny_packages["fp16"], units=["reference"])
+        runs[case] = list(s.generate(IDS[:5], max_new_tokens=8))
+        assert s.stats.decode_engine in ("fused", "stored")  # translated at load, or the package's stored table
+        note = s.stats.decode_note or ""
+        if case == "native":
+            assert "native C kernel" in note and "numba" not in note
+        else:
+            assert "numba kernel" in note and "make setup" in note
+    assert runs["native"] == runs["missing"]
+
+
+def test_the_c_kernel_path_loads_no_numba(tiny_packages: dict[str, Path], native_kernel: Any) -> None:
+    """Importing the fused path and running it on the C kernel keeps numba and llvmlite out of the process."""
+    code = (
+        "import json, sys\n"
+        "import numpy as np\n"
+        "from bitnet_coreml.executor.fused import kernel\n"
+        "run, name, note = kernel()\n"
+        "prog = np.zeros((0, 40), np.int64)\n"
+        "run(prog, np.zeros((1, 2), np.int64), np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int64))\n"
+        "print(json.dumps({'kernel': name, 'mods': sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('numba', 'llvmlite'))}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert doc == {"kernel": "native", "mods": []}
