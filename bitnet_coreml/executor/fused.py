@@ -26,8 +26,8 @@ where they may differ by float32 rounding before the op's own rounding.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
