@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -190,13 +191,7 @@ def test_cli_generate_loads_no_heavy_library(tiny_packages: dict[str, Path]) -> 
     assert not mods & set(HEAVY), sorted(mods & set(HEAVY))
 
 
-def _kernel_needs_numba() -> bool:
-    src = (ROOT / "bitnet_coreml" / "executor" / "_vm.py")
-    return src.is_file() and "import numba" in src.read_text()
-
-
-@pytest.mark.xfail(_kernel_needs_numba(), strict=True,
-                   reason="the fused kernel (executor/_vm.py) is numba-compiled until its C port lands (issue 15)")
-def test_no_numba_once_the_kernel_is_c(tiny_packages: dict[str, Path]) -> None:
+def test_no_numba_once_the_kernel_is_c(tiny_packages: dict[str, Path], native_kernel: Any) -> None:
+    """With the C kernel built (``make setup``; the fixture), generate loads neither numba nor llvmlite."""
     _, mods = _child_modules(tiny_packages["fp16"])
     assert not mods & {"numba", "llvmlite"}, sorted(mods & {"numba", "llvmlite"})
