@@ -112,7 +112,10 @@ for step in ex._block.steps:
         elif isinstance(v, np.ndarray):
             dense += v.nbytes
 state = ex.make_state()
-sb = sum(v.nbytes for v in state._values.values())  # as held between calls (fp16 values in float32)
+from bitnet_coreml.executor.fused import fuse
+fused, _ = fuse(ex)  # the fused kernel's KV cache: fp16 on the C kernel, else fp16 values in float32
+held = np.dtype(fused.state_dtype if fused is not None else np.float32).itemsize
+sb = sum(v.size * held for v in state._values.values())  # as held between calls
 kv = sum(state.read_state(n).nbytes for n in state.names)  # the package's own (fp16) cache size
 print(json.dumps({"ternary_bytes": ternary, "half_bytes": half, "dense_bytes": dense, "state_bytes": sb,
                   "kv_bytes": kv}))

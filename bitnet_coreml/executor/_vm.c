@@ -52,6 +52,21 @@ static inline float f16_round(float v) {
 #endif
 }
 
+/* the fp16 bits of v rounded to fp16 (round to nearest even) */
+static inline uint16_t f16_bits(float v) {
+#if defined(__F16C__)
+    return _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    float r = f16_round(v);
+    uint32_t u = f32_bits(r), a = u & 0x7FFFFFFFu;
+    uint16_t s = (uint16_t)((u >> 16) & 0x8000u);
+    if (a > 0x7F800000u) return (uint16_t)(s | 0x7E00u | ((a >> 13) & 0x3FFu));   /* NaN */
+    if (a == 0x7F800000u) return (uint16_t)(s | 0x7C00u);                         /* inf */
+    if (a < 0x38800000u) return (uint16_t)(s | (uint16_t)(bits_f32(a) * 16777216.0f)); /* m * 2**-24 */
+    return (uint16_t)(s | (((a >> 23) - 112u) << 10) | ((a >> 13) & 0x3FFu));
+#endif
+}
+
 /* the float32 value of fp16 bits h (exact) */
 static inline float widen(uint16_t h) {
 #if defined(__F16C__)
@@ -117,6 +132,20 @@ static inline float un(i64 op, float x, float e) {
     }
 }
 
+static void round_v(float *o, i64 n, i64 mode, i64 bits) {
+    if (mode == VM_R_NONE) return;
+    if (mode == VM_R_F16) {
+        i64 i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(o + i, _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_loadu_ps(o + i), _MM_FROUND_TO_NEAREST_INT)));
+#endif
+        for (; i < n; i++) o[i] = f16_round(o[i]);
+        return;
+    }
+    for (i64 i = 0; i < n; i++) o[i] = rnd(o[i], mode, bits);
+}
+
 /* ---- sums and extremes --------------------------------------------------------------------------- */
 
 /* numpy's pairwise sum of n <= 128 values: sequential below 8, else 8 partial sums */
@@ -178,14 +207,22 @@ float vm_extreme(const float *x, i64 n, i64 smallest) { return extreme(x, n, (in
  * at -0), the four added (((1 + 0) + 2) + 3), halved down to one value (16 -> 8 -> 4 -> 2 -> 1); then
  * 8 lanes over the multiples of 8 (lane 0 starting at the sum so far), halved down the same way; then
  * one at a time. Written with lane arrays so every machine sums in this order (fmaf: exact fused). */
-#if defined(__AVX512F__)
-static inline float reduce8(__m256 h) {
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+#define INLINE static inline __attribute__((always_inline))
+/* y[i] of a float32 (h = 0) or fp16 (h = 1, widened: exact) array */
+#define Y1(y, i, h) ((h) ? widen(((const uint16_t *)(y))[i]) : ((const float *)(y))[i])
+#if defined(__AVX512F__) && defined(__F16C__)
+#define Y16(y, i, h) ((h) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(y) + (i)))) \
+                          : _mm512_loadu_ps((const float *)(y) + (i)))
+#define Y8(y, i, h) ((h) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(y) + (i)))) \
+                         : _mm256_loadu_ps((const float *)(y) + (i)))
+
+static inline float reduce8(__m256 v) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     q = _mm_add_ps(q, _mm_movehl_ps(q, q));
     return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
 
-static float dot(const float *a, const float *b, i64 n) {
+INLINE float dot_any(const float *a, const void *b, i64 n, const int h) {
     float acc = 0.0f;
     i64 i = 0;
     if (n >= 8) {
@@ -193,10 +230,10 @@ static float dot(const float *a, const float *b, i64 n) {
             __m512 p1 = _mm512_set1_ps(-0.0f), p2 = p1, p3 = p1;
             __m512 p0 = _mm512_mask_mov_ps(p1, 1, _mm512_setzero_ps());
             for (; i + 64 <= n; i += 64) {
-                p0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), p0);
-                p1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), p1);
-                p2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), p2);
-                p3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), p3);
+                p0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), Y16(b, i, h), p0);
+                p1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), Y16(b, i + 16, h), p1);
+                p2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), Y16(b, i + 32, h), p2);
+                p3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), Y16(b, i + 48, h), p3);
             }
             __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(p1, p0), p2), p3);
             __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
@@ -204,11 +241,11 @@ static float dot(const float *a, const float *b, i64 n) {
         }
         if (i < n && ((n - i) & 56) != 0) {
             __m256 q = _mm256_blend_ps(_mm256_set1_ps(-0.0f), _mm256_castps128_ps256(_mm_set_ss(acc)), 1);
-            for (; i + 8 <= n; i += 8) q = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), q);
+            for (; i + 8 <= n; i += 8) q = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Y8(b, i, h), q);
             acc = reduce8(q);
         }
     }
-    for (; i < n; i++) acc = fmaf(a[i], b[i], acc);
+    for (; i < n; i++) acc = fmaf(a[i], Y1(b, i, h), acc);
     return acc;
 }
 #else
@@ -218,7 +255,7 @@ static inline float reduce_lanes(float *v, int w) {
     return v[0];
 }
 
-static float dot(const float *a, const float *b, i64 n) {
+INLINE float dot_any(const float *a, const void *b, i64 n, const int h) {
     float acc = 0.0f;
     i64 i = 0;
     if (n >= 8) {
@@ -229,7 +266,7 @@ static float dot(const float *a, const float *b, i64 n) {
             p[0][0] = 0.0f;
             for (; i + 64 <= n; i += 64)
                 for (int u = 0; u < 4; u++)
-                    for (int l = 0; l < 16; l++) p[u][l] = fmaf(a[i + 16 * u + l], b[i + 16 * u + l], p[u][l]);
+                    for (int l = 0; l < 16; l++) p[u][l] = fmaf(a[i + 16 * u + l], Y1(b, i + 16 * u + l, h), p[u][l]);
             float s[16];
             for (int l = 0; l < 16; l++) s[l] = ((p[1][l] + p[0][l]) + p[2][l]) + p[3][l];
             acc = reduce_lanes(s, 16);
@@ -239,36 +276,70 @@ static float dot(const float *a, const float *b, i64 n) {
             for (int l = 0; l < 8; l++) q[l] = -0.0f;
             q[0] = acc;
             for (; i + 8 <= n; i += 8)
-                for (int l = 0; l < 8; l++) q[l] = fmaf(a[i + l], b[i + l], q[l]);
+                for (int l = 0; l < 8; l++) q[l] = fmaf(a[i + l], Y1(b, i + l, h), q[l]);
             acc = reduce_lanes(q, 8);
         }
     }
-    for (; i < n; i++) acc = fmaf(a[i], b[i], acc);
+    for (; i < n; i++) acc = fmaf(a[i], Y1(b, i, h), acc);
     return acc;
 }
 #endif
 
-/* out = x @ y.T (x [m, k], y [n, k], rows contiguous): each output a dot() over a row pair */
-void vm_mm_nt(const float *x, const float *y, float *out, i64 m_rows, i64 k, i64 n_rows, i64 mode) {
-    for (i64 n = 0; n < n_rows; n++)
-        for (i64 m = 0; m < m_rows; m++) out[m * n_rows + n] = rnd(dot(x + m * k, y + n * k, k), mode, 0);
+/* out = x @ y.T (x [m, k], y [n, k], rows contiguous; y float32 or, h, fp16): each output a dot() */
+INLINE void mm_nt_any(const float *x, const void *y, float *out, i64 m_rows, i64 k, i64 n_rows, i64 mode,
+                      const int h) {
+    for (i64 n = 0; n < n_rows; n++) {
+        const void *yn = h ? (const void *)((const uint16_t *)y + n * k) : (const void *)((const float *)y + n * k);
+        for (i64 m = 0; m < m_rows; m++) out[m * n_rows + n] = rnd(dot_any(x + m * k, yn, k, h), mode, 0);
+    }
 }
 
-/* out = x @ y (x [m, k], y [k, n]): each output's sum over k in index order with fused multiply-adds */
-int vm_mm_nn(const float *x, const float *y, float *out, i64 m_rows, i64 k, i64 n_cols, i64 mode) {
+/* out = x @ y (x [m, k], y [k, n]; y float32 or, h, fp16): each output's sum over k in index order
+ * with fused multiply-adds; with AVX-512 4 rows x 64 columns of sums held in registers at a time */
+INLINE int mm_nn_any(const float *x, const void *y, float *out, i64 m_rows, i64 k, i64 n_cols, i64 mode,
+                     const int h) {
+#if defined(__AVX512F__) && defined(__F16C__)
+    if (m_rows % 4 == 0 && n_cols % 64 == 0) {
+        for (i64 m0 = 0; m0 < m_rows; m0 += 4)
+            for (i64 n0 = 0; n0 < n_cols; n0 += 64) {
+                __m512 acc[4][4];
+                for (int r = 0; r < 4; r++)
+                    for (int v = 0; v < 4; v++) acc[r][v] = _mm512_setzero_ps();
+                for (i64 j = 0; j < k; j++) {
+                    __m512 yv[4];
+                    for (int v = 0; v < 4; v++) yv[v] = Y16(y, j * n_cols + n0 + 16 * v, h);
+                    for (int r = 0; r < 4; r++) {
+                        __m512 xv = _mm512_set1_ps(x[(m0 + r) * k + j]);
+                        for (int v = 0; v < 4; v++) acc[r][v] = _mm512_fmadd_ps(xv, yv[v], acc[r][v]);
+                    }
+                }
+                for (int r = 0; r < 4; r++)
+                    for (int v = 0; v < 4; v++) _mm512_storeu_ps(out + (m0 + r) * n_cols + n0 + 16 * v, acc[r][v]);
+            }
+        round_v(out, m_rows * n_cols, mode, 0);
+        return 0;
+    }
+#endif
     float *acc = (float *)calloc((size_t)(m_rows * n_cols > 0 ? m_rows * n_cols : 1), sizeof(float));
     if (!acc) return -1;
     for (i64 j = 0; j < k; j++) {
-        const float *yj = y + j * n_cols;
         for (i64 m = 0; m < m_rows; m++) {
             float xv = x[m * k + j];
             float *am = acc + m * n_cols;
-            for (i64 n = 0; n < n_cols; n++) am[n] = fmaf(xv, yj[n], am[n]);
+            for (i64 n = 0; n < n_cols; n++) am[n] = fmaf(xv, Y1(y, j * n_cols + n, h), am[n]);
         }
     }
     for (i64 i = 0; i < m_rows * n_cols; i++) out[i] = rnd(acc[i], mode, 0);
     free(acc);
     return 0;
+}
+
+void vm_mm_nt(const float *x, const float *y, float *out, i64 m_rows, i64 k, i64 n_rows, i64 mode) {
+    mm_nt_any(x, y, out, m_rows, k, n_rows, mode, 0);
+}
+
+int vm_mm_nn(const float *x, const float *y, float *out, i64 m_rows, i64 k, i64 n_cols, i64 mode) {
+    return mm_nn_any(x, y, out, m_rows, k, n_cols, mode, 0);
 }
 
 /* ---- ternary weights: integer matmul from the 2-bit codes ------------------------------------------ */
@@ -292,7 +363,8 @@ static void int_matvec(const uint8_t *codes, i64 n_rows, i64 kb, const int8_t *p
     /* vpdpbusd multiplies 64 unsigned code bytes by 64 int8 activations, four products into each int32
      * lane: field i masked in place (c & (3 << 2i)) is 4**i times the field, so its sum is divided by
      * 4**i at the end (exact: a multiple of 4**i). Four rows at a time, reduced together. */
-    i64 kv = kb - kb % 64, n = 0;
+    i64 n = 0;
+    const __mmask64 tail = kb % 64 ? (((__mmask64)1) << (kb % 64)) - 1 : ~(__mmask64)0;
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0C), m2 = _mm512_set1_epi8(0x30),
                   m3 = _mm512_set1_epi8((char)0xC0);
     for (; n + 4 <= n_rows; n += 4) {
@@ -300,12 +372,13 @@ static void int_matvec(const uint8_t *codes, i64 n_rows, i64 kb, const int8_t *p
         for (int r = 0; r < 4; r++) {
             const uint8_t *row = codes + (n + r) * kb;
             __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-            for (i64 j = 0; j < kv; j += 64) {
-                __m512i c = _mm512_loadu_si512((const void *)(row + j));
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(c, m0), _mm512_loadu_si512((const void *)(x0 + j)));
-                a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(c, m1), _mm512_loadu_si512((const void *)(x1 + j)));
-                a2 = _mm512_dpbusd_epi32(a2, _mm512_and_si512(c, m2), _mm512_loadu_si512((const void *)(x2 + j)));
-                a3 = _mm512_dpbusd_epi32(a3, _mm512_and_si512(c, m3), _mm512_loadu_si512((const void *)(x3 + j)));
+            for (i64 j = 0; j < kb; j += 64) { /* the last step masked: its missing bytes read as 0 */
+                __mmask64 mk = j + 64 <= kb ? ~(__mmask64)0 : tail;
+                __m512i c = _mm512_maskz_loadu_epi8(mk, row + j);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(c, m0), _mm512_maskz_loadu_epi8(mk, x0 + j));
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(c, m1), _mm512_maskz_loadu_epi8(mk, x1 + j));
+                a2 = _mm512_dpbusd_epi32(a2, _mm512_and_si512(c, m2), _mm512_maskz_loadu_epi8(mk, x2 + j));
+                a3 = _mm512_dpbusd_epi32(a3, _mm512_and_si512(c, m3), _mm512_maskz_loadu_epi8(mk, x3 + j));
             }
             acc[r] = _mm512_add_epi32(_mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2)),
                                       _mm512_add_epi32(_mm512_srai_epi32(a2, 4), _mm512_srai_epi32(a3, 6)));
@@ -318,7 +391,7 @@ static void int_matvec(const uint8_t *codes, i64 n_rows, i64 kb, const int8_t *p
         int32_t s4[4];
         _mm_storeu_si128((__m128i *)s4, w);
         for (int r = 0; r < 4; r++) {
-            out[n + r] = s4[r] + codes_dot(codes + (n + r) * kb, planes, kb, kv);
+            out[n + r] = s4[r];
         }
     }
     for (; n < n_rows; n++) {
@@ -407,7 +480,10 @@ static void half_matvec(const uint16_t *blocks, i64 nb, i64 k, i64 bw, const flo
 
 /* ---- the instruction loop ---------------------------------------------------------------------------- */
 
-#define BUF(i) ((float *)(intptr_t)bufs[2 * (i)])
+/* bufs rows: [address, length, kind]; kind 1: the buffer holds fp16 bits (a KV state; see vm_run) */
+#define BUF(i) ((float *)(intptr_t)bufs[3 * (i)])
+#define HBUF(i) ((uint16_t *)(intptr_t)bufs[3 * (i)])
+#define HALF(i) (bufs[3 * (i) + 2] == 1)
 
 static inline i64 off4(const i64 *ins, int base, i64 i0, i64 i1, i64 i2, i64 i3) {
     return ins[base + 1] + i0 * ins[base + 2] + i1 * ins[base + 3] + i2 * ins[base + 4] + i3 * ins[base + 5];
@@ -462,24 +538,15 @@ static void un_v(i64 op, float *o, const float *a, float e, i64 n) {
     }
 }
 
-static void round_v(float *o, i64 n, i64 mode, i64 bits) {
-    if (mode == VM_R_NONE) return;
-    if (mode == VM_R_F16) {
-        i64 i = 0;
-#if defined(__AVX512F__)
-        for (; i + 16 <= n; i += 16)
-            _mm512_storeu_ps(o + i, _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_loadu_ps(o + i), _MM_FROUND_TO_NEAREST_INT)));
-#endif
-        for (; i < n; i++) o[i] = f16_round(o[i]);
-        return;
-    }
-    for (i64 i = 0; i < n; i++) o[i] = rnd(o[i], mode, bits);
-}
 
 /* Run every instruction of prog (n_ins rows of VM_WIDTH); returns an error code (VM_E_*), the failing
- * instruction in *pc (-1 when none), -1 if memory ran out.
- * bufs: [address, length] of each float32 buffer; terns: [address, N, K/4] of each ternary weight's
- * codes; halves: [address, blocks, K, 64] of each fp16 weight (as executor/_vm.py's run). */
+ * instruction in *pc (-1 when none), -1 if memory ran out, -2 if an instruction other than the two below
+ * meets an fp16 buffer.
+ * bufs: [address, length, kind] of each buffer: kind 0 float32, kind 1 fp16 bits, which only a SCATTER
+ * writes (its values rounded to fp16 anyway: exact) and only the dense attention MATMULs read (as y,
+ * widened: exact), so a KV state held in fp16 gives the same results at half the bytes read;
+ * terns: [address, N, K/4] of each ternary weight's codes; halves: [address, blocks, K, 64] of each
+ * fp16 weight (as executor/_vm.py's run, whose bufs are [address, length]). */
 i64 vm_run(const i64 *prog, i64 n_ins, const i64 *bufs, const i64 *terns, const i64 *halves, i64 *pc_out) {
     *pc_out = -1;
     for (i64 pc = 0; pc < n_ins; pc++) {
@@ -488,6 +555,11 @@ i64 vm_run(const i64 *prog, i64 n_ins, const i64 *bufs, const i64 *terns, const 
         i64 d0 = ins[VM_D], d1 = ins[VM_D + 1], d2 = ins[VM_D + 2], d3 = ins[VM_D + 3];
         float *out = BUF(ins[VM_OUT]);
         i64 fast = ins[VM_P + 8]; /* 1: operands contiguous like the output; 2: B a scalar (3: B, C scalars) */
+        if ((HALF(ins[VM_OUT]) && op != VM_SCATTER) || HALF(ins[VM_A]) || HALF(ins[VM_C])
+            || (HALF(ins[VM_B]) && op != VM_MATMUL)) {
+            *pc_out = pc;
+            return -2;
+        }
         if (fast != 0 && op <= VM_TERNARY_LAST) {
             i64 n = d0 * d1 * d2 * d3;
             float *o = out + ins[VM_OUT + 1];
@@ -622,6 +694,7 @@ i64 vm_run(const i64 *prog, i64 n_ins, const i64 *bufs, const i64 *terns, const 
         } else if (op == VM_MATMUL) {
             /* out[i0, i1, m, n] = sum_k A[i0, i1, m, k] * B[i0, i1, k, n]; P: K, and the k strides of A, B */
             const float *xa = BUF(ins[VM_A]), *xb = BUF(ins[VM_B]);
+            const int bh = HALF(ins[VM_B]);
             i64 k = ins[VM_P], ska = ins[VM_P + 1], skb = ins[VM_P + 2];
             i64 sna = ins[VM_B + 5], sma = ins[VM_A + 4];
             for (i64 i0 = 0; i0 < d0; i0++)
@@ -631,9 +704,15 @@ i64 vm_run(const i64 *prog, i64 n_ins, const i64 *bufs, const i64 *terns, const 
                     i64 oo = ins[VM_OUT + 1] + i0 * ins[VM_OUT + 2] + i1 * ins[VM_OUT + 3];
                     int dense = ska == 1 && sma == k && ins[VM_OUT + 5] == 1 && ins[VM_OUT + 4] == d3;
                     if (dense && skb == 1 && sna == k) { /* x @ y^T, y rows contiguous (attention scores) */
-                        vm_mm_nt(xa + ao, xb + bo, out + oo, d2, k, d3, mode);
+                        if (bh) mm_nt_any(xa + ao, HBUF(ins[VM_B]) + bo, out + oo, d2, k, d3, mode, 1);
+                        else mm_nt_any(xa + ao, xb + bo, out + oo, d2, k, d3, mode, 0);
                     } else if (dense && sna == 1 && skb == d3) { /* x @ y (attention values) */
-                        if (vm_mm_nn(xa + ao, xb + bo, out + oo, d2, k, d3, mode)) { *pc_out = pc; return -1; }
+                        int bad = bh ? mm_nn_any(xa + ao, HBUF(ins[VM_B]) + bo, out + oo, d2, k, d3, mode, 1)
+                                     : mm_nn_any(xa + ao, xb + bo, out + oo, d2, k, d3, mode, 0);
+                        if (bad) { *pc_out = pc; return -1; }
+                    } else if (bh) {
+                        *pc_out = pc;
+                        return -2;
                     } else {
                         for (i64 m = 0; m < d2; m++)
                             for (i64 nn = 0; nn < d3; nn++) {
@@ -688,6 +767,16 @@ i64 vm_run(const i64 *prog, i64 n_ins, const i64 *bufs, const i64 *terns, const 
                 base += bgn * ins[VM_OUT + 2 + i];
             }
             i64 so0 = ins[VM_OUT + 2], so1 = ins[VM_OUT + 3], so2 = ins[VM_OUT + 4], so3 = ins[VM_OUT + 5];
+            if (HALF(ins[VM_OUT])) {
+                uint16_t *oh = HBUF(ins[VM_OUT]);
+                for (i64 i0 = 0; i0 < d0; i0++)
+                    for (i64 i1 = 0; i1 < d1; i1++)
+                        for (i64 i2 = 0; i2 < d2; i2++)
+                            for (i64 i3 = 0; i3 < d3; i3++)
+                                oh[base + i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3] =
+                                    f16_bits(rnd(xa[off4(ins, VM_A, i0, i1, i2, i3)], mode, bits));
+                continue;
+            }
             for (i64 i0 = 0; i0 < d0; i0++)
                 for (i64 i1 = 0; i1 < d1; i1++)
                     for (i64 i2 = 0; i2 < d2; i2++)

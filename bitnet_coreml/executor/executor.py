@@ -295,7 +295,10 @@ class ReferenceExecutor:
         for name, slot, is_state in self._input_slots:
             if is_state:
                 assert state is not None
-                cell = StateCell(name, state._values[name], self._state_compute[name].dtype)
+                held = state._values[name]
+                if held.dtype == F16:  # held in fp16 by the fused decode's C kernel (executor/fused.py): exact
+                    held = held.astype(_held_dtype(self._state_compute[name].dtype))
+                cell = StateCell(name, held, self._state_compute[name].dtype)
                 cells.append(cell)
                 env[slot] = cell
             else:

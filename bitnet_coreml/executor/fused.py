@@ -556,6 +556,8 @@ class _Builder:
         if len(upd.shape) > 4 or upd.size == 0:
             raise _Unsupported(f"op {step.ctx.name!r}: update of shape {upd.shape}")
         ud = _pad4(upd.shape, _strides(upd.shape))
+        if 1 <= out.buf <= len(self.states) and self.state_f16.get(out.buf - 1):  # type: ignore[attr-defined]
+            mode = (_vm.R_F16, 0)  # into an fp16 state: its values are fp16 (a no-op on fp16 updates)
         self.emit(_vm.SCATTER, mode, ud[0], (out.buf, out.off, _strides(shape)), (upd.buf, upd.off, ud[1]),
                   (begin.buf, begin.off, (0, 0, 0, 1)), (end.buf, end.off, (0, 0, 0, 1)), params=shape)
         return out
@@ -587,6 +589,7 @@ def _build(ex: Any) -> _Program:
     block = ex._block
     b.state_slots = {}  # type: ignore[attr-defined]
     b.state_shapes = []  # type: ignore[attr-defined]
+    b.state_f16 = {}  # type: ignore[attr-defined]  # state index -> its dtype is fp16
     inputs: list[tuple[str, _Val]] = []
     for name, slot, is_state in ex._input_slots:
         if is_state:
@@ -594,6 +597,7 @@ def _build(ex: Any) -> _Program:
             if np.dtype(spec.dtype) not in (F16, F32) or any(d is None for d in spec.shape):
                 raise _Unsupported(f"state {name!r} of dtype {spec.dtype}")
             b.state_slots[slot] = b.states.index(name)  # type: ignore[attr-defined]
+            b.state_f16[b.states.index(name)] = np.dtype(spec.dtype) == F16  # type: ignore[attr-defined]
             b.state_shapes.append(tuple(int(d) for d in spec.shape))  # type: ignore[attr-defined]
         else:
             spec = ex._inputs[name]
@@ -633,6 +637,33 @@ def _build(ex: Any) -> _Program:
                     list(b.state_shapes), b.half_rows)  # type: ignore[attr-defined]
 
 
+def _f16_states(p: _Program) -> str | None:
+    """None when the KV states can be held as fp16 bits by the C kernel (half the bytes each call reads),
+    else why not. Exact when only the cache writes (``SCATTER`` rounding to fp16: the state's dtype) write
+    a state and only the attention products (the dense ``MATMUL`` forms, reading y) read one: the fp16
+    values are what a float32 state holds (``executor/_vm.c``, ``vm_run``)."""
+    first, last = 1, len(p.states)
+    if not p.states:
+        return "no states"
+    if any(first <= v.buf <= last for _, v in p.outputs):
+        return "an output is a state"
+    for row in p.prog:
+        op = int(row[_vm.OP])
+        touch = [first <= int(row[base]) <= last for base in (_vm.OUT, _vm.A, _vm.B, _vm.C)]
+        if not any(touch):
+            continue
+        if op == _vm.SCATTER and touch == [True, False, False, False] and int(row[_vm.RND]) == _vm.R_F16:
+            continue
+        if op == _vm.MATMUL and touch == [False, False, True, False]:
+            k, ska, skb = int(row[_vm.P]), int(row[_vm.P + 1]), int(row[_vm.P + 2])
+            sna, sma, d3 = int(row[_vm.B + 5]), int(row[_vm.A + 4]), int(row[_vm.D + 3])
+            dense = ska == 1 and sma == k and int(row[_vm.OUT + 5]) == 1 and int(row[_vm.OUT + 4]) == d3
+            if dense and ((skb == 1 and sna == k) or (sna == 1 and skb == d3)):
+                continue
+        return f"instruction {op} reads or writes a state"
+    return None
+
+
 def _addresses(arrays: list[np.ndarray]) -> np.ndarray:
     """``[address, *shape]`` of each (C-contiguous) array: how the kernel finds them (``_vm.run``)."""
     ndim = {a.ndim for a in arrays}
@@ -653,7 +684,12 @@ class FusedFunction:
         self._fp32 = fp32
         # the buffers (the kernel gets their addresses: these references keep them alive)
         self._py_bufs = [p.arena] + [np.zeros(1, np.float32)] * len(p.states) + p.big
-        self._bufs = _addresses(self._py_bufs)
+        # [address, length, kind]: kind 1 an fp16 buffer (the C kernel's KV states, see _f16_states)
+        self._bufs = np.zeros((len(self._py_bufs), 3), np.int64)
+        self._bufs[:, :2] = _addresses(self._py_bufs)
+        why = _f16_states(p) if self.kernel == "native" else "the numba kernel reads float32 states"
+        # the dtype the KV states are held in between calls (fp16: the C kernel reads half the bytes)
+        self.state_dtype = F16 if why is None else F32
         self._held: list[Any] = [None] * len(p.states)
         self._terns = _addresses(p.terns) if p.terns else np.zeros((0, 3), np.int64)
         self._halves = _addresses(p.halves) if p.halves else np.zeros((0, 4), np.int64)
@@ -668,14 +704,16 @@ class FusedFunction:
             if arr.dtype.kind in "iu" and arr.size and int(np.abs(arr.astype(np.int64)).max()) >= EXACT_INT:
                 raise InputError(f"input {name!r}: values beyond 2**24 are not valid ids or positions")
             p.arena[v.off:v.off + v.size] = arr.reshape(-1)
+        sd = self.state_dtype
         for i, name in enumerate(p.states):
             held = state._values[name]
             if held is not self._held[i]:
-                if held.dtype != F32 or not held.flags.c_contiguous or not held.flags.writeable:
-                    held = np.ascontiguousarray(held, dtype=np.float32).copy()
+                if held.dtype != sd or not held.flags.c_contiguous or not held.flags.writeable:
+                    # to fp16: exact (an fp16 state's values are fp16; the interpreter widens it back on entry)
+                    held = np.ascontiguousarray(held, dtype=sd).copy()
                     state._values[name] = held
                 self._py_bufs[1 + i] = held.reshape(-1)  # a view: keeps the array alive
-                self._bufs[1 + i] = (held.ctypes.data, held.size)
+                self._bufs[1 + i] = (held.ctypes.data, held.size, int(sd == F16))
                 self._held[i] = held
         err, pc = self._run(p.prog, self._bufs, self._terns, self._halves)
         if err:

@@ -131,8 +131,10 @@ class NativeKernel:
         """Every instruction of ``prog`` (int64 ``[n, WIDTH]``, C-contiguous); ``(error code, instruction)``."""
         err = self._run(prog.ctypes.data, prog.shape[0], bufs.ctypes.data, terns.ctypes.data, halves.ctypes.data,
                         self._pc_ref)
-        if err < 0:
+        if err == -1:
             raise MemoryError(f"fused decode: out of memory at instruction {self._pc.value}")
+        if err < 0:
+            raise RuntimeError(f"fused decode: instruction {self._pc.value} meets an fp16 buffer it does not read")
         return int(err), int(self._pc.value)
 
     # the kernel's building blocks, for the tests (float32 C-contiguous arrays)

@@ -30,8 +30,8 @@ IDS = [int(i) for i in np.load(TINY / "logits.npz")["input_ids"][0]]
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    return a.view(np.uint16 if a.dtype == np.float16 else np.uint32)
+    """The float32 bits of ``a``'s values (an fp16 KV state, as the C kernel holds one, widened: exact)."""
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
 def _both(pkg: Path, n: int) -> tuple[int, int]:
@@ -67,6 +67,36 @@ def test_c_kernel_equals_the_numba_kernel_bit_for_bit(tiny_packages: dict[str, P
 
 def test_c_kernel_equals_the_numba_kernel_on_the_example_lm(lm_fp16: Path, native_kernel: Any) -> None:
     assert _both(lm_fp16, 24) == (0, 0)
+
+
+def test_the_fp16_cache_is_shared_with_the_interpreter(tiny_packages: dict[str, Path], native_kernel: Any) -> None:
+    """The C kernel holds an fp16 package's KV cache in fp16; an interpreter prefill between decode calls
+    reads (widened) and replaces it, and the next decode call takes it back: every logit and the final
+    cache equal those of the numba kernel, whose cache stays float32."""
+    dec = open_executor(tiny_packages["fp16"], function_name="decode")
+    pre = dec.function("prefill")
+    p = pre.input_specs["input_ids"].shape[1]
+    runs = []
+    for k in ("numba", "native"):
+        f, why = fuse(dec, k)
+        assert f is not None, why
+        assert f.state_dtype == (np.float16 if k == "native" else np.float32)
+        s, logits, pos = dec.make_state(), [], 0
+        for chunk in range(2):  # prefill, 3 decode calls, prefill again (the interpreter), 3 decode calls
+            ids = [IDS[(chunk * 7 + j) % len(IDS)] for j in range(p)]
+            logits.append(pre.predict({"input_ids": np.array([ids], np.int32),
+                                       "position": np.array([pos], np.int32)}, s)["logits"])
+            pos += p
+            for _ in range(3):
+                tok = int(np.argmax(np.asarray(logits[-1]).reshape(-1, logits[-1].shape[-1])[-1]))
+                logits.append(f.predict({"input_ids": np.array([[tok]], np.int32),
+                                         "position": np.array([pos], np.int32)}, s)["logits"])
+                pos += 1
+        assert s._values[s.names[0]].dtype == f.state_dtype
+        runs.append((logits, {n: s.read_state(n) for n in s.names}))
+    (la, ka), (lb, kb) = runs
+    assert all(np.array_equal(_bits(a), _bits(b)) for a, b in zip(la, lb, strict=True))
+    assert all(np.array_equal(_bits(ka[n]), _bits(kb[n])) for n in ka)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
