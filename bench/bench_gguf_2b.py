@@ -11,9 +11,11 @@ measures, each in a fresh process (wall time and the kernel's peak RSS, ``os.wai
 * ``convert``: ``bitnet-coreml convert SOURCE -o OUT --seq-len N --target macos`` of both,
 
 and prints the GGUF / checkpoint ratios (the goal: convert in < 2 min and < 4 GB, no slower than
-the checkpoint path).
+the checkpoint path). ``--llama`` adds ``llama-2b-shaped-tq2_0.gguf``, the same weights as llama.cpp
+writes a ``llama``-architecture file (no sub-norms, q/k rows permuted by ``LlamaModel.permute``): the
+weight-only import with its q/k un-permutation, measured in the same run.
 
-Usage: ``.venv/bin/python bench/bench_gguf_2b.py [--seq-len 128] [--stages import,convert] [--rounds 1]``
+Usage: ``.venv/bin/python bench/bench_gguf_2b.py [--seq-len 128] [--stages import,convert] [--rounds 1] [--llama]``
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from _measure import run_measured  # noqa: E402
 from bench_hf_2b import FOLDER, SHAPE, WORK, write_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "models"))
-from gguf_meta import add_bitnet_metadata, add_bpe_tokenizer  # noqa: E402
+from gguf_meta import add_bitnet_metadata, add_bpe_tokenizer, add_hparams, permute  # noqa: E402
 
 GGUF = WORK / "bitnet-2b-shaped-tq2_0.gguf"
+LLAMA_GGUF = WORK / "llama-2b-shaped-tq2_0.gguf"
 _PROJ = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
          "mlp.down_proj": "ffn_down"}
@@ -64,8 +67,9 @@ def bpe_vocab(size: int, seed: int = 0) -> tuple[list[str], list[str]]:
     return [*tokens, "<|begin_of_text|>", "<|end_of_text|>"], merges
 
 
-def write_gguf(folder: Path, dest: Path) -> None:
-    """The checkpoint ``folder`` as a TQ2_0 GGUF (gguf's writer and quantiser), tensor by tensor."""
+def write_gguf(folder: Path, dest: Path, arch: str = "bitnet") -> None:
+    """The checkpoint ``folder`` as a TQ2_0 GGUF (gguf's writer and quantiser), tensor by tensor; ``arch="llama"``:
+    as a llama-architecture file (no sub-norms, q/k rows permuted as llama.cpp's converter does)."""
     import gguf
     from gguf.quants import quantize
 
@@ -77,15 +81,17 @@ def write_gguf(folder: Path, dest: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     store = CheckpointTensors(folder)
     tmp = dest.with_name(dest.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), "bitnet")
-    add_bitnet_metadata(w, cfg)
+    w = gguf.GGUFWriter(str(tmp), arch)
+    (add_bitnet_metadata if arch == "bitnet" else add_hparams)(w, cfg)
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    norms = _NORM if arch == "bitnet" else {h: g for h, g in _NORM.items() if "sub_norm" not in h}
     tokens, merges = bpe_vocab(cfg["vocab_size"])
     add_bpe_tokenizer(w, tokens, merges, set(tokens[-2:]), tokens[-2], tokens[-1], "llama-bpe")
     Q = gguf.GGMLQuantizationType
     plan: list[tuple[str, str, Q]] = [("token_embd.weight", "model.embed_tokens.weight", Q.BF16),
                                       ("output_norm.weight", "model.norm.weight", Q.F32)]
     for i in range(cfg["num_hidden_layers"]):
-        plan += [(f"blk.{i}.{g}.weight", f"model.layers.{i}.{h}.weight", Q.F32) for h, g in _NORM.items()]
+        plan += [(f"blk.{i}.{g}.weight", f"model.layers.{i}.{h}.weight", Q.F32) for h, g in norms.items()]
         plan += [(f"blk.{i}.{g}.weight", f"model.layers.{i}.{h}.weight", Q.TQ2_0) for h, g in _PROJ.items()]
 
     def data(hf: str, qtype: Q) -> np.ndarray:
@@ -95,6 +101,8 @@ def write_gguf(folder: Path, dest: Path) -> None:
             return store.read_as(hf, np.float32)
         s = float(store.read_as(hf.replace(".weight", ".weight_scale"), np.float32).reshape(()))
         dense = (unpack_indices(store.read(hf)).astype(np.float32) - 1.0) / np.float32(s)  # bitlinear divides
+        if arch == "llama" and hf.endswith(("q_proj.weight", "k_proj.weight")):
+            dense = permute(dense, heads, heads if "q_proj" in hf else kv)
         return quantize(dense, qtype)
 
     for name, hf, qtype in plan:
@@ -132,18 +140,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="alternate gguf / checkpoint this many times")
     ap.add_argument("--mem-cap-gb", type=float, default=16.0, help="address-space cap per run (prlimit --as); 0: none")
     ap.add_argument("--convert-args", default="--target macos")
+    ap.add_argument("--llama", action="store_true", help="also the llama-architecture GGUF of the same weights")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--source", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage == "write":
         write_checkpoint(FOLDER)
         write_gguf(FOLDER, GGUF)
+        if args.llama:
+            write_gguf(FOLDER, LLAMA_GGUF, "llama")
         return
     if args.stage == "import":
         import_stage(Path(args.source), args.seq_len)
         return
-    if not GGUF.is_file() or not (FOLDER / "model.safetensors.index.json").is_file():
-        w = run_measured([sys.executable, __file__, "--stage", "write"], quiet=False)
+    sources = [("gguf", GGUF), *([("llama", LLAMA_GGUF)] if args.llama else []), ("checkpoint", FOLDER)]
+    if not all(p.exists() for _, p in sources) or not (FOLDER / "model.safetensors.index.json").is_file():
+        w = run_measured([sys.executable, __file__, "--stage", "write", *(["--llama"] if args.llama else [])],
+                         quiet=False)
         if w.returncode != 0:
             raise SystemExit(f"writing the benchmark models failed (exit {w.returncode})")
         print(f"wrote {FOLDER} and {GGUF} in {w.wall_s:.0f} s")
@@ -153,7 +166,7 @@ def main() -> None:
     results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for _ in range(args.rounds):
         for st in [s for s in args.stages.split(",") if s]:
-            for label, src in (("gguf", GGUF), ("checkpoint", FOLDER)):
+            for label, src in sources:
                 if st == "convert":
                     out = WORK / f"bitnet-2b-shaped-{label}.mlpackage"
                     argv = [str(Path(sys.executable).with_name("bitnet-coreml")), "convert", str(src), "-o", str(out),
@@ -173,12 +186,13 @@ def main() -> None:
     print(f"load average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min); "
           "ratios: best wall and CPU, worst peak RSS over the rounds")
     for st in [s for s in args.stages.split(",") if s]:
-        g, c = results.get((st, "gguf")), results.get((st, "checkpoint"))
-        if g and c:
-            gw, gm, gc = min(x[0] for x in g), max(x[1] for x in g), min(x[2] for x in g)
-            cw, cm, cc = min(x[0] for x in c), max(x[1] for x in c), min(x[2] for x in c)
-            print(f"{st:>8} gguf / checkpoint: wall {gw:.1f} / {cw:.1f} s = x{gw / cw:.2f}, CPU {gc:.1f} / {cc:.1f} s "
-                  f"= x{gc / cc:.2f}, peak RSS {gm:.0f} / {cm:.0f} MB = x{gm / cm:.2f}")
+        for label, _ in sources[:-1]:
+            g, c = results.get((st, label)), results.get((st, "checkpoint"))
+            if g and c:
+                gw, gm, gc = min(x[0] for x in g), max(x[1] for x in g), min(x[2] for x in g)
+                cw, cm, cc = min(x[0] for x in c), max(x[1] for x in c), min(x[2] for x in c)
+                print(f"{st:>8} {label} / checkpoint: wall {gw:.1f} / {cw:.1f} s = x{gw / cw:.2f}, CPU {gc:.1f} / "
+                      f"{cc:.1f} s = x{gc / cc:.2f}, peak RSS {gm:.0f} / {cm:.0f} MB = x{gm / cm:.2f}")
 
 
 if __name__ == "__main__":

@@ -89,3 +89,13 @@ def close_atomic(w: Any, tmp: str, dest: Path) -> None:
     w.close()
     os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
+
+
+def permute(weights: Any, n_head: int, n_head_kv: int | None) -> Any:
+    """llama.cpp's ``convert_hf_to_gguf.py`` ``LlamaModel.permute`` (same arithmetic, numpy or torch): the rows of
+    each q (``n_head``) / k (``n_head_kv``) head reordered for llama.cpp's interleaved RoPE."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bitnet_export import TrainSpec, chain_entropy, markov_chain, next_token_step
-from gguf_meta import add_hparams, add_tokenizer_bpe, close_atomic
+from gguf_meta import add_hparams, add_tokenizer_bpe, close_atomic, permute
 from make_hf_fixtures import _save_npz
 
 log = logging.getLogger("make_gguf_llama")
@@ -62,16 +62,6 @@ FLOAT_LINEAR = "model.layers.1.self_attn.q_proj.weight"  # stored F16 ({-s, 0, s
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-
-
-def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
-    """llama.cpp's ``convert_hf_to_gguf.py`` ``LlamaModel.permute`` (same arithmetic, numpy): the rows of each
-    head reordered for llama.cpp's interleaved RoPE (q: ``n_head``; k: ``n_head_kv``)."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(weights.shape))
 
 
 def _absmean_ternary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
