@@ -65,11 +65,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _layout() -> Any:
+    from bitnet_coreml.executor import _layout as layout  # numba-free: the table's layout constants
+
+    return layout
+
+
 def isa_fingerprint() -> str:
     """The kernel's instruction set: the row width and every opcode / field constant of ``executor/_layout.py``."""
-    from bitnet_coreml.executor import _layout
-
-    consts = sorted((k, int(v)) for k, v in vars(_layout).items()
+    consts = sorted((k, int(v)) for k, v in vars(_layout()).items()
                     if k.isupper() and isinstance(v, int) and not isinstance(v, bool))
     return hashlib.sha256(json.dumps(consts).encode()).hexdigest()[:16]
 
@@ -259,7 +263,14 @@ class StoredTable:
         return out
 
     def load(self) -> tuple[Any, list[tuple[str, tuple[int, ...]]]]:
-        """``(FusedFunction, [(state name, shape)])`` of the stored decode function (weights checked first)."""
+        """``(FusedFunction, [(state name, shape)])`` of the stored decode function (weights checked first;
+        StaleTable for a table that does not fit its package or reaches outside its buffers)."""
+        try:
+            return self._load()
+        except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
+            raise StaleTable(f"{self.path.name} does not fit the package ({type(e).__name__}: {e})") from None
+
+    def _load(self) -> tuple[Any, list[tuple[str, tuple[int, ...]]]]:
         from bitnet_coreml.executor.fused import FusedFunction, _Program, _Val
 
         d = self.header["decode"]
@@ -293,8 +304,94 @@ class StoredTable:
         p = _Program(np.ascontiguousarray(prog, dtype=np.int64), arena, big, terns, halves,
                      [val(r) for r in d["inputs"]], [val(r) for r in d["outputs"]], [n for n, _ in states], init,
                      [s for _, s in states], [int(h["shape"][0]) for h in d["halves"]])
+        sizes = [arena.size] + [int(np.prod(s, dtype=np.int64)) for _, s in states] + [b.size for b in big]
+        check_program(p.prog, sizes, [t.shape for t in terns], [h.shape for h in halves], p.half_rows)
+        for name, v in p.inputs + p.outputs:
+            if v.buf >= len(sizes) or v.off < 0 or v.off + max(v.size, 1) > sizes[v.buf]:
+                raise StaleTable(f"{self.path.name}: {name!r} lies outside its buffer")
         out_dtypes = {n: (None if t is None else np.dtype(t)) for n, t in d["out_dtypes"].items()}
         return FusedFunction(p, out_dtypes, fp32=bool(d["fp32"]), ops=int(d["ops"])), states
+
+
+def _extent(buf: int, off: int, dims: Any, strides: Any, sizes: list[int]) -> bool:
+    """True when every element ``off + sum(i_j * strides_j)``, ``0 <= i_j < dims_j``, lies inside buffer ``buf``."""
+    if not 0 <= buf < len(sizes):
+        return False
+    lo = hi = off
+    for dim, st in zip(dims, strides, strict=True):
+        if dim <= 0:
+            return dim == 0 and all(x >= 0 for x in dims)  # nothing is read or written
+        span = (dim - 1) * st
+        lo, hi = (lo + span, hi) if span < 0 else (lo, hi + span)
+    return 0 <= lo and hi < sizes[buf]
+
+
+def check_program(prog: np.ndarray, sizes: list[int], terns: list[tuple[int, ...]], halves: list[tuple[int, ...]],
+                  half_rows: list[int]) -> None:
+    """Refuse (StaleTable) a table whose instructions would read or write outside their buffers or weights.
+
+    The table comes from a file: every operand each opcode touches (as the kernel reads it, ``_vm.run``) must
+    lie inside its buffer (``sizes``: element counts of the arena, the states, the large constants), every
+    weight index name an existing weight of the shape the product needs. Run-time values (gather indices,
+    cache positions) are checked by the kernel itself.
+    """
+    L = _layout()
+    if prog.ndim != 2 or prog.shape[1] != L.WIDTH:
+        raise StaleTable(f"instruction table of shape {list(prog.shape)}; rows are {L.WIDTH} wide")
+    modes = {L.R_NONE, L.R_F16, L.R_INT, L.R_BOOL, L.R_UINT}
+
+    def operand(ins: list[int], base: int, dims: Any, strides: Any = None) -> bool:
+        st = strides if strides is not None else ins[base + 2:base + 6]
+        return _extent(ins[base], ins[base + 1], dims, st, sizes)
+
+    for pc, ins in enumerate(prog.tolist()):
+        op, mode = ins[L.OP], ins[L.RND]
+        d = ins[L.D:L.D + 4]
+        n = d[0] * d[1] * d[2] * d[3]
+        prm = ins[L.P:L.P + 10]
+        ok = mode in modes and min(d) >= 0 and 0 <= prm[9] <= 32
+        if not ok:
+            pass
+        elif op <= L.TERNARY_LAST:
+            used = [L.OUT, L.A] + ([L.B] if op <= L.BINARY_LAST or op == L.RSQRT else []) \
+                + ([L.B, L.C] if op > L.UNARY_LAST else [])
+            if prm[8]:  # the contiguous fast path: A (and B when 1) over n values, other operands scalars
+                ok = all(operand(ins, b, (n if b in (L.OUT, L.A) or (b == L.B and prm[8] == 1 and op <= L.BINARY_LAST)
+                                          else 1,), (1,)) for b in used)
+            ok = ok and all(operand(ins, b, d) for b in used)
+        elif op <= L.SOFTMAX:
+            outer = d[:3]
+            ok = prm[0] >= 1 and operand(ins, L.A, outer + [prm[0]]) and \
+                operand(ins, L.OUT, outer + ([prm[0]] if op == L.SOFTMAX else [1]))
+        elif op in (L.MM_TERN, L.MM_HALF):
+            m, k, nn, w = prm[:4]
+            if op == L.MM_TERN:
+                ok = 0 <= w < len(terns) and k % 4 == 0 and tuple(terns[w]) == (nn, k // 4)
+            else:
+                ok = 0 <= w < len(halves) and halves[w][1] == k and half_rows[w] == nn
+            ok = ok and min(m, k, nn) >= 1 and operand(ins, L.A, (m * k,), (1,)) \
+                and operand(ins, L.A, (m, k), (ins[L.A + 4], ins[L.A + 5])) and operand(ins, L.OUT, (m * nn,), (1,))
+        elif op == L.MATMUL:
+            k, ska, skb = prm[:3]
+            ok = k >= 1 and operand(ins, L.A, d[:3] + [k], list(ins[L.A + 2:L.A + 5]) + [ska]) \
+                and operand(ins, L.B, d[:2] + [k, d[3]], list(ins[L.B + 2:L.B + 4]) + [skb, ins[L.B + 5]]) \
+                and operand(ins, L.OUT, d)
+        elif op in (L.GATHER, L.GATHER_HALF):
+            rows, width = prm[:2]
+            ok = rows >= 1 and width >= 1 and operand(ins, L.A, d[:3] + [1]) \
+                and operand(ins, L.OUT, (d[0] * d[1] * d[2] * width,), (1,))
+            if op == L.GATHER_HALF:
+                w = prm[2]
+                ok = ok and 0 <= w < len(halves) and halves[w][1] == width and rows <= half_rows[w]
+            else:
+                ok = ok and operand(ins, L.B, (rows, width), (ins[L.B + 4], ins[L.B + 5]))
+        elif op == L.SCATTER:
+            ok = min(prm[:4]) >= 0 and operand(ins, L.OUT, prm[:4]) and operand(ins, L.A, d) \
+                and operand(ins, L.B, (4,), (ins[L.B + 5],)) and operand(ins, L.C, (4,), (ins[L.C + 5],))
+        else:
+            ok = False
+        if not ok:
+            raise StaleTable(f"instruction {pc} (opcode {op}) reaches outside its buffers or weights")
 
 
 def _blocked(f: Path, offset: int, n: int, k: int, block: int) -> np.ndarray:

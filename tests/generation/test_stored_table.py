@@ -146,6 +146,29 @@ def test_a_foreign_table_is_refused(tiny_packages: dict[str, Path], tmp_path: Pa
     assert "model.mlmodel is not the specification" in (s._engine.decode_note or "")
 
 
+def test_a_table_reaching_outside_its_buffers_is_refused(tiny_packages: dict[str, Path], tmp_path: Path) -> None:
+    """A crafted table (its spec and weights untouched, so their hashes match) must not steer the kernel
+    outside its memory: each instruction's operands are checked against the buffers at load."""
+    pkg = _copy(tiny_packages["fp16"], tmp_path)
+    table = open_table(pkg)
+    assert table is not None
+    from bitnet_coreml.executor.fused_store import _layout
+
+    ref = table.header["decode"]["instructions"]
+    raw = bytearray(table.path.read_bytes())
+    width = _layout().WIDTH
+    for field, value in ((_layout().OUT + 1, 1 << 40), (_layout().A, 999)):  # an offset, then a buffer id
+        patched = bytearray(raw)
+        at = table.data_start + ref["offset"] + 8 * (3 * width + field)  # row 3
+        patched[at:at + 8] = int(value).to_bytes(8, "little", signed=True)
+        table.path.write_bytes(bytes(patched))
+        s = GenerationSession(pkg, units=["reference"])
+        assert s._engine is not None and s._engine.decode_engine == "fused"
+        assert "instruction 3" in (s._engine.decode_note or ""), s._engine.decode_note
+    table.path.write_bytes(bytes(raw))
+    assert ReferenceEngine(pkg, decode_engine="stored").decode_engine == "stored"
+
+
 def test_a_package_without_a_table_translates(tiny_packages: dict[str, Path], tmp_path: Path) -> None:
     pkg = _copy(tiny_packages["fp16"], tmp_path)
     (assets_dir(pkg) / ASSET).unlink()
