@@ -265,8 +265,12 @@ class StoredTable:
     def load(self) -> tuple[Any, list[tuple[str, tuple[int, ...]]]]:
         """``(FusedFunction, [(state name, shape)])`` of the stored decode function (weights checked first;
         StaleTable for a table that does not fit its package or reaches outside its buffers)."""
+        from bitnet_coreml.executor.fused import _Unsupported
+
         try:
             return self._load()
+        except _Unsupported as e:  # no kernel to run it (neither the C library nor numba)
+            raise StaleTable(str(e)) from None
         except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
             raise StaleTable(f"{self.path.name} does not fit the package ({type(e).__name__}: {e})") from None
 
