@@ -106,7 +106,7 @@ class ReferenceEngine(Engine):
             decode, states = table.load()
         except StaleTable as e:
             return f"stored table refused: {e}"
-        self._state = _TableState(states)
+        self._state = _TableState(states, decode.state_dtype)
         self._fns: dict[str, Any] = {DECODE: decode, PREFILL: _PrefillByDecode(decode)}
         self.decode_engine = "stored"
         self.decode_note = f"the package's stored table on the {decode.kernel_note}; prefill as decode steps"
@@ -142,11 +142,12 @@ class ReferenceEngine(Engine):
 
 
 class _TableState:
-    """The KV state of a stored table's decode function: each state's fp16 values held in float32, zero-filled
-    (what ``ExecutorState`` holds between calls; ``FusedFunction`` reads and writes ``_values``)."""
+    """The KV state of a stored table's decode function, zero-filled, held in the dtype its kernel reads
+    (``FusedFunction.state_dtype``: fp16 on the C kernel, float32 on numba's; ``FusedFunction`` reads and
+    writes ``_values``). Zero pages stay unallocated until the cache is written there."""
 
-    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]]) -> None:
-        self._values = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes}
+    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]], dtype: Any) -> None:
+        self._values = {name: np.zeros(shape, dtype=dtype) for name, shape in shapes}
 
 
 class _PrefillByDecode:
