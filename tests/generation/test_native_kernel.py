@@ -163,18 +163,34 @@ def test_without_the_library_the_numba_kernel_runs_and_says_why(tiny_packages: d
 
 
 def test_the_c_kernel_path_loads_no_numba(tiny_packages: dict[str, Path], native_kernel: Any) -> None:
-    """Importing the fused path and running it on the C kernel keeps numba and llvmlite out of the process."""
+    """Loading the package's stored decode function and running decode calls on the C kernel keeps numba
+    and llvmlite out of the process; the logits are those of the numba kernel in this process."""
     code = (
         "import json, sys\n"
         "import numpy as np\n"
-        "from bitnet_coreml.executor.fused import kernel\n"
-        "run, name, note = kernel()\n"
-        "prog = np.zeros((0, 40), np.int64)\n"
-        "run(prog, np.zeros((1, 2), np.int64), np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int64))\n"
-        "print(json.dumps({'kernel': name, 'mods': sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('numba', 'llvmlite'))}))\n"
+        "from bitnet_coreml.executor.fused_store import open_table\n"
+        "f, states = open_table(sys.argv[1]).load()\n"
+        "st = type('S', (), {})()\n"
+        "st._values = {n: np.zeros(shape, np.float32) for n, shape in states}\n"
+        "out = [f.predict({'input_ids': np.array([[t]], np.int32), 'position': np.array([i], np.int32)}, st)"
+        "['logits'].astype(np.float32).reshape(-1).tolist() for i, t in enumerate(json.loads(sys.argv[2]))]\n"
+        "print(json.dumps({'kernel': f.kernel, 'logits': out, 'mods': sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('numba', 'llvmlite'))}))\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
-    assert res.returncode == 0, res.stderr
+    ids = IDS[:6]
+    res = subprocess.run([sys.executable, "-c", code, str(tiny_packages["fp16"]), json.dumps(ids)],
+                         capture_output=True, text=True, env=dict(os.environ))
+    assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(res.stdout.strip().splitlines()[-1])
-    assert doc == {"kernel": "native", "mods": []}
+    assert doc["kernel"] == "native" and doc["mods"] == []
+    from bitnet_coreml.executor.fused_store import open_table
+
+    table = open_table(tiny_packages["fp16"])
+    assert table is not None
+    f, states = table.load()
+    f2 = type(f)(f._p, f._out_dtypes, fp32=f._fp32, ops=f.ops, kernel_name="numba")
+    st = type("S", (), {})()
+    st._values = {n: np.zeros(shape, np.float32) for n, shape in states}
+    for i, t in enumerate(ids):
+        want = f2.predict({"input_ids": np.array([[t]], np.int32), "position": np.array([i], np.int32)}, st)
+        assert np.array_equal(_bits(want["logits"].reshape(-1)), _bits(np.array(doc["logits"][i], np.float32)))
