@@ -33,6 +33,7 @@ def ternary_weight(rng: np.random.Generator, n: int, k: int, scales: str) -> np.
 def write_bitnet_gguf(path: Path, *, hidden: int = 256, ff: int = 256, layers: int = 1, heads: int = 2,
                       kv_heads: int = 1, vocab: int = 64, qtype: GGMLQuantizationType = Q.TQ2_0,
                       scales: str = "tensor", emb_type: GGMLQuantizationType = Q.F32, seed: int = 0,
+                      out_type: GGMLQuantizationType | None = None,
                       meta: dict[str, Any] | None = None, extra_tensors: dict[str, np.ndarray] | None = None,
                       tied: bool = True, arch: str = "bitnet") -> Path:
     """A random BitNet model as llama.cpp's ``bitnet`` architecture stores it (``arch="llama"``: a llama
@@ -72,13 +73,15 @@ def write_bitnet_gguf(path: Path, *, hidden: int = 256, ff: int = 256, layers: i
             w.add_tensor(name, arr.astype(np.float32))
         elif t == Q.F16:
             w.add_tensor(name, arr.astype(np.float16))
+        elif t in _K_SCALES:
+            w.add_tensor(name, kquant_blocks(rng, arr.shape, t), raw_dtype=t)
         else:
             w.add_tensor(name, quantize(arr.astype(np.float32), t), raw_dtype=t)
 
     add("token_embd.weight", rng.normal(0, 0.5, size=(vocab, hidden)).astype(np.float32), emb_type)
     add("output_norm.weight", np.exp(0.3 * rng.normal(size=hidden)).astype(np.float32))
     if not tied:
-        add("output.weight", rng.normal(0, 0.1, size=(vocab, hidden)).astype(np.float32), emb_type)
+        add("output.weight", rng.normal(0, 0.1, size=(vocab, hidden)).astype(np.float32), out_type or emb_type)
     d = hidden // heads
     shapes = {"attn_q": (hidden, hidden), "attn_k": (kv_heads * d, hidden), "attn_v": (kv_heads * d, hidden),
               "attn_output": (hidden, hidden), "ffn_gate": (ff, hidden), "ffn_up": (ff, hidden),
@@ -96,6 +99,23 @@ def write_bitnet_gguf(path: Path, *, hidden: int = 256, ff: int = 256, layers: i
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# where the fp16 super-block scales of a K-quant block sit (gguf-py's dequantize_blocks): Q4_K d, dmin first;
+# Q6_K d last. gguf-py cannot quantise K-quants, so the tests fill the blocks with random codes instead.
+_K_SCALES = {Q.Q4_K: (144, (0, 2)), Q.Q6_K: (210, (208,))}
+
+
+def kquant_blocks(rng: np.random.Generator, shape: tuple[int, ...], t: GGMLQuantizationType) -> np.ndarray:
+    """Random but valid ``t`` blocks (uint8 ``[rows, K/256 * block bytes]``) for a tensor of ``shape``: random
+    codes and sub-scales, fp16 super-block scales of 2**-8 (what llama-quantize stores ``token_embd`` /
+    ``output`` of a TQ model as; the oracle of their values is gguf's own dequantiser)."""
+    size, scale_at = _K_SCALES[t]
+    rows, cols = shape
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
+    for at in scale_at:
+        blocks[:, at:at + 2] = np.frombuffer(np.float16(2.0 ** -8).tobytes(), np.uint8)
+    return blocks.reshape(rows, -1)
 
 
 def drop() -> Any:

@@ -22,7 +22,7 @@ from bitnet_coreml.errors import ModelLoadError
 from bitnet_coreml.executor import ReferenceExecutor
 from bitnet_coreml.frontend import load
 from bitnet_coreml.frontend.gguf_model import open_gguf
-from tests.frontend.gguf_util import drop, write_bitnet_gguf
+from tests.frontend.gguf_util import Q, drop, write_bitnet_gguf
 from tests.frontend.test_hf_fixtures import argmax_agreement, cosine
 from tests.support.packages import PackageCache
 
@@ -208,6 +208,28 @@ def test_sharded_scales_become_column_groups_of_2bit_linears(tmp_path: Path) -> 
     convert(p, pkg, ConvertOptions(precision="fp32", seq_len=8, check=False))
     rep = verify(p, pkg, raise_on_failure=False)
     assert rep.passed, rep.to_dict()
+
+
+def test_llama_quantize_layout_needs_allow_dequant_for_its_k_quant_embedding_and_output(tmp_path: Path) -> None:
+    """llama-quantize's TQ1_0/TQ2_0 files keep ``token_embd`` as Q4_K and ``output`` as Q6_K: refused with one
+    line, dequantised by gguf's dequantiser with ``--allow-dequant`` (the 2-bit linears unchanged)."""
+    from bitnet_coreml.convert import ConvertOptions, convert
+    from bitnet_coreml.verify import verify
+
+    p = write_bitnet_gguf(tmp_path / "m.gguf", arch="llama", heads=4, kv_heads=2, tied=False, emb_type=Q.Q4_K,
+                          out_type=Q.Q6_K)
+    with pytest.raises(ModelLoadError, match=r"'token_embd.weight' \(embedding\) has type Q4_K.*--allow-dequant"):
+        load(p, seq_len=8)
+    m = load(p, seq_len=8, allow_dequant=True)
+    reader = {t.name: t for t in GGUFReader(p).tensors}
+    for hf, gg, qt in (("model.embed_tokens.weight", "token_embd.weight", Q.Q4_K),
+                       ("lm_head.weight", "output.weight", Q.Q6_K)):
+        ours = m.graph.initializers[hf].const_value.numpy()  # type: ignore[union-attr]
+        np.testing.assert_array_equal(ours, dequantize(reader[gg].data, qt), err_msg=gg)
+    assert sum(n.op_type == "BitLinear" for n in m.graph) == 7
+    pkg = tmp_path / "m.mlpackage"
+    convert(p, pkg, ConvertOptions(precision="fp32", seq_len=8, check=False, allow_dequant=True))
+    assert verify(p, pkg, raise_on_failure=False, allow_dequant=True).passed
 
 
 @pytest.mark.parametrize(("meta", "extra", "message"), [
