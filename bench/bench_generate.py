@@ -23,6 +23,9 @@ bandwidth (numpy sum over 1 GiB, best of 5), i.e. how close decode runs to the p
 
     python bench/bench_generate.py [--size 200m] [--threads 1] [--new-tokens 32] [--rounds 2]
         [--engines stored,fused,interpreter] [--skip-transformers]
+
+An engine ``E:K`` runs engine ``E`` on fused kernel ``K`` (``native`` / ``numba``: ``BITNET_COREML_KERNEL``),
+e.g. ``--engines stored,stored:numba`` compares the C kernel with the numba one in the same run.
 """
 
 from __future__ import annotations
@@ -122,15 +125,17 @@ print(json.dumps({"ternary_bytes": ternary, "half_bytes": half, "dense_bytes": d
 """
 
 
-def _env(threads: int) -> dict[str, str]:
+def _env(threads: int, kernel: str = "") -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if kernel:
+        env["BITNET_COREML_KERNEL"] = kernel
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[k] = str(threads)
     return env
 
 
-def _run(argv: list[str], threads: int) -> dict:
-    return json.loads(_run_text(argv, threads).strip().splitlines()[-1])
+def _run(argv: list[str], threads: int, kernel: str = "") -> dict:
+    return json.loads(_run_text(argv, threads, kernel).strip().splitlines()[-1])
 
 
 TABLE = r"""
@@ -164,8 +169,8 @@ def _with_table(pkg: Path, threads: int) -> Path:
     return out
 
 
-def _run_text(argv: list[str], threads: int) -> str:
-    res = subprocess.run(argv, env=_env(threads), capture_output=True, text=True, cwd=ROOT)
+def _run_text(argv: list[str], threads: int, kernel: str = "") -> str:
+    res = subprocess.run(argv, env=_env(threads, kernel), capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         raise SystemExit(f"failed ({res.returncode}): {' '.join(argv[:3])}\n{res.stderr[-2000:]}")
     return res.stdout
@@ -205,7 +210,7 @@ def main() -> int:
                         "--context", "512", "--prefill", str(PROMPT_TOKENS)], check=True, env=_env(args.threads),
                        cwd=ROOT, stdout=subprocess.DEVNULL)
         print(f"converted {folder.name} -> {pkg.name} in {time.perf_counter() - t:.0f} s")
-    if "stored" in args.engines.split(","):
+    if any(e.split(":")[0] == "stored" for e in args.engines.split(",")):
         pkg = _with_table(pkg, args.threads)
     n, p, th = args.new_tokens, PROMPT_TOKENS, args.threads
     dtypes = [] if args.skip_transformers else [d for d in args.hf_dtypes.split(",") if d]
@@ -214,7 +219,8 @@ def main() -> int:
     hf: dict[str, list[dict]] = {d: [] for d in dtypes}
     for r in range(args.rounds):
         for e in engines:
-            runs[e].append(_run([sys.executable, "-c", OURS, str(pkg), str(n), str(p), e], th))
+            eng, _, kern = e.partition(":")
+            runs[e].append(_run([sys.executable, "-c", OURS, str(pkg), str(n), str(p), eng], th, kern))
         for d in hf:
             hf[d].append(_run([str(EXPORT_PY), "-c", HF, str(folder), str(n), str(p), str(th), d], th))
         print(f"round {r + 1}: " + ", ".join(f"ours ({e} -> {v[-1]['decode_engine']}) {v[-1]['decode_tok_s']:.2f} tok/s"

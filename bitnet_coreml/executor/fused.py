@@ -26,6 +26,7 @@ where they may differ by float32 rounding before the op's own rounding.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,19 +60,26 @@ class _Unsupported(Exception):
     """The function holds something the fused path does not translate (the reason is logged)."""
 
 
-# the kernels that run the table: "auto" is native when built, else numba
+# the kernels that run the table: "auto" is native when built, else numba; the environment variable
+# overrides "auto" (benchmarks compare the two kernels with it)
 KERNELS = ("auto", "native", "numba")
+KERNEL_ENV = "BITNET_COREML_KERNEL"
 _Run = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[int, int]]
 
 
 def kernel(which: str = "auto") -> tuple[_Run, str, str]:
     """``(run, name, note)``: the kernel that runs instruction tables, its name and why it was chosen.
 
-    ``auto``: the C library when it is built for the current source and machine, else the numba kernel;
-    raises :class:`_Unsupported` when the one asked for (or, for ``auto``, either) is not available.
+    ``auto``: ``$BITNET_COREML_KERNEL`` when set, else the C library when it is built for the current source
+    and machine, else the numba kernel; raises :class:`_Unsupported` when the one asked for (or, for
+    ``auto``, either) is not available.
     """
     if which not in KERNELS:
         raise ValueError(f"kernel {which!r}; allowed: {', '.join(KERNELS)}")
+    if which == "auto" and os.environ.get(KERNEL_ENV):
+        which = os.environ[KERNEL_ENV]
+        if which not in KERNELS:
+            raise InputError(f"{KERNEL_ENV}={which!r}: allowed {', '.join(KERNELS)}")
     why = ""
     if which in ("auto", "native"):
         from bitnet_coreml.executor import native

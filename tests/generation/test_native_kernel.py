@@ -194,3 +194,15 @@ def test_the_c_kernel_path_loads_no_numba(tiny_packages: dict[str, Path], native
     for i, t in enumerate(ids):
         want = f2.predict({"input_ids": np.array([[t]], np.int32), "position": np.array([i], np.int32)}, st)
         assert np.array_equal(_bits(want["logits"].reshape(-1)), _bits(np.array(doc["logits"][i], np.float32)))
+
+
+def test_the_kernel_can_be_chosen_by_environment(monkeypatch: pytest.MonkeyPatch, native_kernel: Any) -> None:
+    from bitnet_coreml.errors import InputError
+    from bitnet_coreml.executor.fused import KERNEL_ENV, kernel
+
+    for name in ("numba", "native"):
+        monkeypatch.setenv(KERNEL_ENV, name)
+        assert kernel()[1] == name
+    monkeypatch.setenv(KERNEL_ENV, "turbo")
+    with pytest.raises(InputError, match="BITNET_COREML_KERNEL='turbo': allowed auto, native, numba"):
+        kernel()
