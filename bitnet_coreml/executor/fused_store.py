@@ -274,10 +274,28 @@ class StoredTable:
         except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
             raise StaleTable(f"{self.path.name} does not fit the package ({type(e).__name__}: {e})") from None
 
+    def _check_budget(self, d: dict[str, Any]) -> None:
+        """What the header asks to allocate (arena, states, sections read, fp16 weights re-laid out) against the
+        memory budget (``_files.memory_budget``), before anything is allocated."""
+        from bitnet_coreml._files import human_bytes, memory_budget
+
+        def count(shape: Any) -> int:
+            return int(np.prod([int(x) for x in shape], dtype=np.int64)) if len(shape) else 1
+
+        refs = [d["instructions"], d["arena"]["init_at"], d["arena"]["init_values"]] + \
+            [b["inline"] for b in d["big"] if "inline" in b]
+        total = 4 * int(d["arena"]["size"]) + sum(4 * count(s) for _, s in d["states"]) \
+            + sum(np.dtype(r["dtype"]).itemsize * count(r["shape"]) for r in refs) \
+            + sum(2 * count(h["shape"]) for h in d["halves"])
+        if total > memory_budget():
+            raise StaleTable(f"{self.path.name} asks for {human_bytes(total)}, over the memory budget of "
+                             f"{human_bytes(memory_budget())}")
+
     def _load(self) -> tuple[Any, list[tuple[str, tuple[int, ...]]]]:
         from bitnet_coreml.executor.fused import FusedFunction, _Program, _Val
 
         d = self.header["decode"]
+        self._check_budget(d)
         files = self.check_weights()
         maps = []
         for f in files:

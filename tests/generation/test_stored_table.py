@@ -169,6 +169,15 @@ def test_a_table_reaching_outside_its_buffers_is_refused(tiny_packages: dict[str
     assert ReferenceEngine(pkg, decode_engine="stored").decode_engine == "stored"
 
 
+def test_a_table_asking_for_too_much_memory_is_refused(tiny_packages: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = _copy(tiny_packages["fp16"], tmp_path)
+    monkeypatch.setenv("BITNET_COREML_MEMORY_BUDGET", "4096")  # bytes: less than the tiny model's arena
+    s = GenerationSession(pkg, units=["reference"], decode_engine="auto")
+    assert s._engine is not None and s._engine.decode_engine != "stored"
+    assert "over the memory budget" in (s._engine.decode_note or ""), s._engine.decode_note
+
+
 def test_a_package_without_a_table_translates(tiny_packages: dict[str, Path], tmp_path: Path) -> None:
     pkg = _copy(tiny_packages["fp16"], tmp_path)
     (assets_dir(pkg) / ASSET).unlink()
