@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.support.packages import PackageCache
@@ -31,3 +32,18 @@ def lm_fp16(converted: PackageCache) -> Path:
     if not (LM / "config.json").is_file():
         pytest.skip("bundled example LM missing (make models)")
     return converted.get(LM, stateful=True, context=128, prefill=16, precision="fp16", check=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_ort_logits() -> np.ndarray:
+    """ONNX Runtime on the tiny checkpoint's fp32 source graph over ``logits.npz``'s 16 ids: [16, V].
+
+    The second oracle (``tests/support/flips.py``) where a package's logits differ from torch's by an
+    activation-rounding flip: the same float32 arithmetic in another runtime, without a cache or a kernel.
+    """
+    from bitnet_coreml.frontend import load
+    from bitnet_coreml.lower.fp16 import run_ort
+
+    ids = np.load(TINY / "logits.npz")["input_ids"]
+    out = run_ort(load(TINY, seq_len=ids.shape[1]), {"input_ids": ids})
+    return np.asarray(out["logits"], np.float32)[0]

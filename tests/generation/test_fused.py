@@ -38,6 +38,7 @@ from bitnet_coreml.executor.chunked import open_executor
 from bitnet_coreml.executor.fused import fuse
 from bitnet_coreml.generation import GenerationSession
 from tests.generation.conftest import TINY
+from tests.support.flips import close_except_flips
 
 ORACLE = np.load(TINY / "logits.npz")
 IDS = [int(i) for i in ORACLE["input_ids"][0]]
@@ -121,12 +122,17 @@ def test_fused_decode_follows_the_interpreter_on_the_example_lm(lm_fp16: Path) -
     _assert_close(*_steps(lm_fp16, 24), "fp16")
 
 
-def test_fused_decode_reproduces_transformers(tiny_packages: dict[str, Path]) -> None:
+def test_fused_decode_reproduces_transformers(tiny_packages: dict[str, Path], tiny_ort_logits: np.ndarray,
+                                              record_property: Any) -> None:
+    """Within 2e-4 of torch, or of ONNX Runtime where an activation rounding flips (tests/support/flips.py)."""
+    flagged = 0
     for engine in ("stored", "fused"):  # the kernel on the package's stored table, and translated at load
         s = GenerationSession(tiny_packages["fp32"], units=["reference"], decode_engine=engine)
         rows = [s.prefill(IDS[:8])] + [s.feed(t) for t in IDS[8:]]
         assert s._engine is not None and s._engine.decode_engine == engine
-        np.testing.assert_allclose(np.stack(rows), ORACLE["logits"][0][7:], atol=2e-4, rtol=0)
+        flagged = max(flagged, close_except_flips(np.stack(rows), ORACLE["logits"][0][7:], 2e-4,
+                                                  lambda r: tiny_ort_logits[7:][r], max_flagged=len(IDS) // 4))
+    record_property("flagged_positions", flagged)
 
 
 @pytest.mark.parametrize("prec", ["fp16", "fp32"])

@@ -1,13 +1,15 @@
 """GenerationSession: feeding (chunked prefill, decode) against transformers' logits, fallback, refusals.
 
 Oracles: transformers' logits of the bundled tiny checkpoint (``models/hf/bitnet-tiny-packed/logits.npz``,
-torch fp32, every position of a 16-token input) and, for recovery, the same session's tokens without
-any fault (the requirement is that a fault changes nothing).
+torch fp32, every position of a 16-token input; where an 8-bit activation rounding flips against torch,
+ONNX Runtime on the checkpoint's source graph at those positions: ``tests/support/flips.py``) and, for
+recovery, the same session's tokens without any fault (the requirement is that a fault changes nothing).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from bitnet_coreml.generation import GenerationSession, SamplingConfig
 from bitnet_coreml.runtime.units import ReferenceUnit
 from tests.generation.conftest import TINY, TINY_CONTEXT
 from tests.support.faults import Fault, FaultPlan, make_session
+from tests.support.flips import close_except_flips
 
 ORACLE = np.load(TINY / "logits.npz")
 IDS = [int(i) for i in ORACLE["input_ids"][0]]  # 16 ids
@@ -28,21 +31,24 @@ def _chain(*names: str) -> list[ReferenceUnit]:
 
 
 @pytest.mark.parametrize("split", [16, 13, 8, 3])
-def test_prefill_then_decode_reproduce_transformers(tiny_packages: dict[str, Path], split: int) -> None:
+def test_prefill_then_decode_reproduce_transformers(tiny_packages: dict[str, Path], tiny_ort_logits: np.ndarray,
+                                                    split: int, record_property: Any) -> None:
     """Chunked prefill (P=8: full chunks, a padded partial one) then decode, every position vs torch."""
     s = GenerationSession(tiny_packages["fp32"], units=["reference"])
     got = [s.prefill(IDS[:split])]
     got += [s.feed(t) for t in IDS[split:]]
-    np.testing.assert_allclose(got[0], LOGITS[split - 1], atol=2e-4, rtol=0)
-    for i, row in enumerate(got[1:], start=split):
-        np.testing.assert_allclose(row, LOGITS[i], atol=2e-4, rtol=0)
+    pos = np.arange(split - 1, len(IDS))
+    flagged = close_except_flips(np.stack(got), LOGITS[pos], 2e-4, lambda rows: tiny_ort_logits[pos[rows]],
+                                 max_flagged=len(IDS) // 4)
+    record_property("flagged_positions", flagged)
     assert s.tokens == IDS
 
 
-def test_prefill_logits_last_feeds_the_partial_chunk_through_decode(tiny_packages: dict[str, Path]) -> None:
+def test_prefill_logits_last_feeds_the_partial_chunk_through_decode(tiny_packages: dict[str, Path],
+                                                                     tiny_ort_logits: np.ndarray) -> None:
     s = GenerationSession(tiny_packages["last"], units=["reference"])
     row = s.prefill(IDS[:13])  # one full chunk of 8, then 5 decode calls
-    np.testing.assert_allclose(row, LOGITS[12], atol=2e-4, rtol=0)
+    close_except_flips(row[None], LOGITS[12:13], 2e-4, lambda _rows: tiny_ort_logits[12:13], max_flagged=1)
 
 
 def _greedy(pkg: Path, faults: FaultPlan | None = None, **kw: object) -> tuple[list[int], GenerationSession]:
