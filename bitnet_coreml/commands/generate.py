@@ -78,7 +78,6 @@ def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: s
              stop: tuple[str, ...], units: str, tokenizer_dir: Path | None, fp32: bool, decode_engine: str, as_json: bool) -> None:
     """Generate text from a stateful PACKAGE (`convert --stateful`), streaming it to stdout."""
     from bitnet_coreml.generation import GenerationSession, SamplingConfig, TextStream
-    from bitnet_coreml.generation.tokenizer import cut_at_stop
     from bitnet_coreml.runtime import ComputeUnit, FallbackStrategy
 
     source = _prompt(prompt, prompt_file, ids)
@@ -90,38 +89,25 @@ def generate(package: Path, prompt: str | None, prompt_file: Path | None, ids: s
     if isinstance(source, str) and session.tokenizer is None:
         raise InputError(f"{package}: carries no tokenizer; give --tokenizer DIR (a folder with tokenizer.json) "
                          "or the prompt as token ids with --ids")
-    stream = TextStream(session.tokenizer) if session.tokenizer is not None else None
+    # the text shown: incomplete UTF-8 and a possible start of a stop string held back, cut before a stop
+    # string (matched on complete text; generation/tokenizer.py TextStream)
+    stream = TextStream(session.tokenizer, stop) if session.tokenizer is not None else None
     new: list[int] = []
     text = ""  # what was written to stdout
-    stops = [s for s in stop if s]
-    hold = max((len(s) - 1 for s in stops), default=0)  # could be the start of a stop string
-    stopped = False
-    for tok in session.generate(source, max_new_tokens=max_new_tokens, sampling=sampling, stop=stops):
+    for tok in session.generate(source, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop, text=stream):
         new.append(tok)
         if stream is None:
             if not as_json:
                 click.echo(f"{tok} ", nl=False)
-            continue
-        stream.push(tok)
-        full = stream.text
-        kept, found = cut_at_stop(full, stops)
-        end = len(kept) if found else len(full) - hold
-        if end > len(text):
-            if not as_json:
-                click.echo(full[len(text):end], nl=False)
-                sys.stdout.flush()
-            text = full[:end]
-        if found:
-            stopped = True
-            break
-    if stream is not None and not stopped:
-        stream.flush()
-        if len(stream.text) > len(text):
+        elif len(stream.text) > len(text):
             if not as_json:
                 click.echo(stream.text[len(text):], nl=False)
+                sys.stdout.flush()
             text = stream.text
-    if stopped:
-        session.stats.stop_reason = "stop"
+    if stream is not None and len(stream.text) > len(text):  # what the end of the generation released
+        if not as_json:
+            click.echo(stream.text[len(text):], nl=False)
+        text = stream.text
     st = session.stats
     doc: dict[str, Any] = {
         "package": str(package), "unit": st.unit, "decode_engine": st.decode_engine,

@@ -32,7 +32,7 @@ import numpy as np
 from bitnet_coreml.errors import ExhaustedError, InputError, ModelError
 from bitnet_coreml.generation.engines import Engine, open_engine, unavailable_reason
 from bitnet_coreml.generation.sampling import Sampler, SamplingConfig
-from bitnet_coreml.generation.tokenizer import TextTokenizer
+from bitnet_coreml.generation.tokenizer import TextStream, TextTokenizer
 from bitnet_coreml.package.stateful import DECODE, PREFILL, StatefulInfo
 from bitnet_coreml.runtime.recovery import RecoveryAction, classify_exception, handle_error
 from bitnet_coreml.runtime.stats import ErrorRecovery
@@ -169,6 +169,7 @@ class GenerationSession:
         self._pending: int | None = None
         self.stats = GenerationStats()
         self.recoveries: list[dict[str, Any]] = []
+        self.text: TextStream | None = None  # the new text of the last generate() (with a tokenizer)
         self.load_s = 0.0
         t0 = time.perf_counter()
         self._ensure_engine()
@@ -268,12 +269,15 @@ class GenerationSession:
 
     def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64,
                  sampling: SamplingConfig | None = None, stop: Sequence[str] = (),
-                 stop_on_eos: bool = True) -> Iterator[int]:
+                 stop_on_eos: bool = True, text: TextStream | None = None) -> Iterator[int]:
         """Yield new token ids for ``prompt`` (text or ids), starting from an empty cache.
 
         Stops after ``max_new_tokens``, after an end-of-sequence id (yielded, as transformers does)
-        or once the decoded new text contains a stop string (needs the tokenizer). Refuses (exit 2)
-        when the prompt plus ``max_new_tokens`` exceed the context. ``stats`` holds the timings.
+        or once the new text contains a stop string (needs the tokenizer; matched on complete text,
+        :class:`~bitnet_coreml.generation.tokenizer.TextStream`). Refuses (exit 2) when the prompt plus
+        ``max_new_tokens`` exceed the context. ``stats`` holds the timings; ``self.text`` the new text
+        (``text``, a stream the caller made with its stop strings, or one made here from ``stop``): each
+        token is pushed into it before it is yielded, and it is flushed when the generation ends.
         """
         ids = self.encode(prompt)
         if max_new_tokens < 1:
@@ -283,6 +287,9 @@ class GenerationSession:
                              f"context of {self.context} tokens (shorten the prompt or lower --max-new-tokens)")
         if stop and self.tokenizer is None:
             raise InputError("--stop needs a tokenizer (the package has none; give --tokenizer DIR)")
+        if text is None and self.tokenizer is not None:
+            text = TextStream(self.tokenizer, stop)
+        self.text = text
         sampler = Sampler(sampling or SamplingConfig())
         eos = set(self.tokenizer.eos_ids) if (stop_on_eos and self.tokenizer is not None) else set()
         self.reset()
@@ -306,16 +313,21 @@ class GenerationSession:
             st.decode_note = getattr(self._engine, "decode_note", None)
             if st.ttft_s is None:
                 st.ttft_s = time.perf_counter() - t0
+            if text is not None:
+                text.push(tok)
             yield tok
+            if text is not None and text.stopped:
+                st.stop_reason = "stop"
+                return
             if tok in eos:
                 st.stop_reason = "eos"
-                return
-            if stop and self.tokenizer is not None:
-                text = self.tokenizer.decode(new)
-                if any(s and s in text for s in stop):
-                    st.stop_reason = "stop"
-                    return
-        st.stop_reason = "max_new_tokens"
+                break
+        else:
+            st.stop_reason = "max_new_tokens"
+        if text is not None:
+            text.flush()  # the held tail is final now; a stop string may end in it
+            if text.stopped:
+                st.stop_reason = "stop"
 
     # --- calls with fallback ---------------------------------------------------------------------
 

@@ -117,31 +117,55 @@ class TextTokenizer:
 
 
 class TextStream:
-    """Incremental detokenisation: the text each new token adds, never half a UTF-8 character.
+    """Incremental detokenisation with stop strings: the text a user is shown, as tokens arrive.
 
-    Byte-level BPE tokens can end inside a multi-byte character; their decode ends in U+FFFD until
-    the next token completes it, so such text is held back.
+    - **Incomplete UTF-8 is held back.** A byte-level token can end inside a multi-byte character; the
+      tokenizer decodes such a tail to U+FFFD until a later token completes it. The *complete* text is
+      the decode without its trailing run of U+FFFD; the run is released once a later token adds other
+      text after it (then it was not a character being completed but invalid bytes, or U+FFFD itself)
+      or at :meth:`flush` (the generation ended: what is left is shown as the tokenizer decodes it).
+    - **Stop strings are matched on the complete text only**, so a stop string containing U+FFFD matches
+      a U+FFFD the user would see (the character itself, or the replacement of bytes that never became a
+      character), never a character still being completed. The text ends before the first match.
+    - While streaming, a complete tail that could begin a stop string is held back too.
+
+    :attr:`text` is what may be shown so far; :attr:`stopped` says a stop string was found.
     """
 
-    def __init__(self, tokenizer: TextTokenizer) -> None:
+    def __init__(self, tokenizer: TextTokenizer, stops: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
         self.ids: list[int] = []
-        self.text = ""  # what was emitted so far
+        self.complete = ""  # the decode of ``ids`` without a tail that may still change
+        self.text = ""  # what may be shown: ``complete`` up to a stop string, minus a possible stop prefix
+        self.stopped = False
 
     def push(self, token: int) -> str:
+        """Add one token; returns the text it releases (often empty)."""
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd") or not full.startswith(self.text):
-            return ""
-        delta = full[len(self.text):]
-        self.text = full
-        return delta
+        return self._release(self.tokenizer.decode(self.ids).rstrip("\ufffd"), final=False)
 
     def flush(self) -> str:
-        full = self.tokenizer.decode(self.ids)
-        delta = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text = full
+        """The generation ended: release everything (up to a stop string); returns what that adds."""
+        return self._release(self.tokenizer.decode(self.ids), final=True)
+
+    def _release(self, done: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        if done.startswith(self.complete):  # (else the decode of earlier tokens changed: wait for it)
+            self.complete = done
+        kept, self.stopped = cut_at_stop(self.complete, self.stops)
+        end = len(kept) if self.stopped or final else len(kept) - self._stop_start(kept)
+        if end <= len(self.text):
+            return ""
+        delta = kept[len(self.text):end]
+        self.text = kept[:end]
         return delta
+
+    def _stop_start(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins a stop string (held back while streaming)."""
+        return max((k for s in self.stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

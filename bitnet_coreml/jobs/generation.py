@@ -168,7 +168,6 @@ class _GenerationWorker:
     def process_item(self, ref: ItemRef, outdir: Path) -> ItemRecord:
         """Generate for one item and write ``outputs/<id>.json``; a failure becomes an error record."""
         from bitnet_coreml.generation.sampling import SamplingConfig
-        from bitnet_coreml.generation.tokenizer import cut_at_stop
 
         rel = f"{OUTPUTS}/{safe_name(ref.id)}.json"
         s = self.session
@@ -180,11 +179,7 @@ class _GenerationWorker:
                                   max_new_tokens=req.max_new_tokens, sampling=sampling, stop=req.stop))
             seconds = time.perf_counter() - t0
             st = s.stats
-            text = None
-            if s.tokenizer is not None:
-                text, stopped = cut_at_stop(s.tokenizer.decode(new), req.stop)
-                if stopped:
-                    st.stop_reason = "stop"
+            text = s.text.text if s.text is not None else None  # cut before a stop string (TextStream)
             doc = {"id": ref.id, "prompt": req.source if isinstance(req.source, str) else None,
                    "prompt_ids": s.tokens[:st.prompt_tokens], "new_ids": new, "text": text,
                    "stop_reason": st.stop_reason, "unit": st.unit, "ttft_s": st.ttft_s,
