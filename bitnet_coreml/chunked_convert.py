@@ -107,12 +107,9 @@ def _boundary_dtype(precision: str) -> ir.DataType:
 
 
 def _direct(build: Any) -> Any:
-    """Which residual stream values the unchunked program builds in fp16 itself (``chunking.cut_model``)."""
-    from bitnet_coreml.chunking import casts_up
-
-    if not build.native_fp16:
-        return None  # built fp32, made fp16 by coremltools' pass: the pieces cast in and out the same way
-    return (lambda _v: True) if build.native_casts else (lambda v: not casts_up(v))
+    """Which residual stream values the unchunked program builds in fp16 itself (``chunking.cut_model``):
+    all of them in a native fp16 build (``lower/program.py``); none in an fp32 one (no cast is needed)."""
+    return (lambda _v: True) if build.native_fp16 else None
 
 
 def _check_piece(piece: ir.Model, k: int, label: str, options: Any, source: str) -> dict[str, Any]:
@@ -141,9 +138,8 @@ def _stateful_pieces(p: Prepared, ranges: tuple[tuple[int, int], ...]) -> tuple[
             missing = apply_fp16_plan(m, p.plan)
             if missing:
                 p.notes.append(f"{name}: fp32 node(s) of the stateless graph not found by name: {', '.join(missing)}")
-    build = dataclasses.replace(p.build, native_casts=True) if p.build.native_fp16 else p.build
     cut = {name: cut_model(m, graph_units(m.graph, f"{p.source} ({name})"), ranges,
-                           boundary=_boundary_dtype(o.precision), what=f"{p.source} ({name})", direct=_direct(build))
+                           boundary=_boundary_dtype(o.precision), what=f"{p.source} ({name})", direct=_direct(p.build))
            for name, m in models.items()}
     return [{name: cut[name][k] for name in cut} for k in range(len(ranges))], cache
 
@@ -227,8 +223,7 @@ def _write_piece(p: Prepared, k: int, plan: Any, piece: ir.Model, functions: dic
     t0 = time.perf_counter()
     info = None
     if functions is not None:
-        build = dataclasses.replace(p.build, native_casts=True) if p.build.native_fp16 else p.build
-        built = build_functions(functions, DEFAULT_FUNCTION, build)
+        built = build_functions(functions, DEFAULT_FUNCTION, p.build)
         from bitnet_coreml.lower.program import graph_states
 
         states = {}

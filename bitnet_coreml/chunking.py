@@ -4,9 +4,10 @@ The graph is seen as a row of *units*: unit 0 is the ``embedding`` group, unit `
 unit ``L + 1`` the ``head`` group (``bitnet_coreml.passes.layers`` is the one definition of the groups). A piece
 is a run of consecutive units. The only activation that crosses a cut is the residual stream entering the
 piece's first unit, ``hidden_states_<i>`` (the stream entering layer ``i``; ``hidden_states_<L>`` enters the
-head), ``[1, S, H]``: fp16 in an fp16 package (fp32 in an fp32 one). A piece casts it to the graph's float
-right after its input and back right before its output, which is what the unchunked program computes (its
-stream is fp16 there too): the pieces chained give the unchunked outputs bit for bit. Anything else a piece
+head), ``[1, S, H]``: fp16 in an fp16 package (fp32 in an fp32 one). convert() builds fp16 programs in fp16
+(``lower/program.py`` ``native_fp16``), so a piece takes and returns the stream as the unchunked program holds
+it, without a Cast (``cut_model``'s ``direct``; other callers get a Cast to the graph's float after the input
+and back before the output): the pieces chained give the unchunked outputs bit for bit. Anything else a piece
 reads from an earlier unit (RoPE rows and the causal mask a stateful graph computes from ``position``) is
 recomputed inside the piece from the graph inputs; a graph whose cut needs any other value is refused.
 
@@ -125,22 +126,6 @@ def _piece_nodes(graph: ir.Graph, units: Units, start: int, stop: int, what: str
         extra[id(p)] = p
         todo += [x for x in p.inputs if x is not None]
     return sorted([*own, *extra.values()], key=lambda n: units.order[id(n)])
-
-
-def casts_up(value: ir.Value) -> bool:
-    """True when ``value`` is computed from a Cast to float32 (a checkpoint graph casts its fp16 embedding rows up):
-    a native fp16 build (``lower/program.py``) then holds it as fp32 until coremltools' fp16 pass, else as fp16."""
-    seen: set[int] = set()
-    todo = [value.producer()]
-    while todo:
-        n = todo.pop()
-        if n is None or id(n) in seen:
-            continue
-        seen.add(id(n))
-        if n.op_type in ("Cast", "CastLike") and n.outputs[0].dtype == ir.DataType.FLOAT:
-            return True
-        todo += [v.producer() for v in n.inputs if v is not None]
-    return False
 
 
 def cut_model(model: ir.Model, units: Units, ranges: Sequence[tuple[int, int]], *, boundary: ir.DataType,

@@ -431,12 +431,11 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
 
     platform, min_os = options.resolved_target()
     want_ios = min_os.target.ios if min_os else MIN_IOS
-    # fp16 programs are built in fp16 directly (nodes the analysis keeps in fp32 are cast in and out
-    # by the builder); chunked conversions cut the graph at values they expect in the program's dtype,
-    # so they build fp32 and let coremltools' fp16 pass keep those nodes in fp32.
-    native = options.precision == "fp16" and (not fp32_nodes or options.chunks is None)
+    # every fp16 program (stateless, stateful, chunked pieces) is built in fp16 directly: nodes the analysis
+    # keeps in fp32 are cast in and out by the builder, and coremltools' fp16 cast pass has nothing to rewrite
     build = BuildOptions(precision=options.precision, ios=max(want_ios, 18) if options.stateful else want_ios,
-                         fp32_nodes=fp32_nodes, rmsnorm_input_scale=rms_scale, native_fp16=native)
+                         fp32_nodes=fp32_nodes, rmsnorm_input_scale=rms_scale,
+                         native_fp16=options.precision == "fp16")
     if options.chunks is not None:
         from bitnet_coreml.chunked_convert import Prepared, convert_chunked
 

@@ -50,7 +50,6 @@ def build_stateful(source: str | os.PathLike[str], options: Any, context: int, e
     ``plan`` is the fp16-safety plan measured on the stateless graph (None for fp32), ``build`` the
     ``BuildOptions`` of the stateless build; ``notes`` receives what the reader should know.
     """
-    import dataclasses
     import json
 
     from bitnet_coreml.frontend.hf_stateful import STATES_KEY
@@ -68,10 +67,6 @@ def build_stateful(source: str | os.PathLike[str], options: Any, context: int, e
             missing = apply_fp16_plan(m, plan)
             if missing:
                 notes.append(f"{name}: fp32 node(s) of the stateless graph not found by name: {', '.join(missing)}")
-    if build.native_fp16:
-        # both functions stay fp16 from the embedding on: coremltools' fp16 cast pass, which rewrites
-        # every op of an fp32 program (twice here), has nothing left to do
-        build = dataclasses.replace(build, native_casts=True)
     built = build_functions(models, DEFAULT_FUNCTION, build)
     states = json.loads(models[DECODE].metadata_props[STATES_KEY])
     info = StatefulInfo(context=context, prefill=options.prefill, prefill_logits=options.prefill_logits,

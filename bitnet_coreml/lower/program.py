@@ -54,10 +54,11 @@ class BuildOptions:
     fp32_nodes: frozenset[str] = frozenset()
     # (RMSNorm node name, factor its input was scaled by) from the fp16-safety analysis
     rmsnorm_input_scale: tuple[tuple[str, float], ...] = ()
-    native_fp16: bool = False  # build every op in fp16 (no fp32 program + fp16 cast pass)
-    # with native_fp16: a Cast/CastLike to float32 inside the graph builds fp16 too, so the whole program
-    # stays fp16 (the checkpoint graphs cast their fp16 embedding rows up to float32 first)
-    native_casts: bool = False
+    # build every op in fp16 (no fp32 program + coremltools' fp16 cast pass): float initializers and inputs
+    # enter as fp16, a Cast/CastLike to float32 inside the graph builds fp16 too (the checkpoint graphs cast
+    # their fp16 embedding rows up to float32 first), fp32-kept nodes are cast in and out by the builder.
+    # convert() builds every fp16 program (stateless, stateful, chunked) this way.
+    native_fp16: bool = False
     compact_names: bool = True  # short op names n<node index>_<j> (smaller model.mlmodel)
 
     def __post_init__(self) -> None:
@@ -240,7 +241,7 @@ def build_program(model: ir.Model, options: BuildOptions | None = None, *,
     ctx = LoweringContext(compute_precision=options.precision, opset=target_for(options.ios),
                           fp32_nodes=set(options.fp32_nodes),
                           options={"ios": options.ios, "rmsnorm_input_scale": dict(options.rmsnorm_input_scale),
-                                   "shared": shared, "float_is_fp16": options.native_fp16 and options.native_casts})
+                                   "shared": shared, "float_is_fp16": options.native_fp16})
     fp32_ops: set[str] = set()
     output_names: dict[str, str] = {}
     rank_limit = max_rank()
@@ -286,7 +287,7 @@ def build_program(model: ir.Model, options: BuildOptions | None = None, *,
                 raise RuntimeError(f"lowering node {node.name!r} ({node.op_type}) failed: {e}") from e
             finally:
                 ctx.values.update(swapped)
-                ctx.options["float_is_fp16"] = options.native_fp16 and options.native_casts
+                ctx.options["float_is_fp16"] = options.native_fp16
             if in_fp32 and (any(not isinstance(v, np.ndarray) for v in swapped.values())
                             or any(v is not None and v.name in kept_fp32 for v in node.inputs)):
                 # it reads fp16 program values (or an fp32-kept node that does): its float outputs go back

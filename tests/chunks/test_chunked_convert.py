@@ -137,3 +137,48 @@ def test_result_reports_the_graph_passes(tmp_path: Path) -> None:
     one, chunked = passes(), passes("--chunks", "2")
     assert chunked == one
     assert one["pipeline"] == "default" and any(p["name"] == "fuse_bitlinear" and p["fused"] for p in one["passes"])
+
+
+def test_fp32_kept_nodes_in_chunks_are_built_as_in_one_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes the fp16-safety analysis keeps in fp32: every piece is built fp16 by the builder as the unchunked
+    program is (no fp32 program through coremltools' fp16 cast pass), keeps those nodes in fp32, and the
+    chained pieces still give the unchunked package's logits bit for bit."""
+    import coremltools as ct
+    from coremltools.proto import MIL_pb2
+
+    import bitnet_coreml.lower.fp16 as fp16
+    import bitnet_coreml.lower.program as program
+    from tests.chunks.conftest import TINY
+
+    kept = {f"model_layers_1_self_attn_{n}" for n in ("scores", "masked_scores", "probs")}
+    measure, build = fp16.make_fp16_safe, program.build_program
+    builds: list[bool] = []
+
+    def plan_with_fp32_attention(model, feeds):  # type: ignore[no-untyped-def]
+        plan = measure(model, feeds)
+        assert kept <= {n.name for n in model.graph}
+        plan.fp32_nodes |= kept
+        return plan
+
+    def recorded(model, options=None):  # type: ignore[no-untyped-def]
+        builds.append(options.native_fp16)
+        return build(model, options)
+
+    monkeypatch.setattr(fp16, "make_fp16_safe", plan_with_fp32_attention)
+    monkeypatch.setattr(program, "build_program", recorded)
+    full = convert(TINY, tmp_path / "full.mlpackage")
+    folder = convert(TINY, tmp_path / "two", "--chunks", 2)
+    assert builds == [True, True, True]  # the one package, then each piece
+    softmax = {}
+    for piece in [full, *sorted(folder.glob("*.mlpackage"))]:
+        spec = ct.models.MLModel(str(piece), skip_model_load=True).get_spec()
+        ops = next(iter(spec.mlProgram.functions["main"].block_specializations.values())).operations
+        softmax[piece.name] = sorted(op.outputs[0].type.tensorType.dataType for op in ops if op.type == "softmax")
+    f16, f32 = MIL_pb2.DataType.FLOAT16, MIL_pb2.DataType.FLOAT32
+    assert softmax.pop("full.mlpackage") == [f16, f32]  # layer 0 fp16, layer 1 fp32
+    assert sorted(softmax.values()) == [[f16], [f32]], softmax  # one layer per piece
+    a_ex, b_ex = ReferenceExecutor(str(full)), open_executor(str(folder))
+    for seed in range(4):
+        x = {"input_ids": _ids(512, seed)}
+        a, b = a_ex.predict(x)["logits"], b_ex.predict(x)["logits"]
+        assert np.array_equal(a, b), f"max |diff| {np.abs(a - b).max()}"

@@ -31,7 +31,7 @@ _CASTABLE = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.Data
 
 def _cast_to(ctx: LoweringContext, node: ir.Node, x: Any, target: np.dtype) -> Any:
     if target == np.float32 and ctx.options.get("float_is_fp16"):
-        target = np.dtype(np.float16)  # a native fp16 build (lower/program.py BuildOptions.native_casts)
+        target = np.dtype(np.float16)  # a native fp16 build (lower/program.py BuildOptions.native_fp16)
     if is_const(x):
         a = np.asarray(x)
         if a.dtype.kind == "f" and target.kind in "iu":
