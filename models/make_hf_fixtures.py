@@ -83,7 +83,10 @@ FIXTURES: tuple[HFFixture, ...] = (
         # training seed 14, not 10: at 10, one activation at position 14 of logits.npz lies within float32
         # rounding of a .5 boundary of the 8-bit activation quantisation; the converted fp32 graph (ORT and
         # the executor alike) rounds it the other way than torch, moving those logits by up to 0.056. At 13
-        # the stateful fp16 package differs from the stateless one by 1 fp16 ulp in one row (0.0078).
+        # the stateful fp16 package differs from the stateless one by 1 fp16 ulp in one row (0.0078). The
+        # tests now absorb both kinds of flip (tests/support/flips.py; all pass on fixtures trained at 10
+        # and 13, flagging 1-2 positions); 14 stays so that the committed fixtures and the numbers measured
+        # on them (docs/benchmarks/stateful.md) do not change.
         train=TrainSpec(states=_SHAPE["vocab"], seed=14),
         note="the microsoft/bitnet-b1.58-2B-4T layout: bf16, packed uint8 weights, weight_scale divides, "
         "tied embeddings (no lm_head.weight in the file)",
