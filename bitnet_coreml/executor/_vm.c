@@ -14,7 +14,11 @@
  * order (a multiply then an add, F16C / AVX-512 widening), the attention scores' dot products in the
  * lane order LLVM gives the numba kernel on AVX-512 (4 x 16 lanes of fused multiply-adds, then a
  * fixed reduction tree, written out here so every machine sums in that order), the attention context
- * in index order with fused multiply-adds, exp / sqrt from the C library as numba calls them.
+ * in index order with fused multiply-adds, exp / sqrt from the C library as numba calls them (exp of
+ * an argument below -104 is +0 without the call: the masked attention positions).
+ * One addition: a buffer may hold fp16 bits (an fp16 package's KV cache, executor/fused.py decides),
+ * written only by SCATTER and read only as y by the attention MATMULs (see vm_run): the same values,
+ * half the bytes.
  */
 #include <math.h>
 #include <stdint.h>
@@ -344,11 +348,11 @@ int vm_mm_nn(const float *x, const float *y, float *out, i64 m_rows, i64 k, i64 
 
 /* ---- ternary weights: integer matmul from the 2-bit codes ------------------------------------------ */
 
-/* sum over code bytes j0..kb-1 of one row of field_i(byte) * plane_i (one at a time) */
-static inline int32_t codes_dot(const uint8_t *row, const int8_t *planes, i64 kb, i64 j0) {
+/* sum over the code bytes of one row of field_i(byte) * plane_i, one at a time */
+static inline int32_t codes_dot(const uint8_t *row, const int8_t *planes, i64 kb) {
     const int8_t *x0 = planes, *x1 = planes + kb, *x2 = planes + 2 * kb, *x3 = planes + 3 * kb;
     int32_t s = 0;
-    for (i64 j = j0; j < kb; j++) {
+    for (i64 j = 0; j < kb; j++) {
         int32_t b = row[j];
         s += x0[j] * (b & 3) + x1[j] * ((b >> 2) & 3) + x2[j] * ((b >> 4) & 3) + x3[j] * (b >> 6);
     }
@@ -395,11 +399,11 @@ static void int_matvec(const uint8_t *codes, i64 n_rows, i64 kb, const int8_t *p
         }
     }
     for (; n < n_rows; n++) {
-        out[n] = codes_dot(codes + n * kb, planes, kb, 0);
+        out[n] = codes_dot(codes + n * kb, planes, kb);
     }
 #else
     for (i64 n = 0; n < n_rows; n++) {
-        out[n] = codes_dot(codes + n * kb, planes, kb, 0);
+        out[n] = codes_dot(codes + n * kb, planes, kb);
     }
 #endif
 }
