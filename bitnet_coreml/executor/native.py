@@ -113,8 +113,6 @@ class NativeKernel:
         self._run = lib.vm_run
         self._run.argtypes = [vp, i64, vp, vp, vp, ctypes.POINTER(i64)]
         self._run.restype = i64
-        self._pc = i64(-1)
-        self._pc_ref = ctypes.byref(self._pc)
         self.lib = lib
         lib.vm_pairwise_sum.argtypes = [vp, i64]
         lib.vm_pairwise_sum.restype = ctypes.c_float
@@ -129,13 +127,14 @@ class NativeKernel:
 
     def run(self, prog: np.ndarray, bufs: np.ndarray, terns: np.ndarray, halves: np.ndarray) -> tuple[int, int]:
         """Every instruction of ``prog`` (int64 ``[n, WIDTH]``, C-contiguous); ``(error code, instruction)``."""
+        pc = ctypes.c_int64(-1)  # per call: ctypes releases the GIL, calls may run side by side
         err = self._run(prog.ctypes.data, prog.shape[0], bufs.ctypes.data, terns.ctypes.data, halves.ctypes.data,
-                        self._pc_ref)
+                        ctypes.byref(pc))
         if err == -1:
-            raise MemoryError(f"fused decode: out of memory at instruction {self._pc.value}")
+            raise MemoryError(f"fused decode: out of memory at instruction {pc.value}")
         if err < 0:
-            raise RuntimeError(f"fused decode: instruction {self._pc.value} meets an fp16 buffer it does not read")
-        return int(err), int(self._pc.value)
+            raise RuntimeError(f"fused decode: instruction {pc.value} meets an fp16 buffer it does not read")
+        return int(err), int(pc.value)
 
     # the kernel's building blocks, for the tests (float32 C-contiguous arrays)
     def pairwise_sum(self, x: np.ndarray) -> np.float32:

@@ -206,3 +206,35 @@ def test_the_kernel_can_be_chosen_by_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv(KERNEL_ENV, "turbo")
     with pytest.raises(InputError, match="BITNET_COREML_KERNEL='turbo': allowed auto, native, numba"):
         kernel()
+
+
+def test_an_id_outside_the_vocabulary_is_refused_at_the_same_instruction(tiny_packages: dict[str, Path],
+                                                                         native_kernel: Any) -> None:
+    from bitnet_coreml.errors import InputError
+
+    dec = open_executor(tiny_packages["fp16"], function_name="decode")
+    messages = []
+    for k in ("numba", "native"):
+        f, why = fuse(dec, k)
+        assert f is not None, why
+        with pytest.raises(InputError, match="gather index out of range at instruction") as e:
+            f.predict({"input_ids": np.array([[100_000]], np.int32), "position": np.array([3], np.int32)},
+                      dec.make_state())
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+
+
+def test_an_fp16_buffer_where_the_kernel_reads_float32_is_an_error(native_kernel: Any) -> None:
+    """The C kernel refuses (rather than misreads) an fp16 buffer anywhere but the two places it handles."""
+    from bitnet_coreml.executor import _layout as L
+
+    row = np.zeros((1, L.WIDTH), np.int64)
+    row[0, L.OP], row[0, L.D:L.D + 4] = L.ADD, (1, 1, 1, 4)
+    row[0, L.A], row[0, L.B] = 1, 0  # A reads buffer 1, which holds fp16 bits
+    row[0, L.OUT + 5] = row[0, L.A + 5] = row[0, L.B + 5] = 1
+    arena, half = np.zeros(8, np.float32), np.zeros(8, np.float16)  # 16 bytes: 4 float32 when read as kind 0
+    bufs = np.array([[arena.ctypes.data, arena.size, 0], [half.ctypes.data, half.size, 1]], np.int64)
+    with pytest.raises(RuntimeError, match="instruction 0 meets an fp16 buffer"):
+        native_kernel.run(row, bufs, np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int64))
+    bufs[1, 2] = 0  # the same table on float32 buffers runs
+    assert native_kernel.run(row, bufs, np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int64)) == (0, -1)
