@@ -122,6 +122,8 @@ class NativeKernel:
         lib.vm_mm_nt.restype = None
         lib.vm_mm_nn.argtypes = [vp, vp, vp, i64, i64, i64, i64]
         lib.vm_mm_nn.restype = ctypes.c_int
+        lib.vm_exp_shifted.argtypes = [vp, ctypes.c_float, vp, i64]
+        lib.vm_exp_shifted.restype = None
         lib.vm_has_vnni.restype = ctypes.c_int
         self.has_vnni = bool(lib.vm_has_vnni())
 
@@ -144,6 +146,13 @@ class NativeKernel:
     def extreme(self, x: np.ndarray, smallest: bool) -> np.float32:
         x = np.ascontiguousarray(x, dtype=np.float32)
         return np.float32(self.lib.vm_extreme(x.ctypes.data, x.size, int(smallest)))
+
+    def exp_shifted(self, x: np.ndarray, m: float) -> np.ndarray:
+        """``exp(x - m)`` in float32 as softmax computes it (contiguous ``x``)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        self.lib.vm_exp_shifted(x.ctypes.data, ctypes.c_float(m), out.ctypes.data, x.size)
+        return out
 
     def mm_nt(self, x: np.ndarray, y: np.ndarray, out: np.ndarray, mode: int) -> None:
         """``out = x @ y.T`` (all C-contiguous float32)."""

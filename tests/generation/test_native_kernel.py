@@ -238,3 +238,23 @@ def test_an_fp16_buffer_where_the_kernel_reads_float32_is_an_error(native_kernel
         native_kernel.run(row, bufs, np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int64))
     bufs[1, 2] = 0  # the same table on float32 buffers runs
     assert native_kernel.run(row, bufs, np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int64)) == (0, -1)
+
+
+def test_softmax_exp_is_the_c_librarys_expf(native_kernel: Any) -> None:
+    """``exp(x - m)`` of the C kernel's softmax (8 at a time on glibc) against the C library's own
+    ``expf`` (what the numba kernel calls), bit for bit, over the whole range and its edges."""
+    import ctypes.util
+
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.expf.argtypes, libm.expf.restype = [ctypes.c_float], ctypes.c_float
+    rng = np.random.default_rng(15)
+    x = np.concatenate([rng.uniform(-110, 90, 200_000), rng.uniform(-1, 1, 50_000) * 10.0 ** rng.uniform(-30, 2, 50_000),
+                        [0.0, -0.0, -103.9, -103.97, -103.98, -104.0, -104.1, 88.0, 88.7, 88.8, -np.inf, np.inf, np.nan,
+                         -1e30, 1e30]]).astype(np.float32)
+    for m in (0.0, 3.5, -7.25):
+        got = native_kernel.exp_shifted(x, m)
+        d = x - np.float32(m)
+        want = np.array([0.0 if v < -104.0 else libm.expf(float(v)) for v in d], np.float32)
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
