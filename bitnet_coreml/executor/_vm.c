@@ -432,6 +432,9 @@ static inline int32_t codes_dot(const uint8_t *row, const int8_t *planes, i64 kb
 /* out[n] = sum_j sum_i plane_i[j] * field_i(codes[n, j]) for one row of activations (fields 0..2:
  * weight + 1); integer arithmetic, exact in any order */
 static void int_matvec(const uint8_t *codes, i64 n_rows, i64 kb, const int8_t *planes, int32_t *out) {
+    /* the weight's first 4 KB requested at once: the hardware prefetcher starts cold on each weight, a
+     * stream of 64-704 KB here (7-9% of a 200M decode call) */
+    for (i64 q = 0; q < 4096 && q < n_rows * kb; q += 64) __builtin_prefetch((const char *)codes + q, 0, 3);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     const int8_t *x0 = planes, *x1 = planes + kb, *x2 = planes + 2 * kb, *x3 = planes + 3 * kb;
     /* vpdpbusd multiplies 64 unsigned code bytes by 64 int8 activations, four products into each int32
