@@ -258,3 +258,26 @@ def test_softmax_exp_is_the_c_librarys_expf(native_kernel: Any) -> None:
         nan = np.isnan(want)
         assert np.array_equal(np.isnan(got), nan)
         assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(4, 64, 512), (3, 128, 37), (2, 64, 15), (1, 72, 20), (4, 192, 33)])
+def test_attention_products_equal_the_numba_kernels_bit_for_bit(m: int, k: int, n: int, native_kernel: Any) -> None:
+    """The scores (16 keys at a time on AVX-512 when k is a multiple of 64) and the context, against the
+    numba kernel's ``_mm_nt`` / ``_mm_nn`` on the same float32 data: the same bits, -0.0 included."""
+    from bitnet_coreml.executor._layout import R_F16, R_NONE
+    from bitnet_coreml.executor._vm import _mm_nn, _mm_nt
+
+    rng = np.random.default_rng(m * k + n)
+    x, y = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    y[:, : k // 2] = 0.0  # signed zeros through the sums
+    x[0, :] = -0.0
+    p, v = rng.random((m, n)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    for mode in (R_NONE, R_F16):
+        a, b = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+        native_kernel.mm_nt(x, y, a, mode)
+        _mm_nt(x, y, b, mode)
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+        c, d = np.empty((m, k), np.float32), np.empty((m, k), np.float32)
+        native_kernel.mm_nn(p, v, c, mode)
+        _mm_nn(p, v, d, mode)
+        assert np.array_equal(c.view(np.uint32), d.view(np.uint32))
