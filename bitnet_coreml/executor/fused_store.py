@@ -84,12 +84,14 @@ def _rel(pkg: Path, p: Path) -> str:
 
 # --- writing (convert time: coremltools and the MIL program are loaded anyway) ------------------------
 
-def _blob_locations(spec: Any, spec_file: Path, pkg: Path) -> tuple[list[Path], dict[str, tuple[int, int, int]]]:
-    """Weight files of ``spec`` and ``sha256(data) -> (file index, data offset, bytes)`` of every blob in them."""
+def _blob_locations(spec: Any, spec_file: Path) -> tuple[list[Path], list[np.ndarray], dict[int, list[tuple[int, int]]]]:
+    """Weight files of ``spec``, each memory-mapped (uint8), and ``bytes -> [(file index, data offset)]`` of every
+    blob in them."""
     from bitnet_coreml.package.reader import _MODEL_PATH, _blob_values, _check_record
 
     files: list[Path] = []
-    found: dict[str, tuple[int, int, int]] = {}
+    maps: list[np.ndarray] = []
+    by_size: dict[int, list[tuple[int, int]]] = {}
     records: dict[str, set[int]] = {}
     for blob in _blob_values(spec):
         records.setdefault(str(blob.fileName), set()).add(int(blob.offset))
@@ -98,17 +100,23 @@ def _blob_locations(spec: Any, spec_file: Path, pkg: Path) -> tuple[list[Path], 
         f = spec_file.parent / rel
         files.append(f)
         size = f.stat().st_size
-        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        maps.append(np.memmap(f, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8))
+        with open(f, "rb") as fh:
             for off in sorted(records[name]):
                 nbytes, data_off = _check_record(fh, f, off, size)
-                digest = hashlib.sha256(mm[data_off:data_off + nbytes]).hexdigest()
-                found.setdefault(digest, (len(files) - 1, data_off, nbytes))
-    return files, found
+                by_size.setdefault(nbytes, []).append((len(files) - 1, data_off))
+    return files, maps, by_size
 
 
-def _where(arr: np.ndarray, blobs: dict[str, tuple[int, int, int]]) -> tuple[int, int] | None:
-    loc = blobs.get(hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())
-    return None if loc is None or loc[2] != arr.nbytes else (loc[0], loc[1])
+def _where(arr: np.ndarray, maps: list[np.ndarray], by_size: dict[int, list[tuple[int, int]]]) -> tuple[int, int] | None:
+    """``(file index, data offset)`` of a blob holding exactly ``arr``'s bytes (compared, not hashed), or None."""
+    raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    head = raw[:64]
+    for fi, off in by_size.get(raw.size, []):
+        m = maps[fi]
+        if np.array_equal(m[off:off + head.size], head) and np.array_equal(m[off:off + raw.size], raw):
+            return fi, off
+    return None
 
 
 class _Sections:
@@ -132,10 +140,31 @@ def _val(v: Any) -> list[int]:
     return [int(v.buf), int(v.off), *(int(d) for d in v.shape)]
 
 
+def _decode_executor(ps: Any) -> Any:
+    """The reference executor of the package's ``decode`` function alone (its ``prefill`` is never loaded)."""
+    from bitnet_coreml.executor.blobs import load_lazily
+    from bitnet_coreml.executor.executor import ReferenceExecutor
+    from bitnet_coreml.executor.shared import SharedPackage, blob_keys
+    from bitnet_coreml.package.stateful import DECODE
+
+    spec = type(ps.spec)()
+    spec.CopyFrom(ps.spec)
+    for name in [n for n in spec.mlProgram.functions if n != DECODE]:
+        del spec.mlProgram.functions[name]
+    keep = [f for f in spec.description.functions if f.name == DECODE]
+    del spec.description.functions[:]
+    spec.description.functions.extend(keep)
+    lazy = load_lazily(spec, ps.weights_dir)
+    if lazy is None:
+        return ReferenceExecutor(ps.path, function_name=DECODE)
+    prog, blobs = lazy
+    shared = SharedPackage(prog, DECODE, str(ps.path), blob_keys(spec), blobs=blobs)
+    return ReferenceExecutor(None, function_name=DECODE, _shared=shared)
+
+
 def table_bytes(package: str | os.PathLike[str]) -> tuple[bytes | None, str]:
     """The stored-table asset of the stateful package at ``package`` (its decode function translated), or
     ``(None, why not)``. Loads the package's program with the reference executor (coremltools)."""
-    from bitnet_coreml.executor.executor import ReferenceExecutor
     from bitnet_coreml.executor.fused import _build, _Unsupported
     from bitnet_coreml.executor.half import BLOCK
     from bitnet_coreml.package.reader import read_package_spec
@@ -146,16 +175,16 @@ def table_bytes(package: str | os.PathLike[str]) -> tuple[bytes | None, str]:
     info = stateful_info(ps.spec)
     if info is None:
         return None, "not a stateful package"
-    ex = ReferenceExecutor(pkg, function_name=DECODE)
+    ex = _decode_executor(ps)
     try:
         p = _build(ex)
     except _Unsupported as e:
         return None, f"the decode function does not translate ({e})"
-    files, blobs = _blob_locations(ps.spec, ps.spec_file, pkg)
+    files, maps, by_size = _blob_locations(ps.spec, ps.spec_file)
     sec = _Sections()
     terns, halves, big = [], [], []
     for codes in p.terns:
-        loc = _where(codes, blobs)
+        loc = _where(codes, maps, by_size)
         if loc is None:
             return None, f"a ternary weight of shape {list(codes.shape)} is not stored as such in the weight file"
         terns.append({"file": loc[0], "offset": loc[1], "shape": [int(d) for d in codes.shape]})
@@ -164,12 +193,12 @@ def table_bytes(package: str | os.PathLike[str]) -> tuple[bytes | None, str]:
         if b != BLOCK:
             return None, f"an fp16 weight in blocks of {b} rows (the loader writes {BLOCK})"
         # the [N, K] fp16 weight: its rows are the blocks' columns (zero rows pad the last block)
-        loc = _where(blocks.transpose(0, 2, 1).reshape(nb * b, k)[:n], blobs)
+        loc = _where(blocks.transpose(0, 2, 1).reshape(nb * b, k)[:n], maps, by_size)
         if loc is None:
             return None, f"an fp16 weight of shape {[n, k]} is not stored as such in the weight file"
         halves.append({"file": loc[0], "offset": loc[1], "shape": [n, k]})
     for arr in p.big:
-        loc = _where(arr, blobs)
+        loc = _where(arr, maps, by_size)
         big.append({"file": loc[0], "offset": loc[1], "size": int(arr.size)} if loc is not None
                    else {"inline": sec.add(arr)})
     offs = np.array([(off, vals.size) for off, vals in p.init], dtype=np.int64).reshape(-1, 2)
