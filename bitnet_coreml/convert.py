@@ -485,13 +485,16 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     notes += asset_notes
     store = None
     if stateful_info is not None:  # the decode function translated once, stored for generation (fused_store.py)
-        from bitnet_coreml.executor.fused_store import write_table
+        from bitnet_coreml.executor.fused_store import translate, write_table
+
+        program = getattr(mlmodel, "_mil_program", None)  # the program ct.convert made: nothing is read back
 
         def store_table(tmp: Path) -> None:
-            notes.append(write_table(tmp))
+            t1 = time.perf_counter()
+            notes.append(write_table(tmp, translate(program) if program is not None else None))
+            timed("decode_table", t1)  # part of "write"
 
         store = store_table
-
     save_package(mlmodel, out, assets=assets, finish=store)
     timed("write", t0)
     del mlmodel

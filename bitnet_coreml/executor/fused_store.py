@@ -39,7 +39,8 @@ import numpy as np
 
 from bitnet_coreml.errors import ModelLoadError
 
-__all__ = ["ASSET", "FORMAT", "StaleTable", "StoredTable", "open_table", "table_bytes", "write_table"]
+__all__ = ["ASSET", "FORMAT", "StaleTable", "StoredTable", "Translation", "open_table", "table_bytes", "translate",
+           "write_table"]
 
 ASSET = "fused-decode.bin"  # the asset's name (Data/com.bitnet-coreml/assets/<ASSET>)
 FORMAT = 1
@@ -162,10 +163,40 @@ def _decode_executor(ps: Any) -> Any:
     return ReferenceExecutor(None, function_name=DECODE, _shared=shared)
 
 
-def table_bytes(package: str | os.PathLike[str]) -> tuple[bytes | None, str]:
-    """The stored-table asset of the stateful package at ``package`` (its decode function translated), or
-    ``(None, why not)``. Loads the package's program with the reference executor (coremltools)."""
+@dataclass
+class Translation:
+    """A decode function translated (``fused._build``) with the facts the header records, or why it was not."""
+
+    program: Any  # fused._Program, None when it does not translate
+    why: str | None
+    ops: int = 0
+    fp32: bool = False
+    out_dtypes: dict[str, Any] | None = None
+
+
+def translate(source: Any) -> Translation:
+    """Translate the ``decode`` function of ``source``: a MIL program held in memory (convert) or a
+    :class:`~bitnet_coreml.package.reader.PackageSpec` (its decode function alone is loaded)."""
     from bitnet_coreml.executor.fused import _build, _Unsupported
+    from bitnet_coreml.package.stateful import DECODE
+
+    if hasattr(source, "spec_file"):
+        ex = _decode_executor(source)
+    else:
+        from bitnet_coreml.executor.executor import ReferenceExecutor
+
+        ex = ReferenceExecutor(source, function_name=DECODE)
+    try:
+        p = _build(ex)
+    except _Unsupported as e:
+        return Translation(None, f"the decode function does not translate ({e})")
+    return Translation(p, None, len(ex._block.steps), bool(ex.fp32), dict(zip(ex._outputs, ex._output_dtypes, strict=True)))
+
+
+def table_bytes(package: str | os.PathLike[str], translation: Translation | None = None) -> tuple[bytes | None, str]:
+    """The stored-table asset of the stateful package at ``package`` (its decode function translated), or
+    ``(None, why not)``. ``translation``: made by the caller from the MIL program it still holds (convert:
+    nothing is read back), else the decode function is loaded from the package (coremltools)."""
     from bitnet_coreml.executor.half import BLOCK
     from bitnet_coreml.package.reader import read_package_spec
     from bitnet_coreml.package.stateful import DECODE, function_specs, stateful_info
@@ -175,11 +206,10 @@ def table_bytes(package: str | os.PathLike[str]) -> tuple[bytes | None, str]:
     info = stateful_info(ps.spec)
     if info is None:
         return None, "not a stateful package"
-    ex = _decode_executor(ps)
-    try:
-        p = _build(ex)
-    except _Unsupported as e:
-        return None, f"the decode function does not translate ({e})"
+    tr = translation if translation is not None else translate(ps)
+    p = tr.program
+    if p is None:
+        return None, str(tr.why)
     files, maps, by_size = _blob_locations(ps.spec, ps.spec_file)
     sec = _Sections()
     terns, halves, big = [], [], []
@@ -217,14 +247,13 @@ def table_bytes(package: str | os.PathLike[str]) -> tuple[bytes | None, str]:
         "functions": specs,
         "vocab_size": vocab,
         "decode": {
-            "ops": len(ex._block.steps), "fp32": bool(ex.fp32),
+            "ops": tr.ops, "fp32": tr.fp32,
             "instructions": sec.add(p.prog.astype(np.int64)),
             "arena": {"size": int(p.arena.size), "init_at": sec.add(offs), "init_values": sec.add(vals)},
             "big": big, "terns": terns, "halves": halves,
             "inputs": [[n, *_val(v)] for n, v in p.inputs], "outputs": [[n, *_val(v)] for n, v in p.outputs],
             "states": [[n, list(s)] for n, s in zip(p.states, p.state_shapes, strict=True)],
-            "out_dtypes": {n: (None if d is None else np.dtype(d).str)
-                           for n, d in zip(ex._outputs, ex._output_dtypes, strict=True)},
+            "out_dtypes": {n: (None if d is None else np.dtype(d).str) for n, d in (tr.out_dtypes or {}).items()},
         },
     }
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
@@ -234,11 +263,12 @@ def table_bytes(package: str | os.PathLike[str]) -> tuple[bytes | None, str]:
         f"referenced in the weight file")
 
 
-def write_table(package: str | os.PathLike[str]) -> str:
-    """Write the stored-table asset into ``package`` (atomically, ``assets.write_assets``); returns a note."""
+def write_table(package: str | os.PathLike[str], translation: Translation | None = None) -> str:
+    """Write the stored-table asset into ``package`` (atomically, ``assets.write_assets``); returns a note.
+    ``translation``: as for :func:`table_bytes`."""
     from bitnet_coreml.package.assets import write_assets
 
-    data, note = table_bytes(package)
+    data, note = table_bytes(package, translation)
     if data is None:
         return f"no stored decode table ({note}): generation will translate the program at load"
     write_assets(package, {ASSET: data})
