@@ -176,7 +176,8 @@ def load(path: Path | None = None) -> tuple[NativeKernel | None, str]:
     if lib in _LOADED:
         return _LOADED[lib], ""
     if not lib.is_file():
-        return None, f"native kernel not built for this source and machine ({lib.name} missing: run `make setup`)"
+        return None, (f"native kernel not built for this source and machine ({lib.name} missing: run `make setup` "
+                      "or `python -m bitnet_coreml.executor.native build`)")
     try:
         k = NativeKernel(lib)
     except (OSError, AttributeError) as e:
