@@ -181,6 +181,8 @@ class _Builder:
         self.Tern, self.Half, self.half_max_rows = TernaryWeight, HalfWeight, KERNEL_MAX_ROWS
         self.ex = ex
         self.states = list(ex._states)  # state names, buffers 1..S
+        self.state_slots: dict[int, int] = {}  # slot of a state input -> its index in states
+        self.state_shapes: list[tuple[int, ...]] = []
         self.arena = 0
         self.init: list[tuple[int, np.ndarray]] = []
         self.big: list[np.ndarray] = []
@@ -596,8 +598,6 @@ class _Program:
 def _build(ex: Any) -> _Program:
     b = _Builder(ex)
     block = ex._block
-    b.state_slots = {}  # type: ignore[attr-defined]
-    b.state_shapes = []  # type: ignore[attr-defined]
     b.state_f16 = {}  # type: ignore[attr-defined]  # state index -> its dtype is fp16
     inputs: list[tuple[str, _Val]] = []
     for name, slot, is_state in ex._input_slots:
@@ -605,9 +605,9 @@ def _build(ex: Any) -> _Program:
             spec = ex._state_compute[name]
             if np.dtype(spec.dtype) not in (F16, F32) or any(d is None for d in spec.shape):
                 raise _Unsupported(f"state {name!r} of dtype {spec.dtype}")
-            b.state_slots[slot] = b.states.index(name)  # type: ignore[attr-defined]
+            b.state_slots[slot] = b.states.index(name)
             b.state_f16[b.states.index(name)] = np.dtype(spec.dtype) == F16  # type: ignore[attr-defined]
-            b.state_shapes.append(tuple(int(d) for d in spec.shape))  # type: ignore[attr-defined]
+            b.state_shapes.append(tuple(int(d) for d in spec.shape))
         else:
             spec = ex._inputs[name]
             if any(d is None for d in spec.shape) or np.dtype(spec.dtype).kind not in "biuf":
@@ -643,7 +643,7 @@ def _build(ex: Any) -> _Program:
     fix = {n: (_Val(first - 1 - v.buf, v.off, v.shape) if v.buf < 0 else v) for n, v in outputs}
     return _Program(np.ascontiguousarray(prog), arena, b.big, b.terns, b.halves, inputs,
                     [(n, fix[n]) for n, _ in outputs], b.states, b.init,
-                    list(b.state_shapes), b.half_rows)  # type: ignore[attr-defined]
+                    list(b.state_shapes), b.half_rows)
 
 
 def _f16_states(p: _Program) -> str | None:
