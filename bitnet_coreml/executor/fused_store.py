@@ -519,11 +519,16 @@ def open_table(package: str | os.PathLike[str]) -> StoredTable | None:
             header = json.loads(fh.read(n))
         except ValueError as e:
             raise StaleTable(f"{ASSET}: unreadable header ({e})") from None
-    if header.get("kernel", {}).get("isa") != isa_fingerprint():
-        raise StaleTable("it was made for another version of the decode kernel's instruction set (re-run convert)")
-    spec = header["package"]["spec"]
-    spec_file = root_spec_path(pkg)
-    if _rel(pkg, spec_file) != spec["path"] or spec_file.stat().st_size != int(spec["size"]) \
-            or _sha256(spec_file) != spec["sha256"]:
-        raise StaleTable(f"{spec['path']} is not the specification the table was made from (sha256 differs)")
-    return StoredTable(pkg, path, header, _HEAD.size + n)
+    try:
+        if header["kernel"]["isa"] != isa_fingerprint():
+            raise StaleTable("it was made for another version of the decode kernel's instruction set (re-run convert)")
+        spec = header["package"]["spec"]
+        spec_file = root_spec_path(pkg)
+        if _rel(pkg, spec_file) != spec["path"] or spec_file.stat().st_size != int(spec["size"]) \
+                or _sha256(spec_file) != spec["sha256"]:
+            raise StaleTable(f"{spec['path']} is not the specification the table was made from (sha256 differs)")
+        table = StoredTable(pkg, path, header, _HEAD.size + n)
+        _ = (table.stateful_info(), table.vocab_size)  # the facts the session reads, checked here
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StaleTable(f"{ASSET}: malformed header ({type(e).__name__}: {e})") from None
+    return table

@@ -178,6 +178,22 @@ def test_a_table_asking_for_too_much_memory_is_refused(tiny_packages: dict[str, 
     assert "over the memory budget" in (s._engine.decode_note or ""), s._engine.decode_note
 
 
+def test_a_malformed_header_is_refused(tiny_packages: dict[str, Path], tmp_path: Path) -> None:
+    import struct
+
+    pkg = _copy(tiny_packages["fp16"], tmp_path)
+    path = assets_dir(pkg) / ASSET
+    raw = path.read_bytes()
+    magic, fmt, n = struct.unpack("<8sIQ", raw[:20])
+    header = json.loads(raw[20:20 + n])
+    del header["stateful"]["context"]
+    head = json.dumps(header).encode()
+    path.write_bytes(raw[:8] + struct.pack("<IQ", fmt, len(head)) + head)
+    s = GenerationSession(pkg, units=["reference"])  # the facts come from the spec, the engine translates
+    assert s.info.context == 64 and s._engine is not None and s._engine.decode_engine == "fused"
+    assert "malformed header" in (s._engine.decode_note or ""), s._engine.decode_note
+
+
 def test_a_package_without_a_table_translates(tiny_packages: dict[str, Path], tmp_path: Path) -> None:
     pkg = _copy(tiny_packages["fp16"], tmp_path)
     (assets_dir(pkg) / ASSET).unlink()
