@@ -1,11 +1,12 @@
 """The fused decode's C kernel (``executor/_vm.c``): building it once, finding it, calling it with ctypes.
 
 ``make setup`` runs ``python -m bitnet_coreml.executor.native build``: the C compiler (``$CC``, else
-``cc``) compiles ``_vm.c`` with :data:`FLAGS` for this machine into ``_vm_native-<hash>.so`` next to
-this module (or in ``$BITNET_COREML_NATIVE_DIR``), where ``<hash>`` covers the C source, the layout header generated from
-``executor/_layout.py``, the compiler command and flags, and this CPU's feature flags: a library built
-from another source, layout or machine has another name and is never loaded. The compiler writes to a
-temporary path that is renamed into place, so a reader never sees half a file; older builds are removed.
+``cc``) compiles ``_vm.c`` (with the ``_vm_ops.h`` it includes) with :data:`FLAGS` for this machine into
+``_vm_native-<hash>.so`` next to this module (or in ``$BITNET_COREML_NATIVE_DIR``), where ``<hash>``
+covers the C sources, the layout header generated from ``executor/_layout.py``, the compiler command
+and flags, and this CPU's feature flags: a library built from another source, layout or machine has
+another name and is never loaded. The compiler writes to a temporary path that is renamed into place,
+so a reader never sees half a file; older builds are removed.
 
 At run time :func:`load` returns the kernel when the current library exists, else ``None`` and why
 (``executor/fused.py`` then uses the numba kernel, ``executor/_vm.py``). Nothing here compiles at
@@ -33,6 +34,7 @@ __all__ = ["DIR_ENV", "FLAGS", "NativeKernel", "build", "library_dir", "library_
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "_vm.c"
+OPS = HERE / "_vm_ops.h"  # the building blocks _vm.c includes
 HEADER = "_vm_layout.h"
 # -ffp-contract=off: no fused multiply-add the source does not ask for (fmaf), so the sums round as written
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
@@ -57,7 +59,7 @@ def _cpu_flags() -> str:
 
 def build_hash() -> str:
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), c_header().encode(), " ".join(_compiler() + list(FLAGS)).encode(),
+    for part in (SOURCE.read_bytes(), OPS.read_bytes(), c_header().encode(), " ".join(_compiler() + list(FLAGS)).encode(),
                  platform.machine().encode(), _cpu_flags().encode()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
