@@ -12,7 +12,8 @@ lowering is the in-place pattern Core ML recognises::
 ``share_weights_across_functions`` runs last in the pass pipeline of a multifunction program: it
 gives every constant that several functions hold the same ``weight_id``, so the package stores it
 once (coremltools' ``save_multifunction`` does the same through ``const_deduplication``, comparing
-values pairwise; here they are hashed).
+values pairwise with ``allclose``; here an array object the functions share is taken as equal to
+itself, and only other candidates with the same leading bytes are compared whole).
 
 ``merge_equal_weights`` runs before coremltools' ``const_deduplication`` in every program: large
 constants with equal bytes within one function (a tied embedding's halves, used by the gather and
@@ -85,6 +86,12 @@ def _digest(val: np.ndarray, seen: dict[int, str]) -> str:
     return digest
 
 
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """``a`` and ``b`` (same dtype and shape) hold the same bytes (NaNs and signed zeros included)."""
+    return bool(np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8),
+                               np.ascontiguousarray(b).reshape(-1).view(np.uint8)))
+
+
 def _weight_key(op: Any, seen: dict[int, str]) -> tuple[Any, ...]:
     val = op.outputs[0].val
     # the MIL type too: uint2 indices live in uint8 numpy arrays
@@ -124,11 +131,13 @@ def share_weights(prog: Any) -> int:
     ``weight_id``, so the package writes it once; returns the number of shared groups.
 
     The same as coremltools' ``const_deduplication._deduplicate_const_across_functions`` (what
-    ``save_multifunction`` runs), keyed by a hash of the whole value instead of comparing every pair
-    of candidates with ``allclose``; an array object seen twice is hashed once.
+    ``save_multifunction`` runs), without comparing every pair of candidates with ``allclose``: the
+    functions of one build hold the same array objects for the same weight (``lower/program.py``'s
+    ``shared``), and one object is equal to itself; other candidates with the same type, shape and
+    leading bytes are compared whole.
     """
-    groups: dict[tuple[Any, ...], list[Any]] = {}
-    seen: dict[int, str] = {}
+    groups: list[list[Any]] = []
+    buckets: dict[tuple[Any, ...], list[tuple[np.ndarray, list[Any]]]] = {}
     for fname in sorted(prog.functions):
         for op in prog.functions[fname].operations:
             if op.op_type != "const" or op.weight_id is not None:
@@ -136,9 +145,20 @@ def share_weights(prog: Any) -> int:
             val = op.outputs[0].val
             if not isinstance(val, np.ndarray) or val.size < _INLINE_BELOW:
                 continue  # inlined in the program, not in weight.bin
-            groups.setdefault(_weight_key(op, seen), []).append(op)
+            # the MIL type too: uint2 indices live in uint8 numpy arrays
+            key = (op.outputs[0].sym_type.__type_info__(), val.dtype.str, val.shape,
+                   np.ascontiguousarray(val.reshape(-1)[:256]).tobytes())
+            reps = buckets.setdefault(key, [])
+            group = next((g for rep, g in reps if rep is val), None)
+            if group is None:
+                group = next((g for rep, g in reps if _same_bytes(rep, val)), None)
+            if group is None:
+                group = []
+                groups.append(group)
+                reps.append((val, group))
+            group.append(op)
     shared = 0
-    for ops in groups.values():
+    for ops in groups:
         if len({op.enclosing_block for op in ops}) > 1:
             for op in ops:
                 op.weight_id = f"shared_{shared}"

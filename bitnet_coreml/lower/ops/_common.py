@@ -88,7 +88,7 @@ def as_dtype(value: Any, dt: Any, where: str = "constant") -> np.ndarray:
     target = np.dtype(dt)
     if a.dtype.kind in "iu" and target.kind in "iu":
         a = mil_array(a, where)
-    return a.astype(target)
+    return a.astype(target, copy=False)  # a table already in ``dt`` is not copied (the lm_head: 32 MB)
 
 
 def to_var(v: Any, name: str | None = None) -> Any:
