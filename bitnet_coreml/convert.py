@@ -400,9 +400,12 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     # layer of every node as checked, and where the residual stream sits in the program (bitnet_coreml.report)
     layers: dict[str, Any] = {"groups": run_lengths(layer_groups(model.graph))}
     split_limit = options.resolved_split_limit()
+    # the tables the split reads (a lazy checkpoint embedding converted once): a stateful build splits
+    # its two function graphs of the same checkpoint with them again
+    tables: dict[Any, Any] = {}
     if split_limit:
         t0 = time.perf_counter()
-        split_notes = split_large_dims(model, split_limit)
+        split_notes = split_large_dims(model, split_limit, tables=tables)
         assign_node_names(model.graph)
         check_supported(model)
         timed("split", t0)
@@ -450,7 +453,8 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
     if options.stateful:
         from bitnet_coreml.stateful_convert import build_stateful
 
-        built, stateful_info = build_stateful(source, options, context, embed_dtype, plan, build, notes)
+        built, stateful_info = build_stateful(source, options, context, embed_dtype, plan, build, notes,
+                                               tables=tables)
     else:
         built = build_program(model, build)
     notes += built.notes

@@ -23,14 +23,18 @@ log = logging.getLogger(__name__)
 
 
 def function_models(source: str | os.PathLike[str], *, prefill: int, context: int, prefill_logits: str,
-                    embed_dtype: str, cache: str, split_limit: int, allow_dequant: bool = False) -> dict[str, ir.Model]:
-    """The graphs of the ``prefill`` and ``decode`` functions, named and split like the stateless graph."""
+                    embed_dtype: str, cache: str, split_limit: int, allow_dequant: bool = False,
+                    tables: dict[Any, Any] | None = None) -> dict[str, ir.Model]:
+    """The graphs of the ``prefill`` and ``decode`` functions, named and split like the stateless graph.
+
+    ``tables``: the split's cache of tables read (``lower/split.py``), shared with the caller's split of
+    the stateless graph of the same checkpoint."""
     from bitnet_coreml.frontend.hf_stateful import load_stateful_function
     from bitnet_coreml.lower.program import assign_node_names, check_supported
     from bitnet_coreml.lower.split import split_large_dims
 
     models: dict[str, ir.Model] = {}
-    tables: dict[Any, Any] = {}  # the embedding read and converted once for both graphs
+    tables = {} if tables is None else tables  # the embedding read and converted once for both graphs
     for name, tokens in ((PREFILL, prefill), (DECODE, 1)):
         m = load_stateful_function(source, tokens=tokens, context=context, logits=prefill_logits,
                                    embed_dtype=embed_dtype, cache=cache, allow_dequant=allow_dequant)
@@ -44,11 +48,12 @@ def function_models(source: str | os.PathLike[str], *, prefill: int, context: in
 
 
 def build_stateful(source: str | os.PathLike[str], options: Any, context: int, embed_dtype: str, plan: Any,
-                   build: Any, notes: list[str]) -> tuple[Any, StatefulInfo]:
+                   build: Any, notes: list[str], *, tables: dict[Any, Any] | None = None) -> tuple[Any, StatefulInfo]:
     """The multifunction program of a stateful package and what its metadata records.
 
     ``plan`` is the fp16-safety plan measured on the stateless graph (None for fp32), ``build`` the
-    ``BuildOptions`` of the stateless build; ``notes`` receives what the reader should know.
+    ``BuildOptions`` of the stateless build; ``notes`` receives what the reader should know; ``tables``:
+    as for :func:`function_models`.
     """
     import json
 
@@ -61,7 +66,7 @@ def build_stateful(source: str | os.PathLike[str], options: Any, context: int, e
     cache = "fp16x2" if options.precision == "fp32" else "fp16"
     models = function_models(source, prefill=options.prefill, context=context, prefill_logits=options.prefill_logits,
                              embed_dtype=embed_dtype, cache=cache, split_limit=options.resolved_split_limit(),
-                             allow_dequant=options.allow_dequant)
+                             allow_dequant=options.allow_dequant, tables=tables)
     if plan is not None:
         for name, m in models.items():
             missing = apply_fp16_plan(m, plan)
