@@ -492,10 +492,12 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], options
         from bitnet_coreml.executor.fused_store import translate, write_table
 
         program = getattr(mlmodel, "_mil_program", None)  # the program ct.convert made: nothing is read back
+        # the specification save_package writes (its deterministic_spec drops volatile metadata only)
+        spec = getattr(mlmodel, "_spec", None)
 
         def store_table(tmp: Path) -> None:
             t1 = time.perf_counter()
-            notes.append(write_table(tmp, translate(program) if program is not None else None))
+            notes.append(write_table(tmp, translate(program) if program is not None else None, spec))
             timed("decode_table", t1)  # part of "write"
 
         store = store_table

@@ -193,16 +193,22 @@ def translate(source: Any) -> Translation:
     return Translation(p, None, len(ex._block.steps), bool(ex.fp32), dict(zip(ex._outputs, ex._output_dtypes, strict=True)))
 
 
-def table_bytes(package: str | os.PathLike[str], translation: Translation | None = None) -> tuple[bytes | None, str]:
+def table_bytes(package: str | os.PathLike[str], translation: Translation | None = None,
+                spec: Any = None) -> tuple[bytes | None, str]:
     """The stored-table asset of the stateful package at ``package`` (its decode function translated), or
     ``(None, why not)``. ``translation``: made by the caller from the MIL program it still holds (convert:
-    nothing is read back), else the decode function is loaded from the package (coremltools)."""
+    nothing is read back), else the decode function is loaded from the package (coremltools). ``spec``:
+    the specification the caller has just written to ``package`` (convert: not parsed again)."""
     from bitnet_coreml.executor.half import BLOCK
-    from bitnet_coreml.package.reader import read_package_spec
+    from bitnet_coreml.package.reader import PackageSpec, read_package_spec, root_spec_path
     from bitnet_coreml.package.stateful import DECODE, function_specs, stateful_info
 
     pkg = Path(package)
-    ps = read_package_spec(pkg)
+    if spec is not None:
+        spec_file = root_spec_path(pkg)
+        ps = PackageSpec(pkg, spec, spec_file, spec_file.parent / "weights")
+    else:
+        ps = read_package_spec(pkg)
     info = stateful_info(ps.spec)
     if info is None:
         return None, "not a stateful package"
@@ -263,12 +269,12 @@ def table_bytes(package: str | os.PathLike[str], translation: Translation | None
         f"referenced in the weight file")
 
 
-def write_table(package: str | os.PathLike[str], translation: Translation | None = None) -> str:
+def write_table(package: str | os.PathLike[str], translation: Translation | None = None, spec: Any = None) -> str:
     """Write the stored-table asset into ``package`` (atomically, ``assets.write_assets``); returns a note.
-    ``translation``: as for :func:`table_bytes`."""
+    ``translation``, ``spec``: as for :func:`table_bytes`."""
     from bitnet_coreml.package.assets import write_assets
 
-    data, note = table_bytes(package, translation)
+    data, note = table_bytes(package, translation, spec)
     if data is None:
         return f"no stored decode table ({note}): generation will translate the program at load"
     write_assets(package, {ASSET: data})
