@@ -10,7 +10,8 @@
  * bit): float32 on fp16 values rounded to fp16 after fp16-typed ops (round to nearest even), numpy's
  * pairwise summation for reduce_mean / reduce_sum / softmax sums, the ternary matmul in integers from
  * the 2-bit codes when the activations are int8 multiples of 2**-7 (AVX-512 VNNI when the compiler
- * targets it, a portable loop otherwise: integer sums, equal in any order), the fp16 matvec in index
+ * targets it, a portable loop otherwise: integer sums, equal in any order), other activations (weight-only
+ * linears) times the codes in float32 in tern_f32's fixed 64-lane order, the fp16 matvec in index
  * order (a multiply then an add, F16C / AVX-512 widening), the attention scores' dot products in the
  * lane order LLVM gives the numba kernel on AVX-512 (4 x 16 lanes of fused multiply-adds, then a
  * fixed reduction tree, written out here so every machine sums in that order), the attention context
@@ -212,17 +213,8 @@ i64 vm_run(const i64 *prog, i64 n_ins, const i64 *bufs, const i64 *terns, const 
                         for (i64 nn = 0; nn < n_out; nn++)
                             out[oo + m * n_out + nn] = (float)(acc[nn] - qsum[m]) * 0.0078125f;
                     }
-                } else { /* other activations: float32 sums in index order */
-                    for (i64 m = 0; m < m_rows; m++)
-                        for (i64 nn = 0; nn < n_out; nn++) {
-                            float acc0 = 0.0f;
-                            const uint8_t *row = codes + nn * kb;
-                            for (i64 j = 0; j < k; j++) {
-                                float w = (float)(((row[j >> 2] >> (2 * (j & 3))) & 3) - 1);
-                                acc0 += xa[ao + m * sm + j * sk] * w;
-                            }
-                            out[oo + m * n_out + nn] = acc0;
-                        }
+                } else { /* other activations (weight-only linears): the float matvec on the codes */
+                    tern_f32(codes, n_out, kb, k, xa + ao, m_rows, out + oo);
                 }
                 free(planes); free(qsum); free(acc);
             } else {

@@ -417,6 +417,38 @@ def _quantized(x, planes, qsum):  # type: ignore[no-untyped-def]  # pragma: no c
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
+def _tern_f32(codes, x, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """``out[m, n] = sum_j x[m, j] * w(codes[n, j])`` (w = field - 1, each product exact) in the C
+    kernel's fixed order (``tern_f32`` in ``_vm_ops.h``): 64 running sums, element j of the first
+    k - k % 64 into sum j % 64, s[l] = (a[l] + a[16 + l]) + (a[32 + l] + a[48 + l]), then
+    s[l] += s[l + h] for h = 8, 4, 2, 1, plus the rest summed in index order."""
+    m_rows, k = x.shape
+    k64 = k - k % 64
+    a = np.empty(64, dtype=np.float32)
+    s = np.empty(16, dtype=np.float32)
+    for n in range(codes.shape[0]):
+        row = codes[n]
+        for m in range(m_rows):
+            xm = x[m]
+            a[:] = 0.0
+            for j in range(0, k64, 64):
+                for ll in range(64):
+                    jj = j + ll
+                    a[ll] += xm[jj] * np.float32(np.int32((row[jj >> 2] >> (2 * (jj & 3))) & 3) - 1)
+            for ll in range(16):
+                s[ll] = (a[ll] + a[16 + ll]) + (a[32 + ll] + a[48 + ll])
+            h = 8
+            while h >= 1:
+                for ll in range(h):
+                    s[ll] += s[ll + h]
+                h //= 2
+            t = np.float32(0.0)
+            for j in range(k64, k):
+                t += xm[j] * np.float32(np.int32((row[j >> 2] >> (2 * (j & 3))) & 3) - 1)
+            out[m, n] = s[0] + t
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def _round_v(o, mode, bits):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """Round ``o`` in place to the output dtype (fp16: one vectorised fptrunc / fpext pass)."""
     if mode == R_F16:
@@ -623,15 +655,8 @@ def run(prog, bufs, terns, halves):  # type: ignore[no-untyped-def]  # pragma: n
                     for m in range(m_rows):
                         for nn in range(n_out):
                             out[oo + m * n_out + nn] = np.float32(acc[m, nn] - qsum[m]) * np.float32(0.0078125)
-                else:  # other activations: float32 sums in index order
-                    for m in range(m_rows):
-                        for nn in range(n_out):
-                            acc0 = np.float32(0.0)
-                            row = codes[nn]
-                            for j in range(k):
-                                w = np.float32(((row[j >> 2] >> (2 * (j & 3))) & 3) - 1)
-                                acc0 += xa[ins[A + 1] + m * ins[A + 4] + j * ins[A + 5]] * w
-                            out[oo + m * n_out + nn] = acc0
+                else:  # other activations (weight-only linears): the float matvec on the codes
+                    _tern_f32(codes, x2, out[oo:oo + m_rows * n_out].reshape((m_rows, n_out)))
             else:  # executor/half.py's kernel
                 blocks = _u16(halves, ins[P + 3])
                 xr = np.empty((m_rows, k), dtype=np.float32)

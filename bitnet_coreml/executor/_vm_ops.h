@@ -498,6 +498,55 @@ static int quantized(const float *x, i64 m_rows, i64 k, int8_t *planes, int32_t 
     return 1;
 }
 
+/* ---- ternary weights times float activations (weight-only linears) -------------------------------- */
+
+/* out[m, n] = sum_j x[m, j] * w(codes[n, j]) with w = field - 1 in {-1, 0, 1} (each product exact), in one
+ * fixed order: 64 running sums, element j of the first k - k % 64 into sum j % 64, combined as
+ * s[l] = (a[l] + a[16 + l]) + (a[32 + l] + a[48 + l]), then s[l] += s[l + h] for h = 8, 4, 2, 1, plus the
+ * rest (j >= k - k % 64) summed in index order; the code bytes are read directly, 4 weights a byte.
+ * codes [n_rows, kb] (kb >= k / 4); x rows contiguous [m_rows, k]; out rows contiguous [m_rows, n_rows]. */
+static void tern_f32(const uint8_t *codes, i64 n_rows, i64 kb, i64 k, const float *x, i64 m_rows, float *out) {
+    i64 k64 = k - k % 64;
+    for (i64 n = 0; n < n_rows; n++) {
+        const uint8_t *row = codes + n * kb;
+        for (i64 m = 0; m < m_rows; m++) {
+            const float *xm = x + m * k;
+            float s[16];
+#if defined(__AVX512F__)
+            const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            const __m512i three = _mm512_set1_epi32(3), one = _mm512_set1_epi32(1);
+            __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (i64 j = 0; j < k64; j += 64)
+                for (int v = 0; v < 4; v++) {
+                    uint32_t word;
+                    memcpy(&word, row + (j + 16 * v) / 4, 4);
+                    __m512i f = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)word), sh), three);
+                    __m512 w = _mm512_cvtepi32_ps(_mm512_sub_epi32(f, one));
+                    a[v] = _mm512_add_ps(a[v], _mm512_mul_ps(_mm512_loadu_ps(xm + j + 16 * v), w));
+                }
+            _mm512_storeu_ps(s, _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+#else
+            float a[64] = {0};
+            for (i64 j = 0; j < k64; j += 64)
+                for (int l = 0; l < 64; l++) {
+                    i64 jj = j + l;
+                    a[l] += xm[jj] * (float)((int)((row[jj >> 2] >> (2 * (jj & 3))) & 3) - 1);
+                }
+            for (int l = 0; l < 16; l++) s[l] = (a[l] + a[16 + l]) + (a[32 + l] + a[48 + l]);
+#endif
+            for (int h = 8; h >= 1; h /= 2)
+                for (int l = 0; l < h; l++) s[l] += s[l + h];
+            float t = 0.0f;
+            for (i64 j = k64; j < k; j++) t += xm[j] * (float)((int)((row[j >> 2] >> (2 * (j & 3))) & 3) - 1);
+            out[m * n_rows + n] = s[0] + t;
+        }
+    }
+}
+
+void vm_tern_f32(const uint8_t *codes, i64 n_rows, i64 kb, i64 k, const float *x, i64 m_rows, float *out) {
+    tern_f32(codes, n_rows, kb, k, x, m_rows, out);
+}
+
 /* ---- fp16 weights: the [nb, K, 64] blocked matvec -------------------------------------------------- */
 
 /* out[b*64 + l] = sum_k x[k] * w(blocks[b, k, l]), summed in order k = 0..K-1 (a multiply, then an add) */

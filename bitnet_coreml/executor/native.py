@@ -124,6 +124,8 @@ class NativeKernel:
         lib.vm_mm_nt.restype = None
         lib.vm_mm_nn.argtypes = [vp, vp, vp, i64, i64, i64, i64]
         lib.vm_mm_nn.restype = ctypes.c_int
+        lib.vm_tern_f32.argtypes = [vp, i64, i64, i64, vp, i64, vp]
+        lib.vm_tern_f32.restype = None
         lib.vm_exp_shifted.argtypes = [vp, ctypes.c_float, vp, i64]
         lib.vm_exp_shifted.restype = None
         lib.vm_has_vnni.restype = ctypes.c_int
@@ -159,6 +161,11 @@ class NativeKernel:
     def mm_nt(self, x: np.ndarray, y: np.ndarray, out: np.ndarray, mode: int) -> None:
         """``out = x @ y.T`` (all C-contiguous float32)."""
         self.lib.vm_mm_nt(x.ctypes.data, y.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], y.shape[0], mode)
+
+    def tern_f32(self, codes: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        """``out = x @ w.T`` for the 2-bit codes ``[N, K/4]`` of ``w`` (uint8; float32 x ``[M, K]``, out ``[M, N]``)."""
+        self.lib.vm_tern_f32(codes.ctypes.data, codes.shape[0], codes.shape[1], x.shape[1], x.ctypes.data, x.shape[0],
+                             out.ctypes.data)
 
     def mm_nn(self, x: np.ndarray, y: np.ndarray, out: np.ndarray, mode: int) -> None:
         """``out = x @ y`` (all C-contiguous float32)."""

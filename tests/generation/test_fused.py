@@ -68,6 +68,12 @@ class _Numba:
         _mm_nt(x, y, out, mode)
 
     @staticmethod
+    def tern_f32(codes: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        from bitnet_coreml.executor._vm import _tern_f32
+
+        _tern_f32(codes, x, out)
+
+    @staticmethod
     def mm_nn(x: np.ndarray, y: np.ndarray, out: np.ndarray, mode: int) -> None:
         from bitnet_coreml.executor._vm import _mm_nn
 
@@ -213,3 +219,22 @@ def test_attention_kernels_are_float32_products(m: int, k: int, n: int, kern: An
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         bound = a.shape[1] * 2.0**-24 * (np.abs(a64) @ np.abs(b64).T)
         assert np.all(np.abs(out - a64 @ b64.T) <= bound)
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 33), (1, 256, 70), (8, 192, 17), (2, 100, 9), (1, 4, 3)])
+def test_weight_only_ternary_matvec_is_a_float32_product(m: int, k: int, n: int, kern: Any) -> None:
+    """Float activations times the 2-bit codes (weight-only linears) against float64 numpy on the
+    weights decoded by hand, within the float32 error bound of a k-term dot product in any order
+    (k * 2**-24 * sum|x_j w_j|, Higham's gamma_k; the products are exact, only the sums round)."""
+    rng = np.random.default_rng(m * k + n)
+    w = rng.integers(-1, 2, size=(n, k))
+    kb = (k + 3) // 4
+    fields = np.zeros((n, 4 * kb), np.uint8)
+    fields[:, :k] = w + 1
+    codes = (fields[:, 0::4] | fields[:, 1::4] << 2 | fields[:, 2::4] << 4 | fields[:, 3::4] << 6).astype(np.uint8)
+    x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+    out = np.full((m, n), np.nan, np.float32)
+    kern.tern_f32(np.ascontiguousarray(codes), x, out)
+    x64 = x.astype(np.float64)
+    bound = k * 2.0**-24 * (np.abs(x64) @ np.abs(w.T))
+    assert np.all(np.abs(out - x64 @ w.T) <= bound)

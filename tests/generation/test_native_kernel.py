@@ -34,16 +34,21 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
-def _both(pkg: Path, n: int) -> tuple[int, int]:
-    """Greedy decode ``n`` steps after one prefill with each kernel on its own state; returns the
-    (steps whose logits differ in any bit, KV caches that differ in any bit)."""
+def _kernels(pkg: Path) -> tuple[Any, Any, list[Any]]:
+    """The package's decode executor, its prefill function and the decode fused on (numba, C)."""
     dec = open_executor(pkg, function_name="decode")
-    pre = dec.function("prefill")
     fns = []
     for k in ("numba", "native"):
         f, why = fuse(dec, k)
         assert f is not None and f.kernel == k, why
         fns.append(f)
+    return dec, dec.function("prefill"), fns
+
+
+def _both(pkg: Path, n: int) -> tuple[int, int]:
+    """Greedy decode ``n`` steps after one prefill with each kernel on its own state; returns the
+    (steps whose logits differ in any bit, KV caches that differ in any bit)."""
+    dec, pre, fns = _kernels(pkg)
     p = pre.input_specs["input_ids"].shape[1]
     states = [dec.make_state(), dec.make_state()]
     prompt = (IDS * 4)[:p + 1]
@@ -281,3 +286,52 @@ def test_attention_products_equal_the_numba_kernels_bit_for_bit(m: int, k: int, 
         native_kernel.mm_nn(p, v, c, mode)
         _mm_nn(p, v, d, mode)
         assert np.array_equal(c.view(np.uint32), d.view(np.uint32))
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 33), (1, 2560, 40), (8, 192, 17), (2, 100, 9), (3, 4, 5)])
+def test_weight_only_ternary_matvec_equals_the_numba_kernels_bit_for_bit(m: int, k: int, n: int,
+                                                                         native_kernel: Any) -> None:
+    """Float activations times the 2-bit codes (64 lanes, a fixed tree, the tail in order) against the
+    numba kernel's ``_tern_f32`` on the same data: the same bits, -0.0, inf and NaN included."""
+    from bitnet_coreml.executor._vm import _tern_f32
+
+    rng = np.random.default_rng(m * k + n)
+    codes = rng.integers(0, 3, size=(n, (k + 3) // 4 * 4)).astype(np.uint8)
+    codes = (codes[:, 0::4] | codes[:, 1::4] << 2 | codes[:, 2::4] << 4 | codes[:, 3::4] << 6).astype(np.uint8)
+    x = rng.standard_normal((m, k)).astype(np.float32) * np.float32(1e3)
+    x[0, : k // 2] = -0.0
+    if m > 1:
+        x[1, 0], x[1, -1] = np.inf, np.nan
+    a, b = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+    native_kernel.tern_f32(np.ascontiguousarray(codes), x, a)
+    _tern_f32(np.ascontiguousarray(codes), x, b)
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_llama_weight_only_decode_is_torchs_greedy_and_equal_on_both_kernels(converted: Any, precision: str,
+                                                                             native_kernel: Any) -> None:
+    """A llama GGUF (weight-only ternary linears, float activations): the fused decode on each kernel
+    gives torch's greedy tokens (``models/gguf/llama-logits.npz``) and the same logits bits and KV cache."""
+    from tests.frontend.test_gguf_llama import FILES, ORACLE
+
+    if not ORACLE.is_file():
+        pytest.skip("models/gguf llama fixtures missing (make models)")
+    with np.load(ORACLE) as z:
+        prompt, greedy = z["prompt"].astype(np.int32), z["greedy_tokens"].tolist()
+    p = prompt.shape[1]
+    pkg = converted.get(FILES["TQ2_0"], stateful=True, context=64, prefill=p, check=False, precision=precision)
+    dec, pre, fns = _kernels(pkg)
+    states = [dec.make_state(), dec.make_state()]
+    last = [pre.predict({"input_ids": prompt, "position": np.array([0], np.int32)}, s)["logits"] for s in states]
+    toks: list[list[int]] = [[], []]
+    for i in range(len(greedy)):
+        outs = []
+        for r in range(2):
+            toks[r].append(int(np.argmax(np.asarray(last[r]).reshape(-1, last[r].shape[-1])[-1])))
+            inputs = {"input_ids": np.array([[toks[r][-1]]], np.int32), "position": np.array([p + i], np.int32)}
+            outs.append(fns[r].predict(inputs, states[r])["logits"])
+        assert np.array_equal(_bits(outs[0]), _bits(outs[1])), f"step {i}"
+        last = outs
+    assert toks[0] == greedy and toks[1] == greedy
+    assert all(np.array_equal(_bits(states[0]._values[k]), _bits(states[1]._values[k])) for k in states[0].names)
