@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from bitnet_coreml._files import sha256_file
 from bitnet_coreml.errors import ModelLoadError
 
 __all__ = ["ASSET", "FORMAT", "StaleTable", "StoredTable", "Translation", "open_table", "table_bytes", "translate",
@@ -49,21 +50,10 @@ _HEAD = struct.Struct("<8sIQ")  # magic, format, header bytes
 _ALIGN = 64
 _MAX_HEADER = 1 << 26
 _HALF_BLOCK_KEY = "half_block"
-_CHUNK = 1 << 20
 
 
 class StaleTable(Exception):
     """The package's stored table cannot be used (the message says why); translate the program instead."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb") as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def _layout() -> Any:
@@ -245,9 +235,9 @@ def table_bytes(package: str | os.PathLike[str], translation: Translation | None
     header = {
         "format": FORMAT,
         "kernel": {"isa": isa_fingerprint(), _HALF_BLOCK_KEY: BLOCK},
-        "package": {"spec": {"path": _rel(pkg, ps.spec_file), "sha256": _sha256(ps.spec_file),
+        "package": {"spec": {"path": _rel(pkg, ps.spec_file), "sha256": sha256_file(ps.spec_file),
                              "size": ps.spec_file.stat().st_size},
-                    "weights": [{"path": _rel(pkg, f), "sha256": _sha256(f), "size": f.stat().st_size}
+                    "weights": [{"path": _rel(pkg, f), "sha256": sha256_file(f), "size": f.stat().st_size}
                                 for f in files]},
         "stateful": info.to_dict(),
         "functions": specs,
@@ -322,7 +312,7 @@ class StoredTable:
         out = []
         for w in self.header["package"]["weights"]:
             f = self._file(w["path"])
-            if not f.is_file() or f.stat().st_size != int(w["size"]) or _sha256(f) != w["sha256"]:
+            if not f.is_file() or f.stat().st_size != int(w["size"]) or sha256_file(f) != w["sha256"]:
                 raise StaleTable(f"{w['path']} is not the weight file the table was made from (sha256 differs)")
             out.append(f)
         return out
@@ -531,7 +521,7 @@ def open_table(package: str | os.PathLike[str]) -> StoredTable | None:
         spec = header["package"]["spec"]
         spec_file = root_spec_path(pkg)
         if _rel(pkg, spec_file) != spec["path"] or spec_file.stat().st_size != int(spec["size"]) \
-                or _sha256(spec_file) != spec["sha256"]:
+                or sha256_file(spec_file) != spec["sha256"]:
             raise StaleTable(f"{spec['path']} is not the specification the table was made from (sha256 differs)")
         table = StoredTable(pkg, path, header, _HEAD.size + n)
         _ = (table.stateful_info(), table.vocab_size)  # the facts the session reads, checked here

@@ -21,25 +21,16 @@ from typing import Any
 
 import numpy as np
 
+from bitnet_coreml._files import sha256_file
 from bitnet_coreml._json import json_default
 
 # Zip's epoch; np.savez stamps the wall clock into every member, which would make equal outputs differ.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-_CHUNK = 1 << 20
 # Finished artifacts get the permissions a plain open() would give.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 _COUNTER = itertools.count()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:
