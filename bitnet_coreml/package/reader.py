@@ -147,7 +147,10 @@ def read_package_spec(path: str | os.PathLike[str]) -> PackageSpec:
 
 
 def _parse_package_spec(pkg: Path, spec_file: Path) -> PackageSpec:
-    from coremltools.proto import Model_pb2  # protobuf classes only: no native library
+    from bitnet_coreml._quiet import coremltools
+
+    coremltools()  # importing coremltools.proto runs coremltools/__init__: its off-macOS noise filtered
+    from coremltools.proto import Model_pb2
     from google.protobuf.message import DecodeError
 
     raw = read_bytes(spec_file, "Core ML model specification", limit=MAX_SPEC_BYTES, error=ModelLoadError)

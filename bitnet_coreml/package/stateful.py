@@ -184,6 +184,10 @@ def function_specs(spec: Any) -> list[dict[str, Any]]:
 
 def _feature(fd: Any) -> dict[str, Any]:
     import numpy as np
+
+    from bitnet_coreml._quiet import coremltools
+
+    coremltools()  # coremltools.proto runs coremltools/__init__: its off-macOS noise filtered
     from coremltools.proto import FeatureTypes_pb2
 
     t = fd.type
